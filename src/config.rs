@@ -1,0 +1,104 @@
+//! Command-line flags, following kube-proxy's names where one exists.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::model::Algorithm;
+use crate::proxy::ports::PortRange;
+use crate::proxy::relay::RelayMode;
+
+/// A userspace L4 proxy for Kubernetes Services: nftables redirects
+/// ClusterIP traffic to local listeners, and every connection is relayed to
+/// a ready endpoint over a second connection.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kube-uproxy", version, about, long_about = None)]
+pub struct Args {
+    /// Read Services and EndpointSlices from this YAML/JSON file or directory
+    /// (as `kubectl get svc,endpointslices -A -o yaml` prints them) instead of
+    /// the Kubernetes API. Changes are picked up while running.
+    #[arg(long, value_name = "PATH", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+
+    /// Kubeconfig to reach the API with. Without it (and without
+    /// --manifests): in-cluster config, then KUBECONFIG, then ~/.kube/config.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Local ports for the listeners: BEGIN-END, PORT or BEGIN+OFFSET.
+    /// Without it the kernel picks free ports.
+    #[arg(long, value_name = "RANGE")]
+    pub proxy_port_range: Option<PortRange>,
+
+    /// Address the listeners bind. Redirected traffic arrives on the incoming
+    /// interface's address or 127.0.0.1, so this should stay the wildcard.
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+
+    /// Balancing for Services without the `kube-uproxy.io/lb-algorithm`
+    /// annotation: round-robin or least-connections.
+    #[arg(long, value_name = "ALGORITHM", default_value = "round-robin")]
+    pub lb_algorithm: Algorithm,
+
+    /// How TCP payload is moved: splice (zero-copy) or copy (user space).
+    #[arg(long, value_enum, default_value = "splice")]
+    pub tcp_relay: RelayMode,
+
+    /// How often the manifests path is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub manifests_poll_interval: Duration,
+
+    /// Remove the nftables table of an earlier run and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kube_proxy_style_flags() {
+        let a = Args::try_parse_from([
+            "kube-uproxy",
+            "--manifests",
+            "x.yaml",
+            "--proxy-port-range",
+            "20000-20100",
+            "--lb-algorithm",
+            "least-connections",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.proxy_port_range,
+            Some(PortRange {
+                begin: 20000,
+                end: 20100
+            })
+        );
+        assert_eq!(a.lb_algorithm, Algorithm::LeastConnections);
+        assert_eq!(a.verbose, 2);
+        assert_eq!(a.tcp_relay, RelayMode::Splice);
+    }
+
+    #[test]
+    fn rejects_bad_values_and_conflicts() {
+        for bad in [
+            vec!["kube-uproxy", "--proxy-port-range", "9-1"],
+            vec!["kube-uproxy", "--lb-algorithm", "random"],
+            vec!["kube-uproxy", "--manifests", "a", "--kubeconfig", "b"],
+        ] {
+            assert!(
+                Args::try_parse_from(bad.clone()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+}

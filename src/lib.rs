@@ -1,0 +1,12 @@
+//! kube-uproxy: a userspace L4 proxy for Kubernetes Services.
+//!
+//! Data flows one way: [`source`] → [`model`] → [`reconcile`] → [`rules`]
+//! (nftables redirects) and [`proxy`] (listeners, balancers, relays).
+
+pub mod config;
+pub mod lab;
+pub mod model;
+pub mod proxy;
+pub mod reconcile;
+pub mod rules;
+pub mod source;

@@ -1,0 +1,547 @@
+//! The desired state, as plain data: Services, their ports and endpoints.
+//!
+//! Sources ([`crate::source`]) turn Kubernetes objects into these types and
+//! feed them to a [`ClusterState`]; the reconciler asks the state which
+//! Services changed and what each of their ports should look like now.
+//! Nothing here does I/O, so all of it is unit-tested without root.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+/// The L4 protocol of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The name nftables uses for the protocol (`inet_proto`).
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!(
+                "unknown protocol {other:?} (want TCP, UDP or SCTP)"
+            )),
+        }
+    }
+}
+
+/// How a Service port spreads new connections over its endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Algorithm {
+    /// Each new connection goes to the next endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// Each new connection goes to the endpoint with the fewest open
+    /// connections through this proxy; ties rotate.
+    LeastConnections,
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" | "rr" => Ok(Algorithm::RoundRobin),
+            "least-connections" | "lc" => Ok(Algorithm::LeastConnections),
+            other => Err(format!(
+                "unknown algorithm {other:?} (want round-robin or least-connections)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::RoundRobin => "round-robin",
+            Algorithm::LeastConnections => "least-connections",
+        })
+    }
+}
+
+/// Identifies a Kubernetes object: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Identifies one port of one Service: the unit that owns a listener.
+///
+/// The port *number* is deliberately not part of the identity: when a
+/// Service's port number changes, its listener (and its open connections)
+/// stay, and only the redirect rule changes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub service: ObjectKey,
+    /// The port's `name` (empty for a single unnamed port).
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}/{}", self.service, self.protocol)
+        } else {
+            write!(f, "{}:{}/{}", self.service, self.port, self.protocol)
+        }
+    }
+}
+
+/// One port of a Service, as declared in `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A Service, reduced to what the proxy needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub key: ObjectKey,
+    /// `spec.clusterIPs` (or `spec.clusterIP`), parsed.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<PortSpec>,
+    /// From the annotation `kube-uproxy.io/lb-algorithm`; `None` = global default.
+    pub algorithm: Option<Algorithm>,
+}
+
+/// One endpoint of an EndpointSlice, with its conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub address: IpAddr,
+    /// `conditions.ready`; unset counts as ready.
+    pub ready: bool,
+    /// `conditions.serving`; unset takes the value of `ready`.
+    pub serving: bool,
+    /// `conditions.terminating`; unset counts as false.
+    pub terminating: bool,
+    pub node_name: Option<String>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An EndpointSlice, reduced to what the proxy needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    /// The slice's own namespace/name.
+    pub key: ObjectKey,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: ObjectKey,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of one Service port: where a connection can be sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+}
+
+/// What one Service port should look like: the reconciler's input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortSpec {
+    pub name: ServicePortName,
+    pub cluster_ips: Vec<IpAddr>,
+    pub port: u16,
+    pub algorithm: Algorithm,
+    /// Every endpoint the slices list for this port, whatever its state.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePortSpec {
+    /// The endpoints new connections may go to, by Kubernetes' rules: the
+    /// ready ones; if none is ready, the ones that are serving and
+    /// terminating (so a rolling update never leaves a gap).
+    pub fn usable_endpoints(&self) -> Vec<SocketAddr> {
+        let ready: Vec<SocketAddr> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .map(|e| e.addr)
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.endpoints
+            .iter()
+            .filter(|e| e.serving && e.terminating)
+            .map(|e| e.addr)
+            .collect()
+    }
+}
+
+/// Everything the sources have told us, indexed for the reconciler, plus the
+/// set of Services that changed since the reconciler last looked.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    services: HashMap<ObjectKey, ServiceInfo>,
+    /// Slices grouped by the Service they belong to, then by slice name.
+    slices: HashMap<ObjectKey, BTreeMap<String, SliceInfo>>,
+    /// Which Service each slice belongs to, so a slice that moves or goes
+    /// away marks the right Service dirty.
+    slice_owner: HashMap<ObjectKey, ObjectKey>,
+    dirty: BTreeSet<ObjectKey>,
+}
+
+impl ClusterState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Adds or replaces a Service; marks it dirty only if it changed.
+    pub fn apply_service(&mut self, svc: ServiceInfo) {
+        if self.services.get(&svc.key) != Some(&svc) {
+            self.dirty.insert(svc.key.clone());
+            self.services.insert(svc.key.clone(), svc);
+        }
+    }
+
+    pub fn delete_service(&mut self, key: &ObjectKey) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// Replaces every Service at once (initial list, relist, manifests
+    /// reload): Services not in `all` are deleted, unchanged ones stay clean.
+    pub fn replace_services(&mut self, all: Vec<ServiceInfo>) {
+        let keep: BTreeSet<ObjectKey> = all.iter().map(|s| s.key.clone()).collect();
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete_service(&k);
+        }
+        for s in all {
+            self.apply_service(s);
+        }
+    }
+
+    /// Adds or replaces an EndpointSlice; marks its Service dirty if it changed.
+    pub fn apply_slice(&mut self, slice: SliceInfo) {
+        if let Some(old_owner) = self.slice_owner.get(&slice.key).cloned()
+            && old_owner != slice.service
+        {
+            self.delete_slice(&slice.key);
+        }
+        let group = self.slices.entry(slice.service.clone()).or_default();
+        if group.get(&slice.key.name) != Some(&slice) {
+            self.dirty.insert(slice.service.clone());
+            self.slice_owner
+                .insert(slice.key.clone(), slice.service.clone());
+            group.insert(slice.key.name.clone(), slice);
+        }
+    }
+
+    pub fn delete_slice(&mut self, key: &ObjectKey) {
+        let Some(owner) = self.slice_owner.remove(key) else {
+            return;
+        };
+        if let Some(group) = self.slices.get_mut(&owner) {
+            group.remove(&key.name);
+            if group.is_empty() {
+                self.slices.remove(&owner);
+            }
+        }
+        self.dirty.insert(owner);
+    }
+
+    /// Replaces every EndpointSlice at once.
+    pub fn replace_slices(&mut self, all: Vec<SliceInfo>) {
+        let keep: BTreeSet<ObjectKey> = all.iter().map(|s| s.key.clone()).collect();
+        let gone: Vec<ObjectKey> = self
+            .slice_owner
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete_slice(&k);
+        }
+        for s in all {
+            self.apply_slice(s);
+        }
+    }
+
+    /// The Services that changed since the last call (and forgets them).
+    pub fn take_dirty(&mut self) -> BTreeSet<ObjectKey> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Every Service key currently known (for a full resync).
+    pub fn all_service_keys(&self) -> BTreeSet<ObjectKey> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// The desired ports of one Service (empty if the Service is gone).
+    pub fn service_ports(&self, key: &ObjectKey, default: Algorithm) -> Vec<ServicePortSpec> {
+        let Some(svc) = self.services.get(key) else {
+            return Vec::new();
+        };
+        let slices = self.slices.get(key);
+        svc.ports
+            .iter()
+            .map(|p| ServicePortSpec {
+                name: ServicePortName {
+                    service: key.clone(),
+                    port: p.name.clone(),
+                    protocol: p.protocol,
+                },
+                cluster_ips: svc.cluster_ips.clone(),
+                port: p.port,
+                algorithm: svc.algorithm.unwrap_or(default),
+                endpoints: slices
+                    .map(|s| endpoints_for_port(s.values(), p))
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// Collects the endpoints of a Service port from its slices: every slice
+/// port with the same name and protocol contributes `address:port` for each
+/// endpoint. An address listed twice keeps its best conditions.
+fn endpoints_for_port<'a>(
+    slices: impl Iterator<Item = &'a SliceInfo>,
+    port: &PortSpec,
+) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = Vec::new();
+    for slice in slices {
+        for sp in slice
+            .ports
+            .iter()
+            .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
+        {
+            for ep in &slice.endpoints {
+                let addr = SocketAddr::new(ep.address, sp.port);
+                if let Some(existing) = out.iter_mut().find(|e| e.addr == addr) {
+                    existing.ready |= ep.ready;
+                    existing.serving |= ep.serving;
+                    existing.terminating &= ep.terminating;
+                    continue;
+                }
+                out.push(Endpoint {
+                    addr,
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    node_name: ep.node_name.clone(),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|e| e.addr);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ports: &[(&str, u16)]) -> ServiceInfo {
+        ServiceInfo {
+            key: ObjectKey::new("default", name),
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            ports: ports
+                .iter()
+                .map(|(n, p)| PortSpec {
+                    name: n.to_string(),
+                    protocol: Protocol::Tcp,
+                    port: *p,
+                })
+                .collect(),
+            algorithm: None,
+        }
+    }
+
+    fn ep(ip: &str, ready: bool, serving: bool, terminating: bool) -> SliceEndpoint {
+        SliceEndpoint {
+            address: ip.parse().unwrap(),
+            ready,
+            serving,
+            terminating,
+            node_name: None,
+        }
+    }
+
+    fn slice(name: &str, service: &str, port: (&str, u16), eps: Vec<SliceEndpoint>) -> SliceInfo {
+        SliceInfo {
+            key: ObjectKey::new("default", name),
+            service: ObjectKey::new("default", service),
+            ports: vec![SlicePort {
+                name: port.0.to_string(),
+                protocol: Protocol::Tcp,
+                port: port.1,
+            }],
+            endpoints: eps,
+        }
+    }
+
+    #[test]
+    fn endpoints_are_joined_by_port_name_and_protocol() {
+        let mut st = ClusterState::new();
+        st.apply_service(svc("web", &[("http", 80), ("metrics", 9090)]));
+        st.apply_slice(slice(
+            "web-a",
+            "web",
+            ("http", 8080),
+            vec![ep("10.0.0.1", true, true, false)],
+        ));
+        st.apply_slice(slice(
+            "web-b",
+            "web",
+            ("metrics", 9100),
+            vec![ep("10.0.0.2", true, true, false)],
+        ));
+        let ports = st.service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin);
+        assert_eq!(ports.len(), 2);
+        assert_eq!(
+            ports[0].usable_endpoints(),
+            vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            ports[1].usable_endpoints(),
+            vec!["10.0.0.2:9100".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn not_ready_endpoints_are_not_used_unless_only_terminating_remain() {
+        let spec = |eps: Vec<SliceEndpoint>| {
+            let mut st = ClusterState::new();
+            st.apply_service(svc("web", &[("", 80)]));
+            st.apply_slice(slice("web-a", "web", ("", 8080), eps));
+            st.service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+                .remove(0)
+        };
+        let s = spec(vec![
+            ep("10.0.0.1", true, true, false),
+            ep("10.0.0.2", false, false, false),
+        ]);
+        assert_eq!(s.usable_endpoints().len(), 1);
+        // No ready endpoint: fall back to serving + terminating ones.
+        let s = spec(vec![
+            ep("10.0.0.1", false, true, true),
+            ep("10.0.0.2", false, false, true),
+            ep("10.0.0.3", false, false, false),
+        ]);
+        assert_eq!(
+            s.usable_endpoints(),
+            vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+        let s = spec(vec![ep("10.0.0.2", false, false, false)]);
+        assert!(s.usable_endpoints().is_empty());
+    }
+
+    #[test]
+    fn dirty_tracking_marks_only_changed_services() {
+        let mut st = ClusterState::new();
+        st.replace_services(vec![svc("a", &[("", 80)]), svc("b", &[("", 80)])]);
+        assert_eq!(st.take_dirty().len(), 2);
+        // Same content again: nothing is dirty.
+        st.replace_services(vec![svc("a", &[("", 80)]), svc("b", &[("", 80)])]);
+        assert!(st.take_dirty().is_empty());
+        // b changes, a is removed.
+        st.replace_services(vec![svc("b", &[("", 81)])]);
+        let d = st.take_dirty();
+        assert_eq!(
+            d.into_iter().map(|k| k.name).collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
+        // A slice change dirties its Service; a slice moving to another
+        // Service dirties both.
+        st.apply_slice(slice("s1", "b", ("", 8080), vec![]));
+        assert_eq!(st.take_dirty().len(), 1);
+        st.apply_slice(slice("s1", "c", ("", 8080), vec![]));
+        let d: Vec<String> = st.take_dirty().into_iter().map(|k| k.name).collect();
+        assert_eq!(d, vec!["b", "c"]);
+        st.replace_slices(vec![]);
+        let d: Vec<String> = st.take_dirty().into_iter().map(|k| k.name).collect();
+        assert_eq!(d, vec!["c"]);
+    }
+
+    #[test]
+    fn duplicate_addresses_across_slices_merge() {
+        let mut st = ClusterState::new();
+        st.apply_service(svc("web", &[("", 80)]));
+        st.apply_slice(slice(
+            "a",
+            "web",
+            ("", 8080),
+            vec![ep("10.0.0.1", false, false, false)],
+        ));
+        st.apply_slice(slice(
+            "b",
+            "web",
+            ("", 8080),
+            vec![ep("10.0.0.1", true, true, false)],
+        ));
+        let s = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        assert_eq!(s.endpoints.len(), 1);
+        assert!(s.endpoints[0].ready);
+    }
+}

@@ -1,0 +1,39 @@
+//! The data path: listeners, endpoint selection and byte relaying.
+//!
+//! Each Service port owns one listener on a proxy port (see [`ports`]); every
+//! accepted connection gets its own task that picks an endpoint
+//! ([`balancer`]), connects to it (retrying other endpoints on failure) and
+//! relays both directions ([`relay`]). The control plane only talks to this
+//! module through [`balancer::Balancer::update`] and a stop token.
+
+pub mod balancer;
+pub mod ports;
+pub mod relay;
+pub mod tcp;
+
+use std::time::Duration;
+
+use relay::RelayMode;
+
+/// Settings shared by every connection.
+#[derive(Debug, Clone)]
+pub struct DataPathConfig {
+    /// How bytes are moved between the two connections.
+    pub relay: RelayMode,
+    /// One connect attempt per entry, each to another endpoint while there
+    /// is one, with this timeout. The legacy proxier's schedule is the
+    /// default: 250 ms, 500 ms, 1 s, 2 s.
+    pub connect_timeouts: Vec<Duration>,
+}
+
+impl Default for DataPathConfig {
+    fn default() -> Self {
+        DataPathConfig {
+            relay: RelayMode::Splice,
+            connect_timeouts: [250, 500, 1000, 2000]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Choosing the local port each Service port's listener binds.
+//!
+//! `--proxy-port-range` takes kube-proxy's format (`BEGIN-END`, `PORT`, or
+//! `BEGIN+OFFSET`). With a range, ports are handed out in turn (next-fit, so
+//! a port just released is not reused at once) and a port some other
+//! program holds is skipped. Without one, the kernel picks.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::model::Protocol;
+
+/// An inclusive range of local ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub begin: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub fn len(&self) -> usize {
+        usize::from(self.end - self.begin) + 1
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.begin, self.end)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let num = |p: &str| -> Result<u32, String> {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("invalid port range {s:?}: {p:?} is not a number"))
+        };
+        let (begin, end) = if let Some((a, b)) = s.split_once('-') {
+            (num(a)?, num(b)?)
+        } else if let Some((a, off)) = s.split_once('+') {
+            let a = num(a)?;
+            (a, a + num(off)?)
+        } else {
+            let p = num(s)?;
+            (p, p)
+        };
+        if begin == 0 || end > 65535 || begin > end {
+            return Err(format!(
+                "invalid port range {s:?}: want BEGIN-END, PORT or BEGIN+OFFSET with 1 <= BEGIN <= END <= 65535"
+            ));
+        }
+        Ok(PortRange {
+            begin: begin as u16,
+            end: end as u16,
+        })
+    }
+}
+
+/// No port could be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("no free port in --proxy-port-range {range} ({in_use} held by this proxy)")]
+    Exhausted { range: PortRange, in_use: usize },
+    #[error("cannot bind {protocol} {addr}: {source}")]
+    Bind {
+        protocol: Protocol,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+}
+
+/// Hands out proxy ports and binds the sockets on them.
+#[derive(Debug)]
+pub struct ProxyPortAllocator {
+    bind_ip: IpAddr,
+    range: Option<PortRange>,
+    /// Where the next search starts (next-fit).
+    cursor: u16,
+    /// Ports (per protocol) this proxy holds.
+    in_use: HashSet<(Protocol, u16)>,
+}
+
+impl ProxyPortAllocator {
+    pub fn new(bind_ip: IpAddr, range: Option<PortRange>) -> Self {
+        ProxyPortAllocator {
+            bind_ip,
+            range,
+            cursor: range.map_or(0, |r| r.begin),
+            in_use: HashSet::new(),
+        }
+    }
+
+    /// Binds a new socket for `protocol` (a listening TCP socket, or a UDP
+    /// socket) on a free port, and records the port as held.
+    pub fn bind(&mut self, protocol: Protocol) -> Result<(Socket, u16), PortError> {
+        let Some(range) = self.range else {
+            let (sock, port) = self.bind_port(protocol, 0)?;
+            self.in_use.insert((protocol, port));
+            return Ok((sock, port));
+        };
+        for _ in 0..range.len() {
+            let port = self.cursor;
+            self.cursor = if port >= range.end {
+                range.begin
+            } else {
+                port + 1
+            };
+            if self.in_use.contains(&(protocol, port)) {
+                continue;
+            }
+            match self.bind_port(protocol, port) {
+                Ok((sock, port)) => {
+                    self.in_use.insert((protocol, port));
+                    return Ok((sock, port));
+                }
+                Err(PortError::Bind { source, .. })
+                    if source.kind() == io::ErrorKind::AddrInUse =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(PortError::Exhausted {
+            range,
+            in_use: self.in_use.iter().filter(|(p, _)| *p == protocol).count(),
+        })
+    }
+
+    /// Marks a port free again (its socket has been closed).
+    pub fn release(&mut self, protocol: Protocol, port: u16) {
+        self.in_use.remove(&(protocol, port));
+    }
+
+    fn bind_port(&self, protocol: Protocol, port: u16) -> Result<(Socket, u16), PortError> {
+        let addr = SocketAddr::new(self.bind_ip, port);
+        let err = |source| PortError::Bind {
+            protocol,
+            addr,
+            source,
+        };
+        let ty = match protocol {
+            Protocol::Udp => Type::DGRAM,
+            _ => Type::STREAM,
+        };
+        let sock = Socket::new(Domain::for_address(addr), ty, None).map_err(err)?;
+        // Lets a restarted proxy take its ports back while connections of
+        // the previous run linger in TIME_WAIT; never shares a live port.
+        sock.set_reuse_address(true).map_err(err)?;
+        sock.set_nonblocking(true).map_err(err)?;
+        sock.bind(&addr.into()).map_err(err)?;
+        if ty == Type::STREAM {
+            sock.listen(4096).map_err(err)?;
+        }
+        let bound = sock
+            .local_addr()
+            .map_err(err)?
+            .as_socket()
+            .map_or(port, |a| a.port());
+        Ok((sock, bound))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kube_proxy_range_formats() {
+        assert_eq!(
+            "20000-20010".parse::<PortRange>().unwrap(),
+            PortRange {
+                begin: 20000,
+                end: 20010
+            }
+        );
+        assert_eq!(
+            "20000+5".parse::<PortRange>().unwrap(),
+            PortRange {
+                begin: 20000,
+                end: 20005
+            }
+        );
+        assert_eq!(
+            "30000".parse::<PortRange>().unwrap(),
+            PortRange {
+                begin: 30000,
+                end: 30000
+            }
+        );
+        for bad in ["", "0-10", "10-5", "1-70000", "a-b", "65535+1"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn hands_out_ports_in_range_and_skips_busy_ones() {
+        // Find three consecutive free ports on loopback by trying.
+        let base = 41000 + (std::process::id() % 2000) as u16 * 3;
+        let range = PortRange {
+            begin: base,
+            end: base + 2,
+        };
+        let blocker = std::net::TcpListener::bind(("127.0.0.1", base + 1));
+        let mut alloc = ProxyPortAllocator::new("127.0.0.1".parse().unwrap(), Some(range));
+        let mut got = Vec::new();
+        while let Ok((sock, port)) = alloc.bind(Protocol::Tcp) {
+            assert!(port >= range.begin && port <= range.end);
+            got.push((sock, port));
+            assert!(got.len() <= 3);
+        }
+        let ports: Vec<u16> = got.iter().map(|(_, p)| *p).collect();
+        if blocker.is_ok() {
+            assert!(
+                !ports.contains(&(base + 1)),
+                "a port held by another program was handed out"
+            );
+        }
+        assert!(matches!(
+            alloc.bind(Protocol::Tcp),
+            Err(PortError::Exhausted { .. })
+        ));
+        // Release one: it can be bound again once its socket is closed.
+        let (sock, port) = got.remove(0);
+        drop(sock);
+        alloc.release(Protocol::Tcp, port);
+        assert_eq!(alloc.bind(Protocol::Tcp).unwrap().1, port);
+    }
+
+    #[test]
+    fn kernel_chooses_without_a_range() {
+        let mut alloc = ProxyPortAllocator::new("127.0.0.1".parse().unwrap(), None);
+        let (_a, pa) = alloc.bind(Protocol::Tcp).unwrap();
+        let (_b, pb) = alloc.bind(Protocol::Tcp).unwrap();
+        assert_ne!(pa, 0);
+        assert_ne!(pa, pb);
+    }
+}

@@ -1,0 +1,141 @@
+//! TCP: one accept loop per Service port, one task per connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::DataPathConfig;
+use super::balancer::Balancer;
+use super::relay::{relay, reset};
+use crate::model::ServicePortName;
+
+/// Longest pause after an accept error caused by resource exhaustion.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Starts accepting on `listener` until `stop` fires. Connections already
+/// accepted are not affected by `stop`: they run to their natural end.
+pub fn spawn(
+    service: Arc<ServicePortName>,
+    listener: std::net::TcpListener,
+    balancer: Arc<Balancer>,
+    config: Arc<DataPathConfig>,
+    stop: CancellationToken,
+) -> io::Result<tokio::task::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
+    let port = listener.local_addr()?.port();
+    let span = info_span!("listener", service = %service, proxy_port = port);
+    Ok(tokio::spawn(
+        accept_loop(listener, service, balancer, config, stop).instrument(span),
+    ))
+}
+
+/// Errors after which accepting again at once would spin: the process or
+/// system is out of file descriptors or memory.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// errno values, from nix so no libc dependency is needed here.
+mod libc_errno {
+    use nix::errno::Errno;
+    pub const EMFILE: i32 = Errno::EMFILE as i32;
+    pub const ENFILE: i32 = Errno::ENFILE as i32;
+    pub const ENOBUFS: i32 = Errno::ENOBUFS as i32;
+    pub const ENOMEM: i32 = Errno::ENOMEM as i32;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<ServicePortName>,
+    balancer: Arc<Balancer>,
+    config: Arc<DataPathConfig>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                backoff = Duration::from_millis(5);
+                let span = info_span!("conn", service = %service, client = %peer);
+                tokio::spawn(
+                    handle_connection(client, Arc::clone(&balancer), Arc::clone(&config))
+                        .instrument(span),
+                );
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+            // ECONNABORTED and friends concern one connection only.
+            Err(e) => debug!(error = %e, "accept failed"),
+        }
+    }
+}
+
+/// Picks an endpoint, connects (failing over to the next endpoint on
+/// refusal or timeout), then relays until both directions are done.
+async fn handle_connection(
+    mut client: TcpStream,
+    balancer: Arc<Balancer>,
+    config: Arc<DataPathConfig>,
+) {
+    let _ = client.set_nodelay(true);
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(config.connect_timeouts.len());
+    for (attempt, timeout) in config.connect_timeouts.iter().enumerate() {
+        let Some(lease) = balancer.pick(&tried) else {
+            // The rules reject traffic for a port without endpoints; this is
+            // the window while that change is being applied.
+            debug!("no endpoints; resetting client");
+            reset(&client);
+            return;
+        };
+        let endpoint = lease.addr();
+        match tokio::time::timeout(*timeout, TcpStream::connect(endpoint)).await {
+            Ok(Ok(mut upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                match relay(config.relay, &mut client, &mut upstream).await {
+                    Ok(t) => debug!(
+                        %endpoint,
+                        sent = t.client_to_upstream,
+                        received = t.upstream_to_client,
+                        "connection closed"
+                    ),
+                    Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
+                }
+                return;
+            }
+            Ok(Err(e)) => {
+                warn!(%endpoint, attempt = attempt + 1, error = %e, "connect to endpoint failed")
+            }
+            Err(_) => warn!(
+                %endpoint,
+                attempt = attempt + 1,
+                timeout_ms = timeout.as_millis() as u64,
+                "connect to endpoint timed out"
+            ),
+        }
+        tried.push(endpoint);
+    }
+    warn!(
+        attempts = tried.len(),
+        "no endpoint accepted the connection; resetting client"
+    );
+    reset(&client);
+}

@@ -1,0 +1,399 @@
+//! Rule rendering: desired redirects → nftables JSON batches. Pure.
+//!
+//! The table holds a fixed set of chains with one rule per hook; what
+//! changes at run time are only the elements of two named sets:
+//!
+//! ```text
+//! table ip kube-uproxy {
+//!   map service-ports { type ipv4_addr . inet_proto . inet_service : inet_service }
+//!   set no-endpoints  { type ipv4_addr . inet_proto . inet_service }
+//!   chain nat-prerouting { type nat hook prerouting priority dstnat
+//!     meta l4proto { tcp, udp } redirect to ip daddr . meta l4proto . th dport map @service-ports }
+//!   chain nat-output { type nat hook output priority -100; (same rule) }
+//!   chain filter-input / filter-forward / filter-output { type filter hook … priority -110
+//!     ip daddr . meta l4proto . th dport @no-endpoints reject }
+//! }
+//! ```
+//!
+//! A packet whose destination is not in `service-ports` is not redirected,
+//! so the per-packet cost is one hash lookup whatever the number of
+//! Services, and a change of one Service is one element added or deleted.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Map, Meta, MetaKey, NamedExpression, Payload, PayloadField};
+use nftables::schema::{
+    self, Chain, Element, NfListObject, Nftables, Rule, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match, NAT, Operator, Reject, Statement};
+use nftables::types::{NfChainType, NfFamily, NfHook};
+
+use crate::model::Protocol;
+
+/// The name of our table (family `ip`).
+pub const TABLE: &str = "kube-uproxy";
+/// Data map: destination → proxy port.
+pub const MAP_SERVICE_PORTS: &str = "service-ports";
+/// Set of destinations whose Service has no usable endpoint.
+pub const SET_NO_ENDPOINTS: &str = "no-endpoints";
+
+/// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
+/// for the output hook by name in every build; -100 is its value).
+const PRIO_DSTNAT: i32 = -100;
+/// Filter chains run before NAT so a rejected packet is never redirected.
+const PRIO_FILTER: i32 = -110;
+
+/// A destination the kernel catches: a Service IP, protocol and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Destination {
+    pub ip: Ipv4Addr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+/// What happens to traffic for a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Redirect to the local proxy port.
+    Redirect(u16),
+    /// Refuse: the Service port has no usable endpoint.
+    Reject,
+}
+
+fn table() -> Table<'static> {
+    Table {
+        family: NfFamily::IP,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+fn dest_key_type() -> SetTypeValue<'static> {
+    SetTypeValue::Concatenated(Cow::Borrowed(&[
+        SetType::Ipv4Addr,
+        SetType::InetProto,
+        SetType::InetService,
+    ]))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+/// `ip daddr . meta l4proto . th dport`
+fn dest_key_expr() -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        payload("ip", "daddr"),
+        Expression::Named(NamedExpression::Meta(Meta {
+            key: MetaKey::L4proto,
+        })),
+        payload("th", "dport"),
+    ]))
+}
+
+fn dest_value(d: &Destination) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        Expression::String(d.ip.to_string().into()),
+        Expression::String(d.protocol.nft_name().into()),
+        Expression::Number(u32::from(d.port)),
+    ]))
+}
+
+fn map_element(d: &Destination, proxy_port: u16) -> Expression<'static> {
+    Expression::List(vec![
+        dest_value(d),
+        Expression::Number(u32::from(proxy_port)),
+    ])
+}
+
+fn base_chain(name: &'static str, ty: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
+    Chain {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: name.into(),
+        _type: Some(ty),
+        hook: Some(hook),
+        prio: Some(prio),
+        ..Chain::default()
+    }
+}
+
+fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> Rule<'static> {
+    Rule {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        chain: chain.into(),
+        expr: expr.into(),
+        ..Rule::default()
+    }
+}
+
+fn redirect_rule(chain: &'static str) -> Rule<'static> {
+    rule(
+        chain,
+        vec![
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::L4proto,
+                })),
+                right: Expression::Named(NamedExpression::Set(vec![
+                    schema_set_item("tcp"),
+                    schema_set_item("udp"),
+                ])),
+                op: Operator::IN,
+            }),
+            Statement::Redirect(Some(NAT {
+                addr: None,
+                family: None,
+                port: Some(Expression::Named(NamedExpression::Map(Box::new(Map {
+                    key: dest_key_expr(),
+                    data: Expression::String(format!("@{MAP_SERVICE_PORTS}").into()),
+                })))),
+                flags: None,
+            })),
+        ],
+    )
+}
+
+fn schema_set_item(s: &'static str) -> nftables::expr::SetItem<'static> {
+    nftables::expr::SetItem::Element(Expression::String(s.into()))
+}
+
+fn reject_rule(chain: &'static str) -> Rule<'static> {
+    rule(
+        chain,
+        vec![
+            Statement::Match(Match {
+                left: dest_key_expr(),
+                right: Expression::String(format!("@{SET_NO_ENDPOINTS}").into()),
+                op: Operator::EQ,
+            }),
+            Statement::Reject(Some(Reject::new(None, None))),
+        ],
+    )
+}
+
+/// The whole table with these elements, replacing any table of that name
+/// in one transaction (`add`, `delete`, then create: never a moment without
+/// rules, and whatever an earlier run left is gone).
+pub fn full(elements: &BTreeMap<Destination, Action>) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(table()));
+    batch.delete(NfListObject::Table(table()));
+    batch.add(NfListObject::Table(table()));
+
+    let redirects: Vec<Expression<'static>> = elements
+        .iter()
+        .filter_map(|(d, a)| match a {
+            Action::Redirect(p) => Some(map_element(d, *p)),
+            Action::Reject => None,
+        })
+        .collect();
+    let rejects: Vec<Expression<'static>> = elements
+        .iter()
+        .filter(|(_, a)| **a == Action::Reject)
+        .map(|(d, _)| dest_value(d))
+        .collect();
+
+    batch.add(NfListObject::Map(Box::new(schema::Map {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: MAP_SERVICE_PORTS.into(),
+        set_type: dest_key_type(),
+        map: SetTypeValue::Single(SetType::InetService),
+        elem: (!redirects.is_empty()).then(|| redirects.into()),
+        comment: Some("ClusterIP . protocol . port -> local proxy port".into()),
+        ..schema::Map::default()
+    })));
+    batch.add(NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: SET_NO_ENDPOINTS.into(),
+        set_type: dest_key_type(),
+        elem: (!rejects.is_empty()).then(|| rejects.into()),
+        comment: Some("Service ports without endpoints: rejected".into()),
+        ..schema::Set::default()
+    })));
+
+    for (name, hook) in [
+        ("filter-input", NfHook::Input),
+        ("filter-forward", NfHook::Forward),
+        ("filter-output", NfHook::Output),
+    ] {
+        batch.add(NfListObject::Chain(base_chain(
+            name,
+            NfChainType::Filter,
+            hook,
+            PRIO_FILTER,
+        )));
+        batch.add(NfListObject::Rule(reject_rule(name)));
+    }
+    for (name, hook) in [
+        ("nat-prerouting", NfHook::Prerouting),
+        ("nat-output", NfHook::Output),
+    ] {
+        batch.add(NfListObject::Chain(base_chain(
+            name,
+            NfChainType::NAT,
+            hook,
+            PRIO_DSTNAT,
+        )));
+        batch.add(NfListObject::Rule(redirect_rule(name)));
+    }
+    batch.to_nftables()
+}
+
+/// One element change: `old` is what the kernel has now, `new` what it
+/// should have (`None` = absent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub dest: Destination,
+    pub old: Option<Action>,
+    pub new: Option<Action>,
+}
+
+fn element(set: &'static str, elem: Expression<'static>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: set.into(),
+        elem: vec![elem].into(),
+    })
+}
+
+/// The element updates that take the kernel from each change's `old` to its
+/// `new`, as one transaction. Deletions come first, so a value change is
+/// delete + add. Returns `None` when there is nothing to do.
+pub fn delta(changes: &[Change]) -> Option<Nftables<'static>> {
+    let mut batch = Batch::new();
+    let mut any = false;
+    for c in changes.iter().filter(|c| c.old != c.new) {
+        match c.old {
+            Some(Action::Redirect(p)) => {
+                batch.delete(element(MAP_SERVICE_PORTS, map_element(&c.dest, p)))
+            }
+            Some(Action::Reject) => batch.delete(element(SET_NO_ENDPOINTS, dest_value(&c.dest))),
+            None => continue,
+        }
+        any = true;
+    }
+    for c in changes.iter().filter(|c| c.old != c.new) {
+        match c.new {
+            Some(Action::Redirect(p)) => {
+                batch.add(element(MAP_SERVICE_PORTS, map_element(&c.dest, p)))
+            }
+            Some(Action::Reject) => batch.add(element(SET_NO_ENDPOINTS, dest_value(&c.dest))),
+            None => continue,
+        }
+        any = true;
+    }
+    any.then(|| batch.to_nftables())
+}
+
+/// Deletes the table (for shutdown and `--cleanup`). `add` first makes the
+/// delete succeed whether or not the table exists.
+pub fn delete_table() -> Nftables<'static> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(table()));
+    batch.delete(NfListObject::Table(table()));
+    batch.to_nftables()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn dest(ip: &str, port: u16) -> Destination {
+        Destination {
+            ip: ip.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    fn to_json(n: &Nftables) -> Value {
+        serde_json::to_value(n).unwrap()
+    }
+
+    #[test]
+    fn full_replaces_the_table_and_holds_the_elements() {
+        let mut els = BTreeMap::new();
+        els.insert(dest("10.96.0.10", 80), Action::Redirect(20000));
+        els.insert(dest("10.96.0.11", 443), Action::Reject);
+        let v = to_json(&full(&els));
+        let cmds = v["nftables"].as_array().unwrap();
+        // add table, delete table, add table: atomic replacement.
+        assert!(cmds[0]["add"]["table"].is_object());
+        assert!(cmds[1]["delete"]["table"].is_object());
+        assert!(cmds[2]["add"]["table"].is_object());
+        let map = cmds.iter().find_map(|c| c["add"].get("map")).unwrap();
+        assert_eq!(map["name"], MAP_SERVICE_PORTS);
+        assert_eq!(
+            map["elem"],
+            json!([[{"concat": ["10.96.0.10", "tcp", 80]}, 20000]])
+        );
+        let set = cmds.iter().find_map(|c| c["add"].get("set")).unwrap();
+        assert_eq!(set["elem"], json!([{"concat": ["10.96.0.11", "tcp", 443]}]));
+        let chains: Vec<&str> = cmds
+            .iter()
+            .filter_map(|c| c["add"].get("chain"))
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                "filter-input",
+                "filter-forward",
+                "filter-output",
+                "nat-prerouting",
+                "nat-output"
+            ]
+        );
+    }
+
+    #[test]
+    fn delta_touches_only_changed_elements_and_deletes_first() {
+        let changes = [
+            Change {
+                dest: dest("10.96.0.10", 80),
+                old: Some(Action::Redirect(20000)),
+                new: Some(Action::Reject),
+            },
+            Change {
+                dest: dest("10.96.0.12", 80),
+                old: None,
+                new: Some(Action::Redirect(20001)),
+            },
+            Change {
+                dest: dest("10.96.0.13", 80),
+                old: Some(Action::Redirect(20002)),
+                new: Some(Action::Redirect(20002)),
+            },
+        ];
+        let v = to_json(&delta(&changes).unwrap());
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 3, "{v}");
+        assert_eq!(cmds[0]["delete"]["element"]["name"], MAP_SERVICE_PORTS);
+        assert_eq!(cmds[1]["add"]["element"]["name"], SET_NO_ENDPOINTS);
+        assert_eq!(
+            cmds[2]["add"]["element"]["elem"],
+            json!([[{"concat": ["10.96.0.12", "tcp", 80]}, 20001]])
+        );
+        assert!(delta(&changes[2..]).is_none());
+    }
+}
