@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info_span, warn};
 
 use super::DataPathConfig;
 use super::balancer::Balancer;
@@ -69,10 +69,18 @@ async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 backoff = Duration::from_millis(5);
-                let span = info_span!("conn", service = %service, client = %peer);
+                // debug level: at the default level the span costs nothing
+                // per connection; warnings carry service and client themselves.
+                let span = debug_span!("conn", client = %peer);
                 tokio::spawn(
-                    handle_connection(client, Arc::clone(&balancer), Arc::clone(&config))
-                        .instrument(span),
+                    handle_connection(
+                        client,
+                        peer,
+                        Arc::clone(&service),
+                        Arc::clone(&balancer),
+                        Arc::clone(&config),
+                    )
+                    .instrument(span),
                 );
             }
             Err(e) if is_resource_exhaustion(&e) => {
@@ -93,6 +101,8 @@ async fn accept_loop(
 /// refusal or timeout), then relays until both directions are done.
 async fn handle_connection(
     mut client: TcpStream,
+    peer: SocketAddr,
+    service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
 ) {
@@ -121,10 +131,17 @@ async fn handle_connection(
                 }
                 return;
             }
-            Ok(Err(e)) => {
-                warn!(%endpoint, attempt = attempt + 1, error = %e, "connect to endpoint failed")
-            }
+            Ok(Err(e)) => warn!(
+                %service,
+                client = %peer,
+                %endpoint,
+                attempt = attempt + 1,
+                error = %e,
+                "connect to endpoint failed"
+            ),
             Err(_) => warn!(
+                %service,
+                client = %peer,
                 %endpoint,
                 attempt = attempt + 1,
                 timeout_ms = timeout.as_millis() as u64,

@@ -11,7 +11,7 @@
 //!     meta l4proto { tcp, udp } redirect to ip daddr . meta l4proto . th dport map @service-ports }
 //!   chain nat-output { type nat hook output priority -100; (same rule) }
 //!   chain filter-input / filter-forward / filter-output { type filter hook … priority -110
-//!     ip daddr . meta l4proto . th dport @no-endpoints reject }
+//!     ct state new ip daddr . meta l4proto . th dport @no-endpoints reject }
 //! }
 //! ```
 //!
@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Map, Meta, MetaKey, NamedExpression, Payload, PayloadField};
+use nftables::expr::{CT, Expression, Map, Meta, MetaKey, NamedExpression, Payload, PayloadField};
 use nftables::schema::{
     self, Chain, Element, NfListObject, Nftables, Rule, SetType, SetTypeValue, Table,
 };
@@ -177,6 +177,17 @@ fn reject_rule(chain: &'static str) -> Rule<'static> {
     rule(
         chain,
         vec![
+            // Only the first packet of a flow is looked up; established
+            // traffic (all proxied bytes) skips the set.
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::CT(CT {
+                    key: "state".into(),
+                    family: None,
+                    dir: None,
+                })),
+                right: Expression::String("new".into()),
+                op: Operator::IN,
+            }),
             Statement::Match(Match {
                 left: dest_key_expr(),
                 right: Expression::String(format!("@{SET_NO_ENDPOINTS}").into()),
