@@ -46,9 +46,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "splice")]
     pub tcp_relay: RelayMode,
 
-    /// How often the manifests path is checked for changes.
-    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
-    pub manifests_poll_interval: Duration,
+    /// Changes to --manifests are seen at once through inotify; in addition
+    /// every file is stat-ed this often, in case an event was missed.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub manifests_rescan_interval: Duration,
 
     /// Remove the nftables table of an earlier run and exit.
     #[arg(long)]

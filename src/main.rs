@@ -100,7 +100,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             source::manifests::load(path)
                 .with_context(|| format!("reading --manifests {}", path.display()))?;
             let (path, interval, cancel) =
-                (path.clone(), args.manifests_poll_interval, cancel.clone());
+                (path.clone(), args.manifests_rescan_interval, cancel.clone());
             tokio::spawn(async move {
                 if let Err(e) = source::manifests::run(path, interval, tx, cancel).await {
                     error!("{e}");

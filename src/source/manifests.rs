@@ -3,26 +3,28 @@
 //! `--manifests PATH` names a file or a directory (its `*.yaml`, `*.yml` and
 //! `*.json` files, not recursive). Files hold what `kubectl get
 //! svc,endpointslices -A -o yaml` prints: one `kind: List`, or a stream of
-//! `---`-separated documents, or both. The path is polled; a change to any
-//! file reloads everything and is sent as a full replacement, so the
-//! reconciler only touches what really changed.
+//! `---`-separated documents, or both. Changes are seen through inotify
+//! (with a periodic stat of every file as a safety net); only changed files
+//! are re-read, and only the objects that changed are sent on.
 //!
 //! A file that fails to parse keeps its last good content (an editor's
 //! half-written save does not take Services down); one bad object is skipped
 //! and the rest of its file is used.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Update, UpdateSender, service_or_log, slice_or_log};
-use crate::model::{ServiceInfo, SliceInfo};
+use crate::model::{ObjectKey, ServiceInfo, SliceInfo};
 
 /// A manifests path that cannot be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +122,17 @@ fn deserialize<T: serde::de::DeserializeOwned>(doc: Value, origin: &Path, kind: 
     }
 }
 
-/// Which files a path stands for, with what identifies their version.
-fn scan(path: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>, ManifestError> {
+fn is_manifest_file(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+}
+
+/// A file's version: what tells us it changed without reading it.
+type Version = (SystemTime, u64);
+
+/// Which files a path stands for, with their versions.
+fn scan(path: &Path) -> Result<BTreeMap<PathBuf, Version>, ManifestError> {
     let read_err = |source| ManifestError::Read {
         path: path.to_path_buf(),
         source,
@@ -131,11 +142,7 @@ fn scan(path: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>, ManifestErr
         let mut v = Vec::new();
         for entry in std::fs::read_dir(path).map_err(read_err)? {
             let p = entry.map_err(read_err)?.path();
-            let wanted = p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
-            if wanted && p.is_file() {
+            if is_manifest_file(&p) && p.is_file() {
                 v.push(p);
             }
         }
@@ -145,152 +152,370 @@ fn scan(path: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>, ManifestErr
     };
     let mut out = BTreeMap::new();
     for f in files {
-        // A file can vanish between listing and stat: it is simply gone.
-        if let Ok(m) = std::fs::metadata(&f) {
-            out.insert(f, (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        if let Some(v) = version(&f) {
+            out.insert(f, v);
         }
     }
     Ok(out)
 }
 
-/// Loads every file once, for a one-shot read (and the first poll).
-pub fn load(path: &Path) -> Result<Parsed, ManifestError> {
-    let mut watcher = ManifestWatcher::new(path.to_path_buf());
-    watcher.poll()?;
-    Ok(watcher.merged())
+/// `None` when the file is gone (it can vanish between listing and stat).
+fn version(file: &Path) -> Option<Version> {
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
-/// Keeps the last good parse of each file and notices changes.
+/// Loads every file once (a one-shot read, and a check at start-up).
+pub fn load(path: &Path) -> Result<Parsed, ManifestError> {
+    let mut watcher = ManifestWatcher::new(path.to_path_buf());
+    watcher.rescan()?;
+    Ok(watcher.current())
+}
+
+/// Every definition of each object, by file: the effective one is the one
+/// from the last file in path order ("the last definition wins").
+type Definitions<T> = BTreeMap<ObjectKey, BTreeMap<PathBuf, T>>;
+
+/// Object-level changes caused by re-reading some files.
+#[derive(Debug, Default, PartialEq)]
+struct Delta {
+    services: Vec<(ObjectKey, Option<ServiceInfo>)>,
+    slices: Vec<(ObjectKey, Option<SliceInfo>)>,
+}
+
+impl Delta {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+
+    fn into_updates(self) -> impl Iterator<Item = Update> {
+        let services = self.services.into_iter().map(|(k, v)| match v {
+            Some(s) => Update::ServiceApplied(s),
+            None => Update::ServiceDeleted(k),
+        });
+        let slices = self.slices.into_iter().map(|(k, v)| match v {
+            Some(s) => Update::SliceApplied(s),
+            None => Update::SliceDeleted(k),
+        });
+        services.chain(slices)
+    }
+}
+
+/// Keeps the last good parse of each file, and turns file changes into
+/// object changes: re-reading one file costs that file, not the whole path.
 struct ManifestWatcher {
-    path: PathBuf,
-    versions: BTreeMap<PathBuf, (SystemTime, u64)>,
-    parsed: BTreeMap<PathBuf, Parsed>,
+    root: PathBuf,
+    versions: BTreeMap<PathBuf, Version>,
+    services: Definitions<ServiceInfo>,
+    slices: Definitions<SliceInfo>,
+    /// Which objects each file defined at its last good parse.
+    owned: BTreeMap<PathBuf, (Vec<ObjectKey>, Vec<ObjectKey>)>,
 }
 
 impl ManifestWatcher {
-    fn new(path: PathBuf) -> Self {
+    fn new(root: PathBuf) -> Self {
         ManifestWatcher {
-            path,
+            root,
             versions: BTreeMap::new(),
-            parsed: BTreeMap::new(),
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            owned: BTreeMap::new(),
         }
     }
 
-    /// Re-reads changed files; returns whether anything changed.
-    fn poll(&mut self) -> Result<bool, ManifestError> {
-        let now = scan(&self.path)?;
-        if now == self.versions {
-            return Ok(false);
+    /// Whether a path named by a change event concerns us.
+    fn concerns(&self, p: &Path) -> bool {
+        if p == self.root {
+            return true;
         }
-        self.parsed.retain(|f, _| now.contains_key(f));
-        for (file, version) in &now {
-            if self.versions.get(file) == Some(version) {
-                continue;
-            }
-            let text = match std::fs::read_to_string(file) {
-                Ok(t) => t,
-                Err(source) => {
-                    warn!(file = %file.display(), error = %source, "cannot read manifests file; keeping its last good content");
-                    continue;
+        p.parent() == Some(self.root.as_path()) && is_manifest_file(p)
+    }
+
+    /// Stats every file and re-reads those whose version changed.
+    fn rescan(&mut self) -> Result<Delta, ManifestError> {
+        let now = scan(&self.root)?;
+        let changed: Vec<PathBuf> = now
+            .iter()
+            .filter(|(f, v)| self.versions.get(*f) != Some(v))
+            .map(|(f, _)| f.clone())
+            .chain(
+                self.versions
+                    .keys()
+                    .filter(|f| !now.contains_key(*f))
+                    .cloned(),
+            )
+            .collect();
+        Ok(self.reload(changed))
+    }
+
+    /// Re-reads these files (a file that is gone takes its objects away).
+    fn reload(&mut self, files: impl IntoIterator<Item = PathBuf>) -> Delta {
+        let mut before_services = BTreeMap::new();
+        let mut before_slices = BTreeMap::new();
+        for file in files {
+            let parsed = match version(&file) {
+                None => {
+                    self.versions.remove(&file);
+                    Parsed::default()
+                }
+                Some(v) if self.versions.get(&file) == Some(&v) => continue,
+                Some(v) => {
+                    self.versions.insert(file.clone(), v);
+                    let text = match std::fs::read_to_string(&file) {
+                        Ok(t) => t,
+                        Err(source) => {
+                            warn!(file = %file.display(), error = %source, "cannot read manifests file; keeping its last good content");
+                            continue;
+                        }
+                    };
+                    match parse(&text, &file) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            warn!("{e}; keeping the file's last good content");
+                            continue;
+                        }
+                    }
                 }
             };
-            match parse(&text, file) {
-                Ok(p) => {
-                    self.parsed.insert(file.clone(), p);
-                }
-                Err(e) => warn!("{e}; keeping the file's last good content"),
-            }
+            let (old_services, old_slices) = self.owned.remove(&file).unwrap_or_default();
+            let keys = (
+                replace_file(
+                    &mut self.services,
+                    &file,
+                    old_services,
+                    parsed.services,
+                    &mut before_services,
+                ),
+                replace_file(
+                    &mut self.slices,
+                    &file,
+                    old_slices,
+                    parsed.slices,
+                    &mut before_slices,
+                ),
+            );
+            self.owned.insert(file, keys);
         }
-        self.versions = now;
-        Ok(true)
+        Delta {
+            services: changes(&mut self.services, before_services),
+            slices: changes(&mut self.slices, before_slices),
+        }
     }
 
-    fn merged(&self) -> Parsed {
-        let mut services: BTreeMap<_, ServiceInfo> = BTreeMap::new();
-        let mut slices: BTreeMap<_, SliceInfo> = BTreeMap::new();
-        for (file, p) in &self.parsed {
-            for s in &p.services {
-                if services.insert(s.key.clone(), s.clone()).is_some() {
-                    warn!(file = %file.display(), service = %s.key, "Service defined more than once; the last definition wins");
-                }
-            }
-            for s in &p.slices {
-                if slices.insert(s.key.clone(), s.clone()).is_some() {
-                    warn!(file = %file.display(), slice = %s.key, "EndpointSlice defined more than once; the last definition wins");
-                }
-            }
-        }
+    /// The effective objects of every file.
+    fn current(&self) -> Parsed {
         Parsed {
-            services: services.into_values().collect(),
-            slices: slices.into_values().collect(),
+            services: self
+                .services
+                .values()
+                .filter_map(|d| d.values().next_back().cloned())
+                .collect(),
+            slices: self
+                .slices
+                .values()
+                .filter_map(|d| d.values().next_back().cloned())
+                .collect(),
         }
     }
 }
 
-/// Polls `path` every `interval` and sends a full replacement on change,
-/// until `cancel` fires. The first load is sent even when empty, so the
-/// reconciler knows the source is synced.
+/// What the manifests source needs of an object.
+trait Keyed: Clone + PartialEq {
+    const KIND: &'static str;
+    fn key(&self) -> &ObjectKey;
+}
+
+impl Keyed for ServiceInfo {
+    const KIND: &'static str = "Service";
+    fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+}
+
+impl Keyed for SliceInfo {
+    const KIND: &'static str = "EndpointSlice";
+    fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+}
+
+fn effective<T: Clone>(defs: &Definitions<T>, k: &ObjectKey) -> Option<T> {
+    defs.get(k).and_then(|d| d.values().next_back().cloned())
+}
+
+/// Replaces what `file` defines (`old` keys) by `new`, remembering in
+/// `before` each touched object's effective value before the first change.
+/// Returns the keys `file` now defines.
+fn replace_file<T: Keyed>(
+    defs: &mut Definitions<T>,
+    file: &Path,
+    old: Vec<ObjectKey>,
+    new: Vec<T>,
+    before: &mut BTreeMap<ObjectKey, Option<T>>,
+) -> Vec<ObjectKey> {
+    for k in old {
+        before
+            .entry(k.clone())
+            .or_insert_with(|| effective(defs, &k));
+        if let Some(d) = defs.get_mut(&k) {
+            d.remove(file);
+        }
+    }
+    let mut keys = Vec::with_capacity(new.len());
+    for obj in new {
+        let k = obj.key().clone();
+        before
+            .entry(k.clone())
+            .or_insert_with(|| effective(defs, &k));
+        let d = defs.entry(k.clone()).or_default();
+        if d.insert(file.to_path_buf(), obj).is_some() || d.len() > 1 {
+            warn!(file = %file.display(), kind = T::KIND, object = %k, "defined more than once; the last definition wins");
+        }
+        keys.push(k);
+    }
+    keys
+}
+
+/// The touched objects whose effective value differs from `before`.
+fn changes<T: Keyed>(
+    defs: &mut Definitions<T>,
+    before: BTreeMap<ObjectKey, Option<T>>,
+) -> Vec<(ObjectKey, Option<T>)> {
+    let mut out = Vec::new();
+    for (k, old) in before {
+        let now = effective(defs, &k);
+        if now.is_none() {
+            defs.remove(&k);
+        }
+        if old != now {
+            out.push((k, now));
+        }
+    }
+    out
+}
+
+/// Which file-system events mean "a file may have new content". Plain data
+/// writes are ignored (the file is half-written); the close after writing,
+/// a rename or a creation is what counts.
+fn is_content_event(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Modify(ModifyKind::Any)
+            | EventKind::Remove(_)
+            | EventKind::Any
+            | EventKind::Other
+    )
+}
+
+/// Watches `path` and sends changes until `cancel` fires. The first load is
+/// sent as full replacements (even when empty, so the reconciler knows the
+/// source is synced); afterwards only the objects that changed are sent.
+///
+/// Changes are noticed through inotify at once; every `rescan_interval` the
+/// files are also stat-ed, in case an event was missed (e.g. a network file
+/// system, or a writer that never closes the file).
 pub async fn run(
     path: PathBuf,
-    interval: Duration,
+    rescan_interval: Duration,
     tx: UpdateSender,
     cancel: CancellationToken,
 ) -> Result<(), ManifestError> {
     let mut watcher = ManifestWatcher::new(path.clone());
-    watcher.poll()?;
-    let mut last = watcher.merged();
+    watcher.rescan()?;
+    let first = watcher.current();
     info!(
         path = %path.display(),
-        services = last.services.len(),
-        slices = last.slices.len(),
+        services = first.services.len(),
+        slices = first.slices.len(),
         "manifests loaded"
     );
-    if tx
-        .send(Update::Services(last.services.clone()))
-        .await
-        .is_err()
-        || tx.send(Update::Slices(last.slices.clone())).await.is_err()
+    if tx.send(Update::Services(first.services)).await.is_err()
+        || tx.send(Update::Slices(first.slices)).await.is_err()
     {
         return Ok(());
     }
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = ticker.tick() => {}
+
+    // inotify: the callback runs on notify's thread and only forwards.
+    let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let watch_dir = if path.is_dir() {
+        path.clone()
+    } else {
+        // Watch the directory, so a file replaced by rename is still seen.
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    };
+    let _inotify = match notify::recommended_watcher(move |ev| {
+        let _ = ev_tx.send(ev);
+    })
+    .and_then(|mut w| w.watch(&watch_dir, RecursiveMode::NonRecursive).map(|()| w))
+    {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(path = %watch_dir.display(), error = %e, "cannot watch for changes; polling only");
+            None
         }
-        match watcher.poll() {
-            Ok(false) => continue,
-            Ok(true) => {}
+    };
+
+    let mut ticker = tokio::time::interval(rescan_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        let delta = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = ticker.tick() => watcher.rescan(),
+            Some(first) = events.recv() => {
+                // Take every event already queued: one reload per burst.
+                let mut files = BTreeSet::new();
+                let mut full = false;
+                let mut next = Some(first);
+                while let Some(ev) = next {
+                    match ev {
+                        Ok(ev) if ev.need_rescan() => full = true,
+                        Ok(ev) if is_content_event(&ev.kind) => {
+                            files.extend(ev.paths.into_iter().filter(|p| watcher.concerns(p)));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(error = %e, "file watch error; rescanning");
+                            full = true;
+                        }
+                    }
+                    next = events.try_recv().ok();
+                }
+                if full {
+                    watcher.rescan()
+                } else if files.is_empty() {
+                    continue;
+                } else {
+                    Ok(watcher.reload(files))
+                }
+            }
+        };
+        let delta = match delta {
+            Ok(d) => d,
             Err(e) => {
                 warn!("{e}; keeping the last good content");
                 continue;
             }
-        }
-        let next = watcher.merged();
-        if next == last {
+        };
+        if delta.is_empty() {
             continue;
         }
         info!(
             path = %path.display(),
-            services = next.services.len(),
-            slices = next.slices.len(),
+            services = delta.services.len(),
+            slices = delta.slices.len(),
             "manifests changed"
         );
-        if next.services != last.services
-            && tx
-                .send(Update::Services(next.services.clone()))
-                .await
-                .is_err()
-        {
-            return Ok(());
+        for update in delta.into_updates() {
+            if tx.send(update).await.is_err() {
+                return Ok(());
+            }
         }
-        if next.slices != last.slices && tx.send(Update::Slices(next.slices.clone())).await.is_err()
-        {
-            return Ok(());
-        }
-        last = next;
     }
 }
 
@@ -385,27 +610,140 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         assert!(e.to_string().contains("broken.yaml"), "{e}");
     }
 
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ku-manifests-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn one_service(name: &str, ip: &str, port: u16) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: {port}}}]}}\n"
+        )
+    }
+
     #[test]
     fn a_broken_file_keeps_its_last_good_content() {
-        let dir = std::env::temp_dir().join(format!("ku-manifests-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("broken");
         let f = dir.join("svc.yaml");
         std::fs::write(&f, KUBECTL_LIST).unwrap();
         std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
         let mut w = ManifestWatcher::new(dir.clone());
-        assert!(w.poll().unwrap());
-        assert_eq!(w.merged().services.len(), 1);
-        assert!(!w.poll().unwrap(), "no change, no reload");
+        let d = w.rescan().unwrap();
+        assert_eq!((d.services.len(), d.slices.len()), (1, 1));
+        assert_eq!(w.current().services.len(), 1);
+        assert!(w.rescan().unwrap().is_empty(), "no change, no delta");
         std::fs::write(&f, "kind: [").unwrap();
-        assert!(w.poll().unwrap());
-        assert_eq!(w.merged().services.len(), 1, "last good content kept");
-        std::fs::remove_file(&f).unwrap();
-        assert!(w.poll().unwrap());
-        assert_eq!(
-            w.merged().services.len(),
-            0,
-            "a deleted file takes its objects away"
+        assert!(
+            w.rescan().unwrap().is_empty(),
+            "a broken file changes nothing"
         );
+        assert_eq!(w.current().services.len(), 1, "last good content kept");
+        std::fs::remove_file(&f).unwrap();
+        let d = w.rescan().unwrap();
+        assert_eq!(d.services, vec![(ObjectKey::new("shop", "web"), None)]);
+        assert_eq!(d.slices, vec![(ObjectKey::new("shop", "web-x1"), None)]);
+        assert!(w.current().services.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_changed_objects_are_reported() {
+        let dir = temp_dir("delta");
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.yaml");
+        std::fs::write(
+            &a,
+            one_service("one", "10.96.0.1", 80) + "---\n" + &one_service("two", "10.96.0.2", 80),
+        )
+        .unwrap();
+        std::fs::write(&b, one_service("three", "10.96.0.3", 80)).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        assert_eq!(w.rescan().unwrap().services.len(), 3);
+        // Rewrite a.yaml with "two" changed: only "two" is reported.
+        std::fs::write(
+            &a,
+            one_service("one", "10.96.0.1", 80) + "---\n" + &one_service("two", "10.96.0.2", 8080),
+        )
+        .unwrap();
+        let d = w.reload([a.clone()]);
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].0.name, "two");
+        assert_eq!(d.services[0].1.as_ref().unwrap().ports[0].port, 8080);
+        // Re-reading an unchanged file reports nothing.
+        assert!(w.reload([b.clone()]).is_empty());
+        // Moving "three" from b.yaml into a.yaml (same content) is no change
+        // once both files are read.
+        std::fs::write(
+            &a,
+            one_service("one", "10.96.0.1", 80)
+                + "---\n"
+                + &one_service("two", "10.96.0.2", 8080)
+                + "---\n"
+                + &one_service("three", "10.96.0.3", 80),
+        )
+        .unwrap();
+        std::fs::remove_file(&b).unwrap();
+        assert!(w.reload([a.clone(), b.clone()]).is_empty());
+        assert_eq!(w.current().services.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_last_file_wins_for_duplicates_and_its_removal_restores_the_other() {
+        let dir = temp_dir("dup");
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.yaml");
+        std::fs::write(&a, one_service("web", "10.96.0.1", 80)).unwrap();
+        std::fs::write(&b, one_service("web", "10.96.0.1", 81)).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        w.rescan().unwrap();
+        assert_eq!(w.current().services[0].ports[0].port, 81);
+        std::fs::remove_file(&b).unwrap();
+        let d = w.rescan().unwrap();
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].1.as_ref().unwrap().ports[0].port, 80);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<Update>) -> Update {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an update within 10 s")
+            .expect("the channel open")
+    }
+
+    #[tokio::test]
+    async fn run_sends_the_first_load_then_changes_seen_by_inotify() {
+        let dir = temp_dir("run");
+        let f = dir.join("svc.yaml");
+        std::fs::write(&f, one_service("one", "10.96.0.1", 80)).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        // A long rescan interval: only inotify can deliver the change in time.
+        let task = tokio::spawn(run(
+            f.clone(),
+            Duration::from_secs(3600),
+            tx,
+            cancel.clone(),
+        ));
+        assert!(matches!(next(&mut rx).await, Update::Services(v) if v.len() == 1));
+        assert!(matches!(next(&mut rx).await, Update::Slices(v) if v.is_empty()));
+        // Replace by rename, as editors and `kubectl ... > tmp && mv` do.
+        let tmp = dir.join(".svc.yaml.tmp");
+        std::fs::write(
+            &tmp,
+            one_service("one", "10.96.0.1", 80) + "---\n" + &one_service("two", "10.96.0.2", 80),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &f).unwrap();
+        match next(&mut rx).await {
+            Update::ServiceApplied(s) => assert_eq!(s.key.name, "two"),
+            other => panic!("unexpected {other:?}"),
+        }
+        cancel.cancel();
+        task.await.unwrap().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
