@@ -94,17 +94,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let source_task = match &args.manifests {
+    let source_task: tokio::task::JoinHandle<anyhow::Result<()>> = match &args.manifests {
         Some(path) => {
-            // Fail at once on a path that does not exist, rather than later.
-            source::manifests::load(path)
+            // Fail at once on a path that cannot be read; the source parses it.
+            std::fs::metadata(path)
                 .with_context(|| format!("reading --manifests {}", path.display()))?;
             let (path, interval, cancel) =
                 (path.clone(), args.manifests_rescan_interval, cancel.clone());
             tokio::spawn(async move {
-                if let Err(e) = source::manifests::run(path, interval, tx, cancel).await {
-                    error!("{e}");
-                }
+                source::manifests::run(path, interval, tx, cancel)
+                    .await
+                    .context("reading --manifests")
             })
         }
         None => {
@@ -112,7 +112,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .context("connecting to the Kubernetes API")?;
             let cancel = cancel.clone();
-            tokio::spawn(source::kube::run(client, tx, cancel))
+            tokio::spawn(async move {
+                source::kube::run(client, tx, cancel).await;
+                Ok(())
+            })
         }
     };
 
@@ -132,11 +135,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     Reconciler::new(config, ports).run(rx, cancel.clone()).await;
     cancel.cancel();
-    let _ = source_task.await;
+    let source_result = match source_task.await {
+        Ok(r) => r,
+        Err(e) => Err(anyhow::anyhow!("the source task failed: {e}")),
+    };
 
     RuleTable::delete()
         .await
         .context("removing the kube-uproxy nftables table on shutdown")?;
     info!("nftables table removed; bye");
-    Ok(())
+    source_result
 }

@@ -113,6 +113,7 @@ impl Reconciler {
         loop {
             let need_retry = self.synced() && (self.rules.has_pending() || !self.retry.is_empty());
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => break,
                 u = updates.recv() => match u {
                     Some(u) => self.apply(u),

@@ -34,7 +34,7 @@ pub enum ManifestError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not valid YAML: {message}")]
+    #[error("{path}: not valid YAML or JSON: {message}")]
     Yaml { path: PathBuf, message: String },
 }
 
@@ -49,15 +49,53 @@ pub struct Parsed {
 /// objects that are not valid Services or EndpointSlices are logged and
 /// skipped.
 pub fn parse(text: &str, origin: &Path) -> Result<Parsed, ManifestError> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml {
-        path: origin.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let docs = if looks_like_json(text) {
+        parse_json(text, origin)?
+    } else {
+        serde_saphyr::from_multiple_with_options(text, yaml_options(text.len())).map_err(|e| {
+            ManifestError::Yaml {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?
+    };
     let mut out = Parsed::default();
     for doc in docs {
         collect(doc, origin, &mut out);
     }
     Ok(out)
+}
+
+/// JSON (what `kubectl get -o json` prints) is YAML too, but a JSON parser
+/// reads it about ten times faster: worth it for large clusters.
+fn looks_like_json(text: &str) -> bool {
+    matches!(text.trim_start().as_bytes().first(), Some(b'{' | b'['))
+}
+
+/// One or more JSON values, one after the other.
+fn parse_json(text: &str, origin: &Path) -> Result<Vec<Value>, ManifestError> {
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ManifestError::Yaml {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// The YAML parser's limits. Its defaults (250 000 nodes, 1 024 documents)
+/// are meant for configuration files; a `kubectl get -A -o yaml` of a large
+/// cluster is far bigger. Every node and event takes at least one byte of
+/// input, so limits proportional to the input's size cost nothing in safety,
+/// while the alias and anchor limits (which stop expansion bombs) stay.
+fn yaml_options(input_len: usize) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = budget.max_events.max(input_len);
+    budget.max_nodes = budget.max_nodes.max(input_len);
+    budget.max_documents = budget.max_documents.max(input_len);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
@@ -410,6 +448,39 @@ fn is_content_event(kind: &EventKind) -> bool {
     )
 }
 
+/// What a change notification asks the watcher to do.
+enum Work {
+    /// Stat every file (periodic safety net, or inotify lost events).
+    Rescan,
+    /// Re-read these files.
+    Reload(BTreeSet<PathBuf>),
+}
+
+impl Work {
+    fn run(self, w: &mut ManifestWatcher) -> Result<Delta, ManifestError> {
+        match self {
+            Work::Rescan => w.rescan(),
+            Work::Reload(files) => Ok(w.reload(files)),
+        }
+    }
+}
+
+/// Runs `f` on the watcher on a blocking thread and hands the watcher back.
+async fn blocking<T: Send + 'static>(
+    mut watcher: ManifestWatcher,
+    f: impl FnOnce(&mut ManifestWatcher) -> T + Send + 'static,
+) -> Result<(ManifestWatcher, T), ManifestError> {
+    tokio::task::spawn_blocking(move || {
+        let out = f(&mut watcher);
+        (watcher, out)
+    })
+    .await
+    .map_err(|e| ManifestError::Read {
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// Watches `path` and sends changes until `cancel` fires. The first load is
 /// sent as full replacements (even when empty, so the reconciler knows the
 /// source is synced); afterwards only the objects that changed are sent.
@@ -424,8 +495,11 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), ManifestError> {
     let mut watcher = ManifestWatcher::new(path.clone());
-    watcher.rescan()?;
-    let first = watcher.current();
+    // Reading and parsing can take a second for a large cluster: never on
+    // an async worker, where it would stall the connections it runs.
+    let first;
+    (watcher, first) = blocking(watcher, |w| w.rescan().map(|_| w.current())).await?;
+    let first = first?;
     info!(
         path = %path.display(),
         services = first.services.len(),
@@ -464,9 +538,9 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
-        let delta = tokio::select! {
+        let work = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            _ = ticker.tick() => watcher.rescan(),
+            _ = ticker.tick() => Work::Rescan,
             Some(first) = events.recv() => {
                 // Take every event already queued: one reload per burst.
                 let mut files = BTreeSet::new();
@@ -487,12 +561,20 @@ pub async fn run(
                     next = events.try_recv().ok();
                 }
                 if full {
-                    watcher.rescan()
+                    Work::Rescan
                 } else if files.is_empty() {
                     continue;
                 } else {
-                    Ok(watcher.reload(files))
+                    Work::Reload(files)
                 }
+            }
+        };
+        let delta;
+        (watcher, delta) = match blocking(watcher, move |w| work.run(w)).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("{e}");
+                return Err(e);
             }
         };
         let delta = match delta {
@@ -602,6 +684,52 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         let p = parse(text, Path::new("t.yaml")).unwrap();
         let names: Vec<_> = p.services.iter().map(|s| s.key.name.as_str()).collect();
         assert_eq!(names, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn large_cluster_dumps_parse() {
+        // 3 000 Services + slices: well over the YAML library's default
+        // node budget, as a real `kubectl get -A -o yaml` would be.
+        let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..3000 {
+            text.push_str(&format!(
+                "- apiVersion: v1\n  kind: Service\n  metadata: {{name: s{i}, namespace: big}}\n  spec: {{clusterIP: 10.96.{}.{}, ports: [{{name: a, port: 80}}, {{name: b, port: 81}}]}}\n\
+                 - apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata: {{name: s{i}-x, namespace: big, labels: {{kubernetes.io/service-name: s{i}}}}}\n  addressType: IPv4\n  endpoints: [{{addresses: [10.1.0.1]}}, {{addresses: [10.1.0.2]}}]\n  ports: [{{name: a, port: 8080}}, {{name: b, port: 8081}}]\n",
+                i / 250,
+                i % 250 + 1
+            ));
+        }
+        let p = parse(&text, Path::new("big.yaml")).unwrap();
+        assert_eq!((p.services.len(), p.slices.len()), (3000, 3000));
+        // Separate documents too.
+        let docs = (0..2000)
+            .map(|i| one_service(&format!("d{i}"), "10.96.0.1", 80))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        assert_eq!(
+            parse(&docs, Path::new("docs.yaml")).unwrap().services.len(),
+            2000
+        );
+    }
+
+    #[test]
+    fn parses_kubectl_json_output() {
+        // `kubectl get -o json` output; also a stream of two JSON values.
+        let list: Value =
+            serde_json::to_value(serde_saphyr::from_str::<Value>(KUBECTL_LIST).unwrap()).unwrap();
+        let text = serde_json::to_string_pretty(&list).unwrap();
+        let p = parse(&text, Path::new("t.json")).unwrap();
+        assert_eq!((p.services.len(), p.slices.len()), (1, 1));
+        let two = format!("{text}\n{text}");
+        assert_eq!(parse(&two, Path::new("t.json")).unwrap().services.len(), 2);
+        let e = parse("{\"kind\": ", Path::new("bad.json")).unwrap_err();
+        assert!(e.to_string().contains("bad.json"), "{e}");
+    }
+
+    #[test]
+    fn alias_bombs_are_still_refused() {
+        let bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\n";
+        assert!(parse(bomb, Path::new("bomb.yaml")).is_err());
     }
 
     #[test]
