@@ -8,7 +8,8 @@
 //! Everything is bounded in time; on failure the proxy's stderr is printed.
 //!
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
-//! fail, if `CI` is set).
+//! fail, if `CI` is set). Set `KU_E2E_SHOW_LOGS=1` (with `--nocapture`) to see
+//! the proxy's stderr of passing tests too.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -291,7 +292,7 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if thread::panicking() || std::env::var_os("KU_E2E_SHOW_LOGS").is_some() {
             eprintln!(
                 "===== kube-uproxy stderr ({}) =====\n{}\n===== end of kube-uproxy stderr =====",
                 self.stderr.display(),

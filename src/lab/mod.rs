@@ -162,7 +162,10 @@ pub fn require_root_and_nft(test_name: &str) -> bool {
             if std::env::var_os("CI").is_some() {
                 panic!("{test_name}: {reason}; CI is set, so this test must run, not skip");
             }
-            eprintln!("SKIP {test_name}: {reason}");
+            // Written to the real stderr, not through eprintln!, so that the
+            // test harness does not swallow it for a passing test.
+            use std::io::Write as _;
+            let _ = writeln!(io::stderr(), "SKIP {test_name}: {reason}");
             false
         }
     }

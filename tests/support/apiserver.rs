@@ -38,7 +38,10 @@
 //!   `sendInitialEvents=true` (with `resourceVersionMatch=NotOlderThan` and
 //!   bookmarks) gives the initial state then a bookmark annotated
 //!   `k8s.io/initial-events-end`; [`FakeApiServer::drop_watches`] cuts every
-//!   stream off in the middle of the chunked body.
+//!   stream off in the middle of the chunked body;
+//!   [`FakeApiServer::pause_watches`] holds new watch requests (as a slow or
+//!   restarting apiserver would) until [`FakeApiServer::resume_watches`], so
+//!   a test can make changes while a client's watch is certainly down.
 //! - Malformed or contradictory query parameters: `400` with a `Status` body.
 //!
 //! Writes are made by the test through [`FakeApiServer`] methods, not HTTP.
@@ -197,6 +200,10 @@ struct Shared {
     lists: AtomicU64,
     watches: AtomicU64,
     open_watches: AtomicUsize,
+    /// `true` while new watch requests are held (see `pause_watches`).
+    watch_gate: watch::Sender<bool>,
+    /// Watch requests waiting at the gate right now.
+    held_watches: AtomicUsize,
 }
 
 impl Shared {
@@ -224,6 +231,32 @@ impl FakeApiServer {
     /// If no loopback port can be bound (a broken test machine, not a test
     /// failure the caller could handle).
     pub async fn start() -> FakeApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0 for the fake API server");
+        Self::serve(listener)
+    }
+
+    /// Like [`start`](Self::start), but serves on a listener the caller
+    /// bound, e.g. one created inside a network namespace (a socket stays in
+    /// the namespace it was created in, whichever thread serves it), so that
+    /// a process running in that namespace can reach the server.
+    ///
+    /// Must be called from within a tokio runtime (async code, or under
+    /// `Runtime::enter`); the server runs on that runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, or if the listener cannot be handed to tokio.
+    pub fn start_on(listener: std::net::TcpListener) -> FakeApiServer {
+        listener
+            .set_nonblocking(true)
+            .expect("making the fake API server's listener non-blocking");
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .expect("registering the fake API server's listener with tokio");
+        Self::serve(listener)
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> FakeApiServer {
         let (changed, _) = watch::channel(1);
         let (drops, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -240,10 +273,9 @@ impl FakeApiServer {
             lists: AtomicU64::new(0),
             watches: AtomicU64::new(0),
             open_watches: AtomicUsize::new(0),
+            watch_gate: watch::channel(false).0,
+            held_watches: AtomicUsize::new(0),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0 for the fake API server");
         let addr = listener
             .local_addr()
             .expect("local address of the fake API server");
@@ -501,6 +533,49 @@ impl FakeApiServer {
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::SeqCst)
     }
+
+    /// From now on, new watch requests (not lists or gets) are held before
+    /// they are served, until [`resume_watches`](Self::resume_watches): the
+    /// client's watch stays down for as long as the test wants. Combined
+    /// with [`drop_watches`](Self::drop_watches), every change made while
+    /// paused certainly happens while no watch is open; a held request is
+    /// then served from the version it asked for (replaying those changes,
+    /// or `410 Gone` if [`compact`](Self::compact) expired that version).
+    /// Open watches are not affected.
+    pub fn pause_watches(&self) {
+        self.shared.watch_gate.send_replace(true);
+    }
+
+    /// Serves the watch requests held since [`pause_watches`](Self::pause_watches)
+    /// and stops holding new ones.
+    pub fn resume_watches(&self) {
+        self.shared.watch_gate.send_replace(false);
+    }
+
+    /// How many watch requests are held by [`pause_watches`](Self::pause_watches)
+    /// right now, so a test can wait until a client is trying to re-watch.
+    /// Held requests are counted by [`watch_requests`](Self::watch_requests)
+    /// only once they are served.
+    pub fn held_watches(&self) -> usize {
+        self.shared.held_watches.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a request held at the watch gate; the count drops with it (also
+/// when the client gives up and the request future is dropped).
+struct HeldWatch<'a>(&'a Shared);
+
+impl<'a> HeldWatch<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.held_watches.fetch_add(1, Ordering::SeqCst);
+        HeldWatch(shared)
+    }
+}
+
+impl Drop for HeldWatch<'_> {
+    fn drop(&mut self) {
+        self.0.held_watches.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for FakeApiServer {
@@ -728,10 +803,25 @@ fn parse_rv_match(params: &Params) -> Result<Option<RvMatch>, ApiError> {
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let paused = *shared.watch_gate.borrow();
+    if paused && wants_watch(&req) {
+        let mut gate = shared.watch_gate.subscribe();
+        let _held = HeldWatch::new(&shared);
+        // Err only if the sender is gone, which cannot happen while
+        // `shared` is alive.
+        let _ = gate.wait_for(|paused| !*paused).await;
+    }
     match serve(&shared, &req) {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
+}
+
+/// Whether a request asks for a watch (malformed ones are left to `serve`).
+fn wants_watch(req: &Request) -> bool {
+    Query::<Vec<(String, String)>>::try_from_uri(req.uri())
+        .map(|Query(v)| Params(v).bool("watch").ok().flatten() == Some(true))
+        .unwrap_or(false)
 }
 
 fn serve(shared: &Arc<Shared>, req: &Request) -> Result<Response, ApiError> {
