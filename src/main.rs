@@ -133,7 +133,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         relay = ?args.tcp_relay,
         "kube-uproxy starting"
     );
-    Reconciler::new(config, ports).run(rx, cancel.clone()).await;
+    // On a worker thread: the listener tasks it spawns then go to that
+    // worker's local queue instead of waking a worker each time.
+    let reconciler = tokio::spawn(Reconciler::new(config, ports).run(rx, cancel.clone()));
+    if let Err(e) = reconciler.await {
+        error!(error = %e, "the reconciler task failed");
+    }
     cancel.cancel();
     let source_result = match source_task.await {
         Ok(r) => r,

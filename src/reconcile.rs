@@ -142,12 +142,14 @@ impl Reconciler {
 
     /// Brings listeners, balancers and rules in line with the state.
     pub async fn sync(&mut self) {
+        let started = std::time::Instant::now();
         let mut dirty = self.state.take_dirty();
         dirty.append(&mut self.pending_keys);
         let mut closing = Vec::new();
         for key in &dirty {
             closing.extend(self.reconcile_service(key));
         }
+        let reconciled = started.elapsed();
         if self.rules.has_pending() {
             match self.rules.sync().await {
                 Ok((SyncKind::Unchanged, _)) => {}
@@ -155,7 +157,9 @@ impl Reconciler {
                     ?kind,
                     services = self.state.service_count(),
                     service_ports = self.active.len(),
-                    took_ms = took.as_secs_f64() * 1e3,
+                    changed_services = dirty.len(),
+                    reconcile_ms = reconciled.as_secs_f64() * 1e3,
+                    nft_ms = took.as_secs_f64() * 1e3,
                     "rules synced"
                 ),
                 Err(e) => error!(error = %e, "rule sync failed; retrying"),

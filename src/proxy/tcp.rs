@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use super::DataPathConfig;
 use super::balancer::Balancer;
@@ -29,7 +29,7 @@ pub fn spawn(
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let port = listener.local_addr()?.port();
-    let span = info_span!("listener", service = %service, proxy_port = port);
+    let span = debug_span!("listener", service = %service, proxy_port = port);
     Ok(tokio::spawn(
         accept_loop(listener, service, balancer, config, stop).instrument(span),
     ))
