@@ -30,7 +30,7 @@ use crate::proxy::DataPathConfig;
 use crate::proxy::balancer::Balancer;
 use crate::proxy::ports::ProxyPortAllocator;
 use crate::proxy::tcp;
-use crate::rules::{Action, Destination, RuleTable, SyncKind};
+use crate::rules::{Action, Destination, ProxyPort, RuleTable, SyncKind};
 use crate::source::Update;
 
 /// How long to wait before retrying a failed rule sync or listener.
@@ -169,6 +169,15 @@ impl Reconciler {
         for (name, port) in closing {
             port.stop.cancel();
             self.ports.release(name.protocol, port.proxy_port);
+            // Dropped from the guard set at the next sync (or re-added if
+            // the port is handed out again before then).
+            self.rules.set_proxy_port(
+                ProxyPort {
+                    protocol: name.protocol,
+                    port: port.proxy_port,
+                },
+                false,
+            );
         }
     }
 
@@ -260,6 +269,13 @@ impl Reconciler {
             self.ports.release(spec.name.protocol, proxy_port);
             return Err(true);
         }
+        self.rules.set_proxy_port(
+            ProxyPort {
+                protocol: spec.name.protocol,
+                port: proxy_port,
+            },
+            true,
+        );
         info!(
             service_port = %spec.name,
             proxy_port,

@@ -7,13 +7,13 @@
 
 pub mod render;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nftables::helper::NftablesError;
 use nftables::schema::Nftables;
 
-pub use render::{Action, Destination};
+pub use render::{Action, Destination, ProxyPort};
 
 /// `nft` refused a batch or could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,9 @@ pub struct RuleTable {
     applied: BTreeMap<Destination, Action>,
     /// Updates not yet in the kernel (kept for a retry if a sync fails).
     pending: BTreeMap<Destination, Option<Action>>,
+    /// Proxy ports the kernel holds, and pending changes (true = add).
+    applied_ports: BTreeSet<ProxyPort>,
+    pending_ports: BTreeMap<ProxyPort, bool>,
     /// Whether the table has been created by this process.
     installed: bool,
 }
@@ -72,8 +75,13 @@ impl RuleTable {
         self.pending.insert(dest, action);
     }
 
+    /// Records whether a proxy port is in use (and so guarded).
+    pub fn set_proxy_port(&mut self, port: ProxyPort, in_use: bool) {
+        self.pending_ports.insert(port, in_use);
+    }
+
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.installed
+        !self.pending.is_empty() || !self.pending_ports.is_empty() || !self.installed
     }
 
     pub fn applied(&self) -> &BTreeMap<Destination, Action> {
@@ -93,8 +101,22 @@ impl RuleTable {
                 None => next.remove(d),
             };
         }
+        let mut next_ports = self.applied_ports.clone();
+        for (p, in_use) in &self.pending_ports {
+            if *in_use {
+                next_ports.insert(*p);
+            } else {
+                next_ports.remove(p);
+            }
+        }
+        let port_changes: Vec<(ProxyPort, bool)> = self
+            .pending_ports
+            .iter()
+            .filter(|(p, in_use)| self.applied_ports.contains(*p) != **in_use)
+            .map(|(p, in_use)| (*p, *in_use))
+            .collect();
         let kind = if !self.installed {
-            apply(&render::full(&next)).await?;
+            apply(&render::full(&next, &next_ports)).await?;
             self.installed = true;
             SyncKind::Full {
                 elements: next.len(),
@@ -110,15 +132,15 @@ impl RuleTable {
                 })
                 .filter(|c| c.old != c.new)
                 .collect();
-            match render::delta(&changes) {
+            match render::delta(&changes, &port_changes) {
                 None => SyncKind::Unchanged,
                 Some(batch) => match apply(&batch).await {
                     Ok(()) => SyncKind::Delta {
-                        changes: changes.len(),
+                        changes: changes.len() + port_changes.len(),
                     },
                     Err(e) => {
                         tracing::warn!(error = %e, "incremental rule update failed; replacing the whole table");
-                        apply(&render::full(&next)).await?;
+                        apply(&render::full(&next, &next_ports)).await?;
                         SyncKind::Full {
                             elements: next.len(),
                         }
@@ -128,6 +150,8 @@ impl RuleTable {
         };
         self.applied = next;
         self.pending.clear();
+        self.applied_ports = next_ports;
+        self.pending_ports.clear();
         Ok((kind, started.elapsed()))
     }
 

@@ -10,8 +10,10 @@
 //!   chain nat-prerouting { type nat hook prerouting priority dstnat
 //!     meta l4proto { tcp, udp } redirect to ip daddr . meta l4proto . th dport map @service-ports }
 //!   chain nat-output { type nat hook output priority -100; (same rule) }
+//!   set proxy-ports   { type inet_proto . inet_service }
 //!   chain filter-input / filter-forward / filter-output { type filter hook … priority -110
-//!     ct state new ip daddr . meta l4proto . th dport @no-endpoints reject }
+//!     ct state new ip daddr . meta l4proto . th dport @no-endpoints reject
+//!     (input only) ct state new ct status ! dnat meta l4proto . th dport @proxy-ports drop }
 //! }
 //! ```
 //!
@@ -20,7 +22,7 @@
 //! Services, and a change of one Service is one element added or deleted.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
@@ -39,6 +41,8 @@ pub const TABLE: &str = "kube-uproxy";
 pub const MAP_SERVICE_PORTS: &str = "service-ports";
 /// Set of destinations whose Service has no usable endpoint.
 pub const SET_NO_ENDPOINTS: &str = "no-endpoints";
+/// Set of the proxy's own listening ports (protocol . port).
+pub const SET_PROXY_PORTS: &str = "proxy-ports";
 
 /// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
 /// for the output hook by name in every build; -100 is its value).
@@ -58,6 +62,13 @@ impl std::fmt::Display for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
     }
+}
+
+/// One of the proxy's listening ports: reachable only through a redirect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProxyPort {
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 /// What happens to traffic for a destination.
@@ -110,6 +121,13 @@ fn dest_value(d: &Destination) -> Expression<'static> {
         Expression::String(d.ip.to_string().into()),
         Expression::String(d.protocol.nft_name().into()),
         Expression::Number(u32::from(d.port)),
+    ]))
+}
+
+fn proxy_port_value(p: &ProxyPort) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![
+        Expression::String(p.protocol.nft_name().into()),
+        Expression::Number(u32::from(p.port)),
     ]))
 }
 
@@ -173,21 +191,61 @@ fn schema_set_item(s: &'static str) -> nftables::expr::SetItem<'static> {
     nftables::expr::SetItem::Element(Expression::String(s.into()))
 }
 
+fn ct_state_new() -> Statement<'static> {
+    Statement::Match(Match {
+        left: Expression::Named(NamedExpression::CT(CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        right: Expression::String("new".into()),
+        op: Operator::IN,
+    })
+}
+
+/// `ct state new ct status ! dnat meta l4proto . th dport @proxy-ports drop`:
+/// a listener bound to the wildcard address is otherwise reachable by
+/// anyone who can reach the node, bypassing the Service rules. Redirected
+/// flows carry the dnat status and pass.
+fn proxy_port_guard_rule() -> Rule<'static> {
+    rule(
+        "filter-input",
+        vec![
+            ct_state_new(),
+            Statement::Match(Match {
+                left: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: "status".into(),
+                        family: None,
+                        dir: None,
+                    })),
+                    Expression::String("dnat".into()),
+                ))),
+                right: Expression::Number(0),
+                op: Operator::EQ,
+            }),
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::Concat(vec![
+                    Expression::Named(NamedExpression::Meta(Meta {
+                        key: MetaKey::L4proto,
+                    })),
+                    payload("th", "dport"),
+                ])),
+                right: Expression::String(format!("@{SET_PROXY_PORTS}").into()),
+                op: Operator::EQ,
+            }),
+            Statement::Drop(Some(nftables::stmt::Drop {})),
+        ],
+    )
+}
+
 fn reject_rule(chain: &'static str) -> Rule<'static> {
     rule(
         chain,
         vec![
             // Only the first packet of a flow is looked up; established
             // traffic (all proxied bytes) skips the set.
-            Statement::Match(Match {
-                left: Expression::Named(NamedExpression::CT(CT {
-                    key: "state".into(),
-                    family: None,
-                    dir: None,
-                })),
-                right: Expression::String("new".into()),
-                op: Operator::IN,
-            }),
+            ct_state_new(),
             Statement::Match(Match {
                 left: dest_key_expr(),
                 right: Expression::String(format!("@{SET_NO_ENDPOINTS}").into()),
@@ -201,7 +259,10 @@ fn reject_rule(chain: &'static str) -> Rule<'static> {
 /// The whole table with these elements, replacing any table of that name
 /// in one transaction (`add`, `delete`, then create: never a moment without
 /// rules, and whatever an earlier run left is gone).
-pub fn full(elements: &BTreeMap<Destination, Action>) -> Nftables<'static> {
+pub fn full(
+    elements: &BTreeMap<Destination, Action>,
+    proxy_ports: &BTreeSet<ProxyPort>,
+) -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
     batch.delete(NfListObject::Table(table()));
@@ -240,6 +301,20 @@ pub fn full(elements: &BTreeMap<Destination, Action>) -> Nftables<'static> {
         ..schema::Set::default()
     })));
 
+    let ports: Vec<Expression<'static>> = proxy_ports.iter().map(proxy_port_value).collect();
+    batch.add(NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: SET_PROXY_PORTS.into(),
+        set_type: SetTypeValue::Concatenated(Cow::Borrowed(&[
+            SetType::InetProto,
+            SetType::InetService,
+        ])),
+        elem: (!ports.is_empty()).then(|| ports.into()),
+        comment: Some("the proxy's listeners: reachable only through a redirect".into()),
+        ..schema::Set::default()
+    })));
+
     for (name, hook) in [
         ("filter-input", NfHook::Input),
         ("filter-forward", NfHook::Forward),
@@ -253,6 +328,7 @@ pub fn full(elements: &BTreeMap<Destination, Action>) -> Nftables<'static> {
         )));
         batch.add(NfListObject::Rule(reject_rule(name)));
     }
+    batch.add(NfListObject::Rule(proxy_port_guard_rule()));
     for (name, hook) in [
         ("nat-prerouting", NfHook::Prerouting),
         ("nat-output", NfHook::Output),
@@ -289,9 +365,17 @@ fn element(set: &'static str, elem: Expression<'static>) -> NfListObject<'static
 /// The element updates that take the kernel from each change's `old` to its
 /// `new`, as one transaction. Deletions come first, so a value change is
 /// delete + add. Returns `None` when there is nothing to do.
-pub fn delta(changes: &[Change]) -> Option<Nftables<'static>> {
+pub fn delta(changes: &[Change], port_changes: &[(ProxyPort, bool)]) -> Option<Nftables<'static>> {
     let mut batch = Batch::new();
     let mut any = false;
+    for (p, _) in port_changes.iter().filter(|(_, add)| !add) {
+        batch.delete(element(SET_PROXY_PORTS, proxy_port_value(p)));
+        any = true;
+    }
+    for (p, _) in port_changes.iter().filter(|(_, add)| *add) {
+        batch.add(element(SET_PROXY_PORTS, proxy_port_value(p)));
+        any = true;
+    }
     for c in changes.iter().filter(|c| c.old != c.new) {
         match c.old {
             Some(Action::Redirect(p)) => {
@@ -346,7 +430,11 @@ mod tests {
         let mut els = BTreeMap::new();
         els.insert(dest("10.96.0.10", 80), Action::Redirect(20000));
         els.insert(dest("10.96.0.11", 443), Action::Reject);
-        let v = to_json(&full(&els));
+        let ports = BTreeSet::from([ProxyPort {
+            protocol: Protocol::Tcp,
+            port: 20000,
+        }]);
+        let v = to_json(&full(&els, &ports));
         let cmds = v["nftables"].as_array().unwrap();
         // add table, delete table, add table: atomic replacement.
         assert!(cmds[0]["add"]["table"].is_object());
@@ -358,8 +446,14 @@ mod tests {
             map["elem"],
             json!([[{"concat": ["10.96.0.10", "tcp", 80]}, 20000]])
         );
-        let set = cmds.iter().find_map(|c| c["add"].get("set")).unwrap();
-        assert_eq!(set["elem"], json!([{"concat": ["10.96.0.11", "tcp", 443]}]));
+        let sets: Vec<&Value> = cmds.iter().filter_map(|c| c["add"].get("set")).collect();
+        assert_eq!(sets[0]["name"], SET_NO_ENDPOINTS);
+        assert_eq!(
+            sets[0]["elem"],
+            json!([{"concat": ["10.96.0.11", "tcp", 443]}])
+        );
+        assert_eq!(sets[1]["name"], SET_PROXY_PORTS);
+        assert_eq!(sets[1]["elem"], json!([{"concat": ["tcp", 20000]}]));
         let chains: Vec<&str> = cmds
             .iter()
             .filter_map(|c| c["add"].get("chain"))
@@ -396,7 +490,7 @@ mod tests {
                 new: Some(Action::Redirect(20002)),
             },
         ];
-        let v = to_json(&delta(&changes).unwrap());
+        let v = to_json(&delta(&changes, &[]).unwrap());
         let cmds = v["nftables"].as_array().unwrap();
         assert_eq!(cmds.len(), 3, "{v}");
         assert_eq!(cmds[0]["delete"]["element"]["name"], MAP_SERVICE_PORTS);
@@ -405,6 +499,12 @@ mod tests {
             cmds[2]["add"]["element"]["elem"],
             json!([[{"concat": ["10.96.0.12", "tcp", 80]}, 20001]])
         );
-        assert!(delta(&changes[2..]).is_none());
+        assert!(delta(&changes[2..], &[]).is_none());
+        let p = ProxyPort {
+            protocol: Protocol::Tcp,
+            port: 20001,
+        };
+        let v = to_json(&delta(&[], &[(p, true)]).unwrap());
+        assert_eq!(v["nftables"][0]["add"]["element"]["name"], SET_PROXY_PORTS);
     }
 }
