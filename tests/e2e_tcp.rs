@@ -6,271 +6,93 @@
 //! from the client (or node) namespace to a ClusterIP. Readiness is detected by
 //! polling the nft map/set named in the contract inside the node namespace.
 //! Everything is bounded in time; on failure the proxy's stderr is printed.
+//! The harness shared with tests/kube_source.rs is in tests/support/e2e.rs.
 //!
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set). Set `KU_E2E_SHOW_LOGS=1` (with `--nocapture`) to see
 //! the proxy's stderr of passing tests too.
+//!
+//! [`Lab`]: kube_uproxy::lab::Lab
+
+#[path = "support/e2e.rs"]
+mod e2e;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kube_uproxy::lab::peers::{self, PeerHandle};
-use kube_uproxy::lab::{self, Lab, Netns, NsChild, backend_addr};
+use e2e::{
+    BACKEND_PORT, BIN, Backend, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A,
+    VIP_B, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
+};
+use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use kube_uproxy::lab::{self, Netns, NsChild, backend_addr, peers};
+use kube_uproxy::source::convert::ANNOTATION_LB_ALGORITHM;
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-uproxy");
-const PORT_RANGE: &str = "20000-20999";
-const SVC_PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
-/// Bound for "the proxy programmed the rules" / "the change was picked up".
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-const VIP_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const VIP_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-
-static ENV_COUNTER: AtomicU32 = AtomicU32::new(0);
 static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(1000);
 
-fn vip(ip: Ipv4Addr) -> SocketAddr {
-    SocketAddr::from((ip, SVC_PORT))
+// ---------------------------------------------------------------------------
+// Manifests, as `kubectl get svc,endpointslices -o yaml` prints them
+// (written by kube_uproxy::lab::manifests).
+
+/// The endpoint of backend `i` (Pod `web-<i>` on node-1), ready.
+fn ep(i: usize) -> EndpointManifest {
+    EndpointManifest {
+        node_name: Some("node-1".to_string()),
+        pod: Some(format!("web-{i}")),
+        ..EndpointManifest::ready(backend_addr(i))
+    }
 }
 
-fn backend_name(i: usize) -> String {
-    format!("backend{i}")
+/// Service `name` with one unnamed TCP port 80 → 8080 and a slice holding
+/// `endpoints` (`vec![]`: `endpoints: null`).
+fn svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceManifest {
+    ServiceManifest::new(name, ip)
+        .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT))
+        .with_endpoints(endpoints)
+}
+
+/// A `kind: List` with each Service followed by its EndpointSlice; every
+/// call gives its objects new resourceVersions, as a live cluster would.
+fn manifests(services: &[ServiceManifest]) -> String {
+    let stamped: Vec<ServiceManifest> = services
+        .iter()
+        .map(|s| ServiceManifest {
+            resource_version: RESOURCE_VERSION
+                .fetch_add(if s.endpoints.is_some() { 2 } else { 1 }, Ordering::Relaxed),
+            ..s.clone()
+        })
+        .collect();
+    list_yaml(&stamped)
 }
 
 // ---------------------------------------------------------------------------
-// Manifests, as `kubectl get svc,endpointslices -o yaml` prints them.
-
-#[derive(Clone, Debug)]
-struct Ep {
-    ip: Ipv4Addr,
-    pod: String,
-    ready: bool,
-}
-
-fn ep(i: usize) -> Ep {
-    Ep {
-        ip: backend_addr(i),
-        pod: format!("web-{i}"),
-        ready: true,
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Svc {
-    name: &'static str,
-    ip: Ipv4Addr,
-    /// `None`: an unnamed port (EndpointSlice port `name: ""`).
-    port_name: Option<&'static str>,
-    algorithm: Option<&'static str>,
-    /// `None`: no EndpointSlice at all; `Some(empty)`: `endpoints: null`.
-    endpoints: Option<Vec<Ep>>,
-}
-
-fn svc(name: &'static str, ip: Ipv4Addr, endpoints: Vec<Ep>) -> Svc {
-    Svc {
-        name,
-        ip,
-        port_name: None,
-        algorithm: None,
-        endpoints: Some(endpoints),
-    }
-}
-
-fn uid(name: &str, kind: u32) -> String {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        h >> 32,
-        kind,
-        h & 0xfff,
-        (h >> 12) & 0xfff,
-        h & 0xffff_ffff_ffff
-    )
-}
-
-fn next_rv() -> u64 {
-    RESOURCE_VERSION.fetch_add(1, Ordering::Relaxed)
-}
-
-fn service_yaml(s: &Svc) -> String {
-    let annotations = match s.algorithm {
-        Some(a) => format!("    annotations:\n      kube-uproxy.io/lb-algorithm: {a}\n"),
-        None => String::new(),
-    };
-    let port_name = match s.port_name {
-        Some(n) => format!("    - name: {n}\n      port: {SVC_PORT}\n"),
-        None => format!("    - port: {SVC_PORT}\n"),
-    };
-    format!(
-        "- apiVersion: v1
-  kind: Service
-  metadata:
-{annotations}    creationTimestamp: \"2025-01-01T00:00:00Z\"
-    labels:
-      app: {name}
-    name: {name}
-    namespace: default
-    resourceVersion: \"{rv}\"
-    uid: {uid}
-  spec:
-    clusterIP: {ip}
-    clusterIPs:
-    - {ip}
-    internalTrafficPolicy: Cluster
-    ipFamilies:
-    - IPv4
-    ipFamilyPolicy: SingleStack
-    ports:
-{port_name}      protocol: TCP
-      targetPort: {BACKEND_PORT}
-    selector:
-      app: {name}
-    sessionAffinity: None
-    type: ClusterIP
-  status:
-    loadBalancer: {{}}
-",
-        name = s.name,
-        ip = s.ip,
-        rv = next_rv(),
-        uid = uid(s.name, 1),
-    )
-}
-
-fn slice_yaml(s: &Svc, endpoints: &[Ep]) -> String {
-    let mut eps = String::new();
-    if endpoints.is_empty() {
-        eps.push_str("  endpoints: null\n");
-    } else {
-        eps.push_str("  endpoints:\n");
-        for e in endpoints {
-            eps.push_str(&format!(
-                "  - addresses:
-    - {ip}
-    conditions:
-      ready: {ready}
-      serving: {ready}
-      terminating: false
-    nodeName: node-1
-    targetRef:
-      kind: Pod
-      name: {pod}
-      namespace: default
-      uid: {puid}
-",
-                ip = e.ip,
-                ready = e.ready,
-                pod = e.pod,
-                puid = uid(&e.pod, 3),
-            ));
-        }
-    }
-    let port_name = s.port_name.unwrap_or("\"\"");
-    format!(
-        "- addressType: IPv4
-  apiVersion: discovery.k8s.io/v1
-{eps}  kind: EndpointSlice
-  metadata:
-    annotations:
-      endpoints.kubernetes.io/last-change-trigger-time: \"2025-01-01T00:00:00Z\"
-    creationTimestamp: \"2025-01-01T00:00:00Z\"
-    generateName: {name}-
-    generation: 1
-    labels:
-      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
-      kubernetes.io/service-name: {name}
-    name: {name}-x7k2p
-    namespace: default
-    ownerReferences:
-    - apiVersion: v1
-      blockOwnerDeletion: true
-      controller: true
-      kind: Service
-      name: {name}
-      uid: {svc_uid}
-    resourceVersion: \"{rv}\"
-    uid: {uid}
-  ports:
-  - name: {port_name}
-    port: {BACKEND_PORT}
-    protocol: TCP
-",
-        name = s.name,
-        svc_uid = uid(s.name, 1),
-        rv = next_rv(),
-        uid = uid(s.name, 2),
-    )
-}
-
-/// A `kind: List` with each Service followed by its EndpointSlice.
-fn manifests(services: &[Svc]) -> String {
-    let mut out = String::from("apiVersion: v1\nitems:\n");
-    for s in services {
-        out.push_str(&service_yaml(s));
-        if let Some(eps) = &s.endpoints {
-            out.push_str(&slice_yaml(s, eps));
-        }
-    }
-    out.push_str("kind: List\nmetadata:\n  resourceVersion: \"\"\n");
-    out
-}
-
-// ---------------------------------------------------------------------------
-// The proxy process.
+// The proxy process, reading a manifests file.
 
 struct Proxy {
-    child: NsChild,
+    process: ProxyProcess,
     dir: PathBuf,
     manifests: PathBuf,
-    stderr: PathBuf,
 }
 
 impl Proxy {
     fn start(node: &Netns, dir: &Path, yaml: &str) -> Proxy {
         let manifests = dir.join("manifests.yaml");
         fs::write(&manifests, yaml).expect("writing the manifests file");
-        let stderr = dir.join("kube-uproxy.stderr");
-        let log = File::create(&stderr).expect("creating the proxy log file");
-        let log2 = log.try_clone().expect("cloning the log file handle");
-        let mut cmd = node.command(BIN);
-        cmd.arg("--manifests")
-            .arg(&manifests)
-            .args(["--proxy-port-range", PORT_RANGE, "-v"])
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log);
-        let child = node
-            .spawn(cmd)
-            .expect("spawning kube-uproxy in the node namespace");
+        let mut process = ProxyProcess::start(node, dir, "--manifests", &manifests);
+        process.show_on_failure("manifests", &manifests);
         Proxy {
-            child,
+            process,
             dir: dir.to_path_buf(),
             manifests,
-            stderr,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_else(|e| format!("<cannot read: {e}>"))
-    }
-
-    /// Panics (with the exit status) if the proxy is no longer running.
-    fn assert_running(&mut self, what: &str) {
-        if let Some(status) = self.child.try_wait().expect("try_wait on the proxy") {
-            panic!("kube-uproxy exited ({status}) during: {what}");
         }
     }
 
@@ -290,116 +112,51 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if thread::panicking() || std::env::var_os("KU_E2E_SHOW_LOGS").is_some() {
-            eprintln!(
-                "===== kube-uproxy stderr ({}) =====\n{}\n===== end of kube-uproxy stderr =====",
-                self.stderr.display(),
-                self.stderr()
-            );
-            eprintln!(
-                "===== manifests ({}) =====\n{}",
-                self.manifests.display(),
-                fs::read_to_string(&self.manifests).unwrap_or_default()
-            );
-        }
+impl Deref for Proxy {
+    type Target = ProxyProcess;
+    fn deref(&self) -> &ProxyProcess {
+        &self.process
+    }
+}
+
+impl DerefMut for Proxy {
+    fn deref_mut(&mut self) -> &mut ProxyProcess {
+        &mut self.process
     }
 }
 
 // ---------------------------------------------------------------------------
-// One test environment: lab + backend servers + proxy.
+// One test environment: lab + backend servers (the [`Testbed`], which `Env`
+// derefs to) + proxy.
 
 struct Env {
-    // Fields drop in this order: proxy, servers, runtime, lab (namespaces).
+    // Fields drop in this order: proxy, then the testbed (servers, runtime,
+    // lab).
     proxy: Option<Proxy>,
-    servers: Vec<PeerHandle>,
-    _rt: tokio::runtime::Runtime,
-    lab: Lab,
-    dir: PathBuf,
-}
-
-enum Backend {
-    Whoami,
-    Sha256,
+    bed: Testbed,
 }
 
 impl Env {
     fn new(tag: &str, backends: &[Backend]) -> Env {
-        let lab = Lab::new(tag, backends.len()).expect("building the namespace lab");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let mut servers = Vec::new();
-        for (i, kind) in backends.iter().enumerate() {
-            let listener = lab.backends()[i]
-                .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
-                .expect("backend listener");
-            let _guard = rt.enter();
-            let server = match kind {
-                Backend::Whoami => peers::whoami(listener, &backend_name(i)),
-                Backend::Sha256 => peers::sha256(listener),
-            };
-            servers.push(server.expect("starting a backend server"));
-        }
-        let dir = std::env::temp_dir().join(format!(
-            "kube-uproxy-e2e-{}-{}-{tag}",
-            std::process::id(),
-            ENV_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).expect("creating the test directory");
         Env {
             proxy: None,
-            servers,
-            _rt: rt,
-            lab,
-            dir,
+            bed: Testbed::new("e2e", tag, backends),
         }
     }
 
     fn start_proxy(&mut self, yaml: &str) {
-        self.proxy = Some(Proxy::start(self.lab.node(), &self.dir, yaml));
+        self.proxy = Some(Proxy::start(self.bed.node(), &self.bed.dir, yaml));
     }
 
     fn proxy(&mut self) -> &mut Proxy {
         self.proxy.as_mut().expect("proxy started")
     }
 
-    fn client(&self) -> &Netns {
-        self.lab.client()
-    }
-
     /// Waits until `ip . tcp . 80` is an element of the contract's set/map
     /// (`kind` "map" service-ports or "set" no-endpoints) in the node ns.
     fn wait_nft_key(&mut self, kind: &str, name: &str, ip: Ipv4Addr, present: bool, why: &str) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.proxy().assert_running(why);
-            let last = match self.lab.node().nft_keys(kind, "ip", "kube-uproxy", name) {
-                Ok(keys) => {
-                    let found = keys.iter().any(|k| is_tcp_key(k, ip, SVC_PORT));
-                    if found == present {
-                        return;
-                    }
-                    format!("{kind} {name} keys: {keys:?}")
-                }
-                Err(e) => e.to_string(),
-            };
-            if Instant::now() >= deadline {
-                panic!(
-                    "{why}: {ip} tcp {SVC_PORT} {} in nft {kind} `{name}` after {:?}; last: {last}",
-                    if present {
-                        "never appeared"
-                    } else {
-                        "still present"
-                    },
-                    READY_TIMEOUT
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        let proxy = self.proxy.as_mut().expect("proxy started");
+        e2e::wait_nft_key(proxy, self.bed.node(), kind, name, ip, present, why);
     }
 
     fn wait_service(&mut self, ip: Ipv4Addr, why: &str) {
@@ -407,87 +164,15 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(proxy) = self.proxy.take() {
-            drop(proxy);
-        }
-        if !thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+impl Deref for Env {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
     }
-}
-
-fn is_tcp_key(key: &[serde_json::Value], ip: Ipv4Addr, port: u16) -> bool {
-    let ip_ok = key.first().and_then(|v| v.as_str()) == Some(ip.to_string().as_str());
-    let proto_ok = key
-        .iter()
-        .any(|v| v.as_str() == Some("tcp") || v.as_u64() == Some(6));
-    let port_ok = key.last().and_then(|v| v.as_u64()) == Some(u64::from(port));
-    ip_ok && proto_ok && port_ok
 }
 
 // ---------------------------------------------------------------------------
-// Client helpers (blocking std sockets created in a namespace).
-
-fn connect(ns: &Netns, addr: SocketAddr) -> io::Result<TcpStream> {
-    let s = ns.tcp_connect(addr, CONNECT_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
-}
-
-/// Reads one `\n`-terminated line (at most 256 bytes), without over-reading.
-fn read_line(s: &mut TcpStream) -> io::Result<String> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while buf.len() < 256 {
-        if s.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("EOF after {:?}", String::from_utf8_lossy(&buf)),
-            ));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        buf.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// Opens a connection and reads the whoami greeting; keeps it open.
-fn hold(ns: &Netns, addr: SocketAddr) -> io::Result<(TcpStream, String)> {
-    let mut s = connect(ns, addr)?;
-    let name = read_line(&mut s)?;
-    Ok((s, name))
-}
-
-/// Closes a whoami connection cleanly: half-close, then read to EOF.
-fn close(mut s: TcpStream) {
-    let _ = s.shutdown(Shutdown::Write);
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-}
-
-/// Which backend answers a new connection (closed afterwards).
-fn who(ns: &Netns, addr: SocketAddr) -> io::Result<String> {
-    let (s, name) = hold(ns, addr)?;
-    close(s);
-    Ok(name)
-}
-
-fn who_or_panic(ns: &Netns, addr: SocketAddr, what: &str) -> String {
-    who(ns, addr).unwrap_or_else(|e| panic!("{what}: connection to {addr} from {}: {e}", ns.name()))
-}
-
-/// Round trip on a held whoami connection.
-fn assert_echo(s: &mut TcpStream, msg: &str, what: &str) {
-    s.write_all(format!("{msg}\n").as_bytes())
-        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
-    let back = read_line(s).unwrap_or_else(|e| panic!("{what}: read: {e}"));
-    assert_eq!(back, msg, "{what}: echo mismatch");
-}
+// Helpers of these tests only.
 
 /// splitmix64: deterministic test data.
 struct SplitMix64(u64);
@@ -530,7 +215,8 @@ fn round_robin_alternates_between_two_backends() {
     }
     let mut env = Env::new("rr", &[Backend::Whoami, Backend::Whoami]);
     let mut s = svc("web", VIP_A, vec![ep(0), ep(1)]);
-    s.algorithm = Some("round-robin");
+    s.annotations
+        .insert(ANNOTATION_LB_ALGORITHM.into(), "round-robin".into());
     env.start_proxy(&manifests(&[s]));
     env.wait_service(VIP_A, "waiting for the service to be programmed");
 
@@ -564,7 +250,8 @@ fn least_connections_prefers_the_less_loaded_backend() {
     }
     let mut env = Env::new("lc", &[Backend::Whoami, Backend::Whoami]);
     let mut s = svc("web", VIP_A, vec![ep(0), ep(1)]);
-    s.algorithm = Some("least-connections");
+    s.annotations
+        .insert(ANNOTATION_LB_ALGORITHM.into(), "least-connections".into());
     env.start_proxy(&manifests(&[s]));
     env.wait_service(VIP_A, "waiting for the service to be programmed");
 
@@ -639,7 +326,8 @@ fn not_ready_endpoint_gets_no_new_connections_but_keeps_open_ones() {
     let mut env = Env::new("notready", &[Backend::Whoami, Backend::Whoami]);
     // round-robin, so that before the change new connections alternate.
     let mut s = svc("web", VIP_A, vec![ep(0), ep(1)]);
-    s.algorithm = Some("round-robin");
+    s.annotations
+        .insert(ANNOTATION_LB_ALGORITHM.into(), "round-robin".into());
     env.start_proxy(&manifests(std::slice::from_ref(&s)));
     env.wait_service(VIP_A, "waiting for the service to be programmed");
 
@@ -659,6 +347,7 @@ fn not_ready_endpoint_gets_no_new_connections_but_keeps_open_ones() {
     // backend1 turns not ready (ready: false, serving: false).
     let mut eps = vec![ep(0), ep(1)];
     eps[1].ready = false;
+    eps[1].serving = false;
     s.endpoints = Some(eps);
     env.proxy().write_by_rename(&manifests(&[s]));
 
@@ -855,7 +544,7 @@ fn manifest_edits_are_picked_up() {
 
     // Edit 1, in place: a new Service (named port) appears.
     let mut b = svc("api", VIP_B, vec![ep(1)]);
-    b.port_name = Some("http");
+    b.ports[0].name = "http".into();
     env.proxy()
         .write_in_place(&manifests(&[a0.clone(), b.clone()]));
     env.wait_service(

@@ -17,57 +17,39 @@
 //!
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set). Every wait is bounded; on failure the proxy's
-//! stderr and the API server's request counters are printed.
+//! stderr and the API server's request counters are printed. The harness
+//! shared with tests/e2e_tcp.rs is in tests/support/e2e.rs.
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
+#[path = "support/e2e.rs"]
+mod e2e;
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::io;
+use std::net::{Ipv4Addr, TcpStream};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use apiserver::FakeApiServer;
-use kube_uproxy::lab::peers::{self, PeerHandle};
-use kube_uproxy::lab::{self, Lab, Netns, NsChild, backend_addr};
+use e2e::{
+    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
+    VIP_D, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
+};
+use kube_uproxy::lab::manifests::slice_name;
+use kube_uproxy::lab::{self, Netns, backend_addr};
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-uproxy");
-const PORT_RANGE: &str = "20000-20999";
-const SVC_PORT: u16 = 80;
-const BACKEND_PORT: u16 = 8080;
-/// Bound for "the proxy programmed the rules" / "the change was picked up".
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bound for the watchers to come back after a disturbance: kube-rs backs
 /// off (0.8 s, then doubling, with jitter) between failed attempts.
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(40);
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between two samples of the nft map while a disturbance goes on.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
 /// The proxy watches two kinds (Services and EndpointSlices).
 const WATCHERS: usize = 2;
 
-const VIP_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const VIP_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-const VIP_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
-const VIP_D: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
-
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-
-static ENV_COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn vip(ip: Ipv4Addr) -> SocketAddr {
-    SocketAddr::from((ip, SVC_PORT))
-}
-
-fn backend_name(i: usize) -> String {
-    format!("backend{i}")
-}
 
 // ---------------------------------------------------------------------------
 // API objects, shaped like what kube-apiserver and the EndpointSlice
@@ -103,10 +85,6 @@ fn foreign_service(name: &str, ip: Ipv4Addr) -> Value {
     let mut s = service(name, ip);
     s["metadata"]["labels"][LABEL_SERVICE_PROXY_NAME] = json!("some-other-proxy");
     s
-}
-
-fn slice_name(service: &str) -> String {
-    format!("{service}-x7k2p")
 }
 
 /// The EndpointSlice of `service`: one endpoint per `(backend index, ready)`.
@@ -198,133 +176,59 @@ fn service_ports(node: &Netns) -> Result<Vec<(Ipv4Addr, u16)>, String> {
 
 /// ClusterIPs of the TCP/80 elements of the set `ip kube-uproxy no-endpoints`.
 fn no_endpoints(node: &Netns) -> Result<Vec<Ipv4Addr>, String> {
-    let keys = node
-        .nft_keys("set", "ip", "kube-uproxy", "no-endpoints")
-        .map_err(|e| e.to_string())?;
-    Ok(keys
-        .iter()
-        .filter(|k| {
-            let proto_ok = k
-                .iter()
-                .any(|v| v.as_str() == Some("tcp") || v.as_u64() == Some(6));
-            proto_ok && k.last().and_then(Value::as_u64) == Some(u64::from(SVC_PORT))
-        })
-        .filter_map(|k| k.first()?.as_str()?.parse().ok())
-        .collect())
+    e2e::nft_tcp_ips(node, "set", "no-endpoints")
 }
 
 // ---------------------------------------------------------------------------
 // One test environment: lab, backends, fake API server, proxy.
 
-struct Proxy {
-    child: NsChild,
-    stderr: PathBuf,
-}
-
 struct Env {
-    // Fields drop in this order: proxy, API server, backends, runtime, lab.
-    proxy: Option<Proxy>,
+    // Fields drop in this order: proxy, API server, then the testbed
+    // (backends, runtime, lab).
+    proxy: Option<ProxyProcess>,
     api: FakeApiServer,
-    servers: Vec<PeerHandle>,
-    _rt: tokio::runtime::Runtime,
-    lab: Lab,
-    dir: PathBuf,
+    bed: Testbed,
 }
 
 impl Env {
     /// A lab with `n_backends` whoami backends (`backend<i>` on port 8080)
     /// and a fake API server listening on 127.0.0.1 of the node namespace.
     fn new(tag: &str, n_backends: usize) -> Env {
-        let lab = Lab::new(tag, n_backends).expect("building the namespace lab");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let mut servers = Vec::new();
-        for (i, ns) in lab.backends().iter().enumerate() {
-            let listener = ns
-                .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
-                .expect("backend listener");
-            let _guard = rt.enter();
-            servers.push(peers::whoami(listener, &backend_name(i)).expect("starting whoami"));
-        }
-        let api_listener = lab
+        let bed = Testbed::new("kube", tag, &vec![Backend::Whoami; n_backends]);
+        let api_listener = bed
             .node()
             .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
             .expect("entering the node namespace")
             .expect("binding the API server's listener on the node's 127.0.0.1");
         let api = {
-            let _guard = rt.enter();
+            let _guard = bed.runtime().enter();
             FakeApiServer::start_on(api_listener)
         };
-        let dir = std::env::temp_dir().join(format!(
-            "kube-uproxy-kube-{}-{}-{tag}",
-            std::process::id(),
-            ENV_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).expect("creating the test directory");
         Env {
             proxy: None,
             api,
-            servers,
-            _rt: rt,
-            lab,
-            dir,
+            bed,
         }
     }
 
     /// Starts `kube-uproxy --kubeconfig …` in the node namespace.
     fn start_proxy(&mut self) {
-        let kubeconfig = self.dir.join("kubeconfig");
+        let kubeconfig = self.bed.dir.join("kubeconfig");
         self.api
             .write_kubeconfig(&kubeconfig)
             .expect("writing the kubeconfig");
-        let stderr = self.dir.join("kube-uproxy.stderr");
-        let log = File::create(&stderr).expect("creating the proxy log file");
-        let log2 = log.try_clone().expect("cloning the log file handle");
-        let mut cmd = self.lab.node().command(BIN);
-        cmd.arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["--proxy-port-range", PORT_RANGE, "-v"])
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log);
-        // kube-rs honours HTTPS_PROXY; the API server is on the node's own
-        // loopback, so no proxy of the test machine may be in the way.
-        for var in [
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "KUBECONFIG",
-        ] {
-            cmd.env_remove(var);
-        }
-        let child = self
-            .lab
-            .node()
-            .spawn(cmd)
-            .expect("spawning kube-uproxy in the node namespace");
-        self.proxy = Some(Proxy { child, stderr });
-    }
-
-    fn node(&self) -> &Netns {
-        self.lab.node()
-    }
-
-    fn client(&self) -> &Netns {
-        self.lab.client()
+        self.proxy = Some(ProxyProcess::start(
+            self.bed.node(),
+            &self.bed.dir,
+            "--kubeconfig",
+            &kubeconfig,
+        ));
     }
 
     /// Panics (with the exit status) if the proxy is no longer running.
     fn assert_running(&mut self, what: &str) {
         let proxy = self.proxy.as_mut().expect("proxy started");
-        if let Some(status) = proxy.child.try_wait().expect("try_wait on the proxy") {
-            panic!("kube-uproxy exited ({status}) during: {what}");
-        }
+        proxy.assert_running(what);
     }
 
     /// Polls `cond` every 20 ms until it holds; panics after `timeout` with
@@ -335,17 +239,12 @@ impl Env {
         timeout: Duration,
         mut cond: impl FnMut(&Env) -> Result<(), String>,
     ) {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let waited = e2e::poll(timeout, Duration::from_millis(20), || {
             self.assert_running(why);
-            let detail = match cond(self) {
-                Ok(()) => return,
-                Err(detail) => detail,
-            };
-            if Instant::now() >= deadline {
-                panic!("{why}: not the case after {timeout:?}; last: {detail}");
-            }
-            thread::sleep(Duration::from_millis(20));
+            cond(self)
+        });
+        if let Err(detail) = waited {
+            panic!("{why}: not the case after {timeout:?}; last: {detail}");
         }
     }
 
@@ -433,17 +332,16 @@ impl Env {
     }
 }
 
+impl Deref for Env {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         if thread::panicking() {
-            if let Some(proxy) = &self.proxy {
-                eprintln!(
-                    "===== kube-uproxy stderr ({}) =====\n{}\n===== end of kube-uproxy stderr =====",
-                    proxy.stderr.display(),
-                    fs::read_to_string(&proxy.stderr)
-                        .unwrap_or_else(|e| format!("<cannot read: {e}>"))
-                );
-            }
             eprintln!(
                 "fake API server: {} list requests, {} watch requests, {} open / {} held watches, resourceVersion {}",
                 self.api.list_requests(),
@@ -453,11 +351,9 @@ impl Drop for Env {
                 self.api.resource_version()
             );
         }
-        // Kill the proxy before the API server and the namespaces go away.
+        // Kill the proxy (which prints its stderr after a failure) before
+        // the API server and the namespaces go away.
         self.proxy = None;
-        if !thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
@@ -537,66 +433,7 @@ fn assert_always_redirected(
 }
 
 // ---------------------------------------------------------------------------
-// Client helpers (blocking std sockets created in a namespace).
-
-fn connect(ns: &Netns, addr: SocketAddr) -> io::Result<TcpStream> {
-    let s = ns.tcp_connect(addr, CONNECT_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
-}
-
-/// Reads one `\n`-terminated line (at most 256 bytes), without over-reading.
-fn read_line(s: &mut TcpStream) -> io::Result<String> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while buf.len() < 256 {
-        if s.read(&mut byte)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("EOF after {:?}", String::from_utf8_lossy(&buf)),
-            ));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        buf.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// Opens a connection and reads the whoami greeting; keeps it open.
-fn hold(ns: &Netns, addr: SocketAddr) -> io::Result<(TcpStream, String)> {
-    let mut s = connect(ns, addr)?;
-    let name = read_line(&mut s)?;
-    Ok((s, name))
-}
-
-/// Closes a whoami connection cleanly: half-close, then read to EOF.
-fn close(mut s: TcpStream) {
-    let _ = s.shutdown(Shutdown::Write);
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-}
-
-/// Which backend answers a new connection (closed afterwards).
-fn who(ns: &Netns, addr: SocketAddr) -> io::Result<String> {
-    let (s, name) = hold(ns, addr)?;
-    close(s);
-    Ok(name)
-}
-
-fn who_or_panic(ns: &Netns, addr: SocketAddr, what: &str) -> String {
-    who(ns, addr).unwrap_or_else(|e| panic!("{what}: connection to {addr} from {}: {e}", ns.name()))
-}
-
-/// Round trip on a held whoami connection (it echoes after the greeting).
-fn assert_echo(s: &mut TcpStream, msg: &str, what: &str) {
-    s.write_all(format!("{msg}\n").as_bytes())
-        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
-    let back = read_line(s).unwrap_or_else(|e| panic!("{what}: read: {e}"));
-    assert_eq!(back, msg, "{what}: echo mismatch");
-}
+// Client helpers of these tests only.
 
 /// A connection from the client through `ip`, held open, that must land on
 /// `backend<i>`; one round trip is made on it.

@@ -31,6 +31,7 @@
 //! The servers in [`peers`] (whoami, sha256, echo) run on tokio and are
 //! started on listeners created with [`Netns::tcp_listener`].
 
+pub mod manifests;
 pub mod peers;
 
 use std::ffi::OsStr;

@@ -1,0 +1,369 @@
+//! Harness shared by the end-to-end tests of the `kube-uproxy` binary
+//! (tests/e2e_tcp.rs and tests/kube_source.rs), included by each with
+//! `#[path = "support/e2e.rs"] mod e2e;`.
+//!
+//! - [`Testbed`]: a namespace [`Lab`] with whoami / sha256 servers in its
+//!   backend namespaces, the tokio runtime they run on and a scratch
+//!   directory (removed at the end unless the test failed).
+//! - [`ProxyProcess`]: the binary running in the node namespace, its stdout
+//!   and stderr captured in a file that is printed when the test panics (or
+//!   always, with `KU_E2E_SHOW_LOGS` set and `--nocapture`).
+//! - Waiting for keys of the nft sets/maps of docs/CONTRACT.md, and polling.
+//! - Client helpers: blocking std sockets created in a namespace, speaking
+//!   to the whoami servers.
+
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kube_uproxy::lab::peers::{self, PeerHandle};
+use kube_uproxy::lab::{Lab, Netns, NsChild};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kube-uproxy");
+pub const PORT_RANGE: &str = "20000-20999";
+pub const SVC_PORT: u16 = 80;
+pub const BACKEND_PORT: u16 = 8080;
+/// Bound for "the proxy programmed the rules" / "the change was picked up".
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub const VIP_A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const VIP_B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+pub const VIP_C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+pub const VIP_D: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+
+static TESTBED_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// `ip`, Service port 80.
+pub fn vip(ip: Ipv4Addr) -> SocketAddr {
+    SocketAddr::from((ip, SVC_PORT))
+}
+
+/// What the whoami server of backend `i` answers: `backend<i>`.
+pub fn backend_name(i: usize) -> String {
+    format!("backend{i}")
+}
+
+// ---------------------------------------------------------------------------
+// Lab, backend servers, scratch directory.
+
+/// The server run in a backend namespace, on [`BACKEND_PORT`].
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    /// Greets with `backend<i>\n`, then echoes.
+    Whoami,
+    /// Answers the hex SHA-256 of everything read up to the half-close.
+    Sha256,
+}
+
+pub struct Testbed {
+    // Fields drop in this order: servers, runtime, lab (namespaces).
+    pub servers: Vec<PeerHandle>,
+    rt: tokio::runtime::Runtime,
+    pub lab: Lab,
+    pub dir: PathBuf,
+}
+
+impl Testbed {
+    /// A lab with one backend namespace per entry of `backends`, running
+    /// that server, and the directory `$TMPDIR/kube-uproxy-<kind>-<pid>-<n>-<tag>`.
+    pub fn new(kind: &str, tag: &str, backends: &[Backend]) -> Testbed {
+        let lab = Lab::new(tag, backends.len()).expect("building the namespace lab");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let mut servers = Vec::new();
+        for (i, backend) in backends.iter().enumerate() {
+            let listener = lab.backends()[i]
+                .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
+                .expect("backend listener");
+            let _guard = rt.enter();
+            let server = match backend {
+                Backend::Whoami => peers::whoami(listener, &backend_name(i)),
+                Backend::Sha256 => peers::sha256(listener),
+            };
+            servers.push(server.expect("starting a backend server"));
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "kube-uproxy-{kind}-{}-{}-{tag}",
+            std::process::id(),
+            TESTBED_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir).expect("creating the test directory");
+        Testbed {
+            servers,
+            rt,
+            lab,
+            dir,
+        }
+    }
+
+    /// The runtime the servers run on (enter it to start more).
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
+    pub fn client(&self) -> &Netns {
+        self.lab.client()
+    }
+
+    pub fn node(&self) -> &Netns {
+        self.lab.node()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        // Kept after a failure, for the logs and files in it.
+        if !thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The proxy process.
+
+/// `kube-uproxy` running in the node namespace; killed on drop. Its stdout
+/// and stderr go to `<dir>/kube-uproxy.stderr`, printed on drop when the
+/// test panics (or `KU_E2E_SHOW_LOGS` is set), followed by the files added
+/// with [`ProxyProcess::show_on_failure`].
+pub struct ProxyProcess {
+    pub child: NsChild,
+    stderr: PathBuf,
+    show_too: Vec<(&'static str, PathBuf)>,
+}
+
+impl ProxyProcess {
+    /// Starts `kube-uproxy <source_flag> <source_path> --proxy-port-range
+    /// 20000-20999 -v` in `node`, without the environment variables of
+    /// HTTP proxies and KUBECONFIG (the API server, if any, is on the node's
+    /// own loopback: no proxy of the test machine may be in the way).
+    pub fn start(node: &Netns, dir: &Path, source_flag: &str, source_path: &Path) -> ProxyProcess {
+        let stderr = dir.join("kube-uproxy.stderr");
+        let log = File::create(&stderr).expect("creating the proxy log file");
+        let log2 = log.try_clone().expect("cloning the log file handle");
+        let mut cmd = node.command(BIN);
+        cmd.arg(source_flag)
+            .arg(source_path)
+            .args(["--proxy-port-range", PORT_RANGE, "-v"])
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log);
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "KUBECONFIG",
+        ] {
+            cmd.env_remove(var);
+        }
+        let child = node
+            .spawn(cmd)
+            .expect("spawning kube-uproxy in the node namespace");
+        ProxyProcess {
+            child,
+            stderr,
+            show_too: Vec::new(),
+        }
+    }
+
+    /// Also prints `file` (under `title`) after the stderr on failure.
+    pub fn show_on_failure(&mut self, title: &'static str, file: &Path) {
+        self.show_too.push((title, file.to_path_buf()));
+    }
+
+    /// What the proxy wrote to stdout and stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_else(|e| format!("<cannot read: {e}>"))
+    }
+
+    /// Panics (with the exit status) if the proxy is no longer running.
+    pub fn assert_running(&mut self, what: &str) {
+        if let Some(status) = self.child.try_wait().expect("try_wait on the proxy") {
+            panic!("kube-uproxy exited ({status}) during: {what}");
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if thread::panicking() || std::env::var_os("KU_E2E_SHOW_LOGS").is_some() {
+            eprintln!(
+                "===== kube-uproxy stderr ({}) =====\n{}\n===== end of kube-uproxy stderr =====",
+                self.stderr.display(),
+                self.stderr()
+            );
+            for (title, file) in &self.show_too {
+                eprintln!(
+                    "===== {title} ({}) =====\n{}",
+                    file.display(),
+                    fs::read_to_string(file).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting.
+
+/// Calls `check` every `interval` until it returns `Ok`; once `timeout` has
+/// passed, returns its last `Err` instead.
+pub fn poll(
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let detail = match check() {
+            Ok(()) => return Ok(()),
+            Err(detail) => detail,
+        };
+        if Instant::now() >= deadline {
+            return Err(detail);
+        }
+        thread::sleep(interval);
+    }
+}
+
+/// The ClusterIP of an nft set/map key (as [`Netns::nft_keys`] gives it)
+/// if the key is `ip . tcp . port`.
+pub fn tcp_key_ip(key: &[Value], port: u16) -> Option<Ipv4Addr> {
+    let proto_ok = key
+        .iter()
+        .any(|v| v.as_str() == Some("tcp") || v.as_u64() == Some(6));
+    let port_ok = key.last().and_then(Value::as_u64) == Some(u64::from(port));
+    if proto_ok && port_ok {
+        key.first()?.as_str()?.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// ClusterIPs of the tcp/[`SVC_PORT`] keys of the nft `kind` (`"set"` or
+/// `"map"`) `name` of table `ip kube-uproxy` in `node`.
+pub fn nft_tcp_ips(node: &Netns, kind: &str, name: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let keys = node
+        .nft_keys(kind, "ip", "kube-uproxy", name)
+        .map_err(|e| e.to_string())?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| tcp_key_ip(k, SVC_PORT))
+        .collect())
+}
+
+/// Waits until `ip . tcp . 80` is (`present`) or is not an element of the
+/// contract's nft `kind` `name` (map `service-ports`, set `no-endpoints`)
+/// in `node`, while `proxy` keeps running; panics after [`READY_TIMEOUT`].
+pub fn wait_nft_key(
+    proxy: &mut ProxyProcess,
+    node: &Netns,
+    kind: &str,
+    name: &str,
+    ip: Ipv4Addr,
+    present: bool,
+    why: &str,
+) {
+    let waited = poll(READY_TIMEOUT, Duration::from_millis(50), || {
+        proxy.assert_running(why);
+        match node.nft_keys(kind, "ip", "kube-uproxy", name) {
+            Ok(keys) => {
+                let found = keys.iter().any(|k| tcp_key_ip(k, SVC_PORT) == Some(ip));
+                if found == present {
+                    return Ok(());
+                }
+                Err(format!("{kind} {name} keys: {keys:?}"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    if let Err(last) = waited {
+        panic!(
+            "{why}: {ip} tcp {SVC_PORT} {} in nft {kind} `{name}` after {:?}; last: {last}",
+            if present {
+                "never appeared"
+            } else {
+                "still present"
+            },
+            READY_TIMEOUT
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client helpers (blocking std sockets created in a namespace).
+
+pub fn connect(ns: &Netns, addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = ns.tcp_connect(addr, CONNECT_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+/// Reads one `\n`-terminated line (at most 256 bytes), without over-reading.
+pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while buf.len() < 256 {
+        if s.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("EOF after {:?}", String::from_utf8_lossy(&buf)),
+            ));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Opens a connection and reads the whoami greeting; keeps it open.
+pub fn hold(ns: &Netns, addr: SocketAddr) -> io::Result<(TcpStream, String)> {
+    let mut s = connect(ns, addr)?;
+    let name = read_line(&mut s)?;
+    Ok((s, name))
+}
+
+/// Closes a whoami connection cleanly: half-close, then read to EOF.
+pub fn close(mut s: TcpStream) {
+    let _ = s.shutdown(Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
+
+/// Which backend answers a new connection (closed afterwards).
+pub fn who(ns: &Netns, addr: SocketAddr) -> io::Result<String> {
+    let (s, name) = hold(ns, addr)?;
+    close(s);
+    Ok(name)
+}
+
+pub fn who_or_panic(ns: &Netns, addr: SocketAddr, what: &str) -> String {
+    who(ns, addr).unwrap_or_else(|e| panic!("{what}: connection to {addr} from {}: {e}", ns.name()))
+}
+
+/// Round trip on a held whoami connection (it echoes after the greeting).
+pub fn assert_echo(s: &mut TcpStream, msg: &str, what: &str) {
+    s.write_all(format!("{msg}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    let back = read_line(s).unwrap_or_else(|e| panic!("{what}: read: {e}"));
+    assert_eq!(back, msg, "{what}: echo mismatch");
+}
