@@ -1,0 +1,366 @@
+//! End-to-end robustness of the `kube-uproxy` binary: what happens around
+//! the happy path. Each test builds its own namespace lab (see
+//! tests/support/e2e.rs) and runs the release binary with `--manifests`.
+//!
+//! - a table left by an earlier run is replaced at start;
+//! - a refused or unreachable endpoint is skipped: the connection lands on
+//!   the next endpoint;
+//! - no socket is leaked whatever way connections end (fd count back to its
+//!   baseline, no CLOSE-WAIT on the node);
+//! - invalid objects and unparsable files are skipped, the rest keeps working;
+//! - proxy ports cannot be reached directly, only through the redirect.
+//!
+//! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
+
+#[path = "support/e2e.rs"]
+mod e2e;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use e2e::{
+    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
+    connect, poll, read_line, vip, wait_nft_key, who_or_panic,
+};
+use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use kube_uproxy::lab::{self, Netns, backend_addr};
+
+const MAP: &str = "service-ports";
+
+fn service(name: &str, ip: Ipv4Addr, endpoints: Vec<Ipv4Addr>) -> ServiceManifest {
+    ServiceManifest::new(name, ip)
+        .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT))
+        .with_endpoints(endpoints.into_iter().map(EndpointManifest::ready).collect())
+}
+
+/// A testbed with the proxy running on `yaml`.
+struct Run {
+    proxy: ProxyProcess,
+    manifests: PathBuf,
+    bed: Testbed,
+}
+
+impl Run {
+    fn start(tag: &str, backends: &[Backend], yaml: &str) -> Run {
+        let bed = Testbed::new("robust", tag, backends);
+        let manifests = bed.dir.join("manifests.yaml");
+        fs::write(&manifests, yaml).expect("writing the manifests file");
+        Run::start_on(bed, manifests)
+    }
+
+    fn start_on(bed: Testbed, manifests: PathBuf) -> Run {
+        let mut proxy = ProxyProcess::start(bed.node(), &bed.dir, "--manifests", &manifests);
+        proxy.show_on_failure("manifests", &manifests);
+        Run {
+            proxy,
+            manifests,
+            bed,
+        }
+    }
+
+    fn wait_in_map(&mut self, ip: Ipv4Addr, present: bool, why: &str) {
+        wait_nft_key(
+            &mut self.proxy,
+            self.bed.node(),
+            "map",
+            MAP,
+            ip,
+            present,
+            why,
+        );
+    }
+
+    fn pid(&self) -> u32 {
+        self.proxy.child.id()
+    }
+}
+
+/// The proxy port the map sends `ip:80/tcp` to.
+fn proxy_port_of(node: &Netns, ip: Ipv4Addr) -> u16 {
+    let out = node
+        .output("nft", ["-j", "list", "map", "ip", "kube-uproxy", MAP])
+        .expect("listing the map");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft JSON");
+    let elems = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["map"]["elem"].as_array())
+        .flatten();
+    for e in elems {
+        let key = &e[0]["concat"];
+        if key[0].as_str() == Some(ip.to_string().as_str())
+            && key[2].as_u64() == Some(80)
+            && let Some(p) = e[1].as_u64()
+        {
+            return p as u16;
+        }
+    }
+    panic!("{ip}:80 not in the map: {v}");
+}
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .expect("reading the proxy's fd directory")
+}
+
+#[test]
+fn a_table_left_by_an_earlier_run_is_replaced_at_start() {
+    if !lab::require_root_and_nft("a_table_left_by_an_earlier_run_is_replaced_at_start") {
+        return;
+    }
+    let bed = Testbed::new("robust", "stale", &[Backend::Whoami]);
+    // What a killed earlier run could have left: a stale element pointing
+    // at a port nobody listens on, and a chain we no longer have.
+    let stale = "table ip kube-uproxy {\n\
+        map service-ports { type ipv4_addr . inet_proto . inet_service : inet_service; \
+        elements = { 10.96.9.9 . tcp . 80 : 1, 10.96.0.10 . tcp . 80 : 2 } }\n\
+        chain leftover { type filter hook input priority 0; tcp dport 9 drop; }\n}\n";
+    let stale_file = bed.dir.join("stale.nft");
+    fs::write(&stale_file, stale).expect("writing the stale ruleset");
+    bed.node()
+        .output("nft", ["-f", stale_file.to_str().expect("utf-8 path")])
+        .expect("loading the stale table");
+
+    let manifests = bed.dir.join("manifests.yaml");
+    fs::write(
+        &manifests,
+        list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),
+    )
+    .expect("writing manifests");
+    let mut run = Run::start_on(bed, manifests);
+    run.wait_in_map(VIP_A, true, "the proxy programs its Service");
+    run.wait_in_map(
+        Ipv4Addr::new(10, 96, 9, 9),
+        false,
+        "the stale element is gone",
+    );
+    assert_ne!(
+        proxy_port_of(run.bed.node(), VIP_A),
+        2,
+        "the stale proxy port survived"
+    );
+    // `output` fails on a non-zero exit: listing a chain that is gone.
+    let chain = run
+        .bed
+        .node()
+        .output("nft", ["list", "chain", "ip", "kube-uproxy", "leftover"]);
+    assert!(chain.is_err(), "the stale chain survived: {chain:?}");
+    assert_eq!(
+        who_or_panic(run.bed.client(), vip(VIP_A), "after the replacement"),
+        "backend0"
+    );
+}
+
+#[test]
+fn refused_and_unreachable_endpoints_fail_over_to_the_next() {
+    if !lab::require_root_and_nft("refused_and_unreachable_endpoints_fail_over_to_the_next") {
+        return;
+    }
+    // backend0 has no server (refuses); 10.200.1.200 is no host at all
+    // (the connect times out); backend1 answers.
+    let unreachable = Ipv4Addr::new(10, 200, 1, 200);
+    let mut run = Run::start(
+        "failover",
+        &[Backend::Whoami, Backend::Whoami],
+        &list_yaml(&[service(
+            "web",
+            VIP_A,
+            vec![backend_addr(0), unreachable, backend_addr(1)],
+        )]),
+    );
+    drop(run.bed.servers.remove(0));
+    run.wait_in_map(VIP_A, true, "the Service is programmed");
+    for i in 0..6 {
+        let who = who_or_panic(run.bed.client(), vip(VIP_A), &format!("connection {i}"));
+        assert_eq!(who, "backend1", "connection {i} did not fail over");
+    }
+    let log = run.proxy.stderr();
+    assert!(
+        log.contains("connect to endpoint failed") && log.contains("10.200.1.10:8080"),
+        "no log line for the refused endpoint"
+    );
+    assert!(
+        log.contains("connect to endpoint timed out") && log.contains("10.200.1.200:8080"),
+        "no log line for the unreachable endpoint"
+    );
+}
+
+#[test]
+fn no_socket_is_leaked_however_connections_end() {
+    if !lab::require_root_and_nft("no_socket_is_leaked_however_connections_end") {
+        return;
+    }
+    let mut run = Run::start(
+        "leaks",
+        &[Backend::Whoami, Backend::Sha256],
+        &list_yaml(&[
+            service("who", VIP_A, vec![backend_addr(0)]),
+            service("sum", VIP_B, vec![backend_addr(1)]),
+        ]),
+    );
+    run.wait_in_map(VIP_A, true, "who is programmed");
+    run.wait_in_map(VIP_B, true, "sum is programmed");
+    let client = run.bed.client();
+    // Warm up (runtime threads, first pipes), then take the baseline.
+    who_or_panic(client, vip(VIP_A), "warm-up");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = open_fds(run.pid());
+
+    for i in 0..40 {
+        // 1. The client closes after the greeting (the proxy sees EOF
+        //    first from the client side).
+        let mut s = connect(client, vip(VIP_A)).expect("connect who");
+        read_line(&mut s).expect("greeting");
+        drop(s);
+        // 2. The client resets the connection (SO_LINGER 0).
+        let s = connect(client, vip(VIP_A)).expect("connect who");
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
+        // 3. Half-close: the client sends, shuts down its write side, the
+        //    server answers and closes first.
+        let mut s = connect(client, vip(VIP_B)).expect("connect sum");
+        s.write_all(format!("payload {i}").as_bytes())
+            .expect("send");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("digest");
+        assert_eq!(answer.trim().len(), 64, "sha256 answer {answer:?}");
+        // 4. The client half-closes without sending anything and then
+        //    goes away without reading.
+        let s = connect(client, vip(VIP_A)).expect("connect who");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        drop(s);
+    }
+
+    let node = run.bed.node();
+    let settled = poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        let now = open_fds(run.pid());
+        let close_wait = node
+            .output("ss", ["-Htn", "state", "close-wait"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|e| e.to_string());
+        if now <= baseline && close_wait.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "proxy fds {now} (baseline {baseline}); CLOSE-WAIT: {close_wait:?}"
+            ))
+        }
+    });
+    if let Err(last) = settled {
+        panic!("sockets leaked after 160 connections: {last}");
+    }
+}
+
+#[test]
+fn invalid_objects_and_broken_files_are_skipped_and_the_rest_works() {
+    if !lab::require_root_and_nft("invalid_objects_and_broken_files_are_skipped_and_the_rest_works")
+    {
+        return;
+    }
+    let good = service("good", VIP_A, vec![backend_addr(0)]);
+    let mut yaml = list_yaml(std::slice::from_ref(&good));
+    // Appended as separate documents: a Service with port 0 and a Service
+    // whose ClusterIP is not an address.
+    yaml.push_str(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: bad-port, namespace: default}\n\
+         spec: {clusterIP: 10.96.0.11, ports: [{port: 0}]}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: bad-ip, namespace: default}\n\
+         spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
+    );
+    let mut run = Run::start("invalid", &[Backend::Whoami], &yaml);
+    run.wait_in_map(VIP_A, true, "the valid Service is programmed");
+    let log = run.proxy.stderr();
+    for (object, field) in [
+        ("default/bad-port", "spec.ports[0].port"),
+        ("default/bad-ip", "spec.clusterIP"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(object) && l.contains(field) && l.contains("invalid object")),
+            "no log line naming {object} and {field}"
+        );
+    }
+    assert_eq!(
+        who_or_panic(run.bed.client(), vip(VIP_A), "valid Service"),
+        "backend0"
+    );
+    let mapped = e2e::nft_tcp_ips(run.bed.node(), "map", MAP).expect("listing the map");
+    assert!(
+        !mapped.contains(&VIP_B),
+        "the invalid Service was programmed"
+    );
+
+    // A broken save: the file's last good content stays in force.
+    fs::write(&run.manifests, "items: [ {{{ not yaml").expect("breaking the file");
+    let seen = poll(READY_TIMEOUT, Duration::from_millis(50), || {
+        if run
+            .proxy
+            .stderr()
+            .contains("keeping the file's last good content")
+        {
+            Ok(())
+        } else {
+            Err("no log line about the broken file".into())
+        }
+    });
+    seen.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        who_or_panic(run.bed.client(), vip(VIP_A), "after the broken save"),
+        "backend0"
+    );
+    // And the next good save is applied.
+    fs::write(
+        &run.manifests,
+        list_yaml(&[good, service("more", VIP_C, vec![backend_addr(0)])]),
+    )
+    .expect("fixing the file");
+    run.wait_in_map(VIP_C, true, "the fixed file is applied");
+    run.proxy.assert_running("the end");
+}
+
+#[test]
+fn proxy_ports_are_reachable_only_through_the_redirect() {
+    if !lab::require_root_and_nft("proxy_ports_are_reachable_only_through_the_redirect") {
+        return;
+    }
+    let mut run = Run::start(
+        "guard",
+        &[Backend::Whoami],
+        &list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),
+    );
+    run.wait_in_map(VIP_A, true, "the Service is programmed");
+    let port = proxy_port_of(run.bed.node(), VIP_A);
+    // Through the redirect: from the client and from the node.
+    assert_eq!(
+        who_or_panic(run.bed.client(), vip(VIP_A), "client"),
+        "backend0"
+    );
+    assert_eq!(who_or_panic(run.bed.node(), vip(VIP_A), "node"), "backend0");
+    // Directly: dropped, so the connect fails (times out).
+    let direct = [
+        (
+            run.bed.client(),
+            SocketAddr::from((lab::NODE_CLIENT_ADDR, port)),
+        ),
+        (
+            run.bed.node(),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        ),
+    ];
+    for (ns, addr) in direct {
+        let r = ns.tcp_connect(addr, Duration::from_millis(700));
+        assert!(
+            r.is_err(),
+            "{addr} reached the proxy port directly from {}",
+            ns.name()
+        );
+    }
+}
