@@ -110,8 +110,17 @@ impl Reconciler {
     /// Runs until `cancel` fires or the source closes its channel; then stops
     /// every listener. Removing the rules is the caller's job.
     pub async fn run(mut self, mut updates: Receiver<Update>, cancel: CancellationToken) {
+        // A deadline, not a fresh sleep per pass: under a steady stream of
+        // updates a retry must still come due.
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
             let need_retry = self.synced() && (self.rules.has_pending() || !self.retry.is_empty());
+            if !need_retry {
+                retry_at = None;
+            } else if retry_at.is_none() {
+                retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
+            }
+            let retry_deadline = retry_at.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -122,7 +131,8 @@ impl Reconciler {
                         break;
                     }
                 },
-                _ = tokio::time::sleep(RETRY_AFTER), if need_retry => {
+                _ = tokio::time::sleep_until(retry_deadline), if need_retry => {
+                    retry_at = None;
                     let mut again = std::mem::take(&mut self.retry);
                     self.pending_keys.append(&mut again);
                 }
