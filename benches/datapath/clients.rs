@@ -1,0 +1,400 @@
+//! The measuring clients. Each function runs on a thread that already
+//! entered the client namespace (`Netns::run`), uses blocking sockets and
+//! times with the client's own monotonic clock. Every loop is bounded by a
+//! deadline; every socket has I/O timeouts.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use sha2::{Digest, Sha256};
+use socket2::{Domain, Socket, Type};
+
+/// Size of a request (and of its echoed response).
+pub const MSG: usize = 32;
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A latency histogram in nanoseconds.
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1_000, 120_000_000_000, 3).expect("histogram bounds")
+}
+
+/// Result of a latency measurement.
+pub struct Latency {
+    pub hist: Histogram<u64>,
+    pub elapsed: Duration,
+    pub errors: u64,
+}
+
+impl Latency {
+    pub fn rate(&self) -> f64 {
+        self.hist.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Result of a bulk transfer.
+pub struct Bulk {
+    /// Bytes that crossed the proxy (both directions added for both-ways).
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Counts (and hashes, when hashed) matched on both ends.
+    pub intact: bool,
+    pub detail: String,
+}
+
+impl Bulk {
+    pub fn gbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / 1e9 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The payload written repeatedly by bulk clients: pseudo-random, and of a
+/// length that does not divide any buffer or pipe size.
+pub fn pattern() -> &'static [u8] {
+    static P: OnceLock<Vec<u8>> = OnceLock::new();
+    P.get_or_init(|| {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        (0..(1 << 20) + 7)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    })
+}
+
+fn set_timeouts(s: &TcpStream) -> io::Result<()> {
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))
+}
+
+/// Connects with SO_LINGER 0 (closing sends RST: no TIME_WAIT on the
+/// client) and TCP_NODELAY.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_linger(Some(Duration::ZERO))?;
+    s.set_tcp_nodelay(true)?;
+    s.connect_timeout(&addr.into(), timeout)?;
+    let s: TcpStream = s.into();
+    set_timeouts(&s)?;
+    Ok(s)
+}
+
+fn request() -> [u8; MSG] {
+    let mut m = [0u8; MSG];
+    for (i, b) in m.iter_mut().enumerate() {
+        *b = b'a' + (i % 26) as u8;
+    }
+    m
+}
+
+/// One request/response on an echo connection; checks the echoed bytes.
+fn round_trip(s: &mut TcpStream, req: &[u8; MSG]) -> io::Result<()> {
+    s.write_all(req)?;
+    let mut resp = [0u8; MSG];
+    s.read_exact(&mut resp)?;
+    if &resp != req {
+        return Err(io::Error::other("echoed bytes differ"));
+    }
+    Ok(())
+}
+
+/// Lowers this thread's timer slack so that sleeps end on time.
+fn tight_timers() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's slack.
+    unsafe {
+        nix::libc::prctl(nix::libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64);
+    }
+}
+
+/// Request/response on one persistent connection, one in flight, as fast
+/// as it goes, for `dur`.
+pub fn ping_pong(addr: SocketAddr, dur: Duration) -> io::Result<Latency> {
+    let mut s = connect(addr, CONNECT_TIMEOUT)?;
+    let req = request();
+    for _ in 0..50 {
+        round_trip(&mut s, &req)?; // warm-up
+    }
+    let mut hist = new_hist();
+    let start = Instant::now();
+    let end = start + dur;
+    loop {
+        let t = Instant::now();
+        if t >= end {
+            break;
+        }
+        round_trip(&mut s, &req)?;
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
+    }
+    Ok(Latency {
+        hist,
+        elapsed: start.elapsed(),
+        errors: 0,
+    })
+}
+
+/// Request/response on one persistent connection at a fixed rate, one in
+/// flight. A response slower than the interval is corrected for
+/// coordinated omission (hdrhistogram `record_correct`), so a stall is not
+/// hidden.
+pub fn fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<Latency> {
+    tight_timers();
+    let mut s = connect(addr, CONNECT_TIMEOUT)?;
+    let req = request();
+    for _ in 0..50 {
+        round_trip(&mut s, &req)?;
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut hist = new_hist();
+    let start = Instant::now();
+    let n = (dur.as_secs_f64() * rate) as u64;
+    for i in 0..n {
+        let due = start + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let sent = Instant::now();
+        round_trip(&mut s, &req)?;
+        // Service time; a response slower than the interval also records
+        // the requests it held back (coordinated-omission correction).
+        let v = sent.elapsed().as_nanos() as u64;
+        let _ = hist.record_correct(v, interval.as_nanos() as u64);
+    }
+    Ok(Latency {
+        hist,
+        elapsed: start.elapsed(),
+        errors: 0,
+    })
+}
+
+/// One connection per request: connect(), send a request, wait for the
+/// first byte of the response, close with RST. Returns connect → first
+/// byte.
+fn one_connection(addr: SocketAddr, req: &[u8; MSG]) -> io::Result<Duration> {
+    let t = Instant::now();
+    let mut s = connect(addr, CONNECT_TIMEOUT)?;
+    s.write_all(req)?;
+    let mut b = [0u8; MSG];
+    let n = s.read(&mut b)?;
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no response"));
+    }
+    let took = t.elapsed();
+    if b[..n] != req[..n] {
+        return Err(io::Error::other("response differs"));
+    }
+    Ok(took)
+}
+
+/// Sequential connection-per-request latency for `dur`.
+pub fn connect_latency(addr: SocketAddr, dur: Duration) -> Latency {
+    let req = request();
+    let mut hist = new_hist();
+    let mut errors = 0;
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        match one_connection(addr, &req) {
+            Ok(d) => hist.saturating_record(d.as_nanos() as u64),
+            Err(_) => {
+                errors += 1;
+                if errors > 1000 {
+                    break;
+                }
+            }
+        }
+    }
+    Latency {
+        hist,
+        elapsed: start.elapsed(),
+        errors,
+    }
+}
+
+/// Connections per second at saturation: `threads` clients in a loop.
+pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> (f64, u64, u64) {
+    let ok = AtomicU64::new(0);
+    let errors = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let req = request();
+                while start.elapsed() < dur {
+                    match one_connection(addr, &req) {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => {
+                            if errors.fetch_add(1, Ordering::Relaxed) > 1000 {
+                                break;
+                            }
+                            0
+                        }
+                    };
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = ok.load(Ordering::Relaxed);
+    (n as f64 / elapsed, n, errors.load(Ordering::Relaxed))
+}
+
+/// What to send: for a time (throughput) or an exact amount (hashed check).
+#[derive(Clone, Copy, Debug)]
+pub enum Amount {
+    For(Duration),
+    Bytes(u64),
+}
+
+/// Writes the pattern until `amount` is reached; hashes it if asked.
+fn write_stream(s: &mut TcpStream, amount: Amount, hasher: &mut Option<Sha256>) -> io::Result<u64> {
+    let p = pattern();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let chunk = match amount {
+            Amount::For(d) => {
+                if start.elapsed() >= d {
+                    break;
+                }
+                p
+            }
+            Amount::Bytes(n) => {
+                if sent >= n {
+                    break;
+                }
+                &p[..(n - sent).min(p.len() as u64) as usize]
+            }
+        };
+        s.write_all(chunk)?;
+        if let Some(h) = hasher.as_mut() {
+            h.update(chunk);
+        }
+        sent += chunk.len() as u64;
+    }
+    Ok(sent)
+}
+
+/// One way: client → sink. Hashed (`Bytes`) or counted (`For`).
+pub fn bulk_one_way(sink: SocketAddr, amount: Amount) -> io::Result<Bulk> {
+    let hashed = matches!(amount, Amount::Bytes(_));
+    let mut s = connect(sink, CONNECT_TIMEOUT)?;
+    let start = Instant::now();
+    s.write_all(if hashed { b"H" } else { b"C" })?;
+    let mut hasher = hashed.then(Sha256::new);
+    let sent = write_stream(&mut s, amount, &mut hasher)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let elapsed = start.elapsed();
+    let mut parts = reply.split_whitespace();
+    let count: u64 = parts
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(u64::MAX);
+    let their_hash = parts.next().unwrap_or("").to_string();
+    let our_hash = hasher
+        .map(|h| kube_uproxy::lab::peers::hex(&h.finalize()))
+        .unwrap_or_else(|| "-".into());
+    let intact = count == sent && their_hash == our_hash;
+    Ok(Bulk {
+        bytes: sent,
+        elapsed,
+        intact,
+        detail: format!("sent {sent} B ({our_hash}), sink got {count} B ({their_hash})"),
+    })
+}
+
+/// Both ways: the client sends to the echo server and reads the echo at the
+/// same time. Hashed (`Bytes`) or counted (`For`).
+pub fn bulk_both_ways(echo: SocketAddr, amount: Amount) -> io::Result<Bulk> {
+    let hashed = matches!(amount, Amount::Bytes(_));
+    let mut w = connect(echo, CONNECT_TIMEOUT)?;
+    let mut r = w.try_clone()?;
+    let start = Instant::now();
+    let (sent, sent_hash, got, got_hash) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> io::Result<(u64, String)> {
+            let mut h = hashed.then(Sha256::new);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            loop {
+                let n = r.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+                if let Some(h) = h.as_mut() {
+                    h.update(&buf[..n]);
+                }
+            }
+            Ok((
+                got,
+                h.map(|h| kube_uproxy::lab::peers::hex(&h.finalize()))
+                    .unwrap_or_default(),
+            ))
+        });
+        let mut h = hashed.then(Sha256::new);
+        let sent = write_stream(&mut w, amount, &mut h);
+        let _ = w.shutdown(Shutdown::Write);
+        let read = reader.join().expect("reader thread");
+        let sent = sent?;
+        let (got, got_hash) = read?;
+        let sent_hash = h
+            .map(|h| kube_uproxy::lab::peers::hex(&h.finalize()))
+            .unwrap_or_default();
+        Ok::<_, io::Error>((sent, sent_hash, got, got_hash))
+    })?;
+    let elapsed = start.elapsed();
+    Ok(Bulk {
+        bytes: sent + got,
+        elapsed,
+        intact: sent == got && sent_hash == got_hash,
+        detail: format!("sent {sent} B {sent_hash}, echoed {got} B {got_hash}"),
+    })
+}
+
+/// Opens `n` connections, each doing one request/response, and keeps them.
+pub fn open_idle(addr: SocketAddr, n: usize, deadline: Instant) -> io::Result<Vec<TcpStream>> {
+    let req = request();
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("opened only {} connections in time", v.len()),
+            ));
+        }
+        let mut s = connect(addr, CONNECT_TIMEOUT)?;
+        round_trip(&mut s, &req)?;
+        v.push(s);
+    }
+    Ok(v)
+}
+
+/// Reads a `\n`-terminated greeting (whoami).
+pub fn greeting(s: &mut TcpStream) -> io::Result<String> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 64];
+    while !out.contains(&b'\n') && out.len() < 256 {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[..n]);
+    }
+    let line = String::from_utf8_lossy(&out);
+    Ok(line.lines().next().unwrap_or("").to_string())
+}
+
+/// Connects to a whoami port and returns the greeting.
+pub fn who(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
+    let mut s = connect(addr, timeout)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    greeting(&mut s)
+}

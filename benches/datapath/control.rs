@@ -1,0 +1,403 @@
+//! Control-plane measurements of kube-uproxy (manifests source):
+//! - cold start: process start → the "rules synced" log line of the first
+//!   sync with every Service port, checked against the nft map's size;
+//! - RSS with that many Services;
+//! - an EndpointSlice change → the first new connection that reaches the new
+//!   endpoint, from the file write and from the proxy's "manifests changed"
+//!   log line (its watch event);
+//! - one Service added → the first connection through it, same two clocks.
+//!
+//! The proxy watches the manifests directory (inotify, its default); files
+//! are replaced by rename, as `kubectl get -o yaml > tmp && mv tmp f` would.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kube_uproxy::lab::backend_addr;
+
+use crate::clients;
+use crate::manifests::{self, Port, Svc};
+use crate::paths::{Active, Ctx, PathKind};
+use crate::servers::{WHO_PORT, backend_name};
+use crate::sys;
+
+const WHO: [Port; 1] = [Port {
+    name: "who",
+    port: 80,
+    target: WHO_PORT,
+}];
+/// The Service whose EndpointSlice is rewritten.
+const EP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// Ranges of the scale Services and of the added ones; refused by the node
+/// (TCP reset) until redirected, so a failed attempt costs microseconds,
+/// not a timeout.
+const SCALE_NET: &str = "10.100.0.0/14";
+const ADDED_NET: &str = "10.110.0.0/16";
+
+fn scale_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        100 + (i / 62_500) as u8,
+        ((i / 250) % 250) as u8,
+        (i % 250 + 1) as u8,
+    )
+}
+
+fn added_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 110, (k / 250) as u8, (k % 250 + 1) as u8)
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub scales: Vec<usize>,
+    pub ep_trials: usize,
+    pub add_trials: usize,
+}
+
+/// Percentiles of a set of durations, in milliseconds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Ms {
+    pub n: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Ms {
+    pub fn of(mut v: Vec<f64>) -> Option<Ms> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(Ms {
+            n: v.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Change {
+    /// File replaced → first connection using the change.
+    pub from_write: Option<Ms>,
+    /// "manifests changed" log line (the watch event) → first connection.
+    pub from_event: Option<Ms>,
+    pub failures: usize,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Scale {
+    pub services: usize,
+    /// Process start → "rules synced" with every Service port, seconds.
+    pub cold_start_s: Option<f64>,
+    /// The sync's own duration (`took_ms` of the log line).
+    pub sync_took_ms: Option<f64>,
+    pub nft_elements: usize,
+    pub rss_kib: u64,
+    pub anon_kib: u64,
+    pub endpoint_change: Change,
+    pub service_add: Option<Change>,
+    pub error: Option<String>,
+}
+
+fn write_by_rename(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, dir.join(name))
+}
+
+fn log_len(p: &Path) -> u64 {
+    fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn read_from(p: &Path, offset: u64) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = fs::File::open(p)
+        && f.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let i = line.find(&format!("{key}="))?;
+    line[i + key.len() + 1..].split_whitespace().next()
+}
+
+/// The wall-clock time of the first "manifests changed" line after `offset`.
+fn event_time(log: &Path, offset: u64) -> Option<f64> {
+    read_from(log, offset)
+        .lines()
+        .find(|l| l.contains("manifests changed"))
+        .and_then(sys::parse_log_time)
+}
+
+/// Tries connections to `addr` until the greeting is `want` (or any
+/// greeting when `want` is None); returns the wall-clock time of success.
+fn first_connection(
+    ctx: &Ctx<'_>,
+    addr: SocketAddr,
+    want: Option<String>,
+    limit: Duration,
+) -> Option<f64> {
+    ctx.lab
+        .client()
+        .run(move || {
+            sys::pin_current_thread(sys::CLIENT_CPU);
+            let end = Instant::now() + limit;
+            let mut attempts = 0u32;
+            while Instant::now() < end && attempts < 200_000 {
+                attempts += 1;
+                if let Ok(g) = clients::who(addr, Duration::from_millis(50))
+                    && want.as_ref().is_none_or(|w| *w == g)
+                {
+                    return Some(sys::now_epoch());
+                }
+                // Leave the proxy some CPU to apply the change (2 cores).
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            None
+        })
+        .ok()
+        .flatten()
+}
+
+fn ep_yaml(k: usize) -> String {
+    let eps = [backend_addr(k % 2)];
+    let mut s = manifests::list(&[Svc {
+        name: "ep-test".into(),
+        ip: EP_VIP,
+        ports: &WHO,
+        endpoints: &eps,
+        generation: k as u64,
+    }]);
+    // Consecutive versions differ in length too, whatever the mtime
+    // granularity of the file system.
+    s.push_str(&format!("# version {k} {}\n", "x".repeat(k % 5)));
+    s
+}
+
+/// Runs the control-plane measurements at every scale of `plan`.
+pub fn run(ctx: &Ctx<'_>, plan: &Plan) -> Vec<Scale> {
+    let mut out = Vec::new();
+    let largest = plan.scales.iter().copied().max().unwrap_or(0);
+    for &n in &plan.scales {
+        let mut s = Scale {
+            services: n,
+            ..Scale::default()
+        };
+        if let Err(e) = one_scale(ctx, plan, n, n == largest, &mut s) {
+            eprintln!("control plane at {n} Services: {e}");
+            s.error = Some(e);
+        }
+        out.push(s);
+        ctx.flush_rules();
+    }
+    out
+}
+
+/// Connections to a ClusterIP of the scale ranges that kube-uproxy has not
+/// redirected (yet) are refused at once by the node (a forwarded packet;
+/// redirected ones go to INPUT and never see this chain).
+fn install_refuse(ctx: &Ctx<'_>) -> Result<(), String> {
+    let rules = format!(
+        "table ip bench-unprogrammed {{
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    ip daddr {{ {SCALE_NET}, {ADDED_NET} }} meta l4proto tcp reject with tcp reset
+  }}
+}}
+"
+    );
+    let path = ctx.workdir.join("unprogrammed.nft");
+    fs::write(&path, rules).map_err(|e| e.to_string())?;
+    ctx.lab
+        .node()
+        .output("nft", [OsStr::new("-f"), path.as_os_str()])
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, add: bool, s: &mut Scale) -> Result<(), String> {
+    ctx.flush_rules();
+    install_refuse(ctx)?;
+    let dir: PathBuf = ctx.workdir.join(format!("control-{n}"));
+    let _ = fs::remove_dir_all(&dir);
+    let mdir = dir.join("manifests");
+    fs::create_dir_all(&mdir).map_err(|e| e.to_string())?;
+    // The big file: n Services with one endpoint each.
+    let ep0 = [backend_addr(0)];
+    let names: Vec<String> = (0..n).map(|i| format!("scale-{i}")).collect();
+    let svcs: Vec<Svc<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Svc {
+            name: name.clone(),
+            ip: scale_ip(i),
+            ports: &WHO,
+            endpoints: &ep0,
+            generation: 0,
+        })
+        .collect();
+    if n > 0 {
+        fs::write(mdir.join("scale.yaml"), manifests::list(&svcs)).map_err(|e| e.to_string())?;
+    }
+    drop(svcs);
+    let mut version = 0usize;
+    write_by_rename(&mdir, "ep.yaml", &ep_yaml(version)).map_err(|e| e.to_string())?;
+    let total_ports = n + 1;
+
+    let log = dir.join("kube-uproxy.log");
+    let f = fs::File::create(&log).map_err(|e| e.to_string())?;
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = ctx.lab.node().command(&ctx.bin);
+    cmd.arg("--manifests")
+        .arg(&mdir)
+        .args(["--proxy-port-range", "20000-45000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(f2)
+        .stderr(f);
+    let started = Instant::now();
+    let child = ctx.lab.node().spawn(cmd).map_err(|e| e.to_string())?;
+    let mut a = Active {
+        kind: PathKind::UproxySplice,
+        targets: crate::paths::Active::dummy_targets(),
+        child: Some(child),
+        log: Some(log.clone()),
+    };
+
+    // Cold start: wait for the sync that holds every port.
+    let limit = Duration::from_secs(180);
+    loop {
+        a.check_alive()?;
+        let text = read_from(&log, 0);
+        if let Some(line) = text.lines().find(|l| {
+            l.contains("rules synced")
+                && field(l, "service_ports")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .is_some_and(|v| v >= total_ports)
+        }) {
+            s.cold_start_s = Some(started.elapsed().as_secs_f64());
+            let num = |k| field(line, k).and_then(|v| v.parse::<f64>().ok());
+            s.sync_took_ms = num("took_ms").or_else(|| {
+                // newer log format: the reconcile and the nft transaction
+                match (num("reconcile_ms"), num("nft_ms")) {
+                    (None, None) => None,
+                    (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+                }
+            });
+            break;
+        }
+        if started.elapsed() > limit {
+            return Err(format!(
+                "no complete rule sync in {limit:?}; log:\n{}",
+                a.log_tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.nft_elements = ctx
+        .lab
+        .node()
+        .nft_keys("map", "ip", "kube-uproxy", "service-ports")
+        .map(|k| k.len())
+        .unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(pid) = a.pid() {
+        s.rss_kib = sys::tree_rss_kib(pid);
+        s.anon_kib = sys::tree_anon_kib(pid);
+    }
+
+    // The first endpoint must answer before changes are timed.
+    let ep_addr = SocketAddr::from((EP_VIP, 80));
+    if first_connection(ctx, ep_addr, Some(backend_name(0)), Duration::from_secs(10)).is_none() {
+        return Err(format!("ep-test never answered; log:\n{}", a.log_tail()));
+    }
+
+    // EndpointSlice changes: b0 → b1 → b0 …
+    let mut from_write = Vec::new();
+    let mut from_event = Vec::new();
+    for _ in 0..plan.ep_trials {
+        version += 1;
+        let want = backend_name(version % 2);
+        let offset = log_len(&log);
+        let yaml = ep_yaml(version);
+        let t_write = sys::now_epoch();
+        write_by_rename(&mdir, "ep.yaml", &yaml).map_err(|e| e.to_string())?;
+        match first_connection(ctx, ep_addr, Some(want), Duration::from_secs(5)) {
+            Some(t_ok) => {
+                from_write.push((t_ok - t_write) * 1e3);
+                if let Some(t_ev) = event_time(&log, offset) {
+                    from_event.push((t_ok - t_ev) * 1e3);
+                }
+            }
+            None => s.endpoint_change.failures += 1,
+        }
+        a.check_alive()?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.endpoint_change.from_write = Ms::of(from_write);
+    s.endpoint_change.from_event = Ms::of(from_event);
+
+    // One more Service at a time.
+    if add {
+        let mut change = Change::default();
+        let (mut fw, mut fe) = (Vec::new(), Vec::new());
+        for k in 0..plan.add_trials {
+            let ip = added_ip(k);
+            let name = format!("added-{k}");
+            let yaml = manifests::list(&[Svc {
+                name: name.clone(),
+                ip,
+                ports: &WHO,
+                endpoints: &ep0,
+                generation: 0,
+            }]);
+            let offset = log_len(&log);
+            let t_write = sys::now_epoch();
+            write_by_rename(&mdir, &format!("{name}.yaml"), &yaml).map_err(|e| e.to_string())?;
+            match first_connection(
+                ctx,
+                SocketAddr::from((ip, 80)),
+                None,
+                Duration::from_secs(10),
+            ) {
+                Some(t_ok) => {
+                    fw.push((t_ok - t_write) * 1e3);
+                    if let Some(t_ev) = event_time(&log, offset) {
+                        fe.push((t_ok - t_ev) * 1e3);
+                    }
+                }
+                None => change.failures += 1,
+            }
+            a.check_alive()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        change.from_write = Ms::of(fw);
+        change.from_event = Ms::of(fe);
+        s.service_add = Some(change);
+    }
+    if let Some(mut c) = a.child.take() {
+        let _ = c.terminate(Duration::from_secs(10));
+    }
+    let _ = node_cleanup(ctx);
+    Ok(())
+}
+
+fn node_cleanup(ctx: &Ctx<'_>) -> Result<(), String> {
+    ctx.lab
+        .node()
+        .output("nft", [OsStr::new("flush"), OsStr::new("ruleset")])
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

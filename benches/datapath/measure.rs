@@ -1,0 +1,276 @@
+//! One round of every data-path measurement on an installed path, and the
+//! idle-connection memory measurement.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use kube_uproxy::lab::{Lab, LabError, Netns};
+
+use crate::clients::{self, Amount};
+use crate::paths::Active;
+use crate::servers::Backends;
+use crate::sys;
+
+/// Runs `f` on a client-namespace thread pinned to the client CPU.
+pub fn on_client<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
+    ns.run(|| {
+        sys::pin_current_thread(sys::CLIENT_CPU);
+        f()
+    })
+}
+
+/// Connections of the fd probe in [`idle_memory`].
+const PROBE: usize = 200;
+
+/// Durations and sizes of one round.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub secs: f64,
+    pub rate: f64,
+    pub conn_threads: usize,
+    pub hashed_bytes: u64,
+}
+
+/// What one path produced in one round.
+#[derive(Default)]
+pub struct Round {
+    pub ping: Option<Histogram<u64>>,
+    pub ping_rate: Option<f64>,
+    pub fixed: Option<Histogram<u64>>,
+    pub fixed_rate_achieved: Option<f64>,
+    pub conn: Option<Histogram<u64>>,
+    pub conn_rate: Option<f64>,
+    pub one_way_gbps: Option<f64>,
+    pub both_ways_gbps: Option<f64>,
+    /// CPU seconds per GB moved, of the proxy process (one-way + both-ways).
+    pub proxy_cpu_s_per_gb: Option<f64>,
+    /// Busy CPU seconds of the whole machine per GB moved.
+    pub machine_cpu_s_per_gb: Option<f64>,
+    pub integrity_checks: u32,
+    pub corrupted: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+fn dur(secs: f64) -> Duration {
+    Duration::from_secs_f64(secs)
+}
+
+/// Runs every data-path measurement once against `a`.
+pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
+    let mut r = Round::default();
+    let t = a.targets;
+    let client = lab.client();
+    let d = dur(plan.secs);
+
+    // 1. request/response, persistent connection, one in flight
+    match on_client(client, || clients::ping_pong(t.echo, d)) {
+        Ok(Ok(l)) if !l.hist.is_empty() => {
+            r.ping_rate = Some(l.rate());
+            r.ping = Some(l.hist);
+        }
+        Ok(Ok(_)) => r.errors.push("ping-pong: no samples".into()),
+        Ok(Err(e)) => r.errors.push(format!("ping-pong: {e}")),
+        Err(e) => r.errors.push(format!("ping-pong: {e}")),
+    }
+    // 2. the same at a fixed rate below saturation
+    match on_client(client, || clients::fixed_rate(t.echo, d, plan.rate)) {
+        Ok(Ok(l)) if !l.hist.is_empty() => {
+            r.fixed_rate_achieved = Some(l.rate());
+            r.fixed = Some(l.hist);
+        }
+        Ok(Ok(_)) => r.errors.push("fixed-rate: no samples".into()),
+        Ok(Err(e)) => r.errors.push(format!("fixed-rate: {e}")),
+        Err(e) => r.errors.push(format!("fixed-rate: {e}")),
+    }
+    // 3. connection per request: latency, then rate at saturation
+    match on_client(client, || clients::connect_latency(t.echo, d)) {
+        Ok(l) if !l.hist.is_empty() => {
+            if l.errors > 0 {
+                r.errors
+                    .push(format!("connect latency: {} failed connections", l.errors));
+            }
+            r.conn = Some(l.hist);
+        }
+        Ok(l) => r
+            .errors
+            .push(format!("connect latency: no samples ({} errors)", l.errors)),
+        Err(e) => r.errors.push(format!("connect latency: {e}")),
+    }
+    match on_client(client, || {
+        clients::connect_rate(t.echo, d, plan.conn_threads)
+    }) {
+        Ok((rate, n, errors)) if n > 0 => {
+            if errors > 0 {
+                r.errors
+                    .push(format!("connect rate: {errors} failed connections"));
+            }
+            r.conn_rate = Some(rate);
+        }
+        Ok((_, _, errors)) => r
+            .errors
+            .push(format!("connect rate: no connection ({errors} errors)")),
+        Err(e) => r.errors.push(format!("connect rate: {e}")),
+    }
+    if let Err(e) = a.check_alive() {
+        r.errors.push(e);
+        return r;
+    }
+
+    // 4. integrity: hashed transfers, one way and both ways
+    for (what, f) in [
+        ("one-way", clients::bulk_one_way as fn(_, _) -> _),
+        ("both-ways", clients::bulk_both_ways),
+    ] {
+        let target = if what == "one-way" { t.sink } else { t.echo };
+        match on_client(client, || f(target, Amount::Bytes(plan.hashed_bytes))) {
+            Ok(Ok(b)) => {
+                r.integrity_checks += 1;
+                if !b.intact {
+                    r.corrupted.push(format!("{what} hashed: {}", b.detail));
+                }
+            }
+            Ok(Err(e)) => r.errors.push(format!("{what} hashed transfer: {e}")),
+            Err(e) => r.errors.push(format!("{what} hashed transfer: {e}")),
+        }
+    }
+
+    // 5. throughput, with CPU accounting around both transfers
+    let tck = sys::clk_tck();
+    let proxy0 = a.cpu_ticks();
+    let machine0 = sys::machine_busy_ticks();
+    let mut bytes = 0u64;
+    for (what, f) in [
+        ("one-way", clients::bulk_one_way as fn(_, _) -> _),
+        ("both-ways", clients::bulk_both_ways),
+    ] {
+        let target = if what == "one-way" { t.sink } else { t.echo };
+        match on_client(client, || f(target, Amount::For(d))) {
+            Ok(Ok(b)) => {
+                r.integrity_checks += 1;
+                if !b.intact {
+                    r.corrupted.push(format!("{what} counted: {}", b.detail));
+                    continue;
+                }
+                bytes += b.bytes;
+                if what == "one-way" {
+                    r.one_way_gbps = Some(b.gbit_per_s());
+                } else {
+                    r.both_ways_gbps = Some(b.gbit_per_s());
+                }
+            }
+            Ok(Err(e)) => r.errors.push(format!("{what} transfer: {e}")),
+            Err(e) => r.errors.push(format!("{what} transfer: {e}")),
+        }
+    }
+    let gb = bytes as f64 / 1e9;
+    if gb > 0.0 {
+        let machine1 = sys::machine_busy_ticks();
+        r.machine_cpu_s_per_gb = Some(machine1.saturating_sub(machine0) as f64 / tck / gb);
+        if let (Some(p0), Some(p1)) = (proxy0, a.cpu_ticks()) {
+            r.proxy_cpu_s_per_gb = Some(p1.saturating_sub(p0) as f64 / tck / gb);
+        }
+    }
+    if let Err(e) = a.check_alive() {
+        r.errors.push(e);
+    }
+    r
+}
+
+/// The proxy's memory with `n` idle proxied connections.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Memory {
+    /// The proxy's file descriptors per idle connection (probe).
+    pub fds_per_connection: usize,
+    /// Connections asked for; more than `connections` when the open-file
+    /// limit did not allow them all.
+    pub requested: usize,
+    pub idle_rss_kib: u64,
+    pub idle_anon_kib: u64,
+    pub connections: usize,
+    pub loaded_rss_kib: u64,
+    pub loaded_anon_kib: u64,
+    pub fds: u64,
+    /// (loaded - idle) RSS / connections.
+    pub per_connection_bytes: f64,
+    /// The same for anonymous memory only (heap, stacks).
+    pub per_connection_anon_bytes: f64,
+}
+
+/// Opens up to `requested` connections (one request/response each) through
+/// `a`, waits until the backends hold them all, and measures the proxy's
+/// RSS.
+///
+/// RLIMIT_NOFILE is inherited and, without CAP_SYS_RESOURCE, its hard value
+/// cannot be raised; so the number of connections is capped to what fits:
+/// this process holds a client and a server socket per connection, and the
+/// proxy's fds per connection are measured first with a probe of
+/// [`PROBE`] connections.
+pub fn idle_memory(
+    lab: &Lab,
+    a: &mut Active,
+    backends: &Backends,
+    requested: usize,
+) -> Result<Memory, String> {
+    use std::sync::atomic::Ordering;
+    let pid = a.pid().ok_or("no proxy process")?;
+    let target = a.targets.echo;
+    let open = || backends.counters.echo_open.load(Ordering::SeqCst);
+    let wait_open = |want: u64| {
+        let end = Instant::now() + Duration::from_secs(30);
+        while open() != want && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let open_from_client = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        lab.client()
+            .run(|| {
+                sys::pin_current_thread(sys::CLIENT_CPU);
+                clients::open_idle(target, n, deadline)
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("opening {n} connections: {e}"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let open_before = open();
+    let base_fds = sys::tree_fds(pid);
+    // Probe: the proxy's fds per idle connection.
+    let probe = open_from_client(PROBE)?;
+    wait_open(open_before + PROBE as u64);
+    std::thread::sleep(Duration::from_millis(100));
+    let per_conn_fds = sys::tree_fds(pid)
+        .saturating_sub(base_fds)
+        .div_ceil(PROBE as u64)
+        .max(2) as usize;
+    drop(probe);
+    wait_open(open_before);
+    std::thread::sleep(Duration::from_millis(300));
+    let lim = sys::nofile_limit() as usize;
+    let cap = (lim.saturating_sub(400) / 2)
+        .min(lim.saturating_sub(base_fds as usize + 200) / per_conn_fds);
+    let n = requested.min(cap).max(1);
+
+    let idle_rss = sys::tree_rss_kib(pid);
+    let idle_anon = sys::tree_anon_kib(pid);
+    let conns = open_from_client(n)?;
+    wait_open(open_before + n as u64);
+    std::thread::sleep(Duration::from_millis(500));
+    let loaded_rss = sys::tree_rss_kib(pid);
+    let loaded_anon = sys::tree_anon_kib(pid);
+    let fds = sys::tree_fds(pid);
+    a.check_alive()?;
+    drop(conns);
+    let d = |hi: u64, lo: u64| (hi as f64 - lo as f64) * 1024.0 / n as f64;
+    Ok(Memory {
+        requested,
+        fds_per_connection: per_conn_fds,
+        idle_rss_kib: idle_rss,
+        idle_anon_kib: idle_anon,
+        connections: n,
+        loaded_rss_kib: loaded_rss,
+        loaded_anon_kib: loaded_anon,
+        fds,
+        per_connection_bytes: d(loaded_rss, idle_rss),
+        per_connection_anon_bytes: d(loaded_anon, idle_anon),
+    })
+}

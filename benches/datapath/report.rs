@@ -1,0 +1,805 @@
+//! Aggregation across rounds, the tables (stdout and docs), the targets of
+//! issue 3, JSON, and docs/performance.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::clients::new_hist;
+use crate::control::Scale;
+use crate::measure::{Memory, Round};
+use crate::paths::PathKind;
+use crate::sys::Machine;
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Lat {
+    pub samples: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Lat {
+    fn of(h: &Histogram<u64>) -> Option<Lat> {
+        if h.is_empty() {
+            return None;
+        }
+        let q = |p| h.value_at_quantile(p) as f64 / 1e3;
+        Some(Lat {
+            samples: h.len(),
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: h.max() as f64 / 1e3,
+        })
+    }
+
+    pub fn points(&self) -> [f64; 5] {
+        [
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.p999_us,
+            self.max_us,
+        ]
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    Some(if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    })
+}
+
+/// Everything measured for one path.
+#[derive(Debug, Serialize)]
+pub struct PathSummary {
+    pub name: String,
+    pub core: bool,
+    pub skipped: Option<String>,
+    pub rounds: usize,
+    pub ping: Option<Lat>,
+    /// Median over rounds; every round's value follows.
+    pub ping_rate: Option<f64>,
+    pub ping_rates: Vec<f64>,
+    pub fixed: Option<Lat>,
+    pub fixed_rate: Option<f64>,
+    pub conn: Option<Lat>,
+    pub conn_rate: Option<f64>,
+    pub conn_rates: Vec<f64>,
+    pub one_way_gbps: Option<f64>,
+    pub one_way_all: Vec<f64>,
+    pub both_ways_gbps: Option<f64>,
+    pub both_ways_all: Vec<f64>,
+    pub proxy_cpu_s_per_gb: Option<f64>,
+    pub machine_cpu_s_per_gb: Option<f64>,
+    pub integrity_checks: u32,
+    pub corrupted: Vec<String>,
+    pub errors: Vec<String>,
+    pub memory: Option<Memory>,
+    pub memory_error: Option<String>,
+}
+
+/// Collects rounds of one path.
+pub struct Acc {
+    kind: PathKind,
+    skipped: Option<String>,
+    rounds: usize,
+    ping: Histogram<u64>,
+    fixed: Histogram<u64>,
+    conn: Histogram<u64>,
+    ping_rates: Vec<f64>,
+    fixed_rates: Vec<f64>,
+    conn_rates: Vec<f64>,
+    one_way: Vec<f64>,
+    both: Vec<f64>,
+    proxy_cpu: Vec<f64>,
+    machine_cpu: Vec<f64>,
+    integrity_checks: u32,
+    corrupted: Vec<String>,
+    errors: Vec<String>,
+    pub memory: Option<Memory>,
+    pub memory_error: Option<String>,
+}
+
+impl Acc {
+    pub fn new(kind: PathKind) -> Acc {
+        Acc {
+            kind,
+            skipped: None,
+            rounds: 0,
+            ping: new_hist(),
+            fixed: new_hist(),
+            conn: new_hist(),
+            ping_rates: vec![],
+            fixed_rates: vec![],
+            conn_rates: vec![],
+            one_way: vec![],
+            both: vec![],
+            proxy_cpu: vec![],
+            machine_cpu: vec![],
+            integrity_checks: 0,
+            corrupted: vec![],
+            errors: vec![],
+            memory: None,
+            memory_error: None,
+        }
+    }
+
+    pub fn skip(&mut self, why: String) {
+        self.skipped = Some(why);
+    }
+
+    pub fn error(&mut self, e: String) {
+        self.errors.push(e);
+    }
+
+    pub fn add(&mut self, r: Round) {
+        self.rounds += 1;
+        if let Some(h) = &r.ping {
+            let _ = self.ping.add(h);
+        }
+        if let Some(h) = &r.fixed {
+            let _ = self.fixed.add(h);
+        }
+        if let Some(h) = &r.conn {
+            let _ = self.conn.add(h);
+        }
+        self.ping_rates.extend(r.ping_rate);
+        self.fixed_rates.extend(r.fixed_rate_achieved);
+        self.conn_rates.extend(r.conn_rate);
+        self.one_way.extend(r.one_way_gbps);
+        self.both.extend(r.both_ways_gbps);
+        self.proxy_cpu.extend(r.proxy_cpu_s_per_gb);
+        self.machine_cpu.extend(r.machine_cpu_s_per_gb);
+        self.integrity_checks += r.integrity_checks;
+        self.corrupted.extend(r.corrupted);
+        self.errors.extend(r.errors);
+    }
+
+    pub fn summary(&self) -> PathSummary {
+        PathSummary {
+            name: self.kind.name().into(),
+            core: self.kind.core(),
+            skipped: self.skipped.clone(),
+            rounds: self.rounds,
+            ping: Lat::of(&self.ping),
+            ping_rate: median(&self.ping_rates),
+            ping_rates: self.ping_rates.clone(),
+            fixed: Lat::of(&self.fixed),
+            fixed_rate: median(&self.fixed_rates),
+            conn: Lat::of(&self.conn),
+            conn_rate: median(&self.conn_rates),
+            conn_rates: self.conn_rates.clone(),
+            one_way_gbps: median(&self.one_way),
+            one_way_all: self.one_way.clone(),
+            both_ways_gbps: median(&self.both),
+            both_ways_all: self.both.clone(),
+            proxy_cpu_s_per_gb: median(&self.proxy_cpu),
+            machine_cpu_s_per_gb: median(&self.machine_cpu),
+            integrity_checks: self.integrity_checks,
+            corrupted: self.corrupted.clone(),
+            errors: self.errors.clone(),
+            memory: self.memory.clone(),
+            memory_error: self.memory_error.clone(),
+        }
+    }
+}
+
+impl PathSummary {
+    /// Why this path has no usable numbers, if so (skips excluded).
+    pub fn missing(&self) -> Vec<&'static str> {
+        if self.skipped.is_some() {
+            return vec![];
+        }
+        let mut m = vec![];
+        if self.ping.is_none() {
+            m.push("persistent request/response");
+        }
+        if self.fixed.is_none() {
+            m.push("fixed-rate request/response");
+        }
+        if self.conn.is_none() {
+            m.push("connect latency");
+        }
+        if self.conn_rate.is_none() {
+            m.push("connections/s");
+        }
+        if self.one_way_gbps.is_none() {
+            m.push("one-way throughput");
+        }
+        if self.both_ways_gbps.is_none() {
+            m.push("both-ways throughput");
+        }
+        if self.integrity_checks == 0 {
+            m.push("integrity checks");
+        }
+        m
+    }
+}
+
+/// One figure the issue sets, and whether it was met.
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub figure: String,
+    pub target: String,
+    pub measured: String,
+    /// None: not measured in this run.
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub command: String,
+    pub mode: String,
+    pub machine: Machine,
+    pub versions: BTreeMap<String, String>,
+    pub settings: BTreeMap<String, String>,
+    pub paths: Vec<PathSummary>,
+    pub control: Vec<Scale>,
+    pub targets: Vec<Target>,
+    pub runtime_s: f64,
+}
+
+impl Report {
+    pub fn path(&self, kind: PathKind) -> Option<&PathSummary> {
+        self.paths
+            .iter()
+            .find(|p| p.name == kind.name() && p.skipped.is_none())
+    }
+}
+
+fn f(v: Option<f64>, prec: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.prec$}"),
+        _ => "–".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn delta(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:+.1}", a - b),
+        _ => "–".into(),
+    }
+}
+
+/// Computes the targets of issue 3 from the results.
+pub fn targets(rep: &Report) -> Vec<Target> {
+    let mut t = Vec::new();
+    let s = rep.path(PathKind::UproxySplice);
+    let direct = rep.path(PathKind::Direct);
+    let ipt = rep.path(PathKind::Iptables);
+    let get = |p: Option<&PathSummary>, g: fn(&PathSummary) -> Option<f64>| p.and_then(g);
+    let mut push = |figure: &str, target: &str, measured: String, met: Option<bool>| {
+        t.push(Target {
+            figure: figure.into(),
+            target: target.into(),
+            measured,
+            met,
+        })
+    };
+    // 1. persistent request rate
+    let (a, b) = (get(s, |p| p.ping_rate), get(direct, |p| p.ping_rate));
+    let r = a.zip(b).map(|(a, b)| a / b);
+    push(
+        "persistent-connection request rate vs direct",
+        "≥ 0.70 × direct",
+        format!("{} × ({} vs {} req/s)", f(r, 2), f(a, 0), f(b, 0)),
+        r.map(|r| r >= 0.70),
+    );
+    // 2, 3. added latency over iptables
+    for (name, lim, q) in [
+        ("added p50 latency over iptables", 20.0, 0usize),
+        ("added p99 latency over iptables", 50.0, 2usize),
+    ] {
+        let a = s.and_then(|p| p.ping.as_ref()).map(|l| l.points()[q]);
+        let b = ipt.and_then(|p| p.ping.as_ref()).map(|l| l.points()[q]);
+        let d = a.zip(b).map(|(a, b)| a - b);
+        push(
+            name,
+            &format!("≤ {lim} µs"),
+            format!("{} µs ({} vs {} µs)", delta(a, b), f(a, 1), f(b, 1)),
+            d.map(|d| d <= lim),
+        );
+    }
+    // 4. bulk
+    let (a, b) = (get(s, |p| p.one_way_gbps), get(direct, |p| p.one_way_gbps));
+    let r = a.zip(b).map(|(a, b)| a / b);
+    let (a2, b2) = (
+        get(s, |p| p.both_ways_gbps),
+        get(direct, |p| p.both_ways_gbps),
+    );
+    push(
+        "bulk throughput vs direct (splice)",
+        "≥ 0.80 × direct",
+        format!(
+            "one way {} × ({} vs {} Gbit/s); both ways {} ×",
+            f(r, 2),
+            f(a, 2),
+            f(b, 2),
+            ratio(a2, b2)
+        ),
+        r.map(|r| r >= 0.80),
+    );
+    // 5. conn/s
+    let (a, b) = (get(s, |p| p.conn_rate), get(ipt, |p| p.conn_rate));
+    let r = a.zip(b).map(|(a, b)| a / b);
+    push(
+        "connections per second vs iptables",
+        "≥ 0.60 × iptables",
+        format!("{} × ({} vs {} conn/s)", f(r, 2), f(a, 0), f(b, 0)),
+        r.map(|r| r >= 0.60),
+    );
+    // 6. ahead of the peers
+    for peer in [PathKind::Nginx, PathKind::Haproxy] {
+        let Some(p) = rep.path(peer) else {
+            push(
+                &format!("ahead of {} on every figure", peer.name()),
+                "better on every figure",
+                "peer not measured (not installed or not selected)".into(),
+                None,
+            );
+            continue;
+        };
+        let Some(s) = s else {
+            push(
+                &format!("ahead of {} on every figure", peer.name()),
+                "better on every figure",
+                "kube-uproxy splice not measured".into(),
+                None,
+            );
+            continue;
+        };
+        type G = fn(&PathSummary) -> Option<f64>;
+        let figures: [(&str, G, bool); 11] = [
+            ("req/s", |p| p.ping_rate, true),
+            ("rr p50", |p| p.ping.as_ref().map(|l| l.p50_us), false),
+            ("rr p99", |p| p.ping.as_ref().map(|l| l.p99_us), false),
+            (
+                "fixed-rate p99",
+                |p| p.fixed.as_ref().map(|l| l.p99_us),
+                false,
+            ),
+            ("connect p50", |p| p.conn.as_ref().map(|l| l.p50_us), false),
+            ("connect p99", |p| p.conn.as_ref().map(|l| l.p99_us), false),
+            ("conn/s", |p| p.conn_rate, true),
+            ("one-way Gbit/s", |p| p.one_way_gbps, true),
+            ("both-ways Gbit/s", |p| p.both_ways_gbps, true),
+            ("proxy CPU s/GB", |p| p.proxy_cpu_s_per_gb, false),
+            (
+                "memory/idle conn",
+                |p| p.memory.as_ref().map(|m| m.per_connection_bytes),
+                false,
+            ),
+        ];
+        let mut lost = Vec::new();
+        let mut won = 0;
+        for (name, g, higher_better) in figures {
+            if let (Some(a), Some(b)) = (g(s), g(p)) {
+                let better = if higher_better { a > b } else { a < b };
+                if better {
+                    won += 1;
+                } else {
+                    lost.push(format!("{name} {a:.1} vs {b:.1}"));
+                }
+            }
+        }
+        let measured = if lost.is_empty() {
+            format!("ahead on all {won} figures")
+        } else {
+            format!("ahead on {won}; behind on: {}", lost.join(", "))
+        };
+        push(
+            &format!("ahead of {} on every figure", peer.name()),
+            "better on every figure",
+            measured,
+            Some(lost.is_empty() && won > 0),
+        );
+    }
+    // 7. memory per idle connection
+    let m = s.and_then(|p| p.memory.as_ref());
+    push(
+        "user-space memory per idle proxied connection",
+        "≤ 16 KiB",
+        m.map(|m| {
+            format!(
+                "{:.1} KiB RSS ({:.1} KiB anon) over {} connections",
+                m.per_connection_bytes / 1024.0,
+                m.per_connection_anon_bytes / 1024.0,
+                m.connections
+            )
+        })
+        .unwrap_or_else(|| "not measured".into()),
+        m.map(|m| m.per_connection_bytes <= 16.0 * 1024.0),
+    );
+    // 8. cold start at 10 000
+    let c10 = rep.control.iter().find(|c| c.services == 10_000);
+    push(
+        "10 000 Services programmed from a cold start",
+        "≤ 2 s",
+        c10.and_then(|c| c.cold_start_s)
+            .map(|v| {
+                format!(
+                    "{v:.2} s ({} map elements)",
+                    c10.map_or(0, |c| c.nft_elements)
+                )
+            })
+            .unwrap_or_else(|| "not measured (full mode only)".into()),
+        c10.and_then(|c| c.cold_start_s).map(|v| v <= 2.0),
+    );
+    // 9. EndpointSlice change, worst p99 over the scales measured
+    let worst = rep
+        .control
+        .iter()
+        .filter_map(|c| {
+            c.endpoint_change
+                .from_event
+                .as_ref()
+                .map(|m| (c.services, m.p99))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    push(
+        "EndpointSlice change used by the next connection (from the watch event)",
+        "≤ 10 ms p99",
+        worst
+            .map(|(n, p99)| format!("p99 {p99:.1} ms (worst scale: {n} Services)"))
+            .unwrap_or_else(|| "not measured".into()),
+        worst.map(|(_, p)| p <= 10.0),
+    );
+    // 10. one Service added at the largest scale
+    let add = rep
+        .control
+        .iter()
+        .filter(|c| c.service_add.is_some())
+        .max_by_key(|c| c.services);
+    let add_ms = add.and_then(|c| c.service_add.as_ref()?.from_event.clone());
+    let at10k = add.is_some_and(|c| c.services >= 10_000);
+    push(
+        "one Service added at 10 000 (from the watch event, p50)",
+        "≤ 20 ms",
+        match (&add_ms, add) {
+            (Some(m), Some(c)) => format!(
+                "p50 {:.1} ms, max {:.1} ms (at {} Services)",
+                m.p50, m.max, c.services
+            ),
+            _ => "not measured".into(),
+        },
+        add_ms.filter(|_| at10k).map(|m| m.p50 <= 20.0),
+    );
+    t
+}
+
+/// The result tables in Markdown (also printed to stdout).
+pub fn tables(rep: &Report) -> String {
+    let mut o = String::new();
+    let direct = rep.path(PathKind::Direct);
+    let ipt = rep.path(PathKind::Iptables);
+    let skipped: Vec<&PathSummary> = rep.paths.iter().filter(|p| p.skipped.is_some()).collect();
+    let live: Vec<&PathSummary> = rep.paths.iter().filter(|p| p.skipped.is_none()).collect();
+
+    let _ = writeln!(
+        o,
+        "#### Request/response on a persistent connection (32 B, one in flight)\n\n\
+         | path | req/s | × direct | × iptables | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 − iptables | p99 − iptables |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in &live {
+        let l = p.ping.as_ref();
+        let g = |q: usize| l.map(|l| l.points()[q]);
+        let ip = |q: usize| ipt.and_then(|i| i.ping.as_ref()).map(|l| l.points()[q]);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.name,
+            f(p.ping_rate, 0),
+            ratio(p.ping_rate, direct.and_then(|d| d.ping_rate)),
+            ratio(p.ping_rate, ipt.and_then(|d| d.ping_rate)),
+            f(g(0), 1),
+            f(g(1), 1),
+            f(g(2), 1),
+            f(g(3), 1),
+            f(g(4), 0),
+            delta(g(0), ip(0)),
+            delta(g(2), ip(2)),
+        );
+    }
+    let rate = rep.settings.get("fixed_rate").cloned().unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "\n#### Request/response at a fixed rate ({rate} req/s, below saturation; coordinated-omission corrected)\n\n\
+         | path | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in &live {
+        let g = |q: usize| p.fixed.as_ref().map(|l| l.points()[q]);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p.name,
+            f(p.fixed_rate, 0),
+            f(g(0), 1),
+            f(g(1), 1),
+            f(g(2), 1),
+            f(g(3), 1),
+            f(g(4), 0)
+        );
+    }
+    let threads = rep
+        .settings
+        .get("conn_threads")
+        .cloned()
+        .unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "\n#### Connection per request (connect() → first response byte; RST close)\n\n\
+         | path | conn/s ({threads} threads) | × direct | × iptables | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in &live {
+        let g = |q: usize| p.conn.as_ref().map(|l| l.points()[q]);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.name,
+            f(p.conn_rate, 0),
+            ratio(p.conn_rate, direct.and_then(|d| d.conn_rate)),
+            ratio(p.conn_rate, ipt.and_then(|d| d.conn_rate)),
+            f(g(0), 1),
+            f(g(1), 1),
+            f(g(2), 1),
+            f(g(3), 1),
+            f(g(4), 0)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n#### Bulk throughput (one TCP connection) and CPU per GB\n\n\
+         | path | one way Gbit/s | × direct | × iptables | both ways Gbit/s | × direct | × iptables | proxy CPU s/GB | machine CPU s/GB | integrity checks |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for p in &live {
+        let integrity = if p.corrupted.is_empty() {
+            format!("{} ok", p.integrity_checks)
+        } else {
+            format!("{} CORRUPTED of {}", p.corrupted.len(), p.integrity_checks)
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.name,
+            f(p.one_way_gbps, 2),
+            ratio(p.one_way_gbps, direct.and_then(|d| d.one_way_gbps)),
+            ratio(p.one_way_gbps, ipt.and_then(|d| d.one_way_gbps)),
+            f(p.both_ways_gbps, 2),
+            ratio(p.both_ways_gbps, direct.and_then(|d| d.both_ways_gbps)),
+            ratio(p.both_ways_gbps, ipt.and_then(|d| d.both_ways_gbps)),
+            if p.name == PathKind::Direct.name()
+                || p.name == PathKind::Iptables.name()
+                || p.name == PathKind::Nftables.name()
+            {
+                "(kernel)".into()
+            } else {
+                f(p.proxy_cpu_s_per_gb, 3)
+            },
+            f(p.machine_cpu_s_per_gb, 3),
+            integrity
+        );
+    }
+    let mem: Vec<&&PathSummary> = live
+        .iter()
+        .filter(|p| p.memory.is_some() || p.memory_error.is_some())
+        .collect();
+    if !mem.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n#### Proxy memory with idle connections (each did one request/response)\n\n\
+             | path | RSS idle KiB | connections | RSS loaded KiB | RSS / connection | anon / connection | fds | fds / connection |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in mem {
+            match (&p.memory, &p.memory_error) {
+                (Some(m), _) => {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {} | {} | {} | {:.2} KiB | {:.2} KiB | {} | {} |",
+                        p.name,
+                        m.idle_rss_kib,
+                        if m.requested > m.connections {
+                            format!("{} (of {} asked; fd limit)", m.connections, m.requested)
+                        } else {
+                            m.connections.to_string()
+                        },
+                        m.loaded_rss_kib,
+                        m.per_connection_bytes / 1024.0,
+                        m.per_connection_anon_bytes / 1024.0,
+                        m.fds,
+                        m.fds_per_connection
+                    );
+                }
+                (None, Some(e)) => {
+                    let _ = writeln!(
+                        o,
+                        "| {} | failed: {} | | | | | | |",
+                        p.name,
+                        e.replace('\n', " ")
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    if !rep.control.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n#### Control plane (kube-uproxy, --manifests directory: {})\n\n\
+             | Services | cold start → rules synced | sync took | map elements | RSS KiB | EndpointSlice change → next connection: from event p50 / p99 / max ms | from file write p50 / p99 ms | Service added: from event p50 / max ms | from write p50 / max ms |\n\
+             |---:|---:|---:|---:|---:|---|---|---|---|",
+            rep.settings
+                .get("manifests_watch")
+                .cloned()
+                .unwrap_or_default()
+        );
+        for c in &rep.control {
+            let e = &c.endpoint_change;
+            let ms3 = |m: &Option<crate::control::Ms>| {
+                m.as_ref()
+                    .map(|m| format!("{:.2} / {:.2} / {:.2} (n={})", m.p50, m.p99, m.max, m.n))
+                    .unwrap_or_else(|| "–".into())
+            };
+            let ms2 = |m: &Option<crate::control::Ms>| {
+                m.as_ref()
+                    .map(|m| format!("{:.2} / {:.2}", m.p50, m.p99))
+                    .unwrap_or_else(|| "–".into())
+            };
+            let add = c.service_add.as_ref();
+            let addm = |m: Option<&crate::control::Ms>| {
+                m.map(|m| format!("{:.2} / {:.2} (n={})", m.p50, m.max, m.n))
+                    .unwrap_or_else(|| "–".into())
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {}{} | {} | {} | {} |",
+                c.services,
+                c.cold_start_s
+                    .map(|v| format!("{v:.3} s"))
+                    .unwrap_or_else(|| c
+                        .error
+                        .clone()
+                        .map(|_| "failed".into())
+                        .unwrap_or("–".into())),
+                f(c.sync_took_ms, 1).to_string() + " ms",
+                c.nft_elements,
+                c.rss_kib,
+                ms3(&e.from_event),
+                if e.failures > 0 {
+                    format!(" ({} failed)", e.failures)
+                } else {
+                    String::new()
+                },
+                ms2(&e.from_write),
+                addm(add.and_then(|a| a.from_event.as_ref())),
+                addm(add.and_then(|a| a.from_write.as_ref())),
+            );
+        }
+    }
+    if !skipped.is_empty() {
+        let _ = writeln!(o);
+        for p in skipped {
+            let _ = writeln!(
+                o,
+                "- **{}**: skipped ({})",
+                p.name,
+                p.skipped.as_deref().unwrap_or("")
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\n#### Targets (issue 3), kube-uproxy with `--tcp-relay splice`\n\n| figure | target | measured | |\n|---|---|---|---|"
+    );
+    for t in &rep.targets {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} |",
+            t.figure,
+            t.target,
+            t.measured,
+            match t.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "not measured",
+            }
+        );
+    }
+    let problems: Vec<String> = live
+        .iter()
+        .flat_map(|p| {
+            p.errors
+                .iter()
+                .chain(p.corrupted.iter())
+                .map(move |e| format!("- {}: {}", p.name, e.replace('\n', " ")))
+        })
+        .collect();
+    if !problems.is_empty() {
+        let _ = writeln!(o, "\n#### Errors during the run\n");
+        for p in problems.iter().take(40) {
+            let _ = writeln!(o, "{p}");
+        }
+    }
+    o
+}
+
+const BEGIN: &str = "<!-- BEGIN datapath bench results (generated by `cargo bench --bench datapath`; edit outside these markers) -->";
+const END: &str = "<!-- END datapath bench results -->";
+
+/// Writes the generated block into docs/performance.md, keeping whatever is
+/// outside the markers.
+pub fn write_docs(
+    path: &Path,
+    rep: &Report,
+    tables_md: &str,
+    figures: &[(String, String)],
+) -> std::io::Result<()> {
+    let mut g = String::new();
+    let _ = writeln!(g, "{BEGIN}\n");
+    let _ = writeln!(g, "### Latest run: {}\n", rep.date);
+    let _ = writeln!(
+        g,
+        "Command (as root, from the repository root):\n\n```\n{}\n```\n",
+        rep.command
+    );
+    let _ = writeln!(
+        g,
+        "Machine: {} ({} cores, {:.1} GiB), {}, kernel {}. Mode: {}, took {:.0} s.\n",
+        rep.machine.cpu,
+        rep.machine.cores,
+        rep.machine.memory_gib,
+        rep.machine.os,
+        rep.machine.kernel,
+        rep.mode,
+        rep.runtime_s
+    );
+    let _ = writeln!(g, "| component | version |\n|---|---|");
+    for (k, v) in &rep.versions {
+        let _ = writeln!(g, "| {k} | {v} |");
+    }
+    let _ = writeln!(g, "\n| setting | value |\n|---|---|");
+    for (k, v) in &rep.settings {
+        let _ = writeln!(g, "| {k} | {v} |");
+    }
+    let _ = writeln!(g, "\n{tables_md}");
+    for (title, file) in figures {
+        let _ = writeln!(g, "![{title}]({file})\n");
+    }
+    let _ = writeln!(g, "{END}");
+
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], g, &old[e + END.len()..]),
+        _ if old.trim().is_empty() => format!("# Performance\n\n{g}"),
+        _ => format!("{}\n\n{g}", old.trim_end()),
+    };
+    std::fs::write(path, new)
+}

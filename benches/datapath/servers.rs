@@ -1,0 +1,171 @@
+//! The backends of the benchmark Service, run on tokio in the backend
+//! namespaces (one set per backend):
+//!
+//! - echo (8080): echoes until EOF, then half-closes; request/response and
+//!   both-ways bulk.
+//! - sink (8081): the first byte picks the mode, `C` (count) or `H` (count
+//!   and SHA-256); reads until EOF, answers `"<count> <hex or ->\n"` and
+//!   closes; one-way bulk.
+//! - whoami (8082): `kube_uproxy::lab::peers::whoami`, greets with the
+//!   backend's name; readiness and endpoint-change checks.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kube_uproxy::lab::peers::{self, PeerHandle};
+use kube_uproxy::lab::{Lab, LabError};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub const ECHO_PORT: u16 = 8080;
+pub const SINK_PORT: u16 = 8081;
+pub const WHO_PORT: u16 = 8082;
+
+const BIG_BUF: usize = 256 * 1024;
+
+/// Counters shared by the echo servers of all backends.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub echo_open: AtomicU64,
+    pub echo_accepted: AtomicU64,
+}
+
+struct OpenGuard(Arc<Counters>);
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.echo_open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Every backend's servers; dropping it stops them.
+pub struct Backends {
+    pub counters: Arc<Counters>,
+    cancel: CancellationToken,
+    _who: Vec<PeerHandle>,
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn backend_name(i: usize) -> String {
+    format!("b{i}")
+}
+
+/// Starts echo, sink and whoami on every backend of `lab`.
+pub fn start(lab: &Lab, rt: &tokio::runtime::Runtime) -> Result<Backends, LabError> {
+    let counters = Arc::new(Counters::default());
+    let cancel = CancellationToken::new();
+    let mut who = Vec::new();
+    for (i, ns) in lab.backends().iter().enumerate() {
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let echo_l = ns.tcp_listener(any(ECHO_PORT))?;
+        let sink_l = ns.tcp_listener(any(SINK_PORT))?;
+        let who_l = ns.tcp_listener(any(WHO_PORT))?;
+        let _g = rt.enter();
+        for (l, kind) in [(echo_l, Kind::Echo), (sink_l, Kind::Sink)] {
+            l.set_nonblocking(true).map_err(|e| io_err("listener", e))?;
+            let l = TcpListener::from_std(l).map_err(|e| io_err("listener", e))?;
+            rt.spawn(accept_loop(l, kind, counters.clone(), cancel.clone()));
+        }
+        who.push(peers::whoami(who_l, &backend_name(i)).map_err(|e| io_err("whoami", e))?);
+    }
+    Ok(Backends {
+        counters,
+        cancel,
+        _who: who,
+    })
+}
+
+fn io_err(what: &str, e: std::io::Error) -> LabError {
+    LabError::Invalid(format!("{what}: {e}"))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Echo,
+    Sink,
+}
+
+async fn accept_loop(l: TcpListener, kind: Kind, c: Arc<Counters>, cancel: CancellationToken) {
+    loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => r,
+        };
+        match r {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                let cancel = cancel.clone();
+                match kind {
+                    Kind::Echo => {
+                        c.echo_open.fetch_add(1, Ordering::SeqCst);
+                        c.echo_accepted.fetch_add(1, Ordering::SeqCst);
+                        let guard = OpenGuard(c.clone());
+                        tokio::spawn(async move {
+                            let _guard = guard;
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = echo(s) => {}
+                            }
+                        });
+                    }
+                    Kind::Sink => {
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = sink(s) => {}
+                            }
+                        });
+                    }
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Echo with a buffer that starts small (idle connections stay cheap) and
+/// grows for bulk data.
+async fn echo(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return s.shutdown().await;
+        }
+        s.write_all(&buf[..n]).await?;
+        if n == buf.len() && buf.len() < BIG_BUF {
+            buf = vec![0u8; BIG_BUF];
+        }
+    }
+}
+
+async fn sink(mut s: TcpStream) -> std::io::Result<()> {
+    let mut mode = [0u8; 1];
+    s.read_exact(&mut mode).await?;
+    let mut hasher = (mode[0] == b'H').then(Sha256::new);
+    let mut buf = vec![0u8; BIG_BUF];
+    let mut count = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        count += n as u64;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+    }
+    let hex = hasher
+        .map(|h| peers::hex(&h.finalize()))
+        .unwrap_or_else(|| "-".into());
+    s.write_all(format!("{count} {hex}\n").as_bytes()).await?;
+    s.shutdown().await
+}
