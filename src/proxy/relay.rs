@@ -22,9 +22,13 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 /// How bytes are moved between the two connections of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,9 +66,11 @@ pub async fn relay(
 ) -> io::Result<Transferred> {
     let result = match mode {
         RelayMode::Splice => {
+            let (mut client_read, client_write) = client.split();
+            let (mut upstream_read, upstream_write) = upstream.split();
             let (a, b) = tokio::try_join!(
-                hybrid_one_way(client, upstream),
-                hybrid_one_way(upstream, client)
+                hybrid_one_way(&mut client_read, upstream_write.as_ref()),
+                hybrid_one_way(&mut upstream_read, client_write.as_ref())
             )?;
             Ok(Transferred {
                 client_to_upstream: a,
@@ -115,8 +121,6 @@ fn splice_flags() -> SpliceFFlags {
 
 /// What one read-and-forward step did.
 enum Step {
-    /// Nothing to read after all (readiness was stale).
-    WouldBlock,
     /// The source sent EOF.
     Eof,
     /// `n` bytes read; `full` when they filled the scratch buffer.
@@ -125,29 +129,42 @@ enum Step {
 
 /// Reads once from `src` into the thread's scratch buffer and writes what
 /// it can to `dst` at once; what `dst` cannot take yet goes to `unsent`.
-/// Synchronous, so the scratch buffer is never held across an await.
-fn copy_step(src: &TcpStream, dst: &TcpStream, unsent: &mut Vec<u8>) -> io::Result<Step> {
+///
+/// It reads through `poll_read`, which takes a short read as proof that the
+/// socket is drained and clears its readiness: no second read that only
+/// returns EAGAIN. The scratch buffer is borrowed only within one poll,
+/// so the next poll may run on another thread with another buffer.
+fn poll_copy_step(
+    cx: &mut Context<'_>,
+    src: &mut ReadHalf<'_>,
+    dst: &TcpStream,
+    unsent: &mut Vec<u8>,
+) -> Poll<io::Result<Step>> {
     SCRATCH_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
-        let n = match src.try_read(&mut buf[..]) {
-            Ok(0) => return Ok(Step::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WouldBlock),
-            Err(e) => return Err(e),
-        };
+        let mut read_buf = ReadBuf::new(&mut buf[..]);
+        match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = read_buf.filled().len();
+        if n == 0 {
+            return Poll::Ready(Ok(Step::Eof));
+        }
         let mut written = 0;
         while written < n {
             match dst.try_write(&buf[written..n]) {
                 Ok(w) => written += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         unsent.extend_from_slice(&buf[written..n]);
-        Ok(Step::Moved {
+        Poll::Ready(Ok(Step::Moved {
             n,
             full: n == buf.len(),
-        })
+        }))
     })
 }
 
@@ -169,13 +186,12 @@ async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> io::Result<()> {
 
 /// Moves `src` → `dst` until EOF on `src`, then half-closes `dst`: by copy
 /// while the flow looks small, by splice once it looks bulk.
-async fn hybrid_one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+async fn hybrid_one_way(src: &mut ReadHalf<'_>, dst: &TcpStream) -> io::Result<u64> {
     let mut unsent = Vec::new();
     let mut total = 0u64;
     loop {
-        src.readable().await?;
-        match copy_step(src, dst, &mut unsent)? {
-            Step::WouldBlock => continue,
+        let step = std::future::poll_fn(|cx| poll_copy_step(cx, src, dst, &mut unsent)).await?;
+        match step {
             Step::Eof => {
                 flush(dst, &mut unsent).await?;
                 shutdown_write(dst)?;
@@ -185,7 +201,7 @@ async fn hybrid_one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
                 total += n as u64;
                 flush(dst, &mut unsent).await?;
                 if full {
-                    return splice_one_way(src, dst, total).await;
+                    return splice_one_way(src.as_ref(), dst, total).await;
                 }
             }
         }
