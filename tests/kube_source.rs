@@ -233,6 +233,25 @@ impl Env {
 
     /// Polls `cond` every 20 ms until it holds; panics after `timeout` with
     /// `why` and the last `detail`.
+    /// Cuts both watches and keeps them down: returns once both watchers
+    /// are trying to re-watch and the double is holding those requests.
+    fn cut_watches(&mut self) {
+        self.api.pause_watches();
+        self.api.drop_watches();
+        self.wait_until(
+            "both watchers trying to re-watch after drop_watches",
+            RECOVER_TIMEOUT,
+            |env| {
+                let (open, held) = (env.api.open_watches(), env.api.held_watches());
+                if open == 0 && held == WATCHERS {
+                    Ok(())
+                } else {
+                    Err(format!("{open} open watches, {held} held re-watches"))
+                }
+            },
+        );
+    }
+
     fn wait_until(
         &mut self,
         why: &str,
@@ -587,20 +606,7 @@ fn dropped_watch_catches_up_and_disturbs_nothing() {
     let node = env.node().clone();
     let samples = sample_rules_during(&node, || {
         // Cut both watches and keep them down while the changes are made.
-        env.api.pause_watches();
-        env.api.drop_watches();
-        env.wait_until(
-            "both watchers trying to re-watch after drop_watches",
-            RECOVER_TIMEOUT,
-            |env| {
-                let (open, held) = (env.api.open_watches(), env.api.held_watches());
-                if open == 0 && held == WATCHERS {
-                    Ok(())
-                } else {
-                    Err(format!("{open} open watches, {held} held re-watches"))
-                }
-            },
-        );
+        env.cut_watches();
         env.api.apply(slice("web", &[(2, true)]));
         env.api.apply(service("new", VIP_C));
         env.api.apply(slice("new", &[(1, true)]));
@@ -683,20 +689,7 @@ fn gone_410_relists_and_disturbs_nothing() {
     let samples = sample_rules_during(&node, || {
         // Cut the watches; while they are down, delete a Service and expire
         // every version the proxy has seen: its re-watches get 410 Gone.
-        env.api.pause_watches();
-        env.api.drop_watches();
-        env.wait_until(
-            "both watchers trying to re-watch after drop_watches",
-            RECOVER_TIMEOUT,
-            |env| {
-                let (open, held) = (env.api.open_watches(), env.api.held_watches());
-                if open == 0 && held == WATCHERS {
-                    Ok(())
-                } else {
-                    Err(format!("{open} open watches, {held} held re-watches"))
-                }
-            },
-        );
+        env.cut_watches();
         env.api
             .delete("Service", "default", "gone")
             .expect("gone exists");
