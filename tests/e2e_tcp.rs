@@ -1,4 +1,4 @@
-//! End-to-end TCP tests of the `kube-uproxy` binary (docs/CONTRACT.md).
+//! End-to-end TCP tests of the `kube-uproxy` binary (flags in README.md, nftables layout in docs/rules.md).
 //!
 //! Each test builds its own network-namespace [`Lab`] (client → node →
 //! backends), starts whoami / sha256 servers in the backend namespaces, runs

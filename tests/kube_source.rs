@@ -11,7 +11,7 @@
 //!
 //! What is checked is what a user would notice: which backends new
 //! connections reach, whether a ClusterIP has a redirect (the nft map
-//! `service-ports` of docs/CONTRACT.md), whether rules of untouched Services
+//! `service-ports` of docs/rules.md), whether rules of untouched Services
 //! ever disappear, and whether open connections survive disturbances of the
 //! watch (a dropped connection to the API server, a `410 Gone`).
 //!

@@ -8,7 +8,7 @@
 //! - [`ProxyProcess`]: the binary running in the node namespace, its stdout
 //!   and stderr captured in a file that is printed when the test panics (or
 //!   always, with `KU_E2E_SHOW_LOGS` set and `--nocapture`).
-//! - Waiting for keys of the nft sets/maps of docs/CONTRACT.md, and polling.
+//! - Waiting for keys of the nft sets/maps of docs/rules.md, and polling.
 //! - Client helpers: blocking std sockets created in a namespace, speaking
 //!   to the whoami servers.
 
