@@ -551,7 +551,7 @@ mod tests {
             s = s.with_annotation(format!("example.com/a{i}"), *v);
         }
         let yaml = list_yaml(std::slice::from_ref(&s));
-        let doc: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+        let doc: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
         let annotations = &doc["items"][0]["metadata"]["annotations"];
         for (i, v) in odd.iter().enumerate() {
             assert_eq!(
