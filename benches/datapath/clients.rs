@@ -105,14 +105,6 @@ fn round_trip(s: &mut TcpStream, req: &[u8; MSG]) -> io::Result<()> {
     Ok(())
 }
 
-/// Lowers this thread's timer slack so that sleeps end on time.
-fn tight_timers() {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's slack.
-    unsafe {
-        nix::libc::prctl(nix::libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64);
-    }
-}
-
 /// Request/response on one persistent connection, one in flight, as fast
 /// as it goes, for `dur`.
 pub fn ping_pong(addr: SocketAddr, dur: Duration) -> io::Result<Latency> {
@@ -144,7 +136,7 @@ pub fn ping_pong(addr: SocketAddr, dur: Duration) -> io::Result<Latency> {
 /// coordinated omission (hdrhistogram `record_correct`), so a stall is not
 /// hidden.
 pub fn fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<Latency> {
-    tight_timers();
+    crate::sys::tight_timers();
     let mut s = connect(addr, CONNECT_TIMEOUT)?;
     let req = request();
     for _ in 0..50 {

@@ -1,4 +1,5 @@
-//! /proc readers (CPU time, RSS, machine facts) and tool versions.
+//! System calls, /proc readers (CPU time, RSS, machine facts) and tool
+//! versions. The harness's only `unsafe` lives here.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -271,6 +272,16 @@ pub fn now_epoch() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// Lowers this thread's timer slack to 1 ns so that the fixed-rate client's
+/// sleeps end on time.
+pub fn tight_timers() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK, 1) takes plain integers, touches no
+    // memory of ours and only changes the calling thread's timer slack.
+    unsafe {
+        nix::libc::prctl(nix::libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64);
+    }
 }
 
 #[cfg(test)]
