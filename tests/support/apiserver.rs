@@ -136,6 +136,23 @@ struct ObjKey {
     name: String,
 }
 
+impl ObjKey {
+    /// The key of `kind` `namespace/name`; the namespace is ignored for
+    /// cluster-scoped kinds. None for a kind the double does not serve.
+    fn of(kind: &str, namespace: &str, name: &str) -> Option<ObjKey> {
+        let res = resource_by_kind(kind)?;
+        Some(ObjKey {
+            kind: res.kind,
+            namespace: if res.namespaced {
+                namespace.to_string()
+            } else {
+                String::new()
+            },
+            name: name.to_string(),
+        })
+    }
+}
+
 /// One write, kept so that watches can replay changes after a version and
 /// lists can be served at an exact (older) version.
 struct Change {
@@ -437,16 +454,7 @@ impl FakeApiServer {
     /// notifies watches. Returns the last state, carrying the deletion's
     /// resourceVersion as a DELETED event does, or None if there was none.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let res = resource_by_kind(kind)?;
-        let key = ObjKey {
-            kind: res.kind,
-            namespace: if res.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name: name.to_string(),
-        };
+        let key = ObjKey::of(kind, namespace, name)?;
         let (rv, tombstone) = {
             let mut store = self.shared.lock();
             let prev = store.objects.remove(&key)?;
@@ -469,16 +477,7 @@ impl FakeApiServer {
 
     /// The stored object, if any (namespace `""` for cluster-scoped kinds).
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let res = resource_by_kind(kind)?;
-        let key = ObjKey {
-            kind: res.kind,
-            namespace: if res.namespaced {
-                namespace.to_string()
-            } else {
-                String::new()
-            },
-            name: name.to_string(),
-        };
+        let key = ObjKey::of(kind, namespace, name)?;
         self.shared.lock().objects.get(&key).cloned()
     }
 
