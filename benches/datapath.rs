@@ -62,6 +62,15 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
   --paths a,b,...    subset of: direct iptables nftables splice copy nginx haproxy
   --idle-conns N     idle connections for the memory figure (full: 10000)
   --scales a,b,...   Service counts for the control plane (full: 1,1000,10000)
+  --phases a,b,...   data-path phases to run (default all): rr (persistent
+                     request/response), rate (fixed rate), connect
+                     (connection per request: latency and rate), bulk
+                     (hashed and timed transfers); for profiling one phase
+  --baseline-bin PATH
+                     also measure another kube-uproxy binary (e.g. a build of
+                     an earlier commit) as the path \"kube-uproxy baseline\"
+                     (splice relay), interleaved with the others: before and
+                     after in one run
   --no-control       skip the control-plane measurements
   --no-memory        skip the idle-connection memory measurements
   --json PATH        also write the results as JSON
@@ -81,6 +90,7 @@ struct Opts {
     rounds: usize,
     secs: f64,
     paths: Vec<PathKind>,
+    phases: measure::Phases,
     idle_conns: usize,
     scales: Vec<usize>,
     control: bool,
@@ -90,6 +100,7 @@ struct Opts {
     pin: bool,
     keep: bool,
     cc: Option<String>,
+    baseline_bin: Option<PathBuf>,
     args: Vec<String>,
 }
 
@@ -104,6 +115,7 @@ fn parse_args() -> Result<Opts, String> {
         rounds: if short { 1 } else { 3 },
         secs: if short { 0.5 } else { 3.0 },
         paths: paths::ALL.to_vec(),
+        phases: measure::Phases::all(),
         idle_conns: if short { 1000 } else { 10_000 },
         scales: if short {
             vec![1, 1000]
@@ -117,6 +129,7 @@ fn parse_args() -> Result<Opts, String> {
         pin: true,
         keep: false,
         cc: None,
+        baseline_bin: None,
         args: args.clone(),
     };
     let mut it = args.into_iter();
@@ -141,6 +154,7 @@ fn parse_args() -> Result<Opts, String> {
                     .map(|p| PathKind::parse(p).ok_or(format!("unknown path {p:?}")))
                     .collect::<Result<_, _>>()?
             }
+            "--phases" => o.phases = measure::Phases::parse(&val("--phases")?)?,
             "--scales" => {
                 o.scales = val("--scales")?
                     .split(',')
@@ -155,6 +169,7 @@ fn parse_args() -> Result<Opts, String> {
             "--no-pin" => o.pin = false,
             "--keep" => o.keep = true,
             "--congestion-control" => o.cc = Some(val("--congestion-control")?),
+            "--baseline-bin" => o.baseline_bin = Some(PathBuf::from(val("--baseline-bin")?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -163,6 +178,18 @@ fn parse_args() -> Result<Opts, String> {
         return Err("--rounds must be 1..=50 and --secs in (0, 60]".into());
     }
     o.idle_conns = o.idle_conns.clamp(1, 50_000);
+    match &o.baseline_bin {
+        Some(bin) if !bin.is_file() => {
+            return Err(format!("--baseline-bin {}: no such file", bin.display()));
+        }
+        Some(_) if !o.paths.contains(&PathKind::UproxyBaseline) => {
+            o.paths.push(PathKind::UproxyBaseline)
+        }
+        None if o.paths.contains(&PathKind::UproxyBaseline) => {
+            return Err("the baseline path needs --baseline-bin PATH".into());
+        }
+        _ => {}
+    }
     Ok(o)
 }
 
@@ -298,6 +325,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
     let ctx = Ctx {
         lab: &lab,
         bin: PathBuf::from(BIN),
+        baseline_bin: opts.baseline_bin.clone(),
         workdir: workdir.clone(),
     };
 
@@ -326,6 +354,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
         rate: 2000.0,
         conn_threads: 4,
         hashed_bytes: if opts.short { 32 << 20 } else { 256 << 20 },
+        phases: opts.phases,
     };
 
     // Interleaved rounds.
@@ -499,7 +528,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
             failures.push(format!("{}: data corrupted: {:?}", p.name, p.corrupted));
         }
         if p.core {
-            let missing = p.missing();
+            let missing = p.missing(&opts.phases);
             if !missing.is_empty() {
                 failures.push(format!("{}: no numbers for {}", p.name, missing.join(", ")));
             }

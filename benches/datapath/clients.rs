@@ -28,6 +28,8 @@ pub struct Latency {
     pub hist: Histogram<u64>,
     pub elapsed: Duration,
     pub errors: u64,
+    /// The first failure, to say what went wrong.
+    pub first_error: Option<String>,
 }
 
 impl Latency {
@@ -128,6 +130,7 @@ pub fn ping_pong(addr: SocketAddr, dur: Duration) -> io::Result<Latency> {
         hist,
         elapsed: start.elapsed(),
         errors: 0,
+        first_error: None,
     })
 }
 
@@ -163,6 +166,7 @@ pub fn fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<Late
         hist,
         elapsed: start.elapsed(),
         errors: 0,
+        first_error: None,
     })
 }
 
@@ -190,11 +194,13 @@ pub fn connect_latency(addr: SocketAddr, dur: Duration) -> Latency {
     let req = request();
     let mut hist = new_hist();
     let mut errors = 0;
+    let mut first_error = None;
     let start = Instant::now();
     while start.elapsed() < dur {
         match one_connection(addr, &req) {
             Ok(d) => hist.saturating_record(d.as_nanos() as u64),
-            Err(_) => {
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
                 errors += 1;
                 if errors > 1000 {
                     break;
@@ -206,13 +212,23 @@ pub fn connect_latency(addr: SocketAddr, dur: Duration) -> Latency {
         hist,
         elapsed: start.elapsed(),
         errors,
+        first_error,
     }
 }
 
+/// What [`connect_rate`] measured.
+pub struct ConnRate {
+    pub per_sec: f64,
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
 /// Connections per second at saturation: `threads` clients in a loop.
-pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> (f64, u64, u64) {
+pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> ConnRate {
     let ok = AtomicU64::new(0);
     let errors = AtomicU64::new(0);
+    let first_error = std::sync::Mutex::new(None::<String>);
     let start = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -221,7 +237,10 @@ pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> (f64, u6
                 while start.elapsed() < dur {
                     match one_connection(addr, &req) {
                         Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => {
+                        Err(e) => {
+                            if let Ok(mut f) = first_error.lock() {
+                                f.get_or_insert_with(|| e.to_string());
+                            }
                             if errors.fetch_add(1, Ordering::Relaxed) > 1000 {
                                 break;
                             }
@@ -234,7 +253,12 @@ pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> (f64, u6
     });
     let elapsed = start.elapsed().as_secs_f64();
     let n = ok.load(Ordering::Relaxed);
-    (n as f64 / elapsed, n, errors.load(Ordering::Relaxed))
+    ConnRate {
+        per_sec: n as f64 / elapsed,
+        ok: n,
+        errors: errors.load(Ordering::Relaxed),
+        first_error: first_error.into_inner().ok().flatten(),
+    }
 }
 
 /// What to send: for a time (throughput) or an exact amount (hashed check).

@@ -29,6 +29,50 @@ pub struct Plan {
     pub rate: f64,
     pub conn_threads: usize,
     pub hashed_bytes: u64,
+    pub phases: Phases,
+}
+
+/// Which measurements a round runs (`--phases`).
+#[derive(Clone, Copy, Debug)]
+pub struct Phases {
+    pub rr: bool,
+    pub rate: bool,
+    pub connect: bool,
+    pub bulk: bool,
+}
+
+impl Phases {
+    pub fn all() -> Phases {
+        Phases {
+            rr: true,
+            rate: true,
+            connect: true,
+            bulk: true,
+        }
+    }
+
+    pub fn parse(list: &str) -> Result<Phases, String> {
+        let mut p = Phases {
+            rr: false,
+            rate: false,
+            connect: false,
+            bulk: false,
+        };
+        for name in list.split(',') {
+            match name {
+                "rr" => p.rr = true,
+                "rate" => p.rate = true,
+                "connect" => p.connect = true,
+                "bulk" => p.bulk = true,
+                other => {
+                    return Err(format!(
+                        "--phases: unknown phase {other:?} (rr, rate, connect, bulk)"
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
 }
 
 /// What one path produced in one round.
@@ -63,7 +107,30 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
     let d = dur(plan.secs);
 
     // 1. request/response, persistent connection, one in flight
-    match on_client(client, || clients::ping_pong(t.echo, d)) {
+    if plan.phases.rr {
+        ping(&mut r, client, t.echo, d);
+    }
+    if plan.phases.rate {
+        fixed(&mut r, client, t.echo, d, plan.rate);
+    }
+    if plan.phases.connect {
+        connect(&mut r, client, t.echo, d, plan.conn_threads);
+    }
+    if let Err(e) = a.check_alive() {
+        r.errors.push(e);
+        return r;
+    }
+    if plan.phases.bulk {
+        bulk(&mut r, a, client, plan);
+        if let Err(e) = a.check_alive() {
+            r.errors.push(e);
+        }
+    }
+    r
+}
+
+fn ping(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration) {
+    match on_client(client, || clients::ping_pong(echo, d)) {
         Ok(Ok(l)) if !l.hist.is_empty() => {
             r.ping_rate = Some(l.rate());
             r.ping = Some(l.hist);
@@ -72,8 +139,11 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
         Ok(Err(e)) => r.errors.push(format!("ping-pong: {e}")),
         Err(e) => r.errors.push(format!("ping-pong: {e}")),
     }
-    // 2. the same at a fixed rate below saturation
-    match on_client(client, || clients::fixed_rate(t.echo, d, plan.rate)) {
+}
+
+/// The same at a fixed rate below saturation.
+fn fixed(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration, rate: f64) {
+    match on_client(client, || clients::fixed_rate(echo, d, rate)) {
         Ok(Ok(l)) if !l.hist.is_empty() => {
             r.fixed_rate_achieved = Some(l.rate());
             r.fixed = Some(l.hist);
@@ -82,41 +152,52 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
         Ok(Err(e)) => r.errors.push(format!("fixed-rate: {e}")),
         Err(e) => r.errors.push(format!("fixed-rate: {e}")),
     }
-    // 3. connection per request: latency, then rate at saturation
-    match on_client(client, || clients::connect_latency(t.echo, d)) {
+}
+
+/// Connection per request: latency, then rate at saturation.
+fn connect(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration, threads: usize) {
+    match on_client(client, || clients::connect_latency(echo, d)) {
         Ok(l) if !l.hist.is_empty() => {
             if l.errors > 0 {
-                r.errors
-                    .push(format!("connect latency: {} failed connections", l.errors));
+                r.errors.push(format!(
+                    "connect latency: {} failed connections (first: {})",
+                    l.errors,
+                    l.first_error.unwrap_or_default()
+                ));
             }
             r.conn = Some(l.hist);
         }
-        Ok(l) => r
-            .errors
-            .push(format!("connect latency: no samples ({} errors)", l.errors)),
+        Ok(l) => r.errors.push(format!(
+            "connect latency: no samples ({} errors, first: {})",
+            l.errors,
+            l.first_error.unwrap_or_default()
+        )),
         Err(e) => r.errors.push(format!("connect latency: {e}")),
     }
-    match on_client(client, || {
-        clients::connect_rate(t.echo, d, plan.conn_threads)
-    }) {
-        Ok((rate, n, errors)) if n > 0 => {
-            if errors > 0 {
-                r.errors
-                    .push(format!("connect rate: {errors} failed connections"));
+    match on_client(client, || clients::connect_rate(echo, d, threads)) {
+        Ok(c) if c.ok > 0 => {
+            if c.errors > 0 {
+                r.errors.push(format!(
+                    "connect rate: {} failed connections (first: {})",
+                    c.errors,
+                    c.first_error.unwrap_or_default()
+                ));
             }
-            r.conn_rate = Some(rate);
+            r.conn_rate = Some(c.per_sec);
         }
-        Ok((_, _, errors)) => r
-            .errors
-            .push(format!("connect rate: no connection ({errors} errors)")),
+        Ok(c) => r.errors.push(format!(
+            "connect rate: no connection ({} errors, first: {})",
+            c.errors,
+            c.first_error.unwrap_or_default()
+        )),
         Err(e) => r.errors.push(format!("connect rate: {e}")),
     }
-    if let Err(e) = a.check_alive() {
-        r.errors.push(e);
-        return r;
-    }
+}
 
-    // 4. integrity: hashed transfers, one way and both ways
+/// Hashed transfers (integrity), then timed ones with CPU accounting.
+fn bulk(r: &mut Round, a: &Active, client: &Netns, plan: &Plan) {
+    let t = a.targets;
+    let d = dur(plan.secs);
     for (what, f) in [
         ("one-way", clients::bulk_one_way as fn(_, _) -> _),
         ("both-ways", clients::bulk_both_ways),
@@ -170,10 +251,6 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
             r.proxy_cpu_s_per_gb = Some(p1.saturating_sub(p0) as f64 / tck / gb);
         }
     }
-    if let Err(e) = a.check_alive() {
-        r.errors.push(e);
-    }
-    r
 }
 
 /// The proxy's memory with `n` idle proxied connections.

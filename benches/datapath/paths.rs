@@ -52,6 +52,8 @@ pub enum PathKind {
     UproxyCopy,
     Nginx,
     Haproxy,
+    /// Another kube-uproxy binary (`--baseline-bin`), splice relay.
+    UproxyBaseline,
 }
 
 pub const ALL: [PathKind; 7] = [
@@ -74,6 +76,7 @@ impl PathKind {
             PathKind::UproxyCopy => "kube-uproxy copy",
             PathKind::Nginx => "nginx stream",
             PathKind::Haproxy => "haproxy tcp",
+            PathKind::UproxyBaseline => "kube-uproxy baseline",
         }
     }
 
@@ -89,20 +92,28 @@ impl PathKind {
             "copy" | "kube-uproxy-copy" | "uproxy-copy" => PathKind::UproxyCopy,
             "nginx" | "nginx-stream" => PathKind::Nginx,
             "haproxy" | "haproxy-tcp" => PathKind::Haproxy,
+            "baseline" | "kube-uproxy-baseline" => PathKind::UproxyBaseline,
             _ => return None,
         })
     }
 
     /// Core paths must produce numbers; peers are optional.
     pub fn core(self) -> bool {
-        !matches!(self, PathKind::Nginx | PathKind::Haproxy)
+        !matches!(
+            self,
+            PathKind::Nginx | PathKind::Haproxy | PathKind::UproxyBaseline
+        )
     }
 
     /// Whether a user-space process carries the traffic.
     pub fn has_process(self) -> bool {
         matches!(
             self,
-            PathKind::UproxySplice | PathKind::UproxyCopy | PathKind::Nginx | PathKind::Haproxy
+            PathKind::UproxySplice
+                | PathKind::UproxyCopy
+                | PathKind::UproxyBaseline
+                | PathKind::Nginx
+                | PathKind::Haproxy
         )
     }
 
@@ -193,6 +204,8 @@ impl Active {
 pub struct Ctx<'a> {
     pub lab: &'a Lab,
     pub bin: PathBuf,
+    /// `--baseline-bin`: the binary of the "kube-uproxy baseline" path.
+    pub baseline_bin: Option<PathBuf>,
     pub workdir: PathBuf,
 }
 
@@ -263,13 +276,19 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 log: None,
             }
         }
-        PathKind::UproxySplice | PathKind::UproxyCopy => {
-            let mode = if kind == PathKind::UproxySplice {
-                "splice"
-            } else {
-                "copy"
+        PathKind::UproxySplice | PathKind::UproxyCopy | PathKind::UproxyBaseline => {
+            let (mode, bin, dirname) = match kind {
+                PathKind::UproxyCopy => ("copy", &ctx.bin, "uproxy-copy"),
+                PathKind::UproxyBaseline => (
+                    "splice",
+                    ctx.baseline_bin
+                        .as_ref()
+                        .ok_or("the baseline path needs --baseline-bin")?,
+                    "uproxy-baseline",
+                ),
+                _ => ("splice", &ctx.bin, "uproxy-splice"),
             };
-            let dir = ctx.workdir.join(format!("uproxy-{mode}"));
+            let dir = ctx.workdir.join(dirname);
             fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let manifests = dir.join("manifests.yaml");
             let eps = ctx.endpoints();
@@ -287,7 +306,7 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
             let log = dir.join("kube-uproxy.log");
             let child = spawn_logged(
                 ctx,
-                &ctx.bin,
+                bin,
                 &[
                     OsStr::new("--manifests"),
                     manifests.as_os_str(),

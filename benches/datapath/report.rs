@@ -203,30 +203,31 @@ impl Acc {
 
 impl PathSummary {
     /// Why this path has no usable numbers, if so (skips excluded).
-    pub fn missing(&self) -> Vec<&'static str> {
+    /// The figures of the phases that ran that this path did not produce.
+    pub fn missing(&self, phases: &crate::measure::Phases) -> Vec<&'static str> {
         if self.skipped.is_some() {
             return vec![];
         }
         let mut m = vec![];
-        if self.ping.is_none() {
+        if phases.rr && self.ping.is_none() {
             m.push("persistent request/response");
         }
-        if self.fixed.is_none() {
+        if phases.rate && self.fixed.is_none() {
             m.push("fixed-rate request/response");
         }
-        if self.conn.is_none() {
+        if phases.connect && self.conn.is_none() {
             m.push("connect latency");
         }
-        if self.conn_rate.is_none() {
+        if phases.connect && self.conn_rate.is_none() {
             m.push("connections/s");
         }
-        if self.one_way_gbps.is_none() {
+        if phases.bulk && self.one_way_gbps.is_none() {
             m.push("one-way throughput");
         }
-        if self.both_ways_gbps.is_none() {
+        if phases.bulk && self.both_ways_gbps.is_none() {
             m.push("both-ways throughput");
         }
-        if self.integrity_checks == 0 {
+        if phases.bulk && self.integrity_checks == 0 {
             m.push("integrity checks");
         }
         m
