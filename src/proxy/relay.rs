@@ -9,7 +9,11 @@
 //!   entering user space. Small request/response traffic never pays for a
 //!   pipe (two file descriptors and a few system calls per direction, and a
 //!   splice costs more than copying a few bytes); bulk traffic never pays
-//!   for the copy. An idle connection holds no buffer and no pipe.
+//!   for the copy. An idle connection holds no buffer and no pipe. A
+//!   direction that turns bulk runs its splice loop as a task of its own,
+//!   so the two directions of a bulk flow can use two CPUs, while the small
+//!   exchanges of both directions stay in the connection's one task (no
+//!   wake-up crosses threads between a request and its response).
 //! - `copy`: tokio's `copy_bidirectional` with 64 KiB buffers per
 //!   connection, for comparison in benchmarks and for kernels without splice.
 //!
@@ -19,16 +23,16 @@
 //! neither peer waits on a connection that is gone (no CLOSE_WAIT pile-up).
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use nix::sys::socket::{MsgFlags, recv};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How bytes are moved between the two connections of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,39 +66,51 @@ thread_local! {
         std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
-/// Relays until both directions are done or one fails.
+/// Relays until both directions are done or one fails; then closes both
+/// connections (with RST after a failure).
 pub async fn relay(
     mode: RelayMode,
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
 ) -> io::Result<Transferred> {
-    let result = match mode {
+    match mode {
         RelayMode::Splice => {
-            let (mut client_read, client_write) = client.split();
-            let (mut upstream_read, upstream_write) = upstream.split();
-            let (a, b) = tokio::try_join!(
-                hybrid_one_way(&mut client_read, upstream_write.as_ref()),
-                hybrid_one_way(&mut upstream_read, client_write.as_ref())
-            )?;
-            Ok(Transferred {
+            let client = Arc::new(client);
+            let upstream = Arc::new(upstream);
+            let result = tokio::try_join!(
+                hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream)),
+                hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client))
+            );
+            // On failure try_join drops the other direction, and with it
+            // the task of a bulk direction (AbortOnDropHandle): the last
+            // reference to each socket goes away and the RST is sent.
+            if result.is_err() {
+                reset(&client);
+                reset(&upstream);
+            }
+            result.map(|(a, b)| Transferred {
                 client_to_upstream: a,
                 upstream_to_client: b,
             })
         }
         RelayMode::Copy => {
-            tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER)
-                .await
-                .map(|(a, b)| Transferred {
-                    client_to_upstream: a,
-                    upstream_to_client: b,
-                })
+            let result = tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await;
+            if result.is_err() {
+                reset(&client);
+                reset(&upstream);
+            }
+            result.map(|(a, b)| Transferred {
+                client_to_upstream: a,
+                upstream_to_client: b,
+            })
         }
-    };
-    if result.is_err() {
-        reset(client);
-        reset(upstream);
     }
-    result
 }
 
 /// Makes the close of `stream` send RST instead of FIN.
@@ -131,28 +147,60 @@ enum Step {
     Moved { n: usize, full: bool },
 }
 
+/// Reads once from `src`, waiting for data. A short read is taken as
+/// proof that the socket is drained and clears its readiness (as tokio's
+/// own `poll_read` does), so the next message costs no read that only
+/// returns EAGAIN. `Ok(0)` is EOF.
+fn poll_read_drained(
+    cx: &mut Context<'_>,
+    src: &TcpStream,
+    buf: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(src.poll_read_ready(cx))?;
+        let mut short = None;
+        let fd = src.as_raw_fd();
+        let result = src.try_io(Interest::READABLE, || {
+            let n = recv(fd, buf, MsgFlags::empty()).map_err(io::Error::from)?;
+            if n > 0 && n < buf.len() {
+                // Report "would block" so that try_io clears the
+                // readiness; the bytes are handed over through `short`.
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match result {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(n) = short {
+                    return Poll::Ready(Ok(n));
+                }
+                // Drained: poll_read_ready registers the waker.
+            }
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 /// Reads once from `src` into the thread's scratch buffer and writes what
 /// it can to `dst` at once; what `dst` cannot take yet goes to `unsent`.
 ///
-/// It reads through `poll_read`, which takes a short read as proof that the
-/// socket is drained and clears its readiness: no second read that only
-/// returns EAGAIN. The scratch buffer is borrowed only within one poll,
-/// so the next poll may run on another thread with another buffer.
+/// The scratch buffer is borrowed only within one poll, so the next poll
+/// may run on another thread with another buffer.
 fn poll_copy_step(
     cx: &mut Context<'_>,
-    src: &mut ReadHalf<'_>,
+    src: &TcpStream,
     dst: &TcpStream,
     unsent: &mut Vec<u8>,
 ) -> Poll<io::Result<Step>> {
     SCRATCH_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
-        let mut read_buf = ReadBuf::new(&mut buf[..]);
-        match Pin::new(&mut *src).poll_read(cx, &mut read_buf) {
+        let n = match poll_read_drained(cx, src, &mut buf[..]) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) => {}
-        }
-        let n = read_buf.filled().len();
+            Poll::Ready(Ok(n)) => n,
+        };
         if n == 0 {
             return Poll::Ready(Ok(Step::Eof));
         }
@@ -189,23 +237,27 @@ async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> io::Result<()> {
 }
 
 /// Moves `src` → `dst` until EOF on `src`, then half-closes `dst`: by copy
-/// while the flow looks small, by splice once it looks bulk.
-async fn hybrid_one_way(src: &mut ReadHalf<'_>, dst: &TcpStream) -> io::Result<u64> {
+/// while the flow looks small, by splice once it looks bulk. The splice
+/// loop is a task of its own, aborted if this future is dropped.
+async fn hybrid_one_way(src: Arc<TcpStream>, dst: Arc<TcpStream>) -> io::Result<u64> {
     let mut unsent = Vec::new();
     let mut total = 0u64;
     loop {
-        let step = std::future::poll_fn(|cx| poll_copy_step(cx, src, dst, &mut unsent)).await?;
+        let step = std::future::poll_fn(|cx| poll_copy_step(cx, &src, &dst, &mut unsent)).await?;
         match step {
             Step::Eof => {
-                flush(dst, &mut unsent).await?;
-                shutdown_write(dst)?;
+                flush(&dst, &mut unsent).await?;
+                shutdown_write(&dst)?;
                 return Ok(total);
             }
             Step::Moved { n, full } => {
                 total += n as u64;
-                flush(dst, &mut unsent).await?;
+                flush(&dst, &mut unsent).await?;
                 if full {
-                    return splice_one_way(src.as_ref(), dst, total).await;
+                    let task = AbortOnDropHandle::new(tokio::spawn(async move {
+                        splice_one_way(&src, &dst, total).await
+                    }));
+                    return task.await.map_err(io::Error::other)?;
                 }
             }
         }
@@ -298,9 +350,9 @@ mod tests {
             s.write_all(&got).await.unwrap();
         });
         let proxy_task = tokio::spawn(async move {
-            let (mut c, _) = proxy.accept().await.unwrap();
-            let mut u = TcpStream::connect(server_addr).await.unwrap();
-            relay(mode, &mut c, &mut u).await.unwrap()
+            let (c, _) = proxy.accept().await.unwrap();
+            let u = TcpStream::connect(server_addr).await.unwrap();
+            relay(mode, c, u).await.unwrap()
         });
         let mut client = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut r, mut w) = client.split();
@@ -348,9 +400,9 @@ mod tests {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (server_addr, proxy_addr) = (server.local_addr().unwrap(), proxy.local_addr().unwrap());
         tokio::spawn(async move {
-            let (mut c, _) = proxy.accept().await.unwrap();
-            let mut u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice, &mut c, &mut u).await.unwrap()
+            let (c, _) = proxy.accept().await.unwrap();
+            let u = TcpStream::connect(server_addr).await.unwrap();
+            relay(RelayMode::Splice, c, u).await.unwrap()
         });
         let echo = tokio::spawn(async move {
             let (s, _) = server.accept().await.unwrap();
@@ -380,6 +432,47 @@ mod tests {
             got.len(),
             want.len()
         );
+    }
+
+    #[tokio::test]
+    async fn upstream_reset_reaches_client_while_its_bulk_direction_is_idle() {
+        // The client sends a bulk burst (its direction moves to a splice
+        // task), then only waits. The server reads the burst and resets.
+        // The client must learn at once: the idle splice task holding the
+        // client socket has to be aborted, not left waiting for more data.
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (server_addr, proxy_addr) = (server.local_addr().unwrap(), proxy.local_addr().unwrap());
+        let burst = data(256 * 1024);
+        let relay_task = tokio::spawn(async move {
+            let (c, _) = proxy.accept().await.unwrap();
+            let u = TcpStream::connect(server_addr).await.unwrap();
+            relay(RelayMode::Splice, c, u).await
+        });
+        let len = burst.len();
+        let server_task = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = vec![0u8; len];
+            s.read_exact(&mut got).await.unwrap();
+            reset(&s);
+            got
+        });
+        let mut client = TcpStream::connect(proxy_addr).await.unwrap();
+        client.write_all(&burst).await.unwrap();
+        let got = server_task.await.unwrap();
+        assert!(got == burst, "burst corrupted");
+        let mut b = [0u8; 1];
+        let outcome = tokio::time::timeout(Duration::from_secs(5), client.read(&mut b)).await;
+        match outcome {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            Ok(Ok(n)) => panic!("client read {n} unexpected bytes"),
+            Err(_) => panic!("client still connected 5 s after the upstream reset"),
+        }
+        let r = tokio::time::timeout(Duration::from_secs(5), relay_task)
+            .await
+            .expect("relay did not end")
+            .unwrap();
+        assert!(r.is_err(), "relay should report the reset, got {r:?}");
     }
 
     #[tokio::test]

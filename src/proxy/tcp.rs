@@ -100,7 +100,7 @@ async fn accept_loop(
 /// Picks an endpoint, connects (failing over to the next endpoint on
 /// refusal or timeout), then relays until both directions are done.
 async fn handle_connection(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
@@ -118,9 +118,9 @@ async fn handle_connection(
         };
         let endpoint = lease.addr();
         match tokio::time::timeout(*timeout, TcpStream::connect(endpoint)).await {
-            Ok(Ok(mut upstream)) => {
+            Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                match relay(config.relay, &mut client, &mut upstream).await {
+                match relay(config.relay, client, upstream).await {
                     Ok(t) => debug!(
                         %endpoint,
                         sent = t.client_to_upstream,
