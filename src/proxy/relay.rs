@@ -84,14 +84,7 @@ pub async fn relay(
             // On failure try_join drops the other direction, and with it
             // the task of a bulk direction (AbortOnDropHandle): the last
             // reference to each socket goes away and the RST is sent.
-            if result.is_err() {
-                reset(&client);
-                reset(&upstream);
-            }
-            result.map(|(a, b)| Transferred {
-                client_to_upstream: a,
-                upstream_to_client: b,
-            })
+            finish(result, &client, &upstream)
         }
         RelayMode::Copy => {
             let result = tokio::io::copy_bidirectional_with_sizes(
@@ -101,16 +94,26 @@ pub async fn relay(
                 COPY_BUFFER,
             )
             .await;
-            if result.is_err() {
-                reset(&client);
-                reset(&upstream);
-            }
-            result.map(|(a, b)| Transferred {
-                client_to_upstream: a,
-                upstream_to_client: b,
-            })
+            finish(result, &client, &upstream)
         }
     }
+}
+
+/// After a failure both sockets are set to close with RST; the counts of
+/// a flow that ended well are returned.
+fn finish(
+    result: io::Result<(u64, u64)>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> io::Result<Transferred> {
+    if result.is_err() {
+        reset(client);
+        reset(upstream);
+    }
+    result.map(|(a, b)| Transferred {
+        client_to_upstream: a,
+        upstream_to_client: b,
+    })
 }
 
 /// Makes the close of `stream` send RST instead of FIN.
