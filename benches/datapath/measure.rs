@@ -106,7 +106,8 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
     let client = lab.client();
     let d = dur(plan.secs);
 
-    // 1. request/response, persistent connection, one in flight
+    // In order: request/response on one connection, the same at a fixed
+    // rate, connection per request, then bulk (hashed, then timed).
     if plan.phases.rr {
         ping(&mut r, client, t.echo, d);
     }
@@ -129,6 +130,7 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
     r
 }
 
+/// Request/response on a persistent connection, one in flight.
 fn ping(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration) {
     match on_client(client, || clients::ping_pong(echo, d)) {
         Ok(Ok(l)) if !l.hist.is_empty() => {
