@@ -162,17 +162,15 @@ fn connect(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duratio
         Ok(l) if !l.hist.is_empty() => {
             if l.errors > 0 {
                 r.errors.push(format!(
-                    "connect latency: {} failed connections (first: {})",
-                    l.errors,
-                    l.first_error.unwrap_or_default()
+                    "connect latency: {}",
+                    failures(l.errors, l.first_error)
                 ));
             }
             r.conn = Some(l.hist);
         }
         Ok(l) => r.errors.push(format!(
-            "connect latency: no samples ({} errors, first: {})",
-            l.errors,
-            l.first_error.unwrap_or_default()
+            "connect latency: no samples, {}",
+            failures(l.errors, l.first_error)
         )),
         Err(e) => r.errors.push(format!("connect latency: {e}")),
     }
@@ -180,20 +178,26 @@ fn connect(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duratio
         Ok(c) if c.ok > 0 => {
             if c.errors > 0 {
                 r.errors.push(format!(
-                    "connect rate: {} failed connections (first: {})",
-                    c.errors,
-                    c.first_error.unwrap_or_default()
+                    "connect rate: {}",
+                    failures(c.errors, c.first_error)
                 ));
             }
             r.conn_rate = Some(c.per_sec);
         }
         Ok(c) => r.errors.push(format!(
-            "connect rate: no connection ({} errors, first: {})",
-            c.errors,
-            c.first_error.unwrap_or_default()
+            "connect rate: no connection, {}",
+            failures(c.errors, c.first_error)
         )),
         Err(e) => r.errors.push(format!("connect rate: {e}")),
     }
+}
+
+/// "N failed connections (first: …)" of a connect measurement.
+fn failures(errors: u64, first: Option<String>) -> String {
+    format!(
+        "{errors} failed connections (first: {})",
+        first.as_deref().unwrap_or("none recorded")
+    )
 }
 
 /// Hashed transfers (integrity), then timed ones with CPU accounting.
