@@ -1,6 +1,8 @@
 //! `kube-uproxy`: wires the flags, the source, the reconciler and the
 //! shutdown path together. The logic lives in the library.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -8,9 +10,10 @@ use anyhow::Context;
 use clap::Parser;
 use kube_uproxy::config::Args;
 use kube_uproxy::proxy::DataPathConfig;
+use kube_uproxy::proxy::listeners::{Connections, SocketListeners};
 use kube_uproxy::proxy::ports::ProxyPortAllocator;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig};
-use kube_uproxy::rules::RuleTable;
+use kube_uproxy::rules::{self, Instance, Layout, Nft, NftCommand, RuleTable};
 use kube_uproxy::source;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -69,28 +72,83 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--cleanup`: everything the proxy installed goes.
+async fn cleanup() -> anyhow::Result<()> {
+    let mut nft = NftCommand;
+    let note = match nft.read().await {
+        Ok(t) => t.and_then(|t| t.note),
+        Err(e) => {
+            warn!(error = %e, "cannot read the table before removing it");
+            None
+        }
+    };
+    nft.apply(&rules::render::delete_table())
+        .await
+        .context("removing the kube-uproxy nftables table")?;
+    info!("nftables table removed");
+    rules::host::cleanup(note.as_deref()).context("removing the proxy address")?;
+    Ok(())
+}
+
+/// A random id for this process's writes to the table.
+fn instance_id() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::process::id()) as u32
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
-        RuleTable::delete()
-            .await
-            .context("removing the kube-uproxy nftables table")?;
-        info!("nftables table removed");
-        return Ok(());
+        return cleanup().await;
     }
     raise_fd_limit();
 
+    // First signal: stop accepting and drain. Second: cut what is left now.
     let cancel = CancellationToken::new();
+    let hurry = CancellationToken::new();
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     {
-        let cancel = cancel.clone();
+        let (cancel, hurry) = (cancel.clone(), hurry.clone());
         tokio::spawn(async move {
-            tokio::select! {
-                _ = sigterm.recv() => info!("SIGTERM received; shutting down"),
-                _ = sigint.recv() => info!("SIGINT received; shutting down"),
+            for token in [cancel, hurry] {
+                tokio::select! {
+                    _ = sigterm.recv() => info!("SIGTERM received"),
+                    _ = sigint.recv() => info!("SIGINT received"),
+                }
+                token.cancel();
             }
-            cancel.cancel();
         });
+    }
+
+    // What an earlier instance left: its proxy ports go back to the same
+    // Service ports, so that unchanged Services see no rule change.
+    let mut nft = NftCommand;
+    let earlier = match nft.read().await {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "cannot read an earlier instance's table; starting afresh");
+            None
+        }
+    };
+    let note = rules::host::prepare(
+        args.bind_address,
+        earlier.as_ref().and_then(|t| t.note.as_deref()),
+    )
+    .context("preparing the node")?;
+    let adopted: HashMap<_, _> = earlier
+        .as_ref()
+        .filter(|t| t.proxy_address == Some(args.bind_address))
+        .map(|t| t.service_ports.clone().into_iter().collect())
+        .unwrap_or_default();
+    let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.bind_address), args.proxy_port_range);
+    for (dest, port) in &adopted {
+        ports.reserve(dest.protocol, *port);
+    }
+    if !adopted.is_empty() {
+        info!(
+            destinations = adopted.len(),
+            "found an earlier instance's table; taking its proxy ports back"
+        );
     }
 
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -119,23 +177,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
-    let config = ReconcilerConfig {
-        default_algorithm: args.lb_algorithm,
-        data_path: Arc::new(DataPathConfig {
+    let connections = Connections::new();
+    let listeners = SocketListeners::new(
+        ports,
+        Arc::new(DataPathConfig {
             relay: args.tcp_relay,
             ..DataPathConfig::default()
         }),
+        connections.clone(),
+    );
+    let layout = Layout {
+        proxy_address: args.bind_address,
+        instance: Instance {
+            id: instance_id(),
+            note,
+        },
     };
-    let ports = ProxyPortAllocator::new(args.bind_address, args.proxy_port_range);
+    let config = ReconcilerConfig {
+        default_algorithm: args.lb_algorithm,
+        sync_period: args.sync_period,
+    };
     info!(
         source = if args.manifests.is_some() { "manifests" } else { "kubernetes" },
         algorithm = %args.lb_algorithm,
         relay = ?args.tcp_relay,
+        proxy_address = %args.bind_address,
         "kube-uproxy starting"
     );
     // On a worker thread: the listener tasks it spawns then go to that
     // worker's local queue instead of waking a worker each time.
-    let reconciler = tokio::spawn(Reconciler::new(config, ports).run(rx, cancel.clone()));
+    let reconciler = tokio::spawn(
+        Reconciler::new(config, RuleTable::new(nft, layout), listeners, adopted)
+            .run(rx, cancel.clone()),
+    );
     if let Err(e) = reconciler.await {
         error!(error = %e, "the reconciler task failed");
     }
@@ -145,9 +219,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => Err(anyhow::anyhow!("the source task failed: {e}")),
     };
 
-    RuleTable::delete()
-        .await
-        .context("removing the kube-uproxy nftables table on shutdown")?;
-    info!("nftables table removed; bye");
+    // The listeners are closed; the rules stay, for the next instance.
+    let open = connections.open();
+    if open > 0 {
+        info!(
+            open,
+            grace_s = args.shutdown_grace.as_secs_f64(),
+            "listeners closed; waiting for open connections to finish"
+        );
+    }
+    let drained = connections.drain(args.shutdown_grace, hurry).await;
+    if drained.cut > 0 {
+        warn!(cut = drained.cut, "connections still open were reset");
+    }
+    info!("stopped; the rules stay in place (`kube-uproxy --cleanup` removes them)");
     source_result
 }

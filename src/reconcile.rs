@@ -9,28 +9,40 @@
 //! their listener. All rule changes of a sync go to the kernel in one nft
 //! transaction.
 //!
-//! Nothing is synced until the source has delivered its complete initial
-//! Services *and* EndpointSlices, so a restart never flaps a Service through
-//! "no endpoints".
+//! Order matters in three places:
+//! - Nothing is synced until the source has delivered its complete initial
+//!   Services *and* EndpointSlices, so a restart never flaps a Service
+//!   through "no endpoints".
+//! - A listener closes, and its port is given back, only after a sync that
+//!   removed its rules *succeeded*: while the kernel may still send traffic
+//!   to a port, the port keeps its listener and is handed to nobody else.
+//! - At start, Service ports whose destinations an earlier instance's table
+//!   mapped to a proxy port get that port back (`adopted`), so that a
+//!   restart or a handover changes no rule of an unchanged Service.
+//!
+//! Every `sync_period` the kernel's table is compared with what was applied
+//! and written again if it drifted (a flush, a firewall reload).
+//!
+//! The reconciler reaches the kernel only through the [`Nft`] and
+//! [`Listeners`] seams, so all of this is unit-tested without root.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::model::{
     Algorithm, ClusterState, ObjectKey, Protocol, ServicePortName, ServicePortSpec,
 };
-use crate::proxy::DataPathConfig;
 use crate::proxy::balancer::Balancer;
-use crate::proxy::ports::ProxyPortAllocator;
-use crate::proxy::tcp;
-use crate::rules::{Action, Destination, ProxyPort, RuleTable, SyncKind};
+use crate::proxy::listeners::{ListenError, Listener, Listeners};
+use crate::rules::{Action, Destination, Nft, ProxyPort, RuleTable, SyncKind, Verified};
 use crate::source::Update;
 
 /// How long to wait before retrying a failed rule sync or listener.
@@ -41,48 +53,66 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct ReconcilerConfig {
     /// Used by Services without the `kube-uproxy.io/lb-algorithm` annotation.
     pub default_algorithm: Algorithm,
-    pub data_path: Arc<DataPathConfig>,
+    /// How often the kernel's table is checked against what was applied
+    /// (kube-proxy's `--sync-period`).
+    pub sync_period: Duration,
 }
 
 /// A Service port that has a listener.
 struct ActivePort {
     spec: ServicePortSpec,
-    proxy_port: u16,
+    listener: Listener,
     balancer: Arc<Balancer>,
-    /// Stops the accept loop (open connections are not affected).
-    stop: CancellationToken,
-    /// The destinations whose rules point at this port.
+    /// The destinations this port claims in the rules.
     destinations: BTreeSet<Destination>,
 }
 
 /// Owns the running state: listeners, balancers and the rule table.
-pub struct Reconciler {
+pub struct Reconciler<N: Nft, L: Listeners> {
     config: ReconcilerConfig,
     state: ClusterState,
-    ports: ProxyPortAllocator,
+    listeners: L,
     /// Ordered by Service first, so one Service's ports are a range.
     active: BTreeMap<ServicePortName, ActivePort>,
-    rules: RuleTable,
+    rules: RuleTable<N>,
+    /// Ports whose rules are gone from what we want, waiting for a sync that
+    /// succeeds before their listeners close.
+    closing: Vec<(ServicePortName, ActivePort)>,
+    /// Proxy ports an earlier instance's table gave each destination; used
+    /// for the first listener of each Service port, then dropped.
+    adopted: HashMap<Destination, u16>,
     /// Services whose last reconcile could not finish (e.g. no free port).
     retry: BTreeSet<ObjectKey>,
     /// Services to reconcile at the next sync besides the dirty ones.
     pending_keys: BTreeSet<ObjectKey>,
     services_synced: bool,
     slices_synced: bool,
+    /// Set after the first sync of rules succeeded.
+    first_sync_done: bool,
 }
 
-impl Reconciler {
-    pub fn new(config: ReconcilerConfig, ports: ProxyPortAllocator) -> Self {
+impl<N: Nft, L: Listeners> Reconciler<N, L> {
+    /// `adopted`: destination → proxy port, from the table an earlier
+    /// instance left (empty when there was none).
+    pub fn new(
+        config: ReconcilerConfig,
+        rules: RuleTable<N>,
+        listeners: L,
+        adopted: HashMap<Destination, u16>,
+    ) -> Self {
         Reconciler {
             config,
             state: ClusterState::new(),
-            ports,
+            listeners,
             active: BTreeMap::new(),
-            rules: RuleTable::new(),
+            rules,
+            closing: Vec::new(),
+            adopted,
             retry: BTreeSet::new(),
             pending_keys: BTreeSet::new(),
             services_synced: false,
             slices_synced: false,
+            first_sync_done: false,
         }
     }
 
@@ -107,20 +137,26 @@ impl Reconciler {
         }
     }
 
-    /// Runs until `cancel` fires or the source closes its channel; then stops
-    /// every listener. Removing the rules is the caller's job.
+    fn needs_retry(&self) -> bool {
+        self.rules.has_pending() || !self.retry.is_empty() || !self.closing.is_empty()
+    }
+
+    /// Runs until `cancel` fires or the source closes its channel; then
+    /// stops every listener (open connections go on; draining them is the
+    /// caller's job). The rules stay in the kernel.
     pub async fn run(mut self, mut updates: Receiver<Update>, cancel: CancellationToken) {
-        // A deadline, not a fresh sleep per pass: under a steady stream of
-        // updates a retry must still come due.
-        let mut retry_at: Option<tokio::time::Instant> = None;
+        // Deadlines, not a fresh sleep per pass: under a steady stream of
+        // updates a retry or a check must still come due.
+        let mut retry_at: Option<Instant> = None;
+        let mut verify_at = Instant::now() + self.config.sync_period;
         loop {
-            let need_retry = self.synced() && (self.rules.has_pending() || !self.retry.is_empty());
+            let need_retry = self.synced() && self.needs_retry();
             if !need_retry {
                 retry_at = None;
             } else if retry_at.is_none() {
-                retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
+                retry_at = Some(Instant::now() + RETRY_AFTER);
             }
-            let retry_deadline = retry_at.unwrap_or_else(tokio::time::Instant::now);
+            let retry_deadline = retry_at.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -136,6 +172,10 @@ impl Reconciler {
                     let mut again = std::mem::take(&mut self.retry);
                     self.pending_keys.append(&mut again);
                 }
+                _ = tokio::time::sleep_until(verify_at), if self.first_sync_done => {
+                    verify_at = Instant::now() + self.config.sync_period;
+                    self.verify().await;
+                }
             }
             // Take everything already queued: one sync for a burst.
             while let Ok(u) = updates.try_recv() {
@@ -145,8 +185,29 @@ impl Reconciler {
                 self.sync().await;
             }
         }
-        for (_, port) in std::mem::take(&mut self.active) {
-            port.stop.cancel();
+        self.stop_listeners();
+    }
+
+    /// Stops every listener (shutdown).
+    fn stop_listeners(&mut self) {
+        for (name, port) in std::mem::take(&mut self.active) {
+            self.listeners.close(&name, port.listener);
+        }
+        for (name, port) in std::mem::take(&mut self.closing) {
+            self.listeners.close(&name, port.listener);
+        }
+    }
+
+    /// Compares the kernel's table with what was applied; a drifted table
+    /// is written again by the next sync.
+    pub async fn verify(&mut self) {
+        match self.rules.verify().await {
+            Ok(Verified::Drifted(problems)) => warn!(
+                problems = %problems.join("; "),
+                "the kernel's table differs from what was applied; writing it again"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read the rules back to check them"),
         }
     }
 
@@ -155,45 +216,56 @@ impl Reconciler {
         let started = std::time::Instant::now();
         let mut dirty = self.state.take_dirty();
         dirty.append(&mut self.pending_keys);
-        let mut closing = Vec::new();
         for key in &dirty {
-            closing.extend(self.reconcile_service(key));
+            self.reconcile_service(key);
         }
         let reconciled = started.elapsed();
-        if self.rules.has_pending() {
+        let ok = if self.rules.has_pending() {
             match self.rules.sync().await {
-                Ok((SyncKind::Unchanged, _)) => {}
-                Ok((kind, took)) => info!(
-                    ?kind,
-                    services = self.state.service_count(),
-                    service_ports = self.active.len(),
-                    changed_services = dirty.len(),
-                    reconcile_ms = reconciled.as_secs_f64() * 1e3,
-                    nft_ms = took.as_secs_f64() * 1e3,
-                    "rules synced"
-                ),
-                Err(e) => error!(error = %e, "rule sync failed; retrying"),
+                Ok((SyncKind::Unchanged, _)) => true,
+                Ok((kind, took)) => {
+                    info!(
+                        ?kind,
+                        services = self.state.service_count(),
+                        service_ports = self.active.len(),
+                        changed_services = dirty.len(),
+                        reconcile_ms = reconciled.as_secs_f64() * 1e3,
+                        nft_ms = took.as_secs_f64() * 1e3,
+                        "rules synced"
+                    );
+                    true
+                }
+                Err(e) => {
+                    error!(error = %e, "rule sync failed; listeners stay until it succeeds; retrying");
+                    false
+                }
             }
+        } else {
+            true
+        };
+        if !ok {
+            return;
+        }
+        if !self.first_sync_done {
+            self.first_sync_done = true;
+            self.adopted.clear();
+            self.listeners.adoption_done();
         }
         // Only now that no rule points at them do listeners go away.
-        for (name, port) in closing {
-            port.stop.cancel();
-            self.ports.release(name.protocol, port.proxy_port);
-            // Dropped from the guard set at the next sync (or re-added if
-            // the port is handed out again before then).
-            self.rules.set_proxy_port(
-                ProxyPort {
-                    protocol: name.protocol,
-                    port: port.proxy_port,
-                },
-                false,
-            );
+        for (name, port) in std::mem::take(&mut self.closing) {
+            let proxy_port = ProxyPort {
+                protocol: name.protocol,
+                port: port.listener.port,
+            };
+            self.listeners.close(&name, port.listener);
+            // Dropped from the guard set at the next sync (or kept if the
+            // port is handed out again before then).
+            self.rules.set_proxy_port(proxy_port, false);
         }
     }
 
-    /// Reconciles one Service's ports; returns the ports to close after the
-    /// rule sync.
-    fn reconcile_service(&mut self, key: &ObjectKey) -> Vec<(ServicePortName, ActivePort)> {
+    /// Reconciles one Service's ports.
+    fn reconcile_service(&mut self, key: &ObjectKey) {
         let desired = self.state.service_ports(key, self.config.default_algorithm);
         let wanted: BTreeSet<&ServicePortName> = desired.iter().map(|s| &s.name).collect();
         let gone: Vec<ServicePortName> = self
@@ -203,14 +275,13 @@ impl Reconciler {
             .map(|(n, _)| n.clone())
             .filter(|n| !wanted.contains(n))
             .collect();
-        let mut closing = Vec::new();
         for name in gone {
             if let Some(port) = self.active.remove(&name) {
                 for d in &port.destinations {
-                    self.rules.set(*d, None);
+                    self.rules.release(*d, &name);
                 }
-                info!(service_port = %name, proxy_port = port.proxy_port, "service port removed");
-                closing.push((name, port));
+                info!(service_port = %name, proxy_port = port.listener.port, "service port removed");
+                self.closing.push((name, port));
             }
         }
         for spec in desired {
@@ -218,18 +289,14 @@ impl Reconciler {
                 self.retry.insert(key.clone());
             }
         }
-        closing
     }
 
     /// Creates or updates one port. `Err(true)` asks for a retry later.
     fn reconcile_port(&mut self, spec: ServicePortSpec) -> Result<(), bool> {
-        if spec.name.protocol != Protocol::Tcp {
-            warn!(service_port = %spec.name, "only TCP is proxied so far; port not proxied");
-            return Err(false);
-        }
         let usable = spec.usable_endpoints();
+        let destinations = destinations(&spec);
         if !self.active.contains_key(&spec.name) {
-            let port = self.start_listener(&spec)?;
+            let port = self.start_listener(&spec, &destinations)?;
             self.active.insert(spec.name.clone(), port);
         }
         let Some(port) = self.active.get_mut(&spec.name) else {
@@ -243,52 +310,51 @@ impl Reconciler {
         let action = if usable.is_empty() {
             Action::Reject
         } else {
-            Action::Redirect(port.proxy_port)
+            Action::Redirect(port.listener.port)
         };
-        let destinations = destinations(&spec);
         for old in port.destinations.difference(&destinations) {
-            self.rules.set(*old, None);
+            self.rules.release(*old, &spec.name);
         }
         for d in &destinations {
-            self.rules.set(*d, Some(action));
+            self.rules.claim(*d, &spec.name, action);
         }
         port.destinations = destinations;
         port.spec = spec;
         Ok(())
     }
 
-    fn start_listener(&mut self, spec: &ServicePortSpec) -> Result<ActivePort, bool> {
-        let (socket, proxy_port) = match self.ports.bind(spec.name.protocol) {
-            Ok(s) => s,
+    fn start_listener(
+        &mut self,
+        spec: &ServicePortSpec,
+        destinations: &BTreeSet<Destination>,
+    ) -> Result<ActivePort, bool> {
+        let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
+        let balancer = Arc::new(Balancer::new(spec.algorithm));
+        let listener = match self
+            .listeners
+            .open(&spec.name, Arc::clone(&balancer), adopt)
+        {
+            Ok(l) => l,
+            Err(ListenError::Unsupported(protocol)) => {
+                warn!(service_port = %spec.name, %protocol, "only TCP is proxied so far; port not proxied");
+                return Err(false);
+            }
             Err(e) => {
                 error!(service_port = %spec.name, error = %e, "cannot open a listener; retrying");
                 return Err(true);
             }
         };
-        let balancer = Arc::new(Balancer::new(spec.algorithm));
-        let stop = CancellationToken::new();
-        let name = Arc::new(spec.name.clone());
-        if let Err(e) = tcp::spawn(
-            name,
-            socket.into(),
-            Arc::clone(&balancer),
-            Arc::clone(&self.config.data_path),
-            stop.clone(),
-        ) {
-            error!(service_port = %spec.name, error = %e, "cannot start the listener; retrying");
-            self.ports.release(spec.name.protocol, proxy_port);
-            return Err(true);
-        }
         self.rules.set_proxy_port(
             ProxyPort {
                 protocol: spec.name.protocol,
-                port: proxy_port,
+                port: listener.port,
             },
             true,
         );
         info!(
             service_port = %spec.name,
-            proxy_port,
+            proxy_port = listener.port,
+            adopted = adopt == Some(listener.port),
             cluster_ips = ?spec.cluster_ips,
             port = spec.port,
             algorithm = %spec.algorithm,
@@ -296,9 +362,8 @@ impl Reconciler {
         );
         Ok(ActivePort {
             spec: spec.clone(),
-            proxy_port,
+            listener,
             balancer,
-            stop,
             destinations: BTreeSet::new(),
         })
     }
@@ -329,4 +394,282 @@ fn service_range(key: &ObjectKey) -> (Bound<ServicePortName>, Bound<ServicePortN
         protocol: Protocol::Tcp,
     };
     (Bound::Included(lo), Bound::Unbounded)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::model::{PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort};
+    use crate::rules::fake::FakeNft;
+    use crate::rules::{Instance, Layout};
+
+    /// Listeners without sockets: ports from a counter (or the adopted one),
+    /// and a record of what was opened and closed.
+    #[derive(Clone, Default)]
+    struct FakeListeners {
+        log: Arc<Mutex<ListenerLog>>,
+    }
+
+    #[derive(Default)]
+    struct ListenerLog {
+        next: u16,
+        open: BTreeMap<u16, ServicePortName>,
+        closed: Vec<u16>,
+        adopted: Vec<u16>,
+        adoption_done: bool,
+    }
+
+    impl FakeListeners {
+        fn log(&self) -> std::sync::MutexGuard<'_, ListenerLog> {
+            self.log.lock().unwrap()
+        }
+    }
+
+    impl Listeners for FakeListeners {
+        fn open(
+            &mut self,
+            name: &ServicePortName,
+            _balancer: Arc<Balancer>,
+            adopt: Option<u16>,
+        ) -> Result<Listener, ListenError> {
+            let mut log = self.log();
+            let port = match adopt {
+                Some(p) => {
+                    log.adopted.push(p);
+                    p
+                }
+                None => {
+                    log.next += 1;
+                    30000 + log.next
+                }
+            };
+            log.open.insert(port, name.clone());
+            Ok(Listener::new(port, CancellationToken::new()))
+        }
+
+        fn close(&mut self, _name: &ServicePortName, listener: Listener) {
+            let mut log = self.log();
+            log.open.remove(&listener.port);
+            log.closed.push(listener.port);
+        }
+
+        fn adoption_done(&mut self) {
+            self.log().adoption_done = true;
+        }
+    }
+
+    fn service(name: &str, ip: &str) -> ServiceInfo {
+        ServiceInfo {
+            key: ObjectKey::new("default", name),
+            cluster_ips: vec![ip.parse().unwrap()],
+            ports: vec![PortSpec {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+            algorithm: None,
+        }
+    }
+
+    fn slice(service: &str, ip: &str) -> SliceInfo {
+        SliceInfo {
+            key: ObjectKey::new("default", format!("{service}-abc")),
+            service: ObjectKey::new("default", service),
+            ports: vec![SlicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints: vec![SliceEndpoint {
+                address: ip.parse().unwrap(),
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: None,
+            }],
+        }
+    }
+
+    fn dest(ip: &str) -> Destination {
+        Destination {
+            ip: ip.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        }
+    }
+
+    fn reconciler(
+        fake: &FakeNft,
+        listeners: &FakeListeners,
+        adopted: HashMap<Destination, u16>,
+    ) -> Reconciler<FakeNft, FakeListeners> {
+        let layout = Layout {
+            proxy_address: "169.254.42.1".parse().unwrap(),
+            instance: Instance {
+                id: 9,
+                note: String::new(),
+            },
+        };
+        Reconciler::new(
+            ReconcilerConfig {
+                default_algorithm: Algorithm::RoundRobin,
+                sync_period: Duration::from_secs(30),
+            },
+            RuleTable::new(fake.clone(), layout),
+            listeners.clone(),
+            adopted,
+        )
+    }
+
+    /// Feeds a complete list of Services and slices, then syncs.
+    async fn load(
+        r: &mut Reconciler<FakeNft, FakeListeners>,
+        svcs: Vec<ServiceInfo>,
+        slices: Vec<SliceInfo>,
+    ) {
+        r.apply(Update::Services(svcs));
+        r.apply(Update::Slices(slices));
+        r.sync().await;
+    }
+
+    fn kernel_port(fake: &FakeNft, ip: &str) -> Option<u16> {
+        fake.table()?.service_ports.get(&dest(ip)).copied()
+    }
+
+    #[tokio::test]
+    async fn a_service_renamed_in_one_sync_keeps_its_cluster_ip_rule() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        load(
+            &mut r,
+            vec![service("b-old", "10.96.0.10")],
+            vec![slice("b-old", "10.1.0.1")],
+        )
+        .await;
+        // "a-new" sorts before "b-old", so it is reconciled first: its claim
+        // comes before the old one's release.
+        load(
+            &mut r,
+            vec![service("a-new", "10.96.0.10")],
+            vec![slice("a-new", "10.1.0.1")],
+        )
+        .await;
+        let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
+        assert_eq!(
+            listeners
+                .log()
+                .open
+                .get(&port)
+                .map(|n| n.service.name.as_str()),
+            Some("a-new")
+        );
+        // And the other way round.
+        load(
+            &mut r,
+            vec![service("z-next", "10.96.0.10")],
+            vec![slice("z-next", "10.1.0.1")],
+        )
+        .await;
+        let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
+        assert_eq!(
+            listeners
+                .log()
+                .open
+                .get(&port)
+                .map(|n| n.service.name.as_str()),
+            Some("z-next")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_keeps_listeners_until_one_succeeds() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        load(
+            &mut r,
+            vec![service("web", "10.96.0.10")],
+            vec![slice("web", "10.1.0.1")],
+        )
+        .await;
+        let port = kernel_port(&fake, "10.96.0.10").unwrap();
+
+        fake.fail_next(2, "Error: simulated");
+        load(&mut r, vec![], vec![]).await;
+        // The kernel still sends 10.96.0.10 to `port`: its listener stays.
+        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(port));
+        assert!(listeners.log().open.contains_key(&port));
+        assert!(listeners.log().closed.is_empty());
+        assert!(r.needs_retry());
+
+        r.sync().await;
+        assert_eq!(kernel_port(&fake, "10.96.0.10"), None);
+        assert_eq!(listeners.log().closed, [port]);
+        // The closed port leaves the guard set at the sync after that.
+        r.sync().await;
+        assert!(!r.needs_retry());
+        assert!(fake.table().unwrap().proxy_ports.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_flushed_table_is_written_again_at_the_next_check() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        load(
+            &mut r,
+            vec![service("web", "10.96.0.10")],
+            vec![slice("web", "10.1.0.1")],
+        )
+        .await;
+        let port = kernel_port(&fake, "10.96.0.10").unwrap();
+        fake.flush();
+        r.verify().await;
+        r.sync().await;
+        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(port));
+        // Nothing else moved: the listener is the same one.
+        assert!(listeners.log().closed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_earlier_instances_ports_are_taken_back_and_its_leftovers_removed() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        // The earlier instance's table: web on 31234, and a Service that is
+        // gone since, on 31235.
+        let mut earlier = reconciler(&fake, &FakeListeners::default(), HashMap::new());
+        earlier.rules.claim(
+            dest("10.96.0.10"),
+            &ServicePortName {
+                service: ObjectKey::new("default", "web"),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            Action::Redirect(31234),
+        );
+        earlier.rules.claim(
+            dest("10.96.0.99"),
+            &ServicePortName {
+                service: ObjectKey::new("default", "gone"),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            Action::Redirect(31235),
+        );
+        earlier.rules.sync().await.unwrap();
+        let adopted: HashMap<Destination, u16> =
+            fake.table().unwrap().service_ports.into_iter().collect();
+
+        let mut r = reconciler(&fake, &listeners, adopted);
+        load(
+            &mut r,
+            vec![service("web", "10.96.0.10")],
+            vec![slice("web", "10.1.0.1")],
+        )
+        .await;
+        assert_eq!(listeners.log().adopted, [31234]);
+        assert!(listeners.log().adoption_done);
+        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(31234));
+        assert_eq!(kernel_port(&fake, "10.96.0.99"), None);
+        assert_eq!(fake.table().unwrap().instance, Some(9));
+    }
 }

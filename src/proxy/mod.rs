@@ -4,9 +4,12 @@
 //! accepted connection gets its own task that picks an endpoint
 //! ([`balancer`]), connects to it (retrying other endpoints on failure) and
 //! relays both directions ([`relay`]). The control plane only talks to this
-//! module through [`balancer::Balancer::update`] and a stop token.
+//! module through [`listeners::Listeners`] (open, close) and
+//! [`balancer::Balancer::update`]; shutdown drains through
+//! [`listeners::Connections`].
 
 pub mod balancer;
+pub mod listeners;
 pub mod ports;
 pub mod relay;
 pub mod tcp;

@@ -4,6 +4,15 @@
 //! `BEGIN+OFFSET`). With a range, ports are handed out in turn (next-fit, so
 //! a port just released is not reused at once) and a port some other
 //! program holds is skipped. Without one, the kernel picks.
+//!
+//! Every socket is bound with `SO_REUSEPORT`, so that the next instance of
+//! the proxy can bind the same port beside this one during a rolling update
+//! and take over without refusing a connection (docs/rules.md). A port that
+//! is not being handed over must still be ours alone: before a fresh port is
+//! used, a probe socket *without* `SO_REUSEPORT` checks that nobody (an
+//! older instance included) holds it. Ports an earlier instance left in the
+//! rules are *reserved* at start, so they go back to the same Service ports
+//! and to no other.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -72,6 +81,8 @@ impl FromStr for PortRange {
 pub enum PortError {
     #[error("no free port in --proxy-port-range {range} ({in_use} held by this proxy)")]
     Exhausted { range: PortRange, in_use: usize },
+    #[error("{protocol} port {port} is not reserved for this Service port, or already in use")]
+    NotReserved { protocol: Protocol, port: u16 },
     #[error("cannot bind {protocol} {addr}: {source}")]
     Bind {
         protocol: Protocol,
@@ -89,6 +100,9 @@ pub struct ProxyPortAllocator {
     cursor: u16,
     /// Ports (per protocol) this proxy holds.
     in_use: HashSet<(Protocol, u16)>,
+    /// Ports kept for the Service ports that had them in an earlier
+    /// instance's rules; handed out only by [`Self::bind_reserved`].
+    reserved: HashSet<(Protocol, u16)>,
 }
 
 impl ProxyPortAllocator {
@@ -98,16 +112,53 @@ impl ProxyPortAllocator {
             range,
             cursor: range.map_or(0, |r| r.begin),
             in_use: HashSet::new(),
+            reserved: HashSet::new(),
         }
+    }
+
+    /// Keeps `port` for [`Self::bind_reserved`]: fresh allocations skip it.
+    pub fn reserve(&mut self, protocol: Protocol, port: u16) {
+        self.reserved.insert((protocol, port));
+    }
+
+    /// Forgets every reservation not taken (after the first sync).
+    pub fn clear_reservations(&mut self) {
+        self.reserved.clear();
+    }
+
+    /// Binds a reserved port, beside the earlier instance's socket if it
+    /// still runs.
+    pub fn bind_reserved(&mut self, protocol: Protocol, port: u16) -> Result<Socket, PortError> {
+        if self.in_use.contains(&(protocol, port)) || !self.reserved.remove(&(protocol, port)) {
+            return Err(PortError::NotReserved { protocol, port });
+        }
+        let (sock, _) = self.bind_port(protocol, port)?;
+        self.in_use.insert((protocol, port));
+        Ok(sock)
+    }
+
+    fn taken(&self, protocol: Protocol, port: u16) -> bool {
+        self.in_use.contains(&(protocol, port)) || self.reserved.contains(&(protocol, port))
     }
 
     /// Binds a new socket for `protocol` (a listening TCP socket, or a UDP
     /// socket) on a free port, and records the port as held.
     pub fn bind(&mut self, protocol: Protocol) -> Result<(Socket, u16), PortError> {
         let Some(range) = self.range else {
-            let (sock, port) = self.bind_port(protocol, 0)?;
-            self.in_use.insert((protocol, port));
-            return Ok((sock, port));
+            // The kernel never hands out a port that is bound already; it
+            // may hand out a reserved one that is free: keep that socket
+            // until another port comes, so the kernel does not offer it again.
+            let mut refused = Vec::new();
+            for _ in 0..16 {
+                let (sock, port) = self.bind_port(protocol, 0)?;
+                if self.taken(protocol, port) {
+                    refused.push(sock);
+                    continue;
+                }
+                self.in_use.insert((protocol, port));
+                return Ok((sock, port));
+            }
+            return Err(PortError::NotReserved { protocol, port: 0 });
         };
         for _ in 0..range.len() {
             let port = self.cursor;
@@ -116,7 +167,7 @@ impl ProxyPortAllocator {
             } else {
                 port + 1
             };
-            if self.in_use.contains(&(protocol, port)) {
+            if self.taken(protocol, port) || !self.port_is_free(protocol, port) {
                 continue;
             }
             match self.bind_port(protocol, port) {
@@ -143,6 +194,20 @@ impl ProxyPortAllocator {
         self.in_use.remove(&(protocol, port));
     }
 
+    /// Whether nobody holds `port`: a bind without `SO_REUSEPORT` fails on
+    /// any port that is bound, by another program or another instance of
+    /// this proxy (whose sockets our `SO_REUSEPORT` bind would join).
+    fn port_is_free(&self, protocol: Protocol, port: u16) -> bool {
+        let addr = SocketAddr::new(self.bind_ip, port);
+        let ty = match protocol {
+            Protocol::Udp => Type::DGRAM,
+            _ => Type::STREAM,
+        };
+        Socket::new(Domain::for_address(addr), ty, None)
+            .and_then(|s| s.bind(&addr.into()))
+            .is_ok()
+    }
+
     fn bind_port(&self, protocol: Protocol, port: u16) -> Result<(Socket, u16), PortError> {
         let addr = SocketAddr::new(self.bind_ip, port);
         let err = |source| PortError::Bind {
@@ -156,8 +221,10 @@ impl ProxyPortAllocator {
         };
         let sock = Socket::new(Domain::for_address(addr), ty, None).map_err(err)?;
         // Lets a restarted proxy take its ports back while connections of
-        // the previous run linger in TIME_WAIT; never shares a live port.
+        // the previous run linger in TIME_WAIT.
         sock.set_reuse_address(true).map_err(err)?;
+        // Lets the next instance bind beside this one (a handover).
+        sock.set_reuse_port(true).map_err(err)?;
         sock.set_nonblocking(true).map_err(err)?;
         sock.bind(&addr.into()).map_err(err)?;
         if ty == Type::STREAM {
@@ -236,6 +303,55 @@ mod tests {
         drop(sock);
         alloc.release(Protocol::Tcp, port);
         assert_eq!(alloc.bind(Protocol::Tcp).unwrap().1, port);
+    }
+
+    #[test]
+    fn handover_binds_beside_the_old_instance_and_fresh_ports_avoid_it() {
+        let base = 45000 + (std::process::id() % 2000) as u16 * 3;
+        let range = PortRange {
+            begin: base,
+            end: base + 2,
+        };
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        // The old instance holds `base` and `base + 1` (SO_REUSEPORT).
+        let mut old = ProxyPortAllocator::new(lo, Some(range));
+        let (_old_a, held) = old.bind(Protocol::Tcp).unwrap();
+        let (_old_b, other) = old.bind(Protocol::Tcp).unwrap();
+        assert_eq!((held, other), (base, base + 1));
+        // The new instance adopts `base` for the same Service port...
+        let mut new = ProxyPortAllocator::new(lo, Some(range));
+        new.reserve(Protocol::Tcp, held);
+        let adopted = new.bind_reserved(Protocol::Tcp, held).unwrap();
+        assert_eq!(
+            adopted.local_addr().unwrap().as_socket().unwrap().port(),
+            held
+        );
+        // ...only once...
+        assert!(new.bind_reserved(Protocol::Tcp, held).is_err());
+        // ...and a fresh allocation never joins a port the old instance
+        // holds for another Service port: `base + 2` is all that is left.
+        let (_s, fresh) = new.bind(Protocol::Tcp).unwrap();
+        assert_eq!(fresh, base + 2);
+        assert!(matches!(
+            new.bind(Protocol::Tcp),
+            Err(PortError::Exhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn reserved_ports_are_skipped_until_released() {
+        let base = 47000 + (std::process::id() % 2000) as u16 * 2;
+        let range = PortRange {
+            begin: base,
+            end: base + 1,
+        };
+        let mut a = ProxyPortAllocator::new("127.0.0.1".parse().unwrap(), Some(range));
+        a.reserve(Protocol::Tcp, base);
+        let (_s, p) = a.bind(Protocol::Tcp).unwrap();
+        assert_eq!(p, base + 1);
+        assert!(a.bind(Protocol::Tcp).is_err());
+        a.clear_reservations();
+        assert_eq!(a.bind(Protocol::Tcp).unwrap().1, base);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::sys::socket::{MsgFlags, recv};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 /// How bytes are moved between the two connections of a flow.
@@ -68,35 +69,55 @@ thread_local! {
 
 /// Relays until both directions are done or one fails; then closes both
 /// connections (with RST after a failure).
+///
+/// `cut` ends the flow from outside (the shutdown grace period ran out):
+/// both connections are then reset, never closed with a FIN, so that
+/// neither peer mistakes a cut stream for a complete one.
 pub async fn relay(
     mode: RelayMode,
     mut client: TcpStream,
     mut upstream: TcpStream,
+    cut: &CancellationToken,
 ) -> io::Result<Transferred> {
     match mode {
         RelayMode::Splice => {
             let client = Arc::new(client);
             let upstream = Arc::new(upstream);
-            let result = tokio::try_join!(
-                hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream)),
-                hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client))
-            );
+            let result = tokio::select! {
+                r = async {
+                    tokio::try_join!(
+                        hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream)),
+                        hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client))
+                    )
+                } => r,
+                _ = cut.cancelled() => Err(cut_error()),
+            };
             // On failure try_join drops the other direction, and with it
             // the task of a bulk direction (AbortOnDropHandle): the last
             // reference to each socket goes away and the RST is sent.
             finish(result, &client, &upstream)
         }
         RelayMode::Copy => {
-            let result = tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await;
+            let result = tokio::select! {
+                r = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                ) => r,
+                _ = cut.cancelled() => Err(cut_error()),
+            };
             finish(result, &client, &upstream)
         }
     }
+}
+
+/// The error a flow ends with when it is cut from outside.
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "cut at the end of the shutdown grace period",
+    )
 }
 
 /// After a failure both sockets are set to close with RST; the counts of
@@ -355,7 +376,7 @@ mod tests {
         let proxy_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(mode, c, u).await.unwrap()
+            relay(mode, c, u, &CancellationToken::new()).await.unwrap()
         });
         let mut client = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut r, mut w) = client.split();
@@ -405,7 +426,9 @@ mod tests {
         tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice, c, u).await.unwrap()
+            relay(RelayMode::Splice, c, u, &CancellationToken::new())
+                .await
+                .unwrap()
         });
         let echo = tokio::spawn(async move {
             let (s, _) = server.accept().await.unwrap();
@@ -450,7 +473,7 @@ mod tests {
         let relay_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice, c, u).await
+            relay(RelayMode::Splice, c, u, &CancellationToken::new()).await
         });
         let len = burst.len();
         let server_task = tokio::spawn(async move {
@@ -476,6 +499,58 @@ mod tests {
             .expect("relay did not end")
             .unwrap();
         assert!(r.is_err(), "relay should report the reset, got {r:?}");
+    }
+
+    /// A cut flow ends with a reset on both sides, never a FIN: a peer that
+    /// reads to EOF must not take a cut stream for a complete one.
+    async fn cut_resets_both_sides(mode: RelayMode) {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (server_addr, proxy_addr) = (server.local_addr().unwrap(), proxy.local_addr().unwrap());
+        let cut = CancellationToken::new();
+        let relay_cut = cut.clone();
+        let relay_task = tokio::spawn(async move {
+            let (c, _) = proxy.accept().await.unwrap();
+            let u = TcpStream::connect(server_addr).await.unwrap();
+            relay(mode, c, u, &relay_cut).await
+        });
+        let mut client = TcpStream::connect(proxy_addr).await.unwrap();
+        let (mut server_side, _) = server.accept().await.unwrap();
+        // A bulk burst first, so that in splice mode one direction runs in
+        // a task of its own when the cut comes.
+        let burst = data(256 * 1024);
+        client.write_all(&burst).await.unwrap();
+        let mut got = vec![0u8; burst.len()];
+        server_side.read_exact(&mut got).await.unwrap();
+        cut.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(5), relay_task)
+            .await
+            .expect("relay did not end after the cut")
+            .unwrap();
+        assert_eq!(
+            r.map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::ConnectionAborted
+        );
+        for (who, s) in [("client", &mut client), ("server", &mut server_side)] {
+            let mut b = [0u8; 16];
+            let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .unwrap_or_else(|_| panic!("{who} still connected 5 s after the cut"));
+            match read {
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{who}: {e}"),
+                Ok(n) => panic!("{who} read Ok({n}) (a FIN or data) instead of a reset"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cut_resets_both_sides_in_splice_mode() {
+        cut_resets_both_sides(RelayMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn cut_resets_both_sides_in_copy_mode() {
+        cut_resets_both_sides(RelayMode::Copy).await;
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::DataPathConfig;
 use super::balancer::Balancer;
+use super::listeners::Connections;
 use super::relay::{relay, reset};
 use crate::model::ServicePortName;
 
@@ -18,12 +19,14 @@ use crate::model::ServicePortName;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Starts accepting on `listener` until `stop` fires. Connections already
-/// accepted are not affected by `stop`: they run to their natural end.
+/// accepted are not affected by `stop`: they run to their natural end, or
+/// until `connections` cuts them.
 pub fn spawn(
     service: Arc<ServicePortName>,
     listener: std::net::TcpListener,
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
+    connections: Connections,
     stop: CancellationToken,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
@@ -31,7 +34,7 @@ pub fn spawn(
     let port = listener.local_addr()?.port();
     let span = debug_span!("listener", service = %service, proxy_port = port);
     Ok(tokio::spawn(
-        accept_loop(listener, service, balancer, config, stop).instrument(span),
+        accept_loop(listener, service, balancer, config, connections, stop).instrument(span),
     ))
 }
 
@@ -58,6 +61,7 @@ async fn accept_loop(
     service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
+    connections: Connections,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(5);
@@ -72,13 +76,14 @@ async fn accept_loop(
                 // debug level: at the default level the span costs nothing
                 // per connection; warnings carry service and client themselves.
                 let span = debug_span!("conn", client = %peer);
-                tokio::spawn(
+                connections.tracker().spawn(
                     handle_connection(
                         client,
                         peer,
                         Arc::clone(&service),
                         Arc::clone(&balancer),
                         Arc::clone(&config),
+                        connections.cut_token().clone(),
                     )
                     .instrument(span),
                 );
@@ -105,6 +110,7 @@ async fn handle_connection(
     service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
+    cut: CancellationToken,
 ) {
     let _ = client.set_nodelay(true);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(config.connect_timeouts.len());
@@ -117,10 +123,17 @@ async fn handle_connection(
             return;
         };
         let endpoint = lease.addr();
-        match tokio::time::timeout(*timeout, TcpStream::connect(endpoint)).await {
+        let connected = tokio::select! {
+            r = tokio::time::timeout(*timeout, TcpStream::connect(endpoint)) => r,
+            _ = cut.cancelled() => {
+                reset(&client);
+                return;
+            }
+        };
+        match connected {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                match relay(config.relay, client, upstream).await {
+                match relay(config.relay, client, upstream, &cut).await {
                     Ok(t) => debug!(
                         %endpoint,
                         sent = t.client_to_upstream,

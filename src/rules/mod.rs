@@ -1,44 +1,31 @@
 //! nftables: what the kernel should do with Service traffic.
 //!
 //! [`render`] turns the desired destinations into JSON batches (pure);
-//! [`RuleTable`] applies them with `nft -j -f -` through the `nftables`
-//! crate, remembers what the kernel holds, and sends only changes after the
-//! first sync.
+//! [`nft`] runs them and reads the table back; [`RuleTable`] keeps who wants
+//! which destination, what the kernel holds, and sends only changes after
+//! the first sync.
+//!
+//! A destination (ClusterIP . protocol . port) belongs to one Service port
+//! at a time. Service ports *claim* and *release* destinations; when two
+//! claim the same one (a Service renamed within one sync, or two manifests
+//! that disagree), the earlier claim holds it, and when it lets go the next
+//! takes over: the end state never depends on the order in which Services
+//! were reconciled.
 
+#[cfg(test)]
+pub mod fake;
+pub mod host;
+pub mod nft;
 pub mod render;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use nftables::helper::NftablesError;
-use nftables::schema::Nftables;
+use tracing::{info, warn};
 
-pub use render::{Action, Destination, ProxyPort};
-
-/// `nft` refused a batch or could not be run.
-#[derive(Debug, thiserror::Error)]
-pub enum RulesError {
-    #[error("nft failed: {stderr}")]
-    Rejected { stderr: String },
-    #[error("cannot run nft (is the nftables package installed?): {0}")]
-    Exec(String),
-}
-
-impl From<NftablesError> for RulesError {
-    fn from(e: NftablesError) -> Self {
-        match e {
-            NftablesError::NftFailed { stderr, .. } => RulesError::Rejected {
-                stderr: stderr.trim().to_string(),
-            },
-            other => RulesError::Exec(other.to_string()),
-        }
-    }
-}
-
-async fn apply(batch: &Nftables<'_>) -> Result<(), RulesError> {
-    nftables::helper::apply_ruleset_async(batch).await?;
-    Ok(())
-}
+use crate::model::ServicePortName;
+pub use nft::{KernelTable, Nft, NftCommand, RulesError};
+pub use render::{Action, Destination, Instance, Layout, ProxyPort};
 
 /// How a sync was carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,114 +36,477 @@ pub enum SyncKind {
     Full { elements: usize },
     /// Only changed elements were sent.
     Delta { changes: usize },
+    /// Another instance (a newer one, during a rolling update) wrote the
+    /// table since our last write; we leave the rules to it.
+    Superseded,
+}
+
+/// What the drift check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// The kernel holds what we applied.
+    Intact,
+    /// It does not; the next sync rewrites the whole table. The strings say
+    /// what was wrong.
+    Drifted(Vec<String>),
+    /// Another instance wrote the table.
+    Superseded,
+    /// Nothing applied yet: nothing to check.
+    NotApplied,
+}
+
+/// What the kernel holds after our last successful sync.
+#[derive(Debug, Clone, Default)]
+struct Applied {
+    elements: BTreeMap<Destination, Action>,
+    ports: BTreeSet<ProxyPort>,
 }
 
 /// The proxy's table in the kernel, and what we know it holds.
-#[derive(Debug, Default)]
-pub struct RuleTable {
-    /// What the kernel holds after the last successful sync.
-    applied: BTreeMap<Destination, Action>,
-    /// Updates not yet in the kernel (kept for a retry if a sync fails).
-    pending: BTreeMap<Destination, Option<Action>>,
-    /// Proxy ports the kernel holds, and pending changes (true = add).
-    applied_ports: BTreeSet<ProxyPort>,
-    pending_ports: BTreeMap<ProxyPort, bool>,
-    /// Whether the table has been created by this process.
-    installed: bool,
+#[derive(Debug)]
+pub struct RuleTable<N: Nft> {
+    nft: N,
+    layout: Layout,
+    /// Who wants each destination, oldest claim first; the first one's
+    /// action is what the kernel should have.
+    claims: BTreeMap<Destination, Vec<(ServicePortName, Action)>>,
+    /// Proxy ports in use (guarded).
+    ports: BTreeSet<ProxyPort>,
+    /// `None` until the first successful sync, and after drift: the next
+    /// sync then writes the whole table.
+    applied: Option<Applied>,
+    /// Destinations and ports changed since the last successful sync.
+    dirty: BTreeSet<Destination>,
+    dirty_ports: BTreeSet<ProxyPort>,
+    /// Set once another instance took the table over.
+    superseded: bool,
 }
 
-impl RuleTable {
-    pub fn new() -> Self {
-        Self::default()
+impl<N: Nft> RuleTable<N> {
+    pub fn new(nft: N, layout: Layout) -> Self {
+        RuleTable {
+            nft,
+            layout,
+            claims: BTreeMap::new(),
+            ports: BTreeSet::new(),
+            applied: None,
+            dirty: BTreeSet::new(),
+            dirty_ports: BTreeSet::new(),
+            superseded: false,
+        }
     }
 
-    /// Records that `dest` should now have `action` (`None` = no rule).
-    pub fn set(&mut self, dest: Destination, action: Option<Action>) {
-        self.pending.insert(dest, action);
+    /// `owner` wants `dest` to have `action`.
+    pub fn claim(&mut self, dest: Destination, owner: &ServicePortName, action: Action) {
+        let claimants = self.claims.entry(dest).or_default();
+        match claimants.iter_mut().find(|(o, _)| o == owner) {
+            Some((_, a)) => *a = action,
+            None => {
+                if let Some((holder, _)) = claimants.first() {
+                    warn!(
+                        destination = %dest,
+                        holder = %holder,
+                        claimant = %owner,
+                        "two Service ports claim one destination; the first keeps it until it lets go"
+                    );
+                }
+                claimants.push((owner.clone(), action));
+            }
+        }
+        self.dirty.insert(dest);
+    }
+
+    /// `owner` no longer wants `dest`; the next claimant, if any, gets it.
+    pub fn release(&mut self, dest: Destination, owner: &ServicePortName) {
+        if let Some(claimants) = self.claims.get_mut(&dest) {
+            claimants.retain(|(o, _)| o != owner);
+            if claimants.is_empty() {
+                self.claims.remove(&dest);
+            }
+            self.dirty.insert(dest);
+        }
+    }
+
+    /// What the kernel should have for `dest`.
+    pub fn desired(&self, dest: &Destination) -> Option<Action> {
+        self.claims
+            .get(dest)
+            .and_then(|c| c.first())
+            .map(|(_, a)| *a)
     }
 
     /// Records whether a proxy port is in use (and so guarded).
     pub fn set_proxy_port(&mut self, port: ProxyPort, in_use: bool) {
-        self.pending_ports.insert(port, in_use);
+        let changed = if in_use {
+            self.ports.insert(port)
+        } else {
+            self.ports.remove(&port)
+        };
+        if changed {
+            self.dirty_ports.insert(port);
+        }
     }
 
+    /// Whether the kernel may differ from what is wanted.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.pending_ports.is_empty() || !self.installed
+        !self.superseded
+            && (self.applied.is_none() || !self.dirty.is_empty() || !self.dirty_ports.is_empty())
     }
 
-    pub fn applied(&self) -> &BTreeMap<Destination, Action> {
-        &self.applied
+    /// The elements the kernel holds, as far as we know.
+    pub fn applied(&self) -> BTreeMap<Destination, Action> {
+        self.applied
+            .as_ref()
+            .map(|a| a.elements.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn is_superseded(&self) -> bool {
+        self.superseded
+    }
+
+    fn desired_elements(&self) -> BTreeMap<Destination, Action> {
+        self.claims
+            .iter()
+            .filter_map(|(d, c)| c.first().map(|(_, a)| (*d, *a)))
+            .collect()
+    }
+
+    /// Writes the whole table.
+    async fn write_full(&mut self) -> Result<SyncKind, RulesError> {
+        let elements = self.desired_elements();
+        self.nft
+            .apply(&render::full(&self.layout, &elements, &self.ports))
+            .await?;
+        let n = elements.len();
+        self.applied = Some(Applied {
+            elements,
+            ports: self.ports.clone(),
+        });
+        self.dirty.clear();
+        self.dirty_ports.clear();
+        Ok(SyncKind::Full { elements: n })
+    }
+
+    /// Whether another instance wrote the table (read from the kernel).
+    async fn taken_over(&mut self) -> bool {
+        matches!(
+            self.nft.read().await,
+            Ok(Some(KernelTable { instance: Some(id), .. })) if id != self.layout.instance.id
+        )
     }
 
     /// Brings the kernel up to date in one transaction. The first sync
-    /// replaces the whole table (clearing whatever an earlier run left);
-    /// later ones send element changes, falling back to a whole replacement
-    /// if the kernel's table no longer matches (e.g. someone deleted it).
+    /// replaces the whole table (what an earlier run left is replaced
+    /// atomically); later ones send element changes. When a change is
+    /// refused, the table is read: if another instance wrote it we stop
+    /// writing ([`SyncKind::Superseded`]), otherwise the whole table is
+    /// written again. On error nothing is forgotten: the next sync retries.
     pub async fn sync(&mut self) -> Result<(SyncKind, Duration), RulesError> {
         let started = Instant::now();
-        let mut next = self.applied.clone();
-        for (d, a) in &self.pending {
-            match a {
-                Some(a) => next.insert(*d, *a),
-                None => next.remove(d),
-            };
+        if self.superseded {
+            return Ok((SyncKind::Superseded, started.elapsed()));
         }
-        let mut next_ports = self.applied_ports.clone();
-        for (p, in_use) in &self.pending_ports {
-            if *in_use {
-                next_ports.insert(*p);
-            } else {
-                next_ports.remove(p);
-            }
-        }
-        let port_changes: Vec<(ProxyPort, bool)> = self
-            .pending_ports
+        let Some(applied) = &self.applied else {
+            let kind = self.write_full().await?;
+            return Ok((kind, started.elapsed()));
+        };
+        let changes: Vec<render::Change> = self
+            .dirty
             .iter()
-            .filter(|(p, in_use)| self.applied_ports.contains(*p) != **in_use)
-            .map(|(p, in_use)| (*p, *in_use))
+            .map(|d| render::Change {
+                dest: *d,
+                old: applied.elements.get(d).copied(),
+                new: self.desired(d),
+            })
+            .filter(|c| c.old != c.new)
             .collect();
-        let kind = if !self.installed {
-            apply(&render::full(&next, &next_ports)).await?;
-            self.installed = true;
-            SyncKind::Full {
-                elements: next.len(),
-            }
-        } else {
-            let changes: Vec<render::Change> = self
-                .pending
-                .iter()
-                .map(|(d, a)| render::Change {
-                    dest: *d,
-                    old: self.applied.get(d).copied(),
-                    new: *a,
-                })
-                .filter(|c| c.old != c.new)
-                .collect();
-            match render::delta(&changes, &port_changes) {
-                None => SyncKind::Unchanged,
-                Some(batch) => match apply(&batch).await {
-                    Ok(()) => SyncKind::Delta {
-                        changes: changes.len() + port_changes.len(),
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "incremental rule update failed; replacing the whole table");
-                        apply(&render::full(&next, &next_ports)).await?;
-                        SyncKind::Full {
-                            elements: next.len(),
+        let port_changes: Vec<(ProxyPort, bool)> = self
+            .dirty_ports
+            .iter()
+            .map(|p| (*p, self.ports.contains(p)))
+            .filter(|(p, in_use)| applied.ports.contains(p) != *in_use)
+            .collect();
+        let Some(batch) = render::delta(&changes, &port_changes) else {
+            self.dirty.clear();
+            self.dirty_ports.clear();
+            return Ok((SyncKind::Unchanged, started.elapsed()));
+        };
+        let kind = match self.nft.apply(&batch).await {
+            Ok(()) => {
+                if let Some(applied) = &mut self.applied {
+                    for c in &changes {
+                        match c.new {
+                            Some(a) => applied.elements.insert(c.dest, a),
+                            None => applied.elements.remove(&c.dest),
+                        };
+                    }
+                    for (p, in_use) in &port_changes {
+                        if *in_use {
+                            applied.ports.insert(*p);
+                        } else {
+                            applied.ports.remove(p);
                         }
                     }
-                },
+                }
+                self.dirty.clear();
+                self.dirty_ports.clear();
+                SyncKind::Delta {
+                    changes: changes.len() + port_changes.len(),
+                }
+            }
+            Err(e) => {
+                if self.taken_over().await {
+                    self.superseded = true;
+                    info!(
+                        "another kube-uproxy instance wrote the rules since our last write; leaving them to it"
+                    );
+                    SyncKind::Superseded
+                } else {
+                    warn!(error = %e, "incremental rule update failed; writing the whole table");
+                    self.write_full().await?
+                }
             }
         };
-        self.applied = next;
-        self.pending.clear();
-        self.applied_ports = next_ports;
-        self.pending_ports.clear();
         Ok((kind, started.elapsed()))
     }
 
-    /// Removes the table from the kernel (shutdown, `--cleanup`).
-    pub async fn delete() -> Result<(), RulesError> {
-        apply(&render::delete_table()).await
+    /// Compares the kernel's table with what we applied. On a difference
+    /// the next sync writes the whole table.
+    pub async fn verify(&mut self) -> Result<Verified, RulesError> {
+        if self.superseded {
+            return Ok(Verified::Superseded);
+        }
+        let Some(applied) = &self.applied else {
+            return Ok(Verified::NotApplied);
+        };
+        let found = self.nft.read().await?;
+        let problems = match &found {
+            None => vec!["the table is gone".to_string()],
+            Some(t) if t.instance.is_some_and(|id| id != self.layout.instance.id) => {
+                self.superseded = true;
+                info!("another kube-uproxy instance wrote the rules; leaving them to it");
+                return Ok(Verified::Superseded);
+            }
+            Some(t) => differences(&self.layout, applied, t),
+        };
+        if problems.is_empty() {
+            return Ok(Verified::Intact);
+        }
+        // Everything is written again at the next sync.
+        self.applied = None;
+        Ok(Verified::Drifted(problems))
+    }
+
+    /// Reads the table an earlier instance left, if any.
+    pub async fn read(&mut self) -> Result<Option<KernelTable>, RulesError> {
+        self.nft.read().await
+    }
+
+    /// Removes the table from the kernel (`--cleanup`).
+    pub async fn delete(&mut self) -> Result<(), RulesError> {
+        self.nft.apply(&render::delete_table()).await
+    }
+}
+
+/// What differs between what we applied and what the kernel holds, in
+/// words for the log. Counts, with a few examples, not every element.
+fn differences(layout: &Layout, applied: &Applied, t: &KernelTable) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, ..) in render::CHAINS {
+        let want = render::rules_in_chain(name);
+        match t.chains.get(name) {
+            None => out.push(format!("chain {name} is missing")),
+            Some(&n) if n != want => out.push(format!("chain {name} has {n} rules, not {want}")),
+            Some(_) => {}
+        }
+    }
+    if t.chains.len() > render::CHAINS.len() {
+        out.push(format!(
+            "{} chains that we did not write",
+            t.chains.len() - render::CHAINS.len()
+        ));
+    }
+    if t.proxy_address != Some(layout.proxy_address) {
+        out.push(format!(
+            "the DNAT goes to {:?}, not {}",
+            t.proxy_address, layout.proxy_address
+        ));
+    }
+    if t.instance.is_none() {
+        out.push("the instance set is empty".into());
+    }
+    let found = t.elements();
+    let missing: Vec<String> = applied
+        .elements
+        .iter()
+        .filter(|(d, a)| found.get(d) != Some(a))
+        .map(|(d, _)| d.to_string())
+        .collect();
+    let extra: Vec<String> = found
+        .keys()
+        .filter(|d| !applied.elements.contains_key(d))
+        .map(|d| d.to_string())
+        .collect();
+    for (what, list) in [("missing or changed", missing), ("unexpected", extra)] {
+        if !list.is_empty() {
+            let shown: Vec<&str> = list.iter().take(3).map(String::as_str).collect();
+            out.push(format!(
+                "{} elements {what} (e.g. {})",
+                list.len(),
+                shown.join(", ")
+            ));
+        }
+    }
+    if t.proxy_ports != applied.ports {
+        out.push(format!(
+            "proxy-ports holds {} ports, not {}",
+            t.proxy_ports.len(),
+            applied.ports.len()
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeNft;
+    use super::*;
+    use crate::model::{ObjectKey, Protocol};
+
+    fn layout() -> Layout {
+        Layout {
+            proxy_address: "169.254.42.1".parse().unwrap(),
+            instance: Instance {
+                id: 1,
+                note: String::new(),
+            },
+        }
+    }
+
+    fn owner(name: &str) -> ServicePortName {
+        ServicePortName {
+            service: ObjectKey {
+                namespace: "default".into(),
+                name: name.into(),
+            },
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn dest(port: u16) -> Destination {
+        Destination {
+            ip: "10.96.0.10".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reused_destination_ends_with_its_current_holder_in_either_order() {
+        for release_first in [true, false] {
+            let fake = FakeNft::default();
+            let mut t = RuleTable::new(fake.clone(), layout());
+            t.claim(dest(80), &owner("old"), Action::Redirect(20000));
+            t.sync().await.unwrap();
+            // One sync: "old" goes, "new" takes the same ClusterIP:port.
+            if release_first {
+                t.release(dest(80), &owner("old"));
+                t.claim(dest(80), &owner("new"), Action::Redirect(20001));
+            } else {
+                t.claim(dest(80), &owner("new"), Action::Redirect(20001));
+                t.release(dest(80), &owner("old"));
+            }
+            t.sync().await.unwrap();
+            let k = fake.table().unwrap();
+            assert_eq!(
+                k.service_ports.get(&dest(80)),
+                Some(&20001),
+                "release_first={release_first}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_keeps_its_changes_for_the_next() {
+        let fake = FakeNft::default();
+        let mut t = RuleTable::new(fake.clone(), layout());
+        t.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        t.sync().await.unwrap();
+        fake.fail_next(2, "Error: simulated");
+        t.release(dest(80), &owner("a"));
+        let err = t.sync().await.unwrap_err();
+        assert!(err.to_string().contains("simulated"), "{err}");
+        assert!(t.has_pending());
+        assert!(fake.table().unwrap().service_ports.contains_key(&dest(80)));
+        t.sync().await.unwrap();
+        assert!(!fake.table().unwrap().service_ports.contains_key(&dest(80)));
+        assert!(!t.has_pending());
+    }
+
+    #[tokio::test]
+    async fn drift_is_found_named_and_repaired() {
+        let fake = FakeNft::default();
+        let mut t = RuleTable::new(fake.clone(), layout());
+        t.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        t.claim(dest(81), &owner("b"), Action::Reject);
+        t.sync().await.unwrap();
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+
+        fake.flush();
+        match t.verify().await.unwrap() {
+            Verified::Drifted(p) => assert_eq!(p, ["the table is gone"]),
+            v => panic!("{v:?}"),
+        }
+        assert!(t.has_pending());
+        let (kind, _) = t.sync().await.unwrap();
+        assert_eq!(kind, SyncKind::Full { elements: 2 });
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+
+        fake.edit(|k| {
+            k.service_ports.remove(&dest(80));
+        });
+        match t.verify().await.unwrap() {
+            Verified::Drifted(p) => {
+                assert!(p[0].contains("1 elements missing"), "{p:?}");
+                assert!(p[0].contains("10.96.0.10:80/TCP"), "{p:?}");
+            }
+            v => panic!("{v:?}"),
+        }
+        t.sync().await.unwrap();
+        assert_eq!(
+            fake.table().unwrap().service_ports.get(&dest(80)),
+            Some(&20000)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_newer_instance_takes_the_table_over() {
+        let fake = FakeNft::default();
+        let mut old = RuleTable::new(fake.clone(), layout());
+        old.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        old.sync().await.unwrap();
+        let mut new_layout = layout();
+        new_layout.instance.id = 2;
+        let mut new = RuleTable::new(fake.clone(), new_layout);
+        new.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        new.claim(dest(82), &owner("c"), Action::Redirect(20005));
+        new.sync().await.unwrap();
+        // The old one's next refused change does not clobber the new table.
+        old.claim(dest(82), &owner("c"), Action::Redirect(20009));
+        let (kind, _) = old.sync().await.unwrap();
+        assert_eq!(kind, SyncKind::Superseded);
+        assert!(!old.has_pending());
+        assert_eq!(
+            fake.table().unwrap().service_ports.get(&dest(82)),
+            Some(&20005)
+        );
+        assert_eq!(fake.table().unwrap().instance, Some(2));
+        assert_eq!(old.verify().await.unwrap(), Verified::Superseded);
     }
 }

@@ -1,23 +1,31 @@
-//! Rule rendering: desired redirects → nftables JSON batches. Pure.
+//! Rule rendering: desired destinations → nftables JSON batches. Pure.
 //!
-//! The table holds a fixed set of chains with one rule per hook; what
-//! changes at run time are only the elements of two named sets:
+//! The table holds a fixed set of chains with one rule per job; what
+//! changes at run time are only the elements of named sets:
 //!
 //! ```text
 //! table ip kube-uproxy {
 //!   map service-ports { type ipv4_addr . inet_proto . inet_service : inet_service }
 //!   set no-endpoints  { type ipv4_addr . inet_proto . inet_service }
-//!   chain nat-prerouting { type nat hook prerouting priority dstnat
-//!     meta l4proto { tcp, udp } redirect to ip daddr . meta l4proto . th dport map @service-ports }
-//!   chain nat-output { type nat hook output priority -100; (same rule) }
 //!   set proxy-ports   { type inet_proto . inet_service }
+//!   set instance      { type mark; comment "…" }   the writer's id (see `Instance`)
+//!   chain nat-prerouting { type nat hook prerouting priority dstnat
+//!     meta l4proto { tcp, udp } dnat ip to PROXY_ADDRESS : ip daddr . meta l4proto . th dport map @service-ports }
+//!   chain nat-output { type nat hook output priority -100; (same rule) }
 //!   chain filter-input / filter-forward / filter-output { type filter hook … priority -110
+//!     ct state new ip daddr . meta l4proto . th dport @no-endpoints meta l4proto tcp reject with tcp reset
 //!     ct state new ip daddr . meta l4proto . th dport @no-endpoints reject
-//!     (input only) ct state new ct status ! dnat meta l4proto . th dport @proxy-ports drop }
+//!     (input only) ct state new ip daddr PROXY_ADDRESS ct status ! dnat meta l4proto . th dport @proxy-ports drop }
 //! }
 //! ```
 //!
-//! A packet whose destination is not in `service-ports` is not redirected,
+//! Service traffic is DNATed to the proxy address (an address on the
+//! node, by default one the proxy adds to `lo`) rather than redirected:
+//! `redirect` needs an IPv4 address on the incoming interface and drops the
+//! packet when there is none, which is the normal shape of Calico's and
+//! Cilium's host-side pod veths (docs/rules.md).
+//!
+//! A packet whose destination is not in `service-ports` is not translated,
 //! so the per-packet cost is one hash lookup whatever the number of
 //! Services, and a change of one Service is one element added or deleted.
 
@@ -30,7 +38,7 @@ use nftables::expr::{CT, Expression, Map, Meta, MetaKey, NamedExpression, Payloa
 use nftables::schema::{
     self, Chain, Element, NfListObject, Nftables, Rule, SetType, SetTypeValue, Table,
 };
-use nftables::stmt::{Match, NAT, Operator, Reject, Statement};
+use nftables::stmt::{Match, NAT, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainType, NfFamily, NfHook};
 
 use crate::model::Protocol;
@@ -43,6 +51,72 @@ pub const MAP_SERVICE_PORTS: &str = "service-ports";
 pub const SET_NO_ENDPOINTS: &str = "no-endpoints";
 /// Set of the proxy's own listening ports (protocol . port).
 pub const SET_PROXY_PORTS: &str = "proxy-ports";
+/// One-element set naming the process that last wrote the whole table.
+pub const SET_INSTANCE: &str = "instance";
+
+/// The chains of the table, as `(name, type, hook, priority)`, in the order
+/// they are created.
+pub const CHAINS: [(&str, NfChainType, NfHook, i32); 5] = [
+    (
+        "filter-input",
+        NfChainType::Filter,
+        NfHook::Input,
+        PRIO_FILTER,
+    ),
+    (
+        "filter-forward",
+        NfChainType::Filter,
+        NfHook::Forward,
+        PRIO_FILTER,
+    ),
+    (
+        "filter-output",
+        NfChainType::Filter,
+        NfHook::Output,
+        PRIO_FILTER,
+    ),
+    (
+        "nat-prerouting",
+        NfChainType::NAT,
+        NfHook::Prerouting,
+        PRIO_DSTNAT,
+    ),
+    ("nat-output", NfChainType::NAT, NfHook::Output, PRIO_DSTNAT),
+];
+
+/// How many rules each chain of [`CHAINS`] holds.
+pub fn rules_in_chain(name: &str) -> usize {
+    match name {
+        // Two rejects (TCP reset, ICMP for the rest) and the port guard.
+        "filter-input" => 3,
+        "filter-forward" | "filter-output" => 2,
+        _ => 1,
+    }
+}
+
+/// What is fixed for the life of a process: where listeners are, and who
+/// wrote the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The node-local address every listener binds and Service traffic is
+    /// DNATed to.
+    pub proxy_address: Ipv4Addr,
+    /// The writer of the table.
+    pub instance: Instance,
+}
+
+/// The process that wrote the table, kept in the kernel so that a later
+/// process can tell whether the table is still its own, and so that
+/// `--cleanup` knows what to restore after the last one is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    /// Random per process: two instances of the proxy run side by side
+    /// during a rolling update, and only the newest one writes.
+    pub id: u32,
+    /// Free text kept with the table (the set's comment): the original
+    /// values of the sysctls the proxy changed.
+    pub note: String,
+}
 
 /// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
 /// for the output hook by name in every build; -100 is its value).
@@ -74,7 +148,7 @@ pub struct ProxyPort {
 /// What happens to traffic for a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Redirect to the local proxy port.
+    /// Translate to the proxy address and this local proxy port.
     Redirect(u16),
     /// Refuse: the Service port has no usable endpoint.
     Reject,
@@ -160,7 +234,8 @@ fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> Rule<'static> {
     }
 }
 
-fn redirect_rule(chain: &'static str) -> Rule<'static> {
+/// `meta l4proto { tcp, udp } dnat ip to ADDR : <key> map @service-ports`
+fn dnat_rule(chain: &'static str, proxy_address: Ipv4Addr) -> Rule<'static> {
     rule(
         chain,
         vec![
@@ -174,8 +249,8 @@ fn redirect_rule(chain: &'static str) -> Rule<'static> {
                 ])),
                 op: Operator::IN,
             }),
-            Statement::Redirect(Some(NAT {
-                addr: None,
+            Statement::DNAT(Some(NAT {
+                addr: Some(Expression::String(proxy_address.to_string().into())),
                 family: None,
                 port: Some(Expression::Named(NamedExpression::Map(Box::new(Map {
                     key: dest_key_expr(),
@@ -203,15 +278,21 @@ fn ct_state_new() -> Statement<'static> {
     })
 }
 
-/// `ct state new ct status ! dnat meta l4proto . th dport @proxy-ports drop`:
-/// a listener bound to the wildcard address is otherwise reachable by
-/// anyone who can reach the node, bypassing the Service rules. Redirected
-/// flows carry the dnat status and pass.
-fn proxy_port_guard_rule() -> Rule<'static> {
+/// `ct state new ip daddr ADDR ct status ! dnat meta l4proto . th dport
+/// @proxy-ports drop`: the listeners are otherwise reachable by anyone who
+/// can reach the proxy address (an L2 neighbour, a process on the node),
+/// bypassing the Service rules. Translated flows carry the dnat status and
+/// pass.
+fn proxy_port_guard_rule(proxy_address: Ipv4Addr) -> Rule<'static> {
     rule(
         "filter-input",
         vec![
             ct_state_new(),
+            Statement::Match(Match {
+                left: payload("ip", "daddr"),
+                right: Expression::String(proxy_address.to_string().into()),
+                op: Operator::EQ,
+            }),
             Statement::Match(Match {
                 left: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
                     Expression::Named(NamedExpression::CT(CT {
@@ -239,9 +320,12 @@ fn proxy_port_guard_rule() -> Rule<'static> {
     )
 }
 
-fn reject_rule(chain: &'static str) -> Rule<'static> {
-    rule(
-        chain,
+/// A new flow to a Service port without endpoints is refused: TCP with a
+/// reset, which the kernel does not rate-limit (ICMP errors are limited per
+/// destination host, so a client retrying fast would see hangs instead of
+/// refusals), everything else with ICMP port unreachable.
+fn reject_rules(chain: &'static str) -> [Rule<'static>; 2] {
+    let lookup = || {
         vec![
             // Only the first packet of a flow is looked up; established
             // traffic (all proxied bytes) skips the set.
@@ -251,15 +335,30 @@ fn reject_rule(chain: &'static str) -> Rule<'static> {
                 right: Expression::String(format!("@{SET_NO_ENDPOINTS}").into()),
                 op: Operator::EQ,
             }),
-            Statement::Reject(Some(Reject::new(None, None))),
-        ],
-    )
+        ]
+    };
+    let mut tcp = lookup();
+    tcp.push(Statement::Match(Match {
+        left: Expression::Named(NamedExpression::Meta(Meta {
+            key: MetaKey::L4proto,
+        })),
+        right: Expression::String("tcp".into()),
+        op: Operator::EQ,
+    }));
+    tcp.push(Statement::Reject(Some(Reject::new(
+        Some(RejectType::TCPReset),
+        None,
+    ))));
+    let mut other = lookup();
+    other.push(Statement::Reject(Some(Reject::new(None, None))));
+    [rule(chain, tcp), rule(chain, other)]
 }
 
 /// The whole table with these elements, replacing any table of that name
 /// in one transaction (`add`, `delete`, then create: never a moment without
 /// rules, and whatever an earlier run left is gone).
 pub fn full(
+    layout: &Layout,
     elements: &BTreeMap<Destination, Action>,
     proxy_ports: &BTreeSet<ProxyPort>,
 ) -> Nftables<'static> {
@@ -297,7 +396,7 @@ pub fn full(
         name: SET_NO_ENDPOINTS.into(),
         set_type: dest_key_type(),
         elem: (!rejects.is_empty()).then(|| rejects.into()),
-        comment: Some("Service ports without endpoints: rejected".into()),
+        comment: Some("Service ports without endpoints: refused".into()),
         ..schema::Set::default()
     })));
 
@@ -311,35 +410,34 @@ pub fn full(
             SetType::InetService,
         ])),
         elem: (!ports.is_empty()).then(|| ports.into()),
-        comment: Some("the proxy's listeners: reachable only through a redirect".into()),
+        comment: Some("the proxy's listeners: reachable only through the DNAT".into()),
+        ..schema::Set::default()
+    })));
+    batch.add(NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::IP,
+        table: TABLE.into(),
+        name: SET_INSTANCE.into(),
+        set_type: SetTypeValue::Single(SetType::Mark),
+        elem: Some(vec![Expression::Number(layout.instance.id)].into()),
+        comment: Some(layout.instance.note.clone().into()),
         ..schema::Set::default()
     })));
 
-    for (name, hook) in [
-        ("filter-input", NfHook::Input),
-        ("filter-forward", NfHook::Forward),
-        ("filter-output", NfHook::Output),
-    ] {
-        batch.add(NfListObject::Chain(base_chain(
-            name,
-            NfChainType::Filter,
-            hook,
-            PRIO_FILTER,
-        )));
-        batch.add(NfListObject::Rule(reject_rule(name)));
-    }
-    batch.add(NfListObject::Rule(proxy_port_guard_rule()));
-    for (name, hook) in [
-        ("nat-prerouting", NfHook::Prerouting),
-        ("nat-output", NfHook::Output),
-    ] {
-        batch.add(NfListObject::Chain(base_chain(
-            name,
-            NfChainType::NAT,
-            hook,
-            PRIO_DSTNAT,
-        )));
-        batch.add(NfListObject::Rule(redirect_rule(name)));
+    for (name, ty, hook, prio) in CHAINS {
+        batch.add(NfListObject::Chain(base_chain(name, ty, hook, prio)));
+        match ty {
+            NfChainType::Filter => {
+                for r in reject_rules(name) {
+                    batch.add(NfListObject::Rule(r));
+                }
+                if name == "filter-input" {
+                    batch.add(NfListObject::Rule(proxy_port_guard_rule(
+                        layout.proxy_address,
+                    )));
+                }
+            }
+            _ => batch.add(NfListObject::Rule(dnat_rule(name, layout.proxy_address))),
+        }
     }
     batch.to_nftables()
 }
@@ -434,7 +532,14 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 20000,
         }]);
-        let v = to_json(&full(&els, &ports));
+        let layout = Layout {
+            proxy_address: "169.254.42.1".parse().unwrap(),
+            instance: Instance {
+                id: 7,
+                note: "a note".into(),
+            },
+        };
+        let v = to_json(&full(&layout, &els, &ports));
         let cmds = v["nftables"].as_array().unwrap();
         // add table, delete table, add table: atomic replacement.
         assert!(cmds[0]["add"]["table"].is_object());
@@ -454,6 +559,38 @@ mod tests {
         );
         assert_eq!(sets[1]["name"], SET_PROXY_PORTS);
         assert_eq!(sets[1]["elem"], json!([{"concat": ["tcp", 20000]}]));
+        assert_eq!(sets[2]["name"], SET_INSTANCE);
+        assert_eq!(sets[2]["elem"], json!([7]));
+        assert_eq!(sets[2]["comment"], "a note");
+        // Every rule of every chain, as rules_in_chain() says.
+        for (name, ..) in CHAINS {
+            let n = cmds
+                .iter()
+                .filter_map(|c| c["add"].get("rule"))
+                .filter(|r| r["chain"] == name)
+                .count();
+            assert_eq!(n, rules_in_chain(name), "rules in {name}");
+        }
+        // Service traffic is translated to the proxy address, not redirected.
+        let dnat = cmds
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .find(|r| r["chain"] == "nat-prerouting")
+            .unwrap();
+        assert_eq!(dnat["expr"][1]["dnat"]["addr"], "169.254.42.1");
+        assert_eq!(
+            dnat["expr"][1]["dnat"]["port"]["map"]["data"],
+            format!("@{MAP_SERVICE_PORTS}")
+        );
+        // TCP is refused with a reset (not rate-limited), the rest by ICMP.
+        let rejects: Vec<&Value> = cmds
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .filter(|r| r["chain"] == "filter-forward")
+            .collect();
+        assert_eq!(rejects[0]["expr"][3]["reject"]["type"], "tcp reset");
+        assert_eq!(rejects[0]["expr"][2]["match"]["right"], "tcp");
+        assert!(rejects[1]["expr"][2]["reject"].is_object());
         let chains: Vec<&str> = cmds
             .iter()
             .filter_map(|c| c["add"].get("chain"))

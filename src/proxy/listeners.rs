@@ -1,0 +1,206 @@
+//! Opening and closing the listeners of Service ports, and the set of open
+//! connections that shutdown drains.
+//!
+//! The reconciler talks to listeners only through the [`Listeners`] trait,
+//! so that it is unit-tested without sockets; [`SocketListeners`] is the
+//! real thing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use super::DataPathConfig;
+use super::balancer::Balancer;
+use super::ports::{PortError, ProxyPortAllocator};
+use super::tcp;
+use crate::model::{Protocol, ServicePortName};
+
+/// Every proxied connection of the process: shutdown waits for them, then
+/// cuts the ones still open.
+#[derive(Debug, Clone, Default)]
+pub struct Connections {
+    /// One task per connection.
+    tracker: TaskTracker,
+    /// Fired when the grace period is over: every relay resets both sides.
+    cut: CancellationToken,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open when the grace period ran out, and reset.
+    pub cut: usize,
+}
+
+impl Connections {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    pub(crate) fn cut_token(&self) -> &CancellationToken {
+        &self.cut
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Lets open connections finish for up to `grace`, then resets the
+    /// rest. The listeners must be closed first (no new connections).
+    /// `hurry` ends the wait early (a second signal).
+    pub async fn drain(&self, grace: Duration, hurry: CancellationToken) -> Drained {
+        self.tracker.close();
+        let finished = tokio::select! {
+            _ = self.tracker.wait() => true,
+            _ = tokio::time::sleep(grace) => false,
+            _ = hurry.cancelled() => false,
+        };
+        if finished {
+            return Drained { cut: 0 };
+        }
+        let cut = self.tracker.len();
+        self.cut.cancel();
+        // Each relay resets its sockets and returns at once; bounded anyway.
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = self.tracker.len(),
+                "connections did not end after the cut"
+            );
+        }
+        Drained { cut }
+    }
+
+    /// Cuts every connection now.
+    pub fn cut_all(&self) {
+        self.cut.cancel();
+    }
+}
+
+/// A running listener of one Service port.
+#[derive(Debug)]
+pub struct Listener {
+    /// The local port it accepts on.
+    pub port: u16,
+    /// Stops the accept loop (open connections are not affected).
+    stop: CancellationToken,
+}
+
+/// A listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error("cannot start accepting on port {port}: {source}")]
+    Start {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} Service ports are not proxied yet")]
+    Unsupported(Protocol),
+}
+
+/// Opens and closes Service port listeners.
+pub trait Listeners: Send {
+    /// Opens a listener for `name`, on `adopt` if given and still possible
+    /// (a port an earlier instance used for the same Service port).
+    fn open(
+        &mut self,
+        name: &ServicePortName,
+        balancer: Arc<Balancer>,
+        adopt: Option<u16>,
+    ) -> Result<Listener, ListenError>;
+
+    /// Stops accepting and gives the port back.
+    fn close(&mut self, name: &ServicePortName, listener: Listener);
+
+    /// Ports kept in reserve for adoption that nobody took: free them.
+    fn adoption_done(&mut self) {}
+}
+
+/// Listeners on real sockets.
+#[derive(Debug)]
+pub struct SocketListeners {
+    ports: ProxyPortAllocator,
+    config: Arc<DataPathConfig>,
+    connections: Connections,
+}
+
+impl SocketListeners {
+    /// `ports` may hold reservations for adoption ([`ProxyPortAllocator::reserve`]).
+    pub fn new(
+        ports: ProxyPortAllocator,
+        config: Arc<DataPathConfig>,
+        connections: Connections,
+    ) -> Self {
+        SocketListeners {
+            ports,
+            config,
+            connections,
+        }
+    }
+}
+
+impl Listeners for SocketListeners {
+    fn open(
+        &mut self,
+        name: &ServicePortName,
+        balancer: Arc<Balancer>,
+        adopt: Option<u16>,
+    ) -> Result<Listener, ListenError> {
+        if name.protocol != Protocol::Tcp {
+            return Err(ListenError::Unsupported(name.protocol));
+        }
+        let adopted = adopt.and_then(|p| match self.ports.bind_reserved(name.protocol, p) {
+            Ok(sock) => Some((sock, p)),
+            Err(e) => {
+                warn!(service_port = %name, port = p, error = %e, "cannot take the port back; taking another");
+                None
+            }
+        });
+        let (socket, port) = match adopted {
+            Some(s) => s,
+            None => self.ports.bind(name.protocol)?,
+        };
+        let stop = CancellationToken::new();
+        if let Err(source) = tcp::spawn(
+            Arc::new(name.clone()),
+            socket.into(),
+            balancer,
+            Arc::clone(&self.config),
+            self.connections.clone(),
+            stop.clone(),
+        ) {
+            self.ports.release(name.protocol, port);
+            return Err(ListenError::Start { port, source });
+        }
+        Ok(Listener { port, stop })
+    }
+
+    fn close(&mut self, name: &ServicePortName, listener: Listener) {
+        listener.stop.cancel();
+        self.ports.release(name.protocol, listener.port);
+    }
+
+    fn adoption_done(&mut self) {
+        self.ports.clear_reservations();
+    }
+}
+
+impl Listener {
+    /// A listener whose accept loop is stopped by `stop` (test doubles).
+    pub fn new(port: u16, stop: CancellationToken) -> Self {
+        Listener { port, stop }
+    }
+}
