@@ -191,10 +191,10 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     /// Stops every listener (shutdown).
     fn stop_listeners(&mut self) {
         for (name, port) in std::mem::take(&mut self.active) {
-            self.listeners.close(&name, port.listener);
+            self.listeners.close_now(&name, port.listener);
         }
         for (name, port) in std::mem::take(&mut self.closing) {
-            self.listeners.close(&name, port.listener);
+            self.listeners.close_now(&name, port.listener);
         }
     }
 
@@ -446,7 +446,7 @@ mod tests {
                 }
             };
             log.open.insert(port, name.clone());
-            Ok(Listener::new(port, CancellationToken::new()))
+            Ok(Listener::detached(port))
         }
 
         fn close(&mut self, _name: &ServicePortName, listener: Listener) {

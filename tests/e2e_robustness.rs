@@ -80,26 +80,7 @@ impl Run {
 
 /// The proxy port the map sends `ip:80/tcp` to.
 fn proxy_port_of(node: &Netns, ip: Ipv4Addr) -> u16 {
-    let out = node
-        .output("nft", ["-j", "list", "map", "ip", "kube-uproxy", MAP])
-        .expect("listing the map");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft JSON");
-    let elems = v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| o["map"]["elem"].as_array())
-        .flatten();
-    for e in elems {
-        let key = &e[0]["concat"];
-        if key[0].as_str() == Some(ip.to_string().as_str())
-            && key[2].as_u64() == Some(80)
-            && let Some(p) = e[1].as_u64()
-        {
-            return p as u16;
-        }
-    }
-    panic!("{ip}:80 not in the map: {v}");
+    e2e::proxy_port_of(node, ip).unwrap_or_else(|| panic!("{ip}:80 not in the map"))
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -344,8 +325,12 @@ fn proxy_ports_are_reachable_only_through_the_redirect() {
         "backend0"
     );
     assert_eq!(who_or_panic(run.bed.node(), vip(VIP_A), "node"), "backend0");
-    // Directly: dropped, so the connect fails (times out).
+    // Directly: dropped by the guard (the proxy address) or nothing
+    // listening (the node's other addresses), so the connect fails.
+    let proxy_address = Ipv4Addr::new(169, 254, 42, 1);
     let direct = [
+        (run.bed.client(), SocketAddr::from((proxy_address, port))),
+        (run.bed.node(), SocketAddr::from((proxy_address, port))),
         (
             run.bed.client(),
             SocketAddr::from((lab::NODE_CLIENT_ADDR, port)),

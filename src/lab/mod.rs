@@ -458,6 +458,81 @@ impl Lab {
         &self.backends
     }
 
+    /// Adds a pod the way Calico and Cilium wire one: the pod has `addr`/32
+    /// and a default route via 169.254.1.1 on link; the node side of its
+    /// veth (`cali<n>`) has **no IPv4 address**, answers ARP by proxy ARP,
+    /// and routes `addr`/32 to it. Returns the pod's namespace.
+    pub fn add_routed_pod(&mut self, tag: &str, addr: Ipv4Addr) -> Result<Netns, LabError> {
+        let n_pods = self
+            .owned
+            .names
+            .iter()
+            .filter(|n| {
+                n.strip_prefix(self.prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with("-pod"))
+            })
+            .count();
+        let pod =
+            self.owned
+                .create(format!("{}-pod{n_pods}-{}", self.prefix, sanitize_tag(tag)))?;
+        let (p, n) = (pod.name(), self.node.name());
+        let host_side = format!("cali{n_pods}");
+        ip(&[
+            "-n", n, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", p,
+        ])?;
+        ip(&["-n", p, "addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
+        ip(&["-n", p, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            p,
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n",
+            p,
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", n, "link", "set", &host_side, "up"])?;
+        let mut arp = self.node.command("sh");
+        arp.args([
+            "-c",
+            &format!("echo 1 > /proc/sys/net/ipv4/conf/{host_side}/proxy_arp"),
+        ]);
+        run_checked(arp)?;
+        ip(&[
+            "-n",
+            n,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &host_side,
+        ])?;
+        Ok(pod)
+    }
+
+    /// Gives the node the routing of a real one: a default route through
+    /// its uplink (the client link, the client playing the upstream router)
+    /// instead of a route for the ClusterIP range. ClusterIP traffic that no
+    /// rule catches then leaves by the default route, as on a real node.
+    pub fn route_node_by_default(&self) -> Result<(), LabError> {
+        let n = self.node.name();
+        ip(&["-n", n, "route", "del", CLUSTER_IP_CIDR])?;
+        ip(&["-n", n, "route", "add", "default", "via", "10.200.0.2"])
+    }
+
     /// Names of every namespace of this lab.
     pub fn namespace_names(&self) -> Vec<String> {
         self.owned.names.clone()

@@ -92,8 +92,8 @@ impl Connections {
 pub struct Listener {
     /// The local port it accepts on.
     pub port: u16,
-    /// Stops the accept loop (open connections are not affected).
-    stop: CancellationToken,
+    /// Ends the accept loop (open connections are not affected).
+    stop: tcp::Stop,
 }
 
 /// A listener could not be opened.
@@ -122,8 +122,15 @@ pub trait Listeners: Send {
         adopt: Option<u16>,
     ) -> Result<Listener, ListenError>;
 
-    /// Stops accepting and gives the port back.
+    /// Retires a listener whose rules are gone: it stops accepting after a
+    /// short linger, and the port goes back to the pool.
     fn close(&mut self, name: &ServicePortName, listener: Listener);
+
+    /// Stops accepting at once (shutdown).
+    fn close_now(&mut self, name: &ServicePortName, listener: Listener) {
+        listener.stop.now.cancel();
+        self.close(name, listener);
+    }
 
     /// Ports kept in reserve for adoption that nobody took: free them.
     fn adoption_done(&mut self) {}
@@ -173,7 +180,7 @@ impl Listeners for SocketListeners {
             Some(s) => s,
             None => self.ports.bind(name.protocol)?,
         };
-        let stop = CancellationToken::new();
+        let stop = tcp::Stop::default();
         if let Err(source) = tcp::spawn(
             Arc::new(name.clone()),
             socket.into(),
@@ -189,7 +196,9 @@ impl Listeners for SocketListeners {
     }
 
     fn close(&mut self, name: &ServicePortName, listener: Listener) {
-        listener.stop.cancel();
+        listener.stop.retire.cancel();
+        // The socket lingers a moment; the allocator's probe bind keeps the
+        // port from being handed out while it does.
         self.ports.release(name.protocol, listener.port);
     }
 
@@ -199,8 +208,11 @@ impl Listeners for SocketListeners {
 }
 
 impl Listener {
-    /// A listener whose accept loop is stopped by `stop` (test doubles).
-    pub fn new(port: u16, stop: CancellationToken) -> Self {
-        Listener { port, stop }
+    /// A listener record without an accept loop (test doubles).
+    pub fn detached(port: u16) -> Self {
+        Listener {
+            port,
+            stop: tcp::Stop::default(),
+        }
     }
 }

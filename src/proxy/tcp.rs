@@ -18,16 +18,32 @@ use crate::model::ServicePortName;
 /// Longest pause after an accept error caused by resource exhaustion.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Starts accepting on `listener` until `stop` fires. Connections already
-/// accepted are not affected by `stop`: they run to their natural end, or
-/// until `connections` cuts them.
+/// How long a retired listener keeps accepting after its rules are gone: a
+/// SYN translated to its port just before the rule change completes its
+/// handshake on this listener, and would be reset if the listener closed
+/// at once.
+pub const RETIRE_LINGER: Duration = Duration::from_millis(500);
+
+/// How an accept loop is told to end.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// The Service port went away: accept for [`RETIRE_LINGER`] more, then close.
+    pub retire: CancellationToken,
+    /// Shutdown: close now (queued connections move to the next instance's
+    /// listener in the `SO_REUSEPORT` group, with `tcp_migrate_req`).
+    pub now: CancellationToken,
+}
+
+/// Starts accepting on `listener` until `stop` says so. Connections
+/// already accepted are not affected by `stop`: they run to their natural
+/// end, or until `connections` cuts them.
 pub fn spawn(
     service: Arc<ServicePortName>,
     listener: std::net::TcpListener,
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
     connections: Connections,
-    stop: CancellationToken,
+    stop: Stop,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
@@ -62,12 +78,18 @@ async fn accept_loop(
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
     connections: Connections,
-    stop: CancellationToken,
+    stop: Stop,
 ) {
     let mut backoff = Duration::from_millis(5);
+    let mut close_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.now.cancelled() => return,
+            _ = stop.retire.cancelled(), if close_at.is_none() => {
+                close_at = Some(tokio::time::Instant::now() + RETIRE_LINGER);
+                continue;
+            }
+            _ = tokio::time::sleep_until(close_at.unwrap_or_else(tokio::time::Instant::now)), if close_at.is_some() => return,
             r = listener.accept() => r,
         };
         match accepted {
@@ -91,7 +113,7 @@ async fn accept_loop(
             Err(e) if is_resource_exhaustion(&e) => {
                 warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; backing off");
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.now.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);

@@ -151,13 +151,29 @@ impl ProxyProcess {
     /// HTTP proxies and KUBECONFIG (the API server, if any, is on the node's
     /// own loopback: no proxy of the test machine may be in the way).
     pub fn start(node: &Netns, dir: &Path, source_flag: &str, source_path: &Path) -> ProxyProcess {
-        let stderr = dir.join("kube-uproxy.stderr");
+        Self::start_with(node, dir, "kube-uproxy", source_flag, source_path, &[], &[])
+    }
+
+    /// Like [`ProxyProcess::start`], with more flags and environment
+    /// variables; its output goes to `<dir>/<name>.stderr`.
+    pub fn start_with(
+        node: &Netns,
+        dir: &Path,
+        name: &str,
+        source_flag: &str,
+        source_path: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
+        let stderr = dir.join(format!("{name}.stderr"));
         let log = File::create(&stderr).expect("creating the proxy log file");
         let log2 = log.try_clone().expect("cloning the log file handle");
         let mut cmd = node.command(BIN);
         cmd.arg(source_flag)
             .arg(source_path)
             .args(["--proxy-port-range", PORT_RANGE, "-v"])
+            .args(extra_args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log2)
             .stderr(log);
@@ -266,6 +282,27 @@ pub fn nft_tcp_ips(node: &Netns, kind: &str, name: &str) -> Result<Vec<Ipv4Addr>
         .iter()
         .filter_map(|k| tcp_key_ip(k, SVC_PORT))
         .collect())
+}
+
+/// The proxy port the kernel maps `ip . tcp . 80` to, if any.
+pub fn proxy_port_of(node: &Netns, ip: Ipv4Addr) -> Option<u16> {
+    let out = node
+        .output(
+            "nft",
+            ["-j", "list", "map", "ip", "kube-uproxy", "service-ports"],
+        )
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let map = v["nftables"]
+        .as_array()?
+        .iter()
+        .find_map(|o| o.get("map"))?;
+    map["elem"].as_array()?.iter().find_map(|e| {
+        let key = &e[0]["concat"];
+        (key[0].as_str()? == ip.to_string() && key[2].as_u64()? == u64::from(SVC_PORT))
+            .then(|| e[1].as_u64().and_then(|p| u16::try_from(p).ok()))
+            .flatten()
+    })
 }
 
 /// Waits until `ip . tcp . 80` is (`present`) or is not an element of the
