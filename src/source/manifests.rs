@@ -23,7 +23,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Update, UpdateSender, service_or_log, slice_or_log};
+use super::convert::Notice;
+use super::{NoticeLog, Update, UpdateSender, service_or_log, slice_or_log};
 use crate::model::{ObjectKey, ServiceInfo, SliceInfo};
 
 /// A manifests path that cannot be read at all.
@@ -43,6 +44,12 @@ pub enum ManifestError {
 pub struct Parsed {
     pub services: Vec<ServiceInfo>,
     pub slices: Vec<SliceInfo>,
+    /// The notices of those Services that have any. Not logged by
+    /// [`parse`]: the caller logs them once per Service (a [`NoticeLog`]),
+    /// not each time the file is read.
+    pub service_notices: BTreeMap<ObjectKey, Vec<Notice>>,
+    /// The same for the EndpointSlices.
+    pub slice_notices: BTreeMap<ObjectKey, Vec<Notice>>,
 }
 
 /// Parses one file's text. Fails only when the text is not YAML at all;
@@ -112,16 +119,24 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
         }
         "Service" => {
             if let Some(svc) = deserialize::<Service>(doc, origin, kind)
-                && let Some(info) = service_or_log(&svc)
+                && let Some(accepted) = service_or_log(&svc)
             {
-                out.services.push(info);
+                if !accepted.notices.is_empty() {
+                    out.service_notices
+                        .insert(accepted.info.key.clone(), accepted.notices);
+                }
+                out.services.push(accepted.info);
             }
         }
         "EndpointSlice" => {
             if let Some(slice) = deserialize::<EndpointSlice>(doc, origin, kind)
-                && let Some(info) = slice_or_log(&slice)
+                && let Some(accepted) = slice_or_log(&slice)
             {
-                out.slices.push(info);
+                if !accepted.notices.is_empty() {
+                    out.slice_notices
+                        .insert(accepted.info.key.clone(), accepted.notices);
+                }
+                out.slices.push(accepted.info);
             }
         }
         "" if doc.is_null() => {} // an empty document, e.g. a trailing `---`
@@ -243,6 +258,9 @@ struct ManifestWatcher {
     slices: Definitions<SliceInfo>,
     /// Which objects each file defined at its last good parse.
     owned: BTreeMap<PathBuf, (Vec<ObjectKey>, Vec<ObjectKey>)>,
+    /// Notices logged once per Service, not at each re-read of its file.
+    service_notices: NoticeLog,
+    slice_notices: NoticeLog,
 }
 
 impl ManifestWatcher {
@@ -253,6 +271,8 @@ impl ManifestWatcher {
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
             owned: BTreeMap::new(),
+            service_notices: NoticeLog::new("Service"),
+            slice_notices: NoticeLog::new("EndpointSlice"),
         }
     }
 
@@ -310,6 +330,7 @@ impl ManifestWatcher {
                     }
                 }
             };
+            self.log_notices(&parsed);
             let (old_services, old_slices) = self.owned.remove(&file).unwrap_or_default();
             let keys = (
                 replace_file(
@@ -329,9 +350,31 @@ impl ManifestWatcher {
             );
             self.owned.insert(file, keys);
         }
-        Delta {
+        let delta = Delta {
             services: changes(&mut self.services, before_services),
             slices: changes(&mut self.slices, before_slices),
+        };
+        for (k, _) in delta.services.iter().filter(|(_, v)| v.is_none()) {
+            self.service_notices.forget(k);
+        }
+        for (k, _) in delta.slices.iter().filter(|(_, v)| v.is_none()) {
+            self.slice_notices.forget(k);
+        }
+        delta
+    }
+
+    /// Logs the notices of the objects of one file read, those not logged
+    /// yet for the same object.
+    fn log_notices(&mut self, parsed: &Parsed) {
+        for s in &parsed.services {
+            let notices = parsed.service_notices.get(&s.key);
+            self.service_notices
+                .log(&s.key, notices.map(Vec::as_slice).unwrap_or_default());
+        }
+        for s in &parsed.slices {
+            let notices = parsed.slice_notices.get(&s.key);
+            self.slice_notices
+                .log(&s.key, notices.map(Vec::as_slice).unwrap_or_default());
         }
     }
 
@@ -348,6 +391,7 @@ impl ManifestWatcher {
                 .values()
                 .filter_map(|d| d.values().next_back().cloned())
                 .collect(),
+            ..Parsed::default()
         }
     }
 }
@@ -600,6 +644,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::model::ObjectKey;
+    use crate::source::captured_log;
 
     const KUBECTL_LIST: &str = r#"
 apiVersion: v1
@@ -842,6 +887,125 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         let d = w.rescan().unwrap();
         assert_eq!(d.services.len(), 1);
         assert_eq!(d.services[0].1.as_ref().unwrap().ports[0].port, 80);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Loads `text` as the one file of a directory, as the source does, and
+    /// returns what it defines with what was logged.
+    fn load_logged(tag: &str, text: &str) -> (Parsed, String) {
+        let dir = temp_dir(tag);
+        std::fs::write(dir.join("m.yaml"), text).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        let (r, log) = captured_log(|| w.rescan().map(|_| w.current()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        (r.unwrap(), log)
+    }
+
+    #[test]
+    fn unknown_lb_algorithm_falls_back_to_the_default_and_keeps_the_service() {
+        let text = "apiVersion: v1\nkind: Service\n\
+                    metadata: {name: web, annotations: {kube-uproxy.io/lb-algorithm: fastest}}\n\
+                    spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let (p, log) = load_logged("algorithm", text);
+        assert_eq!(p.services.len(), 1, "the Service is kept");
+        assert_eq!(p.services[0].algorithm, None, "the default is used");
+        assert!(
+            log.contains("default/web") && log.contains("kube-uproxy.io/lb-algorithm"),
+            "no warning naming the Service and the annotation:\n{log}"
+        );
+    }
+
+    #[test]
+    fn one_bad_address_skips_the_endpoint_not_the_slice() {
+        let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                    metadata: {name: web-x, labels: {kubernetes.io/service-name: web}}\n\
+                    addressType: IPv4\nports: [{port: 8080}]\n\
+                    endpoints: [{addresses: [10.1.0.1]}, {addresses: [nope]}, {addresses: ['fd00::1']},\n\
+                    {addresses: []}, {addresses: ['::ffff:10.1.0.9']}, {addresses: [10.1.0.2]}]\n";
+        let (p, log) = load_logged("bad-address", text);
+        assert_eq!(p.slices.len(), 1, "the slice is kept");
+        let kept: Vec<String> = p.slices[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(kept, vec!["10.1.0.1", "10.1.0.2"]);
+        for field in [
+            "endpoints[1].addresses[0]",
+            "endpoints[2].addresses[0]",
+            "endpoints[3].addresses",
+            "endpoints[4].addresses[0]",
+        ] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("default/web-x") && l.contains(field)),
+                "no warning naming {field}:\n{log}"
+            );
+        }
+    }
+
+    /// A Service using every field the proxy does not honour yet.
+    fn unhonoured_service(name: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.5\n  externalIPs: [192.0.2.7]\n\
+             \x20 sessionAffinity: ClientIP\n  internalTrafficPolicy: Local\n\
+             \x20 externalTrafficPolicy: Local\n  trafficDistribution: PreferSameZone\n\
+             \x20 ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP, nodePort: 30053}}]\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.8}}]}}}}\n"
+        )
+    }
+
+    const UNHONOURED_FIELDS: [&str; 8] = [
+        "nodePort",
+        "spec.externalIPs",
+        "status.loadBalancer.ingress",
+        "spec.sessionAffinity",
+        "spec.internalTrafficPolicy",
+        "spec.externalTrafficPolicy",
+        "spec.trafficDistribution",
+        "spec.ports[1]",
+    ];
+
+    fn count_lines(log: &str, object: &str, field: &str) -> usize {
+        log.lines()
+            .filter(|l| l.contains(object) && l.contains(field))
+            .count()
+    }
+
+    #[test]
+    fn unhonoured_fields_are_logged_once_per_service() {
+        let dir = temp_dir("unhonoured");
+        let f = dir.join("svc.yaml");
+        let with_other =
+            |port| unhonoured_service("lb") + "---\n" + &one_service("other", "10.96.0.6", port);
+        std::fs::write(&f, with_other(80)).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        let (_, log) = captured_log(|| w.rescan().unwrap());
+        for field in UNHONOURED_FIELDS {
+            assert_eq!(
+                count_lines(&log, "default/lb", field),
+                1,
+                "{field} not logged once:\n{log}"
+            );
+        }
+        // The file is re-read because another Service changed: the
+        // unchanged one logs nothing again.
+        std::fs::write(&f, with_other(81)).unwrap();
+        let (d, log) = captured_log(|| w.reload([f.clone()]));
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(count_lines(&log, "default/lb", ""), 0, "{log}");
+        // Deleted, then created again: logged again.
+        std::fs::write(&f, one_service("other", "10.96.0.6", 81)).unwrap();
+        let (_, log) = captured_log(|| w.reload([f.clone()]));
+        assert_eq!(count_lines(&log, "default/lb", ""), 0, "{log}");
+        std::fs::write(&f, with_other(81)).unwrap();
+        let (_, log) = captured_log(|| w.reload([f.clone()]));
+        assert_eq!(
+            count_lines(&log, "default/lb", "spec.externalIPs"),
+            1,
+            "{log}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
