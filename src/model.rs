@@ -192,6 +192,36 @@ pub struct Endpoint {
     pub node_name: Option<String>,
 }
 
+/// An IP address family. A Service's ClusterIP of one family is served only
+/// by endpoints of that family: a dual-stack Service has one set of
+/// EndpointSlices per family, and sending IPv4 clients' connections to IPv6
+/// endpoints (or the reverse) is not what the Service asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    /// The family of an address. An IPv4-mapped IPv6 address counts as IPv6
+    /// (the sources refuse such endpoints, see `source::convert`).
+    pub fn of(ip: IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
 /// What one Service port should look like: the reconciler's input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortSpec {
@@ -199,29 +229,44 @@ pub struct ServicePortSpec {
     pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub algorithm: Algorithm,
-    /// Every endpoint the slices list for this port, whatever its state.
+    /// Every endpoint the slices list for this port, whatever its state and
+    /// family, each address once, sorted by address (so IPv4 ones come
+    /// first). Comparing two of these tells whether anything changed.
     pub endpoints: Vec<Endpoint>,
 }
 
 impl ServicePortSpec {
-    /// The endpoints new connections may go to, by Kubernetes' rules: the
-    /// ready ones; if none is ready, the ones that are serving and
-    /// terminating (so a rolling update never leaves a gap).
-    pub fn usable_endpoints(&self) -> Vec<SocketAddr> {
-        let ready: Vec<SocketAddr> = self
-            .endpoints
+    /// The port's endpoints of one address family, whatever their state.
+    pub fn endpoints_of(&self, family: IpFamily) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints
             .iter()
+            .filter(move |e| IpFamily::of(e.addr.ip()) == family)
+    }
+
+    /// The endpoints new connections to a ClusterIP of `family` may go to,
+    /// by Kubernetes' rules, applied to that family alone: the ready ones;
+    /// if none is ready, the ones that are serving and terminating (so a
+    /// rolling update never leaves a gap).
+    pub fn usable_endpoints_of(&self, family: IpFamily) -> Vec<SocketAddr> {
+        let ready: Vec<SocketAddr> = self
+            .endpoints_of(family)
             .filter(|e| e.ready)
             .map(|e| e.addr)
             .collect();
         if !ready.is_empty() {
             return ready;
         }
-        self.endpoints
-            .iter()
+        self.endpoints_of(family)
             .filter(|e| e.serving && e.terminating)
             .map(|e| e.addr)
             .collect()
+    }
+
+    /// The usable endpoints for the port's IPv4 ClusterIPs: the only ones
+    /// the proxy redirects so far. Same as
+    /// `usable_endpoints_of(IpFamily::V4)`.
+    pub fn usable_endpoints(&self) -> Vec<SocketAddr> {
+        self.usable_endpoints_of(IpFamily::V4)
     }
 }
 
@@ -362,12 +407,21 @@ impl ClusterState {
 
 /// Collects the endpoints of a Service port from its slices: every slice
 /// port with the same name and protocol contributes `address:port` for each
-/// endpoint. An address listed twice keeps its best conditions.
+/// endpoint.
+///
+/// An address listed in several slices (an endpoint moving from one slice
+/// to another is briefly in both) is kept once: the copy in the best state
+/// wins whole, conditions and node name together, because mixing the
+/// conditions of two copies describes an endpoint that exists in neither.
+/// Ready beats serving, serving beats neither; on a tie the first copy in
+/// slice-name order stays. A hash index keeps this linear in the number of
+/// endpoints (slices of large Services hold thousands each).
 fn endpoints_for_port<'a>(
     slices: impl Iterator<Item = &'a SliceInfo>,
     port: &PortSpec,
 ) -> Vec<Endpoint> {
     let mut out: Vec<Endpoint> = Vec::new();
+    let mut index: HashMap<SocketAddr, usize> = HashMap::new();
     for slice in slices {
         for sp in slice
             .ports
@@ -375,25 +429,38 @@ fn endpoints_for_port<'a>(
             .filter(|sp| sp.name == port.name && sp.protocol == port.protocol)
         {
             for ep in &slice.endpoints {
-                let addr = SocketAddr::new(ep.address, sp.port);
-                if let Some(existing) = out.iter_mut().find(|e| e.addr == addr) {
-                    existing.ready |= ep.ready;
-                    existing.serving |= ep.serving;
-                    existing.terminating &= ep.terminating;
-                    continue;
-                }
-                out.push(Endpoint {
-                    addr,
+                let candidate = Endpoint {
+                    addr: SocketAddr::new(ep.address, sp.port),
                     ready: ep.ready,
                     serving: ep.serving,
                     terminating: ep.terminating,
                     node_name: ep.node_name.clone(),
-                });
+                };
+                match index.get(&candidate.addr) {
+                    Some(&i) => {
+                        if rank(&candidate) > rank(&out[i]) {
+                            out[i] = candidate;
+                        }
+                    }
+                    None => {
+                        index.insert(candidate.addr, out.len());
+                        out.push(candidate);
+                    }
+                }
             }
         }
     }
-    out.sort_by_key(|e| e.addr);
+    out.sort_unstable_by_key(|e| e.addr);
     out
+}
+
+/// Which copy of a duplicated endpoint is kept: the higher rank.
+fn rank(e: &Endpoint) -> u8 {
+    match (e.ready, e.serving) {
+        (true, _) => 2,
+        (false, true) => 1,
+        (false, false) => 0,
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +587,137 @@ mod tests {
         st.replace_slices(vec![]);
         let d: Vec<String> = st.take_dirty().into_iter().map(|k| k.name).collect();
         assert_eq!(d, vec!["c"]);
+    }
+
+    fn slice_with(name: &str, eps: Vec<SliceEndpoint>) -> SliceInfo {
+        slice(name, "web", ("", 8080), eps)
+    }
+
+    fn dual_stack_web() -> ServiceInfo {
+        ServiceInfo {
+            cluster_ips: vec![
+                "10.96.0.10".parse().unwrap(),
+                "fd00:96::10".parse().unwrap(),
+            ],
+            ..svc("web", &[("", 80)])
+        }
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn ipv4_cluster_ip_is_served_only_by_ipv4_endpoints() {
+        // A dual-stack Service has one slice per address type.
+        let mut st = ClusterState::new();
+        st.apply_service(dual_stack_web());
+        st.apply_slice(slice_with("web-v6", vec![ep("fd00::1", true, true, false)]));
+        st.apply_slice(slice_with(
+            "web-v4",
+            vec![ep("10.0.0.1", true, true, false)],
+        ));
+        let s = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        assert_eq!(s.usable_endpoints(), addrs(&["10.0.0.1:8080"]));
+    }
+
+    #[test]
+    fn each_family_has_its_own_endpoints_and_fallback() {
+        let mut st = ClusterState::new();
+        st.apply_service(dual_stack_web());
+        st.apply_slice(slice_with(
+            "web-v4",
+            vec![
+                ep("10.0.0.1", true, true, false),
+                ep("10.0.0.2", false, true, true),
+            ],
+        ));
+        // No ready IPv6 endpoint: the IPv6 side falls back to its serving
+        // and terminating one, whatever the IPv4 side has.
+        st.apply_slice(slice_with(
+            "web-v6",
+            vec![
+                ep("fd00::1", false, true, true),
+                ep("fd00::2", false, false, false),
+            ],
+        ));
+        let s = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        assert_eq!(
+            s.usable_endpoints_of(IpFamily::V4),
+            addrs(&["10.0.0.1:8080"])
+        );
+        assert_eq!(
+            s.usable_endpoints_of(IpFamily::V6),
+            addrs(&["[fd00::1]:8080"])
+        );
+        assert_eq!(s.endpoints_of(IpFamily::V6).count(), 2);
+        assert_eq!(s.endpoints.len(), 4);
+        assert!(s.endpoints.is_sorted_by_key(|e| e.addr));
+        assert_eq!(
+            s.cluster_ips
+                .iter()
+                .map(|ip| IpFamily::of(*ip))
+                .collect::<Vec<_>>(),
+            vec![IpFamily::V4, IpFamily::V6]
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoints_keep_the_whole_ready_copy() {
+        // An endpoint moving between slices is briefly listed in both: the
+        // ready copy is the current one, node name included.
+        let mut st = ClusterState::new();
+        st.apply_service(svc("web", &[("", 80)]));
+        let mut old = ep("10.0.0.1", false, false, true);
+        old.node_name = Some("old-node".into());
+        let mut new = ep("10.0.0.1", true, true, false);
+        new.node_name = Some("new-node".into());
+        st.apply_slice(slice_with("a", vec![old]));
+        st.apply_slice(slice_with("b", vec![new]));
+        let s = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        assert_eq!(s.endpoints.len(), 1);
+        let e = &s.endpoints[0];
+        assert!(e.ready && e.serving && !e.terminating);
+        assert_eq!(e.node_name.as_deref(), Some("new-node"));
+    }
+
+    #[test]
+    fn endpoints_listed_in_several_slices_merge_in_linear_time() {
+        // 2 x 100 000 copies: comparing each endpoint with every one kept
+        // so far takes many seconds; a hash index takes milliseconds.
+        const N: u32 = 100_000;
+        let copies = |ready: bool| -> Vec<SliceEndpoint> {
+            (0..N)
+                .map(|i| SliceEndpoint {
+                    address: IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+                    ready,
+                    serving: ready,
+                    terminating: false,
+                    node_name: None,
+                })
+                .collect()
+        };
+        let mut st = ClusterState::new();
+        st.apply_service(svc("web", &[("", 80)]));
+        st.apply_slice(slice_with("a", copies(false)));
+        st.apply_slice(slice_with("b", copies(true)));
+        let started = std::time::Instant::now();
+        let s = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        let took = started.elapsed();
+        assert_eq!(s.endpoints.len(), N as usize);
+        assert!(s.endpoints.iter().all(|e| e.ready));
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "merging took {took:?}"
+        );
     }
 
     #[test]

@@ -336,7 +336,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {
-                warn!(service_port = %spec.name, %protocol, "only TCP is proxied so far; port not proxied");
+                debug!(service_port = %spec.name, %protocol, "only TCP is proxied so far; port not proxied");
                 return Err(false);
             }
             Err(e) => {

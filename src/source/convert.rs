@@ -4,6 +4,12 @@
 //! so an object means the same thing wherever it came from. An invalid object
 //! yields an [`InvalidObject`] naming the object and the field at fault; the
 //! caller logs it and skips that one object.
+//!
+//! Tolerant where a smaller loss is right: a bad value of our own annotation
+//! falls back to the default, a bad endpoint address skips that endpoint,
+//! and fields the proxy does not honour yet are used as if absent. Each of
+//! these comes back as a [`Notice`] with the object, for the caller to log
+//! once per object (`super::NoticeLog`).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -13,7 +19,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Algorithm, ObjectKey, PortSpec, Protocol, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort,
+    Algorithm, IpFamily, ObjectKey, PortSpec, Protocol, ServiceInfo, SliceEndpoint, SliceInfo,
+    SlicePort,
 };
 
 /// Label that hands a Service to another proxy (kube-proxy skips these).
@@ -27,6 +34,14 @@ pub const PROXY_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 /// Per-Service choice of balancing algorithm.
 pub const ANNOTATION_LB_ALGORITHM: &str = "kube-uproxy.io/lb-algorithm";
+/// Asks the EndpointSlice controller for topology hints (Kubernetes 1.27+).
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// The older name of [`ANNOTATION_TOPOLOGY_MODE`].
+pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// At most this many skipped endpoints of one slice are named one by one;
+/// the rest are counted in one more notice, so that a slice full of bad
+/// addresses costs a few log lines, not thousands.
+const MAX_ENDPOINT_NOTICES: usize = 8;
 
 /// An object the proxy cannot use, with the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,8 +67,36 @@ pub enum Skip {
     FqdnAddresses,
 }
 
+/// Something a valid object asks that the proxy does not do: a field it
+/// does not honour yet, a value it replaced by the default, an endpoint it
+/// skipped. The object is used without it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Notice {
+    /// The path of the field, as in [`InvalidObject`].
+    pub field: String,
+    /// What the proxy does instead.
+    pub message: String,
+}
+
+impl Notice {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Notice {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// An object the proxy uses, reduced to the model, with its notices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted<T> {
+    pub info: T,
+    /// Empty for an object used exactly as it asks.
+    pub notices: Vec<Notice>,
+}
+
 /// The outcome of converting one object.
-pub type Converted<T> = Result<Result<T, Skip>, InvalidObject>;
+pub type Converted<T> = Result<Result<Accepted<T>, Skip>, InvalidObject>;
 
 fn object_name(meta: &ObjectMeta) -> String {
     format!(
@@ -187,26 +230,153 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
         });
     }
 
-    let algorithm = match meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
-    {
+    let mut notices = unhonoured(svc, &ports);
+    // A typo in our own annotation must not take the Service down: the
+    // global default serves it, and the notice says so.
+    let algorithm = match annotation(meta, ANNOTATION_LB_ALGORITHM) {
         None => None,
-        Some(raw) => Some(raw.parse::<Algorithm>().map_err(|e| {
-            bad(
-                format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM}]"),
-                e,
-            )
-        })?),
+        Some(raw) => match raw.parse::<Algorithm>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                notices.insert(
+                    0,
+                    Notice::new(
+                        format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM}]"),
+                        format!("{e}; the default algorithm is used"),
+                    ),
+                );
+                None
+            }
+        },
     };
 
-    Ok(Ok(ServiceInfo {
-        key,
-        cluster_ips,
-        ports,
-        algorithm,
+    Ok(Ok(Accepted {
+        info: ServiceInfo {
+            key,
+            cluster_ips,
+            ports,
+            algorithm,
+        },
+        notices,
     }))
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(name))
+        .map(String::as_str)
+}
+
+/// The fields of a valid Service that the proxy does not honour yet, one
+/// notice each: without them a user sees a Service that works and silently
+/// ignores half of what it asks (no node port, no affinity, no local
+/// policy). `ports` are the converted `spec.ports`, in order.
+fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
+    let mut out = Vec::new();
+    let Some(spec) = svc.spec.as_ref() else {
+        return out;
+    };
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let node_ports: Vec<String> = spec
+        .ports
+        .iter()
+        .flatten()
+        .zip(ports)
+        .filter_map(|(raw, p)| raw.node_port.map(|n| format!("{n}/{}", p.protocol)))
+        .collect();
+    if !node_ports.is_empty() {
+        out.push(Notice::new(
+            "spec.ports[*].nodePort",
+            format!(
+                "node ports are not served yet (type {type_}): {}",
+                node_ports.join(", ")
+            ),
+        ));
+    } else if matches!(type_, "NodePort" | "LoadBalancer") {
+        out.push(Notice::new(
+            "spec.type",
+            format!("type {type_}: node ports are not served yet; only the ClusterIP is"),
+        ));
+    }
+    if let Some(ips) = spec.external_ips.as_ref().filter(|v| !v.is_empty()) {
+        out.push(Notice::new(
+            "spec.externalIPs",
+            format!("not served yet: {}", ips.join(", ")),
+        ));
+    }
+    let ingress: Vec<&str> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref().or(i.hostname.as_deref()))
+        .collect();
+    if !ingress.is_empty() {
+        out.push(Notice::new(
+            "status.loadBalancer.ingress",
+            format!(
+                "load-balancer addresses are not served yet: {}",
+                ingress.join(", ")
+            ),
+        ));
+    }
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        out.push(Notice::new(
+            "spec.sessionAffinity",
+            "ClientIP is not honoured yet: every connection is balanced on its own",
+        ));
+    }
+    if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        out.push(Notice::new(
+            "spec.internalTrafficPolicy",
+            "Local is not honoured yet: ClusterIP traffic goes to endpoints on every node",
+        ));
+    }
+    if spec.external_traffic_policy.as_deref() == Some("Local") {
+        out.push(Notice::new(
+            "spec.externalTrafficPolicy",
+            "Local is not honoured yet: external traffic is not served, and no health check port is opened",
+        ));
+    }
+    if let Some(d) = spec.traffic_distribution.as_deref() {
+        out.push(Notice::new(
+            "spec.trafficDistribution",
+            format!("{d} is not honoured yet: endpoints in every zone and on every node are used"),
+        ));
+    }
+    // Topology hints are only written into slices for Services that ask
+    // for them (this annotation, or trafficDistribution above), so the
+    // Service is where they are reported, once, not once per slice.
+    for name in [ANNOTATION_TOPOLOGY_MODE, ANNOTATION_TOPOLOGY_AWARE_HINTS] {
+        if let Some(v) = annotation(&svc.metadata, name)
+            .filter(|v| !v.is_empty() && !v.eq_ignore_ascii_case("disabled"))
+        {
+            out.push(Notice::new(
+                format!("metadata.annotations[{name}]"),
+                format!("{v}: topology hints are not honoured yet: every endpoint is used"),
+            ));
+        }
+    }
+    for (i, p) in ports.iter().enumerate() {
+        if p.protocol != Protocol::Tcp {
+            let name = if p.name.is_empty() {
+                String::new()
+            } else {
+                format!("{} ", p.name)
+            };
+            out.push(Notice::new(
+                format!("spec.ports[{i}]"),
+                format!(
+                    "{name}{}/{}: only TCP is proxied so far; this port is not served",
+                    p.port, p.protocol
+                ),
+            ));
+        }
+    }
+    out
 }
 
 /// Converts an EndpointSlice.
@@ -271,32 +441,31 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
         });
     }
 
+    let family = if slice.address_type == "IPv4" {
+        IpFamily::V4
+    } else {
+        IpFamily::V6
+    };
     let raw_endpoints = slice.endpoints.as_deref().unwrap_or_default();
     let mut endpoints = Vec::with_capacity(raw_endpoints.len());
+    let mut notices = Vec::new();
+    let mut skipped = 0usize;
     for (i, ep) in raw_endpoints.iter().enumerate() {
-        // Like kube-proxy, only the first address of an endpoint is used.
-        let Some(raw) = ep.addresses.first() else {
-            return Err(bad(
-                format!("endpoints[{i}].addresses"),
-                "no address".into(),
-            ));
+        // One bad endpoint is skipped, not its whole slice: the others
+        // keep serving.
+        let address = match endpoint_address(&ep.addresses, family) {
+            Ok(a) => a,
+            Err((field, message)) => {
+                skipped += 1;
+                if notices.len() < MAX_ENDPOINT_NOTICES {
+                    notices.push(Notice::new(
+                        format!("endpoints[{i}].{field}"),
+                        format!("{message}; endpoint skipped"),
+                    ));
+                }
+                continue;
+            }
         };
-        let address: IpAddr = raw.parse().map_err(|_| {
-            bad(
-                format!("endpoints[{i}].addresses[0]"),
-                format!("invalid IP address {raw:?}"),
-            )
-        })?;
-        let wrong_family = match slice.address_type.as_str() {
-            "IPv4" => !address.is_ipv4(),
-            _ => !address.is_ipv6(),
-        };
-        if wrong_family {
-            return Err(bad(
-                format!("endpoints[{i}].addresses[0]"),
-                format!("{raw} is not an {} address", slice.address_type),
-            ));
-        }
         let cond = ep.conditions.as_ref();
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
         endpoints.push(SliceEndpoint {
@@ -308,12 +477,46 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
         });
     }
 
-    Ok(Ok(SliceInfo {
-        service: ObjectKey::new(key.namespace.clone(), service_name.clone()),
-        key,
-        ports,
-        endpoints,
+    if skipped > notices.len() {
+        notices.push(Notice::new(
+            "endpoints",
+            format!(
+                "{} more endpoints skipped for bad addresses",
+                skipped - notices.len()
+            ),
+        ));
+    }
+
+    Ok(Ok(Accepted {
+        info: SliceInfo {
+            service: ObjectKey::new(key.namespace.clone(), service_name.clone()),
+            key,
+            ports,
+            endpoints,
+        },
+        notices,
     }))
+}
+
+/// The address of one endpoint, or the field at fault and why. Like
+/// kube-proxy, only the first address is used. It must be of the slice's
+/// family: an IPv4-mapped IPv6 address in an IPv6 slice would reach an IPv4
+/// endpoint from an IPv6 ClusterIP, so it is refused too.
+fn endpoint_address(
+    addresses: &[String],
+    family: IpFamily,
+) -> Result<IpAddr, (&'static str, String)> {
+    let Some(raw) = addresses.first() else {
+        return Err(("addresses", "no address".into()));
+    };
+    let address: IpAddr = raw
+        .parse()
+        .map_err(|_| ("addresses[0]", format!("invalid IP address {raw:?}")))?;
+    let mapped = matches!(address, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+    if IpFamily::of(address) != family || mapped {
+        return Err(("addresses[0]", format!("{raw} is not an {family} address")));
+    }
+    Ok(address)
 }
 
 #[cfg(test)]
@@ -340,11 +543,47 @@ mod tests {
         })))
         .unwrap()
         .unwrap();
+        let Accepted { info: s, notices } = s;
         assert_eq!(s.key, ObjectKey::new("shop", "web"));
         assert_eq!(s.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
         assert_eq!(s.ports.len(), 2);
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
         assert_eq!(s.algorithm, Some(Algorithm::LeastConnections));
+        // The UDP port is kept in the model, and said not to be served.
+        assert_eq!(notices.len(), 1);
+        assert_eq!(notices[0].field, "spec.ports[1]");
+    }
+
+    #[test]
+    fn a_service_using_only_honoured_fields_has_no_notices() {
+        let s = service(&svc(json!({
+            "metadata": {"name": "web", "annotations": {"service.kubernetes.io/topology-mode": "Disabled"}},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "sessionAffinity": "None",
+                     "internalTrafficPolicy": "Cluster", "externalTrafficPolicy": "Cluster",
+                     "externalIPs": [], "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {}}
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.notices, vec![]);
+    }
+
+    #[test]
+    fn topology_hints_and_node_ports_without_numbers_are_noticed() {
+        let s = service(&svc(json!({
+            "metadata": {"name": "web", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        })))
+        .unwrap()
+        .unwrap();
+        let fields: Vec<&str> = s.notices.iter().map(|n| n.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.type",
+                "metadata.annotations[service.kubernetes.io/topology-mode]"
+            ]
+        );
     }
 
     #[test]
@@ -405,7 +644,8 @@ mod tests {
             ]
         })))
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .info;
         assert_eq!(s.service, ObjectKey::new("shop", "web"));
         assert!(s.endpoints[0].ready && s.endpoints[0].serving && !s.endpoints[0].terminating);
         assert!(!s.endpoints[1].ready && s.endpoints[1].serving && s.endpoints[1].terminating);
@@ -416,25 +656,49 @@ mod tests {
         let e = endpoint_slice(&slice(json!({
             "metadata": {"name": "web-abc", "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "IPv4",
-            "ports": [{"port": 8080}],
-            "endpoints": [{"addresses": ["10.1.0.1"]}, {"addresses": ["nope"]}]
+            "ports": [{"port": 0}],
+            "endpoints": [{"addresses": ["10.1.0.1"]}]
         })))
         .unwrap_err();
-        assert_eq!(e.field, "endpoints[1].addresses[0]");
+        assert_eq!(e.field, "ports[0].port");
         assert_eq!(e.object, "default/web-abc");
         let e = endpoint_slice(&slice(json!({
             "metadata": {"name": "web-abc", "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "ports": [{"port": 8080}],
-            "endpoints": [{"addresses": ["fd00::1"]}]
+            "addressType": "IPv5",
+            "endpoints": []
         })))
         .unwrap_err();
-        assert_eq!(e.field, "endpoints[0].addresses[0]");
+        assert_eq!(e.field, "addressType");
         let s = endpoint_slice(&slice(json!({
             "metadata": {"name": "web-abc"}, "addressType": "IPv4", "endpoints": []
         })))
         .unwrap();
         assert_eq!(s, Err(Skip::NoServiceLabel));
+    }
+
+    #[test]
+    fn bad_endpoints_are_skipped_with_a_notice_each_up_to_a_bound() {
+        let mut endpoints = vec![json!({"addresses": ["fd00::2"]})];
+        for i in 0..20 {
+            endpoints.push(json!({"addresses": [format!("10.1.0.{i}")]}));
+        }
+        let s = endpoint_slice(&slice(json!({
+            "metadata": {"name": "web-v6", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6",
+            "ports": [{"port": 8080}],
+            "endpoints": endpoints
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.info.endpoints.len(), 1);
+        assert_eq!(s.notices.len(), MAX_ENDPOINT_NOTICES + 1);
+        assert_eq!(s.notices[0].field, "endpoints[1].addresses[0]");
+        assert!(s.notices[0].message.contains("not an IPv6 address"));
+        let last = &s.notices[MAX_ENDPOINT_NOTICES];
+        assert_eq!(last.field, "endpoints");
+        assert!(last.message.starts_with("12 more"), "{}", last.message);
+        // An IPv4-mapped address is IPv4 traffic: not in an IPv6 slice.
+        assert!(endpoint_address(&["::ffff:10.1.0.1".into()], IpFamily::V6).is_err());
     }
 
     fn merge(a: &mut serde_json::Value, b: serde_json::Value) {

@@ -5,8 +5,10 @@
 //! after a dropped watch or a `410 Gone`, arrives as `Init … InitDone`; we
 //! buffer it and send it as one full replacement, so objects deleted while
 //! the watch was down disappear and everything else stays untouched (rules
-//! and open connections included).
+//! and open connections included). Notices (fields not honoured yet, bad
+//! endpoints skipped) are logged once per object, not at every relist.
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::path::PathBuf;
 
@@ -21,8 +23,8 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::convert::PROXY_LABEL_SELECTOR;
-use super::{Update, UpdateSender, service_or_log, slice_or_log};
+use super::convert::{Accepted, PROXY_LABEL_SELECTOR};
+use super::{NoticeLog, Update, UpdateSender, service_or_log, slice_or_log};
 use crate::model::ObjectKey;
 
 /// The API cannot be reached or configured.
@@ -64,7 +66,8 @@ pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceErr
 trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
     type Info: Send;
     const KIND: &'static str;
-    fn convert(&self) -> Option<Self::Info>;
+    fn convert(&self) -> Option<Accepted<Self::Info>>;
+    fn key(info: &Self::Info) -> &ObjectKey;
     fn full(items: Vec<Self::Info>) -> Update;
     fn applied(info: Self::Info) -> Update;
     fn deleted(key: ObjectKey) -> Update;
@@ -73,8 +76,11 @@ trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'stat
 impl Watched for Service {
     type Info = crate::model::ServiceInfo;
     const KIND: &'static str = "Service";
-    fn convert(&self) -> Option<Self::Info> {
+    fn convert(&self) -> Option<Accepted<Self::Info>> {
         service_or_log(self)
+    }
+    fn key(info: &Self::Info) -> &ObjectKey {
+        &info.key
     }
     fn full(items: Vec<Self::Info>) -> Update {
         Update::Services(items)
@@ -90,8 +96,11 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     type Info = crate::model::SliceInfo;
     const KIND: &'static str = "EndpointSlice";
-    fn convert(&self) -> Option<Self::Info> {
+    fn convert(&self) -> Option<Accepted<Self::Info>> {
         slice_or_log(self)
+    }
+    fn key(info: &Self::Info) -> &ObjectKey {
+        &info.key
     }
     fn full(items: Vec<Self::Info>) -> Update {
         Update::Slices(items)
@@ -130,8 +139,7 @@ where
 {
     let config = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
-    let mut initial: Vec<K::Info> = Vec::new();
-    let mut lists = 0u64;
+    let mut events = EventHandler::<K>::new();
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -143,41 +151,142 @@ where
                 warn!(kind = K::KIND, error = %e, "watch failed; retrying with backoff");
                 continue;
             }
-            Some(Ok(Event::Init)) => {
-                initial.clear();
-                continue;
-            }
-            Some(Ok(Event::InitApply(obj))) => {
-                if let Some(info) = obj.convert() {
-                    initial.push(info);
-                }
-                continue;
-            }
-            Some(Ok(Event::InitDone)) => {
-                lists += 1;
-                info!(
-                    kind = K::KIND,
-                    objects = initial.len(),
-                    list = lists,
-                    "listed"
-                );
-                K::full(std::mem::take(&mut initial))
-            }
-            Some(Ok(Event::Apply(obj))) => match obj.convert() {
-                Some(info) => K::applied(info),
-                // Now invalid or no longer ours: forget any earlier version.
-                None => match key_of(&obj) {
-                    Some(key) => K::deleted(key),
-                    None => continue,
-                },
-            },
-            Some(Ok(Event::Delete(obj))) => match key_of(&obj) {
-                Some(key) => K::deleted(key),
+            Some(Ok(event)) => match events.handle(event) {
+                Some(update) => update,
                 None => continue,
             },
         };
         if tx.send(update).await.is_err() {
             return;
         }
+    }
+}
+
+/// Turns one kind's watcher events into updates: buffers a list until it
+/// is complete, converts objects, and logs their notices once per object.
+struct EventHandler<K: Watched> {
+    /// The list in progress (between `Init` and `InitDone`).
+    initial: Vec<K::Info>,
+    /// Lists completed, for the log.
+    lists: u64,
+    notices: NoticeLog,
+}
+
+impl<K: Watched> EventHandler<K> {
+    fn new() -> Self {
+        EventHandler {
+            initial: Vec::new(),
+            lists: 0,
+            notices: NoticeLog::new(K::KIND),
+        }
+    }
+
+    /// Converts an object and logs its notices (those not logged yet).
+    fn accept(&mut self, obj: &K) -> Option<K::Info> {
+        let accepted = obj.convert()?;
+        self.notices.log(K::key(&accepted.info), &accepted.notices);
+        Some(accepted.info)
+    }
+
+    /// The update an event makes, if any.
+    fn handle(&mut self, event: Event<K>) -> Option<Update> {
+        match event {
+            Event::Init => {
+                self.initial.clear();
+                None
+            }
+            Event::InitApply(obj) => {
+                if let Some(info) = self.accept(&obj) {
+                    self.initial.push(info);
+                }
+                None
+            }
+            Event::InitDone => {
+                self.lists += 1;
+                info!(
+                    kind = K::KIND,
+                    objects = self.initial.len(),
+                    list = self.lists,
+                    "listed"
+                );
+                // Objects deleted while the watch was down are not listed:
+                // forget them, as a delete event would have.
+                let listed: HashSet<&ObjectKey> = self.initial.iter().map(K::key).collect();
+                self.notices.retain(|k| listed.contains(k));
+                Some(K::full(std::mem::take(&mut self.initial)))
+            }
+            Event::Apply(obj) => match self.accept(&obj) {
+                Some(info) => Some(K::applied(info)),
+                // Now invalid or no longer ours: forget any earlier version.
+                None => {
+                    let key = key_of(&obj)?;
+                    self.notices.forget(&key);
+                    Some(K::deleted(key))
+                }
+            },
+            Event::Delete(obj) => {
+                let key = key_of(&obj)?;
+                self.notices.forget(&key);
+                Some(K::deleted(key))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::captured_log;
+    use serde_json::json;
+
+    fn service(name: &str, external_ip: Option<&str>) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}],
+                     "externalIPs": external_ip.into_iter().collect::<Vec<_>>()}
+        }))
+        .unwrap()
+    }
+
+    /// Feeds one list (Init, InitApply..., InitDone) and returns the log.
+    fn relist(h: &mut EventHandler<Service>, objects: &[Service]) -> String {
+        captured_log(|| {
+            assert!(h.handle(Event::Init).is_none());
+            for o in objects {
+                assert!(h.handle(Event::InitApply(o.clone())).is_none());
+            }
+            assert!(matches!(h.handle(Event::InitDone), Some(Update::Services(v)) if v.len() == objects.len()));
+        })
+        .1
+    }
+
+    fn lines_about(log: &str, object: &str) -> usize {
+        log.lines().filter(|l| l.contains(object)).count()
+    }
+
+    #[test]
+    fn a_relisted_unchanged_service_logs_its_notices_once() {
+        let mut h = EventHandler::<Service>::new();
+        let lb = service("lb", Some("192.0.2.7"));
+        let plain = service("plain", None);
+        let log = relist(&mut h, &[lb.clone(), plain.clone()]);
+        assert_eq!(lines_about(&log, "default/lb"), 1, "{log}");
+        assert!(log.contains("spec.externalIPs"), "{log}");
+        // A relist (a dropped watch, a 410 Gone) and an unchanged event.
+        let log = relist(&mut h, &[lb.clone(), plain.clone()]);
+        assert_eq!(lines_about(&log, "default/lb"), 0, "{log}");
+        let (u, log) = captured_log(|| h.handle(Event::Apply(lb.clone())));
+        assert!(matches!(u, Some(Update::ServiceApplied(_))));
+        assert_eq!(lines_about(&log, "default/lb"), 0, "{log}");
+        // Deleted, then created again: logged again.
+        assert!(h.handle(Event::Delete(lb.clone())).is_some());
+        assert_eq!(h.notices.remembered(), 0);
+        let (_, log) = captured_log(|| h.handle(Event::Apply(lb.clone())));
+        assert_eq!(lines_about(&log, "default/lb"), 1, "{log}");
+        // Deleted while the watch was down: the relist forgets it.
+        relist(&mut h, std::slice::from_ref(&plain));
+        assert_eq!(h.notices.remembered(), 0);
+        let log = relist(&mut h, &[lb, plain]);
+        assert_eq!(lines_about(&log, "default/lb"), 1, "{log}");
     }
 }

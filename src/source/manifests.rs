@@ -5,25 +5,29 @@
 //! svc,endpointslices -A -o yaml` prints: one `kind: List`, or a stream of
 //! `---`-separated documents, or both. Changes are seen through inotify
 //! (with a periodic stat of every file as a safety net); only changed files
-//! are re-read, and only the objects that changed are sent on.
+//! are re-read, and only the objects that changed are sent on. A relative
+//! path is made absolute first: inotify reports absolute paths.
 //!
 //! A file that fails to parse keeps its last good content (an editor's
 //! half-written save does not take Services down); one bad object is skipped
 //! and the rest of its file is used.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Update, UpdateSender, service_or_log, slice_or_log};
+use super::convert::Notice;
+use super::{NoticeLog, Update, UpdateSender, service_or_log, slice_or_log};
 use crate::model::{ObjectKey, ServiceInfo, SliceInfo};
 
 /// A manifests path that cannot be read at all.
@@ -43,6 +47,12 @@ pub enum ManifestError {
 pub struct Parsed {
     pub services: Vec<ServiceInfo>,
     pub slices: Vec<SliceInfo>,
+    /// The notices of those Services that have any. Not logged by
+    /// [`parse`]: the caller logs them once per Service (a [`NoticeLog`]),
+    /// not each time the file is read.
+    pub service_notices: BTreeMap<ObjectKey, Vec<Notice>>,
+    /// The same for the EndpointSlices.
+    pub slice_notices: BTreeMap<ObjectKey, Vec<Notice>>,
 }
 
 /// Parses one file's text. Fails only when the text is not YAML at all;
@@ -112,16 +122,24 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
         }
         "Service" => {
             if let Some(svc) = deserialize::<Service>(doc, origin, kind)
-                && let Some(info) = service_or_log(&svc)
+                && let Some(accepted) = service_or_log(&svc)
             {
-                out.services.push(info);
+                if !accepted.notices.is_empty() {
+                    out.service_notices
+                        .insert(accepted.info.key.clone(), accepted.notices);
+                }
+                out.services.push(accepted.info);
             }
         }
         "EndpointSlice" => {
             if let Some(slice) = deserialize::<EndpointSlice>(doc, origin, kind)
-                && let Some(info) = slice_or_log(&slice)
+                && let Some(accepted) = slice_or_log(&slice)
             {
-                out.slices.push(info);
+                if !accepted.notices.is_empty() {
+                    out.slice_notices
+                        .insert(accepted.info.key.clone(), accepted.notices);
+                }
+                out.slices.push(accepted.info);
             }
         }
         "" if doc.is_null() => {} // an empty document, e.g. a trailing `---`
@@ -161,8 +179,50 @@ fn is_manifest_file(p: &Path) -> bool {
         .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
 }
 
-/// A file's version: what tells us it changed without reading it.
-type Version = (SystemTime, u64);
+/// A file's version: what tells us, without reading it, that it may have
+/// changed. Size and modification time alone miss a rewrite of the same
+/// length within one tick of the file-system clock, or one that sets the
+/// old modification time back; the inode change time cannot be set back,
+/// and a file renamed over another is another inode. Two writes within one
+/// tick still look alike here: the inotify event sent at each write's close
+/// is what sees those (an event always re-reads, see
+/// [`ManifestWatcher::reload`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Version {
+    len: u64,
+    /// Modification time: seconds, nanoseconds.
+    mtime: (i64, i64),
+    /// Inode change time: seconds, nanoseconds.
+    ctime: (i64, i64),
+    dev: u64,
+    ino: u64,
+}
+
+impl Version {
+    fn of(m: &std::fs::Metadata) -> Version {
+        Version {
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
+/// SHA-256 of a file's content: whether a file read again really changed
+/// (parsing is what costs; hashing a large dump costs a few per cent of it).
+type ContentDigest = [u8; 32];
+
+/// What the watcher knows of one file.
+#[derive(Clone, Copy, Debug)]
+struct FileState {
+    /// At the last read.
+    version: Version,
+    /// Of the content at the last read, parsed or not; `None` if the file
+    /// could never be read.
+    digest: Option<ContentDigest>,
+}
 
 /// Which files a path stands for, with their versions.
 fn scan(path: &Path) -> Result<BTreeMap<PathBuf, Version>, ManifestError> {
@@ -194,8 +254,7 @@ fn scan(path: &Path) -> Result<BTreeMap<PathBuf, Version>, ManifestError> {
 
 /// `None` when the file is gone (it can vanish between listing and stat).
 fn version(file: &Path) -> Option<Version> {
-    let m = std::fs::metadata(file).ok()?;
-    Some((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    std::fs::metadata(file).ok().map(|m| Version::of(&m))
 }
 
 /// Loads every file once (a one-shot read, and a check at start-up).
@@ -237,23 +296,47 @@ impl Delta {
 /// Keeps the last good parse of each file, and turns file changes into
 /// object changes: re-reading one file costs that file, not the whole path.
 struct ManifestWatcher {
+    /// The manifests path, absolute: inotify names the files it reports by
+    /// absolute paths (notify joins a relative watch path to the working
+    /// directory), and [`ManifestWatcher::concerns`] compares those with
+    /// this.
     root: PathBuf,
-    versions: BTreeMap<PathBuf, Version>,
+    files: BTreeMap<PathBuf, FileState>,
     services: Definitions<ServiceInfo>,
     slices: Definitions<SliceInfo>,
     /// Which objects each file defined at its last good parse.
     owned: BTreeMap<PathBuf, (Vec<ObjectKey>, Vec<ObjectKey>)>,
+    /// Notices logged once per Service, not at each re-read of its file.
+    service_notices: NoticeLog,
+    slice_notices: NoticeLog,
 }
 
 impl ManifestWatcher {
     fn new(root: PathBuf) -> Self {
+        // Fails only without a working directory; the path as given then
+        // still works, changes being seen by the periodic rescan.
+        let root = std::path::absolute(&root).unwrap_or(root);
         ManifestWatcher {
             root,
-            versions: BTreeMap::new(),
+            files: BTreeMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
             owned: BTreeMap::new(),
+            service_notices: NoticeLog::new("Service"),
+            slice_notices: NoticeLog::new("EndpointSlice"),
         }
+    }
+
+    /// The directory to watch: the path itself, or the directory of the
+    /// file (so that a file replaced by rename is still seen).
+    fn watch_dir(&self) -> PathBuf {
+        if self.root.is_dir() {
+            return self.root.clone();
+        }
+        self.root
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
     }
 
     /// Whether a path named by a change event concerns us.
@@ -269,47 +352,29 @@ impl ManifestWatcher {
         let now = scan(&self.root)?;
         let changed: Vec<PathBuf> = now
             .iter()
-            .filter(|(f, v)| self.versions.get(*f) != Some(v))
+            .filter(|(f, v)| self.files.get(*f).map(|s| &s.version) != Some(v))
             .map(|(f, _)| f.clone())
-            .chain(
-                self.versions
-                    .keys()
-                    .filter(|f| !now.contains_key(*f))
-                    .cloned(),
-            )
+            .chain(self.files.keys().filter(|f| !now.contains_key(*f)).cloned())
             .collect();
         Ok(self.reload(changed))
     }
 
     /// Re-reads these files (a file that is gone takes its objects away).
+    ///
+    /// Every file named is read, whatever its version says: an inotify
+    /// event names a file whose content may have changed even though its
+    /// size and times did not (two writes of the same length within one
+    /// clock tick). Only content that differs from the last read is parsed.
     fn reload(&mut self, files: impl IntoIterator<Item = PathBuf>) -> Delta {
         let mut before_services = BTreeMap::new();
         let mut before_slices = BTreeMap::new();
         for file in files {
-            let parsed = match version(&file) {
-                None => {
-                    self.versions.remove(&file);
-                    Parsed::default()
-                }
-                Some(v) if self.versions.get(&file) == Some(&v) => continue,
-                Some(v) => {
-                    self.versions.insert(file.clone(), v);
-                    let text = match std::fs::read_to_string(&file) {
-                        Ok(t) => t,
-                        Err(source) => {
-                            warn!(file = %file.display(), error = %source, "cannot read manifests file; keeping its last good content");
-                            continue;
-                        }
-                    };
-                    match parse(&text, &file) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            warn!("{e}; keeping the file's last good content");
-                            continue;
-                        }
-                    }
-                }
+            let parsed = match self.read_if_changed(&file) {
+                Read::Gone => Parsed::default(),
+                Read::Unchanged => continue,
+                Read::Changed(p) => p,
             };
+            self.log_notices(&parsed);
             let (old_services, old_slices) = self.owned.remove(&file).unwrap_or_default();
             let keys = (
                 replace_file(
@@ -329,9 +394,80 @@ impl ManifestWatcher {
             );
             self.owned.insert(file, keys);
         }
-        Delta {
+        let delta = Delta {
             services: changes(&mut self.services, before_services),
             slices: changes(&mut self.slices, before_slices),
+        };
+        for (k, _) in delta.services.iter().filter(|(_, v)| v.is_none()) {
+            self.service_notices.forget(k);
+        }
+        for (k, _) in delta.slices.iter().filter(|(_, v)| v.is_none()) {
+            self.slice_notices.forget(k);
+        }
+        delta
+    }
+
+    /// Reads a file and parses it if its content changed since the last
+    /// read. A file that cannot be read or parsed keeps its last good
+    /// content (and warns once per content, not at every event).
+    fn read_if_changed(&mut self, file: &Path) -> Read {
+        let Some(version) = version(file) else {
+            if self.files.remove(file).is_some() || self.owned.contains_key(file) {
+                return Read::Gone;
+            }
+            return Read::Unchanged;
+        };
+        let before = self.files.get(file).and_then(|s| s.digest);
+        let bytes = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(source) => {
+                warn!(file = %file.display(), error = %source, "cannot read manifests file; keeping its last good content");
+                // Not read again by the rescan until it changes: one
+                // warning per change, not one per rescan interval.
+                let state = FileState {
+                    version,
+                    digest: before,
+                };
+                self.files.insert(file.to_path_buf(), state);
+                return Read::Unchanged;
+            }
+        };
+        let digest: ContentDigest = Sha256::digest(&bytes).into();
+        let state = FileState {
+            version,
+            digest: Some(digest),
+        };
+        self.files.insert(file.to_path_buf(), state);
+        if before == Some(digest) {
+            return Read::Unchanged;
+        }
+        let parsed = std::str::from_utf8(&bytes)
+            .map_err(|e| ManifestError::Yaml {
+                path: file.to_path_buf(),
+                message: e.to_string(),
+            })
+            .and_then(|text| parse(text, file));
+        match parsed {
+            Ok(p) => Read::Changed(p),
+            Err(e) => {
+                warn!("{e}; keeping the file's last good content");
+                Read::Unchanged
+            }
+        }
+    }
+
+    /// Logs the notices of the objects of one file read, those not logged
+    /// yet for the same object.
+    fn log_notices(&mut self, parsed: &Parsed) {
+        for s in &parsed.services {
+            let notices = parsed.service_notices.get(&s.key);
+            self.service_notices
+                .log(&s.key, notices.map(Vec::as_slice).unwrap_or_default());
+        }
+        for s in &parsed.slices {
+            let notices = parsed.slice_notices.get(&s.key);
+            self.slice_notices
+                .log(&s.key, notices.map(Vec::as_slice).unwrap_or_default());
         }
     }
 
@@ -348,8 +484,19 @@ impl ManifestWatcher {
                 .values()
                 .filter_map(|d| d.values().next_back().cloned())
                 .collect(),
+            ..Parsed::default()
         }
     }
+}
+
+/// What reading one file gave.
+enum Read {
+    /// The file is gone: its objects go too.
+    Gone,
+    /// Same content as at the last read, or nothing usable: keep what it
+    /// defined.
+    Unchanged,
+    Changed(Parsed),
 }
 
 /// What the manifests source needs of an object.
@@ -509,14 +656,7 @@ pub async fn run(
 
     // inotify: the callback runs on notify's thread and only forwards.
     let (ev_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let watch_dir = if path.is_dir() {
-        path.clone()
-    } else {
-        // Watch the directory, so a file replaced by rename is still seen.
-        path.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-    };
+    let watch_dir = watcher.watch_dir();
     let _inotify = match notify::recommended_watcher(move |ev| {
         let _ = ev_tx.send(ev);
     })
@@ -600,6 +740,8 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::model::ObjectKey;
+    use crate::source::captured_log;
+    use std::time::SystemTime;
 
     const KUBECTL_LIST: &str = r#"
 apiVersion: v1
@@ -845,6 +987,154 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Loads `text` as the one file of a directory, as the source does, and
+    /// returns what it defines with what was logged.
+    fn load_logged(tag: &str, text: &str) -> (Parsed, String) {
+        let dir = temp_dir(tag);
+        std::fs::write(dir.join("m.yaml"), text).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        let (r, log) = captured_log(|| w.rescan().map(|_| w.current()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        (r.unwrap(), log)
+    }
+
+    #[test]
+    fn unknown_lb_algorithm_falls_back_to_the_default_and_keeps_the_service() {
+        let text = "apiVersion: v1\nkind: Service\n\
+                    metadata: {name: web, annotations: {kube-uproxy.io/lb-algorithm: fastest}}\n\
+                    spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let (p, log) = load_logged("algorithm", text);
+        assert_eq!(p.services.len(), 1, "the Service is kept");
+        assert_eq!(p.services[0].algorithm, None, "the default is used");
+        assert!(
+            log.contains("default/web") && log.contains("kube-uproxy.io/lb-algorithm"),
+            "no warning naming the Service and the annotation:\n{log}"
+        );
+    }
+
+    #[test]
+    fn one_bad_address_skips_the_endpoint_not_the_slice() {
+        let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                    metadata: {name: web-x, labels: {kubernetes.io/service-name: web}}\n\
+                    addressType: IPv4\nports: [{port: 8080}]\n\
+                    endpoints: [{addresses: [10.1.0.1]}, {addresses: [nope]}, {addresses: ['fd00::1']},\n\
+                    {addresses: []}, {addresses: ['::ffff:10.1.0.9']}, {addresses: [10.1.0.2]}]\n";
+        let (p, log) = load_logged("bad-address", text);
+        assert_eq!(p.slices.len(), 1, "the slice is kept");
+        let kept: Vec<String> = p.slices[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(kept, vec!["10.1.0.1", "10.1.0.2"]);
+        for field in [
+            "endpoints[1].addresses[0]",
+            "endpoints[2].addresses[0]",
+            "endpoints[3].addresses",
+            "endpoints[4].addresses[0]",
+        ] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("default/web-x") && l.contains(field)),
+                "no warning naming {field}:\n{log}"
+            );
+        }
+    }
+
+    /// A Service using every field the proxy does not honour yet.
+    fn unhonoured_service(name: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.5\n  externalIPs: [192.0.2.7]\n\
+             \x20 sessionAffinity: ClientIP\n  internalTrafficPolicy: Local\n\
+             \x20 externalTrafficPolicy: Local\n  trafficDistribution: PreferSameZone\n\
+             \x20 ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP, nodePort: 30053}}]\n\
+             status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.8}}]}}}}\n"
+        )
+    }
+
+    const UNHONOURED_FIELDS: [&str; 8] = [
+        "nodePort",
+        "spec.externalIPs",
+        "status.loadBalancer.ingress",
+        "spec.sessionAffinity",
+        "spec.internalTrafficPolicy",
+        "spec.externalTrafficPolicy",
+        "spec.trafficDistribution",
+        "spec.ports[1]",
+    ];
+
+    fn count_lines(log: &str, object: &str, field: &str) -> usize {
+        log.lines()
+            .filter(|l| l.contains(object) && l.contains(field))
+            .count()
+    }
+
+    #[test]
+    fn unhonoured_fields_are_logged_once_per_service() {
+        let dir = temp_dir("unhonoured");
+        let f = dir.join("svc.yaml");
+        let with_other =
+            |port| unhonoured_service("lb") + "---\n" + &one_service("other", "10.96.0.6", port);
+        std::fs::write(&f, with_other(80)).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        let (_, log) = captured_log(|| w.rescan().unwrap());
+        for field in UNHONOURED_FIELDS {
+            assert_eq!(
+                count_lines(&log, "default/lb", field),
+                1,
+                "{field} not logged once:\n{log}"
+            );
+        }
+        // The file is re-read because another Service changed: the
+        // unchanged one logs nothing again.
+        std::fs::write(&f, with_other(81)).unwrap();
+        let (d, log) = captured_log(|| w.reload([f.clone()]));
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(count_lines(&log, "default/lb", ""), 0, "{log}");
+        // Deleted, then created again: logged again.
+        std::fs::write(&f, one_service("other", "10.96.0.6", 81)).unwrap();
+        let (_, log) = captured_log(|| w.reload([f.clone()]));
+        assert_eq!(count_lines(&log, "default/lb", ""), 0, "{log}");
+        std::fs::write(&f, with_other(81)).unwrap();
+        let (_, log) = captured_log(|| w.reload([f.clone()]));
+        assert_eq!(
+            count_lines(&log, "default/lb", "spec.externalIPs"),
+            1,
+            "{log}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rescan_sees_a_rewrite_that_keeps_length_and_mtime() {
+        let dir = temp_dir("same-mtime");
+        let f = dir.join("svc.yaml");
+        std::fs::write(&f, one_service("web", "10.96.0.1", 80)).unwrap();
+        let mut w = ManifestWatcher::new(dir.clone());
+        w.rescan().unwrap();
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        // Past the coarse clock's tick, so the inode change time moves.
+        std::thread::sleep(Duration::from_millis(50));
+        rewrite_keeping_mtime(&f, &one_service("web", "10.96.0.1", 81), mtime);
+        let d = w.rescan().unwrap();
+        assert_eq!(d.services.len(), 1, "the rewrite was not seen");
+        assert_eq!(d.services[0].1.as_ref().unwrap().ports[0].port, 81);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Rewrites `f` in place and sets its modification time back to `mtime`
+    /// before closing it, as if the write had happened in the same tick of
+    /// the file system's clock as the previous one.
+    fn rewrite_keeping_mtime(f: &Path, text: &str, mtime: SystemTime) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(f).unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        assert_eq!(std::fs::metadata(f).unwrap().modified().unwrap(), mtime);
+    }
+
     async fn next(rx: &mut tokio::sync::mpsc::Receiver<Update>) -> Update {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
@@ -880,6 +1170,70 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
             Update::ServiceApplied(s) => assert_eq!(s.key.name, "two"),
             other => panic!("unexpected {other:?}"),
         }
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Starts the source on `path` with a rescan interval of an hour, so
+    /// only inotify can deliver a change within the tests' waits, and
+    /// takes the first load.
+    async fn start(
+        path: PathBuf,
+    ) -> (
+        tokio::sync::mpsc::Receiver<Update>,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), ManifestError>>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(path, Duration::from_secs(3600), tx, cancel.clone()));
+        assert!(matches!(next(&mut rx).await, Update::Services(_)));
+        assert!(matches!(next(&mut rx).await, Update::Slices(_)));
+        (rx, cancel, task)
+    }
+
+    fn applied_port(u: Update) -> u16 {
+        match u {
+            Update::ServiceApplied(s) => s.ports[0].port,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relative_manifests_path_sees_changes_through_inotify() {
+        // Relative to the tests' working directory (the package root).
+        let rel = PathBuf::from(format!("target/ku-manifests-rel-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&rel);
+        std::fs::create_dir_all(&rel).unwrap();
+        assert!(rel.is_relative());
+        let f = rel.join("svc.yaml");
+        std::fs::write(&f, one_service("web", "10.96.0.1", 80)).unwrap();
+        // The file itself, then its directory.
+        for path in [f.clone(), rel.clone()] {
+            let (mut rx, cancel, task) = start(path.clone()).await;
+            std::fs::write(&f, one_service("web", "10.96.0.1", 81)).unwrap();
+            assert_eq!(applied_port(next(&mut rx).await), 81, "{}", path.display());
+            std::fs::write(&f, one_service("web", "10.96.0.1", 80)).unwrap();
+            assert_eq!(applied_port(next(&mut rx).await), 80, "{}", path.display());
+            cancel.cancel();
+            task.await.unwrap().unwrap();
+        }
+        std::fs::remove_dir_all(&rel).unwrap();
+    }
+
+    #[tokio::test]
+    async fn same_length_writes_within_one_timestamp_tick_are_both_seen() {
+        let dir = temp_dir("same-tick");
+        let f = dir.join("svc.yaml");
+        std::fs::write(&f, one_service("web", "10.96.0.1", 80)).unwrap();
+        let (mut rx, cancel, task) = start(f.clone()).await;
+        std::fs::write(&f, one_service("web", "10.96.0.1", 81)).unwrap();
+        assert_eq!(applied_port(next(&mut rx).await), 81);
+        // Same length, and the same modification time as the write before.
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        rewrite_keeping_mtime(&f, &one_service("web", "10.96.0.1", 82), mtime);
+        assert_eq!(applied_port(next(&mut rx).await), 82);
         cancel.cancel();
         task.await.unwrap().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
