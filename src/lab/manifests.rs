@@ -442,6 +442,7 @@ mod tests {
             name: name.into(),
             protocol: Protocol::Tcp,
             port,
+            node_port: None,
         };
         assert_eq!(
             p.services,
@@ -451,6 +452,7 @@ mod tests {
                     cluster_ips: vec![ip("10.96.0.10")],
                     ports: vec![tcp("", 80)],
                     algorithm: Some(Algorithm::LeastConnections),
+                    ..ServiceInfo::default()
                 },
                 ServiceInfo {
                     key: ObjectKey::new("shop", "api"),
@@ -461,9 +463,11 @@ mod tests {
                             name: "dns".into(),
                             protocol: Protocol::Udp,
                             port: 53,
+                            node_port: None,
                         },
                     ],
                     algorithm: None,
+                    ..ServiceInfo::default()
                 },
             ]
         );
