@@ -586,7 +586,11 @@ mod tests {
             )
             .await;
             let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
-            let holder = listeners.log().open.get(&port).map(|n| n.service.name.clone());
+            let holder = listeners
+                .log()
+                .open
+                .get(&port)
+                .map(|n| n.service.name.clone());
             assert_eq!(holder.as_deref(), Some(name));
         }
     }
