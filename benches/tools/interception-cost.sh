@@ -22,8 +22,10 @@
 #   redirect       today's kube-uproxy: nat `redirect` to a proxy port
 #   dnat-lo        nat `dnat` to 169.254.42.1:<proxy port> (a /32 on lo)
 #   tproxy         `tproxy to :<port>` + fwmark policy routing, transparent listener
-#   tproxy-socket  tproxy plus the `socket transparent 1` fast path for packets
-#                  of established connections (the Istio/Envoy shape)
+#   tproxy-socket  tproxy plus a `socket transparent 1` fast path for non-SYN
+#                  packets of connections that have a transparent socket
+#   tproxy-socket-naive  the same fast path for every TCP packet, SYNs too
+#                  (the shape of Istio's `-m socket` rule): see rules_on
 # The proxy is one HAProxy (tcp mode) with one listener per method and service
 # port, so only the interception differs. UDP is checked (not measured) with a
 # tiny Python echo server in the node that answers the way a proxy must.
@@ -44,7 +46,7 @@ TPUT_SECS=${TPUT_SECS:-2}   # iperf3 seconds
 WRK_CONNS=${WRK_CONNS:-16}
 MAX_SECS=${MAX_SECS:-540}   # no new round starts after this many seconds
 # measured rows: method@client namespace
-ROWS=${ROWS:-"kernel-dnat@podb redirect@podb dnat-lo@podb tproxy@podb tproxy-socket@podb dnat-lo@pod tproxy@pod"}
+ROWS=${ROWS:-"kernel-dnat@podb redirect@podb dnat-lo@podb tproxy@podb tproxy-socket@podb tproxy-socket-naive@podb dnat-lo@pod tproxy@pod"}
 
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 for t in ip nft haproxy nginx sockperf wrk iperf3 python3 curl awk; do
@@ -289,11 +291,19 @@ table ip kim_m {
 }
 EOF
     ;;
-    tproxy|tproxy-socket)
+    tproxy|tproxy-socket|tproxy-socket-naive)
         local fast=""
-        # packets of connections that already have a transparent socket: mark
-        # them for local delivery and skip the map lookup and tproxy
-        [ "$m" = tproxy-socket ] && fast="meta l4proto tcp socket transparent 1 meta mark set $MARK accept"
+        # Fast path: packets of connections that already have a transparent
+        # socket are marked for local delivery and skip the map and tproxy.
+        # The naive form (as in Istio's iptables) also takes SYNs that hit a
+        # TIME_WAIT socket of the proxy: the SYN is then delivered to that
+        # TIME_WAIT socket, whose listener lookup (ClusterIP:port) finds no
+        # listener, so it is answered with an ACK and the client retries
+        # after a second. tproxy itself handles that case (it finds the
+        # listener on the tproxy port and ends the TIME_WAIT), so SYNs must
+        # not take the fast path.
+        [ "$m" = tproxy-socket ] && fast="tcp flags & (syn | ack) != syn socket transparent 1 meta mark set $MARK accept"
+        [ "$m" = tproxy-socket-naive ] && fast="meta l4proto tcp socket transparent 1 meta mark set $MARK accept"
         nsx "$NODE" nft -f - <<EOF
 table ip kim_m {
   map svc {
@@ -331,7 +341,7 @@ echo "### Which method carries traffic (TCP: peer seen by the backend; UDP: echo
 echo
 echo "| method | pod /32, address-less veth: TCP | UDP | podb, addressed link: TCP | UDP | node itself: TCP | UDP |"
 echo "|---|---|---|---|---|---|---|"
-for m in kernel-dnat redirect dnat-lo tproxy tproxy-socket; do
+for m in kernel-dnat redirect dnat-lo tproxy tproxy-socket tproxy-socket-naive; do
     rules_on "$m"
     row="| $m |"
     for ns in $POD $PODB $NODE; do
@@ -351,6 +361,10 @@ echo
 
 # ---------------------------------------------------------------- phase 2
 res=$WORK/results   # lines: row metric value
+# SYNs the client had to send again (a connect that was not answered at once)
+syn_retrans() {
+    nsx "$1" cat /proc/net/netstat | awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c["TCPSynRetrans"] }'
+}
 measure() {
     local m=${1%@*} src=${1#*@} ns out
     case $src in pod) ns=$POD ;; podb) ns=$PODB ;; *) echo "bad row $1" >&2; return 1 ;; esac
@@ -360,8 +374,13 @@ measure() {
     fi
     out=$(nsx "$ns" timeout $((LAT_SECS + 10)) sockperf ping-pong --tcp -i $CIP -p 11111 -t "$LAT_SECS" -m 64 --full-rtt 2>&1 || true)
     echo "$out" | awk -v r="$1" '/percentile 50.000 =/{print r, "p50", $NF} /percentile 99.000 =/{print r, "p99", $NF}' >>"$res"
+    local syn0 syn1
+    syn0=$(syn_retrans "$ns")
     out=$(nsx "$ns" timeout $((CONN_SECS + 10)) wrk -t1 -c"$WRK_CONNS" -d"${CONN_SECS}s" -H 'Connection: close' "http://$CIP/" 2>&1 || true)
-    echo "$out" | awk -v r="$1" '/^Requests\/sec:/{print r, "conn", $2} /Socket errors|Non-2xx/{print r, "errors", 1}' >>"$res"
+    syn1=$(syn_retrans "$ns")
+    echo "$out" | awk -v r="$1" -v s=$((syn1 - syn0)) -v t="$CONN_SECS" '
+        /^Requests\/sec:/ { print r, "conn", $2; if ($2 > 0) print r, "synre", s / ($2 * t) * 1000 }
+        /Socket errors|Non-2xx/ { print r, "errors", 1 }' >>"$res"
     out=$(nsx "$ns" timeout $((TPUT_SECS + 10)) iperf3 -c $CIP -p 5201 -t "$TPUT_SECS" -f m 2>&1 || true)
     echo "$out" | awk -v r="$1" '/receiver$/{for (i = 1; i < NF; i++) if ($(i+1) == "Mbits/sec") print r, "gbit", $i / 1000}' >>"$res"
 }
@@ -391,15 +410,15 @@ stat() { # row metric -> "median (min–max)"
 }
 echo "### Cost, $rounds_done interleaved rounds: median (min–max)"
 echo
-echo "| method | client link | RTT p50 µs | RTT p99 µs | new conn/s | throughput Gbit/s | notes |"
-echo "|---|---|---|---|---|---|---|"
+echo "| method | client link | RTT p50 µs | RTT p99 µs | new conn/s | SYN retrans per 1k conns | throughput Gbit/s | notes |"
+echo "|---|---|---|---|---|---|---|---|"
 for r in $ROWS; do
     m=${r%@*}; src=${r#*@}
     case $src in pod) link="/32, address-less veth" ;; *) link="addressed" ;; esac
     note=""
     grep -q "^$r fail" "$res" && note="did not connect"
     grep -q "^$r errors" "$res" && note="wrk reported errors in some round"
-    echo "| $m | $link | $(stat "$r" p50 0) | $(stat "$r" p99 0) | $(stat "$r" conn 0) | $(stat "$r" gbit 2) | $note |"
+    echo "| $m | $link | $(stat "$r" p50 0) | $(stat "$r" p99 0) | $(stat "$r" conn 0) | $(stat "$r" synre 1) | $(stat "$r" gbit 2) | $note |"
 done
 echo
 echo "commands (client namespace; $CIP is the ClusterIP):"
