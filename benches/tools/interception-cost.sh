@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cost of the ways a node-local proxy can intercept Service (ClusterIP) traffic.
 #
-#   sudo benches/tools/interception-cost.sh            # 5 rounds, about 6 minutes
+#   sudo benches/tools/interception-cost.sh            # 5 rounds, about 6-7 minutes
 #   ROUNDS=7 LAT_SECS=3 CONN_SECS=2 TPUT_SECS=2 sudo benches/tools/interception-cost.sh
 #
 # Lab (all in network namespaces made here, named kim-<pid>-*, removed on exit):
