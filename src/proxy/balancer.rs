@@ -42,6 +42,10 @@ impl EndpointSet {
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
+    /// Each endpoint with its open-connection count (status reports).
+    pub fn iter(&self) -> impl Iterator<Item = &EndpointStats> {
+        self.endpoints.iter().map(|e| &**e)
+    }
 }
 
 /// A chosen endpoint; holding it counts as one open connection to it.

@@ -16,6 +16,7 @@ use super::DataPathConfig;
 use super::balancer::Balancer;
 use super::ports::{PortError, ProxyPortAllocator};
 use super::tcp;
+use crate::metrics::Metrics;
 use crate::model::{Protocol, ServicePortName};
 
 /// Every proxied connection of the process: shutdown waits for them, then
@@ -142,6 +143,8 @@ pub struct SocketListeners {
     ports: ProxyPortAllocator,
     config: Arc<DataPathConfig>,
     connections: Connections,
+    /// Each listener gets its Service port's metric handles from here.
+    metrics: Arc<Metrics>,
 }
 
 impl SocketListeners {
@@ -155,7 +158,14 @@ impl SocketListeners {
             ports,
             config,
             connections,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Counts into `metrics` (otherwise into a registry nobody serves).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -188,8 +198,10 @@ impl Listeners for SocketListeners {
             Arc::clone(&self.config),
             self.connections.clone(),
             stop.clone(),
+            self.metrics.service_port(name),
         ) {
             self.ports.release(name.protocol, port);
+            self.metrics.release_service_port(name);
             return Err(ListenError::Start { port, source });
         }
         Ok(Listener { port, stop })
@@ -200,6 +212,7 @@ impl Listeners for SocketListeners {
         // The socket lingers a moment; the allocator's probe bind keeps the
         // port from being handed out while it does.
         self.ports.release(name.protocol, listener.port);
+        self.metrics.release_service_port(name);
     }
 
     fn adoption_done(&mut self) {
