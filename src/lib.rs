@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod config_file;
 pub mod health;
 pub mod lab;
 pub mod metrics;
