@@ -1,10 +1,11 @@
 //! Command-line flags, following kube-proxy's names where one exists.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
@@ -14,7 +15,7 @@ use crate::proxy::relay::RelayMode;
 /// ClusterIP traffic to local listeners, and every connection is relayed to
 /// a ready endpoint over a second connection.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "kube-uproxy", version, about, long_about = None)]
+#[command(name = "kube-uproxy", version, about, long_about = LONG_ABOUT)]
 pub struct Args {
     /// Read Services and EndpointSlices from this YAML/JSON file or directory
     /// (as `kubectl get svc,endpointslices -A -o yaml` prints them) instead of
@@ -89,6 +90,170 @@ pub struct Args {
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Read settings from this YAML file: kube-proxy's
+    /// KubeProxyConfiguration field names where one exists (bindAddress,
+    /// healthzBindAddress, metricsBindAddress, portRange, syncPeriod, …)
+    /// and kube-uproxy's own beside them. Flags given on the command line
+    /// override the file; an unknown field is an error.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Where /healthz and /livez are served (IP:PORT, or IP for port
+    /// 10256); empty to turn them off.
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        default_value = "0.0.0.0:10256",
+        global = true
+    )]
+    pub healthz_bind_address: ServeAddress,
+
+    /// Where /metrics, /proxyMode and /debug/services are served (IP:PORT,
+    /// or IP for port 10249); empty to turn them off. `kube-uproxy status`
+    /// reads from here.
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        default_value = "127.0.0.1:10249",
+        global = true
+    )]
+    pub metrics_bind_address: ServeAddress,
+
+    /// Also serve /healthz and /livez on this Unix socket. Every instance
+    /// has its own (an emptyDir of its pod), so the probes of a new pod
+    /// reach the new process, not the old one that shares the node's
+    /// ports during a rolling update (`kube-uproxy probe` reads it).
+    #[arg(long, value_name = "PATH", global = true)]
+    pub healthz_socket: Option<PathBuf>,
+
+    /// Where the sysctl files are. `/proc/sys` is read-only in a container
+    /// that is not privileged: there, mount the host's `/proc/sys/net/ipv4`
+    /// writable under another path and point this at its root
+    /// (deploy/daemonset.yaml: `/host/proc/sys`).
+    #[arg(long, value_name = "PATH", default_value = "/proc/sys")]
+    pub proc_sys_dir: PathBuf,
+
+    /// Label metrics by endpoint as well (connections and connect failures
+    /// per endpoint). Off by default: endpoints come and go with pods.
+    #[arg(long)]
+    pub metrics_per_endpoint: bool,
+
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// The name of this node (kube-proxy's flag; the Kubernetes source
+    /// will use it for node-local features). Stored, not used yet.
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+const LONG_ABOUT: &str = "\
+A userspace L4 proxy for Kubernetes Services: nftables redirects ClusterIP
+traffic to local listeners, and every connection is relayed to a ready
+endpoint over a second connection.
+
+Run as root (nftables, an address on lo). Common ways to start it:
+  kube-uproxy --kubeconfig ~/.kube/config      against a cluster, from a dev box
+  kube-uproxy                                   in a pod (in-cluster config)
+  kube-uproxy --manifests cluster.yaml          from a file of Services and EndpointSlices
+  kube-uproxy --config /etc/kube-uproxy/config.yaml
+
+Then: `kube-uproxy status` shows every Service port and its endpoints,
+`curl 127.0.0.1:10249/metrics` the metrics, `curl 127.0.0.1:10256/healthz`
+the health. `kube-uproxy --cleanup` removes everything it installed.";
+
+/// A subcommand: talks to a running proxy instead of being one.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print every Service port of the running proxy (read from
+    /// /debug/services on --metrics-bind-address) as a table.
+    Status {
+        /// Print the JSON as the proxy sent it.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running proxy whether it is healthy (exit 0) or not (exit 1):
+    /// GET /healthz (or /livez) on --healthz-socket if given, else on
+    /// --healthz-bind-address. For exec probes.
+    Probe {
+        /// /livez instead of /healthz (ignores node eligibility).
+        #[arg(long)]
+        livez: bool,
+    },
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// An address an HTTP server is bound to, or none (the empty string turns
+/// the server off, as in kube-proxy). An IP alone takes `default_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeAddress(pub Option<SocketAddr>);
+
+impl ServeAddress {
+    /// Parses `IP:PORT`, `IP` (with `default_port`) or the empty string.
+    pub fn parse(s: &str, default_port: u16) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(ServeAddress(None));
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(ServeAddress(Some(a)));
+        }
+        let ip = s.trim_start_matches('[').trim_end_matches(']');
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => Ok(ServeAddress(Some(SocketAddr::new(ip, default_port)))),
+            Err(_) => Err(format!(
+                "{s:?} is not IP:PORT, an IP, or empty (to turn the server off)"
+            )),
+        }
+    }
+}
+
+impl FromStr for ServeAddress {
+    type Err = String;
+    /// Without a port: 0, which [`Args::healthz_port`] and friends
+    /// replace by the server's default.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ServeAddress::parse(s, 0)
+    }
+}
+
+/// kube-proxy's default ports.
+pub const HEALTHZ_PORT: u16 = 10256;
+pub const METRICS_PORT: u16 = 10249;
+
+impl Args {
+    /// Where /healthz is served, if anywhere (port 0 = the default 10256).
+    pub fn healthz_address(&self) -> Option<SocketAddr> {
+        with_default_port(self.healthz_bind_address, HEALTHZ_PORT)
+    }
+
+    /// Where /metrics is served, if anywhere (port 0 = the default 10249).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        with_default_port(self.metrics_bind_address, METRICS_PORT)
+    }
+}
+
+fn with_default_port(a: ServeAddress, port: u16) -> Option<SocketAddr> {
+    a.0.map(|mut a| {
+        if a.port() == 0 {
+            a.set_port(port);
+        }
+        a
+    })
 }
 
 /// `--nodeport-addresses`.
@@ -100,7 +265,7 @@ pub enum NodePortAddresses {
     Primary,
 }
 
-fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
+pub(crate) fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
     if s.trim() == "primary" {
         return Ok(NodePortAddresses::Primary);
     }
@@ -124,7 +289,7 @@ fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
 /// wildcard (DNAT needs one address), not loopback (the kernel drops
 /// packets from other interfaces translated to 127.0.0.0/8 unless
 /// `route_localnet` is set, which kube-proxy learned is unsafe).
-fn parse_bind_address(s: &str) -> Result<Ipv4Addr, String> {
+pub fn parse_bind_address(s: &str) -> Result<Ipv4Addr, String> {
     let a: Ipv4Addr = s
         .parse()
         .map_err(|_| format!("{s:?} is not an IPv4 address"))?;
@@ -183,6 +348,51 @@ mod tests {
         );
         let c = Args::try_parse_from(["kube-uproxy", "--nodeport-addresses", "primary"]).unwrap();
         assert_eq!(c.nodeport_addresses, Some(NodePortAddresses::Primary));
+        assert_eq!(a.healthz_address(), Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(
+            a.metrics_address(),
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert!(!a.metrics_per_endpoint);
+        assert_eq!(a.log_format, LogFormat::Text);
+        assert!(a.command.is_none());
+    }
+
+    #[test]
+    fn serving_addresses_take_a_default_port_or_turn_off() {
+        let a = Args::try_parse_from([
+            "kube-uproxy",
+            "--healthz-bind-address",
+            "127.0.0.1",
+            "--metrics-bind-address",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.healthz_address(),
+            Some("127.0.0.1:10256".parse().unwrap())
+        );
+        assert_eq!(a.metrics_address(), None);
+        let a = Args::try_parse_from(["kube-uproxy", "--healthz-bind-address", "[::1]:9"]).unwrap();
+        assert_eq!(a.healthz_address(), Some("[::1]:9".parse().unwrap()));
+        assert!(
+            Args::try_parse_from(["kube-uproxy", "--metrics-bind-address", "localhost:1"]).is_err()
+        );
+    }
+
+    #[test]
+    fn subcommands_take_the_global_addresses() {
+        let a = Args::try_parse_from([
+            "kube-uproxy",
+            "status",
+            "--metrics-bind-address",
+            "127.0.0.1:9999",
+        ])
+        .unwrap();
+        assert!(matches!(a.command, Some(Command::Status { json: false })));
+        assert_eq!(a.metrics_address(), Some("127.0.0.1:9999".parse().unwrap()));
+        let a = Args::try_parse_from(["kube-uproxy", "probe", "--livez"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Probe { livez: true })));
     }
 
     #[test]

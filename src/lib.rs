@@ -3,10 +3,15 @@
 //! Data flows one way: [`source`] → [`model`] → [`reconcile`] → [`rules`]
 //! (nftables redirects) and [`proxy`] (listeners, balancers, relays).
 
+pub mod admin;
 pub mod config;
+pub mod config_file;
+pub mod health;
 pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod reconcile;
 pub mod rules;
 pub mod source;
+pub mod status;

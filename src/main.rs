@@ -7,20 +7,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
-use kube_uproxy::config::{Args, NodePortAddresses};
+use kube_uproxy::admin::{self, AdminState};
+use kube_uproxy::config::{Args, Command, LogFormat, NodePortAddresses};
+use kube_uproxy::config_file::{self, ArgsError};
+use kube_uproxy::health::ProxyHealth;
+use kube_uproxy::metrics::Metrics;
 use kube_uproxy::proxy::DataPathConfig;
 use kube_uproxy::proxy::listeners::{Connections, SocketListeners};
 use kube_uproxy::proxy::ports::ProxyPortAllocator;
 use kube_uproxy::proxy::udp::UdpConfig;
-use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig};
+use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig, Telemetry};
 use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
-use kube_uproxy::source;
+use kube_uproxy::{source, status};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -29,11 +32,13 @@ fn init_logging(verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 /// Raises the open-file soft limit to the hard limit: every proxied
@@ -52,8 +57,16 @@ fn raise_fd_limit() {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    init_logging(args.verbose);
+    let args = match config_file::parse_args(std::env::args_os()) {
+        Ok(a) => a,
+        // --help, --version and command-line errors: clap prints and exits.
+        Err(ArgsError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("kube-uproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(args.verbose, args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,7 +77,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = match args.command.clone() {
+        Some(Command::Status { json }) => runtime.block_on(status_command(&args, json)),
+        Some(Command::Probe { livez }) => runtime.block_on(probe_command(&args, livez)),
+        None => runtime.block_on(run(args)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -73,8 +91,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// `kube-uproxy status`: the running proxy's Service ports as a table.
+async fn status_command(args: &Args, json: bool) -> anyhow::Result<()> {
+    let addr = args
+        .metrics_address()
+        .context("--metrics-bind-address is empty: the proxy serves no /debug/services")?;
+    let (report, raw) = status::fetch_report(status::connect_address(addr)).await?;
+    if json {
+        println!("{raw}");
+    } else {
+        print!("{}", status::render_table(&report));
+    }
+    Ok(())
+}
+
+/// `kube-uproxy probe`: exit 0 when the running proxy is healthy.
+async fn probe_command(args: &Args, livez: bool) -> anyhow::Result<()> {
+    let path = if livez { "/livez" } else { "/healthz" };
+    let r = match (&args.healthz_socket, args.healthz_address()) {
+        (Some(socket), _) => status::get_unix(socket, path).await?,
+        (None, Some(addr)) => status::get_tcp(status::connect_address(addr), path).await?,
+        (None, None) => anyhow::bail!("neither --healthz-socket nor --healthz-bind-address is set"),
+    };
+    println!("{}", r.body.trim_end());
+    anyhow::ensure!(r.status == 200, "{path} answered {}", r.status);
+    Ok(())
+}
+
 /// `--cleanup`: everything the proxy installed goes.
-async fn cleanup() -> anyhow::Result<()> {
+async fn cleanup(proc_sys: &std::path::Path) -> anyhow::Result<()> {
     let mut nft = NftCommand;
     let note = match nft.read().await {
         Ok(t) => t.and_then(|t| t.note),
@@ -87,7 +132,7 @@ async fn cleanup() -> anyhow::Result<()> {
         .await
         .context("removing the kube-uproxy nftables table")?;
     info!("nftables table removed");
-    rules::host::cleanup(note.as_deref()).context("removing the proxy address")?;
+    rules::host::cleanup(note.as_deref(), proc_sys).context("removing the proxy address")?;
     Ok(())
 }
 
@@ -99,9 +144,56 @@ fn instance_id() -> u32 {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
-        return cleanup().await;
+        return cleanup(&args.proc_sys_dir).await;
     }
     raise_fd_limit();
+    let missing = rules::host::missing_capabilities();
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            "capabilities missing: nft and `ip` will be refused"
+        );
+    }
+    if let Some(name) = &args.hostname_override {
+        info!(%name, "--hostname-override is stored but not used yet (node-local features come later)");
+    }
+
+    // Health and metrics first: /healthz says 503 while the rest starts.
+    let metrics = Arc::new(Metrics::new(args.metrics_per_endpoint));
+    let health = Arc::new(ProxyHealth::new(args.sync_period));
+    let (report_tx, report_rx) = tokio::sync::mpsc::channel(8);
+    let admin_state = AdminState {
+        health: Arc::clone(&health),
+        metrics: Arc::clone(&metrics),
+        reports: report_tx,
+    };
+    // Stopped last: health and metrics answer while connections drain.
+    let admin_stop = CancellationToken::new();
+    let _admin_stop = admin_stop.clone().drop_guard();
+    if let Some(addr) = args.healthz_address() {
+        admin::spawn_tcp(
+            "healthz",
+            addr,
+            admin::healthz_router(admin_state.clone()),
+            admin_stop.clone(),
+        );
+    }
+    if let Some(path) = &args.healthz_socket {
+        admin::spawn_unix(
+            "healthz",
+            path,
+            admin::healthz_router(admin_state.clone()),
+            admin_stop.clone(),
+        )?;
+    }
+    if let Some(addr) = args.metrics_address() {
+        admin::spawn_tcp(
+            "metrics",
+            addr,
+            admin::metrics_router(admin_state.clone()),
+            admin_stop.clone(),
+        );
+    }
 
     // First signal: stop accepting and drain. Second: cut what is left now.
     let cancel = CancellationToken::new();
@@ -134,6 +226,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let note = rules::host::prepare(
         args.bind_address,
         earlier.as_ref().and_then(|t| t.note.as_deref()),
+        &args.proc_sys_dir,
     )
     .context("preparing the node")?;
     let adopted: HashMap<Key, u16> = earlier
@@ -194,7 +287,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..DataPathConfig::default()
         }),
         connections.clone(),
-    );
+    )
+    .with_metrics(Arc::clone(&metrics));
     let nodeport_addresses = match &args.nodeport_addresses {
         None => None,
         Some(NodePortAddresses::Cidrs(nets)) => Some(
@@ -235,6 +329,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // worker's local queue instead of waking a worker each time.
     let reconciler = tokio::spawn(
         Reconciler::new(config, RuleTable::new(nft, layout), listeners, adopted)
+            .with_telemetry(Telemetry {
+                metrics,
+                health,
+                reports: report_rx,
+            })
             .run(rx, cancel.clone()),
     );
     if let Err(e) = reconciler.await {

@@ -45,6 +45,9 @@ use crate::proxy::listeners::{ListenError, Listener, Listeners};
 use crate::rules::{Action, Destination, Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
 use crate::source::Update;
 
+mod observe;
+pub use observe::Telemetry;
+
 /// How long to wait before retrying a failed rule sync or listener.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -89,6 +92,8 @@ pub struct Reconciler<N: Nft, L: Listeners> {
     slices_synced: bool,
     /// Set after the first sync of rules succeeded.
     first_sync_done: bool,
+    /// Metrics, health and status reports (`with_telemetry`).
+    observer: observe::Observer,
 }
 
 impl<N: Nft, L: Listeners> Reconciler<N, L> {
@@ -113,6 +118,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             services_synced: false,
             slices_synced: false,
             first_sync_done: false,
+            observer: observe::Observer::default(),
         }
     }
 
@@ -149,6 +155,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         // updates a retry or a check must still come due.
         let mut retry_at: Option<Instant> = None;
         let mut verify_at = Instant::now() + self.config.sync_period;
+        let mut reports = self.observer.reports.take();
         loop {
             let need_retry = self.synced() && self.needs_retry();
             if !need_retry {
@@ -160,8 +167,12 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                reply = observe::next_report(&mut reports) => {
+                    self.answer_report(reply);
+                    continue;
+                }
                 u = updates.recv() => match u {
-                    Some(u) => self.apply(u),
+                    Some(u) => self.receive(u),
                     None => {
                         warn!("source stopped sending updates");
                         break;
@@ -179,7 +190,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             }
             // Take everything already queued: one sync for a burst.
             while let Ok(u) = updates.try_recv() {
-                self.apply(u);
+                self.receive(u);
             }
             if self.synced() {
                 self.sync().await;
@@ -201,7 +212,11 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     /// Compares the kernel's table with what was applied; a drifted table
     /// is written again by the next sync.
     pub async fn verify(&mut self) {
-        match self.rules.verify().await {
+        let verified = self.rules.verify().await;
+        if matches!(verified, Ok(Verified::Drifted(_))) {
+            self.observe_drift();
+        }
+        match verified {
             Ok(Verified::Drifted(problems)) => warn!(
                 problems = %problems.join("; "),
                 "the kernel's table differs from what was applied; writing it again"
@@ -220,6 +235,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             self.reconcile_service(key);
         }
         let reconciled = started.elapsed();
+        let worked = !dirty.is_empty() || self.rules.has_pending();
         let ok = if self.rules.has_pending() {
             match self.rules.sync().await {
                 Ok((SyncKind::Unchanged, _)) => true,
@@ -237,6 +253,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 }
                 Err(e) => {
                     error!(error = %e, "rule sync failed; listeners stay until it succeeds; retrying");
+                    self.observe_sync_failed();
                     false
                 }
             }
@@ -246,6 +263,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if !ok {
             return;
         }
+        self.observe_synced(started, worked);
         if !self.first_sync_done {
             self.first_sync_done = true;
             self.adopted.clear();

@@ -47,6 +47,11 @@ impl EndpointSet {
     pub fn contains(&self, addr: SocketAddr) -> bool {
         self.endpoints.iter().any(|e| e.addr == addr)
     }
+
+    /// Each endpoint with its open-connection count (status reports).
+    pub fn iter(&self) -> impl Iterator<Item = &EndpointStats> {
+        self.endpoints.iter().map(|e| &**e)
+    }
 }
 
 /// A chosen endpoint; holding it counts as one open connection to it.

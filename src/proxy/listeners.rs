@@ -15,6 +15,7 @@ use tracing::warn;
 use super::balancer::Balancer;
 use super::ports::{PortError, ProxyPortAllocator};
 use super::{DataPathConfig, Stop, tcp, udp};
+use crate::metrics::Metrics;
 use crate::model::{Protocol, ServicePortName};
 
 /// Every proxied connection of the process: shutdown waits for them, then
@@ -141,6 +142,8 @@ pub struct SocketListeners {
     ports: ProxyPortAllocator,
     config: Arc<DataPathConfig>,
     connections: Connections,
+    /// Each listener gets its Service port's metric handles from here.
+    metrics: Arc<Metrics>,
 }
 
 impl SocketListeners {
@@ -154,7 +157,14 @@ impl SocketListeners {
             ports,
             config,
             connections,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Counts into `metrics` (otherwise into a registry nobody serves).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -187,6 +197,7 @@ impl Listeners for SocketListeners {
                 balancer,
                 self.config.udp,
                 stop.clone(),
+                self.metrics.service_port(name),
             ),
             _ => tcp::spawn(
                 Arc::new(name.clone()),
@@ -195,10 +206,12 @@ impl Listeners for SocketListeners {
                 Arc::clone(&self.config),
                 self.connections.clone(),
                 stop.clone(),
+                self.metrics.service_port(name),
             ),
         };
         if let Err(source) = started {
             self.ports.release(name.protocol, port);
+            self.metrics.release_service_port(name);
             return Err(ListenError::Start { port, source });
         }
         Ok(Listener { port, stop })
@@ -209,6 +222,7 @@ impl Listeners for SocketListeners {
         // The socket lingers a moment; the allocator's probe bind keeps the
         // port from being handed out while it does.
         self.ports.release(name.protocol, listener.port);
+        self.metrics.release_service_port(name);
     }
 
     fn adoption_done(&mut self) {

@@ -13,6 +13,7 @@ use super::balancer::Balancer;
 use super::listeners::Connections;
 use super::relay::{relay, reset};
 use super::{DataPathConfig, RETIRE_LINGER, Stop};
+use crate::metrics::{FailReason, ServicePortMetrics};
 use crate::model::ServicePortName;
 
 /// Longest pause after an accept error caused by resource exhaustion.
@@ -28,13 +29,23 @@ pub fn spawn(
     config: Arc<DataPathConfig>,
     connections: Connections,
     stop: Stop,
+    metrics: Arc<ServicePortMetrics>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
     let port = listener.local_addr()?.port();
     let span = debug_span!("listener", service = %service, proxy_port = port);
     Ok(tokio::spawn(
-        accept_loop(listener, service, balancer, config, connections, stop).instrument(span),
+        accept_loop(
+            listener,
+            service,
+            balancer,
+            config,
+            connections,
+            stop,
+            metrics,
+        )
+        .instrument(span),
     ))
 }
 
@@ -63,6 +74,7 @@ async fn accept_loop(
     config: Arc<DataPathConfig>,
     connections: Connections,
     stop: Stop,
+    metrics: Arc<ServicePortMetrics>,
 ) {
     let mut backoff = Duration::from_millis(5);
     let mut close_at: Option<tokio::time::Instant> = None;
@@ -78,6 +90,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
+                metrics.accepted();
                 backoff = Duration::from_millis(5);
                 // debug level: at the default level the span costs nothing
                 // per connection; warnings carry service and client themselves.
@@ -90,6 +103,7 @@ async fn accept_loop(
                         Arc::clone(&balancer),
                         Arc::clone(&config),
                         connections.cut_token().clone(),
+                        Arc::clone(&metrics),
                     )
                     .instrument(span),
                 );
@@ -117,7 +131,10 @@ async fn handle_connection(
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
     cut: CancellationToken,
+    metrics: Arc<ServicePortMetrics>,
 ) {
+    let _open = metrics.open();
+    let mut reason = FailReason::NoEndpoints;
     let _ = client.set_nodelay(true);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(config.connect_timeouts.len());
     for (attempt, timeout) in config.connect_timeouts.iter().enumerate() {
@@ -125,10 +142,15 @@ async fn handle_connection(
             // The rules reject traffic for a port without endpoints; this is
             // the window while that change is being applied.
             debug!("no endpoints; resetting client");
+            metrics.failed(reason);
             reset(&client);
             return;
         };
+        if attempt > 0 {
+            metrics.retry();
+        }
         let endpoint = lease.addr();
+        let connect_started = std::time::Instant::now();
         let connected = tokio::select! {
             r = tokio::time::timeout(*timeout, TcpStream::connect(endpoint)) => r,
             _ = cut.cancelled() => {
@@ -138,37 +160,49 @@ async fn handle_connection(
         };
         match connected {
             Ok(Ok(upstream)) => {
+                metrics.connected(endpoint, connect_started.elapsed());
                 let _ = upstream.set_nodelay(true);
                 match relay(config.relay, client, upstream, &cut).await {
-                    Ok(t) => debug!(
-                        %endpoint,
-                        sent = t.client_to_upstream,
-                        received = t.upstream_to_client,
-                        "connection closed"
-                    ),
+                    Ok(t) => {
+                        metrics.relayed(&t);
+                        debug!(
+                            %endpoint,
+                            sent = t.client_to_upstream,
+                            received = t.upstream_to_client,
+                            "connection closed"
+                        )
+                    }
                     Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
                 }
                 return;
             }
-            Ok(Err(e)) => warn!(
-                %service,
-                client = %peer,
-                %endpoint,
-                attempt = attempt + 1,
-                error = %e,
-                "connect to endpoint failed"
-            ),
-            Err(_) => warn!(
-                %service,
-                client = %peer,
-                %endpoint,
-                attempt = attempt + 1,
-                timeout_ms = timeout.as_millis() as u64,
-                "connect to endpoint timed out"
-            ),
+            Ok(Err(e)) => {
+                reason = FailReason::of(&e);
+                warn!(
+                    %service,
+                    client = %peer,
+                    %endpoint,
+                    attempt = attempt + 1,
+                    error = %e,
+                    "connect to endpoint failed"
+                )
+            }
+            Err(_) => {
+                reason = FailReason::ConnectTimeout;
+                warn!(
+                    %service,
+                    client = %peer,
+                    %endpoint,
+                    attempt = attempt + 1,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "connect to endpoint timed out"
+                )
+            }
         }
+        metrics.attempt_failed(endpoint);
         tried.push(endpoint);
     }
+    metrics.failed(reason);
     warn!(
         attempts = tried.len(),
         "no endpoint accepted the connection; resetting client"

@@ -49,6 +49,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
 use super::{RETIRE_LINGER, Stop};
+use crate::metrics::ServicePortMetrics;
 use crate::model::ServicePortName;
 
 /// A flow active within this long is in use and never evicted to make
@@ -109,6 +110,7 @@ pub fn spawn(
     balancer: Arc<Balancer>,
     config: UdpConfig,
     stop: Stop,
+    metrics: Arc<ServicePortMetrics>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     socket.set_nonblocking(true)?;
     let socket = Arc::new(UdpSocket::from_std(socket)?);
@@ -123,6 +125,7 @@ pub fn spawn(
         epoch: Instant::now(),
         last_warning: None,
         dropped: 0,
+        metrics,
     };
     Ok(tokio::spawn(table.run(stop).instrument(span)))
 }
@@ -138,6 +141,7 @@ struct FlowTable {
     last_warning: Option<Instant>,
     /// Datagrams dropped for a full table since the last warning.
     dropped: u64,
+    metrics: Arc<ServicePortMetrics>,
 }
 
 impl FlowTable {
@@ -209,6 +213,7 @@ impl FlowTable {
             match self.open(client, avoid) {
                 Ok(Some(flow)) => {
                     self.flows.insert(client, flow);
+                    self.metrics.udp_flows(self.flows.len());
                 }
                 Ok(None) => return,
                 Err(e) => {
@@ -295,6 +300,8 @@ impl FlowTable {
         self.flows
             .retain(|_, f| now.saturating_sub(f.state.last.load(Ordering::Relaxed)) < limit);
         let expired = before - self.flows.len();
+        self.metrics.udp_flows_expired(expired);
+        self.metrics.udp_flows(self.flows.len());
         if expired > 0 {
             debug!(expired, open = self.flows.len(), "idle UDP flows closed");
         }
@@ -318,6 +325,7 @@ impl FlowTable {
         for (_, c) in &idle[..n] {
             self.flows.remove(c);
         }
+        self.metrics.udp_flows(self.flows.len());
         true
     }
 
@@ -423,7 +431,8 @@ mod tests {
         let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
         balancer.update(endpoints, Algorithm::RoundRobin);
         let stop = Stop::default();
-        spawn(name(), sock, Arc::clone(&balancer), config, stop.clone()).unwrap();
+        let metrics = crate::metrics::Metrics::new(false).service_port(&name());
+        spawn(name(), sock, Arc::clone(&balancer), config, stop.clone(), metrics).unwrap();
         (addr, balancer, stop)
     }
 

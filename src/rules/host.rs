@@ -15,6 +15,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use tracing::{info, warn};
@@ -23,7 +24,44 @@ use tracing::{info, warn};
 /// must start with the interface name).
 pub const ADDRESS_LABEL: &str = "lo:kube-uproxy";
 const MIGRATE_SYSCTL: &str = "net.ipv4.tcp_migrate_req";
-const MIGRATE_PATH: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+/// Under `--proc-sys-dir` (`/proc/sys`; in a container, where `/proc/sys`
+/// is read-only, a writable mount of the host's `/proc/sys/net/ipv4`).
+const MIGRATE_PATH: &str = "net/ipv4/tcp_migrate_req";
+
+/// The Linux capabilities the proxy uses, with what for: the DaemonSet in
+/// deploy/ grants exactly these (a test compares them). Name, bit number
+/// (linux/capability.h), why.
+///
+/// Nothing else is needed: listeners and the health and metrics servers
+/// use ports above 1024; the open-file limit is raised to its hard limit
+/// only (raising the hard limit would need `SYS_RESOURCE`); the sysctl is
+/// written by uid 0 through a writable mount, not by remounting `/proc`.
+pub const REQUIRED_CAPABILITIES: &[(&str, u32, &str)] = &[(
+    "NET_ADMIN",
+    12,
+    "nft (the table), `ip addr add` (the proxy address on lo), writing net.ipv4.tcp_migrate_req",
+)];
+
+/// The capabilities of [`REQUIRED_CAPABILITIES`] this process lacks
+/// (read from the effective set in /proc/self/status); empty when that
+/// cannot be read.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return Vec::new();
+    };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+    else {
+        return Vec::new();
+    };
+    REQUIRED_CAPABILITIES
+        .iter()
+        .filter(|(_, bit, _)| eff & (1u64 << bit) == 0)
+        .map(|(name, ..)| *name)
+        .collect()
+}
 
 /// Setting up or removing the node-side pieces failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +116,13 @@ fn noted_migrate_value(note: &str) -> Option<&str> {
 /// Makes `address` usable and turns connection migration on. `earlier_note`
 /// is the note of the table an earlier instance left: its record of the
 /// sysctl's original value is carried forward. Returns the note to keep.
-pub fn prepare(address: Ipv4Addr, earlier_note: Option<&str>) -> Result<String, HostError> {
+/// `proc_sys`: `--proc-sys-dir`, where the sysctl files are.
+pub fn prepare(
+    address: Ipv4Addr,
+    earlier_note: Option<&str>,
+    proc_sys: &Path,
+) -> Result<String, HostError> {
+    let migrate_path = proc_sys.join(MIGRATE_PATH);
     if !is_local(address)? {
         ip(&[
             "addr",
@@ -93,14 +137,14 @@ pub fn prepare(address: Ipv4Addr, earlier_note: Option<&str>) -> Result<String, 
     }
     let original = match earlier_note.and_then(noted_migrate_value) {
         Some(v) => v.to_string(),
-        None => match std::fs::read_to_string(MIGRATE_PATH) {
+        None => match std::fs::read_to_string(&migrate_path) {
             Ok(v) => v.trim().to_string(),
             Err(_) => "absent".to_string(),
         },
     };
     if original != "absent" {
-        if let Err(e) = std::fs::write(MIGRATE_PATH, "1") {
-            warn!(error = %e, "cannot set {MIGRATE_SYSCTL}=1; a handover may reset queued connections");
+        if let Err(e) = std::fs::write(&migrate_path, "1") {
+            warn!(error = %e, path = %migrate_path.display(), "cannot set {MIGRATE_SYSCTL}=1; a handover may reset queued connections");
         }
     } else {
         warn!(
@@ -138,7 +182,7 @@ pub fn primary_addresses() -> Result<Vec<Ipv4Addr>, HostError> {
 
 /// Removes the addresses we added to `lo` and restores the sysctl from
 /// `note` (the table's note, if the table was still there).
-pub fn cleanup(note: Option<&str>) -> Result<(), HostError> {
+pub fn cleanup(note: Option<&str>, proc_sys: &Path) -> Result<(), HostError> {
     let listing = ip(&["-j", "addr", "show", "dev", "lo"])?;
     for cidr in labelled_addresses(&listing)? {
         ip(&["addr", "del", &cidr, "dev", "lo"])?;
@@ -147,7 +191,7 @@ pub fn cleanup(note: Option<&str>) -> Result<(), HostError> {
     if let Some(v) = note.and_then(noted_migrate_value)
         && v != "absent"
     {
-        match std::fs::write(MIGRATE_PATH, v) {
+        match std::fs::write(proc_sys.join(MIGRATE_PATH), v) {
             Ok(()) => info!("{MIGRATE_SYSCTL} restored to {v}"),
             Err(e) => warn!(error = %e, "cannot restore {MIGRATE_SYSCTL}={v}"),
         }

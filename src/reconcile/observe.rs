@@ -1,0 +1,232 @@
+//! What the reconciler tells the outside world: kube-proxy's sync metrics,
+//! the health state behind `/healthz`, and the `/debug/services` report.
+//!
+//! Kept apart from the reconciling itself; `reconcile.rs` only calls in at
+//! the moments that matter (an update received, a sync that failed or
+//! succeeded, drift found, a report asked for).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{ActivePort, Reconciler, destinations};
+use crate::health::ProxyHealth;
+use crate::metrics::Metrics;
+use crate::model::{ObjectKey, ServicePortName};
+use crate::proxy::listeners::Listeners;
+use crate::rules::{Action, Key, Nft};
+use crate::source::Update;
+use crate::status::{EndpointReport, PortReport, ServicesReport};
+
+/// Where the reconciler reports to (given by [`Reconciler::with_telemetry`]).
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<ProxyHealth>,
+    /// Requests for a `/debug/services` report.
+    pub reports: mpsc::Receiver<oneshot::Sender<ServicesReport>>,
+}
+
+/// The reconciler's side of the telemetry.
+pub(super) struct Observer {
+    pub(super) metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+    /// Taken by `run` (the loop waits on it beside the updates).
+    pub(super) reports: Option<mpsc::Receiver<oneshot::Sender<ServicesReport>>>,
+    /// When each Service with changes not yet applied received its first
+    /// one: the start of its network programming latency.
+    queued: HashMap<ObjectKey, Instant>,
+}
+
+impl Default for Observer {
+    /// Reports to nobody (unit tests, and callers that serve no metrics).
+    fn default() -> Self {
+        Observer {
+            metrics: Arc::new(Metrics::new(false)),
+            health: Arc::new(ProxyHealth::new(std::time::Duration::from_secs(30))),
+            reports: None,
+            queued: HashMap::new(),
+        }
+    }
+}
+
+/// The next report request, or never when there is no channel (or it
+/// closed).
+pub(super) async fn next_report(
+    reports: &mut Option<mpsc::Receiver<oneshot::Sender<ServicesReport>>>,
+) -> oneshot::Sender<ServicesReport> {
+    if let Some(rx) = reports {
+        if let Some(reply) = rx.recv().await {
+            return reply;
+        }
+        *reports = None;
+    }
+    std::future::pending().await
+}
+
+impl<N: Nft, L: Listeners> Reconciler<N, L> {
+    /// Reports to `telemetry` from now on.
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.observer = Observer {
+            metrics: telemetry.metrics,
+            health: telemetry.health,
+            reports: Some(telemetry.reports),
+            queued: HashMap::new(),
+        };
+        self
+    }
+
+    /// Applies an update from the source, counting the Services it changed
+    /// (kube-proxy's service / endpoint change counters) and noting when
+    /// each first had a change waiting (health, programming latency).
+    pub(super) fn receive(&mut self, update: Update) {
+        let endpoints = matches!(
+            update,
+            Update::Slices(_) | Update::SliceApplied(_) | Update::SliceDeleted(_)
+        );
+        // The state's dirty set tells which Services this update changed;
+        // what was dirty before goes where `sync` looks too.
+        let mut before = self.state.take_dirty();
+        self.pending_keys.append(&mut before);
+        self.apply(update);
+        let mut changed = self.state.take_dirty();
+        let n = changed.len() as u64;
+        if n == 0 {
+            return;
+        }
+        if endpoints {
+            self.observer.metrics.endpoint_changes(n);
+        } else {
+            self.observer.metrics.service_changes(n);
+        }
+        let now = Instant::now();
+        for key in &changed {
+            self.observer.queued.entry(key.clone()).or_insert(now);
+        }
+        self.observer.health.queued();
+        self.pending_keys.append(&mut changed);
+    }
+
+    /// nft refused a sync.
+    pub(super) fn observe_sync_failed(&mut self) {
+        self.observer.metrics.sync_failed();
+        self.observer.health.rules_failed();
+    }
+
+    /// A sync succeeded: every change received so far is applied.
+    /// `worked`: it had something to reconcile or send to the kernel.
+    pub(super) fn observe_synced(&mut self, started: std::time::Instant, worked: bool) {
+        let m = &self.observer.metrics;
+        if worked {
+            m.sync_duration(started.elapsed());
+        }
+        m.synced_now();
+        let now = Instant::now();
+        for (_, at) in self.observer.queued.drain() {
+            m.network_programmed(now.saturating_duration_since(at));
+        }
+        self.observer.health.updated();
+    }
+
+    /// The drift check found the kernel's table changed.
+    pub(super) fn observe_drift(&self) {
+        self.observer.metrics.drift_repaired();
+    }
+
+    /// Answers a `/debug/services` request.
+    pub(super) fn answer_report(&self, reply: oneshot::Sender<ServicesReport>) {
+        // The asker may have given up; nothing to do then.
+        let _ = reply.send(self.report());
+    }
+
+    /// Every Service port with a listener: addresses, proxy port, rule,
+    /// endpoints with their conditions and open connections.
+    pub fn report(&self) -> ServicesReport {
+        let verdict = self.observer.health.check(false);
+        let applied = self.rules.applied();
+        let mut service_ports: Vec<PortReport> = self
+            .active
+            .iter()
+            .map(|(name, port)| self.port_report(name, port, "active", &applied))
+            .collect();
+        service_ports.extend(
+            self.closing
+                .iter()
+                .map(|(name, port)| self.port_report(name, port, "closing", &applied)),
+        );
+        ServicesReport {
+            proxy_address: self.rules.layout().proxy_address.to_string(),
+            healthy: verdict.healthy,
+            unhealthy_reason: verdict.reason.map(str::to_string),
+            source_synced: self.synced(),
+            service_ports,
+        }
+    }
+
+    fn port_report(
+        &self,
+        name: &ServicePortName,
+        port: &ActivePort,
+        state: &str,
+        applied: &std::collections::BTreeMap<Key, Action>,
+    ) -> PortReport {
+        let spec = &port.spec;
+        let usable = spec.usable_endpoints();
+        let open: HashMap<SocketAddr, usize> = port
+            .balancer
+            .endpoints()
+            .iter()
+            .map(|e| (e.addr, e.active()))
+            .collect();
+        let mine = if usable.is_empty() {
+            Action::Reject
+        } else {
+            Action::Redirect(port.listener.port)
+        };
+        // What this port's ClusterIPs get (its destinations; a closing
+        // port released them, so look at what it would have claimed).
+        let dests: Vec<Key> = destinations(spec).into_iter().collect();
+        let rule = match dests.first().map(|d| self.rules.desired(d)) {
+            None => "none",
+            Some(_) if state != "active" => "removed",
+            Some(Some(a)) if a == mine => match a {
+                Action::Redirect(_) => "redirect",
+                _ => "reject",
+            },
+            Some(Some(_)) => "held by another Service port",
+            Some(None) => "none",
+        };
+        let rule_applied = dests
+            .iter()
+            .all(|d| applied.get(d).copied() == self.rules.desired(d));
+        PortReport {
+            namespace: name.service.namespace.clone(),
+            service: name.service.name.clone(),
+            port_name: name.port.clone(),
+            protocol: name.protocol.to_string(),
+            cluster_ips: spec.cluster_ips.iter().map(|ip| ip.to_string()).collect(),
+            port: spec.port,
+            proxy_port: port.listener.port,
+            algorithm: spec.algorithm.to_string(),
+            state: state.to_string(),
+            rule: rule.to_string(),
+            rule_applied,
+            open_connections: self.observer.metrics.active_connections(name).unwrap_or(0),
+            endpoints: spec
+                .endpoints
+                .iter()
+                .map(|e| EndpointReport {
+                    address: e.addr.to_string(),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    node_name: e.node_name.clone(),
+                    usable: usable.contains(&e.addr),
+                    open_connections: open.get(&e.addr).copied().unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+}
