@@ -63,6 +63,24 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub manifests_rescan_interval: Duration,
 
+    /// Which node addresses NodePort traffic is caught on: comma-separated
+    /// CIDRs, or `primary` (the addresses of the interface holding the
+    /// default route). Unset: every address of the node, 127.0.0.1
+    /// included (iptables mode's default).
+    #[arg(long, value_name = "CIDRS|primary", value_parser = parse_nodeport_addresses)]
+    pub nodeport_addresses: Option<NodePortAddresses>,
+
+    /// How long a UDP flow (one client address) keeps its upstream socket
+    /// without a datagram in either direction. The legacy proxier's 250 ms
+    /// broke DNS over slow links (kubernetes#14939).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub udp_timeout: Duration,
+
+    /// Most UDP flows held at once, per Service port. When full, the flows
+    /// idle longest make room; a flow in use is never pushed out.
+    #[arg(long, value_name = "N", default_value = "16384")]
+    pub udp_max_flows: usize,
+
     /// Remove everything the proxy installed (the nftables table, the
     /// address on lo, the sysctl it changed) and exit.
     #[arg(long)]
@@ -71,6 +89,35 @@ pub struct Args {
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// `--nodeport-addresses`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's addresses within these ranges.
+    Cidrs(Vec<ipnet::IpNet>),
+    /// The addresses of the interface holding the default route.
+    Primary,
+}
+
+fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
+    if s.trim() == "primary" {
+        return Ok(NodePortAddresses::Primary);
+    }
+    let mut nets = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        nets.push(
+            part.parse::<ipnet::IpNet>()
+                .map_err(|_| {
+                    format!("{part:?} is not a CIDR (want CIDRs separated by commas, or `primary`)")
+                })?
+                .trunc(),
+        );
+    }
+    if nets.is_empty() {
+        return Err("give CIDRs separated by commas, or `primary`".into());
+    }
+    Ok(NodePortAddresses::Cidrs(nets))
 }
 
 /// A unicast IPv4 address that DNAT can target from every hook: not the
@@ -119,6 +166,23 @@ mod tests {
         assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 42, 1));
         assert_eq!(a.sync_period, Duration::from_secs(30));
         assert_eq!(a.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(a.udp_timeout, Duration::from_secs(30));
+        assert_eq!(a.nodeport_addresses, None);
+        let b = Args::try_parse_from([
+            "kube-uproxy",
+            "--nodeport-addresses",
+            "10.0.0.1/8, 192.168.1.0/24",
+        ])
+        .unwrap();
+        assert_eq!(
+            b.nodeport_addresses,
+            Some(NodePortAddresses::Cidrs(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.168.1.0/24".parse().unwrap()
+            ]))
+        );
+        let c = Args::try_parse_from(["kube-uproxy", "--nodeport-addresses", "primary"]).unwrap();
+        assert_eq!(c.nodeport_addresses, Some(NodePortAddresses::Primary));
     }
 
     #[test]
@@ -130,6 +194,9 @@ mod tests {
             vec!["kube-uproxy", "--bind-address", "0.0.0.0"],
             vec!["kube-uproxy", "--bind-address", "127.0.0.1"],
             vec!["kube-uproxy", "--sync-period", "soon"],
+            vec!["kube-uproxy", "--nodeport-addresses", "10.0.0.0/33"],
+            vec!["kube-uproxy", "--nodeport-addresses", ""],
+            vec!["kube-uproxy", "--udp-max-flows", "-1"],
         ] {
             assert!(
                 Args::try_parse_from(bad.clone()).is_err(),

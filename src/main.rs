@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use kube_uproxy::config::Args;
+use kube_uproxy::config::{Args, NodePortAddresses};
 use kube_uproxy::proxy::DataPathConfig;
 use kube_uproxy::proxy::listeners::{Connections, SocketListeners};
 use kube_uproxy::proxy::ports::ProxyPortAllocator;
+use kube_uproxy::proxy::udp::UdpConfig;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig};
-use kube_uproxy::rules::{self, Instance, Layout, Nft, NftCommand, RuleTable};
+use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
 use kube_uproxy::source;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -135,14 +136,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         earlier.as_ref().and_then(|t| t.note.as_deref()),
     )
     .context("preparing the node")?;
-    let adopted: HashMap<_, _> = earlier
+    let adopted: HashMap<Key, u16> = earlier
         .as_ref()
         .filter(|t| t.proxy_address == Some(args.bind_address))
-        .map(|t| t.service_ports.clone().into_iter().collect())
+        .map(|t| t.redirects().collect())
         .unwrap_or_default();
     let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.bind_address), args.proxy_port_range);
-    for (dest, port) in &adopted {
-        ports.reserve(dest.protocol, *port);
+    for (key, port) in &adopted {
+        let protocol = match key {
+            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => d.protocol,
+            Key::NodePort(p) => p.protocol,
+        };
+        ports.reserve(protocol, *port);
     }
     if !adopted.is_empty() {
         info!(
@@ -182,12 +187,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ports,
         Arc::new(DataPathConfig {
             relay: args.tcp_relay,
+            udp: UdpConfig {
+                timeout: args.udp_timeout,
+                max_flows: args.udp_max_flows.max(1),
+            },
             ..DataPathConfig::default()
         }),
         connections.clone(),
     );
+    let nodeport_addresses = match &args.nodeport_addresses {
+        None => None,
+        Some(NodePortAddresses::Cidrs(nets)) => Some(
+            nets.iter()
+                .filter_map(|n| match n {
+                    ipnet::IpNet::V4(v4) => Some(*v4),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect(),
+        ),
+        Some(NodePortAddresses::Primary) => {
+            let primary = rules::host::primary_addresses()
+                .context("finding the primary addresses for --nodeport-addresses")?;
+            info!(addresses = ?primary, "node ports served on the primary addresses");
+            Some(primary.into_iter().map(ipnet::Ipv4Net::from).collect())
+        }
+    };
     let layout = Layout {
         proxy_address: args.bind_address,
+        nodeport_addresses,
         instance: Instance {
             id: instance_id(),
             note,

@@ -10,9 +10,12 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
+use ipnet::IpNet;
+
 /// The L4 protocol of a Service port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
     Sctp,
@@ -87,7 +90,7 @@ impl fmt::Display for Algorithm {
 }
 
 /// Identifies a Kubernetes object: namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ObjectKey {
     pub namespace: String,
     pub name: String,
@@ -132,15 +135,17 @@ impl fmt::Display for ServicePortName {
 }
 
 /// One port of a Service, as declared in `spec.ports`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PortSpec {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
+    /// `nodePort`, for Services of type NodePort and LoadBalancer.
+    pub node_port: Option<u16>,
 }
 
 /// A Service, reduced to what the proxy needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceInfo {
     pub key: ObjectKey,
     /// `spec.clusterIPs` (or `spec.clusterIP`), parsed.
@@ -148,6 +153,14 @@ pub struct ServiceInfo {
     pub ports: Vec<PortSpec>,
     /// From the annotation `kube-uproxy.io/lb-algorithm`; `None` = global default.
     pub algorithm: Option<Algorithm>,
+    /// `spec.externalIPs`: caught like the ClusterIP.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`, except those with `ipMode:
+    /// Proxy` (the load balancer proxies to node ports itself).
+    pub lb_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`: who may use the `lb_ips` (empty:
+    /// everyone).
+    pub lb_source_ranges: Vec<IpNet>,
 }
 
 /// One endpoint of an EndpointSlice, with its conditions.
@@ -229,6 +242,13 @@ pub struct ServicePortSpec {
     pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub algorithm: Algorithm,
+    /// The port on every node address, if the Service has one.
+    pub node_port: Option<u16>,
+    /// Addresses caught like the ClusterIP on `port`.
+    pub external_ips: Vec<IpAddr>,
+    pub lb_ips: Vec<IpAddr>,
+    /// Sources allowed to the `lb_ips` (empty: all).
+    pub lb_source_ranges: Vec<IpNet>,
     /// Every endpoint the slices list for this port, whatever its state and
     /// family, each address once, sorted by address (so IPv4 ones come
     /// first). Comparing two of these tells whether anything changed.
@@ -397,6 +417,10 @@ impl ClusterState {
                 cluster_ips: svc.cluster_ips.clone(),
                 port: p.port,
                 algorithm: svc.algorithm.unwrap_or(default),
+                node_port: p.node_port,
+                external_ips: svc.external_ips.clone(),
+                lb_ips: svc.lb_ips.clone(),
+                lb_source_ranges: svc.lb_source_ranges.clone(),
                 endpoints: slices
                     .map(|s| endpoints_for_port(s.values(), p))
                     .unwrap_or_default(),
@@ -477,9 +501,10 @@ mod tests {
                     name: n.to_string(),
                     protocol: Protocol::Tcp,
                     port: *p,
+                    node_port: None,
                 })
                 .collect(),
-            algorithm: None,
+            ..ServiceInfo::default()
         }
     }
 

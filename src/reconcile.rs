@@ -42,7 +42,7 @@ use crate::model::{
 };
 use crate::proxy::balancer::Balancer;
 use crate::proxy::listeners::{ListenError, Listener, Listeners};
-use crate::rules::{Action, Destination, Nft, ProxyPort, RuleTable, SyncKind, Verified};
+use crate::rules::{Action, Destination, Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
 use crate::source::Update;
 
 /// How long to wait before retrying a failed rule sync or listener.
@@ -63,8 +63,8 @@ struct ActivePort {
     spec: ServicePortSpec,
     listener: Listener,
     balancer: Arc<Balancer>,
-    /// The destinations this port claims in the rules.
-    destinations: BTreeSet<Destination>,
+    /// The keys this port claims in the rules.
+    destinations: BTreeSet<Key>,
 }
 
 /// Owns the running state: listeners, balancers and the rule table.
@@ -80,7 +80,7 @@ pub struct Reconciler<N: Nft, L: Listeners> {
     closing: Vec<(ServicePortName, ActivePort)>,
     /// Proxy ports an earlier instance's table gave each destination; used
     /// for the first listener of each Service port, then dropped.
-    adopted: HashMap<Destination, u16>,
+    adopted: HashMap<Key, u16>,
     /// Services whose last reconcile could not finish (e.g. no free port).
     retry: BTreeSet<ObjectKey>,
     /// Services to reconcile at the next sync besides the dirty ones.
@@ -98,7 +98,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         config: ReconcilerConfig,
         rules: RuleTable<N>,
         listeners: L,
-        adopted: HashMap<Destination, u16>,
+        adopted: HashMap<Key, u16>,
     ) -> Self {
         Reconciler {
             config,
@@ -316,7 +316,11 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             self.rules.release(*old, &spec.name);
         }
         for d in &destinations {
-            self.rules.claim(*d, &spec.name, action);
+            let a = match d {
+                Key::Service(_) | Key::NodePort(_) => action,
+                Key::Guarded(_) | Key::Allow(..) => Action::Member,
+            };
+            self.rules.claim(*d, &spec.name, a);
         }
         port.destinations = destinations;
         port.spec = spec;
@@ -326,7 +330,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     fn start_listener(
         &mut self,
         spec: &ServicePortSpec,
-        destinations: &BTreeSet<Destination>,
+        destinations: &BTreeSet<Key>,
     ) -> Result<ActivePort, bool> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
@@ -369,20 +373,46 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     }
 }
 
-/// Every destination the kernel should catch for this port. IPv6 cluster
-/// IPs are not redirected yet (the table is IPv4).
-fn destinations(spec: &ServicePortSpec) -> BTreeSet<Destination> {
-    spec.cluster_ips
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(Destination {
-                ip: *v4,
-                protocol: spec.name.protocol,
-                port: spec.port,
-            }),
-            IpAddr::V6(_) => None,
-        })
-        .collect()
+/// Every key the kernel should catch for this port: its ClusterIPs,
+/// externalIPs and load-balancer IPs on the Service port, its node port,
+/// and the source ranges of its load-balancer IPs. IPv6 addresses are not
+/// caught yet (the table is IPv4).
+fn destinations(spec: &ServicePortSpec) -> BTreeSet<Key> {
+    let v4 = |ips: &[IpAddr]| -> Vec<Destination> {
+        ips.iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(Destination {
+                    ip: *v4,
+                    protocol: spec.name.protocol,
+                    port: spec.port,
+                }),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    };
+    let mut keys: BTreeSet<Key> = v4(&spec.cluster_ips)
+        .into_iter()
+        .chain(v4(&spec.external_ips))
+        .chain(v4(&spec.lb_ips))
+        .map(Key::Service)
+        .collect();
+    if let Some(port) = spec.node_port {
+        keys.insert(Key::NodePort(ProxyPort {
+            protocol: spec.name.protocol,
+            port,
+        }));
+    }
+    if !spec.lb_source_ranges.is_empty() {
+        for d in v4(&spec.lb_ips) {
+            keys.insert(Key::Guarded(d));
+            for net in &spec.lb_source_ranges {
+                if let ipnet::IpNet::V4(net) = net {
+                    keys.insert(Key::Allow(d, *net));
+                }
+            }
+        }
+    }
+    keys
 }
 
 /// From the first possible port of one Service onwards, in the `active`
@@ -465,11 +495,10 @@ mod tests {
             key: ObjectKey::new("default", name),
             cluster_ips: vec![ip.parse().unwrap()],
             ports: vec![PortSpec {
-                name: String::new(),
-                protocol: Protocol::Tcp,
                 port: 80,
+                ..PortSpec::default()
             }],
-            algorithm: None,
+            ..ServiceInfo::default()
         }
     }
 
@@ -492,21 +521,22 @@ mod tests {
         }
     }
 
-    fn dest(ip: &str) -> Destination {
-        Destination {
+    fn dest(ip: &str) -> Key {
+        Key::Service(Destination {
             ip: ip.parse().unwrap(),
             protocol: Protocol::Tcp,
             port: 80,
-        }
+        })
     }
 
     fn reconciler(
         fake: &FakeNft,
         listeners: &FakeListeners,
-        adopted: HashMap<Destination, u16>,
+        adopted: HashMap<Key, u16>,
     ) -> Reconciler<FakeNft, FakeListeners> {
         let layout = Layout {
             proxy_address: "169.254.42.1".parse().unwrap(),
+            nodeport_addresses: None,
             instance: Instance {
                 id: 9,
                 note: String::new(),
@@ -535,7 +565,10 @@ mod tests {
     }
 
     fn kernel_port(fake: &FakeNft, ip: &str) -> Option<u16> {
-        fake.table()?.service_ports.get(&dest(ip)).copied()
+        match fake.table()?.elements.get(&dest(ip)) {
+            Some(Action::Redirect(p)) => Some(*p),
+            _ => None,
+        }
     }
 
     #[tokio::test]
@@ -656,8 +689,7 @@ mod tests {
             Action::Redirect(31235),
         );
         earlier.rules.sync().await.unwrap();
-        let adopted: HashMap<Destination, u16> =
-            fake.table().unwrap().service_ports.into_iter().collect();
+        let adopted: HashMap<Key, u16> = fake.table().unwrap().redirects().collect();
 
         let mut r = reconciler(&fake, &listeners, adopted);
         load(

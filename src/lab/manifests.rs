@@ -624,6 +624,7 @@ mod tests {
             name: name.into(),
             protocol: Protocol::Tcp,
             port,
+            node_port: None,
         };
         assert_eq!(
             p.services,
@@ -633,6 +634,7 @@ mod tests {
                     cluster_ips: vec![ip("10.96.0.10")],
                     ports: vec![tcp("", 80)],
                     algorithm: Some(Algorithm::LeastConnections),
+                    ..ServiceInfo::default()
                 },
                 ServiceInfo {
                     key: ObjectKey::new("shop", "api"),
@@ -643,9 +645,11 @@ mod tests {
                             name: "dns".into(),
                             protocol: Protocol::Udp,
                             port: 53,
+                            node_port: None,
                         },
                     ],
                     algorithm: None,
+                    ..ServiceInfo::default()
                 },
             ]
         );

@@ -42,6 +42,11 @@ impl EndpointSet {
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
+    /// Whether `addr` is one of the endpoints (a linear scan: called once
+    /// per flow and endpoint update, not per packet).
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.endpoints.iter().any(|e| e.addr == addr)
+    }
 }
 
 /// A chosen endpoint; holding it counts as one open connection to it.

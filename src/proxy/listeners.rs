@@ -12,10 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use super::DataPathConfig;
 use super::balancer::Balancer;
 use super::ports::{PortError, ProxyPortAllocator};
-use super::tcp;
+use super::{DataPathConfig, Stop, tcp, udp};
 use crate::model::{Protocol, ServicePortName};
 
 /// Every proxied connection of the process: shutdown waits for them, then
@@ -93,7 +92,7 @@ pub struct Listener {
     /// The local port it accepts on.
     pub port: u16,
     /// Ends the accept loop (open connections are not affected).
-    stop: tcp::Stop,
+    stop: Stop,
 }
 
 /// A listener could not be opened.
@@ -166,7 +165,7 @@ impl Listeners for SocketListeners {
         balancer: Arc<Balancer>,
         adopt: Option<u16>,
     ) -> Result<Listener, ListenError> {
-        if name.protocol != Protocol::Tcp {
+        if name.protocol == Protocol::Sctp {
             return Err(ListenError::Unsupported(name.protocol));
         }
         let adopted = adopt.and_then(|p| match self.ports.bind_reserved(name.protocol, p) {
@@ -180,15 +179,25 @@ impl Listeners for SocketListeners {
             Some(s) => s,
             None => self.ports.bind(name.protocol)?,
         };
-        let stop = tcp::Stop::default();
-        if let Err(source) = tcp::spawn(
-            Arc::new(name.clone()),
-            socket.into(),
-            balancer,
-            Arc::clone(&self.config),
-            self.connections.clone(),
-            stop.clone(),
-        ) {
+        let stop = Stop::default();
+        let started = match name.protocol {
+            Protocol::Udp => udp::spawn(
+                Arc::new(name.clone()),
+                socket.into(),
+                balancer,
+                self.config.udp,
+                stop.clone(),
+            ),
+            _ => tcp::spawn(
+                Arc::new(name.clone()),
+                socket.into(),
+                balancer,
+                Arc::clone(&self.config),
+                self.connections.clone(),
+                stop.clone(),
+            ),
+        };
+        if let Err(source) = started {
             self.ports.release(name.protocol, port);
             return Err(ListenError::Start { port, source });
         }
@@ -212,7 +221,7 @@ impl Listener {
     pub fn detached(port: u16) -> Self {
         Listener {
             port,
-            stop: tcp::Stop::default(),
+            stop: Stop::default(),
         }
     }
 }

@@ -13,10 +13,30 @@ pub mod listeners;
 pub mod ports;
 pub mod relay;
 pub mod tcp;
+pub mod udp;
 
 use std::time::Duration;
 
 use relay::RelayMode;
+use tokio_util::sync::CancellationToken;
+use udp::UdpConfig;
+
+/// How long a retired listener keeps serving after its rules are gone: a
+/// SYN or datagram translated to its port just before the rule change still
+/// arrives there, and would be refused if the socket closed at once.
+pub const RETIRE_LINGER: Duration = Duration::from_millis(500);
+
+/// How a listener's task is told to end.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// The Service port went away: serve for a short linger more (a SYN or
+    /// datagram translated just before the rule change still arrives),
+    /// then close.
+    pub retire: CancellationToken,
+    /// Shutdown: close now (queued connections move to the next instance's
+    /// listener in the `SO_REUSEPORT` group, with `tcp_migrate_req`).
+    pub now: CancellationToken,
+}
 
 /// Settings shared by every connection.
 #[derive(Debug, Clone)]
@@ -27,6 +47,8 @@ pub struct DataPathConfig {
     /// is one, with this timeout. The legacy proxier's schedule is the
     /// default: 250 ms, 500 ms, 1 s, 2 s.
     pub connect_timeouts: Vec<Duration>,
+    /// The UDP flow table's settings.
+    pub udp: UdpConfig,
 }
 
 impl Default for DataPathConfig {
@@ -37,6 +59,7 @@ impl Default for DataPathConfig {
                 .into_iter()
                 .map(Duration::from_millis)
                 .collect(),
+            udp: UdpConfig::default(),
         }
     }
 }

@@ -9,30 +9,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::DataPathConfig;
 use super::balancer::Balancer;
 use super::listeners::Connections;
 use super::relay::{relay, reset};
+use super::{DataPathConfig, RETIRE_LINGER, Stop};
 use crate::model::ServicePortName;
 
 /// Longest pause after an accept error caused by resource exhaustion.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-
-/// How long a retired listener keeps accepting after its rules are gone: a
-/// SYN translated to its port just before the rule change completes its
-/// handshake on this listener, and would be reset if the listener closed
-/// at once.
-pub const RETIRE_LINGER: Duration = Duration::from_millis(500);
-
-/// How an accept loop is told to end.
-#[derive(Debug, Clone, Default)]
-pub struct Stop {
-    /// The Service port went away: accept for [`RETIRE_LINGER`] more, then close.
-    pub retire: CancellationToken,
-    /// Shutdown: close now (queued connections move to the next instance's
-    /// listener in the `SO_REUSEPORT` group, with `tcp_migrate_req`).
-    pub now: CancellationToken,
-}
 
 /// Starts accepting on `listener` until `stop` says so. Connections
 /// already accepted are not affected by `stop`: they run to their natural

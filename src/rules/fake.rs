@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use nftables::schema::Nftables;
 use serde_json::Value;
 
-use super::nft::{KernelTable, Nft, RulesError};
-use super::render::MAP_SERVICE_PORTS;
+use super::nft::{KernelTable, Nft, RulesError, parse_element};
+use super::render::Action;
 
 #[derive(Debug, Default)]
 struct State {
@@ -100,16 +100,11 @@ fn command(table: &mut Option<KernelTable>, verb: &str, obj: &Value) -> Result<(
                 ("add", "element") => {
                     let name = body["name"].as_str().unwrap_or_default();
                     for e in body["elem"].as_array().into_iter().flatten() {
-                        if name == MAP_SERVICE_PORTS {
-                            let mut probe = KernelTable::default();
-                            probe.add_element(name, e)?;
-                            for (d, p) in &probe.service_ports {
-                                if t.service_ports.get(d).is_some_and(|old| old != p) {
-                                    return Err(refused(
-                                        "Error: Could not process rule: File exists",
-                                    ));
-                                }
-                            }
+                        // A map key holding another value: the kernel refuses.
+                        if let Some((k, a @ Action::Redirect(_))) = parse_element(name, e)?
+                            && t.elements.get(&k).is_some_and(|old| *old != a)
+                        {
+                            return Err(refused("Error: Could not process rule: File exists"));
                         }
                         t.add_element(name, e)?;
                     }

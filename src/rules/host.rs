@@ -110,6 +110,32 @@ pub fn prepare(address: Ipv4Addr, earlier_note: Option<&str>) -> Result<String, 
     Ok(format!("{MIGRATE_SYSCTL}={original}"))
 }
 
+/// The IPv4 addresses of the interface that holds the default route
+/// (`--nodeport-addresses primary`).
+pub fn primary_addresses() -> Result<Vec<Ipv4Addr>, HostError> {
+    let routes: serde_json::Value =
+        serde_json::from_str(&ip(&["-j", "-4", "route", "show", "default"])?)
+            .map_err(|e| HostError::Parse(e.to_string()))?;
+    let Some(dev) = routes
+        .as_array()
+        .and_then(|r| r.first())
+        .and_then(|r| r["dev"].as_str())
+        .map(str::to_string)
+    else {
+        return Ok(Vec::new());
+    };
+    let addrs: serde_json::Value =
+        serde_json::from_str(&ip(&["-j", "-4", "addr", "show", "dev", &dev])?)
+            .map_err(|e| HostError::Parse(e.to_string()))?;
+    Ok(addrs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().into_iter().flatten())
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .collect())
+}
+
 /// Removes the addresses we added to `lo` and restores the sysctl from
 /// `note` (the table's note, if the table was still there).
 pub fn cleanup(note: Option<&str>) -> Result<(), HostError> {

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::model::ServicePortName;
 pub use nft::{KernelTable, Nft, NftCommand, RulesError};
-pub use render::{Action, Destination, Instance, Layout, ProxyPort};
+pub use render::{Action, Destination, Instance, Key, Layout, ProxyPort};
 
 /// How a sync was carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub enum Verified {
 /// What the kernel holds after our last successful sync.
 #[derive(Debug, Clone, Default)]
 struct Applied {
-    elements: BTreeMap<Destination, Action>,
+    elements: BTreeMap<Key, Action>,
     ports: BTreeSet<ProxyPort>,
 }
 
@@ -69,14 +69,14 @@ pub struct RuleTable<N: Nft> {
     layout: Layout,
     /// Who wants each destination, oldest claim first; the first one's
     /// action is what the kernel should have.
-    claims: BTreeMap<Destination, Vec<(ServicePortName, Action)>>,
+    claims: BTreeMap<Key, Vec<(ServicePortName, Action)>>,
     /// Proxy ports in use (guarded).
     ports: BTreeSet<ProxyPort>,
     /// `None` until the first successful sync, and after drift: the next
     /// sync then writes the whole table.
     applied: Option<Applied>,
     /// Destinations and ports changed since the last successful sync.
-    dirty: BTreeSet<Destination>,
+    dirty: BTreeSet<Key>,
     dirty_ports: BTreeSet<ProxyPort>,
     /// Set once another instance took the table over.
     superseded: bool,
@@ -97,7 +97,7 @@ impl<N: Nft> RuleTable<N> {
     }
 
     /// `owner` wants `dest` to have `action`.
-    pub fn claim(&mut self, dest: Destination, owner: &ServicePortName, action: Action) {
+    pub fn claim(&mut self, dest: Key, owner: &ServicePortName, action: Action) {
         let claimants = self.claims.entry(dest).or_default();
         match claimants.iter_mut().find(|(o, _)| o == owner) {
             Some((_, a)) => *a = action,
@@ -117,7 +117,7 @@ impl<N: Nft> RuleTable<N> {
     }
 
     /// `owner` no longer wants `dest`; the next claimant, if any, gets it.
-    pub fn release(&mut self, dest: Destination, owner: &ServicePortName) {
+    pub fn release(&mut self, dest: Key, owner: &ServicePortName) {
         if let Some(claimants) = self.claims.get_mut(&dest) {
             claimants.retain(|(o, _)| o != owner);
             if claimants.is_empty() {
@@ -128,7 +128,7 @@ impl<N: Nft> RuleTable<N> {
     }
 
     /// What the kernel should have for `dest`.
-    pub fn desired(&self, dest: &Destination) -> Option<Action> {
+    pub fn desired(&self, dest: &Key) -> Option<Action> {
         self.claims
             .get(dest)
             .and_then(|c| c.first())
@@ -154,7 +154,7 @@ impl<N: Nft> RuleTable<N> {
     }
 
     /// The elements the kernel holds, as far as we know.
-    pub fn applied(&self) -> BTreeMap<Destination, Action> {
+    pub fn applied(&self) -> BTreeMap<Key, Action> {
         self.applied
             .as_ref()
             .map(|a| a.elements.clone())
@@ -169,7 +169,7 @@ impl<N: Nft> RuleTable<N> {
         self.superseded
     }
 
-    fn desired_elements(&self) -> BTreeMap<Destination, Action> {
+    fn desired_elements(&self) -> BTreeMap<Key, Action> {
         self.claims
             .iter()
             .filter_map(|(d, c)| c.first().map(|(_, a)| (*d, *a)))
@@ -219,7 +219,7 @@ impl<N: Nft> RuleTable<N> {
             .dirty
             .iter()
             .map(|d| render::Change {
-                dest: *d,
+                key: *d,
                 old: applied.elements.get(d).copied(),
                 new: self.desired(d),
             })
@@ -241,8 +241,8 @@ impl<N: Nft> RuleTable<N> {
                 if let Some(applied) = &mut self.applied {
                     for c in &changes {
                         match c.new {
-                            Some(a) => applied.elements.insert(c.dest, a),
-                            None => applied.elements.remove(&c.dest),
+                            Some(a) => applied.elements.insert(c.key, a),
+                            None => applied.elements.remove(&c.key),
                         };
                     }
                     for (p, in_use) in &port_changes {
@@ -331,6 +331,12 @@ fn differences(layout: &Layout, applied: &Applied, t: &KernelTable) -> Vec<Strin
             t.chains.len() - render::CHAINS.len()
         ));
     }
+    if t.nodeport_addresses != layout.nodeport_addresses {
+        out.push(format!(
+            "nodeport-addresses holds {:?}, not {:?}",
+            t.nodeport_addresses, layout.nodeport_addresses
+        ));
+    }
     if t.proxy_address != Some(layout.proxy_address) {
         out.push(format!(
             "the DNAT goes to {:?}, not {}",
@@ -340,7 +346,7 @@ fn differences(layout: &Layout, applied: &Applied, t: &KernelTable) -> Vec<Strin
     if t.instance.is_none() {
         out.push("the instance set is empty".into());
     }
-    let found = t.elements();
+    let found = &t.elements;
     let missing: Vec<String> = applied
         .elements
         .iter()
@@ -381,6 +387,7 @@ mod tests {
     fn layout() -> Layout {
         Layout {
             proxy_address: "169.254.42.1".parse().unwrap(),
+            nodeport_addresses: None,
             instance: Instance {
                 id: 1,
                 note: String::new(),
@@ -399,12 +406,16 @@ mod tests {
         }
     }
 
-    fn dest(port: u16) -> Destination {
-        Destination {
+    fn dest(port: u16) -> Key {
+        Key::Service(Destination {
             ip: "10.96.0.10".parse().unwrap(),
             protocol: Protocol::Tcp,
             port,
-        }
+        })
+    }
+
+    fn kernel(fake: &FakeNft, port: u16) -> Option<Action> {
+        fake.table()?.elements.get(&dest(port)).copied()
     }
 
     #[tokio::test]
@@ -423,10 +434,9 @@ mod tests {
                 t.release(dest(80), &owner("old"));
             }
             t.sync().await.unwrap();
-            let k = fake.table().unwrap();
             assert_eq!(
-                k.service_ports.get(&dest(80)),
-                Some(&20001),
+                kernel(&fake, 80),
+                Some(Action::Redirect(20001)),
                 "release_first={release_first}"
             );
         }
@@ -443,9 +453,9 @@ mod tests {
         let err = t.sync().await.unwrap_err();
         assert!(err.to_string().contains("simulated"), "{err}");
         assert!(t.has_pending());
-        assert!(fake.table().unwrap().service_ports.contains_key(&dest(80)));
+        assert!(kernel(&fake, 80).is_some());
         t.sync().await.unwrap();
-        assert!(!fake.table().unwrap().service_ports.contains_key(&dest(80)));
+        assert!(kernel(&fake, 80).is_none());
         assert!(!t.has_pending());
     }
 
@@ -469,7 +479,7 @@ mod tests {
         assert_eq!(t.verify().await.unwrap(), Verified::Intact);
 
         fake.edit(|k| {
-            k.service_ports.remove(&dest(80));
+            k.elements.remove(&dest(80));
         });
         match t.verify().await.unwrap() {
             Verified::Drifted(p) => {
@@ -479,10 +489,7 @@ mod tests {
             v => panic!("{v:?}"),
         }
         t.sync().await.unwrap();
-        assert_eq!(
-            fake.table().unwrap().service_ports.get(&dest(80)),
-            Some(&20000)
-        );
+        assert_eq!(kernel(&fake, 80), Some(Action::Redirect(20000)));
     }
 
     #[tokio::test]
@@ -502,10 +509,7 @@ mod tests {
         let (kind, _) = old.sync().await.unwrap();
         assert_eq!(kind, SyncKind::Superseded);
         assert!(!old.has_pending());
-        assert_eq!(
-            fake.table().unwrap().service_ports.get(&dest(82)),
-            Some(&20005)
-        );
+        assert_eq!(kernel(&fake, 82), Some(Action::Redirect(20005)));
         assert_eq!(fake.table().unwrap().instance, Some(2));
         assert_eq!(old.verify().await.unwrap(), Verified::Superseded);
     }

@@ -16,9 +16,12 @@ use nftables::schema::Nftables;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
+use ipnet::Ipv4Net;
+
 use super::render::{
-    Action, Destination, MAP_SERVICE_PORTS, ProxyPort, SET_INSTANCE, SET_NO_ENDPOINTS,
-    SET_PROXY_PORTS, TABLE,
+    Action, Destination, Key, MAP_NODE_PORTS, MAP_SERVICE_PORTS, ProxyPort, SET_INSTANCE,
+    SET_LB_ALLOWED, SET_LB_GUARDED, SET_NO_ENDPOINT_NODEPORTS, SET_NO_ENDPOINTS,
+    SET_NODEPORT_ADDRESSES, SET_PROXY_PORTS, TABLE,
 };
 use crate::model::Protocol;
 
@@ -110,14 +113,14 @@ impl Nft for NftCommand {
 pub struct KernelTable {
     /// Every chain, with its number of rules.
     pub chains: BTreeMap<String, usize>,
-    /// The address the DNAT rule of `nat-prerouting` translates to.
+    /// The address the DNAT rules of `nat-prerouting` translate to.
     pub proxy_address: Option<Ipv4Addr>,
-    /// `service-ports`: destination → proxy port.
-    pub service_ports: BTreeMap<Destination, u16>,
-    /// `no-endpoints`.
-    pub no_endpoints: BTreeSet<Destination>,
+    /// The elements of every set and map that [`Key`]s live in.
+    pub elements: BTreeMap<Key, Action>,
     /// `proxy-ports`.
     pub proxy_ports: BTreeSet<ProxyPort>,
+    /// `nodeport-addresses`, if the table has that set.
+    pub nodeport_addresses: Option<Vec<Ipv4Net>>,
     /// The id in `instance`, and its comment.
     pub instance: Option<u32>,
     pub note: Option<String>,
@@ -150,8 +153,12 @@ impl KernelTable {
     /// elements.
     pub fn add_set_object(&mut self, s: &Value) -> Result<(), RulesError> {
         let name = s["name"].as_str().unwrap_or_default();
-        if name == SET_INSTANCE {
-            self.note = s["comment"].as_str().map(str::to_string);
+        match name {
+            SET_INSTANCE => self.note = s["comment"].as_str().map(str::to_string),
+            SET_NODEPORT_ADDRESSES => {
+                self.nodeport_addresses.get_or_insert_with(Vec::new);
+            }
+            _ => {}
         }
         if let Some(elems) = s["elem"].as_array() {
             for e in elems {
@@ -179,18 +186,19 @@ impl KernelTable {
     /// Adds one element of set `name` (as nft prints it).
     pub fn add_element(&mut self, name: &str, e: &Value) -> Result<(), RulesError> {
         match name {
-            MAP_SERVICE_PORTS => {
-                let (d, p) = parse_map_element(e)?;
-                self.service_ports.insert(d, p);
-            }
-            SET_NO_ENDPOINTS => {
-                self.no_endpoints.insert(parse_dest(elem_key(e))?);
-            }
             SET_PROXY_PORTS => {
-                self.proxy_ports.insert(parse_proxy_port(elem_key(e))?);
+                self.proxy_ports.insert(parse_port_key(elem_key(e))?);
             }
             SET_INSTANCE => self.instance = elem_key(e).as_u64().map(|n| n as u32),
-            _ => {}
+            SET_NODEPORT_ADDRESSES => self
+                .nodeport_addresses
+                .get_or_insert_with(Vec::new)
+                .push(parse_net(elem_key(e))?),
+            _ => {
+                if let Some((k, a)) = parse_element(name, e)? {
+                    self.elements.insert(k, a);
+                }
+            }
         }
         Ok(())
     }
@@ -198,25 +206,22 @@ impl KernelTable {
     /// Removes one element of set `name`; false if it was not there.
     pub fn remove_element(&mut self, name: &str, e: &Value) -> Result<bool, RulesError> {
         Ok(match name {
-            MAP_SERVICE_PORTS => {
-                let (d, p) = parse_map_element(e)?;
-                self.service_ports.get(&d) == Some(&p) && self.service_ports.remove(&d).is_some()
-            }
-            SET_NO_ENDPOINTS => self.no_endpoints.remove(&parse_dest(elem_key(e))?),
-            SET_PROXY_PORTS => self.proxy_ports.remove(&parse_proxy_port(elem_key(e))?),
-            _ => false,
+            SET_PROXY_PORTS => self.proxy_ports.remove(&parse_port_key(elem_key(e))?),
+            _ => match parse_element(name, e)? {
+                Some((k, a)) => {
+                    self.elements.get(&k) == Some(&a) && self.elements.remove(&k).is_some()
+                }
+                None => false,
+            },
         })
     }
 
-    /// The elements as the rule layer keeps them.
-    pub fn elements(&self) -> BTreeMap<Destination, Action> {
-        let mut all: BTreeMap<Destination, Action> = self
-            .service_ports
-            .iter()
-            .map(|(d, p)| (*d, Action::Redirect(*p)))
-            .collect();
-        all.extend(self.no_endpoints.iter().map(|d| (*d, Action::Reject)));
-        all
+    /// The proxy port each key was sent to (for adoption).
+    pub fn redirects(&self) -> impl Iterator<Item = (Key, u16)> + '_ {
+        self.elements.iter().filter_map(|(k, a)| match a {
+            Action::Redirect(p) => Some((*k, *p)),
+            _ => None,
+        })
     }
 }
 
@@ -228,16 +233,40 @@ fn elem_key(e: &Value) -> &Value {
     }
 }
 
-fn parse_map_element(e: &Value) -> Result<(Destination, u16), RulesError> {
-    let pair = e
-        .as_array()
-        .filter(|a| a.len() == 2)
-        .ok_or_else(|| RulesError::Parse(format!("map element {e} is not [key, value]")))?;
-    let port = pair[1]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .ok_or_else(|| RulesError::Parse(format!("map value {} is not a port", pair[1])))?;
-    Ok((parse_dest(elem_key(&pair[0]))?, port))
+/// One element of one of the [`Key`] sets and maps; `None` for a set that
+/// holds no keys.
+pub(crate) fn parse_element(set: &str, e: &Value) -> Result<Option<(Key, Action)>, RulesError> {
+    let map_value = |e: &Value| -> Result<(Value, u16), RulesError> {
+        let pair = e
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| RulesError::Parse(format!("map element {e} is not [key, value]")))?;
+        Ok((elem_key(&pair[0]).clone(), parse_port(&pair[1])?))
+    };
+    Ok(Some(match set {
+        MAP_SERVICE_PORTS => {
+            let (k, p) = map_value(e)?;
+            (Key::Service(parse_dest(&k)?), Action::Redirect(p))
+        }
+        SET_NO_ENDPOINTS => (Key::Service(parse_dest(elem_key(e))?), Action::Reject),
+        MAP_NODE_PORTS => {
+            let (k, p) = map_value(e)?;
+            (Key::NodePort(parse_port_key(&k)?), Action::Redirect(p))
+        }
+        SET_NO_ENDPOINT_NODEPORTS => (Key::NodePort(parse_port_key(elem_key(e))?), Action::Reject),
+        SET_LB_GUARDED => (Key::Guarded(parse_dest(elem_key(e))?), Action::Member),
+        SET_LB_ALLOWED => {
+            let parts = concat(elem_key(e))?;
+            let [ip, proto, port, source] = parts.as_slice() else {
+                return Err(RulesError::Parse(format!(
+                    "allowed source {e} has not 4 parts"
+                )));
+            };
+            let d = dest_of(ip, proto, port)?;
+            (Key::Allow(d, parse_net(source)?), Action::Member)
+        }
+        _ => return Ok(None),
+    }))
 }
 
 fn concat(e: &Value) -> Result<&Vec<Value>, RulesError> {
@@ -261,6 +290,33 @@ fn parse_port(v: &Value) -> Result<u16, RulesError> {
         .ok_or_else(|| RulesError::Parse(format!("{v} is not a port")))
 }
 
+fn parse_ip(v: &Value) -> Result<Ipv4Addr, RulesError> {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| RulesError::Parse(format!("{v} is not an IPv4 address")))
+}
+
+/// `"10.0.0.1"` (a /32) or `{"prefix": {"addr": "10.0.0.0", "len": 8}}`.
+fn parse_net(v: &Value) -> Result<Ipv4Net, RulesError> {
+    if let Some(p) = v.get("prefix") {
+        let len = p["len"]
+            .as_u64()
+            .and_then(|l| u8::try_from(l).ok())
+            .ok_or_else(|| RulesError::Parse(format!("bad prefix {v}")))?;
+        return Ipv4Net::new(parse_ip(&p["addr"])?, len)
+            .map_err(|e| RulesError::Parse(format!("bad prefix {v}: {e}")));
+    }
+    Ok(Ipv4Net::from(parse_ip(v)?))
+}
+
+fn dest_of(ip: &Value, proto: &Value, port: &Value) -> Result<Destination, RulesError> {
+    Ok(Destination {
+        ip: parse_ip(ip)?,
+        protocol: parse_protocol(proto)?,
+        port: parse_port(port)?,
+    })
+}
+
 /// `{"concat": ["10.96.0.10", "tcp", 80]}`
 pub(crate) fn parse_dest(e: &Value) -> Result<Destination, RulesError> {
     let parts = concat(e)?;
@@ -269,21 +325,14 @@ pub(crate) fn parse_dest(e: &Value) -> Result<Destination, RulesError> {
             "destination {e} has not 3 parts"
         )));
     };
-    Ok(Destination {
-        ip: ip
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| RulesError::Parse(format!("{ip} is not an IPv4 address")))?,
-        protocol: parse_protocol(proto)?,
-        port: parse_port(port)?,
-    })
+    dest_of(ip, proto, port)
 }
 
 /// `{"concat": ["tcp", 20000]}`
-fn parse_proxy_port(e: &Value) -> Result<ProxyPort, RulesError> {
+fn parse_port_key(e: &Value) -> Result<ProxyPort, RulesError> {
     let parts = concat(e)?;
     let [proto, port] = parts.as_slice() else {
-        return Err(RulesError::Parse(format!("proxy port {e} has not 2 parts")));
+        return Err(RulesError::Parse(format!("port {e} has not 2 parts")));
     };
     Ok(ProxyPort {
         protocol: parse_protocol(proto)?,
@@ -303,6 +352,9 @@ mod tests {
       {"map": {"family": "ip", "name": "service-ports", "table": "kube-uproxy", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 3, "map": "inet_service", "elem": [[{"concat": ["10.96.0.10", "tcp", 80]}, 20080]]}},
       {"set": {"family": "ip", "name": "no-endpoints", "table": "kube-uproxy", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 4, "elem": [{"concat": ["10.96.0.11", "tcp", 80]}]}},
       {"set": {"family": "ip", "name": "proxy-ports", "table": "kube-uproxy", "type": ["inet_proto", "inet_service"], "handle": 5, "elem": [{"concat": ["tcp", 20080]}]}},
+      {"map": {"family": "ip", "name": "node-ports", "table": "kube-uproxy", "type": ["inet_proto", "inet_service"], "handle": 8, "map": "inet_service", "elem": [[{"concat": ["tcp", 30080]}, 20001]]}},
+      {"set": {"family": "ip", "name": "lb-allowed", "table": "kube-uproxy", "type": ["ipv4_addr", "inet_proto", "inet_service", "ipv4_addr"], "handle": 3, "flags": ["interval"], "elem": [{"concat": ["10.200.8.8", "tcp", 80, "10.200.0.2"]}, {"concat": ["10.200.8.8", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]}]}},
+      {"set": {"family": "ip", "name": "nodeport-addresses", "table": "kube-uproxy", "type": "ipv4_addr", "handle": 6, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.200.0.0", "len": 24}}]}},
       {"set": {"family": "ip", "name": "instance", "table": "kube-uproxy", "type": "mark", "handle": 6, "comment": "net.ipv4.tcp_migrate_req=0", "elem": [4660]}},
       {"chain": {"family": "ip", "table": "kube-uproxy", "name": "nat-prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
       {"rule": {"family": "ip", "table": "kube-uproxy", "chain": "nat-prerouting", "handle": 7, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}, {"dnat": {"addr": "169.254.42.1", "port": {"map": {"key": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "data": "@service-ports"}}}}]}}
@@ -316,8 +368,38 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 80,
         };
-        assert_eq!(t.service_ports.get(&d("10.96.0.10")), Some(&20080));
-        assert!(t.no_endpoints.contains(&d("10.96.0.11")));
+        assert_eq!(
+            t.elements.get(&Key::Service(d("10.96.0.10"))),
+            Some(&Action::Redirect(20080))
+        );
+        assert_eq!(
+            t.elements.get(&Key::Service(d("10.96.0.11"))),
+            Some(&Action::Reject)
+        );
+        assert_eq!(
+            t.elements.get(&Key::NodePort(ProxyPort {
+                protocol: Protocol::Tcp,
+                port: 30080
+            })),
+            Some(&Action::Redirect(20001))
+        );
+        let lb = Destination {
+            ip: "10.200.8.8".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        assert!(
+            t.elements
+                .contains_key(&Key::Allow(lb, "10.200.0.2/32".parse().unwrap()))
+        );
+        assert!(
+            t.elements
+                .contains_key(&Key::Allow(lb, "10.0.0.0/8".parse().unwrap()))
+        );
+        assert_eq!(
+            t.nodeport_addresses,
+            Some(vec!["10.200.0.0/24".parse().unwrap()])
+        );
         assert!(t.proxy_ports.contains(&ProxyPort {
             protocol: Protocol::Tcp,
             port: 20080
@@ -326,7 +408,8 @@ mod tests {
         assert_eq!(t.note.as_deref(), Some("net.ipv4.tcp_migrate_req=0"));
         assert_eq!(t.chains.get("nat-prerouting"), Some(&1));
         assert_eq!(t.proxy_address, Some(Ipv4Addr::new(169, 254, 42, 1)));
-        assert_eq!(t.elements().len(), 2);
+        assert_eq!(t.elements.len(), 5);
+        assert_eq!(t.redirects().count(), 2);
     }
 
     #[test]

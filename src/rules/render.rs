@@ -1,21 +1,27 @@
-//! Rule rendering: desired destinations → nftables JSON batches. Pure.
+//! Rule rendering: desired keys → nftables JSON batches. Pure.
 //!
-//! The table holds a fixed set of chains with one rule per job; what
-//! changes at run time are only the elements of named sets:
+//! The table holds a fixed set of chains with a fixed set of rules; what
+//! changes at run time are only the elements of named sets and maps, one
+//! per [`Key`] kind:
 //!
 //! ```text
 //! table ip kube-uproxy {
-//!   map service-ports { type ipv4_addr . inet_proto . inet_service : inet_service }
-//!   set no-endpoints  { type ipv4_addr . inet_proto . inet_service }
-//!   set proxy-ports   { type inet_proto . inet_service }
-//!   set instance      { type mark; comment "…" }   the writer's id (see `Instance`)
-//!   chain nat-prerouting { type nat hook prerouting priority dstnat
-//!     meta l4proto { tcp, udp } dnat ip to PROXY_ADDRESS : ip daddr . meta l4proto . th dport map @service-ports }
-//!   chain nat-output { type nat hook output priority -100; (same rule) }
-//!   chain filter-input / filter-forward / filter-output { type filter hook … priority -110
-//!     ct state new ip daddr . meta l4proto . th dport @no-endpoints meta l4proto tcp reject with tcp reset
-//!     ct state new ip daddr . meta l4proto . th dport @no-endpoints reject
-//!     (input only) ct state new ip daddr PROXY_ADDRESS ct status ! dnat meta l4proto . th dport @proxy-ports drop }
+//!   map service-ports          { ipv4_addr . inet_proto . inet_service : inet_service }  ClusterIP / externalIP / LB IP → proxy port
+//!   set no-endpoints           { ipv4_addr . inet_proto . inet_service }                 refused
+//!   map node-ports             { inet_proto . inet_service : inet_service }              node port → proxy port
+//!   set no-endpoint-nodeports  { inet_proto . inet_service }                             refused
+//!   set lb-guarded             { ipv4_addr . inet_proto . inet_service }                 LB IPs with source ranges
+//!   set lb-allowed             { ipv4_addr . inet_proto . inet_service . ipv4_addr }     (interval) their allowed sources
+//!   set proxy-ports            { inet_proto . inet_service }                             the listeners (guarded)
+//!   set nodeport-addresses     { ipv4_addr }  (interval; only with --nodeport-addresses)
+//!   set instance               { mark; comment "…" }                                     the writer (see `Instance`)
+//!
+//!   chain filter-prerouting { filter prerouting -110: LB source ranges (drop) }
+//!   chain filter-input      { filter input -110: refusals (Service, node port), proxy-port guard }
+//!   chain filter-forward    { filter forward -110: refusals (Service) }
+//!   chain filter-output     { filter output -110: refusals (Service, node port) }
+//!   chain nat-prerouting    { nat prerouting dstnat: DNAT Service, DNAT node port }
+//!   chain nat-output        { nat output -100: the same }
 //! }
 //! ```
 //!
@@ -25,18 +31,23 @@
 //! packet when there is none, which is the normal shape of Calico's and
 //! Cilium's host-side pod veths (docs/rules.md).
 //!
-//! A packet whose destination is not in `service-ports` is not translated,
-//! so the per-packet cost is one hash lookup whatever the number of
-//! Services, and a change of one Service is one element added or deleted.
+//! A packet whose key is in no set is not translated, so the per-packet
+//! cost is a few hash lookups per new flow whatever the number of
+//! Services, and a change of one Service is a few elements added or
+//! deleted.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
 use nftables::batch::Batch;
-use nftables::expr::{CT, Expression, Map, Meta, MetaKey, NamedExpression, Payload, PayloadField};
+use nftables::expr::{
+    CT, Expression, Fib, FibFlag, FibResult, Map, Meta, MetaKey, NamedExpression, Payload,
+    PayloadField, Prefix,
+};
 use nftables::schema::{
-    self, Chain, Element, NfListObject, Nftables, Rule, SetType, SetTypeValue, Table,
+    self, Chain, Element, NfListObject, Nftables, Rule, SetFlag, SetType, SetTypeValue, Table,
 };
 use nftables::stmt::{Match, NAT, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainType, NfFamily, NfHook};
@@ -49,14 +60,38 @@ pub const TABLE: &str = "kube-uproxy";
 pub const MAP_SERVICE_PORTS: &str = "service-ports";
 /// Set of destinations whose Service has no usable endpoint.
 pub const SET_NO_ENDPOINTS: &str = "no-endpoints";
+/// Data map: protocol . node port → proxy port.
+pub const MAP_NODE_PORTS: &str = "node-ports";
+/// Set of node ports whose Service has no usable endpoint.
+pub const SET_NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+/// Set of LB destinations that only some sources may use.
+pub const SET_LB_GUARDED: &str = "lb-guarded";
+/// Set of (LB destination . source range) that may pass.
+pub const SET_LB_ALLOWED: &str = "lb-allowed";
 /// Set of the proxy's own listening ports (protocol . port).
 pub const SET_PROXY_PORTS: &str = "proxy-ports";
+/// Set of the node addresses node ports are served on
+/// (`--nodeport-addresses`); absent when every address counts.
+pub const SET_NODEPORT_ADDRESSES: &str = "nodeport-addresses";
 /// One-element set naming the process that last wrote the whole table.
 pub const SET_INSTANCE: &str = "instance";
 
+/// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
+/// for the output hook by name in every build; -100 is its value).
+const PRIO_DSTNAT: i32 = -100;
+/// Filter chains run before NAT (in prerouting and output) so a refused or
+/// dropped packet is never translated.
+const PRIO_FILTER: i32 = -110;
+
 /// The chains of the table, as `(name, type, hook, priority)`, in the order
 /// they are created.
-pub const CHAINS: [(&str, NfChainType, NfHook, i32); 5] = [
+pub const CHAINS: [(&str, NfChainType, NfHook, i32); 6] = [
+    (
+        "filter-prerouting",
+        NfChainType::Filter,
+        NfHook::Prerouting,
+        PRIO_FILTER,
+    ),
     (
         "filter-input",
         NfChainType::Filter,
@@ -87,20 +122,25 @@ pub const CHAINS: [(&str, NfChainType, NfHook, i32); 5] = [
 /// How many rules each chain of [`CHAINS`] holds.
 pub fn rules_in_chain(name: &str) -> usize {
     match name {
-        // Two rejects (TCP reset, ICMP for the rest) and the port guard.
-        "filter-input" => 3,
-        "filter-forward" | "filter-output" => 2,
-        _ => 1,
+        "filter-prerouting" => 1,
+        // Refusals of Service destinations and of node ports (TCP reset,
+        // ICMP for the rest), and the port guard.
+        "filter-input" => 5,
+        "filter-forward" => 2,
+        "filter-output" => 4,
+        _ => 2,
     }
 }
 
-/// What is fixed for the life of a process: where listeners are, and who
-/// wrote the table.
+/// What is fixed for the life of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// The node-local address every listener binds and Service traffic is
     /// DNATed to.
     pub proxy_address: Ipv4Addr,
+    /// The node addresses node ports are served on; `None`: all of them
+    /// (127.0.0.1 included).
+    pub nodeport_addresses: Option<Vec<Ipv4Net>>,
     /// The writer of the table.
     pub instance: Instance,
 }
@@ -118,13 +158,8 @@ pub struct Instance {
     pub note: String,
 }
 
-/// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
-/// for the output hook by name in every build; -100 is its value).
-const PRIO_DSTNAT: i32 = -100;
-/// Filter chains run before NAT so a rejected packet is never redirected.
-const PRIO_FILTER: i32 = -110;
-
-/// A destination the kernel catches: a Service IP, protocol and port.
+/// A destination the kernel catches: a Service IP (ClusterIP, externalIP,
+/// LB IP), protocol and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Destination {
     pub ip: Ipv4Addr,
@@ -138,20 +173,53 @@ impl std::fmt::Display for Destination {
     }
 }
 
-/// One of the proxy's listening ports: reachable only through a redirect.
+/// A protocol and a port: one of the proxy's listening ports, or a node
+/// port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProxyPort {
     pub protocol: Protocol,
     pub port: u16,
 }
 
-/// What happens to traffic for a destination.
+impl std::fmt::Display for ProxyPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
+/// What the kernel matches: the key of one element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// ClusterIP, externalIP or LB IP . protocol . port.
+    Service(Destination),
+    /// protocol . node port, on the node's addresses.
+    NodePort(ProxyPort),
+    /// An LB destination that only the [`Key::Allow`]ed sources may use.
+    Guarded(Destination),
+    /// One allowed source range of a guarded destination.
+    Allow(Destination, Ipv4Net),
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Service(d) => write!(f, "{d}"),
+            Key::NodePort(p) => write!(f, "node port {p}"),
+            Key::Guarded(d) => write!(f, "{d} (source ranges)"),
+            Key::Allow(d, net) => write!(f, "{d} from {net}"),
+        }
+    }
+}
+
+/// What happens to traffic for a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Translate to the proxy address and this local proxy port.
     Redirect(u16),
     /// Refuse: the Service port has no usable endpoint.
     Reject,
+    /// Be in the set (guards and allowed ranges).
+    Member,
 }
 
 fn table() -> Table<'static> {
@@ -160,14 +228,6 @@ fn table() -> Table<'static> {
         name: TABLE.into(),
         handle: None,
     }
-}
-
-fn dest_key_type() -> SetTypeValue<'static> {
-    SetTypeValue::Concatenated(Cow::Borrowed(&[
-        SetType::Ipv4Addr,
-        SetType::InetProto,
-        SetType::InetService,
-    ]))
 }
 
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
@@ -179,37 +239,75 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     )))
 }
 
-/// `ip daddr . meta l4proto . th dport`
-fn dest_key_expr() -> Expression<'static> {
-    Expression::Named(NamedExpression::Concat(vec![
-        payload("ip", "daddr"),
-        Expression::Named(NamedExpression::Meta(Meta {
-            key: MetaKey::L4proto,
-        })),
-        payload("th", "dport"),
-    ]))
+fn l4proto() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta {
+        key: MetaKey::L4proto,
+    }))
 }
 
-fn dest_value(d: &Destination) -> Expression<'static> {
-    Expression::Named(NamedExpression::Concat(vec![
+fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(parts))
+}
+
+/// `ip daddr . meta l4proto . th dport`
+fn dest_key_expr() -> Expression<'static> {
+    concat(vec![
+        payload("ip", "daddr"),
+        l4proto(),
+        payload("th", "dport"),
+    ])
+}
+
+/// `meta l4proto . th dport`
+fn port_key_expr() -> Expression<'static> {
+    concat(vec![l4proto(), payload("th", "dport")])
+}
+
+fn set_ref(name: &str) -> Expression<'static> {
+    Expression::String(format!("@{name}").into())
+}
+
+fn dest_parts(d: &Destination) -> Vec<Expression<'static>> {
+    vec![
         Expression::String(d.ip.to_string().into()),
         Expression::String(d.protocol.nft_name().into()),
         Expression::Number(u32::from(d.port)),
-    ]))
+    ]
 }
 
-fn proxy_port_value(p: &ProxyPort) -> Expression<'static> {
-    Expression::Named(NamedExpression::Concat(vec![
+fn port_value(p: &ProxyPort) -> Expression<'static> {
+    concat(vec![
         Expression::String(p.protocol.nft_name().into()),
         Expression::Number(u32::from(p.port)),
-    ]))
+    ])
 }
 
-fn map_element(d: &Destination, proxy_port: u16) -> Expression<'static> {
-    Expression::List(vec![
-        dest_value(d),
-        Expression::Number(u32::from(proxy_port)),
-    ])
+fn prefix(net: &Ipv4Net) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(Expression::String(net.network().to_string().into())),
+        len: u32::from(net.prefix_len()),
+    }))
+}
+
+/// The set an element of `key` with `action` belongs to, and the element.
+pub fn element_of(key: &Key, action: Action) -> (&'static str, Expression<'static>) {
+    let with_port = |k: Expression<'static>, p: u16| {
+        Expression::List(vec![k, Expression::Number(u32::from(p))])
+    };
+    match (key, action) {
+        (Key::Service(d), Action::Redirect(p)) => {
+            (MAP_SERVICE_PORTS, with_port(concat(dest_parts(d)), p))
+        }
+        (Key::Service(d), _) => (SET_NO_ENDPOINTS, concat(dest_parts(d))),
+        (Key::NodePort(n), Action::Redirect(p)) => (MAP_NODE_PORTS, with_port(port_value(n), p)),
+        (Key::NodePort(n), _) => (SET_NO_ENDPOINT_NODEPORTS, port_value(n)),
+        (Key::Guarded(d), _) => (SET_LB_GUARDED, concat(dest_parts(d))),
+        (Key::Allow(d, net), _) => {
+            let mut parts = dest_parts(d);
+            parts.push(prefix(net));
+            (SET_LB_ALLOWED, concat(parts))
+        }
+    }
 }
 
 fn base_chain(name: &'static str, ty: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
@@ -234,48 +332,161 @@ fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> Rule<'static> {
     }
 }
 
-/// `meta l4proto { tcp, udp } dnat ip to ADDR : <key> map @service-ports`
-fn dnat_rule(chain: &'static str, proxy_address: Ipv4Addr) -> Rule<'static> {
-    rule(
-        chain,
-        vec![
-            Statement::Match(Match {
-                left: Expression::Named(NamedExpression::Meta(Meta {
-                    key: MetaKey::L4proto,
-                })),
-                right: Expression::Named(NamedExpression::Set(vec![
-                    schema_set_item("tcp"),
-                    schema_set_item("udp"),
-                ])),
-                op: Operator::IN,
-            }),
-            Statement::DNAT(Some(NAT {
-                addr: Some(Expression::String(proxy_address.to_string().into())),
-                family: None,
-                port: Some(Expression::Named(NamedExpression::Map(Box::new(Map {
-                    key: dest_key_expr(),
-                    data: Expression::String(format!("@{MAP_SERVICE_PORTS}").into()),
-                })))),
-                flags: None,
-            })),
-        ],
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn tcp_or_udp() -> Statement<'static> {
+    matches(
+        l4proto(),
+        Operator::IN,
+        Expression::Named(NamedExpression::Set(vec![
+            nftables::expr::SetItem::Element(Expression::String("tcp".into())),
+            nftables::expr::SetItem::Element(Expression::String("udp".into())),
+        ])),
     )
 }
 
-fn schema_set_item(s: &'static str) -> nftables::expr::SetItem<'static> {
-    nftables::expr::SetItem::Element(Expression::String(s.into()))
-}
-
 fn ct_state_new() -> Statement<'static> {
-    Statement::Match(Match {
-        left: Expression::Named(NamedExpression::CT(CT {
+    matches(
+        Expression::Named(NamedExpression::CT(CT {
             key: "state".into(),
             family: None,
             dir: None,
         })),
-        right: Expression::String("new".into()),
-        op: Operator::IN,
-    })
+        Operator::IN,
+        Expression::String("new".into()),
+    )
+}
+
+/// `fib daddr type local`: the destination is an address of this node.
+fn daddr_is_local() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::Fib(Fib {
+            result: FibResult::Type,
+            flags: std::collections::HashSet::from([FibFlag::Daddr]),
+        })),
+        Operator::EQ,
+        Expression::String("local".into()),
+    )
+}
+
+/// Which node addresses node ports are served on: `fib daddr type local`,
+/// never the proxy address, and only `--nodeport-addresses` when given.
+fn node_address_matches(layout: &Layout) -> Vec<Statement<'static>> {
+    let mut out = vec![
+        daddr_is_local(),
+        matches(
+            payload("ip", "daddr"),
+            Operator::NEQ,
+            Expression::String(layout.proxy_address.to_string().into()),
+        ),
+    ];
+    if layout.nodeport_addresses.is_some() {
+        out.push(matches(
+            payload("ip", "daddr"),
+            Operator::EQ,
+            set_ref(SET_NODEPORT_ADDRESSES),
+        ));
+    }
+    out
+}
+
+/// `… dnat ip to ADDR : <key> map @MAP`
+fn dnat(proxy_address: Ipv4Addr, key: Expression<'static>, map: &str) -> Statement<'static> {
+    Statement::DNAT(Some(NAT {
+        addr: Some(Expression::String(proxy_address.to_string().into())),
+        family: None,
+        port: Some(Expression::Named(NamedExpression::Map(Box::new(Map {
+            key,
+            data: set_ref(map),
+        })))),
+        flags: None,
+    }))
+}
+
+/// The DNAT rules of a nat chain: Service destinations, then node ports.
+fn dnat_rules(chain: &'static str, layout: &Layout) -> [Rule<'static>; 2] {
+    let service = vec![
+        tcp_or_udp(),
+        dnat(layout.proxy_address, dest_key_expr(), MAP_SERVICE_PORTS),
+    ];
+    let mut node = node_address_matches(layout);
+    node.push(tcp_or_udp());
+    node.push(dnat(layout.proxy_address, port_key_expr(), MAP_NODE_PORTS));
+    [rule(chain, service), rule(chain, node)]
+}
+
+/// A new flow to a Service port without endpoints is refused: TCP with a
+/// reset, which the kernel does not rate-limit (ICMP errors are limited per
+/// destination host, so a client retrying fast would see hangs instead of
+/// refusals), everything else with ICMP port unreachable. `lookup` is the
+/// match that finds the flow in a set.
+fn reject_rules(chain: &'static str, lookup: Vec<Statement<'static>>) -> [Rule<'static>; 2] {
+    let mut tcp = vec![ct_state_new()];
+    tcp.extend(lookup.iter().cloned());
+    tcp.push(matches(
+        l4proto(),
+        Operator::EQ,
+        Expression::String("tcp".into()),
+    ));
+    tcp.push(Statement::Reject(Some(Reject::new(
+        Some(RejectType::TCPReset),
+        None,
+    ))));
+    let mut other = vec![ct_state_new()];
+    other.extend(lookup);
+    other.push(Statement::Reject(Some(Reject::new(None, None))));
+    [rule(chain, tcp), rule(chain, other)]
+}
+
+fn service_refusals(chain: &'static str) -> [Rule<'static>; 2] {
+    reject_rules(
+        chain,
+        vec![matches(
+            dest_key_expr(),
+            Operator::EQ,
+            set_ref(SET_NO_ENDPOINTS),
+        )],
+    )
+}
+
+fn node_port_refusals(chain: &'static str, layout: &Layout) -> [Rule<'static>; 2] {
+    let mut lookup = node_address_matches(layout);
+    lookup.push(matches(
+        port_key_expr(),
+        Operator::EQ,
+        set_ref(SET_NO_ENDPOINT_NODEPORTS),
+    ));
+    reject_rules(chain, lookup)
+}
+
+/// `ct state new ip daddr . meta l4proto . th dport @lb-guarded ip daddr .
+/// meta l4proto . th dport . ip saddr != @lb-allowed drop`: sources outside
+/// `loadBalancerSourceRanges` are dropped, as kube-proxy does.
+fn source_range_rule() -> Rule<'static> {
+    rule(
+        "filter-prerouting",
+        vec![
+            ct_state_new(),
+            matches(dest_key_expr(), Operator::EQ, set_ref(SET_LB_GUARDED)),
+            matches(
+                concat(vec![
+                    payload("ip", "daddr"),
+                    l4proto(),
+                    payload("th", "dport"),
+                    payload("ip", "saddr"),
+                ]),
+                Operator::NEQ,
+                set_ref(SET_LB_ALLOWED),
+            ),
+            Statement::Drop(Some(nftables::stmt::Drop {})),
+        ],
+    )
 }
 
 /// `ct state new ip daddr ADDR ct status ! dnat meta l4proto . th dport
@@ -288,13 +499,13 @@ fn proxy_port_guard_rule(proxy_address: Ipv4Addr) -> Rule<'static> {
         "filter-input",
         vec![
             ct_state_new(),
-            Statement::Match(Match {
-                left: payload("ip", "daddr"),
-                right: Expression::String(proxy_address.to_string().into()),
-                op: Operator::EQ,
-            }),
-            Statement::Match(Match {
-                left: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+            matches(
+                payload("ip", "daddr"),
+                Operator::EQ,
+                Expression::String(proxy_address.to_string().into()),
+            ),
+            matches(
+                Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
                     Expression::Named(NamedExpression::CT(CT {
                         key: "status".into(),
                         family: None,
@@ -302,64 +513,66 @@ fn proxy_port_guard_rule(proxy_address: Ipv4Addr) -> Rule<'static> {
                     })),
                     Expression::String("dnat".into()),
                 ))),
-                right: Expression::Number(0),
-                op: Operator::EQ,
-            }),
-            Statement::Match(Match {
-                left: Expression::Named(NamedExpression::Concat(vec![
-                    Expression::Named(NamedExpression::Meta(Meta {
-                        key: MetaKey::L4proto,
-                    })),
-                    payload("th", "dport"),
-                ])),
-                right: Expression::String(format!("@{SET_PROXY_PORTS}").into()),
-                op: Operator::EQ,
-            }),
+                Operator::EQ,
+                Expression::Number(0),
+            ),
+            matches(port_key_expr(), Operator::EQ, set_ref(SET_PROXY_PORTS)),
             Statement::Drop(Some(nftables::stmt::Drop {})),
         ],
     )
 }
 
-/// A new flow to a Service port without endpoints is refused: TCP with a
-/// reset, which the kernel does not rate-limit (ICMP errors are limited per
-/// destination host, so a client retrying fast would see hangs instead of
-/// refusals), everything else with ICMP port unreachable.
-fn reject_rules(chain: &'static str) -> [Rule<'static>; 2] {
-    let lookup = || {
-        vec![
-            // Only the first packet of a flow is looked up; established
-            // traffic (all proxied bytes) skips the set.
-            ct_state_new(),
-            Statement::Match(Match {
-                left: dest_key_expr(),
-                right: Expression::String(format!("@{SET_NO_ENDPOINTS}").into()),
-                op: Operator::EQ,
-            }),
-        ]
-    };
-    let mut tcp = lookup();
-    tcp.push(Statement::Match(Match {
-        left: Expression::Named(NamedExpression::Meta(Meta {
-            key: MetaKey::L4proto,
+/// A named set or map, with its elements.
+fn set_object(
+    name: &'static str,
+    set_type: SetTypeValue<'static>,
+    map: Option<SetType>,
+    interval: bool,
+    elems: Vec<Expression<'static>>,
+    comment: String,
+) -> NfListObject<'static> {
+    let elem = (!elems.is_empty()).then(|| elems.into());
+    let flags = interval.then(|| std::collections::HashSet::from([SetFlag::Interval]));
+    match map {
+        Some(value) => NfListObject::Map(Box::new(schema::Map {
+            family: NfFamily::IP,
+            table: TABLE.into(),
+            name: name.into(),
+            set_type,
+            map: SetTypeValue::Single(value),
+            elem,
+            flags,
+            comment: Some(comment.into()),
+            ..schema::Map::default()
         })),
-        right: Expression::String("tcp".into()),
-        op: Operator::EQ,
-    }));
-    tcp.push(Statement::Reject(Some(Reject::new(
-        Some(RejectType::TCPReset),
-        None,
-    ))));
-    let mut other = lookup();
-    other.push(Statement::Reject(Some(Reject::new(None, None))));
-    [rule(chain, tcp), rule(chain, other)]
+        None => NfListObject::Set(Box::new(schema::Set {
+            family: NfFamily::IP,
+            table: TABLE.into(),
+            name: name.into(),
+            set_type,
+            elem,
+            flags,
+            comment: Some(comment.into()),
+            ..schema::Set::default()
+        })),
+    }
 }
+
+const DEST: &[SetType] = &[SetType::Ipv4Addr, SetType::InetProto, SetType::InetService];
+const PORT: &[SetType] = &[SetType::InetProto, SetType::InetService];
+const DEST_SOURCE: &[SetType] = &[
+    SetType::Ipv4Addr,
+    SetType::InetProto,
+    SetType::InetService,
+    SetType::Ipv4Addr,
+];
 
 /// The whole table with these elements, replacing any table of that name
 /// in one transaction (`add`, `delete`, then create: never a moment without
 /// rules, and whatever an earlier run left is gone).
 pub fn full(
     layout: &Layout,
-    elements: &BTreeMap<Destination, Action>,
+    elements: &BTreeMap<Key, Action>,
     proxy_ports: &BTreeSet<ProxyPort>,
 ) -> Nftables<'static> {
     let mut batch = Batch::new();
@@ -367,76 +580,112 @@ pub fn full(
     batch.delete(NfListObject::Table(table()));
     batch.add(NfListObject::Table(table()));
 
-    let redirects: Vec<Expression<'static>> = elements
-        .iter()
-        .filter_map(|(d, a)| match a {
-            Action::Redirect(p) => Some(map_element(d, *p)),
-            Action::Reject => None,
-        })
-        .collect();
-    let rejects: Vec<Expression<'static>> = elements
-        .iter()
-        .filter(|(_, a)| **a == Action::Reject)
-        .map(|(d, _)| dest_value(d))
-        .collect();
-
-    batch.add(NfListObject::Map(Box::new(schema::Map {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        name: MAP_SERVICE_PORTS.into(),
-        set_type: dest_key_type(),
-        map: SetTypeValue::Single(SetType::InetService),
-        elem: (!redirects.is_empty()).then(|| redirects.into()),
-        comment: Some("ClusterIP . protocol . port -> local proxy port".into()),
-        ..schema::Map::default()
-    })));
-    batch.add(NfListObject::Set(Box::new(schema::Set {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        name: SET_NO_ENDPOINTS.into(),
-        set_type: dest_key_type(),
-        elem: (!rejects.is_empty()).then(|| rejects.into()),
-        comment: Some("Service ports without endpoints: refused".into()),
-        ..schema::Set::default()
-    })));
-
-    let ports: Vec<Expression<'static>> = proxy_ports.iter().map(proxy_port_value).collect();
-    batch.add(NfListObject::Set(Box::new(schema::Set {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        name: SET_PROXY_PORTS.into(),
-        set_type: SetTypeValue::Concatenated(Cow::Borrowed(&[
-            SetType::InetProto,
-            SetType::InetService,
-        ])),
-        elem: (!ports.is_empty()).then(|| ports.into()),
-        comment: Some("the proxy's listeners: reachable only through the DNAT".into()),
-        ..schema::Set::default()
-    })));
-    batch.add(NfListObject::Set(Box::new(schema::Set {
-        family: NfFamily::IP,
-        table: TABLE.into(),
-        name: SET_INSTANCE.into(),
-        set_type: SetTypeValue::Single(SetType::Mark),
-        elem: Some(vec![Expression::Number(layout.instance.id)].into()),
-        comment: Some(layout.instance.note.clone().into()),
-        ..schema::Set::default()
-    })));
+    let mut by_set: BTreeMap<&'static str, Vec<Expression<'static>>> = BTreeMap::new();
+    for (k, a) in elements {
+        let (set, elem) = element_of(k, *a);
+        by_set.entry(set).or_default().push(elem);
+    }
+    let mut take = |name: &str| by_set.remove(name).unwrap_or_default();
+    let concat_type = |t: &'static [SetType]| SetTypeValue::Concatenated(Cow::Borrowed(t));
+    for object in [
+        set_object(
+            MAP_SERVICE_PORTS,
+            concat_type(DEST),
+            Some(SetType::InetService),
+            false,
+            take(MAP_SERVICE_PORTS),
+            "Service IP . protocol . port -> local proxy port".into(),
+        ),
+        set_object(
+            SET_NO_ENDPOINTS,
+            concat_type(DEST),
+            None,
+            false,
+            take(SET_NO_ENDPOINTS),
+            "Service ports without endpoints: refused".into(),
+        ),
+        set_object(
+            MAP_NODE_PORTS,
+            concat_type(PORT),
+            Some(SetType::InetService),
+            false,
+            take(MAP_NODE_PORTS),
+            "protocol . node port -> local proxy port".into(),
+        ),
+        set_object(
+            SET_NO_ENDPOINT_NODEPORTS,
+            concat_type(PORT),
+            None,
+            false,
+            take(SET_NO_ENDPOINT_NODEPORTS),
+            "node ports without endpoints: refused".into(),
+        ),
+        set_object(
+            SET_LB_GUARDED,
+            concat_type(DEST),
+            None,
+            false,
+            take(SET_LB_GUARDED),
+            "load-balancer IPs with loadBalancerSourceRanges".into(),
+        ),
+        set_object(
+            SET_LB_ALLOWED,
+            concat_type(DEST_SOURCE),
+            None,
+            true,
+            take(SET_LB_ALLOWED),
+            "their allowed sources".into(),
+        ),
+        set_object(
+            SET_PROXY_PORTS,
+            concat_type(PORT),
+            None,
+            false,
+            proxy_ports.iter().map(port_value).collect(),
+            "the proxy's listeners: reachable only through the DNAT".into(),
+        ),
+        set_object(
+            SET_INSTANCE,
+            SetTypeValue::Single(SetType::Mark),
+            None,
+            false,
+            vec![Expression::Number(layout.instance.id)],
+            layout.instance.note.clone(),
+        ),
+    ] {
+        batch.add(object);
+    }
+    if let Some(nets) = &layout.nodeport_addresses {
+        batch.add(set_object(
+            SET_NODEPORT_ADDRESSES,
+            SetTypeValue::Single(SetType::Ipv4Addr),
+            None,
+            true,
+            nets.iter().map(prefix).collect(),
+            "--nodeport-addresses".into(),
+        ));
+    }
 
     for (name, ty, hook, prio) in CHAINS {
         batch.add(NfListObject::Chain(base_chain(name, ty, hook, prio)));
-        match ty {
-            NfChainType::Filter => {
-                for r in reject_rules(name) {
-                    batch.add(NfListObject::Rule(r));
-                }
-                if name == "filter-input" {
-                    batch.add(NfListObject::Rule(proxy_port_guard_rule(
-                        layout.proxy_address,
-                    )));
-                }
+        let rules: Vec<Rule<'static>> = match name {
+            "filter-prerouting" => vec![source_range_rule()],
+            "filter-input" => {
+                let mut r = service_refusals(name).to_vec();
+                r.extend(node_port_refusals(name, layout));
+                r.push(proxy_port_guard_rule(layout.proxy_address));
+                r
             }
-            _ => batch.add(NfListObject::Rule(dnat_rule(name, layout.proxy_address))),
+            "filter-forward" => service_refusals(name).to_vec(),
+            "filter-output" => {
+                let mut r = service_refusals(name).to_vec();
+                r.extend(node_port_refusals(name, layout));
+                r
+            }
+            _ => dnat_rules(name, layout).to_vec(),
+        };
+        for r in rules {
+            batch.add(NfListObject::Rule(r));
         }
     }
     batch.to_nftables()
@@ -446,7 +695,7 @@ pub fn full(
 /// should have (`None` = absent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Change {
-    pub dest: Destination,
+    pub key: Key,
     pub old: Option<Action>,
     pub new: Option<Action>,
 }
@@ -467,38 +716,33 @@ pub fn delta(changes: &[Change], port_changes: &[(ProxyPort, bool)]) -> Option<N
     let mut batch = Batch::new();
     let mut any = false;
     for (p, _) in port_changes.iter().filter(|(_, add)| !add) {
-        batch.delete(element(SET_PROXY_PORTS, proxy_port_value(p)));
+        batch.delete(element(SET_PROXY_PORTS, port_value(p)));
         any = true;
     }
     for (p, _) in port_changes.iter().filter(|(_, add)| *add) {
-        batch.add(element(SET_PROXY_PORTS, proxy_port_value(p)));
+        batch.add(element(SET_PROXY_PORTS, port_value(p)));
         any = true;
     }
-    for c in changes.iter().filter(|c| c.old != c.new) {
-        match c.old {
-            Some(Action::Redirect(p)) => {
-                batch.delete(element(MAP_SERVICE_PORTS, map_element(&c.dest, p)))
-            }
-            Some(Action::Reject) => batch.delete(element(SET_NO_ENDPOINTS, dest_value(&c.dest))),
-            None => continue,
+    let changed = || changes.iter().filter(|c| c.old != c.new);
+    for c in changed() {
+        if let Some(old) = c.old {
+            let (set, elem) = element_of(&c.key, old);
+            batch.delete(element(set, elem));
+            any = true;
         }
-        any = true;
     }
-    for c in changes.iter().filter(|c| c.old != c.new) {
-        match c.new {
-            Some(Action::Redirect(p)) => {
-                batch.add(element(MAP_SERVICE_PORTS, map_element(&c.dest, p)))
-            }
-            Some(Action::Reject) => batch.add(element(SET_NO_ENDPOINTS, dest_value(&c.dest))),
-            None => continue,
+    for c in changed() {
+        if let Some(new) = c.new {
+            let (set, elem) = element_of(&c.key, new);
+            batch.add(element(set, elem));
+            any = true;
         }
-        any = true;
     }
     any.then(|| batch.to_nftables())
 }
 
-/// Deletes the table (for shutdown and `--cleanup`). `add` first makes the
-/// delete succeed whether or not the table exists.
+/// Deletes the table (for `--cleanup`). `add` first makes the delete
+/// succeed whether or not the table exists.
 pub fn delete_table() -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table()));
@@ -526,14 +770,30 @@ mod tests {
     #[test]
     fn full_replaces_the_table_and_holds_the_elements() {
         let mut els = BTreeMap::new();
-        els.insert(dest("10.96.0.10", 80), Action::Redirect(20000));
-        els.insert(dest("10.96.0.11", 443), Action::Reject);
+        els.insert(
+            Key::Service(dest("10.96.0.10", 80)),
+            Action::Redirect(20000),
+        );
+        els.insert(Key::Service(dest("10.96.0.11", 443)), Action::Reject);
+        els.insert(
+            Key::NodePort(ProxyPort {
+                protocol: Protocol::Udp,
+                port: 30053,
+            }),
+            Action::Redirect(20001),
+        );
+        els.insert(Key::Guarded(dest("10.200.8.8", 80)), Action::Member);
+        els.insert(
+            Key::Allow(dest("10.200.8.8", 80), "10.0.0.0/8".parse().unwrap()),
+            Action::Member,
+        );
         let ports = BTreeSet::from([ProxyPort {
             protocol: Protocol::Tcp,
             port: 20000,
         }]);
         let layout = Layout {
             proxy_address: "169.254.42.1".parse().unwrap(),
+            nodeport_addresses: Some(vec!["10.200.0.0/24".parse().unwrap()]),
             instance: Instance {
                 id: 7,
                 note: "a note".into(),
@@ -551,17 +811,43 @@ mod tests {
             map["elem"],
             json!([[{"concat": ["10.96.0.10", "tcp", 80]}, 20000]])
         );
-        let sets: Vec<&Value> = cmds.iter().filter_map(|c| c["add"].get("set")).collect();
-        assert_eq!(sets[0]["name"], SET_NO_ENDPOINTS);
+        let set = |name: &str| {
+            cmds.iter()
+                .find_map(|c| {
+                    c["add"]
+                        .get("set")
+                        .or_else(|| c["add"].get("map"))
+                        .filter(|s| s["name"] == name)
+                })
+                .unwrap_or_else(|| panic!("no set {name}"))
+        };
         assert_eq!(
-            sets[0]["elem"],
+            set(SET_NO_ENDPOINTS)["elem"],
             json!([{"concat": ["10.96.0.11", "tcp", 443]}])
         );
-        assert_eq!(sets[1]["name"], SET_PROXY_PORTS);
-        assert_eq!(sets[1]["elem"], json!([{"concat": ["tcp", 20000]}]));
-        assert_eq!(sets[2]["name"], SET_INSTANCE);
-        assert_eq!(sets[2]["elem"], json!([7]));
-        assert_eq!(sets[2]["comment"], "a note");
+        assert_eq!(
+            set(MAP_NODE_PORTS)["elem"],
+            json!([[{"concat": ["udp", 30053]}, 20001]])
+        );
+        assert_eq!(
+            set(SET_LB_GUARDED)["elem"],
+            json!([{"concat": ["10.200.8.8", "tcp", 80]}])
+        );
+        assert_eq!(
+            set(SET_LB_ALLOWED)["elem"],
+            json!([{"concat": ["10.200.8.8", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]}])
+        );
+        assert_eq!(set(SET_LB_ALLOWED)["flags"], json!(["interval"]));
+        assert_eq!(
+            set(SET_NODEPORT_ADDRESSES)["elem"],
+            json!([{"prefix": {"addr": "10.200.0.0", "len": 24}}])
+        );
+        assert_eq!(
+            set(SET_PROXY_PORTS)["elem"],
+            json!([{"concat": ["tcp", 20000]}])
+        );
+        assert_eq!(set(SET_INSTANCE)["elem"], json!([7]));
+        assert_eq!(set(SET_INSTANCE)["comment"], "a note");
         // Every rule of every chain, as rules_in_chain() says.
         for (name, ..) in CHAINS {
             let n = cmds
@@ -599,6 +885,7 @@ mod tests {
         assert_eq!(
             chains,
             [
+                "filter-prerouting",
                 "filter-input",
                 "filter-forward",
                 "filter-output",
@@ -612,17 +899,17 @@ mod tests {
     fn delta_touches_only_changed_elements_and_deletes_first() {
         let changes = [
             Change {
-                dest: dest("10.96.0.10", 80),
+                key: Key::Service(dest("10.96.0.10", 80)),
                 old: Some(Action::Redirect(20000)),
                 new: Some(Action::Reject),
             },
             Change {
-                dest: dest("10.96.0.12", 80),
+                key: Key::Service(dest("10.96.0.12", 80)),
                 old: None,
                 new: Some(Action::Redirect(20001)),
             },
             Change {
-                dest: dest("10.96.0.13", 80),
+                key: Key::Service(dest("10.96.0.13", 80)),
                 old: Some(Action::Redirect(20002)),
                 new: Some(Action::Redirect(20002)),
             },

@@ -152,7 +152,8 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
         .spec
         .as_ref()
         .ok_or_else(|| bad("spec".into(), "missing".into()))?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
         return Ok(Err(Skip::ExternalName));
     }
 
@@ -223,14 +224,71 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
                 format!("duplicate port {port}/{protocol}"),
             ));
         }
+        // The API server only allocates node ports for these types; a
+        // stray value elsewhere is not served.
+        let node_port = match p.node_port {
+            Some(n) if matches!(type_, "NodePort" | "LoadBalancer") => {
+                Some(parse_port(n).ok_or_else(|| {
+                    bad(
+                        format!("spec.ports[{i}].nodePort"),
+                        format!("{n} is not a port number (1-65535)"),
+                    )
+                })?)
+            }
+            _ => None,
+        };
         ports.push(PortSpec {
             name,
             protocol,
             port,
+            node_port,
         });
     }
 
     let mut notices = unhonoured(svc, &ports);
+    let external_ips = addresses(
+        spec.external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.as_str())),
+        &mut notices,
+    );
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let lb_ips = addresses(
+        ingress
+            .into_iter()
+            .flatten()
+            .enumerate()
+            // ipMode Proxy: the load balancer sends its traffic to the node
+            // ports itself, with the node as destination (kube-proxy does the
+            // same: KEP-1860).
+            .filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|(n, i)| {
+                i.ip.as_deref()
+                    .map(|ip| (format!("status.loadBalancer.ingress[{n}].ip"), ip))
+            }),
+        &mut notices,
+    );
+    let mut lb_source_ranges = Vec::new();
+    for (i, raw) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match raw.trim().parse::<ipnet::IpNet>() {
+            Ok(net) => lb_source_ranges.push(net.trunc()),
+            Err(_) => notices.push(Notice::new(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("{raw:?} is not a CIDR; ignored"),
+            )),
+        }
+    }
     // A typo in our own annotation must not take the Service down: the
     // global default serves it, and the notice says so.
     let algorithm = match annotation(meta, ANNOTATION_LB_ALGORITHM) {
@@ -256,9 +314,31 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
             cluster_ips,
             ports,
             algorithm,
+            external_ips,
+            lb_ips,
+            lb_source_ranges,
         },
         notices,
     }))
+}
+
+/// Parses `(field, address)` pairs; a bad address is a notice naming its
+/// field, and the others are kept.
+fn addresses<'a>(
+    raw: impl Iterator<Item = (String, &'a str)>,
+    notices: &mut Vec<Notice>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (field, ip) in raw {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => out.push(ip),
+            _ => notices.push(Notice::new(
+                field,
+                format!("{ip:?} is not an IP address; ignored"),
+            )),
+        }
+    }
+    out
 }
 
 fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
@@ -277,49 +357,22 @@ fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
     let Some(spec) = svc.spec.as_ref() else {
         return out;
     };
-    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let node_ports: Vec<String> = spec
-        .ports
-        .iter()
-        .flatten()
-        .zip(ports)
-        .filter_map(|(raw, p)| raw.node_port.map(|n| format!("{n}/{}", p.protocol)))
-        .collect();
-    if !node_ports.is_empty() {
-        out.push(Notice::new(
-            "spec.ports[*].nodePort",
-            format!(
-                "node ports are not served yet (type {type_}): {}",
-                node_ports.join(", ")
-            ),
-        ));
-    } else if matches!(type_, "NodePort" | "LoadBalancer") {
-        out.push(Notice::new(
-            "spec.type",
-            format!("type {type_}: node ports are not served yet; only the ClusterIP is"),
-        ));
-    }
-    if let Some(ips) = spec.external_ips.as_ref().filter(|v| !v.is_empty()) {
-        out.push(Notice::new(
-            "spec.externalIPs",
-            format!("not served yet: {}", ips.join(", ")),
-        ));
-    }
-    let ingress: Vec<&str> = svc
+    let hostnames: Vec<&str> = svc
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|i| i.ip.as_deref().or(i.hostname.as_deref()))
+        .filter(|i| i.ip.is_none())
+        .filter_map(|i| i.hostname.as_deref())
         .collect();
-    if !ingress.is_empty() {
+    if !hostnames.is_empty() {
         out.push(Notice::new(
             "status.loadBalancer.ingress",
             format!(
-                "load-balancer addresses are not served yet: {}",
-                ingress.join(", ")
+                "load balancers known by hostname only are reached through the node ports: {}",
+                hostnames.join(", ")
             ),
         ));
     }
@@ -361,7 +414,7 @@ fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
         }
     }
     for (i, p) in ports.iter().enumerate() {
-        if p.protocol != Protocol::Tcp {
+        if p.protocol == Protocol::Sctp {
             let name = if p.name.is_empty() {
                 String::new()
             } else {
@@ -370,7 +423,7 @@ fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
             out.push(Notice::new(
                 format!("spec.ports[{i}]"),
                 format!(
-                    "{name}{}/{}: only TCP is proxied so far; this port is not served",
+                    "{name}{}/{}: only TCP and UDP are proxied; this port is not served",
                     p.port, p.protocol
                 ),
             ));
@@ -549,9 +602,8 @@ mod tests {
         assert_eq!(s.ports.len(), 2);
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
         assert_eq!(s.algorithm, Some(Algorithm::LeastConnections));
-        // The UDP port is kept in the model, and said not to be served.
-        assert_eq!(notices.len(), 1);
-        assert_eq!(notices[0].field, "spec.ports[1]");
+        // The UDP port is served like the TCP one.
+        assert_eq!(notices, vec![]);
     }
 
     #[test]
@@ -569,21 +621,70 @@ mod tests {
     }
 
     #[test]
-    fn topology_hints_and_node_ports_without_numbers_are_noticed() {
+    fn topology_hints_are_noticed() {
         let s = service(&svc(json!({
             "metadata": {"name": "web", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
-            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [{"port": 80, "nodePort": 30080}]}
         })))
         .unwrap()
         .unwrap();
         let fields: Vec<&str> = s.notices.iter().map(|n| n.field.as_str()).collect();
         assert_eq!(
             fields,
+            vec!["metadata.annotations[service.kubernetes.io/topology-mode]"]
+        );
+        assert_eq!(s.info.ports[0].node_port, Some(30080));
+    }
+
+    #[test]
+    fn node_ports_external_and_load_balancer_addresses_are_read() {
+        let s = service(&svc(json!({
+            "metadata": {"name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "externalIPs": ["192.0.2.7", "bogus"],
+                     "loadBalancerSourceRanges": ["10.0.0.0/8", " 192.0.2.1/24 ", "nope"],
+                     "ports": [{"port": 80, "nodePort": 30080}, {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "203.0.113.1"}, {"ip": "203.0.113.2", "ipMode": "Proxy"},
+                {"ip": "203.0.113.3", "ipMode": "VIP"}, {"hostname": "lb.example"}]}}
+        })))
+        .unwrap()
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(s.info.external_ips, vec![ip("192.0.2.7")]);
+        assert_eq!(s.info.lb_ips, vec![ip("203.0.113.1"), ip("203.0.113.3")]);
+        assert_eq!(
+            s.info.lb_source_ranges,
             vec![
-                "spec.type",
-                "metadata.annotations[service.kubernetes.io/topology-mode]"
+                "10.0.0.0/8".parse::<ipnet::IpNet>().unwrap(),
+                "192.0.2.0/24".parse().unwrap()
             ]
         );
+        assert_eq!(s.info.ports[1].node_port, Some(30053));
+        let fields: Vec<&str> = s.notices.iter().map(|n| n.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "status.loadBalancer.ingress",
+                "spec.externalIPs[1]",
+                "spec.loadBalancerSourceRanges[2]"
+            ]
+        );
+        // A node port on a ClusterIP Service is not served.
+        let c = service(&svc(json!({
+            "metadata": {"name": "c"},
+            "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30081}]}
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.info.ports[0].node_port, None);
+        // A bad node port names its field.
+        let bad = service(&svc(json!({
+            "metadata": {"name": "b"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.12", "ports": [{"port": 80, "nodePort": 70000}]}
+        })))
+        .unwrap_err();
+        assert_eq!(bad.field, "spec.ports[0].nodePort");
     }
 
     #[test]

@@ -239,11 +239,13 @@ mod tests {
     use crate::source::captured_log;
     use serde_json::json;
 
-    fn service(name: &str, external_ip: Option<&str>) -> Service {
+    /// A Service, with `sessionAffinity` (a field not honoured yet) if
+    /// given.
+    fn service(name: &str, affinity: Option<&str>) -> Service {
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "default"},
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}],
-                     "externalIPs": external_ip.into_iter().collect::<Vec<_>>()}
+                     "sessionAffinity": affinity.unwrap_or("None")}
         }))
         .unwrap()
     }
@@ -267,11 +269,11 @@ mod tests {
     #[test]
     fn a_relisted_unchanged_service_logs_its_notices_once() {
         let mut h = EventHandler::<Service>::new();
-        let lb = service("lb", Some("192.0.2.7"));
+        let lb = service("lb", Some("ClientIP"));
         let plain = service("plain", None);
         let log = relist(&mut h, &[lb.clone(), plain.clone()]);
         assert_eq!(lines_about(&log, "default/lb"), 1, "{log}");
-        assert!(log.contains("spec.externalIPs"), "{log}");
+        assert!(log.contains("spec.sessionAffinity"), "{log}");
         // A relist (a dropped watch, a 410 Gone) and an unchanged event.
         let log = relist(&mut h, &[lb.clone(), plain.clone()]);
         assert_eq!(lines_about(&log, "default/lb"), 0, "{log}");

@@ -1048,14 +1048,12 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
              spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.5\n  externalIPs: [192.0.2.7]\n\
              \x20 sessionAffinity: ClientIP\n  internalTrafficPolicy: Local\n\
              \x20 externalTrafficPolicy: Local\n  trafficDistribution: PreferSameZone\n\
-             \x20 ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP, nodePort: 30053}}]\n\
-             status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.8}}]}}}}\n"
+             \x20 ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: sctp, port: 53, protocol: SCTP, nodePort: 30053}}]\n\
+             status: {{loadBalancer: {{ingress: [{{hostname: lb.example}}]}}}}\n"
         )
     }
 
-    const UNHONOURED_FIELDS: [&str; 8] = [
-        "nodePort",
-        "spec.externalIPs",
+    const UNHONOURED_FIELDS: [&str; 6] = [
         "status.loadBalancer.ingress",
         "spec.sessionAffinity",
         "spec.internalTrafficPolicy",
@@ -1099,7 +1097,7 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         std::fs::write(&f, with_other(81)).unwrap();
         let (_, log) = captured_log(|| w.reload([f.clone()]));
         assert_eq!(
-            count_lines(&log, "default/lb", "spec.externalIPs"),
+            count_lines(&log, "default/lb", "spec.sessionAffinity"),
             1,
             "{log}"
         );

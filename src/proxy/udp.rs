@@ -1,0 +1,547 @@
+//! UDP: one socket per Service port, one upstream socket per client.
+//!
+//! The legacy two-socket design: each client address (ip:port) that sends
+//! to a Service port gets a *flow*, an upstream socket of its own connected
+//! to the endpoint chosen for it. The endpoint sees one stable source per
+//! client, and its replies arrive on that socket and are sent back from the
+//! Service port's socket, which is bound to the proxy address: conntrack
+//! then rewrites their source to the address the client sent to (the
+//! ClusterIP, external IP or node address), whatever other addresses the
+//! node has.
+//!
+//! ```text
+//!  client 10.1.0.5:40000 ─▶ ClusterIP:53 ─DNAT─▶ 169.254.42.1:P (this socket)
+//!                                                   │ flows[10.1.0.5:40000]
+//!                                                   ▼
+//!                                      upstream socket ──▶ endpoint 10.1.0.9:53
+//!  client ◀── send_to(client) from :P ◀── reader task ◀──┘
+//! ```
+//!
+//! - A flow lives until `timeout` passes without a datagram in either
+//!   direction (checked a few times per timeout).
+//! - The next datagram of a flow whose endpoint left the set, or answered
+//!   with an ICMP error (seen as `ECONNREFUSED` on the upstream socket),
+//!   opens a new flow to another endpoint. No conntrack entry ever needs
+//!   flushing: conntrack only knows the proxy, not the endpoint.
+//! - The table holds at most `max_flows`; when it is full, flows idle for
+//!   at least [`IN_USE`] make room, the longest idle first, a sixteenth of
+//!   the table at a time; when none is idle, the new client's datagram is
+//!   dropped. A flood of client addresses can exhaust neither memory nor
+//!   file descriptors, nor push out a flow in use.
+//! - Datagrams are received into one 64 KiB buffer per worker thread, so a
+//!   datagram of any size (up to 65507 bytes) passes whole and an idle flow
+//!   holds no buffer.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::balancer::{Balancer, Lease};
+use super::{RETIRE_LINGER, Stop};
+use crate::model::ServicePortName;
+
+/// A flow active within this long is in use and never evicted to make
+/// room for a new one.
+pub const IN_USE: Duration = Duration::from_secs(1);
+/// At most one "table full" warning per this interval and Service port.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+thread_local! {
+    static DATAGRAM: RefCell<Box<[u8]>> = RefCell::new(vec![0; 65536].into_boxed_slice());
+}
+
+/// Settings of the UDP data path.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpConfig {
+    /// Idle time after which a flow is closed.
+    pub timeout: Duration,
+    /// Most flows per Service port.
+    pub max_flows: usize,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            timeout: Duration::from_secs(30),
+            max_flows: 16384,
+        }
+    }
+}
+
+/// What the reader task and the socket's task share about one flow.
+#[derive(Debug)]
+struct FlowState {
+    /// Milliseconds since the Service port's start at the last datagram.
+    last: AtomicU64,
+    /// The endpoint answered with an ICMP error.
+    failed: AtomicBool,
+}
+
+/// One client's flow.
+struct Flow {
+    upstream: Arc<UdpSocket>,
+    state: Arc<FlowState>,
+    /// Counts this flow against its endpoint (least-connections).
+    lease: Lease,
+    /// The endpoint set the endpoint was last found in (its address), so
+    /// that membership is checked again only after an update.
+    checked_set: usize,
+    /// The task relaying replies; aborted with the flow.
+    _reader: AbortOnDropHandle<()>,
+}
+
+/// Starts serving `socket` (bound to the proxy address) until `stop` says
+/// so.
+pub fn spawn(
+    service: Arc<ServicePortName>,
+    socket: StdUdpSocket,
+    balancer: Arc<Balancer>,
+    config: UdpConfig,
+    stop: Stop,
+) -> io::Result<tokio::task::JoinHandle<()>> {
+    socket.set_nonblocking(true)?;
+    let socket = Arc::new(UdpSocket::from_std(socket)?);
+    let port = socket.local_addr()?.port();
+    let span = debug_span!("udp", service = %service, proxy_port = port);
+    let table = FlowTable {
+        socket,
+        service,
+        balancer,
+        config,
+        flows: HashMap::new(),
+        epoch: Instant::now(),
+        last_warning: None,
+        dropped: 0,
+    };
+    Ok(tokio::spawn(table.run(stop).instrument(span)))
+}
+
+/// The flows of one Service port, owned by its task (no lock).
+struct FlowTable {
+    socket: Arc<UdpSocket>,
+    service: Arc<ServicePortName>,
+    balancer: Arc<Balancer>,
+    config: UdpConfig,
+    flows: HashMap<SocketAddr, Flow>,
+    epoch: Instant,
+    last_warning: Option<Instant>,
+    /// Datagrams dropped for a full table since the last warning.
+    dropped: u64,
+}
+
+impl FlowTable {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, stop: Stop) {
+        let sweep_every = (self.config.timeout / 4).max(Duration::from_millis(100));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut close_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = stop.now.cancelled() => return,
+                _ = stop.retire.cancelled(), if close_at.is_none() => {
+                    close_at = Some(Instant::now() + RETIRE_LINGER);
+                }
+                _ = tokio::time::sleep_until(close_at.unwrap_or_else(Instant::now)), if close_at.is_some() => return,
+                _ = sweep.tick() => self.expire(),
+                r = self.receive() => {
+                    if let Err(e) = r {
+                        // Errors of one datagram (an ICMP error for an
+                        // earlier reply) concern nobody else.
+                        debug!(error = %e, "receive failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for one datagram and forwards it.
+    async fn receive(&mut self) -> io::Result<()> {
+        let socket = Arc::clone(&self.socket);
+        std::future::poll_fn(|cx| {
+            DATAGRAM.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                let mut rb = ReadBuf::new(&mut buf[..]);
+                match socket.poll_recv_from(cx, &mut rb) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(client)) => {
+                        self.forward(client, rb.filled());
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    /// Sends one client datagram upstream, opening or replacing its flow.
+    fn forward(&mut self, client: SocketAddr, data: &[u8]) {
+        let now = self.now_ms();
+        let stale = self.flows.get(&client).and_then(|f| self.why_replace(f));
+        let mut avoid = None;
+        if let Some(reason) = stale
+            && let Some(old) = self.flows.remove(&client)
+        {
+            debug!(%client, endpoint = %old.lease.addr(), reason, "moving the flow to another endpoint");
+            avoid = Some(old.lease.addr());
+        }
+        if !self.flows.contains_key(&client) {
+            if self.flows.len() >= self.config.max_flows && !self.make_room(now) {
+                self.dropped += 1;
+                self.warn_full();
+                return;
+            }
+            match self.open(client, avoid) {
+                Ok(Some(flow)) => {
+                    self.flows.insert(client, flow);
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(%client, error = %e, "cannot open an upstream socket");
+                    return;
+                }
+            }
+        }
+        if let Some(flow) = self.flows.get(&client) {
+            flow.state.last.store(now, Ordering::Relaxed);
+            // Straight to the kernel: tokio's `try_send` would report "would
+            // block" until the reactor has seen a new socket writable, and
+            // drop the first datagram of every flow.
+            match socket2::SockRef::from(&*flow.upstream).send(data) {
+                Ok(_) => {}
+                // The endpoint refused an earlier datagram (ICMP): the
+                // next one goes elsewhere.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    flow.state.failed.store(true, Ordering::Relaxed);
+                }
+                // A full send buffer drops the datagram, as the network
+                // would.
+                Err(e) => debug!(%client, error = %e, "datagram not sent upstream"),
+            }
+        }
+    }
+
+    /// Why a flow must move to another endpoint, if it must.
+    fn why_replace(&self, flow: &Flow) -> Option<&'static str> {
+        if flow.state.failed.load(Ordering::Relaxed) {
+            return Some("the endpoint answered with an ICMP error");
+        }
+        let set = self.balancer.endpoints();
+        let ptr = Arc::as_ptr(&set) as usize;
+        if ptr != flow.checked_set && !set.contains(flow.lease.addr()) {
+            return Some("the endpoint left the set");
+        }
+        None
+    }
+
+    /// Picks an endpoint and opens a flow to it. `Ok(None)`: no endpoint
+    /// (the rules refuse such traffic; this is the moment until they do).
+    fn open(&self, client: SocketAddr, avoid: Option<SocketAddr>) -> io::Result<Option<Flow>> {
+        let tried: Vec<SocketAddr> = avoid.into_iter().collect();
+        let set = self.balancer.endpoints();
+        let Some(lease) = self.balancer.pick(&tried) else {
+            return Ok(None);
+        };
+        let endpoint = lease.addr();
+        let local: SocketAddr = if endpoint.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = StdUdpSocket::bind(local)?;
+        sock.connect(endpoint)?;
+        sock.set_nonblocking(true)?;
+        let upstream = Arc::new(UdpSocket::from_std(sock)?);
+        let state = Arc::new(FlowState {
+            last: AtomicU64::new(self.now_ms()),
+            failed: AtomicBool::new(false),
+        });
+        let reader = tokio::spawn(relay_replies(
+            Arc::clone(&upstream),
+            Arc::clone(&self.socket),
+            client,
+            Arc::clone(&state),
+            self.epoch,
+        ));
+        Ok(Some(Flow {
+            upstream,
+            state,
+            lease,
+            checked_set: Arc::as_ptr(&set) as usize,
+            _reader: AbortOnDropHandle::new(reader),
+        }))
+    }
+
+    /// Closes flows idle for `timeout` or longer.
+    fn expire(&mut self) {
+        let now = self.now_ms();
+        let limit = self.config.timeout.as_millis() as u64;
+        let before = self.flows.len();
+        self.flows
+            .retain(|_, f| now.saturating_sub(f.state.last.load(Ordering::Relaxed)) < limit);
+        let expired = before - self.flows.len();
+        if expired > 0 {
+            debug!(expired, open = self.flows.len(), "idle UDP flows closed");
+        }
+    }
+
+    /// Evicts the flows idle longest (a sixteenth of the table, at least
+    /// one), never one active within [`IN_USE`]. False if none could go.
+    fn make_room(&mut self, now: u64) -> bool {
+        let in_use = IN_USE.as_millis() as u64;
+        let mut idle: Vec<(u64, SocketAddr)> = self
+            .flows
+            .iter()
+            .map(|(c, f)| (f.state.last.load(Ordering::Relaxed), *c))
+            .filter(|(last, _)| now.saturating_sub(*last) >= in_use)
+            .collect();
+        if idle.is_empty() {
+            return false;
+        }
+        let n = (self.config.max_flows / 16).clamp(1, idle.len());
+        idle.select_nth_unstable(n - 1);
+        for (_, c) in &idle[..n] {
+            self.flows.remove(c);
+        }
+        true
+    }
+
+    fn warn_full(&mut self) {
+        let due = self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY);
+        if due {
+            warn!(
+                service_port = %self.service,
+                max_flows = self.config.max_flows,
+                dropped = self.dropped,
+                "UDP flow table full of active flows; datagrams of new clients dropped"
+            );
+            self.last_warning = Some(Instant::now());
+            self.dropped = 0;
+        }
+    }
+}
+
+/// Relays the endpoint's datagrams back to the client, from the Service
+/// port's socket, until the flow is dropped.
+async fn relay_replies(
+    upstream: Arc<UdpSocket>,
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    state: Arc<FlowState>,
+    epoch: Instant,
+) {
+    loop {
+        let r = std::future::poll_fn(|cx| {
+            DATAGRAM.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                let mut rb = ReadBuf::new(&mut buf[..]);
+                match upstream.poll_recv(cx, &mut rb) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        state
+                            .last
+                            .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        if let Err(e) =
+                            socket2::SockRef::from(&*socket).send_to(rb.filled(), &client.into())
+                        {
+                            debug!(%client, error = %e, "reply not sent");
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            })
+        })
+        .await;
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                state.failed.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                debug!(%client, error = %e, "upstream receive failed");
+                state.failed.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Algorithm, ObjectKey, Protocol};
+
+    fn name() -> Arc<ServicePortName> {
+        Arc::new(ServicePortName {
+            service: ObjectKey::new("default", "dns"),
+            port: String::new(),
+            protocol: Protocol::Udp,
+        })
+    }
+
+    /// An endpoint on loopback that answers each datagram with its tag, the
+    /// source address it saw, then the payload.
+    async fn who_sent_to(tag: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                    return;
+                };
+                let mut reply = format!("{from}|{tag}|").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&reply, from).await;
+            }
+        });
+        (addr, task)
+    }
+
+    async fn start(
+        endpoints: &[SocketAddr],
+        config: UdpConfig,
+    ) -> (SocketAddr, Arc<Balancer>, Stop) {
+        let sock = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
+        balancer.update(endpoints, Algorithm::RoundRobin);
+        let stop = Stop::default();
+        spawn(name(), sock, Arc::clone(&balancer), config, stop.clone()).unwrap();
+        (addr, balancer, stop)
+    }
+
+    async fn ask(client: &UdpSocket, msg: &[u8]) -> Vec<u8> {
+        client.send(msg).await.unwrap();
+        let mut buf = vec![0u8; 70000];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("no reply within 5 s")
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    async fn who_sent() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        who_sent_to("ep").await
+    }
+
+    /// The source address the endpoint saw.
+    fn seen_by_endpoint(reply: &[u8]) -> String {
+        let s = String::from_utf8_lossy(reply);
+        s.split('|').next().unwrap_or_default().to_string()
+    }
+
+    /// The endpoint that answered.
+    fn answered_by(reply: &[u8]) -> String {
+        let s = String::from_utf8_lossy(reply);
+        s.split('|').nth(1).unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_client_keeps_its_upstream_until_idle_and_large_datagrams_pass_whole() {
+        let (ep, _server) = who_sent().await;
+        let config = UdpConfig {
+            timeout: Duration::from_millis(400),
+            max_flows: 16,
+        };
+        let (proxy, _, _stop) = start(&[ep], config).await;
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(proxy).await.unwrap();
+        let first = seen_by_endpoint(&ask(&client, b"a").await);
+        let second = seen_by_endpoint(&ask(&client, b"b").await);
+        assert_eq!(first, second, "one client, one upstream socket");
+        // 65507 bytes, the largest IPv4 UDP payload, both ways.
+        let big: Vec<u8> = (0..65507 - 32).map(|i| (i % 251) as u8).collect();
+        let back = ask(&client, &big).await;
+        assert!(
+            back.ends_with(&big),
+            "large datagram truncated: {} bytes back",
+            back.len()
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let third = seen_by_endpoint(&ask(&client, b"c").await);
+        assert_ne!(first, third, "the idle flow was not closed");
+    }
+
+    #[tokio::test]
+    async fn a_flow_moves_when_its_endpoint_leaves_or_refuses() {
+        let (a, _sa) = who_sent_to("a").await;
+        let (b, sb) = who_sent_to("b").await;
+        let (proxy, balancer, _stop) = start(&[a], UdpConfig::default()).await;
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(proxy).await.unwrap();
+        assert_eq!(answered_by(&ask(&client, b"x").await), "a");
+        // `a` leaves the set: the next datagram goes to `b`.
+        balancer.update(&[b], Algorithm::RoundRobin);
+        assert_eq!(answered_by(&ask(&client, b"y").await), "b");
+        // `a` comes back, `b` dies (ICMP port unreachable): the flow moves
+        // to `a` within a few datagrams (the first one after the death is
+        // lost, as it would be talking to `b` directly).
+        balancer.update(&[b, a], Algorithm::RoundRobin);
+        sb.abort();
+        let _ = sb.await;
+        let mut by = None;
+        for _ in 0..5 {
+            client.send(b"z").await.unwrap();
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(300), client.recv(&mut buf)).await
+            {
+                by = Some(answered_by(&buf[..n]));
+                break;
+            }
+        }
+        assert_eq!(
+            by.as_deref(),
+            Some("a"),
+            "the flow did not move off the refusing endpoint"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_table_keeps_flows_in_use_and_drops_newcomers() {
+        let (ep, _server) = who_sent().await;
+        let config = UdpConfig {
+            timeout: Duration::from_secs(60),
+            max_flows: 8,
+        };
+        let (proxy, _, _stop) = start(&[ep], config).await;
+        let good = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        good.connect(proxy).await.unwrap();
+        let mine = seen_by_endpoint(&ask(&good, b"hello").await);
+        // A flood of 200 client ports, each sending one datagram.
+        let mut flood = Vec::new();
+        for _ in 0..200 {
+            let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            s.send_to(b"flood", proxy).await.unwrap();
+            flood.push(s);
+            // The well-behaved client keeps talking through it.
+            if flood.len() % 20 == 0 {
+                assert_eq!(seen_by_endpoint(&ask(&good, b"still").await), mine);
+            }
+        }
+        // After the flood went idle, newcomers get flows again.
+        tokio::time::sleep(IN_USE + Duration::from_millis(200)).await;
+        let late = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        late.connect(proxy).await.unwrap();
+        let _ = ask(&late, b"late").await;
+        assert_eq!(seen_by_endpoint(&ask(&good, b"end").await), mine);
+    }
+}
