@@ -876,21 +876,35 @@ mod tests {
             ]
         );
 
-        // The proxy reads it: same Service, both protocols on port 53.
+        // The proxy reads it: both protocols on port 53 with their node
+        // ports, the external IP, the ingress IPs but the Proxy-mode one,
+        // the source ranges.
         let p = parse_list(&[s]);
         assert_eq!(p.services.len(), 1, "{yaml}");
-        let protocols: Vec<_> = p.services[0]
+        let svc = &p.services[0];
+        let ports: Vec<_> = svc
             .ports
             .iter()
-            .map(|port| (port.protocol, port.port))
+            .map(|port| (port.protocol, port.port, port.node_port))
             .collect();
-        assert_eq!(protocols, vec![(Protocol::Udp, 53), (Protocol::Tcp, 53)]);
+        assert_eq!(
+            ports,
+            vec![
+                (Protocol::Udp, 53, Some(30053)),
+                (Protocol::Tcp, 53, Some(30054))
+            ]
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(svc.external_ips, vec![ip("10.200.9.9")]);
+        assert_eq!(svc.lb_ips, vec![ip("10.200.8.8"), ip("10.200.6.6")]);
+        let ranges: Vec<String> = svc.lb_source_ranges.iter().map(|r| r.to_string()).collect();
+        assert_eq!(ranges, vec!["10.200.0.0/24", "fd00::/8"]);
     }
 
     /// The new fields have defaults that print nothing new: a Service built
-    /// as before is the same ClusterIP Service, and a NodePort Service
-    /// without a load balancer has `loadBalancer: {}` and no
-    /// `allocateLoadBalancerNodePorts`.
+    /// as before is the same ClusterIP Service; a NodePort Service with an
+    /// unnamed port starts its list item with `nodePort`, and without a load
+    /// balancer has `loadBalancer: {}` and no `allocateLoadBalancerNodePorts`.
     #[test]
     fn new_fields_default_to_a_plain_cluster_ip_service() {
         let plain = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
@@ -911,7 +925,7 @@ mod tests {
         }
         assert!(yaml.contains("    type: ClusterIP\n  status:\n    loadBalancer: {}\n"));
 
-        let np = plain
+        let np = ServiceManifest::new("np", Ipv4Addr::new(10, 96, 0, 11))
             .with_type(ServiceType::NodePort)
             .with_port(PortManifest::udp(80, 8080).with_node_port(30081));
         let yaml = list_yaml(std::slice::from_ref(&np));
@@ -924,6 +938,8 @@ mod tests {
         assert!(yaml.contains("    externalTrafficPolicy: Cluster\n"));
         assert!(!yaml.contains("allocateLoadBalancerNodePorts"));
         assert!(yaml.contains("    type: NodePort\n  status:\n    loadBalancer: {}\n"));
-        assert_eq!(parse_list(&[np]).services.len(), 1);
+        let p = parse_list(&[np]);
+        let node_ports: Vec<_> = p.services[0].ports.iter().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, vec![Some(30081)]);
     }
 }
