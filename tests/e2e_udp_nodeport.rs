@@ -865,6 +865,18 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The resident memory of process `pid`, in KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// What a steady UDP client saw.
 #[derive(Debug, Default)]
 struct SteadyReport {
@@ -984,6 +996,7 @@ fn a_flood_of_10000_client_ports_keeps_fds_bounded_and_a_client_in_use_answered(
     let pid = proxy.child.id();
     let baseline = fd_count(pid);
     assert!(baseline > 0, "cannot read /proc/{pid}/fd");
+    let rss_before = rss_kib(pid);
     let udp_server = bed.udp[0].as_ref().expect("UDP whoami");
     let delivered_before = udp_server.accepted();
 
@@ -1021,10 +1034,12 @@ fn a_flood_of_10000_client_ports_keeps_fds_bounded_and_a_client_in_use_answered(
     stop.store(true, Ordering::Relaxed);
     let report = steady.join().expect("steady client thread");
     proxy.assert_running("after the flood");
+    let rss_after = rss_kib(pid);
     let delivered = udp_server.accepted() - delivered_before - report.answered;
     eprintln!(
         "flood: {flooded} client ports sent, {delivered} of their datagrams reached the backend; \
-         fds {baseline} before, {peak} at most; steady client: {} sent, {} answered, slowest {:?}",
+         fds {baseline} before, {peak} at most; RSS {rss_before} KiB before, {rss_after} KiB after; \
+         steady client: {} sent, {} answered, slowest {:?}",
         report.sent, report.answered, report.slowest
     );
 
@@ -1646,8 +1661,9 @@ fn a_load_balancer_ip_admits_its_source_ranges_and_drops_other_sources() {
     let pod = bed.backend(1).clone();
     assert_tcp_dropped(&pod, to, "pod (outside the ranges) -> LB IP");
     assert_udp_not_proxied(&pod, to, "pod (outside the ranges) -> LB IP");
-    // ...while the same pod reaches the Service's ClusterIP, and the client
-    // still reaches the LB IP.
+    // ...while the same pod reaches the Service's ClusterIP and node port
+    // (the ranges guard the LB IPs only), and the client still reaches the
+    // LB IP.
     assert_eq!(
         tcp_greeting(
             &pod,
@@ -1657,9 +1673,153 @@ fn a_load_balancer_ip_admits_its_source_ranges_and_drops_other_sources() {
         backend_name(0)
     );
     assert_eq!(
+        tcp_greeting(
+            &pod,
+            SocketAddr::from((NODE_BRIDGE_ADDR, 30090)),
+            "pod -> the LB Service's node port"
+        ),
+        backend_name(0)
+    );
+    assert_eq!(
         tcp_greeting(bed.client(), to, "client (allowed) -> LB IP, again"),
         backend_name(0)
     );
+}
+
+/// Whether TCP to `to` from `ns` is refused at once (not left hanging).
+fn tcp_refused(ns: &Netns, to: SocketAddr) -> Result<(), String> {
+    let t0 = Instant::now();
+    match ns.tcp_connect(to, TCP_WAIT) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
+        other => Err(format!(
+            "TCP to {to} got {:?} after {:?}, not a refusal",
+            other.map(|_| "a connection"),
+            t0.elapsed()
+        )),
+    }
+}
+
+/// Whether a connected UDP socket of `ns` to `to` gets ECONNREFUSED.
+fn udp_refused(ns: &Netns, to: SocketAddr) -> Result<(), String> {
+    let socket = udp_client(ns);
+    socket.connect(to).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    match ask_connected(&socket, ANSWER_WAIT) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
+        other => Err(format!(
+            "a connected UDP socket to {to} got {other:?} after {:?}, not ECONNREFUSED",
+            t0.elapsed()
+        )),
+    }
+}
+
+#[test]
+fn external_ips_load_balancer_ips_and_node_ports_without_endpoints_are_refused() {
+    if !lab::require_root_and_nft(
+        "external_ips_load_balancer_ips_and_node_ports_without_endpoints_are_refused",
+    ) {
+        return;
+    }
+    let bed = Bed::new("refuse-external", 0);
+    // A real node's routing (a default route): refused traffic to an
+    // externalIP or LB IP is on its way to be forwarded, where the
+    // filter-forward chain sees it (without any route it dies in routing,
+    // before any hook). The lab's client is also the node's default
+    // gateway, so that traffic would go back out the link it came in on;
+    // the ICMP redirect the kernel then sends the client uses up the ICMP
+    // rate-limit budget of that host and the first port-unreachable errors
+    // are not sent. Redirects are off here, as a client behind a router
+    // would see it.
+    bed.lab.route_node_by_default().expect("node default route");
+    bed.node()
+        .output(
+            "sh",
+            [
+                "-c",
+                "echo 0 > /proc/sys/net/ipv4/conf/all/send_redirects; \
+                 echo 0 > /proc/sys/net/ipv4/conf/eth0/send_redirects",
+            ],
+        )
+        .expect("turning ICMP redirects off on the node");
+    let empty = lb_svc("empty", VIP_D, NODE_PORT_TCP)
+        .with_external_ips([EXTERNAL_IP])
+        .with_lb_ingress(LB_IP, Some(IpMode::Vip))
+        .with_endpoints(vec![]);
+    let (mut proxy, _) = bed.start(&manifests(&[empty]), &[]);
+    wait_key(
+        &mut proxy,
+        bed.node(),
+        "set",
+        "no-endpoints",
+        VIP_D,
+        "udp",
+        SVC_PORT,
+    );
+    // Like the ClusterIP: refused at once, over TCP and UDP. Every case is
+    // tried (each retried a little: the rules for the other addresses may
+    // land just after the ClusterIP's), then all failures reported.
+    let mut failures = Vec::new();
+    for (ip, tcp_port, udp_port, what) in [
+        (VIP_D, SVC_PORT, SVC_PORT, "ClusterIP"),
+        (EXTERNAL_IP, SVC_PORT, SVC_PORT, "externalIP"),
+        (LB_IP, SVC_PORT, SVC_PORT, "LB IP"),
+        (NODE_CLIENT_ADDR, NODE_PORT_TCP, NODE_PORT_UDP, "node port"),
+    ] {
+        let tcp = SocketAddr::from((ip, tcp_port));
+        if let Err(e) = poll(Duration::from_secs(3), Duration::from_millis(200), || {
+            tcp_refused(bed.client(), tcp)
+        }) {
+            failures.push(format!("{what}: {e}"));
+        }
+        let udp = SocketAddr::from((ip, udp_port));
+        if let Err(e) = poll(Duration::from_secs(3), Duration::from_millis(200), || {
+            udp_refused(bed.client(), udp)
+        }) {
+            failures.push(format!("{what}: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "without endpoints, not refused:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn nodeport_addresses_primary_means_the_addresses_of_the_default_route_interface() {
+    if !lab::require_root_and_nft(
+        "nodeport_addresses_primary_means_the_addresses_of_the_default_route_interface",
+    ) {
+        return;
+    }
+    let bed = Bed::new("nodeport-primary", 2);
+    // A real node's routing: the default route through eth0 (10.200.0.1).
+    bed.lab.route_node_by_default().expect("node default route");
+    let (mut proxy, _) = bed.start(
+        &manifests(&[node_port_svc("np", VIP_B, vec![ep(0)])]),
+        &["--nodeport-addresses", "primary"],
+    );
+    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
+    let tcp = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_TCP));
+    assert_eq!(
+        tcp_greeting(bed.client(), tcp, "client -> 10.200.0.1 (primary)"),
+        backend_name(0)
+    );
+    let udp = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
+    let a = first_answer(bed.client(), udp, "client -> 10.200.0.1 (primary)");
+    assert_eq!((a.name.as_str(), a.from), (backend_name(0).as_str(), udp));
+    let pod = bed.backend(1).clone();
+    for (ns, node_addr, what) in [
+        (
+            &pod,
+            NODE_BRIDGE_ADDR,
+            "pod -> 10.200.1.1 (br0, not primary)",
+        ),
+        (bed.node(), LOCALHOST, "node -> 127.0.0.1 (not primary)"),
+    ] {
+        assert_tcp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_TCP)), what);
+        assert_udp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_UDP)), what);
+    }
 }
 
 #[test]
