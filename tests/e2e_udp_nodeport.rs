@@ -1511,6 +1511,11 @@ fn node_ports_serve_tcp_and_udp_on_every_node_address_without_a_socket_on_the_po
             NODE_CLIENT_ADDR,
             "client -> node eth0 address",
         ),
+        (
+            bed.client(),
+            NODE_BRIDGE_ADDR,
+            "client -> node br0 address (the node's other address)",
+        ),
         (bed.node(), LOCALHOST, "node -> 127.0.0.1"),
         (bed.node(), NODE_BRIDGE_ADDR, "node -> its br0 address"),
         (bed.node(), NODE_CLIENT_ADDR, "node -> its eth0 address"),
