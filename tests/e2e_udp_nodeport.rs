@@ -7,19 +7,23 @@
 //! - DNS through a ClusterIP to dnsmasq with dig, over UDP and TCP on the
 //!   same port 53 of one Service, including a 2.5 KB answer over UDP.
 //! - UDP flows: one upstream source port per client flow, kept while
-//!   active, a new one after `--udp-timeout` of idleness; datagrams of
-//!   65507 bytes pass whole; a Service without endpoints answers ICMP port
-//!   unreachable.
+//!   either side sends (the backend alone too), a new one after
+//!   `--udp-timeout` of silence both ways; datagrams of 65507 bytes pass
+//!   whole; a Service without endpoints answers ICMP port unreachable.
 //! - `--udp-max-flows`: a flood of 10 000 client ports keeps the proxy's fd
-//!   count bounded and does not disturb a client in use.
+//!   count and memory bounded and does not disturb a client in use; a full
+//!   table of flows in use drops a newcomer, and lets it in once a flow
+//!   falls idle.
 //! - A client moves to another endpoint when its endpoint leaves the slice
 //!   or answers ICMP port unreachable.
 //! - Replies come from the address the client sent to, on a node with two
 //!   addresses.
 //! - NodePort over TCP and UDP on every node address and 127.0.0.1, without
-//!   a socket on the node port; `--nodeport-addresses` narrows it.
+//!   a socket on the node port; `--nodeport-addresses` (CIDRs or `primary`)
+//!   narrows it.
 //! - externalIPs; a LoadBalancer IP admits the source ranges and drops the
-//!   rest; an `ipMode: Proxy` ingress is left alone.
+//!   rest; an `ipMode: Proxy` ingress is left alone; without endpoints,
+//!   externalIPs, LB IPs and node ports refuse like the ClusterIP.
 //! - Hairpin: a backend reaches its own Service.
 //!
 //! Backends run the TCP whoami server and a UDP whoami
