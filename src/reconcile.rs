@@ -575,45 +575,24 @@ mod tests {
     async fn a_service_renamed_in_one_sync_keeps_its_cluster_ip_rule() {
         let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
         let mut r = reconciler(&fake, &listeners, HashMap::new());
-        load(
-            &mut r,
-            vec![service("b-old", "10.96.0.10")],
-            vec![slice("b-old", "10.1.0.1")],
-        )
-        .await;
-        // "a-new" sorts before "b-old", so it is reconciled first: its claim
-        // comes before the old one's release.
-        load(
-            &mut r,
-            vec![service("a-new", "10.96.0.10")],
-            vec![slice("a-new", "10.1.0.1")],
-        )
-        .await;
-        let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
-        assert_eq!(
-            listeners
+        // Each name takes the ClusterIP from the previous one in one sync:
+        // "a-new" sorts before "b-old", so its claim comes before the old
+        // one's release; "z-next" sorts after, so the release comes first.
+        for name in ["b-old", "a-new", "z-next"] {
+            load(
+                &mut r,
+                vec![service(name, "10.96.0.10")],
+                vec![slice(name, "10.1.0.1")],
+            )
+            .await;
+            let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
+            let holder = listeners
                 .log()
                 .open
                 .get(&port)
-                .map(|n| n.service.name.as_str()),
-            Some("a-new")
-        );
-        // And the other way round.
-        load(
-            &mut r,
-            vec![service("z-next", "10.96.0.10")],
-            vec![slice("z-next", "10.1.0.1")],
-        )
-        .await;
-        let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
-        assert_eq!(
-            listeners
-                .log()
-                .open
-                .get(&port)
-                .map(|n| n.service.name.as_str()),
-            Some("z-next")
-        );
+                .map(|n| n.service.name.clone());
+            assert_eq!(holder.as_deref(), Some(name));
+        }
     }
 
     #[tokio::test]
