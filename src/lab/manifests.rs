@@ -2,7 +2,9 @@
 //! svc,endpointslices -o yaml` prints them: input for `kube-uproxy
 //! --manifests` in the end-to-end tests and the benchmarks.
 //!
-//! A [`ServiceManifest`] describes one ClusterIP Service and, optionally, the
+//! A [`ServiceManifest`] describes one Service (ClusterIP by default;
+//! NodePort or LoadBalancer with [`ServiceManifest::with_type`], with
+//! externalIPs, load-balancer ingress and source ranges) and, optionally, the
 //! one EndpointSlice the EndpointSlice controller would make for it;
 //! [`list_yaml`] prints several of them as one `kind: List`, each Service
 //! followed by its slice. Everything kubectl would print and the proxy does
@@ -22,7 +24,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
 use crate::model::Protocol;
@@ -30,7 +32,53 @@ use crate::model::Protocol;
 /// `creationTimestamp` (and the slice's last-change-trigger-time) of every object.
 const TIMESTAMP: &str = "2025-01-01T00:00:00Z";
 
-/// One ClusterIP Service, and the EndpointSlice that goes with it.
+/// `spec.type` of a Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl fmt::Display for ServiceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// `status.loadBalancer.ingress[].ipMode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpMode {
+    /// Traffic to the IP reaches the node with the IP as its destination:
+    /// the proxy intercepts it.
+    Vip,
+    /// The load balancer proxies to the node itself: not intercepted.
+    Proxy,
+}
+
+impl fmt::Display for IpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpMode::Vip => "VIP",
+            IpMode::Proxy => "Proxy",
+        })
+    }
+}
+
+/// One entry of `status.loadBalancer.ingress`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbIngress {
+    pub ip: IpAddr,
+    /// `None`: no `ipMode` field (clusters before 1.29 print none).
+    pub ip_mode: Option<IpMode>,
+}
+
+/// One Service, and the EndpointSlice that goes with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceManifest {
     pub namespace: String,
@@ -50,6 +98,16 @@ pub struct ServiceManifest {
     pub endpoints: Option<Vec<EndpointManifest>>,
     /// `metadata.resourceVersion` of the Service; its slice has the next one.
     pub resource_version: u64,
+    /// `spec.type`. NodePort and LoadBalancer also print
+    /// `externalTrafficPolicy: Cluster`, LoadBalancer
+    /// `allocateLoadBalancerNodePorts: true`, as the API server defaults them.
+    pub service_type: ServiceType,
+    /// `spec.externalIPs` (omitted when empty).
+    pub external_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` (CIDRs; omitted when empty).
+    pub load_balancer_source_ranges: Vec<String>,
+    /// `status.loadBalancer.ingress` (`loadBalancer: {}` when empty).
+    pub lb_ingress: Vec<LbIngress>,
 }
 
 /// One Service port.
@@ -63,6 +121,8 @@ pub struct PortManifest {
     pub port: u16,
     /// `targetPort` of the Service, the port of the slice.
     pub target_port: u16,
+    /// `nodePort` of the Service port (omitted when `None`).
+    pub node_port: Option<u16>,
 }
 
 /// One endpoint of the slice.
@@ -93,7 +153,46 @@ impl ServiceManifest {
             annotations: BTreeMap::new(),
             endpoints: Some(Vec::new()),
             resource_version: 1,
+            service_type: ServiceType::ClusterIP,
+            external_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            lb_ingress: Vec::new(),
         }
+    }
+
+    /// Sets `spec.type`.
+    pub fn with_type(mut self, service_type: ServiceType) -> Self {
+        self.service_type = service_type;
+        self
+    }
+
+    /// Sets `spec.externalIPs`.
+    pub fn with_external_ips<I, A>(mut self, ips: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<IpAddr>,
+    {
+        self.external_ips = ips.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds an entry to `status.loadBalancer.ingress`.
+    pub fn with_lb_ingress(mut self, ip: impl Into<IpAddr>, ip_mode: Option<IpMode>) -> Self {
+        self.lb_ingress.push(LbIngress {
+            ip: ip.into(),
+            ip_mode,
+        });
+        self
+    }
+
+    /// Sets `spec.loadBalancerSourceRanges` (CIDRs such as `10.0.0.0/8`).
+    pub fn with_source_ranges<I, S>(mut self, ranges: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.load_balancer_source_ranges = ranges.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Adds a port.
@@ -136,25 +235,50 @@ impl ServiceManifest {
         push_map(out, "    ", "annotations", &self.annotations);
         let _ = writeln!(out, "    creationTimestamp: \"{TIMESTAMP}\"");
         push_map(out, "    ", "labels", &self.labels);
-        let _ = write!(
+        let _ = writeln!(
             out,
             "    name: {name}
     namespace: {namespace}
     resourceVersion: \"{rv}\"
     uid: {uid}
-  spec:
-    clusterIP: {ip}
-    clusterIPs:
-    - {ip}
-    internalTrafficPolicy: Cluster
-    ipFamilies:
-    - {family}
-    ipFamilyPolicy: SingleStack
-",
+  spec:",
             namespace = scalar(&self.namespace),
             rv = self.resource_version,
             uid = uid(&self.namespace, &self.name, 1),
+        );
+        // The keys of `spec` in kubectl's (alphabetical) order.
+        let external = matches!(
+            self.service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        );
+        if self.service_type == ServiceType::LoadBalancer {
+            out.push_str("    allocateLoadBalancerNodePorts: true\n");
+        }
+        let _ = writeln!(out, "    clusterIP: {ip}\n    clusterIPs:\n    - {ip}");
+        push_list(
+            out,
+            "    ",
+            "externalIPs",
+            self.external_ips.iter().map(|a| ip_scalar(*a)),
+        );
+        if external {
+            out.push_str("    externalTrafficPolicy: Cluster\n");
+        }
+        let _ = writeln!(
+            out,
+            "    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - {family}
+    ipFamilyPolicy: SingleStack",
             family = family(self.cluster_ip),
+        );
+        push_list(
+            out,
+            "    ",
+            "loadBalancerSourceRanges",
+            self.load_balancer_source_ranges
+                .iter()
+                .map(|r| cidr_scalar(r)),
         );
         if !self.ports.is_empty() {
             out.push_str("    ports:\n");
@@ -163,6 +287,10 @@ impl ServiceManifest {
             let mut first = "- ";
             if !p.name.is_empty() {
                 let _ = writeln!(out, "    - name: {}", scalar(&p.name));
+                first = "  ";
+            }
+            if let Some(node_port) = p.node_port {
+                let _ = writeln!(out, "    {first}nodePort: {node_port}");
                 first = "  ";
             }
             let _ = write!(
@@ -176,11 +304,22 @@ impl ServiceManifest {
             "    selector:
       app: {name}
     sessionAffinity: None
-    type: ClusterIP
+    type: {service_type}
   status:
-    loadBalancer: {{}}
-"
+",
+            service_type = self.service_type,
         );
+        if self.lb_ingress.is_empty() {
+            out.push_str("    loadBalancer: {}\n");
+        } else {
+            out.push_str("    loadBalancer:\n      ingress:\n");
+            for i in &self.lb_ingress {
+                let _ = writeln!(out, "      - ip: {}", ip_scalar(i.ip));
+                if let Some(mode) = i.ip_mode {
+                    let _ = writeln!(out, "        ipMode: {mode}");
+                }
+            }
+        }
     }
 
     fn push_slice(&self, out: &mut String, endpoints: &[EndpointManifest]) {
@@ -278,7 +417,22 @@ impl PortManifest {
             protocol: Protocol::Tcp,
             port,
             target_port,
+            node_port: None,
         }
+    }
+
+    /// An unnamed UDP port `port` → `target_port`.
+    pub fn udp(port: u16, target_port: u16) -> Self {
+        PortManifest {
+            protocol: Protocol::Udp,
+            ..PortManifest::tcp(port, target_port)
+        }
+    }
+
+    /// The same port with a `nodePort`.
+    pub fn with_node_port(mut self, node_port: u16) -> Self {
+        self.node_port = Some(node_port);
+        self
     }
 
     /// The same port with a name.
@@ -335,6 +489,34 @@ fn ip_scalar(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"{v6}\""),
+    }
+}
+
+/// A CIDR as a YAML scalar: plain, as kubectl prints it (`10.0.0.0/8`,
+/// `fd00::/8`), unless it could be read as something else.
+fn cidr_scalar(s: &str) -> Cow<'_, str> {
+    let plain = !s.is_empty()
+        && !s.starts_with(':')
+        && s.contains('/')
+        && s.chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/'));
+    if plain { Cow::Borrowed(s) } else { scalar(s) }
+}
+
+/// `key:` and one `- item` line per item at `indent`; nothing when there
+/// are no items.
+fn push_list<I, S>(out: &mut String, indent: &str, key: &str, items: I)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut items = items.into_iter().peekable();
+    if items.peek().is_none() {
+        return;
+    }
+    let _ = writeln!(out, "{indent}{key}:");
+    for item in items {
+        let _ = writeln!(out, "{indent}- {}", item.as_ref());
     }
 }
 
@@ -586,5 +768,178 @@ mod tests {
             "apiVersion: v1\nitems: []\nkind: List\nmetadata:\n  resourceVersion: \"\"\n"
         );
         assert_eq!(parse_list(&[]), Parsed::default());
+    }
+
+    /// A LoadBalancer Service with every field issue 9 reads: the text is
+    /// what kubectl prints, the typed API object has the values, and the
+    /// proxy's parser takes it.
+    #[test]
+    fn node_ports_external_ips_and_load_balancers_print_as_kubectl() {
+        let s = ServiceManifest::new("dns", Ipv4Addr::new(10, 96, 0, 53))
+            .with_type(ServiceType::LoadBalancer)
+            .with_port(
+                PortManifest::udp(53, 5353)
+                    .named("dns")
+                    .with_node_port(30053),
+            )
+            .with_port(
+                PortManifest::tcp(53, 5353)
+                    .named("dns-tcp")
+                    .with_node_port(30054),
+            )
+            .with_external_ips([Ipv4Addr::new(10, 200, 9, 9)])
+            .with_source_ranges(["10.200.0.0/24", "fd00::/8"])
+            .with_lb_ingress(Ipv4Addr::new(10, 200, 8, 8), Some(IpMode::Vip))
+            .with_lb_ingress(Ipv4Addr::new(10, 200, 7, 7), Some(IpMode::Proxy))
+            .with_lb_ingress(Ipv4Addr::new(10, 200, 6, 6), None);
+        let yaml = list_yaml(std::slice::from_ref(&s));
+        let spec_and_status = "  spec:
+    allocateLoadBalancerNodePorts: true
+    clusterIP: 10.96.0.53
+    clusterIPs:
+    - 10.96.0.53
+    externalIPs:
+    - 10.200.9.9
+    externalTrafficPolicy: Cluster
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    loadBalancerSourceRanges:
+    - 10.200.0.0/24
+    - fd00::/8
+    ports:
+    - name: dns
+      nodePort: 30053
+      port: 53
+      protocol: UDP
+      targetPort: 5353
+    - name: dns-tcp
+      nodePort: 30054
+      port: 53
+      protocol: TCP
+      targetPort: 5353
+    selector:
+      app: dns
+    sessionAffinity: None
+    type: LoadBalancer
+  status:
+    loadBalancer:
+      ingress:
+      - ip: 10.200.8.8
+        ipMode: VIP
+      - ip: 10.200.7.7
+        ipMode: Proxy
+      - ip: 10.200.6.6
+- addressType: IPv4
+";
+        assert!(yaml.contains(spec_and_status), "{yaml}");
+
+        // The field names are the API's: the typed object has every value.
+        let doc: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+        let svc: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(doc["items"][0].clone()).unwrap();
+        let spec = svc.spec.expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.external_ips, Some(vec!["10.200.9.9".to_string()]));
+        assert_eq!(
+            spec.load_balancer_source_ranges,
+            Some(vec!["10.200.0.0/24".to_string(), "fd00::/8".to_string()])
+        );
+        let ports = spec.ports.expect("ports");
+        let summary: Vec<_> = ports
+            .iter()
+            .map(|p| (p.protocol.as_deref(), p.port, p.node_port))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (Some("UDP"), 53, Some(30053)),
+                (Some("TCP"), 53, Some(30054))
+            ]
+        );
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .expect("ingress");
+        let ingress: Vec<_> = ingress
+            .iter()
+            .map(|i| (i.ip.as_deref(), i.ip_mode.as_deref()))
+            .collect();
+        assert_eq!(
+            ingress,
+            vec![
+                (Some("10.200.8.8"), Some("VIP")),
+                (Some("10.200.7.7"), Some("Proxy")),
+                (Some("10.200.6.6"), None)
+            ]
+        );
+
+        // The proxy reads it: both protocols on port 53 with their node
+        // ports, the external IP, the ingress IPs but the Proxy-mode one,
+        // the source ranges.
+        let p = parse_list(&[s]);
+        assert_eq!(p.services.len(), 1, "{yaml}");
+        let svc = &p.services[0];
+        let ports: Vec<_> = svc
+            .ports
+            .iter()
+            .map(|port| (port.protocol, port.port, port.node_port))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (Protocol::Udp, 53, Some(30053)),
+                (Protocol::Tcp, 53, Some(30054))
+            ]
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(svc.external_ips, vec![ip("10.200.9.9")]);
+        assert_eq!(svc.lb_ips, vec![ip("10.200.8.8"), ip("10.200.6.6")]);
+        let ranges: Vec<String> = svc.lb_source_ranges.iter().map(|r| r.to_string()).collect();
+        assert_eq!(ranges, vec!["10.200.0.0/24", "fd00::/8"]);
+    }
+
+    /// The new fields have defaults that print nothing new: a Service built
+    /// as before is the same ClusterIP Service; a NodePort Service with an
+    /// unnamed port starts its list item with `nodePort`, and without a load
+    /// balancer has `loadBalancer: {}` and no `allocateLoadBalancerNodePorts`.
+    #[test]
+    fn new_fields_default_to_a_plain_cluster_ip_service() {
+        let plain = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
+            .with_port(PortManifest::tcp(80, 8080));
+        assert_eq!(plain.service_type, ServiceType::ClusterIP);
+        assert_eq!(PortManifest::tcp(80, 8080).node_port, None);
+        assert_eq!(PortManifest::udp(53, 53).protocol, Protocol::Udp);
+        let yaml = list_yaml(std::slice::from_ref(&plain));
+        for absent in [
+            "nodePort",
+            "externalIPs",
+            "externalTrafficPolicy",
+            "loadBalancerSourceRanges",
+            "allocateLoadBalancerNodePorts",
+            "ingress",
+        ] {
+            assert!(!yaml.contains(absent), "{absent} in {yaml}");
+        }
+        assert!(yaml.contains("    type: ClusterIP\n  status:\n    loadBalancer: {}\n"));
+
+        let np = ServiceManifest::new("np", Ipv4Addr::new(10, 96, 0, 11))
+            .with_type(ServiceType::NodePort)
+            .with_port(PortManifest::udp(80, 8080).with_node_port(30081));
+        let yaml = list_yaml(std::slice::from_ref(&np));
+        assert!(
+            yaml.contains(
+                "    - nodePort: 30081\n      port: 80\n      protocol: UDP\n      targetPort: 8080\n"
+            ),
+            "{yaml}"
+        );
+        assert!(yaml.contains("    externalTrafficPolicy: Cluster\n"));
+        assert!(!yaml.contains("allocateLoadBalancerNodePorts"));
+        assert!(yaml.contains("    type: NodePort\n  status:\n    loadBalancer: {}\n"));
+        let p = parse_list(&[np]);
+        let node_ports: Vec<_> = p.services[0].ports.iter().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, vec![Some(30081)]);
     }
 }

@@ -1,17 +1,23 @@
-//! Small tokio TCP servers used as Service backends in the lab.
+//! Small tokio TCP and UDP servers used as Service backends in the lab.
 //!
-//! Each server takes a std listener (normally made with
-//! [`Netns::tcp_listener`](super::Netns::tcp_listener), so that it lives in a
+//! Each server takes a std listener or UDP socket (normally made with
+//! [`Netns::tcp_listener`](super::Netns::tcp_listener) or
+//! [`Netns::udp_socket`](super::Netns::udp_socket), so that it lives in a
 //! backend namespace), must be started from within a tokio runtime context
 //! (`rt.enter()` or inside async code), and returns a [`PeerHandle`] that
-//! counts connections and stops the server, including its open connections,
-//! when dropped.
+//! counts connections (UDP: datagrams received) and stops the server,
+//! including its open connections, when dropped; a UDP server's socket is
+//! closed shortly after (by its task, on the runtime).
 //!
 //! - [`whoami`]: writes `"<name>\n"` on accept, then echoes whatever it reads
 //!   and keeps the connection open until the client closes its side.
 //! - [`sha256`]: reads until EOF, then writes the lowercase hex SHA-256 of
 //!   everything read plus `"\n"` and closes (needs a working half-close).
 //! - [`echo`]: echoes until EOF, then closes.
+//! - [`udp_whoami`]: answers every datagram with `"<name> <source ip:port> "`
+//!   followed by the datagram itself: who answered, the address the datagram
+//!   came from as this server saw it, and what it was answering.
+//! - [`udp_echo`]: sends every datagram back to its source, unchanged.
 
 use std::future::Future;
 use std::io;
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// Connection counters of one server.
@@ -201,6 +207,74 @@ pub fn echo(listener: std::net::TcpListener) -> io::Result<PeerHandle> {
     })
 }
 
+/// The largest UDP payload over IPv4 (65535 - 20 - 8).
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// Receives datagrams until cancelled; `reply` gives the answer to each
+/// (payload, source), sent back to the source.
+fn serve_udp<F>(socket: std::net::UdpSocket, reply: F) -> io::Result<PeerHandle>
+where
+    F: Fn(&[u8], SocketAddr) -> Vec<u8> + Send + Sync + 'static,
+{
+    let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+    socket.set_nonblocking(true)?;
+    let socket = {
+        let _guard = runtime.enter();
+        UdpSocket::from_std(socket)?
+    };
+    let addr = socket.local_addr()?;
+    let stats = Arc::new(Stats::default());
+    let cancel = CancellationToken::new();
+    {
+        let stats = stats.clone();
+        let cancel = cancel.clone();
+        runtime.spawn(async move {
+            let mut buf = vec![0u8; MAX_UDP_PAYLOAD + 1];
+            loop {
+                let received = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = socket.recv_from(&mut buf) => r,
+                };
+                match received {
+                    Ok((n, from)) => {
+                        stats.accepted.fetch_add(1, Ordering::SeqCst);
+                        let answer = reply(&buf[..n], from);
+                        // A full buffer or an unreachable source: that
+                        // answer is lost, as a real server's would be.
+                        let _ = socket.send_to(&answer, from).await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+            // The socket closes here, when the task ends.
+        });
+    }
+    Ok(PeerHandle {
+        addr,
+        stats,
+        cancel,
+    })
+}
+
+/// Answers every datagram with `"<name> <source ip:port> "` followed by the
+/// datagram (cut to fit in one datagram): the address it came from as seen
+/// here, and what it answers, so that a client can match answers to
+/// questions.
+pub fn udp_whoami(socket: std::net::UdpSocket, name: &str) -> io::Result<PeerHandle> {
+    let name = name.to_string();
+    serve_udp(socket, move |payload, from| {
+        let mut answer = format!("{name} {from} ").into_bytes();
+        answer.extend_from_slice(payload);
+        answer.truncate(MAX_UDP_PAYLOAD);
+        answer
+    })
+}
+
+/// Sends every datagram back to its source, unchanged.
+pub fn udp_echo(socket: std::net::UdpSocket) -> io::Result<PeerHandle> {
+    serve_udp(socket, |payload, _| payload.to_vec())
+}
+
 async fn echo_until_eof(stream: &mut TcpStream) -> io::Result<()> {
     let (mut r, mut w) = stream.split();
     tokio::io::copy(&mut r, &mut w).await?;
@@ -319,5 +393,60 @@ mod tests {
             StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
         });
         assert!(refused, "listener still accepting after drop");
+    }
+
+    fn loopback_udp() -> std::net::UdpSocket {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s
+    }
+
+    #[test]
+    fn udp_whoami_names_itself_and_the_source_it_saw() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let server = {
+            let _g = rt.enter();
+            udp_whoami(loopback_udp(), "backend3").expect("udp_whoami")
+        };
+        let client = loopback_udp();
+        let me = client.local_addr().expect("local addr");
+        let mut buf = [0u8; 256];
+        for round in 1..=2 {
+            client
+                .send_to(format!("q{round}").as_bytes(), server.local_addr())
+                .expect("send");
+            let (n, from) = client.recv_from(&mut buf).expect("answer");
+            assert_eq!(from, server.local_addr());
+            assert_eq!(
+                std::str::from_utf8(&buf[..n]).expect("utf8"),
+                format!("backend3 {me} q{round}")
+            );
+            assert_eq!(server.accepted(), round);
+        }
+    }
+
+    #[test]
+    fn udp_echo_returns_the_largest_datagram_whole_and_drop_closes_the_socket() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let server = {
+            let _g = rt.enter();
+            udp_echo(loopback_udp()).expect("udp_echo")
+        };
+        let addr = server.local_addr();
+        let client = loopback_udp();
+        let data: Vec<u8> = (0..MAX_UDP_PAYLOAD).map(|i| (i * 13 % 251) as u8).collect();
+        client.send_to(&data, addr).expect("send");
+        let mut buf = vec![0u8; MAX_UDP_PAYLOAD + 1];
+        let (n, from) = client.recv_from(&mut buf).expect("echo");
+        assert_eq!(from, addr);
+        assert_eq!(n, data.len());
+        assert!(buf[..n] == data[..], "echoed payload differs");
+        drop(server);
+        // Once the task has ended, the port is free again (bounded wait).
+        let freed = poll(Duration::from_secs(5), || {
+            std::net::UdpSocket::bind(addr).is_ok()
+        });
+        assert!(freed, "{addr} still bound after the handle was dropped");
     }
 }
