@@ -67,6 +67,14 @@ thread_local! {
         std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Copy steps on this thread whose peer could not take every byte at
+    /// once (bytes kept in `unsent`): lets a test prove it reached that
+    /// path. Per thread, so tests running in parallel do not mix.
+    static UNSENT_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Relays until both directions are done or one fails; then closes both
 /// connections (with RST after a failure).
 ///
@@ -235,6 +243,10 @@ fn poll_copy_step(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Poll::Ready(Err(e)),
             }
+        }
+        #[cfg(test)]
+        if written < n {
+            UNSENT_STEPS.with(|c| c.set(c.get() + 1));
         }
         unsent.extend_from_slice(&buf[written..n]);
         Poll::Ready(Ok(Step::Moved {
@@ -418,13 +430,20 @@ mod tests {
 
     #[tokio::test]
     async fn small_messages_go_both_ways_in_order() {
-        // Many small writes in both directions at once: the copy phase,
-        // with the peer sometimes not reading (backpressure on `unsent`).
+        // Many small writes in both directions at once: the copy phase. The
+        // proxy's socket towards the client has a small send buffer and the
+        // client a small receive buffer, and the client does not read until
+        // the proxy has had to keep bytes back: the `unsent` path runs, and
+        // the order must survive it. (A current-thread runtime: the relay
+        // runs on this thread, whose step counter the test reads.)
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (server_addr, proxy_addr) = (server.local_addr().unwrap(), proxy.local_addr().unwrap());
         tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
+            socket2::SockRef::from(&c)
+                .set_send_buffer_size(4096)
+                .unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
             relay(RelayMode::Splice, c, u, &CancellationToken::new())
                 .await
@@ -436,7 +455,9 @@ mod tests {
             tokio::io::copy(&mut r, &mut w).await.unwrap();
             w.shutdown().await.unwrap();
         });
-        let client = TcpStream::connect(proxy_addr).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let client = socket.connect(proxy_addr).await.unwrap();
         let (mut r, mut w) = client.into_split();
         let msgs: Vec<Vec<u8>> = (0..2000u32)
             .map(|i| format!("{i}:{}|", "x".repeat((i % 97) as usize)).into_bytes())
@@ -448,6 +469,13 @@ mod tests {
             }
             w.shutdown().await.unwrap();
         });
+        // The paused reader: wait (bounded) until a copy step kept bytes.
+        let kept = || UNSENT_STEPS.with(|c| c.get());
+        let paused_until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while kept() == 0 && tokio::time::Instant::now() < paused_until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(kept() > 0, "no copy step ever kept bytes in `unsent`");
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();
