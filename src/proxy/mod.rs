@@ -10,9 +10,15 @@
 
 pub mod balancer;
 pub mod listeners;
+mod log_limit;
+mod pipe;
 pub mod ports;
 pub mod relay;
+mod splice;
+mod sys;
 pub mod tcp;
+#[cfg(test)]
+mod test_support;
 
 use std::time::Duration;
 
