@@ -9,6 +9,7 @@
 //! [`listeners::Connections`].
 
 pub mod balancer;
+mod connect;
 pub mod listeners;
 mod log_limit;
 mod pipe;

@@ -11,6 +11,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::DataPathConfig;
 use super::balancer::Balancer;
+use super::connect::{ConnectError, connect_with_failover};
 use super::listeners::Connections;
 use super::relay::{relay, reset};
 use crate::model::ServicePortName;
@@ -135,59 +136,39 @@ async fn handle_connection(
     cut: CancellationToken,
 ) {
     let _ = client.set_nodelay(true);
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(config.connect_timeouts.len());
-    for (attempt, timeout) in config.connect_timeouts.iter().enumerate() {
-        let Some(lease) = balancer.pick(&tried) else {
-            // The rules reject traffic for a port without endpoints; this is
-            // the window while that change is being applied.
+    let connected = tokio::select! {
+        r = connect_with_failover(&balancer, &config.connect_timeouts, &service, peer, TcpStream::connect) => r,
+        _ = cut.cancelled() => {
+            reset(&client);
+            return;
+        }
+    };
+    let (lease, upstream) = match connected {
+        Ok(c) => c,
+        Err(ConnectError::NoEndpoints) => {
             debug!("no endpoints; resetting client");
             reset(&client);
             return;
-        };
-        let endpoint = lease.addr();
-        let connected = tokio::select! {
-            r = tokio::time::timeout(*timeout, TcpStream::connect(endpoint)) => r,
-            _ = cut.cancelled() => {
-                reset(&client);
-                return;
-            }
-        };
-        match connected {
-            Ok(Ok(upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                match relay(config.relay, client, upstream, &cut).await {
-                    Ok(t) => debug!(
-                        %endpoint,
-                        sent = t.client_to_upstream,
-                        received = t.upstream_to_client,
-                        "connection closed"
-                    ),
-                    Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
-                }
-                return;
-            }
-            Ok(Err(e)) => warn!(
-                %service,
-                client = %peer,
-                %endpoint,
-                attempt = attempt + 1,
-                error = %e,
-                "connect to endpoint failed"
-            ),
-            Err(_) => warn!(
-                %service,
-                client = %peer,
-                %endpoint,
-                attempt = attempt + 1,
-                timeout_ms = timeout.as_millis() as u64,
-                "connect to endpoint timed out"
-            ),
         }
-        tried.push(endpoint);
+        Err(ConnectError::AllFailed { attempts }) => {
+            warn!(
+                attempts,
+                "no endpoint accepted the connection; resetting client"
+            );
+            reset(&client);
+            return;
+        }
+    };
+    let endpoint = lease.addr();
+    let _ = upstream.set_nodelay(true);
+    match relay(config.relay, client, upstream, &cut).await {
+        Ok(t) => debug!(
+            %endpoint,
+            sent = t.client_to_upstream,
+            received = t.upstream_to_client,
+            "connection closed"
+        ),
+        Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
     }
-    warn!(
-        attempts = tried.len(),
-        "no endpoint accepted the connection; resetting client"
-    );
-    reset(&client);
+    drop(lease);
 }
