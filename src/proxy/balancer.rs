@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
+use super::log_limit::LogLimit;
+
 use crate::model::Algorithm;
 
 /// One endpoint and the connections currently open to it through us.
@@ -23,9 +25,19 @@ use crate::model::Algorithm;
 pub struct EndpointStats {
     pub addr: SocketAddr,
     active: AtomicUsize,
+    /// Connect failures to this endpoint are logged once per interval.
+    connect_log: LogLimit,
 }
 
 impl EndpointStats {
+    fn new(addr: SocketAddr) -> Self {
+        EndpointStats {
+            addr,
+            active: AtomicUsize::new(0),
+            connect_log: LogLimit::default(),
+        }
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -56,6 +68,11 @@ impl Lease {
     pub fn addr(&self) -> SocketAddr {
         self.stats.addr
     }
+
+    /// The rate limit of this endpoint's connect-failure lines.
+    pub(crate) fn connect_log(&self) -> &LogLimit {
+        &self.stats.connect_log
+    }
 }
 
 impl Drop for Lease {
@@ -78,6 +95,10 @@ pub struct Balancer {
     /// Touched by the control plane only ([`Balancer::update`]); an entry
     /// goes once its last lease is gone.
     departed: Mutex<HashMap<SocketAddr, Weak<EndpointStats>>>,
+    /// Clients reset because every attempt failed are logged once per
+    /// interval for the Service port (a dead Service at 10 000 connections
+    /// per second would write as many lines).
+    failover_log: LogLimit,
 }
 
 fn encode(a: Algorithm) -> u8 {
@@ -98,6 +119,7 @@ impl Balancer {
             algorithm: AtomicU8::new(encode(algorithm)),
             next: AtomicUsize::new(start),
             departed: Mutex::new(HashMap::new()),
+            failover_log: LogLimit::default(),
         }
     }
 
@@ -106,6 +128,11 @@ impl Balancer {
             1 => Algorithm::LeastConnections,
             _ => Algorithm::RoundRobin,
         }
+    }
+
+    /// The rate limit of this Service port's "no endpoint accepted" lines.
+    pub(crate) fn failover_log(&self) -> &LogLimit {
+        &self.failover_log
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {
@@ -132,12 +159,7 @@ impl Balancer {
                 old.get(a)
                     .map(|e| Arc::clone(e))
                     .or_else(|| departed.remove(a).and_then(|w| w.upgrade()))
-                    .unwrap_or_else(|| {
-                        Arc::new(EndpointStats {
-                            addr: *a,
-                            active: AtomicUsize::new(0),
-                        })
-                    })
+                    .unwrap_or_else(|| Arc::new(EndpointStats::new(*a)))
             })
             .collect();
         let staying: HashSet<SocketAddr> = addrs.iter().copied().collect();

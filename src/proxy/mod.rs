@@ -8,6 +8,7 @@
 //! [`balancer::Balancer::update`]; shutdown drains through
 //! [`listeners::Connections`].
 
+mod accept;
 pub mod balancer;
 mod connect;
 pub mod listeners;

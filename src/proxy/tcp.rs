@@ -7,17 +7,15 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span};
 
 use super::DataPathConfig;
+use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
 use super::connect::{ConnectError, connect_with_failover};
 use super::listeners::Connections;
 use super::relay::{relay, reset};
 use crate::model::ServicePortName;
-
-/// Longest pause after an accept error caused by resource exhaustion.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How long a retired listener keeps accepting after its rules are gone: a
 /// SYN translated to its port just before the rule change completes its
@@ -55,24 +53,6 @@ pub fn spawn(
     ))
 }
 
-/// Errors after which accepting again at once would spin: the process or
-/// system is out of file descriptors or memory.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
-    )
-}
-
-/// errno values, from nix so no libc dependency is needed here.
-mod libc_errno {
-    use nix::errno::Errno;
-    pub const EMFILE: i32 = Errno::EMFILE as i32;
-    pub const ENFILE: i32 = Errno::ENFILE as i32;
-    pub const ENOBUFS: i32 = Errno::ENOBUFS as i32;
-    pub const ENOMEM: i32 = Errno::ENOMEM as i32;
-}
-
 async fn accept_loop(
     listener: TcpListener,
     service: Arc<ServicePortName>,
@@ -81,7 +61,7 @@ async fn accept_loop(
     connections: Connections,
     stop: Stop,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = AcceptBackoff::default();
     let mut close_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -95,7 +75,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
-                backoff = Duration::from_millis(5);
+                backoff.succeeded();
                 // debug level: at the default level the span costs nothing
                 // per connection; warnings carry service and client themselves.
                 let span = debug_span!("conn", client = %peer);
@@ -111,16 +91,14 @@ async fn accept_loop(
                     .instrument(span),
                 );
             }
-            Err(e) if is_resource_exhaustion(&e) => {
-                warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                tokio::select! {
-                    _ = stop.now.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+            Err(e) => {
+                if let Some(pause) = backoff.failed(&e) {
+                    tokio::select! {
+                        _ = stop.now.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
             }
-            // ECONNABORTED and friends concern one connection only.
-            Err(e) => debug!(error = %e, "accept failed"),
         }
     }
 }
@@ -150,11 +128,8 @@ async fn handle_connection(
             reset(&client);
             return;
         }
-        Err(ConnectError::AllFailed { attempts }) => {
-            warn!(
-                attempts,
-                "no endpoint accepted the connection; resetting client"
-            );
+        // Logged (rate-limited) where they happen.
+        Err(ConnectError::AllFailed { .. } | ConnectError::Local(_)) => {
             reset(&client);
             return;
         }
