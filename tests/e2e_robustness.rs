@@ -5,8 +5,9 @@
 //! - a table left by an earlier run is replaced at start;
 //! - a refused or unreachable endpoint is skipped: the connection lands on
 //!   the next endpoint;
-//! - no socket is leaked whatever way connections end (fd count back to its
-//!   baseline, no CLOSE-WAIT on the node);
+//! - no socket or pipe is leaked whatever way connections end, bulk ones
+//!   included (fd and pipe counts back to their baselines, no CLOSE-WAIT
+//!   on the node);
 //! - invalid objects and unparsable files are skipped, the rest keeps working;
 //! - proxy ports cannot be reached directly, only through the redirect.
 //!
@@ -23,10 +24,11 @@ use std::time::Duration;
 
 use e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    connect, poll, read_line, vip, wait_nft_key, who_or_panic,
+    close, connect, poll, read_line, vip, wait_nft_key, who_or_panic,
 };
 use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 use kube_uproxy::lab::{self, Netns, backend_addr};
+use sha2::{Digest, Sha256};
 
 const MAP: &str = "service-ports";
 
@@ -87,6 +89,22 @@ fn open_fds(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .expect("reading the proxy's fd directory")
+}
+
+/// The proxy's fds that are pipes (both ends count).
+fn open_pipes(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("reading the proxy's fd directory")
+        .flatten()
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")))
+        .count()
+}
+
+/// A payload that differs from connection to connection.
+fn payload(len: usize, seed: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 31 + seed * 7) % 251) as u8)
+        .collect()
 }
 
 #[test]
@@ -187,10 +205,14 @@ fn no_socket_is_leaked_however_connections_end() {
     run.wait_in_map(VIP_A, true, "who is programmed");
     run.wait_in_map(VIP_B, true, "sum is programmed");
     let client = run.bed.client();
-    // Warm up (runtime threads, first pipes), then take the baseline.
+    let pid = run.pid();
+    // Warm up (runtime threads), then take the baseline.
     who_or_panic(client, vip(VIP_A), "warm-up");
     std::thread::sleep(Duration::from_millis(300));
-    let baseline = open_fds(run.pid());
+    let baseline = open_fds(pid);
+    let baseline_pipes = open_pipes(pid);
+    // Bulk transfers splice through pipes: the most seen at once.
+    let mut most_pipes = 0;
 
     for i in 0..40 {
         // 1. The client closes after the greeting (the proxy sees EOF
@@ -218,25 +240,70 @@ fn no_socket_is_leaked_however_connections_end() {
         let s = connect(client, vip(VIP_A)).expect("connect who");
         s.shutdown(Shutdown::Write).expect("half-close");
         drop(s);
+        // 5. A bulk upload (the client's direction splices), checked by
+        //    its digest.
+        let upload = payload(2 * 1024 * 1024 + i, i);
+        let mut s = connect(client, vip(VIP_B)).expect("connect sum");
+        s.write_all(&upload).expect("upload");
+        most_pipes = most_pipes.max(open_pipes(pid));
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("digest");
+        assert_eq!(
+            answer.trim(),
+            hex::encode(Sha256::digest(&upload)),
+            "upload {i} corrupted"
+        );
+        // 6. Bulk both ways (echo), then a clean close.
+        let mut s = connect(client, vip(VIP_A)).expect("connect who");
+        read_line(&mut s).expect("greeting");
+        let sent = payload(1024 * 1024, i);
+        let mut back = vec![0u8; sent.len()];
+        let mut reader = s.try_clone().expect("clone");
+        std::thread::scope(|scope| {
+            let r = scope.spawn(|| reader.read_exact(&mut back));
+            s.write_all(&sent).expect("bulk send");
+            most_pipes = most_pipes.max(open_pipes(pid));
+            r.join().expect("reader").expect("echo read");
+        });
+        assert!(back == sent, "echo {i} corrupted");
+        close(s);
+        // 7. The client resets in the middle of a bulk echo.
+        let mut s = connect(client, vip(VIP_A)).expect("connect who");
+        read_line(&mut s).expect("greeting");
+        s.write_all(&sent[..512 * 1024]).expect("bulk send");
+        let mut some = vec![0u8; 64 * 1024];
+        s.read_exact(&mut some).expect("part of the echo");
+        most_pipes = most_pipes.max(open_pipes(pid));
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
     }
+    assert!(
+        most_pipes > baseline_pipes,
+        "the bulk transfers never made the proxy create a pipe: the test misses the splice path"
+    );
 
     let node = run.bed.node();
     let settled = poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        let now = open_fds(run.pid());
+        let now = open_fds(pid);
+        let pipes = open_pipes(pid);
         let close_wait = node
             .output("ss", ["-Htn", "state", "close-wait"])
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|e| e.to_string());
-        if now <= baseline && close_wait.is_empty() {
+        if now <= baseline && pipes <= baseline_pipes && close_wait.is_empty() {
             Ok(())
         } else {
             Err(format!(
-                "proxy fds {now} (baseline {baseline}); CLOSE-WAIT: {close_wait:?}"
+                "proxy fds {now} (baseline {baseline}), pipe fds {pipes} (baseline \
+                 {baseline_pipes}, at most {most_pipes} during the run); CLOSE-WAIT: {close_wait:?}"
             ))
         }
     });
     if let Err(last) = settled {
-        panic!("sockets leaked after 160 connections: {last}");
+        panic!("sockets or pipes leaked after 280 connections: {last}");
     }
 }
 

@@ -4,15 +4,19 @@
 //! the data path reads the current one with a single atomic load (no lock)
 //! and picks an endpoint. Per-endpoint open-connection counters survive
 //! updates, so least-connections keeps counting connections opened before an
-//! endpoint change.
+//! endpoint change — also across an update that drops an endpoint and a
+//! later one that brings it back (a readiness flap, an endpoint moving
+//! between EndpointSlices): its connections stayed open meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
+
+use super::log_limit::LogLimit;
 
 use crate::model::Algorithm;
 
@@ -21,9 +25,19 @@ use crate::model::Algorithm;
 pub struct EndpointStats {
     pub addr: SocketAddr,
     active: AtomicUsize,
+    /// Connect failures to this endpoint are logged once per interval.
+    connect_log: LogLimit,
 }
 
 impl EndpointStats {
+    fn new(addr: SocketAddr) -> Self {
+        EndpointStats {
+            addr,
+            active: AtomicUsize::new(0),
+            connect_log: LogLimit::default(),
+        }
+    }
+
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
@@ -64,6 +78,11 @@ impl Lease {
     pub fn addr(&self) -> SocketAddr {
         self.stats.addr
     }
+
+    /// The rate limit of this endpoint's connect-failure lines.
+    pub(crate) fn connect_log(&self) -> &LogLimit {
+        &self.stats.connect_log
+    }
 }
 
 impl Drop for Lease {
@@ -80,6 +99,16 @@ pub struct Balancer {
     /// Round-robin position, and the starting point of least-connections'
     /// scan so that ties rotate instead of always hitting the first endpoint.
     next: AtomicUsize,
+    /// Counters of endpoints that left the set while connections to them
+    /// were still open (their leases hold the counter). If the endpoint
+    /// comes back, it takes its counter back instead of starting at 0.
+    /// Touched by the control plane only ([`Balancer::update`]); an entry
+    /// goes once its last lease is gone.
+    departed: Mutex<HashMap<SocketAddr, Weak<EndpointStats>>>,
+    /// Clients reset because every attempt failed are logged once per
+    /// interval for the Service port (a dead Service at 10 000 connections
+    /// per second would write as many lines).
+    failover_log: LogLimit,
 }
 
 fn encode(a: Algorithm) -> u8 {
@@ -99,6 +128,8 @@ impl Balancer {
             set: ArcSwap::from_pointee(EndpointSet::default()),
             algorithm: AtomicU8::new(encode(algorithm)),
             next: AtomicUsize::new(start),
+            departed: Mutex::new(HashMap::new()),
+            failover_log: LogLimit::default(),
         }
     }
 
@@ -109,29 +140,51 @@ impl Balancer {
         }
     }
 
+    /// The rate limit of this Service port's "no endpoint accepted" lines.
+    pub(crate) fn failover_log(&self) -> &LogLimit {
+        &self.failover_log
+    }
+
     pub fn endpoints(&self) -> Arc<EndpointSet> {
         self.set.load_full()
     }
 
-    /// Publishes a new endpoint list (control plane). Endpoints that stay
-    /// keep their counters; connections already open are not touched.
+    /// Publishes a new endpoint list (control plane). Endpoints that stay,
+    /// or come back while connections to them are open, keep their
+    /// counters; connections already open are not touched.
     pub fn update(&self, addrs: &[SocketAddr], algorithm: Algorithm) {
         self.algorithm.store(encode(algorithm), Ordering::Relaxed);
+        // A poisoned lock only means an earlier update panicked; the map
+        // holds nothing that can be half-written.
+        let mut departed = self
+            .departed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = self.set.load();
         let old: HashMap<SocketAddr, &Arc<EndpointStats>> =
             current.endpoints.iter().map(|e| (e.addr, e)).collect();
         let endpoints: Box<[Arc<EndpointStats>]> = addrs
             .iter()
             .map(|a| {
-                old.get(a).map(|e| Arc::clone(e)).unwrap_or_else(|| {
-                    Arc::new(EndpointStats {
-                        addr: *a,
-                        active: AtomicUsize::new(0),
-                    })
-                })
+                old.get(a)
+                    .map(|e| Arc::clone(e))
+                    .or_else(|| departed.remove(a).and_then(|w| w.upgrade()))
+                    .unwrap_or_else(|| Arc::new(EndpointStats::new(*a)))
             })
             .collect();
+        let staying: HashSet<SocketAddr> = addrs.iter().copied().collect();
+        for gone in current
+            .endpoints
+            .iter()
+            .filter(|e| !staying.contains(&e.addr))
+        {
+            departed.insert(gone.addr, Arc::downgrade(gone));
+        }
+        drop(current);
         self.set.store(Arc::new(EndpointSet { endpoints }));
+        // Forget the departed whose connections have all ended (a pick that
+        // still holds the old set keeps one alive until the next update).
+        departed.retain(|_, w| w.strong_count() > 0);
     }
 
     /// Picks an endpoint for a new connection, avoiding those in `tried`
@@ -220,6 +273,35 @@ mod tests {
         assert_eq!(stat.active(), 1);
         drop(l1);
         assert_eq!(stat.active(), 0);
+    }
+
+    #[test]
+    fn least_connections_keeps_counting_an_endpoint_that_leaves_and_comes_back() {
+        // A readiness flap (or an endpoint moving between slices): A leaves
+        // the set for one update and comes back, while two connections to
+        // it stay open. They must still count.
+        let b = Balancer::new(Algorithm::LeastConnections);
+        let [a, other] = [addrs(2)[0], addrs(2)[1]];
+        b.update(&[a, other], Algorithm::LeastConnections);
+        let held: Vec<Lease> = (0..2).map(|_| b.pick(&[other]).unwrap()).collect();
+        assert!(held.iter().all(|l| l.addr() == a));
+        b.update(&[other], Algorithm::LeastConnections);
+        b.update(&[a, other], Algorithm::LeastConnections);
+        let set = b.endpoints();
+        let stat = set.endpoints.iter().find(|e| e.addr == a).unwrap();
+        assert_eq!(stat.active(), 2, "A's open connections were forgotten");
+        // So both new connections go to the other endpoint (0, then 1 < 2).
+        for i in 0..2 {
+            let l = b.pick(&[]).unwrap();
+            assert_eq!(l.addr(), other, "new connection {i}");
+            std::mem::forget(l);
+        }
+        drop(held);
+        assert_eq!(stat.active(), 0);
+        // Once nothing holds it, a departed endpoint is forgotten.
+        drop(set);
+        b.update(&[other], Algorithm::LeastConnections);
+        assert!(b.departed.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -8,11 +8,19 @@
 //! [`balancer::Balancer::update`]; shutdown drains through
 //! [`listeners::Connections`].
 
+mod accept;
 pub mod balancer;
+mod connect;
 pub mod listeners;
+mod log_limit;
+mod pipe;
 pub mod ports;
 pub mod relay;
+mod splice;
+mod sys;
 pub mod tcp;
+#[cfg(test)]
+mod test_support;
 pub mod udp;
 
 use std::time::Duration;

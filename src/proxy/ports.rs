@@ -271,35 +271,56 @@ mod tests {
         }
     }
 
+    /// A listening socket on `127.0.0.1:port` with `SO_REUSEPORT`, as
+    /// another program (or an older instance of this proxy) could hold it:
+    /// our own `SO_REUSEPORT` bind would join it, so only the allocator's
+    /// probe keeps it from being handed out.
+    fn reuseport_listener(port: u16) -> io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_port(true)?;
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+        s.listen(8)?;
+        Ok(s)
+    }
+
+    /// A port `p` held by a [`reuseport_listener`] with `p + 1` free (at
+    /// the time of the check), so that the range `p..=p+1` has exactly
+    /// one busy port whatever else runs on the machine.
+    fn busy_port_with_a_free_neighbour() -> (Socket, u16) {
+        for _ in 0..50 {
+            let blocker = reuseport_listener(0).expect("a listener on a kernel-chosen port");
+            let port = blocker
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .map(|a| a.port())
+                .expect("its port");
+            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+                return (blocker, port);
+            }
+        }
+        panic!("no busy port with a free neighbour found in 50 tries");
+    }
+
     #[test]
     fn hands_out_ports_in_range_and_skips_busy_ones() {
-        // Find three consecutive free ports on loopback by trying.
-        let base = 41000 + (std::process::id() % 2000) as u16 * 3;
+        let (_blocker, busy) = busy_port_with_a_free_neighbour();
         let range = PortRange {
-            begin: base,
-            end: base + 2,
+            begin: busy,
+            end: busy + 1,
         };
-        let blocker = std::net::TcpListener::bind(("127.0.0.1", base + 1));
         let mut alloc = ProxyPortAllocator::new("127.0.0.1".parse().unwrap(), Some(range));
-        let mut got = Vec::new();
-        while let Ok((sock, port)) = alloc.bind(Protocol::Tcp) {
-            assert!(port >= range.begin && port <= range.end);
-            got.push((sock, port));
-            assert!(got.len() <= 3);
-        }
-        let ports: Vec<u16> = got.iter().map(|(_, p)| *p).collect();
-        if blocker.is_ok() {
-            assert!(
-                !ports.contains(&(base + 1)),
-                "a port held by another program was handed out"
-            );
-        }
+        let (sock, port) = alloc.bind(Protocol::Tcp).unwrap();
+        assert_eq!(
+            port,
+            busy + 1,
+            "the port held by another program must be skipped"
+        );
         assert!(matches!(
             alloc.bind(Protocol::Tcp),
             Err(PortError::Exhausted { .. })
         ));
-        // Release one: it can be bound again once its socket is closed.
-        let (sock, port) = got.remove(0);
+        // Release it: it can be bound again once its socket is closed.
         drop(sock);
         alloc.release(Protocol::Tcp, port);
         assert_eq!(alloc.bind(Protocol::Tcp).unwrap().1, port);

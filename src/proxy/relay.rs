@@ -4,36 +4,53 @@
 //! - `splice` (default), a hybrid: each direction starts by copying through
 //!   one scratch buffer per worker thread (read, then write at once; only
 //!   bytes the peer cannot take yet are kept for the connection). When a
-//!   read fills the whole scratch buffer the flow is bulk, and that
-//!   direction switches to splice(2): socket → pipe → socket, payload never
-//!   entering user space. Small request/response traffic never pays for a
-//!   pipe (two file descriptors and a few system calls per direction, and a
-//!   splice costs more than copying a few bytes); bulk traffic never pays
-//!   for the copy. An idle connection holds no buffer and no pipe. A
-//!   direction that turns bulk runs its splice loop as a task of its own,
-//!   so the two directions of a bulk flow can use two CPUs, while the small
-//!   exchanges of both directions stay in the connection's one task (no
-//!   wake-up crosses threads between a request and its response).
-//! - `copy`: tokio's `copy_bidirectional` with 64 KiB buffers per
-//!   connection, for comparison in benchmarks and for kernels without splice.
+//!   read fills the whole scratch buffer the direction enters a bulk phase
+//!   (`splice.rs`): socket → pipe → socket with splice(2), payload never
+//!   entering user space, in a task of its own so that the two directions
+//!   of a bulk flow can use two CPUs. When the source goes quiet the phase
+//!   ends, the pipe is closed, and the direction copies again. Small
+//!   request/response traffic never pays for a pipe (two file descriptors
+//!   and a few system calls; a splice costs more than copying a few
+//!   bytes); bulk traffic is not copied; an idle connection holds no buffer
+//!   and no pipe, whatever it carried before. If no pipe can be had
+//!   (`pipe.rs`), the direction copies.
+//! - `copy`: a plain copy loop with a 64 KiB buffer per direction, for
+//!   comparison in benchmarks and for kernels without splice.
 //!
-//! In both, an EOF on one side becomes a half-close (`shutdown(SHUT_WR)`) on
-//! the other and the opposite direction keeps running until it ends too; an
-//! error on either side ends both, and both sockets are then reset so that
-//! neither peer waits on a connection that is gone (no CLOSE_WAIT pile-up).
+//! In both, an EOF on one side becomes a half-close (`shutdown(SHUT_WR)`)
+//! on the other, and the opposite direction keeps running until it ends
+//! too. How a failure ends the flow ([`Failure`]):
+//! - an error *reading* a socket ends both directions: that peer is gone,
+//!   and so is whatever the other direction still had to send it;
+//! - an error *writing* a socket because its peer went away (reset, broken
+//!   pipe) ends that direction only: the other direction still reads what
+//!   that peer sent before it went (an HTTP 413 during an upload) and
+//!   delivers it, as the peer itself would have.
+//!
+//! After a failure both sockets are reset (SO_LINGER 0: no peer waits on a
+//! connection that is gone, no CLOSE_WAIT pile-up), each once the bytes
+//! already written to it have been delivered, with a bound
+//! ([`reset_once_delivered`]): a reset throws away what the peer has not
+//! acknowledged. A flow cut from outside is reset at once.
 
+use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::sys::socket::{MsgFlags, recv};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+
+use super::pipe::{self, Pipe};
+use super::splice;
+use super::sys;
 
 /// How bytes are moved between the two connections of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,64 +68,161 @@ pub struct Transferred {
     pub upstream_to_client: u64,
 }
 
-/// Size asked for each direction's pipe: the most one splice call moves.
-/// 1 MiB (the default `fs.pipe-max-size`) against 256 KiB: +13 % one-way
-/// and +18 % both-ways throughput and 24 % less proxy CPU per GB in an
-/// interleaved run (docs/performance.md). Only bulk directions have a
-/// pipe, and its pages are the socket's own (moved, not copied).
-const PIPE_SIZE: usize = 1024 * 1024;
+/// The buffer of each direction in `--tcp-relay copy`.
 const COPY_BUFFER: usize = 64 * 1024;
 /// The per-thread scratch buffer of the hybrid relay. A read that fills it
-/// marks the flow as bulk.
+/// starts a bulk phase.
 const SCRATCH: usize = 16 * 1024;
+/// After a direction could not get a pipe, how long it copies before it
+/// asks again (asking costs a failing system call per 16 KiB otherwise).
+const PIPE_RETRY: Duration = Duration::from_millis(100);
+/// A peer that acknowledges nothing for this long gets its reset without
+/// the rest of its bytes.
+const DELIVERY_STALL: Duration = Duration::from_secs(1);
+/// The longest a failed flow waits for its bytes to be delivered.
+const DELIVERY_LIMIT: Duration = Duration::from_secs(10);
 
 thread_local! {
     static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
         std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
-/// Relays until both directions are done or one fails; then closes both
-/// connections (with RST after a failure).
+#[cfg(test)]
+thread_local! {
+    /// Copy steps on this thread whose peer could not take every byte at
+    /// once (bytes kept in `unsent`): lets a test prove it reached that
+    /// path. Per thread, so tests running in parallel do not mix.
+    static UNSENT_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How one direction failed, which decides what happens to the other.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Ends both directions (reading failed, or an error that leaves the
+    /// flow unusable).
+    Flow(io::Error),
+    /// The destination's peer went away (reset, broken pipe): ends this
+    /// direction only; the other one still delivers what that peer sent.
+    PeerGone(io::Error),
+}
+
+impl Failure {
+    fn into_error(self) -> io::Error {
+        match self {
+            Failure::Flow(e) | Failure::PeerGone(e) => e,
+        }
+    }
+}
+
+/// Classifies an error writing to (or half-closing) the destination.
+pub(super) fn destination_failure(e: io::Error) -> Failure {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Failure::PeerGone(e),
+        _ => Failure::Flow(e),
+    }
+}
+
+/// What one direction returns: the bytes it moved, until EOF.
+type DirectionResult = Result<u64, Failure>;
+
+/// How both directions ended.
+enum Ending {
+    Done(u64, u64),
+    Failed(io::Error),
+    Cut,
+}
+
+/// Relays until both directions are done or the flow fails; then closes
+/// both connections (with RST after a failure).
 ///
 /// `cut` ends the flow from outside (the shutdown grace period ran out):
-/// both connections are then reset, never closed with a FIN, so that
-/// neither peer mistakes a cut stream for a complete one.
+/// both connections are then reset at once, never closed with a FIN, so
+/// that neither peer mistakes a cut stream for a complete one.
 pub async fn relay(
     mode: RelayMode,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     cut: &CancellationToken,
 ) -> io::Result<Transferred> {
-    match mode {
+    let client = Arc::new(client);
+    let upstream = Arc::new(upstream);
+    let ending = match mode {
         RelayMode::Splice => {
-            let client = Arc::new(client);
-            let upstream = Arc::new(upstream);
-            let result = tokio::select! {
-                r = async {
-                    tokio::try_join!(
-                        hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream)),
-                        hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client))
-                    )
-                } => r,
-                _ = cut.cancelled() => Err(cut_error()),
-            };
-            // On failure try_join drops the other direction, and with it
-            // the task of a bulk direction (AbortOnDropHandle): the last
-            // reference to each socket goes away and the RST is sent.
-            finish(result, &client, &upstream)
+            both_ways(
+                hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream)),
+                hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client)),
+                cut,
+            )
+            .await
         }
         RelayMode::Copy => {
-            let result = tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                ) => r,
-                _ = cut.cancelled() => Err(cut_error()),
-            };
-            finish(result, &client, &upstream)
+            both_ways(
+                copy_one_way(&client, &upstream),
+                copy_one_way(&upstream, &client),
+                cut,
+            )
+            .await
         }
+    };
+    // The direction futures are gone here, and with them the task of any
+    // bulk phase (AbortOnDropHandle): nothing else writes to the sockets.
+    match ending {
+        Ending::Done(a, b) => Ok(Transferred {
+            client_to_upstream: a,
+            upstream_to_client: b,
+        }),
+        Ending::Failed(e) => {
+            tokio::join!(
+                reset_once_delivered(&client),
+                reset_once_delivered(&upstream)
+            );
+            Err(e)
+        }
+        Ending::Cut => {
+            reset(&client);
+            reset(&upstream);
+            Err(cut_error())
+        }
+    }
+}
+
+/// Runs both directions (`a`: client → upstream, `b`: the other way) as
+/// [`Failure`] says: a `Flow` failure ends both at once, a `PeerGone` one
+/// only its own direction.
+async fn both_ways(
+    a: impl Future<Output = DirectionResult>,
+    b: impl Future<Output = DirectionResult>,
+    cut: &CancellationToken,
+) -> Ending {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let (mut done_a, mut done_b) = (None, None);
+    let mut failed: Option<io::Error> = None;
+    while done_a.is_none() || done_b.is_none() {
+        let (which, result) = tokio::select! {
+            r = &mut a, if done_a.is_none() => (0, r),
+            r = &mut b, if done_b.is_none() => (1, r),
+            () = cut.cancelled() => return Ending::Cut,
+        };
+        let moved = match result {
+            Ok(n) => n,
+            Err(Failure::PeerGone(e)) => {
+                failed.get_or_insert(e);
+                0
+            }
+            Err(f @ Failure::Flow(_)) => {
+                return Ending::Failed(failed.unwrap_or_else(|| f.into_error()));
+            }
+        };
+        if which == 0 {
+            done_a = Some(moved);
+        } else {
+            done_b = Some(moved);
+        }
+    }
+    match failed {
+        Some(e) => Ending::Failed(e),
+        None => Ending::Done(done_a.unwrap_or(0), done_b.unwrap_or(0)),
     }
 }
 
@@ -120,47 +234,38 @@ fn cut_error() -> io::Error {
     )
 }
 
-/// After a failure both sockets are set to close with RST; the counts of
-/// a flow that ended well are returned.
-fn finish(
-    result: io::Result<(u64, u64)>,
-    client: &TcpStream,
-    upstream: &TcpStream,
-) -> io::Result<Transferred> {
-    if result.is_err() {
-        reset(client);
-        reset(upstream);
-    }
-    result.map(|(a, b)| Transferred {
-        client_to_upstream: a,
-        upstream_to_client: b,
-    })
-}
-
 /// Makes the close of `stream` send RST instead of FIN.
 pub fn reset(stream: &TcpStream) {
     // Best effort: the socket may already be dead.
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// A pipe used as the in-kernel buffer of one direction.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-}
-
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        // A larger pipe moves more per call; the default (64 KiB) still
-        // works if the system refuses (fs.pipe-max-size, user limits).
-        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
-        Ok(Pipe { read, write })
+/// Resets `stream` once its peer has acknowledged every byte written to it
+/// (an early answer must not be thrown away by the reset), or once the
+/// peer stopped acknowledging for [`DELIVERY_STALL`], at the latest after
+/// [`DELIVERY_LIMIT`]. A dead socket has nothing queued: no wait.
+async fn reset_once_delivered(stream: &TcpStream) {
+    let start = Instant::now();
+    let mut last_progress = start;
+    let mut queued = usize::MAX;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match sys::undelivered_bytes(stream) {
+            Ok(0) | Err(_) => break,
+            Ok(n) if n < queued => {
+                queued = n;
+                last_progress = Instant::now();
+            }
+            Ok(_) => {}
+        }
+        let now = Instant::now();
+        if now - last_progress >= DELIVERY_STALL || now - start >= DELIVERY_LIMIT {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
-}
-
-fn splice_flags() -> SpliceFFlags {
-    SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE
+    reset(stream);
 }
 
 /// What one read-and-forward step did.
@@ -217,12 +322,12 @@ fn poll_copy_step(
     src: &TcpStream,
     dst: &TcpStream,
     unsent: &mut Vec<u8>,
-) -> Poll<io::Result<Step>> {
+) -> Poll<Result<Step, Failure>> {
     SCRATCH_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
         let n = match poll_read_drained(cx, src, &mut buf[..]) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Flow(e))),
             Poll::Ready(Ok(n)) => n,
         };
         if n == 0 {
@@ -233,8 +338,12 @@ fn poll_copy_step(
             match dst.try_write(&buf[written..n]) {
                 Ok(w) => written += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(e) => return Poll::Ready(Err(destination_failure(e))),
             }
+        }
+        #[cfg(test)]
+        if written < n {
+            UNSENT_STEPS.with(|c| c.set(c.get() + 1));
         }
         unsent.extend_from_slice(&buf[written..n]);
         Poll::Ready(Ok(Step::Moved {
@@ -244,107 +353,92 @@ fn poll_copy_step(
     })
 }
 
-/// Writes all of `unsent` to `dst`, waiting for room, then frees it.
-async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> io::Result<()> {
+/// Writes all of `bytes` to `dst`, waiting for room.
+async fn write_all(dst: &TcpStream, bytes: &[u8]) -> Result<(), Failure> {
     let mut done = 0;
-    while done < unsent.len() {
-        dst.writable().await?;
-        match dst.try_write(&unsent[done..]) {
+    while done < bytes.len() {
+        dst.writable().await.map_err(Failure::Flow)?;
+        match dst.try_write(&bytes[done..]) {
             Ok(w) => done += w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(destination_failure(e)),
         }
     }
+    Ok(())
+}
+
+/// Writes all of `unsent` to `dst`, then frees it.
+async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> Result<(), Failure> {
+    if unsent.is_empty() {
+        return Ok(());
+    }
+    write_all(dst, unsent).await?;
     // Backpressure is rare for small flows: give the memory back.
     *unsent = Vec::new();
     Ok(())
 }
 
 /// Moves `src` → `dst` until EOF on `src`, then half-closes `dst`: by copy
-/// while the flow looks small, by splice once it looks bulk. The splice
-/// loop is a task of its own, aborted if this future is dropped.
-async fn hybrid_one_way(src: Arc<TcpStream>, dst: Arc<TcpStream>) -> io::Result<u64> {
+/// while the flow is small, in bulk phases (splice, a task of their own,
+/// aborted if this future is dropped) while it is large.
+async fn hybrid_one_way(src: Arc<TcpStream>, dst: Arc<TcpStream>) -> DirectionResult {
     let mut unsent = Vec::new();
     let mut total = 0u64;
+    let mut no_pipe_until: Option<Instant> = None;
     loop {
         let step = std::future::poll_fn(|cx| poll_copy_step(cx, &src, &dst, &mut unsent)).await?;
-        match step {
-            Step::Eof => {
-                flush(&dst, &mut unsent).await?;
-                shutdown_write(&dst)?;
-                return Ok(total);
-            }
-            Step::Moved { n, full } => {
-                total += n as u64;
-                flush(&dst, &mut unsent).await?;
-                if full {
-                    let task = AbortOnDropHandle::new(tokio::spawn(async move {
-                        splice_one_way(&src, &dst, total).await
-                    }));
-                    return task.await.map_err(io::Error::other)?;
-                }
-            }
+        let Step::Moved { n, full } = step else {
+            flush(&dst, &mut unsent).await?;
+            shutdown_write(&dst).map_err(destination_failure)?;
+            return Ok(total);
+        };
+        total += n as u64;
+        flush(&dst, &mut unsent).await?;
+        if !full || no_pipe_until.is_some_and(|t| Instant::now() < t) {
+            continue;
         }
-    }
-}
-
-/// Moves `src` → `dst` with splice(2) until EOF on `src`, then half-closes
-/// `dst`. `total` is what was moved before.
-async fn splice_one_way(src: &TcpStream, dst: &TcpStream, mut total: u64) -> io::Result<u64> {
-    let mut pipe: Option<Pipe> = None;
-    loop {
-        src.readable().await?;
-        let pipe_ref = match &pipe {
-            Some(p) => p,
-            None => pipe.insert(Pipe::new()?),
+        let pipe = match Pipe::new() {
+            Ok(p) => p,
+            Err(e) => {
+                pipe::unavailable(&e);
+                no_pipe_until = Some(Instant::now() + PIPE_RETRY);
+                continue;
+            }
         };
-        // The pipe is empty here, so EAGAIN can only mean "socket has no
-        // data", which is what try_io needs to clear the readiness.
-        let moved = match src.try_io(Interest::READABLE, || {
-            splice(
-                src.as_fd(),
-                None,
-                &pipe_ref.write,
-                None,
-                PIPE_SIZE,
-                splice_flags(),
-            )
-            .map_err(io::Error::from)
-        }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if moved == 0 {
-            shutdown_write(dst)?;
+        let (s, d) = (Arc::clone(&src), Arc::clone(&dst));
+        let phase = AbortOnDropHandle::new(tokio::spawn(async move {
+            splice::bulk_phase(&s, &d, pipe).await
+        }));
+        let end = phase
+            .await
+            .map_err(|e| Failure::Flow(io::Error::other(e)))??;
+        total += end.moved;
+        if end.eof {
             return Ok(total);
         }
-        let mut pending = moved;
-        while pending > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(
-                    &pipe_ref.read,
-                    None,
-                    dst.as_fd(),
-                    None,
-                    pending,
-                    splice_flags(),
-                )
-                .map_err(io::Error::from)
-            }) {
-                Ok(n) => {
-                    pending -= n;
-                    total += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
     }
 }
 
-fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+/// `--tcp-relay copy`: moves `src` → `dst` through a buffer of its own
+/// until EOF on `src`, then half-closes `dst`.
+async fn copy_one_way(src: &TcpStream, dst: &TcpStream) -> DirectionResult {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = std::future::poll_fn(|cx| poll_read_drained(cx, src, &mut buf))
+            .await
+            .map_err(Failure::Flow)?;
+        if n == 0 {
+            shutdown_write(dst).map_err(destination_failure)?;
+            return Ok(total);
+        }
+        write_all(dst, &buf[..n]).await?;
+        total += n as u64;
+    }
+}
+
+/// Half-closes `stream` (EOF for its peer).
+pub(super) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
         // The peer is already gone; the other direction will find out.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -355,6 +449,8 @@ fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::pipe::PIPE_SIZE;
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -418,13 +514,20 @@ mod tests {
 
     #[tokio::test]
     async fn small_messages_go_both_ways_in_order() {
-        // Many small writes in both directions at once: the copy phase,
-        // with the peer sometimes not reading (backpressure on `unsent`).
+        // Many small writes in both directions at once: the copy phase. The
+        // proxy's socket towards the client has a small send buffer and the
+        // client a small receive buffer, and the client does not read until
+        // the proxy has had to keep bytes back: the `unsent` path runs, and
+        // the order must survive it. (A current-thread runtime: the relay
+        // runs on this thread, whose step counter the test reads.)
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (server_addr, proxy_addr) = (server.local_addr().unwrap(), proxy.local_addr().unwrap());
         tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
+            socket2::SockRef::from(&c)
+                .set_send_buffer_size(4096)
+                .unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
             relay(RelayMode::Splice, c, u, &CancellationToken::new())
                 .await
@@ -436,7 +539,9 @@ mod tests {
             tokio::io::copy(&mut r, &mut w).await.unwrap();
             w.shutdown().await.unwrap();
         });
-        let client = TcpStream::connect(proxy_addr).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let client = socket.connect(proxy_addr).await.unwrap();
         let (mut r, mut w) = client.into_split();
         let msgs: Vec<Vec<u8>> = (0..2000u32)
             .map(|i| format!("{i}:{}|", "x".repeat((i % 97) as usize)).into_bytes())
@@ -448,6 +553,13 @@ mod tests {
             }
             w.shutdown().await.unwrap();
         });
+        // The paused reader: wait (bounded) until a copy step kept bytes.
+        let kept = || UNSENT_STEPS.with(|c| c.get());
+        let paused_until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while kept() == 0 && tokio::time::Instant::now() < paused_until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(kept() > 0, "no copy step ever kept bytes in `unsent`");
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();
@@ -551,6 +663,316 @@ mod tests {
     #[tokio::test]
     async fn cut_resets_both_sides_in_copy_mode() {
         cut_resets_both_sides(RelayMode::Copy).await;
+    }
+
+    /// The four sockets of one flow on loopback: the client's, the proxy's
+    /// two (accepted from the client, connected to the server), the server's.
+    struct Flow {
+        client: TcpStream,
+        proxy_client: TcpStream,
+        proxy_upstream: TcpStream,
+        server: TcpStream,
+    }
+
+    async fn flow() -> Flow {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(proxy.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (proxy_client, _) = proxy.accept().await.unwrap();
+        let proxy_upstream = TcpStream::connect(server.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = server.accept().await.unwrap();
+        Flow {
+            client,
+            proxy_client,
+            proxy_upstream,
+            server,
+        }
+    }
+
+    /// Starts the relay of `f`'s proxy sockets; the rest of the flow is
+    /// returned as (client, server).
+    fn start_relay(
+        mode: RelayMode,
+        f: Flow,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<Transferred>>,
+    ) {
+        let cut = CancellationToken::new();
+        let task =
+            tokio::spawn(async move { relay(mode, f.proxy_client, f.proxy_upstream, &cut).await });
+        (f.client, f.server, task)
+    }
+
+    /// Sends `payload` from the client with a half-close; the server reads
+    /// it to EOF and answers it reversed; the client reads the answer.
+    async fn reversed_round_trip(client: TcpStream, mut server: TcpStream, payload: &[u8]) {
+        let (mut cr, mut cw) = client.into_split();
+        let to_send = payload.to_vec();
+        let sender = tokio::spawn(async move {
+            cw.write_all(&to_send).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        let serve = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            let n = got.len();
+            got.reverse();
+            server.write_all(&got).await.unwrap();
+            server.shutdown().await.unwrap();
+            n
+        });
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        sender.await.unwrap();
+        assert_eq!(serve.await.unwrap(), payload.len(), "the server got it all");
+        let mut want = payload.to_vec();
+        want.reverse();
+        assert!(back == want, "answer corrupted ({} bytes)", back.len());
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_pipe_that_cannot_be_created_leaves_the_bulk_flow_copying() {
+        // In a child process: the open-file limit is lowered so that no fd
+        // is left once the flow is connected; both directions turn bulk
+        // and cannot get a pipe (EMFILE). The flow must go on by copying.
+        use crate::proxy::test_support::{exhaust_fds, isolated, test_name};
+        if !isolated(&test_name(
+            module_path!(),
+            "a_pipe_that_cannot_be_created_leaves_the_bulk_flow_copying",
+        )) {
+            return;
+        }
+        current_thread().block_on(async {
+            let f = flow().await;
+            let (client, server, relay_task) = start_relay(RelayMode::Splice, f);
+            let _fillers = exhaust_fds();
+            let err = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map(|_| ())
+                .unwrap_err();
+            assert_eq!(err, nix::errno::Errno::EMFILE, "fds are not exhausted");
+            let payload = data(1024 * 1024 + 13);
+            reversed_round_trip(client, server, &payload).await;
+            let t = relay_task.await.unwrap().expect("the relay failed");
+            assert_eq!(t.client_to_upstream, payload.len() as u64);
+            assert_eq!(t.upstream_to_client, payload.len() as u64);
+        });
+    }
+
+    #[test]
+    fn a_refused_pipe_size_is_logged_once() {
+        // In a child process that drops root (as a DaemonSet without
+        // CAP_SYS_RESOURCE runs) and uses up its user's pipe quota
+        // (fs.pipe-user-pages-soft): every bulk direction then gets a
+        // small pipe. Flows still work; the log says so once.
+        use crate::proxy::test_support::{capture_logs, isolated, test_name};
+        if !isolated(&test_name(
+            module_path!(),
+            "a_refused_pipe_size_is_logged_once",
+        )) {
+            return;
+        }
+        let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if soft == 0 || !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: needs root (to drop it) and fs.pipe-user-pages-soft > 0");
+            return;
+        }
+        // A uid nobody else uses, so the quota is ours alone.
+        let uid = nix::unistd::Uid::from_raw(54_321);
+        let gid = nix::unistd::Gid::from_raw(54_321);
+        nix::unistd::setresgid(gid, gid, gid).unwrap();
+        nix::unistd::setresuid(uid, uid, uid).unwrap();
+        let mut quota = Vec::new();
+        let mut refused = false;
+        for _ in 0..(soft / 256 + 8) {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+            refused = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32)).is_err();
+            quota.push((r, w));
+            if refused {
+                break;
+            }
+        }
+        assert!(refused, "the pipe quota never ran out");
+        let (logs, _guard) = capture_logs();
+        current_thread().block_on(async {
+            for _ in 0..2 {
+                let f = flow().await;
+                let (client, server, relay_task) = start_relay(RelayMode::Splice, f);
+                reversed_round_trip(client, server, &data(512 * 1024 + 5)).await;
+                relay_task.await.unwrap().expect("the relay failed");
+            }
+        });
+        let text = logs.text();
+        assert_eq!(
+            logs.count("refused a 1 MiB splice pipe"),
+            1,
+            "want one line about the small pipes; log:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_bulk_direction_that_goes_quiet_gives_its_pipe_back() {
+        // A keep-alive connection carries one large response, then idles.
+        // Its bulk direction must give the pipe back (an idle connection
+        // holds its 2 sockets and nothing else), and the next exchanges,
+        // small and large, must still work.
+        use crate::proxy::test_support::{isolated, open_pipes, test_name};
+        if !isolated(&test_name(
+            module_path!(),
+            "a_bulk_direction_that_goes_quiet_gives_its_pipe_back",
+        )) {
+            return;
+        }
+        current_thread().block_on(async {
+            let f = flow().await;
+            let (client, mut server, _relay_task) = start_relay(RelayMode::Splice, f);
+            let before = open_pipes();
+            let (mut cr, mut cw) = client.into_split();
+            let burst = data(32 * 1024 * 1024);
+            let sent = burst.clone();
+            let writer = tokio::spawn(async move {
+                cw.write_all(&sent).await.unwrap();
+                cw
+            });
+            // Mid-transfer (more is queued than all buffers hold): the
+            // direction is bulk and holds a pipe.
+            let mut got = vec![0u8; burst.len()];
+            server.read_exact(&mut got[..1024 * 1024]).await.unwrap();
+            assert!(open_pipes() > before, "no pipe during the bulk transfer");
+            server.read_exact(&mut got[1024 * 1024..]).await.unwrap();
+            assert!(got == burst, "burst corrupted");
+            let mut cw = writer.await.unwrap();
+            // Quiet now: the pipe must go (bounded wait).
+            let end = tokio::time::Instant::now() + Duration::from_secs(3);
+            while open_pipes() > before && tokio::time::Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(
+                open_pipes(),
+                before,
+                "an idle connection still holds a pipe"
+            );
+            // Still one working connection: small both ways, then bulk.
+            cw.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            server.read_exact(&mut b).await.unwrap();
+            server.write_all(b"pong").await.unwrap();
+            cr.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"pong");
+            let again = data(4 * 1024 * 1024 + 1);
+            let sent = again.clone();
+            let writer = tokio::spawn(async move { cw.write_all(&sent).await.unwrap() });
+            let mut got = vec![0u8; again.len()];
+            server.read_exact(&mut got).await.unwrap();
+            writer.await.unwrap();
+            assert!(got == again, "second burst corrupted");
+        });
+    }
+
+    /// What a client receives from a server that answers early and closes
+    /// while the client is still sending (an HTTP 413 during an upload):
+    /// through the relay in `mode`, or directly with `None`.
+    async fn early_answer(mode: Option<RelayMode>, answer: &'static [u8]) -> Vec<u8> {
+        let f = flow().await;
+        let (client, mut server, relay_task) = match mode {
+            Some(mode) => {
+                let (c, s, t) = start_relay(mode, f);
+                (c, s, Some(t))
+            }
+            // Directly: the socket the proxy accepted plays the server.
+            None => (f.client, f.proxy_client, None),
+        };
+        // The server reads the start of the request, answers and closes at
+        // once with the rest of the upload unread: its kernel resets the
+        // connection right behind the answer.
+        let serve = tokio::spawn(async move {
+            let mut head = [0u8; 1024];
+            server.read_exact(&mut head).await.unwrap();
+            server.write_all(answer).await.unwrap();
+        });
+        let (mut cr, mut cw) = client.into_split();
+        let upload = tokio::spawn(async move {
+            let chunk = data(64 * 1024);
+            for _ in 0..1024 {
+                if cw.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the client was never told the end");
+        serve.await.unwrap();
+        upload.await.unwrap();
+        if let Some(t) = relay_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("the relay did not end");
+        }
+        got
+    }
+
+    async fn an_early_answer_reaches_the_client(mode: RelayMode) {
+        static ANSWER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        // Larger than the scratch buffer (a bulk phase starts), smaller
+        // than the client's initial receive window: directly, the whole
+        // answer is on the wire before the server's reset. (A larger one
+        // is cut by the server's own reset, proxy or not.)
+        let answer: &'static [u8] = ANSWER.get_or_init(|| {
+            let mut a = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 32768\r\n\r\n".to_vec();
+            a.extend(data(32768));
+            a
+        });
+        let direct = early_answer(None, answer).await;
+        assert!(
+            direct == answer,
+            "direct: {} of {} bytes",
+            direct.len(),
+            answer.len()
+        );
+        for i in 0..20 {
+            let proxied = early_answer(Some(mode), answer).await;
+            assert!(
+                proxied == direct,
+                "try {i}: through the relay the client got {} bytes, directly {}",
+                proxied.len(),
+                direct.len()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_early_answer_reaches_the_client_in_splice_mode() {
+        an_early_answer_reaches_the_client(RelayMode::Splice).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_early_answer_reaches_the_client_in_copy_mode() {
+        an_early_answer_reaches_the_client(RelayMode::Copy).await;
     }
 
     #[tokio::test]

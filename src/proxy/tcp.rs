@@ -3,21 +3,19 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span};
 
+use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
+use super::connect::{ConnectError, connect_with_failover};
 use super::listeners::Connections;
 use super::relay::{relay, reset};
 use super::{DataPathConfig, RETIRE_LINGER, Stop};
 use crate::metrics::{FailReason, ServicePortMetrics};
 use crate::model::ServicePortName;
-
-/// Longest pause after an accept error caused by resource exhaustion.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Starts accepting on `listener` until `stop` says so. Connections
 /// already accepted are not affected by `stop`: they run to their natural
@@ -49,24 +47,6 @@ pub fn spawn(
     ))
 }
 
-/// Errors after which accepting again at once would spin: the process or
-/// system is out of file descriptors or memory.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
-    )
-}
-
-/// errno values, from nix so no libc dependency is needed here.
-mod libc_errno {
-    use nix::errno::Errno;
-    pub const EMFILE: i32 = Errno::EMFILE as i32;
-    pub const ENFILE: i32 = Errno::ENFILE as i32;
-    pub const ENOBUFS: i32 = Errno::ENOBUFS as i32;
-    pub const ENOMEM: i32 = Errno::ENOMEM as i32;
-}
-
 async fn accept_loop(
     listener: TcpListener,
     service: Arc<ServicePortName>,
@@ -76,7 +56,7 @@ async fn accept_loop(
     stop: Stop,
     metrics: Arc<ServicePortMetrics>,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = AcceptBackoff::default();
     let mut close_at: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -90,8 +70,8 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
+                backoff.succeeded();
                 metrics.accepted();
-                backoff = Duration::from_millis(5);
                 // debug level: at the default level the span costs nothing
                 // per connection; warnings carry service and client themselves.
                 let span = debug_span!("conn", client = %peer);
@@ -108,16 +88,14 @@ async fn accept_loop(
                     .instrument(span),
                 );
             }
-            Err(e) if is_resource_exhaustion(&e) => {
-                warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                tokio::select! {
-                    _ = stop.now.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+            Err(e) => {
+                if let Some(pause) = backoff.failed(&e) {
+                    tokio::select! {
+                        _ = stop.now.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
-                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
             }
-            // ECONNABORTED and friends concern one connection only.
-            Err(e) => debug!(error = %e, "accept failed"),
         }
     }
 }
@@ -134,78 +112,79 @@ async fn handle_connection(
     metrics: Arc<ServicePortMetrics>,
 ) {
     let _open = metrics.open();
-    let mut reason = FailReason::NoEndpoints;
     let _ = client.set_nodelay(true);
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(config.connect_timeouts.len());
-    for (attempt, timeout) in config.connect_timeouts.iter().enumerate() {
-        let Some(lease) = balancer.pick(&tried) else {
-            // The rules reject traffic for a port without endpoints; this is
-            // the window while that change is being applied.
+    // Each attempt is timed and counted here; the failover itself (and its
+    // rate-limited logging) is connect_with_failover's.
+    let mut attempts = 0u32;
+    // Written only when an attempt fails (a Mutex because the connection
+    // task may move between threads).
+    let last_error = std::sync::Mutex::new(FailReason::ConnectTimeout);
+    let connect = |endpoint: SocketAddr| {
+        attempts += 1;
+        if attempts > 1 {
+            metrics.retry();
+        }
+        let metrics = Arc::clone(&metrics);
+        let last_error = &last_error;
+        async move {
+            let started = std::time::Instant::now();
+            let r = TcpStream::connect(endpoint).await;
+            match &r {
+                Ok(_) => metrics.connected(endpoint, started.elapsed()),
+                Err(e) => {
+                    if let Ok(mut last) = last_error.lock() {
+                        *last = FailReason::of(e);
+                    }
+                    metrics.attempt_failed(endpoint);
+                }
+            }
+            r
+        }
+    };
+    let connected = tokio::select! {
+        r = connect_with_failover(&balancer, &config.connect_timeouts, &service, peer, connect) => r,
+        _ = cut.cancelled() => {
+            reset(&client);
+            return;
+        }
+    };
+    let (lease, upstream) = match connected {
+        Ok(c) => c,
+        Err(ConnectError::NoEndpoints) => {
             debug!("no endpoints; resetting client");
+            metrics.failed(FailReason::NoEndpoints);
+            reset(&client);
+            return;
+        }
+        // Logged (rate-limited) where they happen.
+        Err(ConnectError::Local(_)) => {
+            metrics.failed(FailReason::LocalError);
+            reset(&client);
+            return;
+        }
+        Err(ConnectError::AllFailed { .. }) => {
+            let reason = last_error
+                .lock()
+                .map(|r| *r)
+                .unwrap_or(FailReason::ConnectTimeout);
             metrics.failed(reason);
             reset(&client);
             return;
-        };
-        if attempt > 0 {
-            metrics.retry();
         }
-        let endpoint = lease.addr();
-        let connect_started = std::time::Instant::now();
-        let connected = tokio::select! {
-            r = tokio::time::timeout(*timeout, TcpStream::connect(endpoint)) => r,
-            _ = cut.cancelled() => {
-                reset(&client);
-                return;
-            }
-        };
-        match connected {
-            Ok(Ok(upstream)) => {
-                metrics.connected(endpoint, connect_started.elapsed());
-                let _ = upstream.set_nodelay(true);
-                match relay(config.relay, client, upstream, &cut).await {
-                    Ok(t) => {
-                        metrics.relayed(&t);
-                        debug!(
-                            %endpoint,
-                            sent = t.client_to_upstream,
-                            received = t.upstream_to_client,
-                            "connection closed"
-                        )
-                    }
-                    Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
-                }
-                return;
-            }
-            Ok(Err(e)) => {
-                reason = FailReason::of(&e);
-                warn!(
-                    %service,
-                    client = %peer,
-                    %endpoint,
-                    attempt = attempt + 1,
-                    error = %e,
-                    "connect to endpoint failed"
-                )
-            }
-            Err(_) => {
-                reason = FailReason::ConnectTimeout;
-                warn!(
-                    %service,
-                    client = %peer,
-                    %endpoint,
-                    attempt = attempt + 1,
-                    timeout_ms = timeout.as_millis() as u64,
-                    "connect to endpoint timed out"
-                )
-            }
+    };
+    let endpoint = lease.addr();
+    let _ = upstream.set_nodelay(true);
+    match relay(config.relay, client, upstream, &cut).await {
+        Ok(t) => {
+            metrics.relayed(&t);
+            debug!(
+                %endpoint,
+                sent = t.client_to_upstream,
+                received = t.upstream_to_client,
+                "connection closed"
+            )
         }
-        metrics.attempt_failed(endpoint);
-        tried.push(endpoint);
+        Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
     }
-    metrics.failed(reason);
-    warn!(
-        attempts = tried.len(),
-        "no endpoint accepted the connection; resetting client"
-    );
-    reset(&client);
+    drop(lease);
 }

@@ -432,7 +432,15 @@ mod tests {
         balancer.update(endpoints, Algorithm::RoundRobin);
         let stop = Stop::default();
         let metrics = crate::metrics::Metrics::new(false).service_port(&name());
-        spawn(name(), sock, Arc::clone(&balancer), config, stop.clone(), metrics).unwrap();
+        spawn(
+            name(),
+            sock,
+            Arc::clone(&balancer),
+            config,
+            stop.clone(),
+            metrics,
+        )
+        .unwrap();
         (addr, balancer, stop)
     }
 
