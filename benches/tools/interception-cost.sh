@@ -298,8 +298,9 @@ EOF
         # The naive form (as in Istio's iptables) also takes SYNs that hit a
         # TIME_WAIT socket of the proxy: the SYN is then delivered to that
         # TIME_WAIT socket, whose listener lookup (ClusterIP:port) finds no
-        # listener, so it is answered with an ACK and the client retries
-        # after a second. tproxy itself handles that case (it finds the
+        # listener; reading tcp_v4_rcv, the SYN is then answered like a stray
+        # segment (an ACK), and the client sends its SYN again after a second
+        # (measured: the SYN retrans column). tproxy itself handles the case (it finds the
         # listener on the tproxy port and ends the TIME_WAIT), so SYNs must
         # not take the fast path.
         [ "$m" = tproxy-socket ] && fast="tcp flags & (syn | ack) != syn socket transparent 1 meta mark set $MARK accept"
