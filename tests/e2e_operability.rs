@@ -504,7 +504,17 @@ fn healthz_is_503_before_the_first_sync_and_while_rules_cannot_be_installed() {
     // 1. Before the first sync: the source has not delivered anything.
     let pipe = bed.dir.join("slow.yaml");
     fifo(&pipe);
-    let mut p = start(&bed, &pipe, &[], &[]);
+    // Not `start`: it would show the manifests on failure, and reading a
+    // FIFO nobody writes blocks.
+    let mut p = ProxyProcess::start_with(
+        bed.node(),
+        &bed.dir,
+        "kube-uproxy",
+        "--manifests",
+        &pipe,
+        &[],
+        &[],
+    );
     let (status, body) = wait_http(&mut p, bed.node(), HEALTHZ, "/healthz");
     assert_eq!(status, 503, "{body}");
     let v: Value = serde_json::from_str(&body).expect("healthz JSON");
