@@ -567,12 +567,6 @@ impl ServicePortMetrics {
         }
     }
 
-    /// Handles registered nowhere (tests, and listeners opened without a
-    /// metrics registry).
-    pub fn detached(name: &ServicePortName) -> Self {
-        Self::resolve(&Metrics::new(false).ports, PortLabels::of(name), false)
-    }
-
     fn remove_series(&self, f: &PortFamilies) {
         let l = &self.labels;
         f.accepted.remove(l);
