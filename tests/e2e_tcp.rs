@@ -289,8 +289,27 @@ fn least_connections_prefers_the_less_loaded_backend() {
         "{y} still has {} open connections after the client closed them",
         env.servers[yi].open()
     );
-    // The proxy notices the end of a flow just after the backend closes.
-    thread::sleep(Duration::from_millis(300));
+    // The proxy notices the end of a flow just after the backend closes:
+    // wait for its own word that both flows to Y ended (it logs that at
+    // -v once the flow no longer counts for least-connections).
+    let y_endpoint = format!("{}:{BACKEND_PORT}", backend_addr(yi));
+    let ended = e2e::poll(IO_TIMEOUT, Duration::from_millis(10), || {
+        let n = env
+            .proxy()
+            .stderr()
+            .lines()
+            .filter(|l| {
+                l.contains(&y_endpoint)
+                    && (l.contains("connection closed") || l.contains("connection aborted"))
+            })
+            .count();
+        if n >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} of the 2 flows to {y} logged as ended"))
+        }
+    });
+    ended.unwrap_or_else(|e| panic!("{e}"));
 
     // Round-robin would now pick X (5th connection = same as the 1st);
     // least-connections must pick Y (0 open) and again Y (1 open vs 2).

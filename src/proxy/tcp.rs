@@ -174,7 +174,11 @@ async fn handle_connection(
     };
     let endpoint = lease.addr();
     let _ = upstream.set_nodelay(true);
-    match relay(config.relay, client, upstream, &cut).await {
+    let result = relay(config.relay, client, upstream, &cut).await;
+    // Least-connections stops counting the connection before it is logged
+    // as closed: whoever reads the log never sees the counter lag behind.
+    drop(lease);
+    match result {
         Ok(t) => {
             metrics.relayed(&t);
             debug!(
@@ -186,5 +190,4 @@ async fn handle_connection(
         }
         Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
     }
-    drop(lease);
 }
