@@ -26,7 +26,7 @@ mod e2e;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -611,26 +611,6 @@ fn a_flushed_ruleset_is_restored_within_a_sync_period() {
     );
 }
 
-/// A directory holding an `nft` that refuses every command while
-/// `<dir>/fail` exists and otherwise runs the real one.
-fn failing_nft(dir: &Path) -> PathBuf {
-    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("nft not found");
-    let bin = dir.join("fake-bin");
-    fs::create_dir_all(&bin).expect("fake-bin");
-    let script = format!(
-        "#!/bin/sh\nif [ -e '{}' ]; then echo 'Error: simulated refusal' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-        dir.join("fail").display()
-    );
-    let nft = bin.join("nft");
-    fs::write(&nft, script).expect("writing the fake nft");
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
-    bin
-}
-
 #[test]
 fn a_refused_sync_keeps_the_listeners_and_recovers() {
     if !lab::require_root_and_nft("a_refused_sync_keeps_the_listeners_and_recovers") {
@@ -643,7 +623,7 @@ fn a_refused_sync_keeps_the_listeners_and_recovers() {
         manifests(&[svc("a", VIP_A, vec![ep(0)]), svc("b", VIP_B, vec![ep(1)])]),
     )
     .expect("manifests");
-    let bin = failing_nft(&bed.dir);
+    let bin = e2e::failing_nft(&bed.dir);
     let search = format!(
         "{}:{}",
         bin.display(),

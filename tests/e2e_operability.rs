@@ -16,7 +16,7 @@ mod e2e;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -471,26 +471,6 @@ fn fifo(path: &Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
 }
 
-/// A directory holding an `nft` that refuses every command while
-/// `<dir>/fail` exists and otherwise runs the real one.
-fn failing_nft(dir: &Path) -> PathBuf {
-    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("nft not found");
-    let bin = dir.join("fake-bin");
-    fs::create_dir_all(&bin).expect("fake-bin");
-    let script = format!(
-        "#!/bin/sh\nif [ -e '{}' ]; then echo 'Error: simulated refusal' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-        dir.join("fail").display()
-    );
-    let nft = bin.join("nft");
-    fs::write(&nft, script).expect("writing the fake nft");
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
-    bin
-}
-
 #[test]
 fn healthz_is_503_before_the_first_sync_and_while_rules_cannot_be_installed() {
     if !lab::require_root_and_nft(
@@ -562,7 +542,7 @@ fn healthz_is_503_before_the_first_sync_and_while_rules_cannot_be_installed() {
     // 503 again while a later change cannot be installed.
     let path = bed.dir.join("manifests.yaml");
     fs::write(&path, &yaml).expect("manifests");
-    let bin = failing_nft(&bed.dir);
+    let bin = e2e::failing_nft(&bed.dir);
     let search = format!(
         "{}:{}",
         bin.display(),

@@ -235,6 +235,26 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// A directory holding an `nft` that refuses every command while
+/// `<dir>/fail` exists and otherwise runs the real one.
+pub fn failing_nft(dir: &Path) -> PathBuf {
+    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("nft not found");
+    let bin = dir.join("fake-bin");
+    fs::create_dir_all(&bin).expect("fake-bin");
+    let script = format!(
+        "#!/bin/sh\nif [ -e '{}' ]; then echo 'Error: simulated refusal' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        dir.join("fail").display()
+    );
+    let nft = bin.join("nft");
+    fs::write(&nft, script).expect("writing the fake nft");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
+    bin
+}
+
 // ---------------------------------------------------------------------------
 // Waiting.
 
