@@ -23,12 +23,14 @@
 #[path = "support/e2e.rs"]
 mod e2e;
 
+use e2e::{manifests, write_by_rename};
+
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -37,12 +39,10 @@ use e2e::{
     assert_echo, backend_name, close, connect, hold, poll, proxy_port_of, read_line, vip,
     who_or_panic,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use kube_uproxy::lab::{self, Netns, backend_addr, peers};
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
-
-static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(5000);
 
 fn ep(i: usize) -> EndpointManifest {
     EndpointManifest::ready(backend_addr(i))
@@ -52,24 +52,6 @@ fn svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceMan
     ServiceManifest::new(name, ip)
         .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT))
         .with_endpoints(endpoints)
-}
-
-fn manifests(services: &[ServiceManifest]) -> String {
-    let stamped: Vec<ServiceManifest> = services
-        .iter()
-        .map(|s| ServiceManifest {
-            resource_version: RESOURCE_VERSION.fetch_add(2, Ordering::Relaxed),
-            ..s.clone()
-        })
-        .collect();
-    list_yaml(&stamped)
-}
-
-/// Replaces `path` atomically (temp file + rename).
-fn write_by_rename(path: &Path, yaml: &str) {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, yaml).expect("writing the temporary manifests file");
-    fs::rename(&tmp, path).expect("renaming over the manifests file");
 }
 
 /// Starts the proxy on `manifests` in the node namespace with `extra` flags.

@@ -13,11 +13,13 @@
 #[path = "support/e2e.rs"]
 mod e2e;
 
+use e2e::{manifests, write_by_rename};
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,11 +27,9 @@ use e2e::{
     BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
     VIP_C, connect, hold, poll, proxy_port_of, read_line, vip, wait_nft_key,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use kube_uproxy::lab::{self, Netns, backend_addr};
 use serde_json::Value;
-
-static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(9000);
 
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
 const HEALTHZ: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
@@ -42,23 +42,6 @@ fn svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceMan
 
 fn ready(i: usize) -> EndpointManifest {
     EndpointManifest::ready(backend_addr(i))
-}
-
-fn manifests(services: &[ServiceManifest]) -> String {
-    let stamped: Vec<ServiceManifest> = services
-        .iter()
-        .map(|s| ServiceManifest {
-            resource_version: RESOURCE_VERSION.fetch_add(2, Ordering::Relaxed),
-            ..s.clone()
-        })
-        .collect();
-    list_yaml(&stamped)
-}
-
-fn write_by_rename(path: &Path, yaml: &str) {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, yaml).expect("writing the temporary manifests file");
-    fs::rename(&tmp, path).expect("renaming over the manifests file");
 }
 
 fn start(bed: &Testbed, manifests: &Path, extra: &[&str], env: &[(&str, &str)]) -> ProxyProcess {

@@ -17,13 +17,15 @@
 #[path = "support/e2e.rs"]
 mod e2e;
 
+use e2e::manifests;
+
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,13 +33,11 @@ use e2e::{
     BACKEND_PORT, BIN, Backend, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A,
     VIP_B, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use kube_uproxy::lab::{self, Netns, NsChild, backend_addr, peers};
 use kube_uproxy::source::convert::ANNOTATION_LB_ALGORITHM;
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
-
-static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(1000);
 
 // ---------------------------------------------------------------------------
 // Manifests, as `kubectl get svc,endpointslices -o yaml` prints them
@@ -58,20 +58,6 @@ fn svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceMan
     ServiceManifest::new(name, ip)
         .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT))
         .with_endpoints(endpoints)
-}
-
-/// A `kind: List` with each Service followed by its EndpointSlice; every
-/// call gives its objects new resourceVersions, as a live cluster would.
-fn manifests(services: &[ServiceManifest]) -> String {
-    let stamped: Vec<ServiceManifest> = services
-        .iter()
-        .map(|s| ServiceManifest {
-            resource_version: RESOURCE_VERSION
-                .fetch_add(if s.endpoints.is_some() { 2 } else { 1 }, Ordering::Relaxed),
-            ..s.clone()
-        })
-        .collect();
-    list_yaml(&stamped)
 }
 
 // ---------------------------------------------------------------------------

@@ -36,6 +36,8 @@
 #[path = "support/e2e.rs"]
 mod e2e;
 
+use e2e::{manifests, write_by_rename};
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
@@ -53,15 +55,13 @@ use e2e::{
     VIP_D, assert_echo, backend_name, close, hold, poll,
 };
 use kube_uproxy::lab::manifests::{
-    EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType, list_yaml,
+    EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType,
 };
 use kube_uproxy::lab::peers::{self, MAX_UDP_PAYLOAD, PeerHandle};
 use kube_uproxy::lab::{
     self, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns, NsChild, backend_addr,
 };
 use serde_json::Value;
-
-static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(9000);
 
 /// How long a UDP client waits for one answer before calling it lost.
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
@@ -136,25 +136,6 @@ fn lb_svc(name: &str, ip: Ipv4Addr, node_port: u16) -> ServiceManifest {
                 .with_node_port(node_port + 1),
         )
         .with_endpoints(vec![ep(0)])
-}
-
-/// A `kind: List`; every call gives its objects new resourceVersions.
-fn manifests(services: &[ServiceManifest]) -> String {
-    let stamped: Vec<ServiceManifest> = services
-        .iter()
-        .map(|s| ServiceManifest {
-            resource_version: RESOURCE_VERSION.fetch_add(2, Ordering::Relaxed),
-            ..s.clone()
-        })
-        .collect();
-    list_yaml(&stamped)
-}
-
-/// Replaces `path` atomically (temp file + rename).
-fn write_by_rename(path: &Path, yaml: &str) {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, yaml).expect("writing the temporary manifests file");
-    fs::rename(&tmp, path).expect("renaming over the manifests file");
 }
 
 // ---------------------------------------------------------------------------

@@ -19,10 +19,11 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kube_uproxy::lab::manifests::{ServiceManifest, list_yaml};
 use kube_uproxy::lab::peers::{self, PeerHandle};
 use kube_uproxy::lab::{Lab, Netns, NsChild};
 use serde_json::Value;
@@ -253,6 +254,30 @@ pub fn failing_nft(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
     bin
+}
+
+static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(1000);
+
+/// A `kind: List` with each Service followed by its EndpointSlice (written
+/// by kube_uproxy::lab::manifests); every call gives its objects new
+/// resourceVersions, as a live cluster would.
+pub fn manifests(services: &[ServiceManifest]) -> String {
+    let stamped: Vec<ServiceManifest> = services
+        .iter()
+        .map(|s| ServiceManifest {
+            resource_version: RESOURCE_VERSION.fetch_add(2, Ordering::Relaxed),
+            ..s.clone()
+        })
+        .collect();
+    list_yaml(&stamped)
+}
+
+/// Replaces `path` atomically (a temporary file renamed over it), as
+/// editors and `kubectl get -o yaml > tmp && mv` do.
+pub fn write_by_rename(path: &Path, yaml: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, yaml).expect("writing the temporary manifests file");
+    fs::rename(&tmp, path).expect("renaming over the manifests file");
 }
 
 // ---------------------------------------------------------------------------
