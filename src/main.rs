@@ -181,7 +181,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listeners = SocketListeners::new(
         ports,
         Arc::new(DataPathConfig {
-            relay: args.tcp_relay,
+            relay: args.relay(),
+            tcp: args.tcp_options(),
             ..DataPathConfig::default()
         }),
         connections.clone(),

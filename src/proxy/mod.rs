@@ -19,18 +19,23 @@ pub mod relay;
 mod splice;
 mod sys;
 pub mod tcp;
+pub mod tcp_options;
 #[cfg(test)]
 mod test_support;
 
 use std::time::Duration;
 
-use relay::RelayMode;
+use relay::RelayConfig;
+use tcp_options::TcpOptions;
 
 /// Settings shared by every connection.
 #[derive(Debug, Clone)]
 pub struct DataPathConfig {
-    /// How bytes are moved between the two connections.
-    pub relay: RelayMode,
+    /// How bytes are moved between the two connections, and when an idle
+    /// flow is dropped.
+    pub relay: RelayConfig,
+    /// Keepalive and user timeout: how dead peers are found.
+    pub tcp: TcpOptions,
     /// One connect attempt per entry, each to another endpoint while there
     /// is one, with this timeout. The legacy proxier's schedule is the
     /// default: 250 ms, 500 ms, 1 s, 2 s.
@@ -40,7 +45,8 @@ pub struct DataPathConfig {
 impl Default for DataPathConfig {
     fn default() -> Self {
         DataPathConfig {
-            relay: RelayMode::Splice,
+            relay: RelayConfig::default(),
+            tcp: TcpOptions::default(),
             connect_timeouts: [250, 500, 1000, 2000]
                 .into_iter()
                 .map(Duration::from_millis)

@@ -38,6 +38,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -59,6 +60,30 @@ pub enum RelayMode {
     Splice,
     /// A user-space copy loop.
     Copy,
+}
+
+/// How a flow is relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayConfig {
+    pub mode: RelayMode,
+    /// A flow that moves no byte either way for this long is reset
+    /// (`--tcp-idle-timeout`); `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayMode::Splice.into()
+    }
+}
+
+impl From<RelayMode> for RelayConfig {
+    fn from(mode: RelayMode) -> Self {
+        RelayConfig {
+            mode,
+            idle_timeout: None,
+        }
+    }
 }
 
 /// Bytes moved in each direction.
@@ -130,6 +155,54 @@ enum Ending {
     Done(u64, u64),
     Failed(io::Error),
     Cut,
+    Idle(Duration),
+}
+
+/// When the flow last moved a byte, for `--tcp-idle-timeout`: shared by
+/// both directions and their bulk phases.
+#[derive(Debug)]
+pub(super) struct Activity {
+    start: Instant,
+    /// Milliseconds since `start` of the last read that returned data.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes were read just now.
+    pub(super) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Marks `activity`, if the flow has an idle timeout.
+pub(super) fn touch(activity: &Option<Arc<Activity>>) {
+    if let Some(a) = activity {
+        a.touch();
+    }
+}
+
+/// Completes once `activity` saw no byte for `limit`. One timer, re-armed
+/// only when it fires: the cost is one wake-up per `limit` at most.
+async fn idle_for(activity: &Activity, limit: Duration) {
+    loop {
+        let deadline = activity.last() + limit;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 /// Relays until both directions are done or the flow fails; then closes
@@ -139,27 +212,39 @@ enum Ending {
 /// both connections are then reset at once, never closed with a FIN, so
 /// that neither peer mistakes a cut stream for a complete one.
 pub async fn relay(
-    mode: RelayMode,
+    config: RelayConfig,
     client: TcpStream,
     upstream: TcpStream,
     cut: &CancellationToken,
 ) -> io::Result<Transferred> {
     let client = Arc::new(client);
     let upstream = Arc::new(upstream);
-    let ending = match mode {
+    let activity = config.idle_timeout.map(|_| Arc::new(Activity::new()));
+    let idle = async {
+        match (&activity, config.idle_timeout) {
+            (Some(a), Some(limit)) => {
+                idle_for(a, limit).await;
+                limit
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    let ending = match config.mode {
         RelayMode::Splice => {
             both_ways(
-                hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream)),
-                hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client)),
+                hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream), activity.clone()),
+                hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client), activity.clone()),
                 cut,
+                idle,
             )
             .await
         }
         RelayMode::Copy => {
             both_ways(
-                copy_one_way(&client, &upstream),
-                copy_one_way(&upstream, &client),
+                copy_one_way(&client, &upstream, &activity),
+                copy_one_way(&upstream, &client, &activity),
                 cut,
+                idle,
             )
             .await
         }
@@ -183,19 +268,30 @@ pub async fn relay(
             reset(&upstream);
             Err(cut_error())
         }
+        Ending::Idle(limit) => {
+            reset(&client);
+            reset(&upstream);
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("idle for {limit:?} (--tcp-idle-timeout)"),
+            ))
+        }
     }
 }
 
 /// Runs both directions (`a`: client → upstream, `b`: the other way) as
 /// [`Failure`] says: a `Flow` failure ends both at once, a `PeerGone` one
-/// only its own direction.
+/// only its own direction. `idle` completes when the flow has been idle
+/// too long.
 async fn both_ways(
     a: impl Future<Output = DirectionResult>,
     b: impl Future<Output = DirectionResult>,
     cut: &CancellationToken,
+    idle: impl Future<Output = Duration>,
 ) -> Ending {
     let mut a = pin!(a);
     let mut b = pin!(b);
+    let mut idle = pin!(idle);
     let (mut done_a, mut done_b) = (None, None);
     let mut failed: Option<io::Error> = None;
     while done_a.is_none() || done_b.is_none() {
@@ -203,6 +299,7 @@ async fn both_ways(
             r = &mut a, if done_a.is_none() => (0, r),
             r = &mut b, if done_b.is_none() => (1, r),
             () = cut.cancelled() => return Ending::Cut,
+            limit = &mut idle => return Ending::Idle(limit),
         };
         let moved = match result {
             Ok(n) => n,
@@ -322,6 +419,7 @@ fn poll_copy_step(
     src: &TcpStream,
     dst: &TcpStream,
     unsent: &mut Vec<u8>,
+    activity: &Option<Arc<Activity>>,
 ) -> Poll<Result<Step, Failure>> {
     SCRATCH_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -333,6 +431,7 @@ fn poll_copy_step(
         if n == 0 {
             return Poll::Ready(Ok(Step::Eof));
         }
+        touch(activity);
         let mut written = 0;
         while written < n {
             match dst.try_write(&buf[written..n]) {
@@ -381,12 +480,18 @@ async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> Result<(), Failure> {
 /// Moves `src` → `dst` until EOF on `src`, then half-closes `dst`: by copy
 /// while the flow is small, in bulk phases (splice, a task of their own,
 /// aborted if this future is dropped) while it is large.
-async fn hybrid_one_way(src: Arc<TcpStream>, dst: Arc<TcpStream>) -> DirectionResult {
+async fn hybrid_one_way(
+    src: Arc<TcpStream>,
+    dst: Arc<TcpStream>,
+    activity: Option<Arc<Activity>>,
+) -> DirectionResult {
     let mut unsent = Vec::new();
     let mut total = 0u64;
     let mut no_pipe_until: Option<Instant> = None;
     loop {
-        let step = std::future::poll_fn(|cx| poll_copy_step(cx, &src, &dst, &mut unsent)).await?;
+        let step =
+            std::future::poll_fn(|cx| poll_copy_step(cx, &src, &dst, &mut unsent, &activity))
+                .await?;
         let Step::Moved { n, full } = step else {
             flush(&dst, &mut unsent).await?;
             shutdown_write(&dst).map_err(destination_failure)?;
@@ -405,9 +510,9 @@ async fn hybrid_one_way(src: Arc<TcpStream>, dst: Arc<TcpStream>) -> DirectionRe
                 continue;
             }
         };
-        let (s, d) = (Arc::clone(&src), Arc::clone(&dst));
+        let (s, d, a) = (Arc::clone(&src), Arc::clone(&dst), activity.clone());
         let phase = AbortOnDropHandle::new(tokio::spawn(async move {
-            splice::bulk_phase(&s, &d, pipe).await
+            splice::bulk_phase(&s, &d, pipe, &a).await
         }));
         let end = phase
             .await
@@ -421,7 +526,11 @@ async fn hybrid_one_way(src: Arc<TcpStream>, dst: Arc<TcpStream>) -> DirectionRe
 
 /// `--tcp-relay copy`: moves `src` → `dst` through a buffer of its own
 /// until EOF on `src`, then half-closes `dst`.
-async fn copy_one_way(src: &TcpStream, dst: &TcpStream) -> DirectionResult {
+async fn copy_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Option<Arc<Activity>>,
+) -> DirectionResult {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
     loop {
@@ -432,6 +541,7 @@ async fn copy_one_way(src: &TcpStream, dst: &TcpStream) -> DirectionResult {
             shutdown_write(dst).map_err(destination_failure)?;
             return Ok(total);
         }
+        touch(activity);
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
     }
@@ -472,7 +582,9 @@ mod tests {
         let proxy_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(mode, c, u, &CancellationToken::new()).await.unwrap()
+            relay(mode.into(), c, u, &CancellationToken::new())
+                .await
+                .unwrap()
         });
         let mut client = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut r, mut w) = client.split();
@@ -529,7 +641,7 @@ mod tests {
                 .set_send_buffer_size(4096)
                 .unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice, c, u, &CancellationToken::new())
+            relay(RelayMode::Splice.into(), c, u, &CancellationToken::new())
                 .await
                 .unwrap()
         });
@@ -585,7 +697,7 @@ mod tests {
         let relay_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice, c, u, &CancellationToken::new()).await
+            relay(RelayMode::Splice.into(), c, u, &CancellationToken::new()).await
         });
         let len = burst.len();
         let server_task = tokio::spawn(async move {
@@ -624,7 +736,7 @@ mod tests {
         let relay_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(mode, c, u, &relay_cut).await
+            relay(mode.into(), c, u, &relay_cut).await
         });
         let mut client = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut server_side, _) = server.accept().await.unwrap();
@@ -704,8 +816,9 @@ mod tests {
         tokio::task::JoinHandle<io::Result<Transferred>>,
     ) {
         let cut = CancellationToken::new();
-        let task =
-            tokio::spawn(async move { relay(mode, f.proxy_client, f.proxy_upstream, &cut).await });
+        let task = tokio::spawn(async move {
+            relay(mode.into(), f.proxy_client, f.proxy_upstream, &cut).await
+        });
         (f.client, f.server, task)
     }
 
@@ -973,6 +1086,49 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_early_answer_reaches_the_client_in_copy_mode() {
         an_early_answer_reaches_the_client(RelayMode::Copy).await;
+    }
+
+    /// Reads from `s` until something happens, at most `within`.
+    async fn outcome(s: &mut TcpStream, within: Duration) -> Option<io::Result<usize>> {
+        let mut b = [0u8; 64];
+        tokio::time::timeout(within, s.read(&mut b)).await.ok()
+    }
+
+    #[tokio::test]
+    async fn a_flow_idle_for_the_idle_timeout_is_reset_and_a_busy_one_is_not() {
+        let config = RelayConfig {
+            mode: RelayMode::Splice,
+            idle_timeout: Some(Duration::from_millis(300)),
+        };
+        // Busy: a message every 100 ms for 1 s (over 3 idle timeouts).
+        let f = flow().await;
+        let (mut client, mut server) = (f.client, f.server);
+        let cut = CancellationToken::new();
+        let busy =
+            tokio::spawn(
+                async move { relay(config, f.proxy_client, f.proxy_upstream, &cut).await },
+            );
+        let mut idle_since = tokio::time::Instant::now();
+        for i in 0..10u8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(&[i]).await.unwrap();
+            let mut b = [0u8; 1];
+            server.read_exact(&mut b).await.unwrap();
+            idle_since = tokio::time::Instant::now();
+            assert_eq!(b[0], i);
+        }
+        assert!(!busy.is_finished(), "a busy flow was cut");
+        // Idle from now on: both sides are reset soon after 300 ms.
+        for (who, s) in [("client", &mut client), ("server", &mut server)] {
+            match outcome(s, Duration::from_secs(3)).await {
+                Some(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{who}: {e}"),
+                Some(Ok(n)) => panic!("{who} read Ok({n}) instead of a reset"),
+                None => panic!("{who} still connected 3 s into an idle timeout of 300 ms"),
+            }
+        }
+        assert!(idle_since.elapsed() >= Duration::from_millis(250));
+        let r = busy.await.unwrap();
+        assert!(r.is_err(), "the relay should report the idle timeout");
     }
 
     #[tokio::test]

@@ -45,6 +45,8 @@ pub fn spawn(
     stop: Stop,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
+    // Inherited by every accepted socket: the client side of each flow.
+    config.tcp.apply_to_listener(&listener)?;
     let listener = TcpListener::from_std(listener)?;
     let port = listener.local_addr()?.port();
     let span = debug_span!("listener", service = %service, proxy_port = port);
@@ -115,7 +117,7 @@ async fn handle_connection(
 ) {
     let _ = client.set_nodelay(true);
     let connected = tokio::select! {
-        r = connect_with_failover(&balancer, &config.connect_timeouts, &service, peer, TcpStream::connect) => r,
+        r = connect_with_failover(&balancer, &config.connect_timeouts, &service, peer, |ep| config.tcp.connect(ep)) => r,
         _ = cut.cancelled() => {
             reset(&client);
             return;
