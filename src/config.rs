@@ -87,6 +87,13 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub tcp_idle_timeout: Duration,
 
+    /// Most proxied connections open at once; new ones beyond it are
+    /// refused with a reset (and one log line per 10 s while the cap
+    /// holds). 0: no cap (the open-file limit is the cap then: each
+    /// connection holds 2 fds, 2 more per direction in a bulk phase).
+    #[arg(long, value_name = "N", default_value = "0")]
+    pub max_connections: usize,
+
     /// Changes to --manifests are seen at once through inotify; in addition
     /// every file is stat-ed this often, in case an event was missed.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]

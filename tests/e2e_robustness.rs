@@ -403,6 +403,80 @@ fn a_connection_whose_peer_vanished_without_a_fin_is_released() {
 }
 
 #[test]
+fn the_open_file_limit_is_raised_and_said_and_max_connections_caps_flows() {
+    if !lab::require_root_and_nft(
+        "the_open_file_limit_is_raised_and_said_and_max_connections_caps_flows",
+    ) {
+        return;
+    }
+    // Started with a soft open-file limit of 1024 under whatever hard limit
+    // this machine has: the proxy must take the hard limit and say so.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let bed = Testbed::new("robust", "limits", &[Backend::Whoami]);
+    let manifests = bed.dir.join("manifests.yaml");
+    fs::write(
+        &manifests,
+        list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),
+    )
+    .expect("writing manifests");
+    let nofile = format!("--nofile=1024:{hard}");
+    let proxy = ProxyProcess::start_under(
+        bed.node(),
+        &bed.dir,
+        "kube-uproxy",
+        &["prlimit", &nofile],
+        "--manifests",
+        &manifests,
+        &["--max-connections", "2"],
+        &[],
+    );
+    let mut run = Run {
+        proxy,
+        manifests,
+        bed,
+    };
+    run.wait_in_map(VIP_A, true, "the Service is programmed");
+    let limits = fs::read_to_string(format!("/proc/{}/limits", run.pid())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .to_string();
+    assert!(
+        line.split_whitespace().nth(3) == Some(&hard.to_string()),
+        "the soft limit was not raised to {hard}: {line}"
+    );
+    let log = run.proxy.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("open-file limit")
+            && l.contains("1024")
+            && l.contains(&hard.to_string())),
+        "no log line saying the open-file limit went from 1024 to {hard}"
+    );
+    // Two flows are held; the third is refused with a reset.
+    let client = run.bed.client();
+    let held: Vec<_> = (0..2)
+        .map(|i| hold(client, vip(VIP_A)).unwrap_or_else(|e| panic!("flow {i}: {e}")))
+        .collect();
+    match hold(client, vip(VIP_A)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the 3rd flow failed with {e}, want a reset"),
+        Ok((_, who)) => panic!("a 3rd flow was served ({who}) over --max-connections 2"),
+    }
+    drop(held);
+    let seen = poll(READY_TIMEOUT, Duration::from_millis(50), || {
+        let log = run.proxy.stderr();
+        if log.contains("--max-connections") {
+            Ok(())
+        } else {
+            Err("no log line about --max-connections".into())
+        }
+    });
+    seen.unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
 fn invalid_objects_and_broken_files_are_skipped_and_the_rest_works() {
     if !lab::require_root_and_nft("invalid_objects_and_broken_files_are_skipped_and_the_rest_works")
     {

@@ -11,6 +11,7 @@
 mod accept;
 pub mod balancer;
 mod connect;
+pub mod limit;
 pub mod listeners;
 mod log_limit;
 mod pipe;

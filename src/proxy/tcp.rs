@@ -78,18 +78,29 @@ async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 backoff.succeeded();
+                let Some(admission) = connections.admit() else {
+                    // Over --max-connections (logged by the limit): refused
+                    // with a reset, as a port without endpoints.
+                    reset(&client);
+                    continue;
+                };
                 // debug level: at the default level the span costs nothing
                 // per connection; warnings carry service and client themselves.
                 let span = debug_span!("conn", client = %peer);
+                let flow = handle_connection(
+                    client,
+                    peer,
+                    Arc::clone(&service),
+                    Arc::clone(&balancer),
+                    Arc::clone(&config),
+                    connections.cut_token().clone(),
+                );
                 connections.tracker().spawn(
-                    handle_connection(
-                        client,
-                        peer,
-                        Arc::clone(&service),
-                        Arc::clone(&balancer),
-                        Arc::clone(&config),
-                        connections.cut_token().clone(),
-                    )
+                    async move {
+                        // Counts against the cap for the life of the flow.
+                        let _admission = admission;
+                        flow.await
+                    }
                     .instrument(span),
                 );
             }
