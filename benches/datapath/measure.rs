@@ -243,7 +243,8 @@ fn connect(
 fn medium(r: &mut Round, a: &Active, client: &Netns, d: Duration) {
     let target = a.targets.sized;
     let pid = a.pid();
-    let before = pid.map(sys::tree_fds);
+    // The last flows of the phase before may still be closing.
+    let before = pid.map(settled_fds);
     let m = match on_client(client, || clients::medium(target, d, MEDIUM_CONNS)) {
         Ok(Ok(m)) if !m.latency.hist.is_empty() => m,
         Ok(Ok(_)) => return r.errors.push("medium: no samples".into()),
@@ -259,6 +260,22 @@ fn medium(r: &mut Round, a: &Active, client: &Netns, d: Duration) {
         r.medium_idle_fds = Some(idle.saturating_sub(before) as f64 / m.conns.len() as f64);
     }
     drop(m.conns);
+}
+
+/// The proxy's fd count once it has not changed for 200 ms (at most 3 s).
+fn settled_fds(pid: u32) -> u64 {
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut last = sys::tree_fds(pid);
+    let mut since = Instant::now();
+    while Instant::now() < end && since.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = sys::tree_fds(pid);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
 }
 
 /// "N failed connections (first: …)" of a connect measurement.
