@@ -123,9 +123,12 @@ thread_local! {
 /// How one direction failed, which decides what happens to the other.
 #[derive(Debug)]
 pub(super) enum Failure {
-    /// Ends both directions (reading failed, or an error that leaves the
-    /// flow unusable).
+    /// Ends both directions (an error that leaves the flow unusable).
     Flow(io::Error),
+    /// Reading the source failed because its connection is dead (reset,
+    /// timed out): ends both directions, and that socket has nothing left
+    /// to deliver.
+    SourceGone(io::Error),
     /// The destination's peer went away (reset, broken pipe): ends this
     /// direction only; the other one still delivers what that peer sent.
     PeerGone(io::Error),
@@ -134,8 +137,18 @@ pub(super) enum Failure {
 impl Failure {
     fn into_error(self) -> io::Error {
         match self {
-            Failure::Flow(e) | Failure::PeerGone(e) => e,
+            Failure::Flow(e) | Failure::SourceGone(e) | Failure::PeerGone(e) => e,
         }
+    }
+}
+
+/// Classifies an error reading from the source.
+pub(super) fn source_failure(e: io::Error) -> Failure {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::TimedOut => {
+            Failure::SourceGone(e)
+        }
+        _ => Failure::Flow(e),
     }
 }
 
@@ -153,7 +166,12 @@ type DirectionResult = Result<u64, Failure>;
 /// How both directions ended.
 enum Ending {
     Done(u64, u64),
-    Failed(io::Error),
+    /// `dead`: whether the client's and the upstream's connection is known
+    /// dead (nothing left to deliver on it before the reset).
+    Failed {
+        error: io::Error,
+        dead: [bool; 2],
+    },
     Cut,
     Idle(Duration),
 }
@@ -256,12 +274,12 @@ pub async fn relay(
             client_to_upstream: a,
             upstream_to_client: b,
         }),
-        Ending::Failed(e) => {
+        Ending::Failed { error, dead } => {
             tokio::join!(
-                reset_once_delivered(&client),
-                reset_once_delivered(&upstream)
+                reset_once_delivered(&client, dead[0]),
+                reset_once_delivered(&upstream, dead[1])
             );
-            Err(e)
+            Err(error)
         }
         Ending::Cut => {
             reset(&client);
@@ -294,6 +312,8 @@ async fn both_ways(
     let mut idle = pin!(idle);
     let (mut done_a, mut done_b) = (None, None);
     let mut failed: Option<io::Error> = None;
+    // [client, upstream]: direction a reads the client, b the upstream.
+    let mut dead = [false; 2];
     while done_a.is_none() || done_b.is_none() {
         let (which, result) = tokio::select! {
             r = &mut a, if done_a.is_none() => (0, r),
@@ -301,14 +321,18 @@ async fn both_ways(
             () = cut.cancelled() => return Ending::Cut,
             limit = &mut idle => return Ending::Idle(limit),
         };
+        let (source, destination) = (which, 1 - which);
         let moved = match result {
             Ok(n) => n,
             Err(Failure::PeerGone(e)) => {
+                dead[destination] = true;
                 failed.get_or_insert(e);
                 0
             }
-            Err(f @ Failure::Flow(_)) => {
-                return Ending::Failed(failed.unwrap_or_else(|| f.into_error()));
+            Err(f) => {
+                dead[source] |= matches!(f, Failure::SourceGone(_));
+                let error = failed.unwrap_or_else(|| f.into_error());
+                return Ending::Failed { error, dead };
             }
         };
         if which == 0 {
@@ -318,7 +342,7 @@ async fn both_ways(
         }
     }
     match failed {
-        Some(e) => Ending::Failed(e),
+        Some(error) => Ending::Failed { error, dead },
         None => Ending::Done(done_a.unwrap_or(0), done_b.unwrap_or(0)),
     }
 }
@@ -340,8 +364,13 @@ pub fn reset(stream: &TcpStream) {
 /// Resets `stream` once its peer has acknowledged every byte written to it
 /// (an early answer must not be thrown away by the reset), or once the
 /// peer stopped acknowledging for [`DELIVERY_STALL`], at the latest after
-/// [`DELIVERY_LIMIT`]. A dead socket has nothing queued: no wait.
-async fn reset_once_delivered(stream: &TcpStream) {
+/// [`DELIVERY_LIMIT`]. A connection known dead (`dead`) has nothing left
+/// to deliver: no wait, no system call.
+async fn reset_once_delivered(stream: &TcpStream, dead: bool) {
+    if dead {
+        reset(stream);
+        return;
+    }
     let start = Instant::now();
     let mut last_progress = start;
     let mut queued = usize::MAX;
@@ -425,7 +454,7 @@ fn poll_copy_step(
         let mut buf = cell.borrow_mut();
         let n = match poll_read_drained(cx, src, &mut buf[..]) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Flow(e))),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(source_failure(e))),
             Poll::Ready(Ok(n)) => n,
         };
         if n == 0 {
@@ -536,7 +565,7 @@ async fn copy_one_way(
     loop {
         let n = std::future::poll_fn(|cx| poll_read_drained(cx, src, &mut buf))
             .await
-            .map_err(Failure::Flow)?;
+            .map_err(source_failure)?;
         if n == 0 {
             shutdown_write(dst).map_err(destination_failure)?;
             return Ok(total);

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::pipe::{PIPE_SIZE, Pipe};
-use super::relay::{Activity, Failure, destination_failure, shutdown_write, touch};
+use super::relay::{Activity, Failure, destination_failure, shutdown_write, source_failure, touch};
 
 /// How long the source of a bulk phase may send nothing before the phase
 /// ends and its pipe is given back. Long against the gaps inside one burst
@@ -84,7 +84,7 @@ pub async fn bulk_phase(
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(Failure::Flow(e)),
+            Err(e) => return Err(source_failure(e)),
         };
         if n == 0 {
             shutdown_write(dst).map_err(destination_failure)?;
