@@ -33,6 +33,7 @@
 //! ([`reset_once_delivered`]): a reset throws away what the peer has not
 //! acknowledged. A flow cut from outside is reset at once.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -48,10 +49,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::debug;
 
 use super::pipe::{self, Pipe};
 use super::splice;
 use super::sys;
+use super::tcp_options::{LONG_LIVED, TcpOptions};
 
 /// How bytes are moved between the two connections of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -229,8 +232,12 @@ async fn idle_for(activity: &Activity, limit: Duration) {
 /// `cut` ends the flow from outside (the shutdown grace period ran out):
 /// both connections are then reset at once, never closed with a FIN, so
 /// that neither peer mistakes a cut stream for a complete one.
+///
+/// `tcp` (keepalive, user timeout) is set on the upstream socket once the
+/// flow has lived for [`LONG_LIVED`]: short flows never pay for it.
 pub async fn relay(
     config: RelayConfig,
+    tcp: &TcpOptions,
     client: TcpStream,
     upstream: TcpStream,
     cut: &CancellationToken,
@@ -247,13 +254,30 @@ pub async fn relay(
             _ => std::future::pending().await,
         }
     };
+    let long_lived = async {
+        if tcp.any() {
+            tokio::time::sleep(LONG_LIVED).await;
+            if let Err(e) = tcp.apply_to_upstream(&*upstream) {
+                debug!(error = %e, "cannot set keepalive on the upstream socket");
+            }
+        }
+        std::future::pending::<Infallible>().await
+    };
+    // Completes when the flow is idle too long; meanwhile arms the
+    // upstream's keepalive once the flow is long-lived.
+    let watch = async {
+        tokio::select! {
+            limit = idle => limit,
+            never = long_lived => match never {},
+        }
+    };
     let ending = match config.mode {
         RelayMode::Splice => {
             both_ways(
                 hybrid_one_way(Arc::clone(&client), Arc::clone(&upstream), activity.clone()),
                 hybrid_one_way(Arc::clone(&upstream), Arc::clone(&client), activity.clone()),
                 cut,
-                idle,
+                watch,
             )
             .await
         }
@@ -262,7 +286,7 @@ pub async fn relay(
                 copy_one_way(&client, &upstream, &activity),
                 copy_one_way(&upstream, &client, &activity),
                 cut,
-                idle,
+                watch,
             )
             .await
         }
@@ -611,9 +635,15 @@ mod tests {
         let proxy_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(mode.into(), c, u, &CancellationToken::new())
-                .await
-                .unwrap()
+            relay(
+                mode.into(),
+                &TcpOptions::default(),
+                c,
+                u,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap()
         });
         let mut client = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut r, mut w) = client.split();
@@ -670,9 +700,15 @@ mod tests {
                 .set_send_buffer_size(4096)
                 .unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice.into(), c, u, &CancellationToken::new())
-                .await
-                .unwrap()
+            relay(
+                RelayMode::Splice.into(),
+                &TcpOptions::default(),
+                c,
+                u,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap()
         });
         let echo = tokio::spawn(async move {
             let (s, _) = server.accept().await.unwrap();
@@ -726,7 +762,14 @@ mod tests {
         let relay_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(RelayMode::Splice.into(), c, u, &CancellationToken::new()).await
+            relay(
+                RelayMode::Splice.into(),
+                &TcpOptions::default(),
+                c,
+                u,
+                &CancellationToken::new(),
+            )
+            .await
         });
         let len = burst.len();
         let server_task = tokio::spawn(async move {
@@ -765,7 +808,7 @@ mod tests {
         let relay_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = TcpStream::connect(server_addr).await.unwrap();
-            relay(mode.into(), c, u, &relay_cut).await
+            relay(mode.into(), &TcpOptions::default(), c, u, &relay_cut).await
         });
         let mut client = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut server_side, _) = server.accept().await.unwrap();
@@ -846,7 +889,14 @@ mod tests {
     ) {
         let cut = CancellationToken::new();
         let task = tokio::spawn(async move {
-            relay(mode.into(), f.proxy_client, f.proxy_upstream, &cut).await
+            relay(
+                mode.into(),
+                &TcpOptions::default(),
+                f.proxy_client,
+                f.proxy_upstream,
+                &cut,
+            )
+            .await
         });
         (f.client, f.server, task)
     }
@@ -1133,10 +1183,16 @@ mod tests {
         let f = flow().await;
         let (mut client, mut server) = (f.client, f.server);
         let cut = CancellationToken::new();
-        let busy =
-            tokio::spawn(
-                async move { relay(config, f.proxy_client, f.proxy_upstream, &cut).await },
-            );
+        let busy = tokio::spawn(async move {
+            relay(
+                config,
+                &TcpOptions::default(),
+                f.proxy_client,
+                f.proxy_upstream,
+                &cut,
+            )
+            .await
+        });
         let mut idle_since = tokio::time::Instant::now();
         for i in 0..10u8 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1158,6 +1214,54 @@ mod tests {
         assert!(idle_since.elapsed() >= Duration::from_millis(250));
         let r = busy.await.unwrap();
         assert!(r.is_err(), "the relay should report the idle timeout");
+    }
+
+    #[tokio::test]
+    async fn a_long_lived_flow_gets_keepalive_on_its_upstream_and_a_young_one_not_yet() {
+        use crate::proxy::tcp_options::{Keepalive, LONG_LIVED};
+        use std::os::fd::AsFd;
+        let tcp = TcpOptions {
+            keepalive: Some(Keepalive {
+                time: Duration::from_secs(7),
+                interval: Duration::from_secs(3),
+                count: 4,
+            }),
+            user_timeout: Some(Duration::from_secs(19)),
+        };
+        let f = flow().await;
+        // The same socket as the relay's upstream, to read its options.
+        let upstream = f.proxy_upstream.as_fd().try_clone_to_owned().unwrap();
+        let upstream = socket2::SockRef::from(&upstream);
+        let cut = CancellationToken::new();
+        let (_client, _server) = (f.client, f.server);
+        let _relay = tokio::spawn(async move {
+            relay(
+                RelayMode::Splice.into(),
+                &tcp,
+                f.proxy_client,
+                f.proxy_upstream,
+                &cut,
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !upstream.keepalive().unwrap(),
+            "a young flow paid for keepalive"
+        );
+        tokio::time::sleep(LONG_LIVED).await;
+        assert!(
+            upstream.keepalive().unwrap(),
+            "no keepalive on a long-lived flow"
+        );
+        assert_eq!(
+            upstream.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            upstream.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(19))
+        );
     }
 
     #[tokio::test]

@@ -128,7 +128,7 @@ async fn handle_connection(
 ) {
     let _ = client.set_nodelay(true);
     let connected = tokio::select! {
-        r = connect_with_failover(&balancer, &config.connect_timeouts, &service, peer, |ep| config.tcp.connect(ep)) => r,
+        r = connect_with_failover(&balancer, &config.connect_timeouts, &service, peer, TcpStream::connect) => r,
         _ = cut.cancelled() => {
             reset(&client);
             return;
@@ -149,7 +149,7 @@ async fn handle_connection(
     };
     let endpoint = lease.addr();
     let _ = upstream.set_nodelay(true);
-    let result = relay(config.relay, client, upstream, &cut).await;
+    let result = relay(config.relay, &config.tcp, client, upstream, &cut).await;
     // Least-connections stops counting the connection before it is logged
     // as closed: whoever reads the log never sees the counter lag behind.
     drop(lease);

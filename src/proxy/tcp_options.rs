@@ -8,14 +8,23 @@
 //! (keepalive does not probe while data is in flight). Once either gives
 //! up, the socket fails, the relay sees the error and both sides of the
 //! flow are released.
+//!
+//! The client side costs nothing per connection (accepted sockets inherit
+//! the listener's keepalive). The upstream side costs five system calls,
+//! paid only by flows that live for [`LONG_LIVED`] (the relay applies them
+//! then): a connection-per-request flow is over long before any of these
+//! timers could matter.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpSocket, TcpStream};
+
+/// Age of a flow at which its upstream socket gets keepalive and
+/// `TCP_USER_TIMEOUT`: far below the shortest keepalive time (1 s is the
+/// kernel's unit), far above a connection-per-request flow.
+pub const LONG_LIVED: Duration = Duration::from_secs(1);
 
 /// TCP keepalive timings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +47,11 @@ pub struct TcpOptions {
 }
 
 impl TcpOptions {
+    /// Whether these options change anything on an upstream socket.
+    pub fn any(&self) -> bool {
+        self.keepalive.is_some() || self.user_timeout.is_some()
+    }
+
     /// Keepalive on a listening socket: Linux copies it to every socket
     /// the listener accepts, so the client side of a flow costs no system
     /// call per connection.
@@ -45,8 +59,7 @@ impl TcpOptions {
         self.set_keepalive(SockRef::from(listener))
     }
 
-    /// Keepalive and `TCP_USER_TIMEOUT` on an upstream socket (before it
-    /// connects).
+    /// Keepalive and `TCP_USER_TIMEOUT` on an upstream socket.
     pub fn apply_to_upstream(&self, socket: &impl AsFd) -> io::Result<()> {
         let s = SockRef::from(socket);
         self.set_keepalive(SockRef::from(socket))?;
@@ -63,16 +76,6 @@ impl TcpOptions {
             ),
             None => s.set_keepalive(false),
         }
-    }
-
-    /// Connects to `endpoint` with these options.
-    pub async fn connect(&self, endpoint: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match endpoint {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        self.apply_to_upstream(&socket)?;
-        socket.connect(endpoint).await
     }
 }
 
