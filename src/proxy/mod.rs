@@ -1,10 +1,15 @@
 //! The data path: listeners, endpoint selection and byte relaying.
 //!
-//! Each Service port owns one listener on a proxy port (see [`ports`]); every
-//! accepted connection gets its own task that picks an endpoint
-//! ([`balancer`]), connects to it (retrying other endpoints on failure) and
-//! relays both directions ([`relay`]). The control plane only talks to this
-//! module through [`listeners::Listeners`] (open, close) and
+//! Each Service port owns one listener on a proxy port (see [`ports`]); its
+//! accept loop ([`tcp`], backing off on repeated errors: `accept.rs`) admits
+//! each connection under `--max-connections` ([`limit`]) and gives it a task
+//! that picks an endpoint ([`balancer`]), connects to it (`connect.rs`:
+//! failover on endpoint errors, none on local ones) and relays both
+//! directions ([`relay`]; bulk phases in `splice.rs` through `pipe.rs`).
+//! Dead peers are found by the socket options of [`tcp_options`]. Repeating
+//! warnings go through `log_limit.rs`; the few raw system calls live in
+//! `sys.rs`. The control plane only talks to this module through
+//! [`listeners::Listeners`] (open, close) and
 //! [`balancer::Balancer::update`]; shutdown drains through
 //! [`listeners::Connections`].
 

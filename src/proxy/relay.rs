@@ -19,7 +19,7 @@
 //!
 //! In both, an EOF on one side becomes a half-close (`shutdown(SHUT_WR)`)
 //! on the other, and the opposite direction keeps running until it ends
-//! too. How a failure ends the flow ([`Failure`]):
+//! too. How a failure ends the flow (`Failure`):
 //! - an error *reading* a socket ends both directions: that peer is gone,
 //!   and so is whatever the other direction still had to send it;
 //! - an error *writing* a socket because its peer went away (reset, broken
@@ -30,7 +30,7 @@
 //! After a failure both sockets are reset (SO_LINGER 0: no peer waits on a
 //! connection that is gone, no CLOSE_WAIT pile-up), each once the bytes
 //! already written to it have been delivered, with a bound
-//! ([`reset_once_delivered`]): a reset throws away what the peer has not
+//! (`reset_once_delivered`): a reset throws away what the peer has not
 //! acknowledged. A flow cut from outside is reset at once.
 
 use std::convert::Infallible;
