@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
@@ -95,14 +96,12 @@ async fn accept_loop(
                     Arc::clone(&config),
                     connections.cut_token().clone(),
                 );
-                connections.tracker().spawn(
-                    async move {
-                        // Counts against the cap for the life of the flow.
-                        let _admission = admission;
-                        flow.await
-                    }
-                    .instrument(span),
-                );
+                // The admission counts against the cap for the life of the
+                // flow. (`map`, not an async block: that would hold the
+                // flow's future twice, rust-lang/rust#62958.)
+                connections
+                    .tracker()
+                    .spawn(flow.map(move |()| drop(admission)).instrument(span));
             }
             Err(e) => {
                 if let Some(pause) = backoff.failed(&e) {
