@@ -59,12 +59,17 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
                      --docs is given.
   --rounds N         interleaved rounds (full: 3)
   --secs S           seconds per measurement (full: 3)
-  --paths a,b,...    subset of: direct iptables nftables splice copy nginx haproxy
+  --paths a,b,...    subset of: direct iptables nftables splice copy nginx
+                     haproxy haproxy-splice
   --idle-conns N     idle connections for the memory figure (full: 10000)
   --scales a,b,...   Service counts for the control plane (full: 1,1000,10000)
   --phases a,b,...   data-path phases to run (default all): rr (persistent
                      request/response), rate (fixed rate), connect
-                     (connection per request: latency and rate), bulk
+                     (connection per request, the client closing with RST:
+                     latency and rate), connect-fin (the same closing with
+                     FIN: TIME_WAIT and port reuse on the way), medium
+                     (16 KiB-1 MiB responses on keep-alive connections,
+                     then the proxy's fds per idle connection), bulk
                      (hashed and timed transfers); for profiling one phase
   --baseline-bin PATH
                      also measure another kube-uproxy binary (e.g. a build of
@@ -82,7 +87,11 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
                      inherited from the machine, see the report)
   --keep             keep the work directory (logs, configs, manifests)
   --no-pin           do not pin the client threads to CPU 0 and the backend
-                     servers to CPU 1 (the proxies are never pinned)
+                     servers to CPU 1
+  --pin-proxies CPUS also pin every proxy process (kube-uproxy, nginx,
+                     haproxy) to this CPU list (taskset -c CPUS, e.g. 1 or
+                     0-1), as the clients and servers are pinned; default:
+                     the scheduler places the proxies
 ";
 
 struct Opts {
@@ -101,6 +110,7 @@ struct Opts {
     keep: bool,
     cc: Option<String>,
     baseline_bin: Option<PathBuf>,
+    pin_proxies: Option<String>,
     args: Vec<String>,
 }
 
@@ -130,6 +140,7 @@ fn parse_args() -> Result<Opts, String> {
         keep: false,
         cc: None,
         baseline_bin: None,
+        pin_proxies: None,
         args: args.clone(),
     };
     let mut it = args.into_iter();
@@ -170,6 +181,19 @@ fn parse_args() -> Result<Opts, String> {
             "--keep" => o.keep = true,
             "--congestion-control" => o.cc = Some(val("--congestion-control")?),
             "--baseline-bin" => o.baseline_bin = Some(PathBuf::from(val("--baseline-bin")?)),
+            "--pin-proxies" => {
+                let cpus = val("--pin-proxies")?;
+                if cpus.is_empty()
+                    || !cpus
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == ',' || c == '-')
+                {
+                    return Err(format!(
+                        "--pin-proxies {cpus:?}: want a CPU list such as 1 or 0-1"
+                    ));
+                }
+                o.pin_proxies = Some(cpus);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -327,7 +351,11 @@ fn run(opts: &Opts) -> Result<bool, String> {
         bin: PathBuf::from(BIN),
         baseline_bin: opts.baseline_bin.clone(),
         workdir: workdir.clone(),
+        proxy_cpus: opts.pin_proxies.clone(),
     };
+    if opts.pin_proxies.is_some() && !sys::have("taskset") {
+        return Err("--pin-proxies needs `taskset` (util-linux)".into());
+    }
 
     let mut accs: BTreeMap<PathKind, Acc> = opts.paths.iter().map(|k| (*k, Acc::new(*k))).collect();
     let mut runnable: Vec<PathKind> = Vec::new();
@@ -372,13 +400,16 @@ fn run(opts: &Opts) -> Result<bool, String> {
                 Ok(mut a) => {
                     let r = measure::round(&lab, &mut a, &plan);
                     eprintln!(
-                        "rr {:>7} req/s  p50 {:>6} µs  conn {:>6}/s  1-way {:>6} Gbit/s  2-way {:>6} Gbit/s  ({:.1} s){}",
+                        "rr {:>7} req/s  p50 {:>6} µs  conn {:>6}/s  fin {:>6}/s  medium {:>6}/s {:>4} fds  1-way {:>6} Gbit/s  2-way {:>6} Gbit/s  ({:.1} s){}",
                         r.ping_rate.map_or("-".into(), |v| format!("{v:.0}")),
                         r.ping.as_ref().map_or("-".into(), |h| format!(
                             "{:.1}",
                             h.value_at_quantile(0.5) as f64 / 1e3
                         )),
                         r.conn_rate.map_or("-".into(), |v| format!("{v:.0}")),
+                        r.conn_fin_rate.map_or("-".into(), |v| format!("{v:.0}")),
+                        r.medium_rate.map_or("-".into(), |v| format!("{v:.0}")),
+                        r.medium_idle_fds.map_or("-".into(), |v| format!("{v:.1}")),
                         r.one_way_gbps.map_or("-".into(), |v| format!("{v:.2}")),
                         r.both_ways_gbps.map_or("-".into(), |v| format!("{v:.2}")),
                         t.elapsed().as_secs_f64(),
@@ -402,7 +433,12 @@ fn run(opts: &Opts) -> Result<bool, String> {
 
     // Memory with idle connections (proxies only).
     if opts.memory {
-        for k in runnable.iter().filter(|k| k.has_process()) {
+        // HAProxy with splice-auto holds idle connections as HAProxy tcp
+        // does (pipes only while splicing); once is enough.
+        for k in runnable
+            .iter()
+            .filter(|k| k.has_process() && **k != PathKind::HaproxySplice)
+        {
             eprint!("memory {:<20} ", k.name());
             let acc = accs.get_mut(k).expect("acc");
             match paths::install(&ctx, *k) {
@@ -483,15 +519,24 @@ fn run(opts: &Opts) -> Result<bool, String> {
     settings.insert("backends".into(), "2 (round-robin / random)".into());
     settings.insert("message size".into(), format!("{} B", clients::MSG));
     settings.insert(
+        "medium connections".into(),
+        measure::MEDIUM_CONNS.to_string(),
+    );
+    settings.insert(
         "CPU pinning".into(),
-        if opts.pin {
-            format!(
+        match (opts.pin, &opts.pin_proxies) {
+            (true, None) => format!(
                 "client threads on CPU {}, backend servers on CPU {}, proxies and softirqs unpinned",
                 sys::CLIENT_CPU,
                 sys::BACKEND_CPU
-            )
-        } else {
-            "none".into()
+            ),
+            (true, Some(cpus)) => format!(
+                "client threads on CPU {}, backend servers on CPU {}, proxies on CPU {cpus} (taskset), softirqs unpinned",
+                sys::CLIENT_CPU,
+                sys::BACKEND_CPU
+            ),
+            (false, None) => "none".into(),
+            (false, Some(cpus)) => format!("proxies on CPU {cpus} (taskset), nothing else"),
         },
     );
 

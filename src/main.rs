@@ -41,18 +41,31 @@ fn init_logging(verbose: u8, format: LogFormat) {
     }
 }
 
-/// Raises the open-file soft limit to the hard limit: every proxied
-/// connection holds two sockets (and up to two pipes).
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+/// Raises the open-file soft limit to the hard limit and says what it got:
+/// every proxied connection holds two sockets (and two more fds per
+/// direction in a bulk phase).
+fn raise_fd_limit(max_connections: usize) {
+    match kube_uproxy::proxy::limit::raise_open_file_limit() {
+        Ok(l) => {
+            info!(
+                soft = l.now,
+                was = l.was,
+                hard = l.hard,
+                "open-file limit {} (was {}; hard limit {}): room for about {} idle connections",
+                l.now,
+                l.was,
+                l.hard,
+                l.now.saturating_sub(100) / 2
+            );
+            if max_connections > 0 && (max_connections as u64).saturating_mul(2) > l.now {
+                warn!(
+                    max_connections,
+                    open_file_limit = l.now,
+                    "--max-connections is above what the open-file limit allows (2 fds per connection)"
+                );
             }
         }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
 
@@ -146,7 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
         return cleanup(&args.proc_sys_dir).await;
     }
-    raise_fd_limit();
+    raise_fd_limit(args.max_connections);
     let missing = rules::host::missing_capabilities();
     if !missing.is_empty() {
         warn!(
@@ -275,11 +288,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
-    let connections = Connections::new();
+    let connections =
+        Connections::with_limit((args.max_connections > 0).then_some(args.max_connections));
     let listeners = SocketListeners::new(
         ports,
         Arc::new(DataPathConfig {
-            relay: args.tcp_relay,
+            relay: args.relay(),
+            tcp: args.tcp_options(),
             udp: UdpConfig {
                 timeout: args.udp_timeout,
                 max_flows: args.udp_max_flows.max(1),

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    close, connect, poll, read_line, vip, wait_nft_key, who_or_panic,
+    close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
 };
 use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 use kube_uproxy::lab::{self, Netns, backend_addr};
@@ -54,7 +54,27 @@ impl Run {
     }
 
     fn start_on(bed: Testbed, manifests: PathBuf) -> Run {
-        let mut proxy = ProxyProcess::start(bed.node(), &bed.dir, "--manifests", &manifests);
+        Run::start_on_with(bed, manifests, &[])
+    }
+
+    /// Like [`Run::start`], with more flags for the proxy.
+    fn start_with(tag: &str, backends: &[Backend], yaml: &str, flags: &[&str]) -> Run {
+        let bed = Testbed::new("robust", tag, backends);
+        let manifests = bed.dir.join("manifests.yaml");
+        fs::write(&manifests, yaml).expect("writing the manifests file");
+        Run::start_on_with(bed, manifests, flags)
+    }
+
+    fn start_on_with(bed: Testbed, manifests: PathBuf, flags: &[&str]) -> Run {
+        let mut proxy = ProxyProcess::start_with(
+            bed.node(),
+            &bed.dir,
+            "kube-uproxy",
+            "--manifests",
+            &manifests,
+            flags,
+            &[],
+        );
         proxy.show_on_failure("manifests", &manifests);
         Run {
             proxy,
@@ -305,6 +325,155 @@ fn no_socket_is_leaked_however_connections_end() {
     if let Err(last) = settled {
         panic!("sockets or pipes leaked after 280 connections: {last}");
     }
+}
+
+/// Makes `ns` drop every packet in and out, as a host that vanished
+/// (power cut, network partition): no FIN, no RST.
+fn vanish(ns: &Netns, dir: &std::path::Path) {
+    let rules = "table inet vanish {\n\
+        chain in { type filter hook input priority -400; policy drop; }\n\
+        chain out { type filter hook output priority -400; policy drop; }\n}\n";
+    let file = dir.join(format!("vanish-{}.nft", ns.name()));
+    fs::write(&file, rules).expect("writing the drop rules");
+    ns.output("nft", ["-f", file.to_str().expect("utf-8 path")])
+        .expect("loading the drop rules");
+}
+
+/// Waits (at most `within`) for `s` to be closed or reset by the proxy.
+fn assert_released(s: &mut std::net::TcpStream, within: Duration, what: &str) {
+    s.set_read_timeout(Some(within)).expect("read timeout");
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("{what}: read {n} unexpected bytes"),
+        Err(e) => panic!("{what}: still connected after {within:?} ({e})"),
+    }
+}
+
+#[test]
+fn a_connection_whose_peer_vanished_without_a_fin_is_released() {
+    if !lab::require_root_and_nft("a_connection_whose_peer_vanished_without_a_fin_is_released") {
+        return;
+    }
+    // Keepalive after 1 s idle, every 1 s, 2 probes: a silent peer is
+    // found within about 3 s; TCP_USER_TIMEOUT (derived: 3 s) finds one
+    // while data is in flight, where keepalive does not probe.
+    let mut run = Run::start_with(
+        "vanish",
+        &[Backend::Whoami, Backend::Whoami],
+        &list_yaml(&[
+            service("one", VIP_A, vec![backend_addr(0)]),
+            service("two", VIP_B, vec![backend_addr(1)]),
+        ]),
+        &[
+            "--tcp-keepalive-time",
+            "1s",
+            "--tcp-keepalive-interval",
+            "1s",
+            "--tcp-keepalive-count",
+            "2",
+        ],
+    );
+    run.wait_in_map(VIP_A, true, "one is programmed");
+    run.wait_in_map(VIP_B, true, "two is programmed");
+    let client = run.bed.client();
+    let within = Duration::from_secs(12);
+
+    // The endpoint vanishes under an idle connection and a busy one.
+    let (mut idle, name) = hold(client, vip(VIP_A)).expect("idle connection");
+    assert_eq!(name, "backend0");
+    let (mut busy, _) = hold(client, vip(VIP_A)).expect("busy connection");
+    vanish(&run.bed.lab.backends()[0], &run.bed.dir);
+    busy.write_all(b"anyone there?\n").expect("send");
+    assert_released(&mut idle, within, "idle connection to a vanished endpoint");
+    assert_released(&mut busy, within, "busy connection to a vanished endpoint");
+
+    // The client vanishes: the proxy must let go of the endpoint's side.
+    let (held, name) = hold(client, vip(VIP_B)).expect("connection to two");
+    assert_eq!(name, "backend1");
+    assert!(run.bed.servers[1].wait_open(1, READY_TIMEOUT));
+    vanish(client, &run.bed.dir);
+    assert!(
+        run.bed.servers[1].wait_open(0, within),
+        "the endpoint still holds the connection of a client that vanished {within:?} ago"
+    );
+    drop(held);
+    run.proxy.assert_running("the end");
+}
+
+#[test]
+fn the_open_file_limit_is_raised_and_said_and_max_connections_caps_flows() {
+    if !lab::require_root_and_nft(
+        "the_open_file_limit_is_raised_and_said_and_max_connections_caps_flows",
+    ) {
+        return;
+    }
+    // Started with a soft open-file limit of 1024 under whatever hard limit
+    // this machine has: the proxy must take the hard limit and say so.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let bed = Testbed::new("robust", "limits", &[Backend::Whoami]);
+    let manifests = bed.dir.join("manifests.yaml");
+    fs::write(
+        &manifests,
+        list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),
+    )
+    .expect("writing manifests");
+    let nofile = format!("--nofile=1024:{hard}");
+    let proxy = ProxyProcess::start_under(
+        bed.node(),
+        &bed.dir,
+        "kube-uproxy",
+        &["prlimit", &nofile],
+        "--manifests",
+        &manifests,
+        &["--max-connections", "2"],
+        &[],
+    );
+    let mut run = Run {
+        proxy,
+        manifests,
+        bed,
+    };
+    run.wait_in_map(VIP_A, true, "the Service is programmed");
+    let limits = fs::read_to_string(format!("/proc/{}/limits", run.pid())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .to_string();
+    assert!(
+        line.split_whitespace().nth(3) == Some(&hard.to_string()),
+        "the soft limit was not raised to {hard}: {line}"
+    );
+    let log = run.proxy.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("open-file limit")
+            && l.contains("1024")
+            && l.contains(&hard.to_string())),
+        "no log line saying the open-file limit went from 1024 to {hard}"
+    );
+    // Two flows are held; the third is refused with a reset.
+    let client = run.bed.client();
+    let held: Vec<_> = (0..2)
+        .map(|i| hold(client, vip(VIP_A)).unwrap_or_else(|e| panic!("flow {i}: {e}")))
+        .collect();
+    match hold(client, vip(VIP_A)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the 3rd flow failed with {e}, want a reset"),
+        Ok((_, who)) => panic!("a 3rd flow was served ({who}) over --max-connections 2"),
+    }
+    drop(held);
+    let seen = poll(READY_TIMEOUT, Duration::from_millis(50), || {
+        let log = run.proxy.stderr();
+        if log.contains("--max-connections") {
+            Ok(())
+        } else {
+            Err("no log line about --max-connections".into())
+        }
+    });
+    seen.unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

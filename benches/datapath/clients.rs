@@ -76,11 +76,29 @@ fn set_timeouts(s: &TcpStream) -> io::Result<()> {
     s.set_write_timeout(Some(IO_TIMEOUT))
 }
 
+/// How a client closes its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// SO_LINGER 0: closing sends RST, nobody keeps TIME_WAIT.
+    Rst,
+    /// A normal close: FIN; the client's socket and (through a proxy) the
+    /// proxy's upstream socket go through TIME_WAIT, and their local ports
+    /// stay taken meanwhile, as for a node proxy's real clients.
+    Fin,
+}
+
 /// Connects with SO_LINGER 0 (closing sends RST: no TIME_WAIT on the
 /// client) and TCP_NODELAY.
 pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    connect_closing(addr, timeout, Close::Rst)
+}
+
+/// Connects with TCP_NODELAY, closing as `close` says.
+pub fn connect_closing(addr: SocketAddr, timeout: Duration, close: Close) -> io::Result<TcpStream> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    s.set_linger(Some(Duration::ZERO))?;
+    if close == Close::Rst {
+        s.set_linger(Some(Duration::ZERO))?;
+    }
     s.set_tcp_nodelay(true)?;
     s.connect_timeout(&addr.into(), timeout)?;
     let s: TcpStream = s.into();
@@ -171,11 +189,11 @@ pub fn fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<Late
 }
 
 /// One connection per request: connect(), send a request, wait for the
-/// first byte of the response, close with RST. Returns connect → first
+/// first byte of the response, close (RST or FIN). Returns connect → first
 /// byte.
-fn one_connection(addr: SocketAddr, req: &[u8; MSG]) -> io::Result<Duration> {
+fn one_connection(addr: SocketAddr, req: &[u8; MSG], close: Close) -> io::Result<Duration> {
     let t = Instant::now();
-    let mut s = connect(addr, CONNECT_TIMEOUT)?;
+    let mut s = connect_closing(addr, CONNECT_TIMEOUT, close)?;
     s.write_all(req)?;
     let mut b = [0u8; MSG];
     let n = s.read(&mut b)?;
@@ -190,14 +208,14 @@ fn one_connection(addr: SocketAddr, req: &[u8; MSG]) -> io::Result<Duration> {
 }
 
 /// Sequential connection-per-request latency for `dur`.
-pub fn connect_latency(addr: SocketAddr, dur: Duration) -> Latency {
+pub fn connect_latency(addr: SocketAddr, dur: Duration, close: Close) -> Latency {
     let req = request();
     let mut hist = new_hist();
     let mut errors = 0;
     let mut first_error = None;
     let start = Instant::now();
     while start.elapsed() < dur {
-        match one_connection(addr, &req) {
+        match one_connection(addr, &req, close) {
             Ok(d) => hist.saturating_record(d.as_nanos() as u64),
             Err(e) => {
                 first_error.get_or_insert_with(|| e.to_string());
@@ -225,7 +243,7 @@ pub struct ConnRate {
 }
 
 /// Connections per second at saturation: `threads` clients in a loop.
-pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> ConnRate {
+pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize, close: Close) -> ConnRate {
     let ok = AtomicU64::new(0);
     let errors = AtomicU64::new(0);
     let first_error = std::sync::Mutex::new(None::<String>);
@@ -235,7 +253,7 @@ pub fn connect_rate(addr: SocketAddr, dur: Duration, threads: usize) -> ConnRate
             scope.spawn(|| {
                 let req = request();
                 while start.elapsed() < dur {
-                    match one_connection(addr, &req) {
+                    match one_connection(addr, &req, close) {
                         Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             if let Ok(mut f) = first_error.lock() {
@@ -391,6 +409,87 @@ pub fn open_idle(addr: SocketAddr, n: usize, deadline: Instant) -> io::Result<Ve
         v.push(s);
     }
     Ok(v)
+}
+
+/// The response sizes of the medium phase: 16 KiB to 1 MiB, log-uniform
+/// (25 sizes, each 2^(1/4) times the one before), asked in turn.
+pub fn medium_sizes() -> Vec<usize> {
+    (0..=24)
+        .map(|k| (16384.0 * 2f64.powf(f64::from(k) / 4.0)).round() as usize)
+        .collect()
+}
+
+/// What [`medium`] measured.
+pub struct Medium {
+    pub latency: Latency,
+    /// Response bytes received.
+    pub bytes: u64,
+    /// The keep-alive connections, still open (idle now).
+    pub conns: Vec<TcpStream>,
+}
+
+/// `conns` keep-alive connections, one thread each, ask the sized server
+/// for medium responses ([`medium_sizes`], each thread starting elsewhere
+/// in the cycle) for `dur`, one request in flight per connection. The
+/// connections are returned open, idle, so that the caller can count what
+/// an idle connection costs after medium traffic.
+pub fn medium(addr: SocketAddr, dur: Duration, conns: usize) -> io::Result<Medium> {
+    let sizes = medium_sizes();
+    let streams: Vec<TcpStream> = (0..conns)
+        .map(|_| connect(addr, CONNECT_TIMEOUT))
+        .collect::<io::Result<_>>()?;
+    let start = Instant::now();
+    let results: Vec<io::Result<(Histogram<u64>, u64)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let sizes = &sizes;
+                scope.spawn(move || -> io::Result<(Histogram<u64>, u64)> {
+                    let mut s = s;
+                    let mut hist = new_hist();
+                    let mut buf = vec![0u8; crate::servers::SIZED_MAX];
+                    let mut bytes = 0u64;
+                    let mut k = i * 7;
+                    while start.elapsed() < dur {
+                        let len = sizes[k % sizes.len()];
+                        k += 1;
+                        let t = Instant::now();
+                        s.write_all(&(len as u64).to_be_bytes())?;
+                        s.read_exact(&mut buf[..len])?;
+                        hist.saturating_record(t.elapsed().as_nanos() as u64);
+                        bytes += len as u64;
+                    }
+                    Ok((hist, bytes))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("client thread panicked")))
+            })
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let mut hist = new_hist();
+    let mut bytes = 0;
+    for r in results {
+        let (h, b) = r?;
+        let _ = hist.add(&h);
+        bytes += b;
+    }
+    Ok(Medium {
+        latency: Latency {
+            hist,
+            elapsed,
+            errors: 0,
+            first_error: None,
+        },
+        bytes,
+        conns: streams,
+    })
 }
 
 /// Reads a `\n`-terminated greeting (whoami).

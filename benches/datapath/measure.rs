@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use kube_uproxy::lab::{Lab, LabError, Netns};
 
-use crate::clients::{self, Amount};
+use crate::clients::{self, Amount, Close};
 use crate::paths::Active;
 use crate::servers::Backends;
 use crate::sys;
@@ -21,6 +21,11 @@ pub fn on_client<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T,
 
 /// Connections of the fd probe in [`idle_memory`].
 const PROBE: usize = 200;
+/// Keep-alive connections of the medium-response phase.
+pub const MEDIUM_CONNS: usize = 4;
+/// How long the medium phase's connections stay idle before the proxy's
+/// fds are counted: well past the relay's bulk-phase quiet time (100 ms).
+const MEDIUM_IDLE: Duration = Duration::from_millis(500);
 
 /// Durations and sizes of one round.
 #[derive(Clone, Debug)]
@@ -37,7 +42,12 @@ pub struct Plan {
 pub struct Phases {
     pub rr: bool,
     pub rate: bool,
+    /// Connection per request, the client closing with RST.
     pub connect: bool,
+    /// The same, the client closing with FIN (TIME_WAIT on the way).
+    pub connect_fin: bool,
+    /// Medium responses on keep-alive connections, then their idle cost.
+    pub medium: bool,
     pub bulk: bool,
 }
 
@@ -47,6 +57,8 @@ impl Phases {
             rr: true,
             rate: true,
             connect: true,
+            connect_fin: true,
+            medium: true,
             bulk: true,
         }
     }
@@ -56,6 +68,8 @@ impl Phases {
             rr: false,
             rate: false,
             connect: false,
+            connect_fin: false,
+            medium: false,
             bulk: false,
         };
         for name in list.split(',') {
@@ -63,10 +77,12 @@ impl Phases {
                 "rr" => p.rr = true,
                 "rate" => p.rate = true,
                 "connect" => p.connect = true,
+                "connect-fin" => p.connect_fin = true,
+                "medium" => p.medium = true,
                 "bulk" => p.bulk = true,
                 other => {
                     return Err(format!(
-                        "--phases: unknown phase {other:?} (rr, rate, connect, bulk)"
+                        "--phases: unknown phase {other:?} (rr, rate, connect, connect-fin, medium, bulk)"
                     ));
                 }
             }
@@ -84,6 +100,13 @@ pub struct Round {
     pub fixed_rate_achieved: Option<f64>,
     pub conn: Option<Histogram<u64>>,
     pub conn_rate: Option<f64>,
+    pub conn_fin: Option<Histogram<u64>>,
+    pub conn_fin_rate: Option<f64>,
+    pub medium: Option<Histogram<u64>>,
+    pub medium_rate: Option<f64>,
+    pub medium_gbps: Option<f64>,
+    /// The proxy's fds per medium-phase connection once they were idle.
+    pub medium_idle_fds: Option<f64>,
     pub one_way_gbps: Option<f64>,
     pub both_ways_gbps: Option<f64>,
     /// CPU seconds per GB moved, of the proxy process (one-way + both-ways).
@@ -115,7 +138,13 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
         fixed(&mut r, client, t.echo, d, plan.rate);
     }
     if plan.phases.connect {
-        connect(&mut r, client, t.echo, d, plan.conn_threads);
+        connect(&mut r, client, t.echo, d, plan.conn_threads, Close::Rst);
+    }
+    if plan.phases.connect_fin {
+        connect(&mut r, client, t.echo, d, plan.conn_threads, Close::Fin);
+    }
+    if plan.phases.medium {
+        medium(&mut r, a, client, d);
     }
     if let Err(e) = a.check_alive() {
         r.errors.push(e);
@@ -156,40 +185,97 @@ fn fixed(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration,
     }
 }
 
-/// Connection per request: latency, then rate at saturation.
-fn connect(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration, threads: usize) {
-    match on_client(client, || clients::connect_latency(echo, d)) {
+/// Connection per request: latency, then rate at saturation; the client
+/// closes as `close` says.
+fn connect(
+    r: &mut Round,
+    client: &Netns,
+    echo: std::net::SocketAddr,
+    d: Duration,
+    threads: usize,
+    close: Close,
+) {
+    let what = match close {
+        Close::Rst => "connect",
+        Close::Fin => "connect (FIN close)",
+    };
+    let (hist, rate) = match close {
+        Close::Rst => (&mut r.conn, &mut r.conn_rate),
+        Close::Fin => (&mut r.conn_fin, &mut r.conn_fin_rate),
+    };
+    match on_client(client, || clients::connect_latency(echo, d, close)) {
         Ok(l) if !l.hist.is_empty() => {
             if l.errors > 0 {
                 r.errors.push(format!(
-                    "connect latency: {}",
+                    "{what} latency: {}",
                     failures(l.errors, l.first_error)
                 ));
             }
-            r.conn = Some(l.hist);
+            *hist = Some(l.hist);
         }
         Ok(l) => r.errors.push(format!(
-            "connect latency: no samples, {}",
+            "{what} latency: no samples, {}",
             failures(l.errors, l.first_error)
         )),
-        Err(e) => r.errors.push(format!("connect latency: {e}")),
+        Err(e) => r.errors.push(format!("{what} latency: {e}")),
     }
-    match on_client(client, || clients::connect_rate(echo, d, threads)) {
+    match on_client(client, || clients::connect_rate(echo, d, threads, close)) {
         Ok(c) if c.ok > 0 => {
             if c.errors > 0 {
                 r.errors.push(format!(
-                    "connect rate: {}",
+                    "{what} rate: {}",
                     failures(c.errors, c.first_error)
                 ));
             }
-            r.conn_rate = Some(c.per_sec);
+            *rate = Some(c.per_sec);
         }
         Ok(c) => r.errors.push(format!(
-            "connect rate: no connection, {}",
+            "{what} rate: no connection, {}",
             failures(c.errors, c.first_error)
         )),
-        Err(e) => r.errors.push(format!("connect rate: {e}")),
+        Err(e) => r.errors.push(format!("{what} rate: {e}")),
     }
+}
+
+/// Medium responses (16 KiB–1 MiB) on [`MEDIUM_CONNS`] keep-alive
+/// connections; then, with the connections idle, the proxy's fds per
+/// connection (its sockets, and any pipe a bulk direction kept).
+fn medium(r: &mut Round, a: &Active, client: &Netns, d: Duration) {
+    let target = a.targets.sized;
+    let pid = a.pid();
+    // The last flows of the phase before may still be closing.
+    let before = pid.map(settled_fds);
+    let m = match on_client(client, || clients::medium(target, d, MEDIUM_CONNS)) {
+        Ok(Ok(m)) if !m.latency.hist.is_empty() => m,
+        Ok(Ok(_)) => return r.errors.push("medium: no samples".into()),
+        Ok(Err(e)) => return r.errors.push(format!("medium: {e}")),
+        Err(e) => return r.errors.push(format!("medium: {e}")),
+    };
+    r.medium_rate = Some(m.latency.rate());
+    r.medium_gbps = Some(m.bytes as f64 * 8.0 / 1e9 / m.latency.elapsed.as_secs_f64().max(1e-9));
+    r.medium = Some(m.latency.hist);
+    std::thread::sleep(MEDIUM_IDLE);
+    if let (Some(pid), Some(before)) = (pid, before) {
+        let idle = sys::tree_fds(pid);
+        r.medium_idle_fds = Some(idle.saturating_sub(before) as f64 / m.conns.len() as f64);
+    }
+    drop(m.conns);
+}
+
+/// The proxy's fd count once it has not changed for 200 ms (at most 3 s).
+fn settled_fds(pid: u32) -> u64 {
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut last = sys::tree_fds(pid);
+    let mut since = Instant::now();
+    while Instant::now() < end && since.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = sys::tree_fds(pid);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
 }
 
 /// "N failed connections (first: …)" of a connect measurement.

@@ -13,13 +13,13 @@ use kube_uproxy::lab::{Lab, NsChild, backend_addr};
 
 use crate::clients;
 use crate::manifests::{self, Port, Svc};
-use crate::servers::{ECHO_PORT, SINK_PORT, WHO_PORT, backend_name};
+use crate::servers::{ECHO_PORT, SINK_PORT, SIZED_PORT, WHO_PORT, backend_name};
 use crate::sys;
 
 /// The benchmark Service's ClusterIP.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Its ports (Service port → backend port).
-pub const PORTS: [Port; 3] = [
+pub const PORTS: [Port; 4] = [
     Port {
         name: "echo",
         port: 80,
@@ -34,6 +34,11 @@ pub const PORTS: [Port; 3] = [
         name: "who",
         port: 82,
         target: WHO_PORT,
+    },
+    Port {
+        name: "sized",
+        port: 83,
+        target: SIZED_PORT,
     },
 ];
 /// The lab's pod CIDR as kube-proxy's `--cluster-cidr` (client and backends
@@ -52,11 +57,13 @@ pub enum PathKind {
     UproxyCopy,
     Nginx,
     Haproxy,
+    /// HAProxy with `option splice-auto`: its own zero-copy relay.
+    HaproxySplice,
     /// Another kube-uproxy binary (`--baseline-bin`), splice relay.
     UproxyBaseline,
 }
 
-pub const ALL: [PathKind; 7] = [
+pub const ALL: [PathKind; 8] = [
     PathKind::Direct,
     PathKind::Iptables,
     PathKind::Nftables,
@@ -64,6 +71,7 @@ pub const ALL: [PathKind; 7] = [
     PathKind::UproxyCopy,
     PathKind::Nginx,
     PathKind::Haproxy,
+    PathKind::HaproxySplice,
 ];
 
 impl PathKind {
@@ -76,6 +84,7 @@ impl PathKind {
             PathKind::UproxyCopy => "kube-uproxy copy",
             PathKind::Nginx => "nginx stream",
             PathKind::Haproxy => "haproxy tcp",
+            PathKind::HaproxySplice => "haproxy splice",
             PathKind::UproxyBaseline => "kube-uproxy baseline",
         }
     }
@@ -92,6 +101,7 @@ impl PathKind {
             "copy" | "kube-uproxy-copy" | "uproxy-copy" => PathKind::UproxyCopy,
             "nginx" | "nginx-stream" => PathKind::Nginx,
             "haproxy" | "haproxy-tcp" => PathKind::Haproxy,
+            "haproxy-splice" | "haproxy-splice-auto" => PathKind::HaproxySplice,
             "baseline" | "kube-uproxy-baseline" => PathKind::UproxyBaseline,
             _ => return None,
         })
@@ -101,7 +111,10 @@ impl PathKind {
     pub fn core(self) -> bool {
         !matches!(
             self,
-            PathKind::Nginx | PathKind::Haproxy | PathKind::UproxyBaseline
+            PathKind::Nginx
+                | PathKind::Haproxy
+                | PathKind::HaproxySplice
+                | PathKind::UproxyBaseline
         )
     }
 
@@ -114,6 +127,7 @@ impl PathKind {
                 | PathKind::UproxyBaseline
                 | PathKind::Nginx
                 | PathKind::Haproxy
+                | PathKind::HaproxySplice
         )
     }
 
@@ -126,7 +140,7 @@ impl PathKind {
                 (!Path::new(NGINX_STREAM_MODULE).exists())
                     .then(|| "nginx stream module not installed (libnginx-mod-stream)".into())
             }),
-            PathKind::Haproxy => need("haproxy"),
+            PathKind::Haproxy | PathKind::HaproxySplice => need("haproxy"),
             _ => None,
         }
     }
@@ -140,6 +154,7 @@ pub struct Targets {
     pub echo: SocketAddr,
     pub sink: SocketAddr,
     pub who: SocketAddr,
+    pub sized: SocketAddr,
 }
 
 impl Targets {
@@ -148,6 +163,7 @@ impl Targets {
             echo: SocketAddr::from((VIP, 80)),
             sink: SocketAddr::from((VIP, 81)),
             who: SocketAddr::from((VIP, 82)),
+            sized: SocketAddr::from((VIP, 83)),
         }
     }
 }
@@ -207,6 +223,9 @@ pub struct Ctx<'a> {
     /// `--baseline-bin`: the binary of the "kube-uproxy baseline" path.
     pub baseline_bin: Option<PathBuf>,
     pub workdir: PathBuf,
+    /// `--pin-proxies`: the CPU list every proxy process runs on
+    /// (`taskset -c`); `None`: the scheduler places them.
+    pub proxy_cpus: Option<String>,
 }
 
 impl Ctx<'_> {
@@ -240,6 +259,7 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 echo: SocketAddr::from((backend_addr(0), ECHO_PORT)),
                 sink: SocketAddr::from((backend_addr(0), SINK_PORT)),
                 who: SocketAddr::from((backend_addr(0), WHO_PORT)),
+                sized: SocketAddr::from((backend_addr(0), SIZED_PORT)),
             },
             child: None,
             log: None,
@@ -323,7 +343,7 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 child: Some(child),
                 log: Some(log),
             };
-            wait_uproxy_map(ctx, &mut a, VIP, &[80, 81, 82])?;
+            wait_uproxy_map(ctx, &mut a, VIP, &[80, 81, 82, 83])?;
             a
         }
         PathKind::Nginx => {
@@ -353,11 +373,14 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 log: Some(log),
             }
         }
-        PathKind::Haproxy => {
-            let dir = ctx.workdir.join("haproxy");
+        PathKind::Haproxy | PathKind::HaproxySplice => {
+            let splice = kind == PathKind::HaproxySplice;
+            let dir = ctx
+                .workdir
+                .join(if splice { "haproxy-splice" } else { "haproxy" });
             fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let conf = dir.join("haproxy.cfg");
-            fs::write(&conf, haproxy_conf(&ctx.endpoints())).map_err(|e| e.to_string())?;
+            fs::write(&conf, haproxy_conf(&ctx.endpoints(), splice)).map_err(|e| e.to_string())?;
             ctx.nft_file("redirect.nft", &redirect_rules())?;
             let log = dir.join("haproxy.log");
             let child = spawn_logged(
@@ -386,6 +409,8 @@ pub fn remove(ctx: &Ctx<'_>, mut active: Active) {
     ctx.flush_rules();
 }
 
+/// Starts a proxy process in the node namespace, pinned to `--pin-proxies`
+/// if given (`taskset` execs the program: the pid is the proxy's).
 fn spawn_logged(
     ctx: &Ctx<'_>,
     program: &Path,
@@ -394,7 +419,14 @@ fn spawn_logged(
 ) -> Result<NsChild, String> {
     let f = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let f2 = f.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = ctx.lab.node().command(program);
+    let mut cmd = match &ctx.proxy_cpus {
+        Some(cpus) => {
+            let mut c = ctx.lab.node().command("taskset");
+            c.arg("-c").arg(cpus).arg(program);
+            c
+        }
+        None => ctx.lab.node().command(program),
+    };
     cmd.args(args).stdin(Stdio::null()).stdout(f2).stderr(f);
     ctx.lab.node().spawn(cmd).map_err(|e| e.to_string())
 }
@@ -740,20 +772,32 @@ stream {{
     )
 }
 
-fn haproxy_conf(endpoints: &[Ipv4Addr]) -> String {
+/// HAProxy in tcp mode; with `splice`, `option splice-auto` (HAProxy
+/// splices when it sees a flow is large, as kube-uproxy's hybrid does).
+fn haproxy_conf(endpoints: &[Ipv4Addr], splice: bool) -> String {
+    // Each proxied connection holds two sockets; with splicing, each pipe
+    // two fds more (HAProxy reserves them at start and refuses to run if
+    // the open-file limit is short): 1024 pipes is plenty for the flows
+    // that splice at once here.
+    let pipes: u64 = if splice { 1024 } else { 0 };
     let mut out = format!(
         "global
   maxconn {maxconn}
-
+{maxpipes}
 defaults
   mode tcp
   timeout connect 5s
   timeout client 5m
   timeout server 5m
-
+{splice}
 ",
-        // each proxied connection holds two sockets
-        maxconn = sys::nofile_limit().saturating_sub(100) / 2
+        maxconn = sys::nofile_limit().saturating_sub(100 + 2 * pipes) / 2,
+        maxpipes = if splice {
+            format!("  maxpipes {pipes}\n")
+        } else {
+            String::new()
+        },
+        splice = if splice { "  option splice-auto\n" } else { "" },
     );
     for p in &PORTS {
         let _ = writeln!(

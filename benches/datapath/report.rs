@@ -66,6 +66,29 @@ fn median(v: &[f64]) -> Option<f64> {
     })
 }
 
+/// Smallest and largest of the rounds' values.
+fn spread(v: &[f64]) -> Option<(f64, f64)> {
+    if v.len() < 2 {
+        return None;
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((lo, hi))
+}
+
+/// A median with the spread of the rounds beside it: `6944 (6800–7100)`.
+fn ms(median: Option<f64>, rounds: &[f64], prec: usize) -> String {
+    match (f(median, prec), spread(rounds)) {
+        (m, Some((lo, hi))) if m != "–" => format!("{m} ({lo:.prec$}–{hi:.prec$})"),
+        (m, _) => m,
+    }
+}
+
+/// The p50 of a histogram, in µs.
+fn p50_us(h: &Histogram<u64>) -> Option<f64> {
+    (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64 / 1e3)
+}
+
 /// Everything measured for one path.
 #[derive(Debug, Serialize)]
 pub struct PathSummary {
@@ -77,17 +100,37 @@ pub struct PathSummary {
     /// Median over rounds; every round's value follows.
     pub ping_rate: Option<f64>,
     pub ping_rates: Vec<f64>,
+    /// Each round's p50 (µs), for the spread beside the merged p50.
+    pub ping_p50s: Vec<f64>,
     pub fixed: Option<Lat>,
     pub fixed_rate: Option<f64>,
+    pub fixed_rates: Vec<f64>,
+    pub fixed_p50s: Vec<f64>,
     pub conn: Option<Lat>,
     pub conn_rate: Option<f64>,
     pub conn_rates: Vec<f64>,
+    pub conn_p50s: Vec<f64>,
+    pub conn_fin: Option<Lat>,
+    pub conn_fin_rate: Option<f64>,
+    pub conn_fin_rates: Vec<f64>,
+    pub conn_fin_p50s: Vec<f64>,
+    pub medium: Option<Lat>,
+    pub medium_rate: Option<f64>,
+    pub medium_rates: Vec<f64>,
+    pub medium_p50s: Vec<f64>,
+    pub medium_gbps: Option<f64>,
+    pub medium_gbps_all: Vec<f64>,
+    /// The proxy's fds per idle connection after the medium phase.
+    pub medium_idle_fds: Option<f64>,
+    pub medium_idle_fds_all: Vec<f64>,
     pub one_way_gbps: Option<f64>,
     pub one_way_all: Vec<f64>,
     pub both_ways_gbps: Option<f64>,
     pub both_ways_all: Vec<f64>,
     pub proxy_cpu_s_per_gb: Option<f64>,
+    pub proxy_cpu_all: Vec<f64>,
     pub machine_cpu_s_per_gb: Option<f64>,
+    pub machine_cpu_all: Vec<f64>,
     pub integrity_checks: u32,
     pub corrupted: Vec<String>,
     pub errors: Vec<String>,
@@ -103,9 +146,20 @@ pub struct Acc {
     ping: Histogram<u64>,
     fixed: Histogram<u64>,
     conn: Histogram<u64>,
+    conn_fin: Histogram<u64>,
+    medium: Histogram<u64>,
     ping_rates: Vec<f64>,
     fixed_rates: Vec<f64>,
     conn_rates: Vec<f64>,
+    conn_fin_rates: Vec<f64>,
+    medium_rates: Vec<f64>,
+    medium_gbps: Vec<f64>,
+    medium_idle_fds: Vec<f64>,
+    ping_p50s: Vec<f64>,
+    fixed_p50s: Vec<f64>,
+    conn_p50s: Vec<f64>,
+    conn_fin_p50s: Vec<f64>,
+    medium_p50s: Vec<f64>,
     one_way: Vec<f64>,
     both: Vec<f64>,
     proxy_cpu: Vec<f64>,
@@ -126,9 +180,20 @@ impl Acc {
             ping: new_hist(),
             fixed: new_hist(),
             conn: new_hist(),
+            conn_fin: new_hist(),
+            medium: new_hist(),
             ping_rates: vec![],
             fixed_rates: vec![],
             conn_rates: vec![],
+            conn_fin_rates: vec![],
+            medium_rates: vec![],
+            medium_gbps: vec![],
+            medium_idle_fds: vec![],
+            ping_p50s: vec![],
+            fixed_p50s: vec![],
+            conn_p50s: vec![],
+            conn_fin_p50s: vec![],
+            medium_p50s: vec![],
             one_way: vec![],
             both: vec![],
             proxy_cpu: vec![],
@@ -151,18 +216,25 @@ impl Acc {
 
     pub fn add(&mut self, r: Round) {
         self.rounds += 1;
-        if let Some(h) = &r.ping {
-            let _ = self.ping.add(h);
-        }
-        if let Some(h) = &r.fixed {
-            let _ = self.fixed.add(h);
-        }
-        if let Some(h) = &r.conn {
-            let _ = self.conn.add(h);
+        for (h, all, p50s) in [
+            (&r.ping, &mut self.ping, &mut self.ping_p50s),
+            (&r.fixed, &mut self.fixed, &mut self.fixed_p50s),
+            (&r.conn, &mut self.conn, &mut self.conn_p50s),
+            (&r.conn_fin, &mut self.conn_fin, &mut self.conn_fin_p50s),
+            (&r.medium, &mut self.medium, &mut self.medium_p50s),
+        ] {
+            if let Some(h) = h {
+                let _ = all.add(h);
+                p50s.extend(p50_us(h));
+            }
         }
         self.ping_rates.extend(r.ping_rate);
         self.fixed_rates.extend(r.fixed_rate_achieved);
         self.conn_rates.extend(r.conn_rate);
+        self.conn_fin_rates.extend(r.conn_fin_rate);
+        self.medium_rates.extend(r.medium_rate);
+        self.medium_gbps.extend(r.medium_gbps);
+        self.medium_idle_fds.extend(r.medium_idle_fds);
         self.one_way.extend(r.one_way_gbps);
         self.both.extend(r.both_ways_gbps);
         self.proxy_cpu.extend(r.proxy_cpu_s_per_gb);
@@ -181,17 +253,35 @@ impl Acc {
             ping: Lat::of(&self.ping),
             ping_rate: median(&self.ping_rates),
             ping_rates: self.ping_rates.clone(),
+            ping_p50s: self.ping_p50s.clone(),
             fixed: Lat::of(&self.fixed),
             fixed_rate: median(&self.fixed_rates),
+            fixed_rates: self.fixed_rates.clone(),
+            fixed_p50s: self.fixed_p50s.clone(),
             conn: Lat::of(&self.conn),
             conn_rate: median(&self.conn_rates),
             conn_rates: self.conn_rates.clone(),
+            conn_p50s: self.conn_p50s.clone(),
+            conn_fin: Lat::of(&self.conn_fin),
+            conn_fin_rate: median(&self.conn_fin_rates),
+            conn_fin_rates: self.conn_fin_rates.clone(),
+            conn_fin_p50s: self.conn_fin_p50s.clone(),
+            medium: Lat::of(&self.medium),
+            medium_rate: median(&self.medium_rates),
+            medium_rates: self.medium_rates.clone(),
+            medium_p50s: self.medium_p50s.clone(),
+            medium_gbps: median(&self.medium_gbps),
+            medium_gbps_all: self.medium_gbps.clone(),
+            medium_idle_fds: median(&self.medium_idle_fds),
+            medium_idle_fds_all: self.medium_idle_fds.clone(),
             one_way_gbps: median(&self.one_way),
             one_way_all: self.one_way.clone(),
             both_ways_gbps: median(&self.both),
             both_ways_all: self.both.clone(),
             proxy_cpu_s_per_gb: median(&self.proxy_cpu),
+            proxy_cpu_all: self.proxy_cpu.clone(),
             machine_cpu_s_per_gb: median(&self.machine_cpu),
+            machine_cpu_all: self.machine_cpu.clone(),
             integrity_checks: self.integrity_checks,
             corrupted: self.corrupted.clone(),
             errors: self.errors.clone(),
@@ -220,6 +310,12 @@ impl PathSummary {
         }
         if phases.connect && self.conn_rate.is_none() {
             m.push("connections/s");
+        }
+        if phases.connect_fin && (self.conn_fin.is_none() || self.conn_fin_rate.is_none()) {
+            m.push("connect with FIN close");
+        }
+        if phases.medium && self.medium_rate.is_none() {
+            m.push("medium responses");
         }
         if phases.bulk && self.one_way_gbps.is_none() {
             m.push("one-way throughput");
@@ -355,7 +451,7 @@ pub fn targets(rep: &Report) -> Vec<Target> {
         r.map(|r| r >= 0.60),
     );
     // 6. ahead of the peers
-    for peer in [PathKind::Nginx, PathKind::Haproxy] {
+    for peer in [PathKind::Nginx, PathKind::Haproxy, PathKind::HaproxySplice] {
         let Some(p) = rep.path(peer) else {
             push(
                 &format!("ahead of {} on every figure", peer.name()),
@@ -408,7 +504,9 @@ pub fn targets(rep: &Report) -> Vec<Target> {
                 }
             }
         }
-        let measured = if lost.is_empty() {
+        let measured = if won == 0 && lost.is_empty() {
+            "no figure measured on both".to_string()
+        } else if lost.is_empty() {
             format!("ahead on all {won} figures")
         } else {
             format!("ahead on {won}; behind on: {}", lost.join(", "))
@@ -417,7 +515,7 @@ pub fn targets(rep: &Report) -> Vec<Target> {
             &format!("ahead of {} on every figure", peer.name()),
             "better on every figure",
             measured,
-            Some(lost.is_empty() && won > 0),
+            (won > 0 || !lost.is_empty()).then_some(lost.is_empty()),
         );
     }
     // 7. memory per idle connection
@@ -503,110 +601,184 @@ pub fn tables(rep: &Report) -> String {
 
     let _ = writeln!(
         o,
-        "#### Request/response on a persistent connection (32 B, one in flight)\n\n\
+        "Rates are the median of the rounds, latency percentiles come from the rounds' merged \
+         histograms; in parentheses the smallest and largest round (for p50: of the rounds' own p50).\n"
+    );
+    // A table only for the measurements this run made.
+    let any = |g: fn(&PathSummary) -> bool| live.iter().any(|p| g(p));
+    if any(|p| p.ping.is_some()) {
+        let _ = writeln!(
+            o,
+            "#### Request/response on a persistent connection (32 B, one in flight)\n\n\
          | path | req/s | × direct | × iptables | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | p50 − iptables | p99 − iptables |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for p in &live {
-        let l = p.ping.as_ref();
-        let g = |q: usize| l.map(|l| l.points()[q]);
-        let ip = |q: usize| ipt.and_then(|i| i.ping.as_ref()).map(|l| l.points()[q]);
-        let _ = writeln!(
-            o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            p.name,
-            f(p.ping_rate, 0),
-            ratio(p.ping_rate, direct.and_then(|d| d.ping_rate)),
-            ratio(p.ping_rate, ipt.and_then(|d| d.ping_rate)),
-            f(g(0), 1),
-            f(g(1), 1),
-            f(g(2), 1),
-            f(g(3), 1),
-            f(g(4), 0),
-            delta(g(0), ip(0)),
-            delta(g(2), ip(2)),
         );
+        for p in &live {
+            let l = p.ping.as_ref();
+            let g = |q: usize| l.map(|l| l.points()[q]);
+            let ip = |q: usize| ipt.and_then(|i| i.ping.as_ref()).map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(p.ping_rate, &p.ping_rates, 0),
+                ratio(p.ping_rate, direct.and_then(|d| d.ping_rate)),
+                ratio(p.ping_rate, ipt.and_then(|d| d.ping_rate)),
+                ms(g(0), &p.ping_p50s, 1),
+                f(g(1), 1),
+                f(g(2), 1),
+                f(g(3), 1),
+                f(g(4), 0),
+                delta(g(0), ip(0)),
+                delta(g(2), ip(2)),
+            );
+        }
     }
     let rate = rep.settings.get("fixed_rate").cloned().unwrap_or_default();
-    let _ = writeln!(
-        o,
-        "\n#### Request/response at a fixed rate ({rate} req/s, below saturation; coordinated-omission corrected)\n\n\
-         | path | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|"
-    );
-    for p in &live {
-        let g = |q: usize| p.fixed.as_ref().map(|l| l.points()[q]);
+    if any(|p| p.fixed.is_some()) {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            p.name,
-            f(p.fixed_rate, 0),
-            f(g(0), 1),
-            f(g(1), 1),
-            f(g(2), 1),
-            f(g(3), 1),
-            f(g(4), 0)
+            "\n#### Request/response at a fixed rate ({rate} req/s, below saturation; coordinated-omission corrected)\n\n\
+         | path | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|"
         );
+        for p in &live {
+            let g = |q: usize| p.fixed.as_ref().map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(p.fixed_rate, &p.fixed_rates, 0),
+                ms(g(0), &p.fixed_p50s, 1),
+                f(g(1), 1),
+                f(g(2), 1),
+                f(g(3), 1),
+                f(g(4), 0)
+            );
+        }
     }
     let threads = rep
         .settings
         .get("conn_threads")
         .cloned()
         .unwrap_or_default();
-    let _ = writeln!(
-        o,
-        "\n#### Connection per request (connect() → first response byte; RST close)\n\n\
-         | path | conn/s ({threads} threads) | × direct | × iptables | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for p in &live {
-        let g = |q: usize| p.conn.as_ref().map(|l| l.points()[q]);
+    type Conn = fn(&PathSummary) -> (Option<&Lat>, Option<f64>, &[f64], &[f64]);
+    let connects: [(&str, Conn); 2] = [
+        ("RST close (SO_LINGER 0: no TIME_WAIT anywhere)", |p| {
+            (p.conn.as_ref(), p.conn_rate, &p.conn_rates, &p.conn_p50s)
+        }),
+        (
+            "FIN close (the client's socket and a proxy's upstream socket go through TIME_WAIT)",
+            |p| {
+                (
+                    p.conn_fin.as_ref(),
+                    p.conn_fin_rate,
+                    &p.conn_fin_rates,
+                    &p.conn_fin_p50s,
+                )
+            },
+        ),
+    ];
+    for (close, get) in connects {
+        if live
+            .iter()
+            .all(|p| get(p).1.is_none() && get(p).0.is_none())
+        {
+            continue;
+        }
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            p.name,
-            f(p.conn_rate, 0),
-            ratio(p.conn_rate, direct.and_then(|d| d.conn_rate)),
-            ratio(p.conn_rate, ipt.and_then(|d| d.conn_rate)),
-            f(g(0), 1),
-            f(g(1), 1),
-            f(g(2), 1),
-            f(g(3), 1),
-            f(g(4), 0)
+            "\n#### Connection per request (connect() → first response byte; {close})\n\n\
+             | path | conn/s ({threads} threads) | × direct | × iptables | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
+        for p in &live {
+            let (lat, rate, rates, p50s) = get(p);
+            let g = |q: usize| lat.map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(rate, rates, 0),
+                ratio(rate, direct.and_then(|d| get(d).1)),
+                ratio(rate, ipt.and_then(|d| get(d).1)),
+                ms(g(0), p50s, 1),
+                f(g(1), 1),
+                f(g(2), 1),
+                f(g(3), 1),
+                f(g(4), 0)
+            );
+        }
     }
-    let _ = writeln!(
-        o,
-        "\n#### Bulk throughput (one TCP connection) and CPU per GB\n\n\
+    if live.iter().any(|p| p.medium.is_some()) {
+        let conns = rep
+            .settings
+            .get("medium connections")
+            .cloned()
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "\n#### Medium responses on keep-alive connections (16 KiB–1 MiB, {conns} connections, one request in flight each)\n\n\
+             The last column: the proxy's file descriptors per connection once the connections have been idle for 0.5 s \
+             (2 = its two sockets; a pipe kept by a bulk direction adds 2).\n\n\
+             | path | responses/s | Gbit/s | p50 µs | p99 µs | max µs | proxy fds per idle connection after |\n\
+             |---|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in &live {
+            let g = |q: usize| p.medium.as_ref().map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(p.medium_rate, &p.medium_rates, 0),
+                ms(p.medium_gbps, &p.medium_gbps_all, 2),
+                ms(g(0), &p.medium_p50s, 1),
+                f(g(2), 1),
+                f(g(4), 0),
+                if p.medium_idle_fds.is_some() {
+                    ms(p.medium_idle_fds, &p.medium_idle_fds_all, 1)
+                } else if p.medium.is_some() {
+                    "(kernel)".into()
+                } else {
+                    "–".into()
+                },
+            );
+        }
+    }
+    if any(|p| p.one_way_gbps.is_some() || p.both_ways_gbps.is_some() || p.integrity_checks > 0) {
+        let _ = writeln!(
+            o,
+            "\n#### Bulk throughput (one TCP connection) and CPU per GB\n\n\
          | path | one way Gbit/s | × direct | × iptables | both ways Gbit/s | × direct | × iptables | proxy CPU s/GB | machine CPU s/GB | integrity checks |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-    );
-    for p in &live {
-        let integrity = if p.corrupted.is_empty() {
-            format!("{} ok", p.integrity_checks)
-        } else {
-            format!("{} CORRUPTED of {}", p.corrupted.len(), p.integrity_checks)
-        };
-        let _ = writeln!(
-            o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            p.name,
-            f(p.one_way_gbps, 2),
-            ratio(p.one_way_gbps, direct.and_then(|d| d.one_way_gbps)),
-            ratio(p.one_way_gbps, ipt.and_then(|d| d.one_way_gbps)),
-            f(p.both_ways_gbps, 2),
-            ratio(p.both_ways_gbps, direct.and_then(|d| d.both_ways_gbps)),
-            ratio(p.both_ways_gbps, ipt.and_then(|d| d.both_ways_gbps)),
-            if p.name == PathKind::Direct.name()
-                || p.name == PathKind::Iptables.name()
-                || p.name == PathKind::Nftables.name()
-            {
-                "(kernel)".into()
-            } else {
-                f(p.proxy_cpu_s_per_gb, 3)
-            },
-            f(p.machine_cpu_s_per_gb, 3),
-            integrity
         );
+        for p in &live {
+            let integrity = if p.corrupted.is_empty() {
+                format!("{} ok", p.integrity_checks)
+            } else {
+                format!("{} CORRUPTED of {}", p.corrupted.len(), p.integrity_checks)
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(p.one_way_gbps, &p.one_way_all, 2),
+                ratio(p.one_way_gbps, direct.and_then(|d| d.one_way_gbps)),
+                ratio(p.one_way_gbps, ipt.and_then(|d| d.one_way_gbps)),
+                ms(p.both_ways_gbps, &p.both_ways_all, 2),
+                ratio(p.both_ways_gbps, direct.and_then(|d| d.both_ways_gbps)),
+                ratio(p.both_ways_gbps, ipt.and_then(|d| d.both_ways_gbps)),
+                if p.name == PathKind::Direct.name()
+                    || p.name == PathKind::Iptables.name()
+                    || p.name == PathKind::Nftables.name()
+                {
+                    "(kernel)".into()
+                } else {
+                    ms(p.proxy_cpu_s_per_gb, &p.proxy_cpu_all, 3)
+                },
+                ms(p.machine_cpu_s_per_gb, &p.machine_cpu_all, 3),
+                integrity
+            );
+        }
     }
     let mem: Vec<&&PathSummary> = live
         .iter()

@@ -8,6 +8,8 @@
 //!   closes; one-way bulk.
 //! - whoami (8082): `kube_uproxy::lab::peers::whoami`, greets with the
 //!   backend's name; readiness and endpoint-change checks.
+//! - sized (8083): reads an 8-byte big-endian length, answers that many
+//!   bytes, again until EOF; medium responses on keep-alive connections.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -24,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub const ECHO_PORT: u16 = 8080;
 pub const SINK_PORT: u16 = 8081;
 pub const WHO_PORT: u16 = 8082;
+pub const SIZED_PORT: u16 = 8083;
+/// The largest answer the sized server gives.
+pub const SIZED_MAX: usize = 4 << 20;
 
 const BIG_BUF: usize = 256 * 1024;
 
@@ -68,8 +73,13 @@ pub fn start(lab: &Lab, rt: &tokio::runtime::Runtime) -> Result<Backends, LabErr
         let echo_l = ns.tcp_listener(any(ECHO_PORT))?;
         let sink_l = ns.tcp_listener(any(SINK_PORT))?;
         let who_l = ns.tcp_listener(any(WHO_PORT))?;
+        let sized_l = ns.tcp_listener(any(SIZED_PORT))?;
         let _g = rt.enter();
-        for (l, kind) in [(echo_l, Kind::Echo), (sink_l, Kind::Sink)] {
+        for (l, kind) in [
+            (echo_l, Kind::Echo),
+            (sink_l, Kind::Sink),
+            (sized_l, Kind::Sized),
+        ] {
             l.set_nonblocking(true).map_err(|e| io_err("listener", e))?;
             let l = TcpListener::from_std(l).map_err(|e| io_err("listener", e))?;
             rt.spawn(accept_loop(l, kind, counters.clone(), cancel.clone()));
@@ -91,6 +101,7 @@ fn io_err(what: &str, e: std::io::Error) -> LabError {
 enum Kind {
     Echo,
     Sink,
+    Sized,
 }
 
 async fn accept_loop(l: TcpListener, kind: Kind, c: Arc<Counters>, cancel: CancellationToken) {
@@ -121,6 +132,14 @@ async fn accept_loop(l: TcpListener, kind: Kind, c: Arc<Counters>, cancel: Cance
                             tokio::select! {
                                 _ = cancel.cancelled() => {}
                                 _ = sink(s) => {}
+                            }
+                        });
+                    }
+                    Kind::Sized => {
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = sized(s) => {}
                             }
                         });
                     }
@@ -168,4 +187,24 @@ async fn sink(mut s: TcpStream) -> std::io::Result<()> {
         .unwrap_or_else(|| "-".into());
     s.write_all(format!("{count} {hex}\n").as_bytes()).await?;
     s.shutdown().await
+}
+
+/// Answers each 8-byte big-endian length with that many bytes (at most
+/// [`SIZED_MAX`]) of the clients' pattern, until EOF.
+async fn sized(mut s: TcpStream) -> std::io::Result<()> {
+    let body = crate::clients::pattern();
+    let mut len = [0u8; 8];
+    loop {
+        match s.read_exact(&mut len).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return s.shutdown().await,
+            Err(e) => return Err(e),
+        }
+        let mut left = (u64::from_be_bytes(len) as usize).min(SIZED_MAX);
+        while left > 0 {
+            let n = left.min(body.len());
+            s.write_all(&body[..n]).await?;
+            left -= n;
+        }
+    }
 }

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::balancer::Balancer;
+use super::limit::{Admission, ConnectionLimit};
 use super::ports::{PortError, ProxyPortAllocator};
 use super::{DataPathConfig, Stop, tcp, udp};
 use crate::metrics::Metrics;
@@ -26,6 +27,8 @@ pub struct Connections {
     tracker: TaskTracker,
     /// Fired when the grace period is over: every relay resets both sides.
     cut: CancellationToken,
+    /// `--max-connections`.
+    limit: ConnectionLimit,
 }
 
 /// How a drain ended.
@@ -38,6 +41,20 @@ pub struct Drained {
 impl Connections {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// With at most `max` connections open at once (`None`: no cap).
+    pub fn with_limit(max: Option<usize>) -> Self {
+        Connections {
+            limit: ConnectionLimit::new(max),
+            ..Self::default()
+        }
+    }
+
+    /// Admits one more connection, or `None` when the cap is reached (the
+    /// caller refuses it).
+    pub(crate) fn admit(&self) -> Option<Admission> {
+        self.limit.admit()
     }
 
     pub(crate) fn tracker(&self) -> &TaskTracker {

@@ -1,16 +1,22 @@
 //! The data path: listeners, endpoint selection and byte relaying.
 //!
-//! Each Service port owns one listener on a proxy port (see [`ports`]); every
-//! accepted connection gets its own task that picks an endpoint
-//! ([`balancer`]), connects to it (retrying other endpoints on failure) and
-//! relays both directions ([`relay`]). The control plane only talks to this
-//! module through [`listeners::Listeners`] (open, close) and
+//! Each Service port owns one listener on a proxy port (see [`ports`]); its
+//! accept loop ([`tcp`], backing off on repeated errors: `accept.rs`) admits
+//! each connection under `--max-connections` ([`limit`]) and gives it a task
+//! that picks an endpoint ([`balancer`]), connects to it (`connect.rs`:
+//! failover on endpoint errors, none on local ones) and relays both
+//! directions ([`relay`]; bulk phases in `splice.rs` through `pipe.rs`).
+//! Dead peers are found by the socket options of [`tcp_options`]. Repeating
+//! warnings go through `log_limit.rs`; the few raw system calls live in
+//! `sys.rs`. The control plane only talks to this module through
+//! [`listeners::Listeners`] (open, close) and
 //! [`balancer::Balancer::update`]; shutdown drains through
 //! [`listeners::Connections`].
 
 mod accept;
 pub mod balancer;
 mod connect;
+pub mod limit;
 pub mod listeners;
 mod log_limit;
 mod pipe;
@@ -19,13 +25,15 @@ pub mod relay;
 mod splice;
 mod sys;
 pub mod tcp;
+pub mod tcp_options;
 #[cfg(test)]
 mod test_support;
 pub mod udp;
 
 use std::time::Duration;
 
-use relay::RelayMode;
+use relay::RelayConfig;
+use tcp_options::TcpOptions;
 use tokio_util::sync::CancellationToken;
 use udp::UdpConfig;
 
@@ -49,8 +57,11 @@ pub struct Stop {
 /// Settings shared by every connection.
 #[derive(Debug, Clone)]
 pub struct DataPathConfig {
-    /// How bytes are moved between the two connections.
-    pub relay: RelayMode,
+    /// How bytes are moved between the two connections, and when an idle
+    /// flow is dropped.
+    pub relay: RelayConfig,
+    /// Keepalive and user timeout: how dead peers are found.
+    pub tcp: TcpOptions,
     /// One connect attempt per entry, each to another endpoint while there
     /// is one, with this timeout. The legacy proxier's schedule is the
     /// default: 250 ms, 500 ms, 1 s, 2 s.
@@ -62,7 +73,8 @@ pub struct DataPathConfig {
 impl Default for DataPathConfig {
     fn default() -> Self {
         DataPathConfig {
-            relay: RelayMode::Splice,
+            relay: RelayConfig::default(),
+            tcp: TcpOptions::default(),
             connect_timeouts: [250, 500, 1000, 2000]
                 .into_iter()
                 .map(Duration::from_millis)

@@ -10,6 +10,7 @@
 
 use std::os::fd::AsFd;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{SpliceFFlags, splice};
@@ -18,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::pipe::{PIPE_SIZE, Pipe};
-use super::relay::{Failure, destination_failure, shutdown_write};
+use super::relay::{Activity, Failure, destination_failure, shutdown_write, source_failure, touch};
 
 /// How long the source of a bulk phase may send nothing before the phase
 /// ends and its pipe is given back. Long against the gaps inside one burst
@@ -43,7 +44,12 @@ fn splice_flags() -> SpliceFFlags {
 /// Moves `src` → `dst` through `pipe` until EOF on `src` (then half-closes
 /// `dst`) or until `src` has been quiet for [`QUIET`] with the pipe empty.
 /// The pipe is closed when the phase ends.
-pub async fn bulk_phase(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> Result<PhaseEnd, Failure> {
+pub async fn bulk_phase(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: Pipe,
+    activity: &Option<Arc<Activity>>,
+) -> Result<PhaseEnd, Failure> {
     let mut moved = 0u64;
     let mut last_data = Instant::now();
     // One timer for the whole phase, re-armed only when it fires: waiting
@@ -78,13 +84,14 @@ pub async fn bulk_phase(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> Result<
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(Failure::Flow(e)),
+            Err(e) => return Err(source_failure(e)),
         };
         if n == 0 {
             shutdown_write(dst).map_err(destination_failure)?;
             return Ok(PhaseEnd { moved, eof: true });
         }
         last_data = Instant::now();
+        touch(activity);
         let mut pending = n;
         while pending > 0 {
             dst.writable().await.map_err(Failure::Flow)?;

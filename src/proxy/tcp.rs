@@ -4,6 +4,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
@@ -30,6 +31,8 @@ pub fn spawn(
     metrics: Arc<ServicePortMetrics>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
+    // Inherited by every accepted socket: the client side of each flow.
+    config.tcp.apply_to_listener(&listener)?;
     let listener = TcpListener::from_std(listener)?;
     let port = listener.local_addr()?.port();
     let span = debug_span!("listener", service = %service, proxy_port = port);
@@ -72,21 +75,30 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 backoff.succeeded();
                 metrics.accepted();
+                let Some(admission) = connections.admit() else {
+                    // Over --max-connections (logged by the limit): refused
+                    // with a reset, as a port without endpoints.
+                    reset(&client);
+                    continue;
+                };
                 // debug level: at the default level the span costs nothing
                 // per connection; warnings carry service and client themselves.
                 let span = debug_span!("conn", client = %peer);
-                connections.tracker().spawn(
-                    handle_connection(
-                        client,
-                        peer,
-                        Arc::clone(&service),
-                        Arc::clone(&balancer),
-                        Arc::clone(&config),
-                        connections.cut_token().clone(),
-                        Arc::clone(&metrics),
-                    )
-                    .instrument(span),
+                let flow = handle_connection(
+                    client,
+                    peer,
+                    Arc::clone(&service),
+                    Arc::clone(&balancer),
+                    Arc::clone(&config),
+                    connections.cut_token().clone(),
+                    Arc::clone(&metrics),
                 );
+                // The admission counts against the cap for the life of the
+                // flow. (`map`, not an async block: that would hold the
+                // flow's future twice, rust-lang/rust#62958.)
+                connections
+                    .tracker()
+                    .spawn(flow.map(move |()| drop(admission)).instrument(span));
             }
             Err(e) => {
                 if let Some(pause) = backoff.failed(&e) {
@@ -174,7 +186,7 @@ async fn handle_connection(
     };
     let endpoint = lease.addr();
     let _ = upstream.set_nodelay(true);
-    let result = relay(config.relay, client, upstream, &cut).await;
+    let result = relay(config.relay, &config.tcp, client, upstream, &cut).await;
     // Least-connections stops counting the connection before it is logged
     // as closed: whoever reads the log never sees the counter lag behind.
     drop(lease);

@@ -166,10 +166,43 @@ impl ProxyProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> ProxyProcess {
+        Self::start_under(
+            node,
+            dir,
+            name,
+            &[],
+            source_flag,
+            source_path,
+            extra_args,
+            env,
+        )
+    }
+
+    /// Like [`ProxyProcess::start_with`], run by the command `wrapper`
+    /// (e.g. `["prlimit", "--nofile=1024:4096"]`) with the binary and its
+    /// arguments appended.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_under(
+        node: &Netns,
+        dir: &Path,
+        name: &str,
+        wrapper: &[&str],
+        source_flag: &str,
+        source_path: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let stderr = dir.join(format!("{name}.stderr"));
         let log = File::create(&stderr).expect("creating the proxy log file");
         let log2 = log.try_clone().expect("cloning the log file handle");
-        let mut cmd = node.command(BIN);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = node.command(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => node.command(BIN),
+        };
         cmd.arg(source_flag)
             .arg(source_path)
             .args(["--proxy-port-range", PORT_RANGE, "-v"])
