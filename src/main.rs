@@ -14,7 +14,7 @@ use kube_uproxy::health::ProxyHealth;
 use kube_uproxy::metrics::Metrics;
 use kube_uproxy::proxy::DataPathConfig;
 use kube_uproxy::proxy::listeners::{Connections, SocketListeners};
-use kube_uproxy::proxy::ports::ProxyPortAllocator;
+use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
 use kube_uproxy::proxy::udp::UdpConfig;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig, Telemetry};
 use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
@@ -247,7 +247,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .filter(|t| t.proxy_address == Some(args.bind_address))
         .map(|t| t.redirects().collect())
         .unwrap_or_default();
-    let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.bind_address), args.proxy_port_range);
+    let port_range = match args.proxy_port_range {
+        Some(range) => Some(range),
+        None => match ports::ephemeral_port_range(&args.proc_sys_dir) {
+            Ok(range) => {
+                info!(%range, "proxy ports from the kernel's ephemeral range (net.ipv4.ip_local_port_range); --proxy-port-range sets another");
+                Some(range)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the ephemeral port range: the kernel picks each proxy port (slow with thousands of Service ports)");
+                None
+            }
+        },
+    };
+    let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.bind_address), port_range);
     for (key, port) in &adopted {
         let protocol = match key {
             Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => d.protocol,

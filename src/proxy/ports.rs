@@ -3,7 +3,13 @@
 //! `--proxy-port-range` takes kube-proxy's format (`BEGIN-END`, `PORT`, or
 //! `BEGIN+OFFSET`). With a range, ports are handed out in turn (next-fit, so
 //! a port just released is not reused at once) and a port some other
-//! program holds is skipped. Without one, the kernel picks.
+//! program holds is skipped. Without one, the proxy hands out ports the same
+//! way from the kernel's ephemeral range (`net.ipv4.ip_local_port_range`,
+//! [`ephemeral_port_range`]), the ports a `bind` to port 0 would get:
+//! binding a chosen port costs the kernel one bucket lookup, while a `bind`
+//! to port 0 searches for a free port and slows down with every socket
+//! already bound on the address (10 000 listeners took 25 s that way, 0.5 s
+//! this way).
 //!
 //! Every socket is bound with `SO_REUSEPORT`, so that the next instance of
 //! the proxy can bind the same port beside this one during a rolling update
@@ -76,10 +82,30 @@ impl FromStr for PortRange {
     }
 }
 
+/// The kernel's ephemeral port range, from `ip_local_port_range` under
+/// `proc_sys` (`--proc-sys-dir`).
+pub fn ephemeral_port_range(proc_sys: &std::path::Path) -> io::Result<PortRange> {
+    let path = proc_sys.join("net/ipv4/ip_local_port_range");
+    let text = std::fs::read_to_string(&path)?;
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {text:?} is not two port numbers", path.display()),
+        )
+    };
+    let mut nums = text.split_whitespace().map(str::parse::<u16>);
+    match (nums.next(), nums.next(), nums.next()) {
+        (Some(Ok(begin)), Some(Ok(end)), None) if 0 < begin && begin <= end => {
+            Ok(PortRange { begin, end })
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// No port could be bound.
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
-    #[error("no free port in --proxy-port-range {range} ({in_use} held by this proxy)")]
+    #[error("no free port in the proxy port range {range} ({in_use} held by this proxy)")]
     Exhausted { range: PortRange, in_use: usize },
     #[error("{protocol} port {port} is not reserved for this Service port, or already in use")]
     NotReserved { protocol: Protocol, port: u16 },
@@ -373,6 +399,26 @@ mod tests {
         assert!(a.bind(Protocol::Tcp).is_err());
         a.clear_reservations();
         assert_eq!(a.bind(Protocol::Tcp).unwrap().1, base);
+    }
+
+    #[test]
+    fn the_ephemeral_range_is_read_from_the_sysctl_file() {
+        let dir = std::env::temp_dir().join(format!("ku-ports-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("net/ipv4")).unwrap();
+        let file = dir.join("net/ipv4/ip_local_port_range");
+        std::fs::write(&file, "32768\t60999\n").unwrap();
+        assert_eq!(
+            ephemeral_port_range(&dir).unwrap(),
+            PortRange {
+                begin: 32768,
+                end: 60999
+            }
+        );
+        for bad in ["", "1", "9 1", "0 10", "a b", "1 2 3"] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(ephemeral_port_range(&dir).is_err(), "{bad:?} accepted");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
