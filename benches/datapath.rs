@@ -9,7 +9,7 @@
 //! cargo bench --bench datapath -- --help
 //! ```
 //!
-//! It builds a network-namespace lab (`kube_uproxy::lab`: client ns → node ns
+//! It builds a network-namespace lab (`uproxy_lab`: client ns → node ns
 //! → 2 backend ns), starts echo / sink / whoami servers in the backends, and
 //! for each data path in turn installs only that path in the node namespace,
 //! measures from the client namespace, and tears it down again, in
@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use kube_uproxy::lab::Lab;
+use uproxy_lab::Lab;
 
 use paths::{Ctx, PathKind};
 use report::{Acc, Report};

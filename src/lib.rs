@@ -7,7 +7,6 @@ pub mod admin;
 pub mod config;
 pub mod config_file;
 pub mod health;
-pub mod lab;
 pub mod metrics;
 pub mod model;
 pub mod proxy;

@@ -39,10 +39,10 @@ use e2e::{
     assert_echo, backend_name, close, connect, hold, poll, proxy_port_of, read_line, vip,
     who_or_panic,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
-use kube_uproxy::lab::{self, Netns, backend_addr, peers};
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
+use uproxy_lab::{self as lab, Netns, backend_addr, peers};
 
 fn ep(i: usize) -> EndpointManifest {
     EndpointManifest::ready(backend_addr(i))

@@ -27,9 +27,9 @@ use e2e::{
     BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
     VIP_C, connect, hold, poll, proxy_port_of, read_line, vip, wait_nft_key,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
-use kube_uproxy::lab::{self, Netns, backend_addr};
 use serde_json::Value;
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
+use uproxy_lab::{self as lab, Netns, backend_addr};
 
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
 const HEALTHZ: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);

@@ -26,9 +26,9 @@ use e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
     close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
-use kube_uproxy::lab::{self, Netns, backend_addr};
 use sha2::{Digest, Sha256};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use uproxy_lab::{self as lab, Netns, backend_addr};
 
 const MAP: &str = "service-ports";
 
@@ -271,7 +271,7 @@ fn no_socket_is_leaked_however_connections_end() {
         s.read_to_string(&mut answer).expect("digest");
         assert_eq!(
             answer.trim(),
-            hex::encode(Sha256::digest(&upload)),
+            uproxy_lab::peers::hex(&Sha256::digest(&upload)),
             "upload {i} corrupted"
         );
         // 6. Bulk both ways (echo), then a clean close.

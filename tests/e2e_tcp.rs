@@ -12,7 +12,7 @@
 //! fail, if `CI` is set). Set `KU_E2E_SHOW_LOGS=1` (with `--nocapture`) to see
 //! the proxy's stderr of passing tests too.
 //!
-//! [`Lab`]: kube_uproxy::lab::Lab
+//! [`Lab`]: uproxy_lab::Lab
 
 #[path = "support/e2e.rs"]
 mod e2e;
@@ -33,15 +33,15 @@ use e2e::{
     BACKEND_PORT, BIN, Backend, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A,
     VIP_B, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
 };
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
-use kube_uproxy::lab::{self, Netns, NsChild, backend_addr, peers};
 use kube_uproxy::source::convert::ANNOTATION_LB_ALGORITHM;
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
+use uproxy_lab::{self as lab, Netns, NsChild, backend_addr, peers};
 
 // ---------------------------------------------------------------------------
 // Manifests, as `kubectl get svc,endpointslices -o yaml` prints them
-// (written by kube_uproxy::lab::manifests).
+// (written by uproxy_lab::manifests).
 
 /// The endpoint of backend `i` (Pod `web-<i>` on node-1), ready.
 fn ep(i: usize) -> EndpointManifest {

@@ -31,7 +31,7 @@
 //! These tests need root and `nft` (and dnsmasq and dig for the DNS test);
 //! without root they print `SKIP ...` (or fail, if `CI` is set).
 //!
-//! [`Lab`]: kube_uproxy::lab::Lab
+//! [`Lab`]: uproxy_lab::Lab
 
 #[path = "support/e2e.rs"]
 mod e2e;
@@ -54,14 +54,12 @@ use e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
     VIP_D, assert_echo, backend_name, close, hold, poll,
 };
-use kube_uproxy::lab::manifests::{
-    EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType,
-};
-use kube_uproxy::lab::peers::{self, MAX_UDP_PAYLOAD, PeerHandle};
-use kube_uproxy::lab::{
-    self, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns, NsChild, backend_addr,
-};
 use serde_json::Value;
+use uproxy_lab::manifests::{EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType};
+use uproxy_lab::peers::{self, MAX_UDP_PAYLOAD, PeerHandle};
+use uproxy_lab::{
+    self as lab, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns, NsChild, backend_addr,
+};
 
 /// How long a UDP client waits for one answer before calling it lost.
 const ANSWER_WAIT: Duration = Duration::from_secs(1);

@@ -37,9 +37,9 @@ use e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
     VIP_D, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
 };
-use kube_uproxy::lab::manifests::slice_name;
-use kube_uproxy::lab::{self, Netns, backend_addr};
 use serde_json::{Value, json};
+use uproxy_lab::manifests::slice_name;
+use uproxy_lab::{self as lab, Netns, backend_addr};
 
 /// Bound for the watchers to come back after a disturbance: kube-rs backs
 /// off (0.8 s, then doubling, with jitter) between failed attempts.

@@ -334,7 +334,7 @@ pub fn bulk_one_way(sink: SocketAddr, amount: Amount) -> io::Result<Bulk> {
         .unwrap_or(u64::MAX);
     let their_hash = parts.next().unwrap_or("").to_string();
     let our_hash = hasher
-        .map(|h| kube_uproxy::lab::peers::hex(&h.finalize()))
+        .map(|h| uproxy_lab::peers::hex(&h.finalize()))
         .unwrap_or_else(|| "-".into());
     let intact = count == sent && their_hash == our_hash;
     Ok(Bulk {
@@ -369,7 +369,7 @@ pub fn bulk_both_ways(echo: SocketAddr, amount: Amount) -> io::Result<Bulk> {
             }
             Ok((
                 got,
-                h.map(|h| kube_uproxy::lab::peers::hex(&h.finalize()))
+                h.map(|h| uproxy_lab::peers::hex(&h.finalize()))
                     .unwrap_or_default(),
             ))
         });
@@ -380,7 +380,7 @@ pub fn bulk_both_ways(echo: SocketAddr, amount: Amount) -> io::Result<Bulk> {
         let sent = sent?;
         let (got, got_hash) = read?;
         let sent_hash = h
-            .map(|h| kube_uproxy::lab::peers::hex(&h.finalize()))
+            .map(|h| uproxy_lab::peers::hex(&h.finalize()))
             .unwrap_or_default();
         Ok::<_, io::Error>((sent, sent_hash, got, got_hash))
     })?;

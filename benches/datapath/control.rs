@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kube_uproxy::lab::backend_addr;
+use uproxy_lab::backend_addr;
 
 use crate::clients;
 use crate::manifests::{self, Port, Svc};

@@ -1,10 +1,10 @@
 //! The benchmark's Services, written by the library's kubectl-style
-//! manifest writer (`kube_uproxy::lab::manifests`), which the end-to-end
+//! manifest writer (`uproxy_lab::manifests`), which the end-to-end
 //! tests use too.
 
 use std::net::Ipv4Addr;
 
-use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 
 /// One Service port: name, Service port, target (backend) port.
 pub struct Port {

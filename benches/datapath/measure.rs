@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use kube_uproxy::lab::{Lab, LabError, Netns};
+use uproxy_lab::{Lab, LabError, Netns};
 
 use crate::clients::{self, Amount, Close};
 use crate::paths::Active;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kube_uproxy::lab::{Lab, NsChild, backend_addr};
+use uproxy_lab::{Lab, NsChild, backend_addr};
 
 use crate::clients;
 use crate::manifests::{self, Port, Svc};

@@ -6,7 +6,7 @@
 //! - sink (8081): the first byte picks the mode, `C` (count) or `H` (count
 //!   and SHA-256); reads until EOF, answers `"<count> <hex or ->\n"` and
 //!   closes; one-way bulk.
-//! - whoami (8082): `kube_uproxy::lab::peers::whoami`, greets with the
+//! - whoami (8082): `uproxy_lab::peers::whoami`, greets with the
 //!   backend's name; readiness and endpoint-change checks.
 //! - sized (8083): reads an 8-byte big-endian length, answers that many
 //!   bytes, again until EOF; medium responses on keep-alive connections.
@@ -16,12 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use kube_uproxy::lab::peers::{self, PeerHandle};
-use kube_uproxy::lab::{Lab, LabError};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use uproxy_lab::peers::{self, PeerHandle};
+use uproxy_lab::{Lab, LabError};
 
 pub const ECHO_PORT: u16 = 8080;
 pub const SINK_PORT: u16 = 8081;
@@ -29,8 +28,6 @@ pub const WHO_PORT: u16 = 8082;
 pub const SIZED_PORT: u16 = 8083;
 /// The largest answer the sized server gives.
 pub const SIZED_MAX: usize = 4 << 20;
-
-const BIG_BUF: usize = 256 * 1024;
 
 /// Counters shared by the echo servers of all backends.
 #[derive(Default, Debug)]
@@ -150,41 +147,15 @@ async fn accept_loop(l: TcpListener, kind: Kind, c: Arc<Counters>, cancel: Cance
     }
 }
 
-/// Echo with a buffer that starts small (idle connections stay cheap) and
-/// grows for bulk data.
 async fn echo(mut s: TcpStream) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 2048];
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            return s.shutdown().await;
-        }
-        s.write_all(&buf[..n]).await?;
-        if n == buf.len() && buf.len() < BIG_BUF {
-            buf = vec![0u8; BIG_BUF];
-        }
-    }
+    peers::echo_stream(&mut s).await
 }
 
 async fn sink(mut s: TcpStream) -> std::io::Result<()> {
     let mut mode = [0u8; 1];
     s.read_exact(&mut mode).await?;
-    let mut hasher = (mode[0] == b'H').then(Sha256::new);
-    let mut buf = vec![0u8; BIG_BUF];
-    let mut count = 0u64;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        count += n as u64;
-        if let Some(h) = hasher.as_mut() {
-            h.update(&buf[..n]);
-        }
-    }
-    let hex = hasher
-        .map(|h| peers::hex(&h.finalize()))
-        .unwrap_or_else(|| "-".into());
+    let (count, digest) = peers::drain(&mut s, mode[0] == b'H').await?;
+    let hex = digest.unwrap_or_else(|| "-".into());
     s.write_all(format!("{count} {hex}\n").as_bytes()).await?;
     s.shutdown().await
 }

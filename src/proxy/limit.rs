@@ -95,7 +95,7 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     use crate::model::{Algorithm, ObjectKey, Protocol, ServicePortName};
     use crate::proxy::DataPathConfig;
@@ -104,19 +104,10 @@ mod tests {
     use crate::proxy::tcp;
     use crate::proxy::test_support::capture_logs;
 
-    /// An echo server on loopback.
-    async fn echo_server() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
+    /// An echo server on loopback (stops when the handle drops).
+    fn echo_server() -> uproxy_lab::peers::PeerHandle {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        uproxy_lab::peers::echo(l).unwrap()
     }
 
     /// A connection through the proxy that echoed once, or the error.
@@ -152,7 +143,8 @@ mod tests {
     #[tokio::test]
     async fn connections_over_max_connections_are_refused_with_a_reset() {
         let (logs, _guard) = capture_logs();
-        let backend = echo_server().await;
+        let echo = echo_server();
+        let backend = echo.local_addr();
         let balancer = Balancer::new(Algorithm::RoundRobin);
         balancer.update(&[backend], Algorithm::RoundRobin);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kube_uproxy::lab::manifests::{ServiceManifest, list_yaml};
-use kube_uproxy::lab::peers::{self, PeerHandle};
-use kube_uproxy::lab::{Lab, Netns, NsChild};
 use serde_json::Value;
+use uproxy_lab::manifests::{ServiceManifest, list_yaml};
+use uproxy_lab::peers::{self, PeerHandle};
+use uproxy_lab::{Lab, Netns, NsChild};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kube-uproxy");
 pub const PORT_RANGE: &str = "20000-20999";
@@ -292,7 +292,7 @@ pub fn failing_nft(dir: &Path) -> PathBuf {
 static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(1000);
 
 /// A `kind: List` with each Service followed by its EndpointSlice (written
-/// by kube_uproxy::lab::manifests); every call gives its objects new
+/// by uproxy_lab::manifests); every call gives its objects new
 /// resourceVersions, as a live cluster would.
 pub fn manifests(services: &[ServiceManifest]) -> String {
     let stamped: Vec<ServiceManifest> = services

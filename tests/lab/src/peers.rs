@@ -177,7 +177,7 @@ pub fn whoami(listener: std::net::TcpListener, name: &str) -> io::Result<PeerHan
         let greeting = greeting.clone();
         async move {
             stream.write_all(&greeting).await?;
-            echo_until_eof(&mut stream).await
+            echo_stream(&mut stream).await
         }
     })
 }
@@ -185,16 +185,8 @@ pub fn whoami(listener: std::net::TcpListener, name: &str) -> io::Result<PeerHan
 /// Reads until EOF, then writes the hex SHA-256 of the data and `"\n"`.
 pub fn sha256(listener: std::net::TcpListener) -> io::Result<PeerHandle> {
     serve(listener, |mut stream| async move {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let reply = format!("{}\n", hex(&hasher.finalize()));
+        let (_, digest) = drain(&mut stream, true).await?;
+        let reply = format!("{}\n", digest.unwrap_or_default());
         stream.write_all(reply.as_bytes()).await?;
         stream.shutdown().await
     })
@@ -203,7 +195,7 @@ pub fn sha256(listener: std::net::TcpListener) -> io::Result<PeerHandle> {
 /// Echoes until EOF, then closes.
 pub fn echo(listener: std::net::TcpListener) -> io::Result<PeerHandle> {
     serve(listener, |mut stream| async move {
-        echo_until_eof(&mut stream).await
+        echo_stream(&mut stream).await
     })
 }
 
@@ -275,10 +267,44 @@ pub fn udp_echo(socket: std::net::UdpSocket) -> io::Result<PeerHandle> {
     serve_udp(socket, |payload, _| payload.to_vec())
 }
 
-async fn echo_until_eof(stream: &mut TcpStream) -> io::Result<()> {
-    let (mut r, mut w) = stream.split();
-    tokio::io::copy(&mut r, &mut w).await?;
-    w.shutdown().await
+/// Largest read buffer of [`echo_stream`] and [`drain`].
+const BIG_BUF: usize = 256 * 1024;
+
+/// Echoes until EOF, then half-closes. The buffer starts small (an idle
+/// connection stays cheap) and grows once a read fills it (bulk data). The
+/// lab's echo peers and the benchmark's echo backend both run this.
+pub async fn echo_stream(stream: &mut TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return stream.shutdown().await;
+        }
+        stream.write_all(&buf[..n]).await?;
+        if n == buf.len() && buf.len() < BIG_BUF {
+            buf = vec![0u8; BIG_BUF];
+        }
+    }
+}
+
+/// Reads until EOF; gives the byte count and, with `hash`, the lowercase
+/// hex SHA-256 of everything read. The lab's sha256 peer and the
+/// benchmark's sink backend both run this.
+pub async fn drain(stream: &mut TcpStream, hash: bool) -> io::Result<(u64, Option<String>)> {
+    let mut hasher = hash.then(Sha256::new);
+    let mut buf = vec![0u8; BIG_BUF];
+    let mut count = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        count += n as u64;
+        if let Some(h) = hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+    }
+    Ok((count, hasher.map(|h| hex(&h.finalize()))))
 }
 
 #[cfg(test)]

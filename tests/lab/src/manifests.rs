@@ -12,7 +12,7 @@
 //! fixed or derived values, so the same input always gives the same text.
 //!
 //! ```
-//! use kube_uproxy::lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+//! use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 //! use std::net::Ipv4Addr;
 //!
 //! let web = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
@@ -27,7 +27,21 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
-use crate::model::Protocol;
+/// A Service port's protocol, as the manifests spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
 
 /// `creationTimestamp` (and the slice's last-change-trigger-time) of every object.
 const TIMESTAMP: &str = "2025-01-01T00:00:00Z";
@@ -573,11 +587,12 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::model::{
+    use kube_uproxy::model::Protocol as ModelProtocol;
+    use kube_uproxy::model::{
         Algorithm, ObjectKey, PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort,
     };
-    use crate::source::convert::ANNOTATION_LB_ALGORITHM;
-    use crate::source::manifests::{Parsed, parse};
+    use kube_uproxy::source::convert::ANNOTATION_LB_ALGORITHM;
+    use kube_uproxy::source::manifests::{Parsed, parse};
 
     fn parse_list(services: &[ServiceManifest]) -> Parsed {
         let yaml = list_yaml(services);
@@ -622,7 +637,7 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let tcp = |name: &str, port| PortSpec {
             name: name.into(),
-            protocol: Protocol::Tcp,
+            protocol: ModelProtocol::Tcp,
             port,
             node_port: None,
         };
@@ -643,7 +658,7 @@ mod tests {
                         tcp("http", 80),
                         PortSpec {
                             name: "dns".into(),
-                            protocol: Protocol::Udp,
+                            protocol: ModelProtocol::Udp,
                             port: 53,
                             node_port: None,
                         },
@@ -668,7 +683,7 @@ mod tests {
                     service: ObjectKey::new("default", "web"),
                     ports: vec![SlicePort {
                         name: String::new(),
-                        protocol: Protocol::Tcp,
+                        protocol: ModelProtocol::Tcp,
                         port: 8080,
                     }],
                     endpoints: vec![
@@ -683,12 +698,12 @@ mod tests {
                     ports: vec![
                         SlicePort {
                             name: "http".into(),
-                            protocol: Protocol::Tcp,
+                            protocol: ModelProtocol::Tcp,
                             port: 8080,
                         },
                         SlicePort {
                             name: "dns".into(),
-                            protocol: Protocol::Udp,
+                            protocol: ModelProtocol::Udp,
                             port: 5353,
                         },
                     ],
@@ -890,8 +905,8 @@ mod tests {
         assert_eq!(
             ports,
             vec![
-                (Protocol::Udp, 53, Some(30053)),
-                (Protocol::Tcp, 53, Some(30054))
+                (ModelProtocol::Udp, 53, Some(30053)),
+                (ModelProtocol::Tcp, 53, Some(30054))
             ]
         );
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
