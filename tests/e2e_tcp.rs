@@ -21,7 +21,7 @@ use e2e::manifests;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -690,4 +690,70 @@ fn sigterm_keeps_the_table_and_cleanup_removes_it() {
             "--cleanup {round}: table ip kube-uproxy still exists\n{log}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// The README's first command: the shipped example, started as a user starts
+// it (no --proxy-port-range, no -v).
+
+#[test]
+fn the_shipped_example_answers_on_its_cluster_ip_with_ports_from_the_ephemeral_range() {
+    if !lab::require_root_and_nft(
+        "the_shipped_example_answers_on_its_cluster_ip_with_ports_from_the_ephemeral_range",
+    ) {
+        return;
+    }
+    let bed = Testbed::new("e2e", "example", &[]);
+    // The example's endpoints are 127.0.0.1:8080 and 127.0.0.2:8080: the
+    // node's own loopback, where a dev box runs its "pods".
+    let listener = bed
+        .node()
+        .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
+        .expect("the example's backend listener");
+    let _server = {
+        let _g = bed.runtime().enter();
+        peers::whoami(listener, "hello").expect("starting the example's backend")
+    };
+    // An ephemeral range of this namespace's own: the proxy must take its
+    // ports from it when no --proxy-port-range is given.
+    let set = bed
+        .node()
+        .output(
+            "sysctl",
+            ["-qw", "net.ipv4.ip_local_port_range=41000 41999"],
+        )
+        .expect("setting the node's ephemeral port range");
+    assert!(set.status.success(), "sysctl: {set:?}");
+
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/hello.yaml");
+    let example = example.to_str().expect("a UTF-8 path");
+    let mut proxy = ProxyProcess::start_plain(
+        bed.node(),
+        &bed.dir,
+        "kube-uproxy",
+        &["--manifests", example],
+    );
+    let hello = Ipv4Addr::new(10, 96, 0, 80);
+    e2e::wait_nft_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        hello,
+        true,
+        "the example's Service programmed",
+    );
+    let port = e2e::proxy_port_of(bed.node(), hello).expect("the example's proxy port");
+    assert!(
+        (41000..=41999).contains(&port),
+        "proxy port {port} is outside the node's ephemeral range 41000-41999"
+    );
+    for (ns, from) in [(bed.client(), "a client"), (bed.node(), "the node")] {
+        for i in 0..4 {
+            let name = who(ns, vip(hello))
+                .unwrap_or_else(|e| panic!("{from} -> {hello}:80, connection {i}: {e}"));
+            assert_eq!(name, "hello", "{from} -> {hello}:80, connection {i}");
+        }
+    }
+    proxy.assert_running("after serving the example");
 }

@@ -192,21 +192,44 @@ impl ProxyProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> ProxyProcess {
+        let source_path = source_path.to_string_lossy();
+        let mut args = vec![
+            source_flag,
+            &*source_path,
+            "--proxy-port-range",
+            PORT_RANGE,
+            "-v",
+        ];
+        args.extend_from_slice(extra_args);
+        Self::spawn(node, dir, name, wrapper, &args, env)
+    }
+
+    /// `kube-uproxy` with exactly `args` (no port range, no `-v`), as a
+    /// user would type it.
+    pub fn start_plain(node: &Netns, dir: &Path, name: &str, args: &[&str]) -> ProxyProcess {
+        Self::spawn(node, dir, name, &[], args, &[])
+    }
+
+    fn spawn(
+        node: &Netns,
+        dir: &Path,
+        name: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let stderr = dir.join(format!("{name}.stderr"));
         let log = File::create(&stderr).expect("creating the proxy log file");
         let log2 = log.try_clone().expect("cloning the log file handle");
         let mut cmd = match wrapper.split_first() {
-            Some((program, args)) => {
+            Some((program, rest)) => {
                 let mut c = node.command(program);
-                c.args(args).arg(BIN);
+                c.args(rest).arg(BIN);
                 c
             }
             None => node.command(BIN),
         };
-        cmd.arg(source_flag)
-            .arg(source_path)
-            .args(["--proxy-port-range", PORT_RANGE, "-v"])
-            .args(extra_args)
+        cmd.args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log2)
