@@ -25,7 +25,11 @@ pub fn new_hist() -> Histogram<u64> {
 
 /// Result of a latency measurement.
 pub struct Latency {
+    /// At a fixed rate it also holds the samples that the coordinated-
+    /// omission correction adds: not a count of requests.
     pub hist: Histogram<u64>,
+    /// Requests answered.
+    pub answered: u64,
     pub elapsed: Duration,
     pub errors: u64,
     /// The first failure, to say what went wrong.
@@ -33,8 +37,9 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Requests answered per second.
     pub fn rate(&self) -> f64 {
-        self.hist.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -145,6 +150,7 @@ pub fn ping_pong(addr: SocketAddr, dur: Duration) -> io::Result<Latency> {
         hist.saturating_record(t.elapsed().as_nanos() as u64);
     }
     Ok(Latency {
+        answered: hist.len(),
         hist,
         elapsed: start.elapsed(),
         errors: 0,
@@ -181,6 +187,7 @@ pub fn fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<Late
         let _ = hist.record_correct(v, interval.as_nanos() as u64);
     }
     Ok(Latency {
+        answered: n,
         hist,
         elapsed: start.elapsed(),
         errors: 0,
@@ -227,6 +234,7 @@ pub fn connect_latency(addr: SocketAddr, dur: Duration, close: Close) -> Latency
         }
     }
     Latency {
+        answered: hist.len(),
         hist,
         elapsed: start.elapsed(),
         errors,
@@ -482,6 +490,7 @@ pub fn medium(addr: SocketAddr, dur: Duration, conns: usize) -> io::Result<Mediu
     }
     Ok(Medium {
         latency: Latency {
+            answered: hist.len(),
             hist,
             elapsed,
             errors: 0,
@@ -524,7 +533,11 @@ pub const UDP_CLIENTS: usize = 1000;
 /// Result of a UDP request/response measurement. Lost requests (no
 /// answer within [`UDP_TIMEOUT`]) are counted, not recorded as latencies.
 pub struct UdpLatency {
+    /// At a fixed rate it also holds the samples that the coordinated-
+    /// omission correction adds: not a count of requests.
     pub hist: Histogram<u64>,
+    /// Requests answered in the measured loop.
+    pub answered: u64,
     /// The first request of each client socket (a new flow everywhere on
     /// the path), when the phase has several.
     pub new_flow: Option<Histogram<u64>>,
@@ -541,6 +554,7 @@ impl UdpLatency {
     fn new() -> UdpLatency {
         UdpLatency {
             hist: new_hist(),
+            answered: 0,
             new_flow: None,
             elapsed: Duration::ZERO,
             sent: 0,
@@ -550,8 +564,9 @@ impl UdpLatency {
         }
     }
 
+    /// Requests answered per second in the measured loop.
     pub fn rate(&self) -> f64 {
-        self.hist.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     /// Counts the outcome of one request; records its latency if answered.
@@ -652,6 +667,7 @@ pub fn udp_ping(addr: SocketAddr, dur: Duration) -> io::Result<UdpLatency> {
     while start.elapsed() < dur {
         seq += 1;
         if let Some(d) = out.count(udp_request(&s, seq))? {
+            out.answered += 1;
             out.hist.saturating_record(d.as_nanos() as u64);
         }
     }
@@ -681,6 +697,7 @@ pub fn udp_fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<
         }
         seq += 1;
         if let Some(d) = out.count(udp_request(&s, seq))? {
+            out.answered += 1;
             let _ = out
                 .hist
                 .record_correct(d.as_nanos() as u64, interval.as_nanos() as u64);
@@ -722,6 +739,7 @@ pub fn udp_many(addr: SocketAddr, dur: Duration, clients: usize) -> io::Result<U
             }
             seq += 1;
             if let Some(d) = out.count(udp_request(s, seq))? {
+                out.answered += 1;
                 out.hist.saturating_record(d.as_nanos() as u64);
             }
         }
