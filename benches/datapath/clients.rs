@@ -653,16 +653,26 @@ fn udp_request(s: &std::net::UdpSocket, seq: u64) -> io::Result<Option<Duration>
     }
 }
 
+/// Up to 50 requests (for at most a second, whatever is lost): the flow
+/// exists everywhere on the path afterwards.
+fn udp_warm_up(s: &std::net::UdpSocket, seq: &mut u64) {
+    let start = Instant::now();
+    for _ in 0..50 {
+        if start.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        *seq += 1;
+        let _ = udp_request(s, *seq);
+    }
+}
+
 /// UDP request/response from one client socket (one flow), one in flight,
 /// as fast as it goes, for `dur`.
 pub fn udp_ping(addr: SocketAddr, dur: Duration) -> io::Result<UdpLatency> {
     let s = udp_client(addr)?;
     let mut out = UdpLatency::new();
     let mut seq = 0u64;
-    for _ in 0..50 {
-        seq += 1;
-        let _ = udp_request(&s, seq); // warm-up: the flow exists afterwards
-    }
+    udp_warm_up(&s, &mut seq);
     let start = Instant::now();
     while start.elapsed() < dur {
         seq += 1;
@@ -682,14 +692,17 @@ pub fn udp_fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<
     let s = udp_client(addr)?;
     let mut out = UdpLatency::new();
     let mut seq = 0u64;
-    for _ in 0..50 {
-        seq += 1;
-        let _ = udp_request(&s, seq);
-    }
+    udp_warm_up(&s, &mut seq);
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
     let n = (dur.as_secs_f64() * rate) as u64;
+    // Lost requests each wait out the timeout: a path that loses many
+    // falls behind the schedule; it stops at twice the time.
+    let limit = dur * 2 + Duration::from_secs(1);
     for i in 0..n {
+        if start.elapsed() > limit {
+            break;
+        }
         let due = start + interval * i as u32;
         let now = Instant::now();
         if due > now {
