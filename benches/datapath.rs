@@ -53,7 +53,7 @@ const USAGE: &str = "\
 cargo bench --bench datapath -- [OPTIONS]   (as root)
 
   --short            CI mode: 1 round, ~0.5 s per measurement, 1 000 idle
-                     connections, control plane at 1 and 1 000 Services;
+                     connections, control plane at 10 and 1 000 Services;
                      exits non-zero if a core path produced no numbers or
                      data arrived corrupted. Does not touch docs/ unless
                      --docs is given.
@@ -62,7 +62,9 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
   --paths a,b,...    subset of: direct iptables nftables splice copy nginx
                      haproxy haproxy-splice
   --idle-conns N     idle connections for the memory figure (full: 10000)
-  --scales a,b,...   Service counts for the control plane (full: 1,1000,10000)
+  --scales a,b,...   Service counts for the control plane (full: 10,1000,10000;
+                     mixed types: ClusterIP, TCP+UDP, NodePort, externalIPs,
+                     LoadBalancer with source ranges)
   --phases a,b,...   data-path phases to run (default all): rr (persistent
                      request/response), rate (fixed rate), connect
                      (connection per request, the client closing with RST:
@@ -70,7 +72,10 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
                      FIN: TIME_WAIT and port reuse on the way), medium
                      (16 KiB-1 MiB responses on keep-alive connections,
                      then the proxy's fds per idle connection), bulk
-                     (hashed and timed transfers); for profiling one phase
+                     (hashed and timed transfers), udp (64 B datagrams
+                     through the ClusterIP: one flow, fixed rate, 1 000
+                     client ports; direct, iptables, nftables and
+                     kube-uproxy only); for profiling one phase
   --baseline-bin PATH
                      also measure another kube-uproxy binary (e.g. a build of
                      an earlier commit) as the path \"kube-uproxy baseline\"
@@ -128,9 +133,9 @@ fn parse_args() -> Result<Opts, String> {
         phases: measure::Phases::all(),
         idle_conns: if short { 1000 } else { 10_000 },
         scales: if short {
-            vec![1, 1000]
+            vec![10, 1000]
         } else {
-            vec![1, 1000, 10_000]
+            vec![10, 1000, 10_000]
         },
         control: true,
         memory: true,
@@ -400,7 +405,8 @@ fn run(opts: &Opts) -> Result<bool, String> {
                 Ok(mut a) => {
                     let r = measure::round(&lab, &mut a, &plan);
                     eprintln!(
-                        "rr {:>7} req/s  p50 {:>6} µs  conn {:>6}/s  fin {:>6}/s  medium {:>6}/s {:>4} fds  1-way {:>6} Gbit/s  2-way {:>6} Gbit/s  ({:.1} s){}",
+                        "udp {:>7} req/s  rr {:>7} req/s  p50 {:>6} µs  conn {:>6}/s  fin {:>6}/s  medium {:>6}/s {:>4} fds  1-way {:>6} Gbit/s  2-way {:>6} Gbit/s  ({:.1} s){}",
+                        r.udp_rr.rate.map_or("-".into(), |v| format!("{v:.0}")),
                         r.ping_rate.map_or("-".into(), |v| format!("{v:.0}")),
                         r.ping.as_ref().map_or("-".into(), |h| format!(
                             "{:.1}",
@@ -518,6 +524,15 @@ fn run(opts: &Opts) -> Result<bool, String> {
     );
     settings.insert("backends".into(), "2 (round-robin / random)".into());
     settings.insert("message size".into(), format!("{} B", clients::MSG));
+    settings.insert(
+        "UDP".into(),
+        format!(
+            "{} B datagrams, {} ms timeout per request (then counted lost), {} client ports in the many-clients phase",
+            clients::UDP_MSG,
+            clients::UDP_TIMEOUT.as_millis(),
+            clients::UDP_CLIENTS
+        ),
+    );
     settings.insert(
         "medium connections".into(),
         measure::MEDIUM_CONNS.to_string(),

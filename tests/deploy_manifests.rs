@@ -2,14 +2,18 @@
 //! commands go through kube-uproxy's own flag and config-file parsing
 //! (with the ConfigMap's file where the DaemonSet mounts it), the paths the
 //! settings name are the ones the pod mounts, the capabilities granted are
-//! exactly those the code needs, and RBAC grants only list/watch on what
-//! the proxy reads. No root, no cluster.
+//! exactly those the code needs, RBAC grants only list/watch on what
+//! the proxy reads, and the Grafana dashboard queries only series the
+//! proxy serves. No root, no cluster.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kube_uproxy::config::{Args, Command};
 use kube_uproxy::config_file::{self, ConfigFile};
+use kube_uproxy::metrics::Metrics;
+use kube_uproxy::model::{ObjectKey, Protocol, ServicePortName};
 use kube_uproxy::rules::host::REQUIRED_CAPABILITIES;
 use serde::Deserialize;
 use serde_json::Value;
@@ -318,4 +322,180 @@ fn kustomization_lists_every_manifest() {
         .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
         .collect();
     assert_eq!(listed, present);
+}
+
+/// The series the proxy serves on /metrics, as `name → label names`:
+/// every family registered (with `--metrics-per-endpoint`), one Service
+/// port's series created, one /healthz and one /livez answered (the
+/// kubelet's probes), rendered by the same code the server uses.
+fn served_series() -> BTreeMap<String, BTreeSet<String>> {
+    let metrics = Metrics::new(true);
+    let port = ServicePortName {
+        service: ObjectKey::new("default", "web"),
+        port: "http".into(),
+        protocol: Protocol::Tcp,
+    };
+    let handles = metrics.service_port(&port);
+    handles.connected("10.1.0.1:80".parse().expect("address"), Duration::ZERO);
+    metrics.health_answered(false, 200);
+    metrics.health_answered(true, 200);
+    let text = metrics.render();
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let labels = out.entry(line[..end].to_string()).or_default();
+        if let Some(body) = line[end..].strip_prefix('{') {
+            let body = &body[..body.find('}').unwrap_or(body.len())];
+            for pair in body.split(',').filter(|p| !p.is_empty()) {
+                labels.insert(pair.split('=').next().unwrap_or("").to_string());
+            }
+        }
+    }
+    out
+}
+
+/// PromQL identifiers of `expr` that name a series of ours (the
+/// `kubeproxy_`, `kubeuproxy_` and `process_` prefixes), each with the
+/// label names its `{…}` selector uses.
+fn series_in(expr: &str) -> Vec<(String, Vec<String>)> {
+    let b = expr.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'"' {
+            // Skip string literals (label values, regexes).
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
+        }
+        if !ident(b[i]) || (i > 0 && (ident(b[i - 1]) || b[i - 1] == b'$')) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && ident(b[i]) {
+            i += 1;
+        }
+        let name = &expr[start..i];
+        if !["kubeproxy_", "kubeuproxy_", "process_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let mut labels = Vec::new();
+        if b.get(i) == Some(&b'{') {
+            let close = expr[i..].find('}').map_or(b.len(), |k| i + k);
+            for matcher in expr[i + 1..close].split(',') {
+                let label = matcher.split(['=', '!']).next().unwrap_or("").trim();
+                if !label.is_empty() {
+                    labels.push(label.to_string());
+                }
+            }
+            i = close;
+        }
+        out.push((name.to_string(), labels));
+    }
+    out
+}
+
+/// Every PromQL query of the dashboard: panel targets (rows' nested panels
+/// too) and template variables, with where each is.
+fn dashboard_queries(dash: &Value) -> Vec<(String, String)> {
+    fn panels(list: &Value, out: &mut Vec<(String, String)>) {
+        for p in list.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or("?");
+            for t in p["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = t["expr"].as_str() {
+                    out.push((format!("panel {title:?}"), expr.to_string()));
+                }
+            }
+            panels(&p["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    panels(&dash["panels"], &mut out);
+    for v in dash["templating"]["list"].as_array().into_iter().flatten() {
+        let q = v["query"]["query"].as_str().or(v["query"].as_str());
+        if v["type"] == "query"
+            && let Some(q) = q
+        {
+            out.push((format!("variable {:?}", v["name"]), q.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_series_the_proxy_serves() {
+    let path = deploy("grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("deploy/grafana-dashboard.json");
+    let dash: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let served = served_series();
+    // Labels Prometheus adds when it scrapes, and the histograms' own.
+    let scrape_labels = ["instance", "job", "le"];
+    let queries = dashboard_queries(&dash);
+    assert!(queries.len() >= 20, "too few queries found: {queries:?}");
+    let mut problems = Vec::new();
+    let mut used = BTreeSet::new();
+    for (place, expr) in &queries {
+        let series = series_in(expr);
+        if series.is_empty() {
+            problems.push(format!("{place}: no series of the proxy in {expr:?}"));
+        }
+        for (name, labels) in series {
+            let Some(known) = served.get(&name) else {
+                problems.push(format!("{place}: {name} is not served ({expr:?})"));
+                continue;
+            };
+            used.insert(name.clone());
+            for l in labels {
+                if !known.contains(&l) && !scrape_labels.contains(&l.as_str()) {
+                    problems.push(format!("{place}: {name} has no label {l:?}"));
+                }
+            }
+        }
+        // `by (…)` groups by labels that some series of the query has.
+        let of_query: BTreeSet<&String> = series_in(expr)
+            .iter()
+            .filter_map(|(n, _)| served.get(n))
+            .flatten()
+            .collect();
+        for clause in expr.split("by (").skip(1) {
+            let list = &clause[..clause.find(')').unwrap_or(clause.len())];
+            for l in list.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                if !of_query.contains(&l.to_string()) && !scrape_labels.contains(&l) {
+                    problems.push(format!("{place}: groups by {l:?}, a label no series has"));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The panels the operations guide promises are there.
+    for family in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_network_programming_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeuproxy_connections_accepted_total",
+        "kubeuproxy_connections_active",
+        "kubeuproxy_connections_failed_total",
+        "kubeuproxy_relayed_bytes_total",
+        "kubeuproxy_endpoint_connect_duration_seconds_bucket",
+        "kubeuproxy_udp_flows_active",
+        "kubeuproxy_udp_flows_expired_total",
+        "process_open_fds",
+        "process_max_fds",
+        "kubeuproxy_rules_drift_repairs_total",
+    ] {
+        assert!(used.contains(family), "no panel shows {family}");
+    }
 }

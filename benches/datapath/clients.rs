@@ -25,7 +25,11 @@ pub fn new_hist() -> Histogram<u64> {
 
 /// Result of a latency measurement.
 pub struct Latency {
+    /// At a fixed rate it also holds the samples that the coordinated-
+    /// omission correction adds: not a count of requests.
     pub hist: Histogram<u64>,
+    /// Requests answered.
+    pub answered: u64,
     pub elapsed: Duration,
     pub errors: u64,
     /// The first failure, to say what went wrong.
@@ -33,8 +37,9 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// Requests answered per second.
     pub fn rate(&self) -> f64 {
-        self.hist.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -145,6 +150,7 @@ pub fn ping_pong(addr: SocketAddr, dur: Duration) -> io::Result<Latency> {
         hist.saturating_record(t.elapsed().as_nanos() as u64);
     }
     Ok(Latency {
+        answered: hist.len(),
         hist,
         elapsed: start.elapsed(),
         errors: 0,
@@ -181,6 +187,7 @@ pub fn fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<Late
         let _ = hist.record_correct(v, interval.as_nanos() as u64);
     }
     Ok(Latency {
+        answered: n,
         hist,
         elapsed: start.elapsed(),
         errors: 0,
@@ -227,6 +234,7 @@ pub fn connect_latency(addr: SocketAddr, dur: Duration, close: Close) -> Latency
         }
     }
     Latency {
+        answered: hist.len(),
         hist,
         elapsed: start.elapsed(),
         errors,
@@ -482,6 +490,7 @@ pub fn medium(addr: SocketAddr, dur: Duration, conns: usize) -> io::Result<Mediu
     }
     Ok(Medium {
         latency: Latency {
+            answered: hist.len(),
             hist,
             elapsed,
             errors: 0,
@@ -512,4 +521,243 @@ pub fn who(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
     let mut s = connect(addr, timeout)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     greeting(&mut s)
+}
+
+/// Size of a UDP request (and of its echo): a small DNS query's size.
+pub const UDP_MSG: usize = 64;
+/// How long a UDP request waits for its answer before it counts as lost.
+pub const UDP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Client sockets (flows) of the many-clients UDP phase.
+pub const UDP_CLIENTS: usize = 1000;
+
+/// Result of a UDP request/response measurement. Lost requests (no
+/// answer within [`UDP_TIMEOUT`]) are counted, not recorded as latencies.
+pub struct UdpLatency {
+    /// At a fixed rate it also holds the samples that the coordinated-
+    /// omission correction adds: not a count of requests.
+    pub hist: Histogram<u64>,
+    /// Requests answered in the measured loop.
+    pub answered: u64,
+    /// The first request of each client socket (a new flow everywhere on
+    /// the path), when the phase has several.
+    pub new_flow: Option<Histogram<u64>>,
+    /// Time of the measured loop (the new-flow pass excluded).
+    pub elapsed: Duration,
+    pub sent: u64,
+    pub lost: u64,
+    /// Requests that failed otherwise (an ICMP error, a send error).
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl UdpLatency {
+    fn new() -> UdpLatency {
+        UdpLatency {
+            hist: new_hist(),
+            answered: 0,
+            new_flow: None,
+            elapsed: Duration::ZERO,
+            sent: 0,
+            lost: 0,
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    /// Requests answered per second in the measured loop.
+    pub fn rate(&self) -> f64 {
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Counts the outcome of one request; records its latency if answered.
+    /// Returns the latency. Gives up (`Err`) after 1000 failures.
+    fn count(&mut self, r: io::Result<Option<Duration>>) -> io::Result<Option<Duration>> {
+        self.sent += 1;
+        match r {
+            Ok(Some(d)) => Ok(Some(d)),
+            Ok(None) => {
+                self.lost += 1;
+                Ok(None)
+            }
+            Err(e) => {
+                self.first_error.get_or_insert_with(|| e.to_string());
+                self.errors += 1;
+                if self.errors > 1000 {
+                    return Err(io::Error::other(format!(
+                        "more than 1000 failed UDP requests (first: {e})"
+                    )));
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// A UDP socket of the client namespace connected to `addr` (it only
+/// receives datagrams from there: through a DNAT or a proxy, conntrack
+/// turns the answer's source back into `addr`).
+fn udp_client(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(UDP_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+/// One UDP request: a datagram carrying `seq` and the request pattern;
+/// waits for the echo of this `seq` (earlier, late echoes are skipped)
+/// for [`UDP_TIMEOUT`]. `Ok(None)`: lost.
+fn udp_request(s: &std::net::UdpSocket, seq: u64) -> io::Result<Option<Duration>> {
+    let mut req = [0u8; UDP_MSG];
+    req[..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in req[8..].iter_mut().enumerate() {
+        *b = b'a' + (i % 26) as u8;
+    }
+    let t = Instant::now();
+    s.send(&req)?;
+    let mut resp = [0u8; UDP_MSG + 1];
+    let mut stale = false;
+    loop {
+        let n = match s.recv(&mut resp) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stale {
+                    s.set_read_timeout(Some(UDP_TIMEOUT))?;
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let took = t.elapsed();
+        if n >= 8 && resp[..8] == req[..8] {
+            if stale {
+                s.set_read_timeout(Some(UDP_TIMEOUT))?;
+            }
+            if resp[..n] != req[..] {
+                return Err(io::Error::other("echoed datagram differs"));
+            }
+            return Ok(Some(took));
+        }
+        // A late answer to an earlier request: wait out the rest.
+        let Some(left) = UDP_TIMEOUT.checked_sub(took).filter(|d| !d.is_zero()) else {
+            s.set_read_timeout(Some(UDP_TIMEOUT))?;
+            return Ok(None);
+        };
+        s.set_read_timeout(Some(left))?;
+        stale = true;
+    }
+}
+
+/// Up to 50 requests (for at most a second, whatever is lost): the flow
+/// exists everywhere on the path afterwards.
+fn udp_warm_up(s: &std::net::UdpSocket, seq: &mut u64) {
+    let start = Instant::now();
+    for _ in 0..50 {
+        if start.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        *seq += 1;
+        let _ = udp_request(s, *seq);
+    }
+}
+
+/// UDP request/response from one client socket (one flow), one in flight,
+/// as fast as it goes, for `dur`.
+pub fn udp_ping(addr: SocketAddr, dur: Duration) -> io::Result<UdpLatency> {
+    let s = udp_client(addr)?;
+    let mut out = UdpLatency::new();
+    let mut seq = 0u64;
+    udp_warm_up(&s, &mut seq);
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        seq += 1;
+        if let Some(d) = out.count(udp_request(&s, seq))? {
+            out.answered += 1;
+            out.hist.saturating_record(d.as_nanos() as u64);
+        }
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// The same at a fixed rate, one in flight; an answer slower than the
+/// interval is corrected for coordinated omission, as for TCP.
+pub fn udp_fixed_rate(addr: SocketAddr, dur: Duration, rate: f64) -> io::Result<UdpLatency> {
+    crate::sys::tight_timers();
+    let s = udp_client(addr)?;
+    let mut out = UdpLatency::new();
+    let mut seq = 0u64;
+    udp_warm_up(&s, &mut seq);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let n = (dur.as_secs_f64() * rate) as u64;
+    // Lost requests each wait out the timeout: a path that loses many
+    // falls behind the schedule; it stops at twice the time.
+    let limit = dur * 2 + Duration::from_secs(1);
+    for i in 0..n {
+        if start.elapsed() > limit {
+            break;
+        }
+        let due = start + interval * i as u32;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        seq += 1;
+        if let Some(d) = out.count(udp_request(&s, seq))? {
+            out.answered += 1;
+            let _ = out
+                .hist
+                .record_correct(d.as_nanos() as u64, interval.as_nanos() as u64);
+        }
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// Many clients: `clients` sockets (each its own source port, so its own
+/// flow in conntrack and in a proxy's flow table). First each sends one
+/// request (a new flow: recorded apart), then they take turns, one request
+/// in flight in all, for `dur`.
+pub fn udp_many(addr: SocketAddr, dur: Duration, clients: usize) -> io::Result<UdpLatency> {
+    let socks: Vec<std::net::UdpSocket> = (0..clients)
+        .map(|_| udp_client(addr))
+        .collect::<io::Result<_>>()?;
+    let mut out = UdpLatency::new();
+    let mut new_flow = new_hist();
+    let mut seq = 0u64;
+    let limit = Instant::now() + dur + Duration::from_secs(20);
+    for s in &socks {
+        if Instant::now() > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the new-flow pass took too long",
+            ));
+        }
+        seq += 1;
+        if let Some(d) = out.count(udp_request(s, seq))? {
+            new_flow.saturating_record(d.as_nanos() as u64);
+        }
+    }
+    let start = Instant::now();
+    'outer: loop {
+        for s in &socks {
+            if start.elapsed() >= dur {
+                break 'outer;
+            }
+            seq += 1;
+            if let Some(d) = out.count(udp_request(s, seq))? {
+                out.answered += 1;
+                out.hist.saturating_record(d.as_nanos() as u64);
+            }
+        }
+    }
+    out.elapsed = start.elapsed();
+    out.new_flow = Some(new_flow);
+    Ok(out)
 }

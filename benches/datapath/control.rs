@@ -1,15 +1,22 @@
-//! Control-plane measurements of kube-uproxy (manifests source):
+//! Control-plane measurements of kube-uproxy (manifests source), with N
+//! Services of mixed types (see [`scale_service`]: ClusterIP TCP, ClusterIP
+//! TCP+UDP, NodePort, externalIPs, LoadBalancer with source ranges; two
+//! endpoints each):
 //! - cold start: process start → the "rules synced" log line of the first
 //!   sync with every Service port, checked against the nft map's size;
+//! - the table's rules and elements (`nft -j list table`): the rules stay
+//!   the same at every scale, the elements grow with the Services;
 //! - RSS with that many Services;
 //! - an EndpointSlice change → the first new connection that reaches the new
 //!   endpoint, from the file write and from the proxy's "manifests changed"
 //!   log line (its watch event);
-//! - one Service added → the first connection through it, same two clocks.
+//! - one Service added → the first connection through it, same two clocks,
+//!   and the duration of the sync that applied it (its log line).
 //!
 //! The proxy watches the manifests directory (inotify, its default); files
 //! are replaced by rename, as `kubectl get -o yaml > tmp && mv tmp f` would.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -18,18 +25,27 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use uproxy_lab::backend_addr;
+use uproxy_lab::manifests::{ServiceManifest, ServiceType, list_yaml};
 
 use crate::clients;
 use crate::manifests::{self, Port, Svc};
 use crate::paths::{Active, Ctx, PathKind};
-use crate::servers::{WHO_PORT, backend_name};
+use crate::servers::{UDP_ECHO_PORT, WHO_PORT, backend_name};
 use crate::sys;
 
-const WHO: [Port; 1] = [Port {
-    name: "who",
-    port: 80,
-    target: WHO_PORT,
-}];
+const WHO: [Port; 1] = [Port::tcp("who", 80, WHO_PORT)];
+/// A DNS-like Service: the same port over UDP and TCP.
+const DNS: [Port; 2] = [
+    Port::udp("dns", 53, UDP_ECHO_PORT),
+    Port::tcp("dns-tcp", 53, WHO_PORT),
+];
+/// A LoadBalancer's ports.
+const LB: [Port; 2] = [
+    Port::tcp("who", 80, WHO_PORT),
+    Port::udp("dns", 53, UDP_ECHO_PORT),
+];
+/// The source ranges of the LoadBalancer Services.
+const LB_SOURCE_RANGES: [&str; 2] = ["10.200.0.0/16", "192.0.2.0/24"];
 /// The Service whose EndpointSlice is rewritten.
 const EP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// Ranges of the scale Services and of the added ones; refused by the node
@@ -45,6 +61,54 @@ fn scale_ip(i: usize) -> Ipv4Addr {
         ((i / 250) % 250) as u8,
         (i % 250 + 1) as u8,
     )
+}
+
+/// The `j`-th address of a /16-sized range starting at `base`.
+fn range_ip(base: [u8; 2], j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        base[0],
+        base[1],
+        ((j / 250) % 250) as u8,
+        (j % 250 + 1) as u8,
+    )
+}
+
+/// The `i`-th Service of the scale set, and how many Service ports it
+/// has. Five kinds in turn:
+/// 0. ClusterIP, 80/TCP;
+/// 1. ClusterIP, 53/UDP and 53/TCP (DNS-like);
+/// 2. NodePort, 80/TCP with a node port (30000 + i/5, within the default
+///    node-port range up to 13 840 Services);
+/// 3. ClusterIP with one externalIP (198.18.0.0/15), 80/TCP;
+/// 4. LoadBalancer with an ingress IP (198.20.0.0/16) and two
+///    `loadBalancerSourceRanges`, 80/TCP and 53/UDP (no node ports:
+///    `allocateLoadBalancerNodePorts: false` in spirit; the node-port keys
+///    are covered by kind 2).
+pub fn scale_service(i: usize, endpoints: &[Ipv4Addr]) -> (ServiceManifest, usize) {
+    let j = i / 5;
+    let base = ServiceManifest::new(format!("scale-{i}"), scale_ip(i));
+    let with =
+        |m: ServiceManifest, ports: &[Port]| ports.iter().fold(m, |m, p| m.with_port(p.manifest()));
+    let (m, n) = match i % 5 {
+        0 => (with(base, &WHO), 1),
+        1 => (with(base, &DNS), 2),
+        2 => (
+            base.with_type(ServiceType::NodePort)
+                .with_port(WHO[0].manifest().with_node_port(30000 + (j % 2768) as u16)),
+            1,
+        ),
+        3 => (
+            with(base, &WHO).with_external_ips([range_ip([198, 18 + (j / 62_500) as u8], j)]),
+            1,
+        ),
+        _ => (
+            with(base.with_type(ServiceType::LoadBalancer), &LB)
+                .with_lb_ingress(range_ip([198, 20], j), None)
+                .with_source_ranges(LB_SOURCE_RANGES),
+            2,
+        ),
+    };
+    (m.with_endpoints(manifests::ready(endpoints)), n)
 }
 
 fn added_ip(k: usize) -> Ipv4Addr {
@@ -87,6 +151,10 @@ impl Ms {
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Change {
+    /// The sync that applied the change: reconcile + nft transaction, from
+    /// its "rules synced" log line (a change that needs no rule update,
+    /// such as endpoints replaced by others, logs none).
+    pub sync_ms: Option<Ms>,
     /// File replaced → first connection using the change.
     pub from_write: Option<Ms>,
     /// "manifests changed" log line (the watch event) → first connection.
@@ -97,11 +165,18 @@ pub struct Change {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Scale {
     pub services: usize,
+    /// Service ports of those Services (kinds with two ports count two).
+    pub service_ports: usize,
     /// Process start → "rules synced" with every Service port, seconds.
     pub cold_start_s: Option<f64>,
     /// The sync's own duration (`took_ms` of the log line).
     pub sync_took_ms: Option<f64>,
+    /// Elements of the `service-ports` map.
     pub nft_elements: usize,
+    /// Rules in the table (every chain), as `nft -j list table` shows.
+    pub nft_rules: usize,
+    /// Elements of each set and map of the table.
+    pub nft_sets: BTreeMap<String, usize>,
     pub rss_kib: u64,
     pub anon_kib: u64,
     pub endpoint_change: Change,
@@ -140,6 +215,52 @@ fn event_time(log: &Path, offset: u64) -> Option<f64> {
         .lines()
         .find(|l| l.contains("manifests changed"))
         .and_then(sys::parse_log_time)
+}
+
+/// reconcile + nft time of every "rules synced" line after `offset`.
+fn sync_times(log: &Path, offset: u64) -> Vec<f64> {
+    read_from(log, offset)
+        .lines()
+        .filter(|l| l.contains("rules synced"))
+        .filter_map(|line| {
+            let num = |k| field(line, k).and_then(|v| v.parse::<f64>().ok());
+            match (num("reconcile_ms"), num("nft_ms")) {
+                (None, None) => num("took_ms"),
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            }
+        })
+        .collect()
+}
+
+/// Rules of the table, and the elements of each of its sets and maps.
+fn table_counts(ctx: &Ctx<'_>) -> Result<(usize, BTreeMap<String, usize>), String> {
+    let out = ctx
+        .lab
+        .node()
+        .output("nft", ["-j", "list", "table", "ip", "kube-uproxy"])
+        .map_err(|e| e.to_string())?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("nft -j list table: {e}"))?;
+    let objects = json
+        .get("nftables")
+        .and_then(|v| v.as_array())
+        .ok_or("nft -j list table: no nftables array")?;
+    let mut rules = 0;
+    let mut sets = BTreeMap::new();
+    for o in objects {
+        if o.get("rule").is_some() {
+            rules += 1;
+        }
+        if let Some(set) = o.get("set").or_else(|| o.get("map")) {
+            let name = set.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+            let n = set
+                .get("elem")
+                .and_then(|e| e.as_array())
+                .map_or(0, Vec::len);
+            sets.insert(name.to_string(), n);
+        }
+    }
+    Ok((rules, sets))
 }
 
 /// Tries connections to `addr` until the greeting is `want` (or any
@@ -190,13 +311,12 @@ fn ep_yaml(k: usize) -> String {
 /// Runs the control-plane measurements at every scale of `plan`.
 pub fn run(ctx: &Ctx<'_>, plan: &Plan) -> Vec<Scale> {
     let mut out = Vec::new();
-    let largest = plan.scales.iter().copied().max().unwrap_or(0);
     for &n in &plan.scales {
         let mut s = Scale {
             services: n,
             ..Scale::default()
         };
-        if let Err(e) = one_scale(ctx, plan, n, n == largest, &mut s) {
+        if let Err(e) = one_scale(ctx, plan, n, &mut s) {
             eprintln!("control plane at {n} Services: {e}");
             s.error = Some(e);
         }
@@ -228,34 +348,32 @@ fn install_refuse(ctx: &Ctx<'_>) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, add: bool, s: &mut Scale) -> Result<(), String> {
+fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, s: &mut Scale) -> Result<(), String> {
     ctx.flush_rules();
     install_refuse(ctx)?;
     let dir: PathBuf = ctx.workdir.join(format!("control-{n}"));
     let _ = fs::remove_dir_all(&dir);
     let mdir = dir.join("manifests");
     fs::create_dir_all(&mdir).map_err(|e| e.to_string())?;
-    // The big file: n Services with one endpoint each.
-    let ep0 = [backend_addr(0)];
-    let names: Vec<String> = (0..n).map(|i| format!("scale-{i}")).collect();
-    let svcs: Vec<Svc<'_>> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| Svc {
-            name: name.clone(),
-            ip: scale_ip(i),
-            ports: &WHO,
-            endpoints: &ep0,
-            generation: 0,
+    // The big file: n Services of mixed types, two endpoints each.
+    let eps = [backend_addr(0), backend_addr(1)];
+    let mut scale_ports = 0;
+    let svcs: Vec<ServiceManifest> = (0..n)
+        .map(|i| {
+            let (m, ports) = scale_service(i, &eps);
+            scale_ports += ports;
+            m
         })
         .collect();
     if n > 0 {
-        fs::write(mdir.join("scale.yaml"), manifests::list(&svcs)).map_err(|e| e.to_string())?;
+        fs::write(mdir.join("scale.yaml"), list_yaml(&svcs)).map_err(|e| e.to_string())?;
     }
     drop(svcs);
+    let ep0 = [backend_addr(0)];
     let mut version = 0usize;
     write_by_rename(&mdir, "ep.yaml", &ep_yaml(version)).map_err(|e| e.to_string())?;
-    let total_ports = n + 1;
+    let total_ports = scale_ports + 1;
+    s.service_ports = total_ports;
 
     let log = dir.join("kube-uproxy.log");
     let f = fs::File::create(&log).map_err(|e| e.to_string())?;
@@ -312,6 +430,9 @@ fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, add: bool, s: &mut Scale) -> 
         .nft_keys("map", "ip", "kube-uproxy", "service-ports")
         .map(|k| k.len())
         .unwrap_or(0);
+    let (rules, sets) = table_counts(ctx)?;
+    s.nft_rules = rules;
+    s.nft_sets = sets;
     std::thread::sleep(Duration::from_secs(1));
     if let Some(pid) = a.pid() {
         s.rss_kib = sys::tree_rss_kib(pid);
@@ -350,9 +471,12 @@ fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, add: bool, s: &mut Scale) -> 
     s.endpoint_change.from_event = Ms::of(from_event);
 
     // One more Service at a time.
-    if add {
+    {
         let mut change = Change::default();
         let (mut fw, mut fe) = (Vec::new(), Vec::new());
+        // Each addition is one sync; their log lines are read at the end
+        // (a line can follow the first connection that used its change).
+        let adds_from = log_len(&log);
         for k in 0..plan.add_trials {
             let ip = added_ip(k);
             let name = format!("added-{k}");
@@ -385,6 +509,8 @@ fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, add: bool, s: &mut Scale) -> 
         }
         change.from_write = Ms::of(fw);
         change.from_event = Ms::of(fe);
+        std::thread::sleep(Duration::from_millis(200));
+        change.sync_ms = Ms::of(sync_times(&log, adds_from));
         s.service_add = Some(change);
     }
     if let Some(mut c) = a.child.take() {

@@ -4,13 +4,44 @@
 
 use std::net::Ipv4Addr;
 
-use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, Protocol, ServiceManifest, list_yaml};
 
-/// One Service port: name, Service port, target (backend) port.
+/// One Service port: name, protocol, Service port, target (backend) port.
+#[derive(Clone, Copy, Debug)]
 pub struct Port {
     pub name: &'static str,
+    pub protocol: Protocol,
     pub port: u16,
     pub target: u16,
+}
+
+impl Port {
+    pub const fn tcp(name: &'static str, port: u16, target: u16) -> Port {
+        Port {
+            name,
+            protocol: Protocol::Tcp,
+            port,
+            target,
+        }
+    }
+
+    pub const fn udp(name: &'static str, port: u16, target: u16) -> Port {
+        Port {
+            name,
+            protocol: Protocol::Udp,
+            port,
+            target,
+        }
+    }
+
+    /// The port as the manifest writer takes it.
+    pub fn manifest(&self) -> PortManifest {
+        match self.protocol {
+            Protocol::Udp => PortManifest::udp(self.port, self.target),
+            _ => PortManifest::tcp(self.port, self.target),
+        }
+        .named(self.name)
+    }
 }
 
 /// A Service with one EndpointSlice.
@@ -29,7 +60,7 @@ impl Svc<'_> {
             .ports
             .iter()
             .fold(ServiceManifest::new(self.name.clone(), self.ip), |m, p| {
-                m.with_port(PortManifest::tcp(p.port, p.target).named(p.name))
+                m.with_port(p.manifest())
             });
         m = m.with_endpoints(
             self.endpoints
@@ -45,4 +76,12 @@ impl Svc<'_> {
 /// A `kind: List` with every Service followed by its EndpointSlice.
 pub fn list(services: &[Svc<'_>]) -> String {
     list_yaml(&services.iter().map(Svc::manifest).collect::<Vec<_>>())
+}
+
+/// Ready endpoints at these addresses.
+pub fn ready(endpoints: &[Ipv4Addr]) -> Vec<EndpointManifest> {
+    endpoints
+        .iter()
+        .map(|ip| EndpointManifest::ready(*ip))
+        .collect()
 }

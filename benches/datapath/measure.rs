@@ -49,6 +49,8 @@ pub struct Phases {
     /// Medium responses on keep-alive connections, then their idle cost.
     pub medium: bool,
     pub bulk: bool,
+    /// UDP request/response: one flow, fixed rate, many clients.
+    pub udp: bool,
 }
 
 impl Phases {
@@ -60,6 +62,7 @@ impl Phases {
             connect_fin: true,
             medium: true,
             bulk: true,
+            udp: true,
         }
     }
 
@@ -71,6 +74,7 @@ impl Phases {
             connect_fin: false,
             medium: false,
             bulk: false,
+            udp: false,
         };
         for name in list.split(',') {
             match name {
@@ -80,9 +84,10 @@ impl Phases {
                 "connect-fin" => p.connect_fin = true,
                 "medium" => p.medium = true,
                 "bulk" => p.bulk = true,
+                "udp" => p.udp = true,
                 other => {
                     return Err(format!(
-                        "--phases: unknown phase {other:?} (rr, rate, connect, connect-fin, medium, bulk)"
+                        "--phases: unknown phase {other:?} (rr, rate, connect, connect-fin, medium, bulk, udp)"
                     ));
                 }
             }
@@ -91,9 +96,41 @@ impl Phases {
     }
 }
 
+/// Requests sent and not answered in a UDP phase.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Loss {
+    pub sent: u64,
+    /// No answer within the timeout.
+    pub lost: u64,
+    /// Failed otherwise (an ICMP error, a send error).
+    pub errors: u64,
+}
+
+impl Loss {
+    pub fn add(&mut self, o: Loss) {
+        self.sent += o.sent;
+        self.lost += o.lost;
+        self.errors += o.errors;
+    }
+}
+
+/// What one UDP phase produced in one round.
+#[derive(Default)]
+pub struct UdpRound {
+    pub hist: Option<Histogram<u64>>,
+    pub rate: Option<f64>,
+    /// The many-clients phase: each client's first request.
+    pub new_flow: Option<Histogram<u64>>,
+    pub loss: Loss,
+}
+
 /// What one path produced in one round.
 #[derive(Default)]
 pub struct Round {
+    /// UDP: one flow as fast as it goes, at the fixed rate, many clients.
+    pub udp_rr: UdpRound,
+    pub udp_fixed: UdpRound,
+    pub udp_many: UdpRound,
     pub ping: Option<Histogram<u64>>,
     pub ping_rate: Option<f64>,
     pub fixed: Option<Histogram<u64>>,
@@ -136,6 +173,9 @@ pub fn round(lab: &Lab, a: &mut Active, plan: &Plan) -> Round {
     }
     if plan.phases.rate {
         fixed(&mut r, client, t.echo, d, plan.rate);
+    }
+    if plan.phases.udp && a.kind.carries_udp() {
+        udp(&mut r, client, t.udp, d, plan.rate);
     }
     if plan.phases.connect {
         connect(&mut r, client, t.echo, d, plan.conn_threads, Close::Rst);
@@ -182,6 +222,66 @@ fn fixed(r: &mut Round, client: &Netns, echo: std::net::SocketAddr, d: Duration,
         Ok(Ok(_)) => r.errors.push("fixed-rate: no samples".into()),
         Ok(Err(e)) => r.errors.push(format!("fixed-rate: {e}")),
         Err(e) => r.errors.push(format!("fixed-rate: {e}")),
+    }
+}
+
+/// UDP request/response: one flow as fast as it goes, one flow at the
+/// fixed rate, then [`clients::UDP_CLIENTS`] flows taking turns.
+fn udp(r: &mut Round, client: &Netns, target: std::net::SocketAddr, d: Duration, rate: f64) {
+    type Phase<'a> = (
+        &'a str,
+        Box<dyn FnOnce() -> std::io::Result<clients::UdpLatency> + Send>,
+    );
+    let phases: [(Phase<'_>, &mut UdpRound); 3] = [
+        (
+            (
+                "UDP request/response",
+                Box::new(move || clients::udp_ping(target, d)),
+            ),
+            &mut r.udp_rr,
+        ),
+        (
+            (
+                "UDP fixed rate",
+                Box::new(move || clients::udp_fixed_rate(target, d, rate)),
+            ),
+            &mut r.udp_fixed,
+        ),
+        (
+            (
+                "UDP many clients",
+                Box::new(move || clients::udp_many(target, d, clients::UDP_CLIENTS)),
+            ),
+            &mut r.udp_many,
+        ),
+    ];
+    for ((what, f), out) in phases {
+        match on_client(client, f) {
+            Ok(Ok(l)) => {
+                out.loss = Loss {
+                    sent: l.sent,
+                    lost: l.lost,
+                    errors: l.errors,
+                };
+                if l.errors > 0 {
+                    r.errors.push(format!(
+                        "{what}: {} failed requests (first: {})",
+                        l.errors,
+                        l.first_error.as_deref().unwrap_or("?")
+                    ));
+                }
+                if l.hist.is_empty() {
+                    r.errors
+                        .push(format!("{what}: no answer ({} lost)", l.lost));
+                    continue;
+                }
+                out.rate = Some(l.rate());
+                out.hist = Some(l.hist);
+                out.new_flow = l.new_flow.filter(|h| !h.is_empty());
+            }
+            Ok(Err(e)) => r.errors.push(format!("{what}: {e}")),
+            Err(e) => r.errors.push(format!("{what}: {e}")),
+        }
     }
 }
 

@@ -13,34 +13,25 @@ use uproxy_lab::{Lab, NsChild, backend_addr};
 
 use crate::clients;
 use crate::manifests::{self, Port, Svc};
-use crate::servers::{ECHO_PORT, SINK_PORT, SIZED_PORT, WHO_PORT, backend_name};
+use crate::servers::{ECHO_PORT, SINK_PORT, SIZED_PORT, UDP_ECHO_PORT, WHO_PORT, backend_name};
 use crate::sys;
 
 /// The benchmark Service's ClusterIP.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-/// Its ports (Service port → backend port).
+/// Its TCP ports (Service port → backend port).
 pub const PORTS: [Port; 4] = [
-    Port {
-        name: "echo",
-        port: 80,
-        target: ECHO_PORT,
-    },
-    Port {
-        name: "sink",
-        port: 81,
-        target: SINK_PORT,
-    },
-    Port {
-        name: "who",
-        port: 82,
-        target: WHO_PORT,
-    },
-    Port {
-        name: "sized",
-        port: 83,
-        target: SIZED_PORT,
-    },
+    Port::tcp("echo", 80, ECHO_PORT),
+    Port::tcp("sink", 81, SINK_PORT),
+    Port::tcp("who", 82, WHO_PORT),
+    Port::tcp("sized", 83, SIZED_PORT),
 ];
+/// Its UDP port: a DNS-like Service port to the backends' UDP echo.
+pub const UDP_PORT: Port = Port::udp("dns", 53, UDP_ECHO_PORT);
+
+/// Every port of the benchmark Service.
+fn all_ports() -> impl Iterator<Item = Port> {
+    PORTS.into_iter().chain([UDP_PORT])
+}
 /// The lab's pod CIDR as kube-proxy's `--cluster-cidr` (client and backends
 /// count as pods: no masquerade, as for pod-to-Service traffic).
 const CLUSTER_CIDR: &str = "10.200.0.0/16";
@@ -131,6 +122,20 @@ impl PathKind {
         )
     }
 
+    /// Whether the path carries the benchmark Service's UDP port (the peer
+    /// proxies are set up for TCP only).
+    pub fn carries_udp(self) -> bool {
+        matches!(
+            self,
+            PathKind::Direct
+                | PathKind::Iptables
+                | PathKind::Nftables
+                | PathKind::UproxySplice
+                | PathKind::UproxyCopy
+                | PathKind::UproxyBaseline
+        )
+    }
+
     /// Why this path cannot run here, if it cannot.
     pub fn unavailable(self) -> Option<String> {
         let need = |p: &str| (!sys::have(p)).then(|| format!("`{p}` not installed"));
@@ -155,6 +160,8 @@ pub struct Targets {
     pub sink: SocketAddr,
     pub who: SocketAddr,
     pub sized: SocketAddr,
+    /// The UDP echo (only on paths that [`PathKind::carries_udp`]).
+    pub udp: SocketAddr,
 }
 
 impl Targets {
@@ -164,6 +171,7 @@ impl Targets {
             sink: SocketAddr::from((VIP, 81)),
             who: SocketAddr::from((VIP, 82)),
             sized: SocketAddr::from((VIP, 83)),
+            udp: SocketAddr::from((VIP, UDP_PORT.port)),
         }
     }
 }
@@ -260,6 +268,7 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 sink: SocketAddr::from((backend_addr(0), SINK_PORT)),
                 who: SocketAddr::from((backend_addr(0), WHO_PORT)),
                 sized: SocketAddr::from((backend_addr(0), SIZED_PORT)),
+                udp: SocketAddr::from((backend_addr(0), UDP_ECHO_PORT)),
             },
             child: None,
             log: None,
@@ -312,12 +321,13 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
             fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let manifests = dir.join("manifests.yaml");
             let eps = ctx.endpoints();
+            let ports: Vec<Port> = all_ports().collect();
             fs::write(
                 &manifests,
                 manifests::list(&[Svc {
                     name: "bench".into(),
                     ip: VIP,
-                    ports: &PORTS,
+                    ports: &ports,
                     endpoints: &eps,
                     generation: 0,
                 }]),
@@ -343,7 +353,7 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 child: Some(child),
                 log: Some(log),
             };
-            wait_uproxy_map(ctx, &mut a, VIP, &[80, 81, 82, 83])?;
+            wait_uproxy_map(ctx, &mut a, VIP, &all_ports().collect::<Vec<_>>())?;
             a
         }
         PathKind::Nginx => {
@@ -431,12 +441,13 @@ fn spawn_logged(
     ctx.lab.node().spawn(cmd).map_err(|e| e.to_string())
 }
 
-/// Waits until `ip . tcp . port` is in kube-uproxy's map for every port.
+/// Waits until `ip . protocol . port` is in kube-uproxy's map for every
+/// port.
 pub fn wait_uproxy_map(
     ctx: &Ctx<'_>,
     a: &mut Active,
     ip: Ipv4Addr,
-    ports: &[u16],
+    ports: &[Port],
 ) -> Result<(), String> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -450,8 +461,8 @@ pub fn wait_uproxy_map(
                 keys.iter().any(|k| {
                     k.len() == 3
                         && k[0] == serde_json::json!(ip.to_string())
-                        && k[1] == serde_json::json!("tcp")
-                        && k[2] == serde_json::json!(p)
+                        && k[1] == serde_json::json!(p.protocol.nft_name())
+                        && k[2] == serde_json::json!(p.port)
                 })
             });
             if all {
@@ -460,7 +471,11 @@ pub fn wait_uproxy_map(
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "kube-uproxy did not program {ip} ports {ports:?} in {READY_TIMEOUT:?}; log:\n{}",
+                "kube-uproxy did not program {ip} ports {:?} in {READY_TIMEOUT:?}; log:\n{}",
+                ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect::<Vec<_>>(),
                 a.log_tail()
             ));
         }
@@ -550,18 +565,19 @@ COMMIT
 -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
 -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
     );
-    for p in &PORTS {
+    for p in all_ports() {
+        let proto = p.protocol.nft_name();
         let svc = format!("default/bench:{}", p.name);
-        let svc_chain = format!("KUBE-SVC-{}", chain_hash(&format!("{svc}tcp")));
+        let svc_chain = format!("KUBE-SVC-{}", chain_hash(&format!("{svc}{proto}")));
         let _ = writeln!(nat, ":{svc_chain} - [0:0]");
         let _ = writeln!(
             body,
-            "-A KUBE-SERVICES -d {VIP}/32 -p tcp -m comment --comment \"{svc} cluster IP\" -m tcp --dport {} -j {svc_chain}",
+            "-A KUBE-SERVICES -d {VIP}/32 -p {proto} -m comment --comment \"{svc} cluster IP\" -m {proto} --dport {} -j {svc_chain}",
             p.port
         );
         let _ = writeln!(
             body,
-            "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {VIP}/32 -p tcp -m comment --comment \"{svc} cluster IP\" -m tcp --dport {} -j KUBE-MARK-MASQ",
+            "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {VIP}/32 -p {proto} -m comment --comment \"{svc} cluster IP\" -m {proto} --dport {} -j KUBE-MARK-MASQ",
             p.port
         );
         let n = endpoints.len();
@@ -589,7 +605,7 @@ COMMIT
             let _ = writeln!(
                 body,
                 "-A {sep} -s {ep}/32 -m comment --comment \"{svc}\" -j KUBE-MARK-MASQ
--A {sep} -p tcp -m comment --comment \"{svc}\" -m tcp -j DNAT --to-destination {ep}:{t}",
+-A {sep} -p {proto} -m comment --comment \"{svc}\" -m {proto} -j DNAT --to-destination {ep}:{t}",
                 t = p.target
             );
         }
@@ -607,10 +623,11 @@ COMMIT
 pub fn nftables_rules(endpoints: &[Ipv4Addr]) -> String {
     let mut svc_elems = Vec::new();
     let mut chains = String::new();
-    for p in &PORTS {
-        let svc = format!("default/bench/tcp/{}", p.name);
+    for p in all_ports() {
+        let proto = p.protocol.nft_name();
+        let svc = format!("default/bench/{proto}/{}", p.name);
         let svc_chain = format!("service-{}-{svc}", &chain_hash(&svc)[..8]);
-        svc_elems.push(format!("{VIP} . tcp . {} : goto {svc_chain}", p.port));
+        svc_elems.push(format!("{VIP} . {proto} . {} : goto {svc_chain}", p.port));
         let mut vmap = Vec::new();
         for (i, ep) in endpoints.iter().enumerate() {
             let ep_chain = format!(
@@ -623,7 +640,7 @@ pub fn nftables_rules(endpoints: &[Ipv4Addr]) -> String {
                 chains,
                 "  chain {ep_chain} {{
     ip saddr {ep} jump mark-for-masquerade
-    meta l4proto tcp dnat to {ep}:{}
+    meta l4proto {proto} dnat to {ep}:{}
   }}
 ",
                 p.target
@@ -632,7 +649,7 @@ pub fn nftables_rules(endpoints: &[Ipv4Addr]) -> String {
         let _ = write!(
             chains,
             "  chain {svc_chain} {{
-    ip daddr {VIP} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade
+    ip daddr {VIP} {proto} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade
     numgen random mod {} vmap {{ {} }}
   }}
 ",

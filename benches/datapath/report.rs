@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::clients::new_hist;
 use crate::control::Scale;
-use crate::measure::{Memory, Round};
+use crate::measure::{Loss, Memory, Round, UdpRound};
 use crate::paths::PathKind;
 use crate::sys::Machine;
 
@@ -89,9 +89,71 @@ fn p50_us(h: &Histogram<u64>) -> Option<f64> {
     (!h.is_empty()).then(|| h.value_at_quantile(0.5) as f64 / 1e3)
 }
 
+/// One UDP phase of one path over the rounds.
+#[derive(Debug, Serialize)]
+pub struct UdpSummary {
+    pub lat: Option<Lat>,
+    /// Median over rounds; every round's value follows.
+    pub rate: Option<f64>,
+    pub rates: Vec<f64>,
+    pub p50s: Vec<f64>,
+    /// Many clients: each client's first request (a new flow).
+    pub new_flow: Option<Lat>,
+    pub loss: Loss,
+}
+
+/// Collects one UDP phase over the rounds.
+struct UdpAcc {
+    hist: Histogram<u64>,
+    new_flow: Histogram<u64>,
+    rates: Vec<f64>,
+    p50s: Vec<f64>,
+    loss: Loss,
+}
+
+impl UdpAcc {
+    fn new() -> UdpAcc {
+        UdpAcc {
+            hist: new_hist(),
+            new_flow: new_hist(),
+            rates: vec![],
+            p50s: vec![],
+            loss: Loss::default(),
+        }
+    }
+
+    fn add(&mut self, r: &UdpRound) {
+        if let Some(h) = &r.hist {
+            let _ = self.hist.add(h);
+            self.p50s.extend(p50_us(h));
+        }
+        if let Some(h) = &r.new_flow {
+            let _ = self.new_flow.add(h);
+        }
+        self.rates.extend(r.rate);
+        self.loss.add(r.loss);
+    }
+
+    fn summary(&self) -> Option<UdpSummary> {
+        (self.loss.sent > 0).then(|| UdpSummary {
+            lat: Lat::of(&self.hist),
+            rate: median(&self.rates),
+            rates: self.rates.clone(),
+            p50s: self.p50s.clone(),
+            new_flow: Lat::of(&self.new_flow),
+            loss: self.loss,
+        })
+    }
+}
+
 /// Everything measured for one path.
 #[derive(Debug, Serialize)]
 pub struct PathSummary {
+    /// UDP request/response: one flow, fixed rate, many clients (`None`:
+    /// not run on this path).
+    pub udp_rr: Option<UdpSummary>,
+    pub udp_fixed: Option<UdpSummary>,
+    pub udp_many: Option<UdpSummary>,
     pub name: String,
     pub core: bool,
     pub skipped: Option<String>,
@@ -141,6 +203,8 @@ pub struct PathSummary {
 /// Collects rounds of one path.
 pub struct Acc {
     kind: PathKind,
+    /// UDP: one flow, fixed rate, many clients.
+    udp: [UdpAcc; 3],
     skipped: Option<String>,
     rounds: usize,
     ping: Histogram<u64>,
@@ -175,6 +239,7 @@ impl Acc {
     pub fn new(kind: PathKind) -> Acc {
         Acc {
             kind,
+            udp: [UdpAcc::new(), UdpAcc::new(), UdpAcc::new()],
             skipped: None,
             rounds: 0,
             ping: new_hist(),
@@ -216,6 +281,13 @@ impl Acc {
 
     pub fn add(&mut self, r: Round) {
         self.rounds += 1;
+        for (acc, u) in self
+            .udp
+            .iter_mut()
+            .zip([&r.udp_rr, &r.udp_fixed, &r.udp_many])
+        {
+            acc.add(u);
+        }
         for (h, all, p50s) in [
             (&r.ping, &mut self.ping, &mut self.ping_p50s),
             (&r.fixed, &mut self.fixed, &mut self.fixed_p50s),
@@ -246,6 +318,9 @@ impl Acc {
 
     pub fn summary(&self) -> PathSummary {
         PathSummary {
+            udp_rr: self.udp[0].summary(),
+            udp_fixed: self.udp[1].summary(),
+            udp_many: self.udp[2].summary(),
             name: self.kind.name().into(),
             core: self.kind.core(),
             skipped: self.skipped.clone(),
@@ -299,6 +374,18 @@ impl PathSummary {
             return vec![];
         }
         let mut m = vec![];
+        let carries_udp = PathKind::parse(&self.name).is_some_and(PathKind::carries_udp);
+        if phases.udp && carries_udp {
+            for (what, u) in [
+                ("UDP request/response", &self.udp_rr),
+                ("UDP fixed rate", &self.udp_fixed),
+                ("UDP many clients", &self.udp_many),
+            ] {
+                if u.as_ref().and_then(|u| u.lat.as_ref()).is_none() {
+                    m.push(what);
+                }
+            }
+        }
         if phases.rr && self.ping.is_none() {
             m.push("persistent request/response");
         }
@@ -381,6 +468,17 @@ fn delta(a: Option<f64>, b: Option<f64>) -> String {
         (Some(a), Some(b)) => format!("{:+.1}", a - b),
         _ => "–".into(),
     }
+}
+
+/// The higher of the load averages at the start and end of the run, when
+/// it exceeds the machine's CPUs.
+fn busy_load(rep: &Report) -> Option<f64> {
+    let text = rep.settings.get("load average (1 min) at start / end")?;
+    let load = text
+        .split('/')
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    (load > rep.machine.cores.max(1) as f64).then_some(load)
 }
 
 /// Computes the targets of issue 3 from the results.
@@ -549,6 +647,33 @@ pub fn targets(rep: &Report) -> Vec<Target> {
             .unwrap_or_else(|| "not measured (full mode only)".into()),
         c10.and_then(|c| c.cold_start_s).map(|v| v <= 2.0),
     );
+    // 8b. proxy memory per Service (issue 8), between the smallest and
+    // the largest scale
+    let lo = rep
+        .control
+        .iter()
+        .filter(|c| c.rss_kib > 0)
+        .min_by_key(|c| c.services);
+    let hi = rep
+        .control
+        .iter()
+        .filter(|c| c.rss_kib > 0)
+        .max_by_key(|c| c.services);
+    let per = match (lo, hi) {
+        (Some(lo), Some(hi)) if hi.services > lo.services => Some((
+            (hi.rss_kib as f64 - lo.rss_kib as f64) / (hi.services - lo.services) as f64,
+            lo.services,
+            hi.services,
+        )),
+        _ => None,
+    };
+    push(
+        "proxy RSS per Service (two endpoints, mixed types; issue 8)",
+        "< 8 KiB",
+        per.map(|(k, lo, hi)| format!("{k:.2} KiB (RSS at {hi} vs {lo} Services)"))
+            .unwrap_or_else(|| "not measured".into()),
+        per.map(|(k, _, _)| k < 8.0),
+    );
     // 9. EndpointSlice change, worst p99 over the scales measured
     let worst = rep
         .control
@@ -588,6 +713,28 @@ pub fn targets(rep: &Report) -> Vec<Target> {
         },
         add_ms.filter(|_| at10k).map(|m| m.p50 <= 20.0),
     );
+    // The data-path comparisons (1-6) need CPUs that the lab has to
+    // itself: on a machine busier than its CPUs, the pinned client and
+    // servers wait behind other work and the ratios measure the scheduler.
+    if let Some(load) = busy_load(rep) {
+        let data_path = [
+            "persistent-connection",
+            "added p",
+            "bulk throughput",
+            "connections per second",
+            "ahead of",
+        ];
+        for x in t
+            .iter_mut()
+            .filter(|x| x.met.is_some() && data_path.iter().any(|p| x.figure.starts_with(p)))
+        {
+            x.met = None;
+            x.measured.push_str(&format!(
+                " — not judged: load average {load:.1} on {} CPUs",
+                rep.machine.cores
+            ));
+        }
+    }
     t
 }
 
@@ -656,6 +803,7 @@ pub fn tables(rep: &Report) -> String {
             );
         }
     }
+    udp_tables(&mut o, &live, &rate);
     let threads = rep
         .settings
         .get("conn_threads")
@@ -824,58 +972,7 @@ pub fn tables(rep: &Report) -> String {
         }
     }
     if !rep.control.is_empty() {
-        let _ = writeln!(
-            o,
-            "\n#### Control plane (kube-uproxy, --manifests directory: {})\n\n\
-             | Services | cold start → rules synced | sync took | map elements | RSS KiB | EndpointSlice change → next connection: from event p50 / p99 / max ms | from file write p50 / p99 ms | Service added: from event p50 / max ms | from write p50 / max ms |\n\
-             |---:|---:|---:|---:|---:|---|---|---|---|",
-            rep.settings
-                .get("manifests_watch")
-                .cloned()
-                .unwrap_or_default()
-        );
-        for c in &rep.control {
-            let e = &c.endpoint_change;
-            let ms3 = |m: &Option<crate::control::Ms>| {
-                m.as_ref()
-                    .map(|m| format!("{:.2} / {:.2} / {:.2} (n={})", m.p50, m.p99, m.max, m.n))
-                    .unwrap_or_else(|| "–".into())
-            };
-            let ms2 = |m: &Option<crate::control::Ms>| {
-                m.as_ref()
-                    .map(|m| format!("{:.2} / {:.2}", m.p50, m.p99))
-                    .unwrap_or_else(|| "–".into())
-            };
-            let add = c.service_add.as_ref();
-            let addm = |m: Option<&crate::control::Ms>| {
-                m.map(|m| format!("{:.2} / {:.2} (n={})", m.p50, m.max, m.n))
-                    .unwrap_or_else(|| "–".into())
-            };
-            let _ = writeln!(
-                o,
-                "| {} | {} | {} | {} | {} | {}{} | {} | {} | {} |",
-                c.services,
-                c.cold_start_s
-                    .map(|v| format!("{v:.3} s"))
-                    .unwrap_or_else(|| c
-                        .error
-                        .clone()
-                        .map(|_| "failed".into())
-                        .unwrap_or("–".into())),
-                f(c.sync_took_ms, 1).to_string() + " ms",
-                c.nft_elements,
-                c.rss_kib,
-                ms3(&e.from_event),
-                if e.failures > 0 {
-                    format!(" ({} failed)", e.failures)
-                } else {
-                    String::new()
-                },
-                ms2(&e.from_write),
-                addm(add.and_then(|a| a.from_event.as_ref())),
-                addm(add.and_then(|a| a.from_write.as_ref())),
-            );
-        }
+        control_tables(&mut o, rep);
     }
     if !skipped.is_empty() {
         let _ = writeln!(o);
@@ -902,6 +999,7 @@ pub fn tables(rep: &Report) -> String {
             match t.met {
                 Some(true) => "met",
                 Some(false) => "**not met**",
+                None if t.measured.contains("not judged") => "not judged",
                 None => "not measured",
             }
         );
@@ -922,6 +1020,219 @@ pub fn tables(rep: &Report) -> String {
         }
     }
     o
+}
+
+/// The control-plane tables: start, memory and the table's size per scale;
+/// then the time of one change per scale.
+fn control_tables(o: &mut String, rep: &Report) {
+    use crate::control::Ms;
+    let _ = writeln!(
+        o,
+        "\n#### Control plane (kube-uproxy, --manifests directory: {})\n\n\
+         N Services of mixed types, in turn: ClusterIP 80/TCP; ClusterIP 53/UDP + 53/TCP; NodePort 80/TCP; \
+         ClusterIP with an externalIP, 80/TCP; LoadBalancer IP with two loadBalancerSourceRanges, 80/TCP + 53/UDP; \
+         two endpoints each (plus the one-endpoint Service whose EndpointSlice is rewritten). \
+         Rules and elements: `nft -j list table ip kube-uproxy` after the cold start. \
+         RSS per Service: (RSS − RSS at the smallest scale) / (Services − smallest scale's Services).\n\n\
+         | Services | Service ports | cold start → rules synced | that sync took | nft rules | set and map elements | service-ports / node-ports / lb-guarded / lb-allowed | RSS KiB | RSS per Service |\n\
+         |---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        rep.settings
+            .get("manifests_watch")
+            .cloned()
+            .unwrap_or_default()
+    );
+    let base = rep
+        .control
+        .iter()
+        .filter(|c| c.rss_kib > 0)
+        .min_by_key(|c| c.services);
+    for c in &rep.control {
+        let per_service = match base {
+            Some(b) if c.services > b.services && c.rss_kib > 0 => format!(
+                "{:.2} KiB",
+                (c.rss_kib as f64 - b.rss_kib as f64) / (c.services - b.services) as f64
+            ),
+            _ => "–".into(),
+        };
+        let set = |n: &str| c.nft_sets.get(n).copied().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} ms | {} | {} | {} / {} / {} / {} | {} | {} |",
+            c.services,
+            c.service_ports,
+            c.cold_start_s
+                .map(|v| format!("{v:.3} s"))
+                .unwrap_or_else(|| c
+                    .error
+                    .clone()
+                    .map(|_| "failed".into())
+                    .unwrap_or("–".into())),
+            f(c.sync_took_ms, 1),
+            c.nft_rules,
+            c.nft_sets.values().sum::<usize>(),
+            set("service-ports"),
+            set("node-ports"),
+            set("lb-guarded"),
+            set("lb-allowed"),
+            c.rss_kib,
+            per_service,
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n#### Control plane: one change at each scale\n\n\
+         EndpointSlice change: the rewritten Service's endpoint is replaced by another, then back (no rule update: \
+         the balancer's set changes in user space). Service added: one more ClusterIP Service in a file of its own \
+         (elements added to the table). Times to the first new connection that uses the change.\n\n\
+         | Services | EndpointSlice change → next connection: from event p50 / p99 / max ms | from file write p50 / p99 ms | \
+         Service added: from event p50 / max ms | from write p50 / max ms | its sync (reconcile + nft) p50 / max ms |\n\
+         |---:|---|---|---|---|---|"
+    );
+    for c in &rep.control {
+        let e = &c.endpoint_change;
+        let ms3 = |m: &Option<Ms>| {
+            m.as_ref()
+                .map(|m| format!("{:.2} / {:.2} / {:.2} (n={})", m.p50, m.p99, m.max, m.n))
+                .unwrap_or_else(|| "–".into())
+        };
+        let ms2 = |m: &Option<Ms>| {
+            m.as_ref()
+                .map(|m| format!("{:.2} / {:.2}", m.p50, m.p99))
+                .unwrap_or_else(|| "–".into())
+        };
+        let add = c.service_add.as_ref();
+        let addm = |m: Option<&Ms>| {
+            m.map(|m| format!("{:.2} / {:.2} (n={})", m.p50, m.max, m.n))
+                .unwrap_or_else(|| "–".into())
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {}{} | {} | {} | {} | {} |",
+            c.services,
+            ms3(&e.from_event),
+            if e.failures > 0 {
+                format!(" ({} failed)", e.failures)
+            } else {
+                String::new()
+            },
+            ms2(&e.from_write),
+            addm(add.and_then(|a| a.from_event.as_ref())),
+            addm(add.and_then(|a| a.from_write.as_ref())),
+            addm(add.and_then(|a| a.sync_ms.as_ref())),
+        );
+    }
+}
+
+/// "lost / sent" of a UDP phase (and other failures, if any).
+fn loss(l: &Loss) -> String {
+    let mut s = format!("{} / {}", l.lost, l.sent);
+    if l.errors > 0 {
+        let _ = write!(s, " ({} failed)", l.errors);
+    }
+    s
+}
+
+/// The UDP tables: one flow, fixed rate, many clients.
+fn udp_tables(o: &mut String, live: &[&PathSummary], rate: &str) {
+    type G = fn(&PathSummary) -> Option<&UdpSummary>;
+    let rr: G = |p| p.udp_rr.as_ref();
+    let with =
+        |g: G| -> Vec<&PathSummary> { live.iter().copied().filter(|p| g(p).is_some()).collect() };
+    let rows = with(rr);
+    let timeout = crate::clients::UDP_TIMEOUT.as_millis();
+    let msg = crate::clients::UDP_MSG;
+    let direct = rows
+        .iter()
+        .find(|p| p.name == PathKind::Direct.name())
+        .and_then(|p| rr(p)?.rate);
+    let ipt = rows
+        .iter()
+        .find(|p| p.name == PathKind::Iptables.name())
+        .and_then(|p| rr(p)?.rate);
+    if !rows.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n#### UDP request/response through the ClusterIP ({msg} B datagrams, one flow, one in flight)\n\n\
+             A request not answered within {timeout} ms counts as lost (not as a latency).\n\n\
+             | path | req/s | × direct | × iptables | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | lost / sent |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in &rows {
+            let Some(u) = rr(p) else { continue };
+            let g = |q: usize| u.lat.as_ref().map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(u.rate, &u.rates, 0),
+                ratio(u.rate, direct),
+                ratio(u.rate, ipt),
+                ms(g(0), &u.p50s, 1),
+                f(g(1), 1),
+                f(g(2), 1),
+                f(g(3), 1),
+                f(g(4), 0),
+                loss(&u.loss),
+            );
+        }
+    }
+    let fixed: G = |p| p.udp_fixed.as_ref();
+    let rows = with(fixed);
+    if !rows.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n#### UDP request/response at a fixed rate ({rate} req/s, one flow; coordinated-omission corrected)\n\n\
+             | path | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | lost / sent |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in &rows {
+            let Some(u) = fixed(p) else { continue };
+            let g = |q: usize| u.lat.as_ref().map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(u.rate, &u.rates, 0),
+                ms(g(0), &u.p50s, 1),
+                f(g(1), 1),
+                f(g(2), 1),
+                f(g(3), 1),
+                f(g(4), 0),
+                loss(&u.loss),
+            );
+        }
+    }
+    let many: G = |p| p.udp_many.as_ref();
+    let rows = with(many);
+    if !rows.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n#### UDP with {n} clients ({n} source ports taking turns, one request in flight in all)\n\n\
+             Each client's first request creates its flow (a conntrack entry; in kube-uproxy also a flow-table \
+             entry and an upstream socket): \"new flow\" columns. Then every request finds its flow.\n\n\
+             | path | req/s | p50 µs | p99 µs | max µs | new flow p50 µs | new flow p99 µs | new flow max µs | lost / sent |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            n = crate::clients::UDP_CLIENTS
+        );
+        for p in &rows {
+            let Some(u) = many(p) else { continue };
+            let g = |q: usize| u.lat.as_ref().map(|l| l.points()[q]);
+            let nf = |q: usize| u.new_flow.as_ref().map(|l| l.points()[q]);
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                ms(u.rate, &u.rates, 0),
+                ms(g(0), &u.p50s, 1),
+                f(g(2), 1),
+                f(g(4), 0),
+                f(nf(0), 1),
+                f(nf(2), 1),
+                f(nf(4), 0),
+                loss(&u.loss),
+            );
+        }
+    }
 }
 
 const BEGIN: &str = "<!-- BEGIN datapath bench results (generated by `cargo bench --bench datapath`; edit outside these markers) -->";

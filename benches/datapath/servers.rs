@@ -10,6 +10,8 @@
 //!   backend's name; readiness and endpoint-change checks.
 //! - sized (8083): reads an 8-byte big-endian length, answers that many
 //!   bytes, again until EOF; medium responses on keep-alive connections.
+//! - UDP echo (8053/udp): `uproxy_lab::peers::udp_echo`, sends every
+//!   datagram back to its source; the UDP request/response phases.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -26,6 +28,7 @@ pub const ECHO_PORT: u16 = 8080;
 pub const SINK_PORT: u16 = 8081;
 pub const WHO_PORT: u16 = 8082;
 pub const SIZED_PORT: u16 = 8083;
+pub const UDP_ECHO_PORT: u16 = 8053;
 /// The largest answer the sized server gives.
 pub const SIZED_MAX: usize = 4 << 20;
 
@@ -47,7 +50,8 @@ impl Drop for OpenGuard {
 pub struct Backends {
     pub counters: Arc<Counters>,
     cancel: CancellationToken,
-    _who: Vec<PeerHandle>,
+    /// whoami and UDP echo.
+    _peers: Vec<PeerHandle>,
 }
 
 impl Drop for Backends {
@@ -60,7 +64,7 @@ pub fn backend_name(i: usize) -> String {
     format!("b{i}")
 }
 
-/// Starts echo, sink and whoami on every backend of `lab`.
+/// Starts echo, sink, whoami, sized and UDP echo on every backend of `lab`.
 pub fn start(lab: &Lab, rt: &tokio::runtime::Runtime) -> Result<Backends, LabError> {
     let counters = Arc::new(Counters::default());
     let cancel = CancellationToken::new();
@@ -71,6 +75,7 @@ pub fn start(lab: &Lab, rt: &tokio::runtime::Runtime) -> Result<Backends, LabErr
         let sink_l = ns.tcp_listener(any(SINK_PORT))?;
         let who_l = ns.tcp_listener(any(WHO_PORT))?;
         let sized_l = ns.tcp_listener(any(SIZED_PORT))?;
+        let udp = ns.udp_socket(any(UDP_ECHO_PORT))?;
         let _g = rt.enter();
         for (l, kind) in [
             (echo_l, Kind::Echo),
@@ -82,11 +87,12 @@ pub fn start(lab: &Lab, rt: &tokio::runtime::Runtime) -> Result<Backends, LabErr
             rt.spawn(accept_loop(l, kind, counters.clone(), cancel.clone()));
         }
         who.push(peers::whoami(who_l, &backend_name(i)).map_err(|e| io_err("whoami", e))?);
+        who.push(peers::udp_echo(udp).map_err(|e| io_err("UDP echo", e))?);
     }
     Ok(Backends {
         counters,
         cancel,
-        _who: who,
+        _peers: who,
     })
 }
 

@@ -34,6 +34,16 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// The name nft uses in a set key (`tcp`, `udp`).
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
