@@ -80,6 +80,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(args.verbose, args.log_format);
+    if !kube_uproxy::memory::limit_arenas() {
+        tracing::debug!("cannot cap the allocator's arenas");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

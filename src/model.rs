@@ -5,12 +5,14 @@
 //! Services changed and what each of their ports should look like now.
 //! Nothing here does I/O, so all of it is unit-tested without root.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use ipnet::IpNet;
+
+use crate::vecmap::VecMap;
 
 /// The L4 protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -296,7 +298,7 @@ impl ServicePortSpec {
 pub struct ClusterState {
     services: HashMap<ObjectKey, ServiceInfo>,
     /// Slices grouped by the Service they belong to, then by slice name.
-    slices: HashMap<ObjectKey, BTreeMap<String, SliceInfo>>,
+    slices: HashMap<ObjectKey, VecMap<String, SliceInfo>>,
     /// Which Service each slice belongs to, so a slice that moves or goes
     /// away marks the right Service dirty.
     slice_owner: HashMap<ObjectKey, ObjectKey>,

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::convert::Notice;
 use super::{NoticeLog, Update, UpdateSender, service_or_log, slice_or_log};
 use crate::model::{ObjectKey, ServiceInfo, SliceInfo};
+use crate::vecmap::VecMap;
 
 /// A manifests path that cannot be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +267,7 @@ pub fn load(path: &Path) -> Result<Parsed, ManifestError> {
 
 /// Every definition of each object, by file: the effective one is the one
 /// from the last file in path order ("the last definition wins").
-type Definitions<T> = BTreeMap<ObjectKey, BTreeMap<PathBuf, T>>;
+type Definitions<T> = BTreeMap<ObjectKey, VecMap<PathBuf, T>>;
 
 /// Object-level changes caused by re-reading some files.
 #[derive(Debug, Default, PartialEq)]
