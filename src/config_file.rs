@@ -13,6 +13,7 @@
 //! | `logging.format` | `--log-format` |
 //! | `hostnameOverride` | `--hostname-override` (stored, not used yet) |
 //! | `nodePortAddresses` | `--nodeport-addresses` (CIDRs, or `[primary]`) |
+//! | `bindAddressIPv6` (kube-uproxy's own) | `--bind-address-ipv6` |
 //! | kube-uproxy's own: `manifests`, `manifestsRescanInterval`, `shutdownGrace`, `lbAlgorithm`, `tcpRelay`, `metricsPerEndpoint`, `healthzSocket`, `procSysDir` | the flag of the same name |
 //!
 //! A flag given on the command line wins over the file. A field that is
@@ -28,7 +29,10 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
-use crate::config::{Args, LogFormat, ServeAddress, parse_bind_address, parse_nodeport_addresses};
+use crate::config::{
+    Args, LogFormat, ServeAddress, parse_bind_address, parse_bind_address_v6,
+    parse_nodeport_addresses,
+};
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
 use crate::proxy::relay::RelayMode;
@@ -77,6 +81,8 @@ pub struct ConfigFile {
     pub kind: Option<String>,
     // kube-proxy's names.
     pub bind_address: Option<String>,
+    #[serde(rename = "bindAddressIPv6")]
+    pub bind_address_v6: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
     pub hostname_override: Option<String>,
@@ -189,6 +195,11 @@ impl ConfigFile {
             Some(s) => Some(parse_bind_address(s).map_err(|e| bad("bindAddress", e))?),
         };
         set!("bind_address", bind, args.bind_address);
+        let bind_v6 = match self.bind_address_v6.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(parse_bind_address_v6(s).map_err(|e| bad("bindAddressIPv6", e))?),
+        };
+        set!("bind_address_v6", bind_v6, args.bind_address_v6);
         let serve = |field, s: &Option<String>| {
             s.as_deref()
                 .map(|s| ServeAddress::parse(s, 0).map_err(|e| bad(field, e)))
