@@ -354,6 +354,7 @@ mod tests {
 apiVersion: kube-uproxy.io/v1alpha1
 kind: KubeUproxyConfiguration
 bindAddress: 169.254.99.1
+bindAddressIPv6: fd00:99::1
 healthzBindAddress: 127.0.0.1:10266
 metricsBindAddress: 0.0.0.0:10259
 hostnameOverride: node-a
@@ -391,6 +392,10 @@ procSysDir: /host/proc/sys
         let p = write(&d, "c.yaml", EVERY_FIELD);
         let a = parse_args(["kube-uproxy", "--config", p.to_str().unwrap()]).unwrap();
         assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 99, 1));
+        assert_eq!(
+            a.bind_address_v6,
+            "fd00:99::1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
         assert_eq!(
             a.healthz_address(),
             Some("127.0.0.1:10266".parse().unwrap())
@@ -443,6 +448,8 @@ procSysDir: /host/proc/sys
             "7s",
             "--bind-address",
             "169.254.42.7",
+            "--bind-address-ipv6",
+            "fd00:42::7",
             "--lb-algorithm",
             "round-robin",
             "--healthz-bind-address",
@@ -451,6 +458,7 @@ procSysDir: /host/proc/sys
         .unwrap();
         assert_eq!(a.sync_period, Duration::from_secs(7));
         assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 42, 7));
+        assert_eq!(a.bind_address_v6.to_string(), "fd00:42::7");
         assert_eq!(a.lb_algorithm, Algorithm::RoundRobin);
         assert_eq!(a.healthz_address(), None);
         // Not given on the command line: from the file.
@@ -557,7 +565,7 @@ procSysDir: /host/proc/sys
         .unwrap();
         let cmd = Args::command();
         let ids = ids.into_inner();
-        assert_eq!(ids.len(), 17, "{ids:?}");
+        assert_eq!(ids.len(), 18, "{ids:?}");
         for id in ids {
             assert!(
                 cmd.get_arguments().any(|a| a.get_id() == id.as_str()),
