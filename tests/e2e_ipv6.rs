@@ -11,7 +11,9 @@
 //!   left without endpoints refuses while IPv4 goes on.
 //! - An IPv6 NodePort from another host, with `--nodeport-addresses`
 //!   holding IPv4 and IPv6 CIDRs; not on the IPv4 addresses of a
-//!   single-stack IPv6 Service.
+//!   single-stack IPv6 Service. An IPv6 externalIP; IPv6 LB IPs admitting
+//!   their IPv6 source ranges and dropping other sources; the IPv4
+//!   externalIP of an IPv6-only Service left alone.
 //! - IPv6 refusals (TCP reset every time, ICMPv6 port unreachable for
 //!   UDP) and the proxy-port guard on the IPv6 proxy address.
 //! - The `ip6` table repaired after it is deleted, its proxy ports taken
@@ -46,6 +48,11 @@ use serde_json::Value;
 
 const VIP6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const VIP6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
+const VIP6_C: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x12);
+const VIP6_D: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x13);
+const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x8, 0, 0, 0, 0, 0, 0x8);
+const LB_V6_ADMITS: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x8, 0, 0, 0, 0, 0, 0x9);
+const LB_V6_DROPS: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x8, 0, 0, 0, 0, 0, 0xa);
 const VIP4_A: &str = "10.96.0.10";
 const PROXY_V6: &str = "fd6b:7570:7278::1";
 const NODE_PORT: u16 = 30080;
@@ -62,6 +69,10 @@ struct Svc {
     /// TCP port 80, and UDP port 80 too when set.
     udp: bool,
     node_port: Option<u16>,
+    /// `spec.externalIPs`.
+    external_ips: Vec<IpAddr>,
+    /// A LoadBalancer ingress IP and the Service's source ranges.
+    lb: Option<(IpAddr, Vec<&'static str>)>,
     /// Ready endpoints (both families mixed; each goes to its family's
     /// slice), target port 8080.
     endpoints: Vec<IpAddr>,
@@ -74,6 +85,8 @@ impl Svc {
             cluster_ips: cluster_ips.to_vec(),
             udp: false,
             node_port: None,
+            external_ips: Vec::new(),
+            lb: None,
             endpoints: endpoints.to_vec(),
         }
     }
@@ -93,7 +106,9 @@ fn yaml(svcs: &[Svc]) -> String {
         let rv = VERSION.fetch_add(1, Ordering::Relaxed);
         let ips: Vec<String> = s.cluster_ips.iter().map(|ip| format!("\"{ip}\"")).collect();
         let families: Vec<&str> = s.cluster_ips.iter().map(family_name).collect();
-        let kind = if s.node_port.is_some() {
+        let kind = if s.lb.is_some() {
+            "LoadBalancer"
+        } else if s.node_port.is_some() {
             "NodePort"
         } else {
             "ClusterIP"
@@ -123,6 +138,24 @@ fn yaml(svcs: &[Svc]) -> String {
             let _ = writeln!(
                 out,
                 "    - {{name: udp, port: {SVC_PORT}, protocol: UDP, targetPort: {BACKEND_PORT}}}"
+            );
+        }
+        if !s.external_ips.is_empty() {
+            let ips: Vec<String> = s
+                .external_ips
+                .iter()
+                .map(|ip| format!("\"{ip}\""))
+                .collect();
+            let _ = writeln!(out, "    externalIPs: [{}]", ips.join(", "));
+        }
+        if let Some((_, ranges)) = &s.lb {
+            let quoted: Vec<String> = ranges.iter().map(|r| format!("\"{r}\"")).collect();
+            let _ = writeln!(out, "    loadBalancerSourceRanges: [{}]", quoted.join(", "));
+        }
+        if let Some((ip, _)) = &s.lb {
+            let _ = writeln!(
+                out,
+                "  status:\n    loadBalancer:\n      ingress:\n      - ip: \"{ip}\""
             );
         }
         for family in ["IPv4", "IPv6"] {
@@ -462,9 +495,9 @@ fn a_dual_stack_service_is_reached_over_both_families_each_by_its_own_endpoints(
 }
 
 #[test]
-fn an_ipv6_node_port_is_reached_from_another_host_on_the_nodeport_addresses() {
+fn ipv6_node_ports_external_ips_and_lb_ips_are_reached_from_another_host() {
     if !lab::require_root_and_nft(
-        "an_ipv6_node_port_is_reached_from_another_host_on_the_nodeport_addresses",
+        "ipv6_node_ports_external_ips_and_lb_ips_are_reached_from_another_host",
     ) {
         return;
     }
@@ -473,12 +506,53 @@ fn an_ipv6_node_port_is_reached_from_another_host_on_the_nodeport_addresses() {
         node_port: Some(NODE_PORT),
         ..Svc::new("six", &[IpAddr::V6(VIP6_A)], &[ep6(0)])
     };
+    // An IPv6 externalIP, and LB IPs whose source ranges admit the client
+    // (the IPv6 one) or not (the other family's range is ignored for IPv6).
+    let ext = Svc {
+        external_ips: vec![IpAddr::V6(EXTERNAL_V6), "10.200.8.8".parse().unwrap()],
+        ..Svc::new("ext", &[IpAddr::V6(VIP6_B)], &[ep6(0)])
+    };
+    let lb_in = Svc {
+        node_port: Some(NODE_PORT + 1),
+        lb: Some((
+            IpAddr::V6(LB_V6_ADMITS),
+            vec!["fd00:200::/64", "10.0.0.0/8"],
+        )),
+        ..Svc::new("lb-in", &[IpAddr::V6(VIP6_C)], &[ep6(0)])
+    };
+    let lb_out = Svc {
+        node_port: Some(NODE_PORT + 2),
+        lb: Some((IpAddr::V6(LB_V6_DROPS), vec!["fd00:999::/64"])),
+        ..Svc::new("lb-out", &[IpAddr::V6(VIP6_D)], &[ep6(0)])
+    };
     let mut proxy = bed.start(
         "kube-uproxy",
-        &[svc],
+        &[svc, ext, lb_in, lb_out],
         &["--nodeport-addresses", "10.200.0.0/24,fd00:200::/64"],
     );
     wait_ip6(&mut proxy, bed.node(), VIP6_A, true);
+    wait_ip6(&mut proxy, bed.node(), LB_V6_DROPS, true);
+    for (ip, what) in [
+        (EXTERNAL_V6, "IPv6 externalIP"),
+        (LB_V6_ADMITS, "IPv6 LB IP"),
+    ] {
+        let to = SocketAddr::from((ip, SVC_PORT));
+        assert_eq!(greeting(bed.client(), to, what), v6_name(0));
+    }
+    let dropped = SocketAddr::from((LB_V6_DROPS, SVC_PORT));
+    match bed.client().tcp_connect(dropped, Duration::from_secs(2)) {
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+        other => panic!(
+            "{dropped} from outside its source ranges got {:?}, not dropped",
+            other.map(|_| "a connection")
+        ),
+    }
+    // The IPv4 externalIP of an IPv6-only Service is not caught.
+    let keys = bed
+        .node()
+        .nft_keys("map", "ip", "kube-uproxy", "service-ports")
+        .expect("ip table");
+    assert!(keys.is_empty(), "{keys:?}");
     let on_uplink = SocketAddr::from((lab::NODE_CLIENT_ADDR_V6, NODE_PORT));
     assert_eq!(
         greeting(bed.client(), on_uplink, "IPv6 node port"),
