@@ -1,6 +1,6 @@
 //! Command-line flags, following kube-proxy's names where one exists.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -40,6 +40,13 @@ pub struct Args {
     /// address works too.
     #[arg(long, value_name = "IPv4", default_value = "169.254.42.1", value_parser = parse_bind_address)]
     pub bind_address: Ipv4Addr,
+
+    /// The same for IPv6 Services: a /128 the proxy adds to `lo` unless
+    /// the node has it (default: an address of the unique-local prefix
+    /// fd6b:7570:7278::/48, "kuprx"). Unused when the node has IPv6
+    /// disabled.
+    #[arg(long = "bind-address-ipv6", value_name = "IPv6", default_value = DEFAULT_BIND_ADDRESS_V6, value_parser = parse_bind_address_v6)]
+    pub bind_address_v6: Ipv6Addr,
 
     /// How often the kernel's rules are checked against what was applied,
     /// and rewritten if they drifted (a flush, a firewall reload).
@@ -369,6 +376,30 @@ fn parse_keepalive_interval(s: &str) -> Result<Duration, String> {
     keepalive_seconds(s, false)
 }
 
+/// The default of `--bind-address-ipv6`.
+pub const DEFAULT_BIND_ADDRESS_V6: &str = "fd6b:7570:7278::1";
+
+/// A unicast IPv6 address DNAT can target from every hook: not the
+/// wildcard, not `::1` (the kernel does not route translated packets from
+/// other interfaces to loopback), not link-local (it needs a zone), not an
+/// IPv4-mapped one.
+pub fn parse_bind_address_v6(s: &str) -> Result<Ipv6Addr, String> {
+    let a: Ipv6Addr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv6 address"))?;
+    if a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || a.is_unicast_link_local()
+        || a.to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "{a} cannot be the IPv6 proxy address: give a unicast address that is not loopback, link-local or IPv4-mapped (default {DEFAULT_BIND_ADDRESS_V6})"
+        ));
+    }
+    Ok(a)
+}
+
 /// A unicast IPv4 address that DNAT can target from every hook: not the
 /// wildcard (DNAT needs one address), not loopback (the kernel drops
 /// packets from other interfaces translated to 127.0.0.0/8 unless
@@ -534,6 +565,27 @@ mod tests {
             assert!(
                 Args::try_parse_from(bad.clone()).is_err(),
                 "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn the_ipv6_proxy_address_must_be_one_dnat_can_target() {
+        let a = Args::try_parse_from(["kube-uproxy"]).unwrap();
+        assert_eq!(a.bind_address_v6.to_string(), DEFAULT_BIND_ADDRESS_V6);
+        let b = Args::try_parse_from(["kube-uproxy", "--bind-address-ipv6", "fd00:1::5"]).unwrap();
+        assert_eq!(b.bind_address_v6, "fd00:1::5".parse::<Ipv6Addr>().unwrap());
+        for bad in [
+            "::",
+            "::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "ff02::1",
+            "10.0.0.1",
+        ] {
+            assert!(
+                Args::try_parse_from(["kube-uproxy", "--bind-address-ipv6", bad]).is_err(),
+                "{bad} accepted"
             );
         }
     }

@@ -13,6 +13,7 @@
 //! | `logging.format` | `--log-format` |
 //! | `hostnameOverride` | `--hostname-override` (stored, not used yet) |
 //! | `nodePortAddresses` | `--nodeport-addresses` (CIDRs, or `[primary]`) |
+//! | `bindAddressIPv6` (kube-uproxy's own) | `--bind-address-ipv6` |
 //! | kube-uproxy's own: `manifests`, `manifestsRescanInterval`, `shutdownGrace`, `lbAlgorithm`, `tcpRelay`, `metricsPerEndpoint`, `healthzSocket`, `procSysDir` | the flag of the same name |
 //!
 //! A flag given on the command line wins over the file. A field that is
@@ -28,7 +29,10 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
-use crate::config::{Args, LogFormat, ServeAddress, parse_bind_address, parse_nodeport_addresses};
+use crate::config::{
+    Args, LogFormat, ServeAddress, parse_bind_address, parse_bind_address_v6,
+    parse_nodeport_addresses,
+};
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
 use crate::proxy::relay::RelayMode;
@@ -77,6 +81,8 @@ pub struct ConfigFile {
     pub kind: Option<String>,
     // kube-proxy's names.
     pub bind_address: Option<String>,
+    #[serde(rename = "bindAddressIPv6")]
+    pub bind_address_v6: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
     pub hostname_override: Option<String>,
@@ -189,6 +195,11 @@ impl ConfigFile {
             Some(s) => Some(parse_bind_address(s).map_err(|e| bad("bindAddress", e))?),
         };
         set!("bind_address", bind, args.bind_address);
+        let bind_v6 = match self.bind_address_v6.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(parse_bind_address_v6(s).map_err(|e| bad("bindAddressIPv6", e))?),
+        };
+        set!("bind_address_v6", bind_v6, args.bind_address_v6);
         let serve = |field, s: &Option<String>| {
             s.as_deref()
                 .map(|s| ServeAddress::parse(s, 0).map_err(|e| bad(field, e)))
@@ -343,6 +354,7 @@ mod tests {
 apiVersion: kube-uproxy.io/v1alpha1
 kind: KubeUproxyConfiguration
 bindAddress: 169.254.99.1
+bindAddressIPv6: fd00:99::1
 healthzBindAddress: 127.0.0.1:10266
 metricsBindAddress: 0.0.0.0:10259
 hostnameOverride: node-a
@@ -380,6 +392,10 @@ procSysDir: /host/proc/sys
         let p = write(&d, "c.yaml", EVERY_FIELD);
         let a = parse_args(["kube-uproxy", "--config", p.to_str().unwrap()]).unwrap();
         assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 99, 1));
+        assert_eq!(
+            a.bind_address_v6,
+            "fd00:99::1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
         assert_eq!(
             a.healthz_address(),
             Some("127.0.0.1:10266".parse().unwrap())
@@ -432,6 +448,8 @@ procSysDir: /host/proc/sys
             "7s",
             "--bind-address",
             "169.254.42.7",
+            "--bind-address-ipv6",
+            "fd00:42::7",
             "--lb-algorithm",
             "round-robin",
             "--healthz-bind-address",
@@ -440,6 +458,7 @@ procSysDir: /host/proc/sys
         .unwrap();
         assert_eq!(a.sync_period, Duration::from_secs(7));
         assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 42, 7));
+        assert_eq!(a.bind_address_v6.to_string(), "fd00:42::7");
         assert_eq!(a.lb_algorithm, Algorithm::RoundRobin);
         assert_eq!(a.healthz_address(), None);
         // Not given on the command line: from the file.
@@ -546,7 +565,7 @@ procSysDir: /host/proc/sys
         .unwrap();
         let cmd = Args::command();
         let ids = ids.into_inner();
-        assert_eq!(ids.len(), 17, "{ids:?}");
+        assert_eq!(ids.len(), 18, "{ids:?}");
         for id in ids {
             assert!(
                 cmd.get_arguments().any(|a| a.get_id() == id.as_str()),

@@ -12,6 +12,7 @@ use kube_uproxy::config::{Args, Command, LogFormat, NodePortAddresses};
 use kube_uproxy::config_file::{self, ArgsError};
 use kube_uproxy::health::ProxyHealth;
 use kube_uproxy::metrics::Metrics;
+use kube_uproxy::model::IpFamily;
 use kube_uproxy::proxy::DataPathConfig;
 use kube_uproxy::proxy::listeners::{Connections, SocketListeners};
 use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
@@ -135,20 +136,29 @@ async fn probe_command(args: &Args, livez: bool) -> anyhow::Result<()> {
 }
 
 /// `--cleanup`: everything the proxy installed goes.
-async fn cleanup(proc_sys: &std::path::Path) -> anyhow::Result<()> {
+async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> anyhow::Result<()> {
     let mut nft = NftCommand;
-    let note = match nft.read().await {
+    let note = match nft.read(IpFamily::V4).await {
         Ok(t) => t.and_then(|t| t.note),
         Err(e) => {
             warn!(error = %e, "cannot read the table before removing it");
             None
         }
     };
-    nft.apply(&rules::render::delete_table())
+    nft.apply(&rules::render::delete_table(IpFamily::V4))
         .await
         .context("removing the kube-uproxy nftables table")?;
     info!("nftables table removed");
-    rules::host::cleanup(note.as_deref(), proc_sys).context("removing the proxy address")?;
+    match nft.apply(&rules::render::delete_table(IpFamily::V6)).await {
+        Ok(()) => info!("ip6 nftables table removed"),
+        // A kernel without IPv6 has no ip6 table to remove.
+        Err(e) if rules::host::ipv6_disabled().is_some() => {
+            info!(error = %e, "no ip6 table removed (IPv6 is disabled)")
+        }
+        Err(e) => return Err(e).context("removing the kube-uproxy ip6 nftables table"),
+    }
+    rules::host::cleanup(note.as_deref(), address_v6, proc_sys)
+        .context("removing the proxy address")?;
     Ok(())
 }
 
@@ -160,7 +170,7 @@ fn instance_id() -> u32 {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
-        return cleanup(&args.proc_sys_dir).await;
+        return cleanup(&args.proc_sys_dir, args.bind_address_v6).await;
     }
     raise_fd_limit(args.max_connections);
     let missing = rules::host::missing_capabilities();
@@ -231,30 +241,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // What an earlier instance left: its proxy ports go back to the same
     // Service ports, so that unchanged Services see no rule change.
-    let mut nft = NftCommand;
-    let earlier = match nft.read().await {
-        Ok(t) => t,
-        Err(e) => {
-            warn!(error = %e, "cannot read an earlier instance's table; starting afresh");
+    // IPv6 Services are served when the node has IPv6; otherwise IPv4
+    // goes on alone and each IPv6 Service is logged once as not served.
+    let bind_v6 = match rules::host::ipv6_disabled() {
+        Some(why) => {
+            warn!(reason = %why, "IPv6 is disabled on this node: IPv6 Services are not served");
             None
         }
+        None => Some(args.bind_address_v6),
     };
+    let mut nft = NftCommand;
+    let mut earlier = HashMap::new();
+    let families: &[IpFamily] = if bind_v6.is_some() {
+        &[IpFamily::V4, IpFamily::V6]
+    } else {
+        &[IpFamily::V4]
+    };
+    for family in families {
+        match nft.read(*family).await {
+            Ok(Some(t)) => {
+                earlier.insert(*family, t);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, %family, "cannot read an earlier instance's table; starting afresh")
+            }
+        }
+    }
     let note = rules::host::prepare(
         args.bind_address,
-        earlier.as_ref().and_then(|t| t.note.as_deref()),
+        bind_v6,
+        earlier
+            .get(&IpFamily::V4)
+            .and_then(|t: &rules::KernelTable| t.note.as_deref()),
         &args.proc_sys_dir,
     )
     .context("preparing the node")?;
+    let proxy_address_of = |family: IpFamily| match family {
+        IpFamily::V4 => Some(IpAddr::V4(args.bind_address)),
+        IpFamily::V6 => bind_v6.map(IpAddr::V6),
+    };
     let adopted: HashMap<Key, u16> = earlier
-        .as_ref()
-        .filter(|t| t.proxy_address == Some(args.bind_address))
-        .map(|t| t.redirects().collect())
-        .unwrap_or_default();
+        .iter()
+        .filter(|(family, t)| {
+            t.proxy_address.is_some() && t.proxy_address == proxy_address_of(**family)
+        })
+        .flat_map(|(_, t)| t.redirects())
+        .collect();
     let port_range = match args.proxy_port_range {
         Some(range) => Some(range),
         None => match ports::ephemeral_port_range(&args.proc_sys_dir) {
             Ok(range) => {
-                info!(%range, "proxy ports from the kernel's ephemeral range (net.ipv4.ip_local_port_range); --proxy-port-range sets another");
+                info!(%range, "proxy ports from the kernel's ephemeral range (net.ipv4.ip_local_port_range, for both families); --proxy-port-range sets another");
                 Some(range)
             }
             Err(e) => {
@@ -264,12 +302,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     };
     let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.bind_address), port_range);
+    let mut ports_v6 = bind_v6.map(|a| ProxyPortAllocator::new(IpAddr::V6(a), port_range));
     for (key, port) in &adopted {
-        let protocol = match key {
-            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => d.protocol,
-            Key::NodePort(p) => p.protocol,
-        };
-        ports.reserve(protocol, *port);
+        match (key.family(), &mut ports_v6) {
+            (IpFamily::V4, _) => ports.reserve(key.protocol(), *port),
+            (IpFamily::V6, Some(p)) => p.reserve(key.protocol(), *port),
+            (IpFamily::V6, None) => {}
+        }
     }
     if !adopted.is_empty() {
         info!(
@@ -306,7 +345,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let connections =
         Connections::with_limit((args.max_connections > 0).then_some(args.max_connections));
-    let listeners = SocketListeners::new(
+    let mut listeners = SocketListeners::new(
         ports,
         Arc::new(DataPathConfig {
             relay: args.relay(),
@@ -320,25 +359,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         connections.clone(),
     )
     .with_metrics(Arc::clone(&metrics));
+    if let Some(p) = ports_v6 {
+        listeners = listeners.with_ipv6(p);
+    }
     let nodeport_addresses = match &args.nodeport_addresses {
         None => None,
-        Some(NodePortAddresses::Cidrs(nets)) => Some(
-            nets.iter()
-                .filter_map(|n| match n {
-                    ipnet::IpNet::V4(v4) => Some(*v4),
-                    ipnet::IpNet::V6(_) => None,
-                })
-                .collect(),
-        ),
+        Some(NodePortAddresses::Cidrs(nets)) => Some(nets.clone()),
         Some(NodePortAddresses::Primary) => {
             let primary = rules::host::primary_addresses()
                 .context("finding the primary addresses for --nodeport-addresses")?;
             info!(addresses = ?primary, "node ports served on the primary addresses");
-            Some(primary.into_iter().map(ipnet::Ipv4Net::from).collect())
+            Some(primary.into_iter().map(ipnet::IpNet::from).collect())
         }
     };
     let layout = Layout {
         proxy_address: args.bind_address,
+        proxy_address_v6: bind_v6,
         nodeport_addresses,
         instance: Instance {
             id: instance_id(),
@@ -354,6 +390,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         algorithm = %args.lb_algorithm,
         relay = ?args.tcp_relay,
         proxy_address = %args.bind_address,
+        proxy_address_v6 = ?bind_v6,
         "kube-uproxy starting"
     );
     // On a worker thread: the listener tasks it spawns then go to that

@@ -136,6 +136,24 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// Identifies one listener: a Service port, for one address family.
+///
+/// A dual-stack Service port has two listeners, one on each family's proxy
+/// address, each sending its clients to endpoints of its own family only.
+/// Ordered by Service port first, so one Service's listeners are a range.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub port: ServicePortName,
+    /// The family of the ClusterIPs (and proxy address) this listener serves.
+    pub family: IpFamily,
+}
+
+impl fmt::Display for ListenerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.port, self.family)
+    }
+}
+
 /// One port of a Service, as declared in `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PortSpec {
@@ -284,11 +302,40 @@ impl ServicePortSpec {
             .collect()
     }
 
-    /// The usable endpoints for the port's IPv4 ClusterIPs: the only ones
-    /// the proxy redirects so far. Same as
+    /// The usable endpoints for the port's IPv4 ClusterIPs. Same as
     /// `usable_endpoints_of(IpFamily::V4)`.
     pub fn usable_endpoints(&self) -> Vec<SocketAddr> {
         self.usable_endpoints_of(IpFamily::V4)
+    }
+
+    /// The families this port is served in: those of its ClusterIPs
+    /// (`spec.clusterIPs`, whose families are `spec.ipFamilies`), in that
+    /// order, each once. kube-proxy serves a Service in a family only when
+    /// it has a ClusterIP of that family; externalIPs and load-balancer IPs
+    /// of another family are ignored, as it ignores them.
+    pub fn families(&self) -> Vec<IpFamily> {
+        let mut out = Vec::new();
+        for f in self.cluster_ips.iter().map(|ip| IpFamily::of(*ip)) {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        out
+    }
+
+    /// The addresses of one family among `ips`.
+    pub fn of_family(ips: &[IpAddr], family: IpFamily) -> impl Iterator<Item = IpAddr> + '_ {
+        ips.iter()
+            .copied()
+            .filter(move |ip| IpFamily::of(*ip) == family)
+    }
+
+    /// The listener of this port in `family`.
+    pub fn listener_key(&self, family: IpFamily) -> ListenerKey {
+        ListenerKey {
+            port: self.name.clone(),
+            family,
+        }
     }
 }
 
@@ -768,5 +815,31 @@ mod tests {
             .remove(0);
         assert_eq!(s.endpoints.len(), 1);
         assert!(s.endpoints[0].ready);
+    }
+
+    #[test]
+    fn a_port_is_served_in_the_families_of_its_cluster_ips() {
+        let mut st = ClusterState::new();
+        let mut six = svc("six", &[("", 80)]);
+        six.cluster_ips = vec!["fd00:96::10".parse().unwrap()];
+        six.external_ips = vec!["10.200.8.8".parse().unwrap(), "fd00:8::8".parse().unwrap()];
+        st.apply_service(six);
+        st.apply_service(dual_stack_web());
+        let six = st
+            .service_ports(&ObjectKey::new("default", "six"), Algorithm::RoundRobin)
+            .remove(0);
+        // An IPv4 externalIP does not make an IPv6-only Service IPv4.
+        assert_eq!(six.families(), [IpFamily::V6]);
+        assert_eq!(
+            ServicePortSpec::of_family(&six.external_ips, IpFamily::V6).collect::<Vec<_>>(),
+            ["fd00:8::8".parse::<IpAddr>().unwrap()]
+        );
+        let web = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        assert_eq!(web.families(), [IpFamily::V4, IpFamily::V6]);
+        let k6 = web.listener_key(IpFamily::V6);
+        assert!(web.listener_key(IpFamily::V4) < k6);
+        assert_eq!(k6.to_string(), "default/web/TCP IPv6");
     }
 }

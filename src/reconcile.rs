@@ -38,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::model::{
-    Algorithm, ClusterState, ObjectKey, Protocol, ServicePortName, ServicePortSpec,
+    Algorithm, ClusterState, IpFamily, ListenerKey, ObjectKey, Protocol, ServicePortName,
+    ServicePortSpec,
 };
 use crate::proxy::balancer::Balancer;
 use crate::proxy::listeners::{ListenError, Listener, Listeners};
@@ -64,7 +65,7 @@ pub struct ReconcilerConfig {
     pub sync_period: Duration,
 }
 
-/// A Service port that has a listener.
+/// A Service port, in one family, that has a listener.
 struct ActivePort {
     spec: ServicePortSpec,
     listener: Listener,
@@ -78,12 +79,12 @@ pub struct Reconciler<N: Nft, L: Listeners> {
     config: ReconcilerConfig,
     state: ClusterState,
     listeners: L,
-    /// Ordered by Service first, so one Service's ports are a range.
-    active: BTreeMap<ServicePortName, ActivePort>,
+    /// Ordered by Service first, so one Service's listeners are a range.
+    active: BTreeMap<ListenerKey, ActivePort>,
     rules: RuleTable<N>,
     /// Ports whose rules are gone from what we want, waiting for a sync that
     /// succeeds before their listeners close.
-    closing: Vec<(ServicePortName, ActivePort)>,
+    closing: Vec<(ListenerKey, ActivePort)>,
     /// Proxy ports an earlier instance's table gave each destination; used
     /// for the first listener of each Service port, then dropped.
     adopted: HashMap<Key, u16>,
@@ -91,6 +92,10 @@ pub struct Reconciler<N: Nft, L: Listeners> {
     retry: BTreeSet<ObjectKey>,
     /// Services to reconcile at the next sync besides the dirty ones.
     pending_keys: BTreeSet<ObjectKey>,
+    /// Services told to the log as having a ClusterIP of a family this
+    /// node does not serve (IPv6 disabled): said once per Service, again
+    /// after it is gone and back.
+    family_off_logged: BTreeSet<ObjectKey>,
     services_synced: bool,
     slices_synced: bool,
     /// Set after the first sync of rules succeeded.
@@ -118,6 +123,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             adopted,
             retry: BTreeSet::new(),
             pending_keys: BTreeSet::new(),
+            family_off_logged: BTreeSet::new(),
             services_synced: false,
             slices_synced: false,
             first_sync_done: false,
@@ -278,58 +284,82 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             self.listeners.adoption_done();
         }
         // Only now that no rule points at them do listeners go away.
-        for (name, port) in std::mem::take(&mut self.closing) {
+        for (key, port) in std::mem::take(&mut self.closing) {
             let proxy_port = ProxyPort {
-                protocol: name.protocol,
+                protocol: key.port.protocol,
                 port: port.listener.port,
             };
-            self.listeners.close(&name, port.listener);
+            self.listeners.close(&key, port.listener);
             // Dropped from the guard set at the next sync (or kept if the
             // port is handed out again before then).
-            self.rules.set_proxy_port(proxy_port, false);
+            self.rules.set_proxy_port(key.family, proxy_port, false);
         }
     }
 
-    /// Reconciles one Service's ports.
+    /// Reconciles one Service's ports: one listener per port and per
+    /// family of the Service's ClusterIPs that this node serves.
     fn reconcile_service(&mut self, key: &ObjectKey) {
         let desired = self.state.service_ports(key, self.config.default_algorithm);
-        let wanted: BTreeSet<&ServicePortName> = desired.iter().map(|s| &s.name).collect();
-        let gone: Vec<ServicePortName> = self
-            .active
-            .range(service_range(key))
-            .take_while(|(n, _)| n.service == *key)
-            .map(|(n, _)| n.clone())
-            .filter(|n| !wanted.contains(n))
-            .collect();
-        for name in gone {
-            if let Some(port) = self.active.remove(&name) {
-                for d in &port.destinations {
-                    self.rules.release(*d, &name);
+        let served = self.rules.layout().families();
+        let mut wanted: Vec<(ServicePortSpec, IpFamily)> = Vec::new();
+        let mut off: BTreeSet<IpFamily> = BTreeSet::new();
+        for spec in desired {
+            for family in spec.families() {
+                if served.contains(&family) {
+                    wanted.push((spec.clone(), family));
+                } else {
+                    off.insert(family);
                 }
-                info!(service_port = %name, proxy_port = port.listener.port, "service port removed");
-                self.closing.push((name, port));
             }
         }
-        for spec in desired {
-            if let Err(true) = self.reconcile_port(spec) {
+        if off.is_empty() {
+            self.family_off_logged.remove(key);
+        } else if self.family_off_logged.insert(key.clone()) {
+            let families: Vec<String> = off.iter().map(|f| f.to_string()).collect();
+            warn!(service = %key, families = %families.join(","), "the Service has ClusterIPs of a family this node has disabled; not served in that family");
+        }
+        let wanted_keys: BTreeSet<ListenerKey> = wanted
+            .iter()
+            .map(|(spec, family)| spec.listener_key(*family))
+            .collect();
+        let gone: Vec<ListenerKey> = self
+            .active
+            .range(service_range(key))
+            .take_while(|(k, _)| k.port.service == *key)
+            .map(|(k, _)| k.clone())
+            .filter(|k| !wanted_keys.contains(k))
+            .collect();
+        for lkey in gone {
+            if let Some(port) = self.active.remove(&lkey) {
+                for d in &port.destinations {
+                    self.rules.release(*d, &lkey.port);
+                }
+                info!(service_port = %lkey.port, family = %lkey.family, proxy_port = port.listener.port, "service port removed");
+                self.closing.push((lkey, port));
+            }
+        }
+        for (spec, family) in wanted {
+            if let Err(true) = self.reconcile_port(spec, family) {
                 self.retry.insert(key.clone());
             }
         }
     }
 
-    /// Creates or updates one port. `Err(true)` asks for a retry later.
-    fn reconcile_port(&mut self, spec: ServicePortSpec) -> Result<(), bool> {
-        let usable = spec.usable_endpoints();
-        let destinations = destinations(&spec);
-        if !self.active.contains_key(&spec.name) {
-            let port = self.start_listener(&spec, &destinations)?;
-            self.active.insert(spec.name.clone(), port);
+    /// Creates or updates one port's listener of `family`. `Err(true)` asks
+    /// for a retry later.
+    fn reconcile_port(&mut self, spec: ServicePortSpec, family: IpFamily) -> Result<(), bool> {
+        let usable = spec.usable_endpoints_of(family);
+        let destinations = destinations(&spec, family);
+        let lkey = spec.listener_key(family);
+        if !self.active.contains_key(&lkey) {
+            let port = self.start_listener(&lkey, &spec, &destinations)?;
+            self.active.insert(lkey.clone(), port);
         }
-        let Some(port) = self.active.get_mut(&spec.name) else {
+        let Some(port) = self.active.get_mut(&lkey) else {
             return Err(true);
         };
         if port.spec.endpoints != spec.endpoints || port.balancer.algorithm() != spec.algorithm {
-            debug!(service_port = %spec.name, endpoints = usable.len(), algorithm = %spec.algorithm, "endpoints updated");
+            debug!(service_port = %spec.name, %family, endpoints = usable.len(), algorithm = %spec.algorithm, "endpoints updated");
         }
         port.balancer.update(&usable, spec.algorithm);
 
@@ -343,7 +373,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         }
         for d in &destinations {
             let a = match d {
-                Key::Service(_) | Key::NodePort(_) => action,
+                Key::Service(_) | Key::NodePort(..) => action,
                 Key::Guarded(_) | Key::Allow(..) => Action::Member,
             };
             self.rules.claim(*d, &spec.name, a);
@@ -355,37 +385,39 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
 
     fn start_listener(
         &mut self,
+        lkey: &ListenerKey,
         spec: &ServicePortSpec,
         destinations: &BTreeSet<Key>,
     ) -> Result<ActivePort, bool> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
-        let listener = match self
-            .listeners
-            .open(&spec.name, Arc::clone(&balancer), adopt)
-        {
+        let listener = match self.listeners.open(lkey, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {
                 debug!(service_port = %spec.name, %protocol, "only TCP is proxied so far; port not proxied");
                 return Err(false);
             }
             Err(e) => {
-                error!(service_port = %spec.name, error = %e, "cannot open a listener; retrying");
+                error!(service_port = %spec.name, family = %lkey.family, error = %e, "cannot open a listener; retrying");
                 return Err(true);
             }
         };
         self.rules.set_proxy_port(
+            lkey.family,
             ProxyPort {
                 protocol: spec.name.protocol,
                 port: listener.port,
             },
             true,
         );
+        let cluster_ips: Vec<IpAddr> =
+            ServicePortSpec::of_family(&spec.cluster_ips, lkey.family).collect();
         info!(
             service_port = %spec.name,
+            family = %lkey.family,
             proxy_port = listener.port,
             adopted = adopt == Some(listener.port),
-            cluster_ips = ?spec.cluster_ips,
+            cluster_ips = ?cluster_ips,
             port = spec.port,
             algorithm = %spec.algorithm,
             "service port added"
@@ -399,55 +431,64 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     }
 }
 
-/// Every key the kernel should catch for this port: its ClusterIPs,
-/// externalIPs and load-balancer IPs on the Service port, its node port,
-/// and the source ranges of its load-balancer IPs. IPv6 addresses are not
-/// caught yet (the table is IPv4).
-fn destinations(spec: &ServicePortSpec) -> BTreeSet<Key> {
-    let v4 = |ips: &[IpAddr]| -> Vec<Destination> {
-        ips.iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(Destination {
-                    ip: *v4,
-                    protocol: spec.name.protocol,
-                    port: spec.port,
-                }),
-                IpAddr::V6(_) => None,
+/// Every key the kernel should catch for this port in `family`: its
+/// ClusterIPs, externalIPs and load-balancer IPs of that family on the
+/// Service port, its node port on the node's addresses of that family, and
+/// the source ranges of that family for its load-balancer IPs (as
+/// kube-proxy filters them: ranges of the other family are ignored, and a
+/// family left without any lets every source in).
+pub(crate) fn destinations(spec: &ServicePortSpec, family: IpFamily) -> BTreeSet<Key> {
+    let of = |ips: &[IpAddr]| -> Vec<Destination> {
+        ServicePortSpec::of_family(ips, family)
+            .map(|ip| Destination {
+                ip,
+                protocol: spec.name.protocol,
+                port: spec.port,
             })
             .collect()
     };
-    let mut keys: BTreeSet<Key> = v4(&spec.cluster_ips)
+    let mut keys: BTreeSet<Key> = of(&spec.cluster_ips)
         .into_iter()
-        .chain(v4(&spec.external_ips))
-        .chain(v4(&spec.lb_ips))
+        .chain(of(&spec.external_ips))
+        .chain(of(&spec.lb_ips))
         .map(Key::Service)
         .collect();
     if let Some(port) = spec.node_port {
-        keys.insert(Key::NodePort(ProxyPort {
-            protocol: spec.name.protocol,
-            port,
-        }));
+        keys.insert(Key::NodePort(
+            family,
+            ProxyPort {
+                protocol: spec.name.protocol,
+                port,
+            },
+        ));
     }
-    if !spec.lb_source_ranges.is_empty() {
-        for d in v4(&spec.lb_ips) {
+    let ranges: Vec<ipnet::IpNet> = spec
+        .lb_source_ranges
+        .iter()
+        .filter(|n| IpFamily::of(n.addr()) == family)
+        .copied()
+        .collect();
+    if !ranges.is_empty() {
+        for d in of(&spec.lb_ips) {
             keys.insert(Key::Guarded(d));
-            for net in &spec.lb_source_ranges {
-                if let ipnet::IpNet::V4(net) = net {
-                    keys.insert(Key::Allow(d, *net));
-                }
+            for net in &ranges {
+                keys.insert(Key::Allow(d, *net));
             }
         }
     }
     keys
 }
 
-/// From the first possible port of one Service onwards, in the `active`
-/// map's order (callers stop when the Service changes).
-fn service_range(key: &ObjectKey) -> (Bound<ServicePortName>, Bound<ServicePortName>) {
-    let lo = ServicePortName {
-        service: key.clone(),
-        port: String::new(),
-        protocol: Protocol::Tcp,
+/// From the first possible listener of one Service onwards, in the
+/// `active` map's order (callers stop when the Service changes).
+fn service_range(key: &ObjectKey) -> (Bound<ListenerKey>, Bound<ListenerKey>) {
+    let lo = ListenerKey {
+        port: ServicePortName {
+            service: key.clone(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        },
+        family: IpFamily::V4,
     };
     (Bound::Included(lo), Bound::Unbounded)
 }
@@ -471,7 +512,7 @@ mod tests {
     #[derive(Default)]
     struct ListenerLog {
         next: u16,
-        open: BTreeMap<u16, ServicePortName>,
+        open: BTreeMap<u16, ListenerKey>,
         closed: Vec<u16>,
         adopted: Vec<u16>,
         adoption_done: bool,
@@ -486,7 +527,7 @@ mod tests {
     impl Listeners for FakeListeners {
         fn open(
             &mut self,
-            name: &ServicePortName,
+            key: &ListenerKey,
             _balancer: Arc<Balancer>,
             adopt: Option<u16>,
         ) -> Result<Listener, ListenError> {
@@ -501,11 +542,11 @@ mod tests {
                     30000 + log.next
                 }
             };
-            log.open.insert(port, name.clone());
+            log.open.insert(port, key.clone());
             Ok(Listener::detached(port))
         }
 
-        fn close(&mut self, _name: &ServicePortName, listener: Listener) {
+        fn close(&mut self, _key: &ListenerKey, listener: Listener) {
             let mut log = self.log();
             log.open.remove(&listener.port);
             log.closed.push(listener.port);
@@ -560,8 +601,19 @@ mod tests {
         listeners: &FakeListeners,
         adopted: HashMap<Key, u16>,
     ) -> Reconciler<FakeNft, FakeListeners> {
+        reconciler_v6(fake, listeners, adopted, false)
+    }
+
+    /// With `ipv6`: the node serves IPv6 too (an ip6 table).
+    fn reconciler_v6(
+        fake: &FakeNft,
+        listeners: &FakeListeners,
+        adopted: HashMap<Key, u16>,
+        ipv6: bool,
+    ) -> Reconciler<FakeNft, FakeListeners> {
         let layout = Layout {
             proxy_address: "169.254.42.1".parse().unwrap(),
+            proxy_address_v6: ipv6.then(|| "fd6b:7570:7278::1".parse().unwrap()),
             nodeport_addresses: None,
             instance: Instance {
                 id: 9,
@@ -616,7 +668,7 @@ mod tests {
                 .log()
                 .open
                 .get(&port)
-                .map(|n| n.service.name.clone());
+                .map(|n| n.port.service.name.clone());
             assert_eq!(holder.as_deref(), Some(name));
         }
     }
@@ -708,5 +760,187 @@ mod tests {
         assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(31234));
         assert_eq!(kernel_port(&fake, "10.96.0.99"), None);
         assert_eq!(fake.table().unwrap().instance, Some(9));
+    }
+
+    fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {
+        let mut s = service(name, "10.96.0.10");
+        s.cluster_ips.push("fd00:96::10".parse().unwrap());
+        s.ports[0].node_port = node_port;
+        s
+    }
+
+    fn slice_of(service: &str, slice: &str, ip: &str, ready: bool) -> SliceInfo {
+        let mut s = self::slice(service, ip);
+        s.key.name = slice.into();
+        s.endpoints[0].ready = ready;
+        s.endpoints[0].serving = ready;
+        s
+    }
+
+    fn action_of(fake: &FakeNft, key: &Key) -> Option<Action> {
+        fake.table_of(key.family())?.elements.get(key).copied()
+    }
+
+    fn node_port(family: IpFamily) -> Key {
+        Key::NodePort(
+            family,
+            ProxyPort {
+                protocol: Protocol::Tcp,
+                port: 30080,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_service_has_a_listener_per_family_each_with_its_own_endpoints() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler_v6(&fake, &listeners, HashMap::new(), true);
+        // A ready IPv4 endpoint; the IPv6 one is not ready.
+        let slices = |v6_ready| {
+            vec![
+                slice_of("web", "web-v4", "10.1.0.1", true),
+                slice_of("web", "web-v6", "fd00:1::1", v6_ready),
+            ]
+        };
+        load(&mut r, vec![dual_stack("web", Some(30080))], slices(false)).await;
+        let open: Vec<ListenerKey> = listeners.log().open.values().cloned().collect();
+        assert_eq!(
+            open.iter().map(|k| k.family).collect::<Vec<_>>(),
+            [IpFamily::V4, IpFamily::V6]
+        );
+        let p4 = kernel_port(&fake, "10.96.0.10").expect("the IPv4 ClusterIP is redirected");
+        assert_eq!(listeners.log().open[&p4].family, IpFamily::V4);
+        // No usable IPv6 endpoint: the IPv6 side refuses, whatever IPv4 has.
+        assert_eq!(action_of(&fake, &dest("fd00:96::10")), Some(Action::Reject));
+        assert_eq!(
+            action_of(&fake, &node_port(IpFamily::V4)),
+            Some(Action::Redirect(p4))
+        );
+        assert_eq!(
+            action_of(&fake, &node_port(IpFamily::V6)),
+            Some(Action::Reject)
+        );
+
+        load(&mut r, vec![dual_stack("web", Some(30080))], slices(true)).await;
+        let Some(Action::Redirect(p6)) = action_of(&fake, &dest("fd00:96::10")) else {
+            panic!("the IPv6 ClusterIP is not redirected");
+        };
+        assert_ne!(p4, p6);
+        assert_eq!(listeners.log().open[&p6].family, IpFamily::V6);
+        assert_eq!(
+            action_of(&fake, &node_port(IpFamily::V6)),
+            Some(Action::Redirect(p6))
+        );
+        let guarded = |f| fake.table_of(f).unwrap().proxy_ports;
+        assert!(guarded(IpFamily::V4).iter().any(|p| p.port == p4));
+        assert!(guarded(IpFamily::V6).iter().any(|p| p.port == p6));
+        assert!(!guarded(IpFamily::V6).iter().any(|p| p.port == p4));
+        let report = r.report();
+        assert_eq!(report.service_ports.len(), 2);
+        assert_eq!(report.service_ports[1].ip_family, "IPv6");
+        assert_eq!(report.service_ports[1].cluster_ips, ["fd00:96::10"]);
+        assert_eq!(report.service_ports[1].endpoints.len(), 1);
+
+        // The Service drops its IPv6 ClusterIP: the IPv6 listener goes,
+        // the IPv4 one and its rules stay as they were.
+        let mut single = dual_stack("web", Some(30080));
+        single.cluster_ips.truncate(1);
+        load(&mut r, vec![single], slices(true)).await;
+        assert_eq!(listeners.log().closed, [p6]);
+        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(p4));
+        assert_eq!(action_of(&fake, &dest("fd00:96::10")), None);
+        assert_eq!(action_of(&fake, &node_port(IpFamily::V6)), None);
+    }
+
+    #[tokio::test]
+    async fn without_ipv6_the_ipv4_side_is_served_and_ipv6_only_services_are_not() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler_v6(&fake, &listeners, HashMap::new(), false);
+        let mut v6_only = service("six", "fd00:96::11");
+        v6_only.ports[0].node_port = Some(30081);
+        load(
+            &mut r,
+            vec![dual_stack("web", Some(30080)), v6_only],
+            vec![
+                slice_of("web", "web-v4", "10.1.0.1", true),
+                slice_of("web", "web-v6", "fd00:1::1", true),
+                slice_of("six", "six-v6", "fd00:1::2", true),
+            ],
+        )
+        .await;
+        let open: Vec<ListenerKey> = listeners.log().open.values().cloned().collect();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].family, IpFamily::V4);
+        assert!(kernel_port(&fake, "10.96.0.10").is_some());
+        assert!(fake.table_of(IpFamily::V6).is_none());
+        // Nothing to retry, and each Service is logged once.
+        assert!(!r.needs_retry());
+        assert_eq!(r.family_off_logged.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_earlier_instances_ipv6_ports_are_taken_back() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut earlier = reconciler_v6(&fake, &FakeListeners::default(), HashMap::new(), true);
+        let web = ServicePortName {
+            service: ObjectKey::new("default", "web"),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        earlier
+            .rules
+            .claim(dest("10.96.0.10"), &web, Action::Redirect(31234));
+        earlier
+            .rules
+            .claim(dest("fd00:96::10"), &web, Action::Redirect(31236));
+        earlier.rules.sync().await.unwrap();
+        let adopted: HashMap<Key, u16> = [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .flat_map(|f| fake.table_of(f).unwrap().redirects().collect::<Vec<_>>())
+            .collect();
+
+        let mut r = reconciler_v6(&fake, &listeners, adopted, true);
+        load(
+            &mut r,
+            vec![dual_stack("web", None)],
+            vec![
+                slice_of("web", "web-v4", "10.1.0.1", true),
+                slice_of("web", "web-v6", "fd00:1::1", true),
+            ],
+        )
+        .await;
+        assert_eq!(listeners.log().adopted, [31234, 31236]);
+        assert_eq!(
+            action_of(&fake, &dest("fd00:96::10")),
+            Some(Action::Redirect(31236))
+        );
+        assert_eq!(listeners.log().open[&31236].family, IpFamily::V6);
+    }
+
+    #[test]
+    fn source_ranges_apply_per_family_as_kube_proxy_filters_them() {
+        let mut svc = dual_stack("web", None);
+        svc.lb_ips = vec!["10.200.8.8".parse().unwrap(), "fd00:8::8".parse().unwrap()];
+        svc.lb_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut st = ClusterState::new();
+        st.apply_service(svc);
+        let spec = st
+            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+            .remove(0);
+        let v4 = destinations(&spec, IpFamily::V4);
+        let v6 = destinations(&spec, IpFamily::V6);
+        assert!(v4.iter().any(|k| matches!(k, Key::Guarded(_))));
+        assert!(v4.iter().all(|k| k.family() == IpFamily::V4));
+        assert!(v6.iter().all(|k| k.family() == IpFamily::V6));
+        // Only IPv4 ranges: the IPv6 LB IP is open to every source.
+        assert!(
+            !v6.iter()
+                .any(|k| matches!(k, Key::Guarded(_) | Key::Allow(..)))
+        );
+        assert!(v6.contains(&Key::Service(Destination {
+            ip: "fd00:8::8".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        })));
     }
 }

@@ -37,6 +37,11 @@ pub struct PortReport {
     /// The port's name (empty for a single unnamed port).
     pub port_name: String,
     pub protocol: String,
+    /// `IPv4` or `IPv6`: a dual-stack Service port has one listener, and
+    /// one report, per family.
+    #[serde(default)]
+    pub ip_family: String,
+    /// Its ClusterIPs of that family.
     pub cluster_ips: Vec<String>,
     /// The Service port number.
     pub port: u16,
@@ -49,7 +54,7 @@ pub struct PortReport {
     /// What the kernel is asked to do with its ClusterIP traffic:
     /// `redirect` (to the listener), `reject` (no usable endpoint),
     /// `held by another Service port` (two claim one ClusterIP:port),
-    /// `none` (no IPv4 ClusterIP).
+    /// `none` (nothing to catch).
     pub rule: String,
     /// Whether the kernel holds that rule (false while a sync is pending
     /// or failing).
@@ -413,6 +418,7 @@ mod tests {
                     service: "web".into(),
                     port_name: "http".into(),
                     protocol: "TCP".into(),
+                    ip_family: "IPv4".into(),
                     cluster_ips: vec!["10.96.0.10".into()],
                     port: 80,
                     proxy_port: 20000,

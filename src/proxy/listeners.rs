@@ -17,7 +17,7 @@ use super::limit::{Admission, ConnectionLimit};
 use super::ports::{PortError, ProxyPortAllocator};
 use super::{DataPathConfig, Stop, tcp, udp};
 use crate::metrics::Metrics;
-use crate::model::{Protocol, ServicePortName};
+use crate::model::{IpFamily, ListenerKey, Protocol};
 
 /// Every proxied connection of the process: shutdown waits for them, then
 /// cuts the ones still open.
@@ -126,27 +126,30 @@ pub enum ListenError {
     },
     #[error("{0} Service ports are not proxied yet")]
     Unsupported(Protocol),
+    #[error("{0} is not served on this node")]
+    FamilyOff(IpFamily),
 }
 
 /// Opens and closes Service port listeners.
 pub trait Listeners: Send {
-    /// Opens a listener for `name`, on `adopt` if given and still possible
-    /// (a port an earlier instance used for the same Service port).
+    /// Opens a listener for `key` (on the proxy address of its family), on
+    /// `adopt` if given and still possible (a port an earlier instance used
+    /// for the same Service port).
     fn open(
         &mut self,
-        name: &ServicePortName,
+        key: &ListenerKey,
         balancer: Arc<Balancer>,
         adopt: Option<u16>,
     ) -> Result<Listener, ListenError>;
 
     /// Retires a listener whose rules are gone: it stops accepting after a
     /// short linger, and the port goes back to the pool.
-    fn close(&mut self, name: &ServicePortName, listener: Listener);
+    fn close(&mut self, key: &ListenerKey, listener: Listener);
 
     /// Stops accepting at once (shutdown).
-    fn close_now(&mut self, name: &ServicePortName, listener: Listener) {
+    fn close_now(&mut self, key: &ListenerKey, listener: Listener) {
         listener.stop.now.cancel();
-        self.close(name, listener);
+        self.close(key, listener);
     }
 
     /// Ports kept in reserve for adoption that nobody took: free them.
@@ -156,7 +159,10 @@ pub trait Listeners: Send {
 /// Listeners on real sockets.
 #[derive(Debug)]
 pub struct SocketListeners {
+    /// Ports on the IPv4 proxy address.
     ports: ProxyPortAllocator,
+    /// Ports on the IPv6 proxy address; `None` when IPv6 is not served.
+    ports_v6: Option<ProxyPortAllocator>,
     config: Arc<DataPathConfig>,
     connections: Connections,
     /// Each listener gets its Service port's metric handles from here.
@@ -172,9 +178,23 @@ impl SocketListeners {
     ) -> Self {
         SocketListeners {
             ports,
+            ports_v6: None,
             config,
             connections,
             metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// Serves IPv6 Service ports too, with ports from `ports`.
+    pub fn with_ipv6(mut self, ports: ProxyPortAllocator) -> Self {
+        self.ports_v6 = Some(ports);
+        self
+    }
+
+    fn ports_of(&mut self, family: IpFamily) -> Result<&mut ProxyPortAllocator, ListenError> {
+        match family {
+            IpFamily::V4 => Ok(&mut self.ports),
+            IpFamily::V6 => self.ports_v6.as_mut().ok_or(ListenError::FamilyOff(family)),
         }
     }
 
@@ -188,23 +208,25 @@ impl SocketListeners {
 impl Listeners for SocketListeners {
     fn open(
         &mut self,
-        name: &ServicePortName,
+        key: &ListenerKey,
         balancer: Arc<Balancer>,
         adopt: Option<u16>,
     ) -> Result<Listener, ListenError> {
+        let name = &key.port;
         if name.protocol == Protocol::Sctp {
             return Err(ListenError::Unsupported(name.protocol));
         }
-        let adopted = adopt.and_then(|p| match self.ports.bind_reserved(name.protocol, p) {
+        let ports = self.ports_of(key.family)?;
+        let adopted = adopt.and_then(|p| match ports.bind_reserved(name.protocol, p) {
             Ok(sock) => Some((sock, p)),
             Err(e) => {
-                warn!(service_port = %name, port = p, error = %e, "cannot take the port back; taking another");
+                warn!(service_port = %name, family = %key.family, port = p, error = %e, "cannot take the port back; taking another");
                 None
             }
         });
         let (socket, port) = match adopted {
             Some(s) => s,
-            None => self.ports.bind(name.protocol)?,
+            None => ports.bind(name.protocol)?,
         };
         let stop = Stop::default();
         let started = match name.protocol {
@@ -227,23 +249,30 @@ impl Listeners for SocketListeners {
             ),
         };
         if let Err(source) = started {
-            self.ports.release(name.protocol, port);
+            self.ports_of(key.family)?.release(name.protocol, port);
             self.metrics.release_service_port(name);
             return Err(ListenError::Start { port, source });
         }
         Ok(Listener { port, stop })
     }
 
-    fn close(&mut self, name: &ServicePortName, listener: Listener) {
+    fn close(&mut self, key: &ListenerKey, listener: Listener) {
         listener.stop.retire.cancel();
         // The socket lingers a moment; the allocator's probe bind keeps the
         // port from being handed out while it does.
-        self.ports.release(name.protocol, listener.port);
-        self.metrics.release_service_port(name);
+        if let Ok(ports) = self.ports_of(key.family) {
+            ports.release(key.port.protocol, listener.port);
+        }
+        // The metrics are the Service port's, shared by its listeners of
+        // both families (counted references).
+        self.metrics.release_service_port(&key.port);
     }
 
     fn adoption_done(&mut self) {
         self.ports.clear_reservations();
+        if let Some(p) = &mut self.ports_v6 {
+            p.clear_reservations();
+        }
     }
 }
 

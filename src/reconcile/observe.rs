@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::{ActivePort, Reconciler, destinations};
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
-use crate::model::{ObjectKey, ServicePortName};
+use crate::model::{ListenerKey, ObjectKey, ServicePortSpec};
 use crate::proxy::listeners::Listeners;
 use crate::rules::{Action, Key, Nft};
 use crate::source::Update;
@@ -167,13 +167,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
 
     fn port_report(
         &self,
-        name: &ServicePortName,
+        key: &ListenerKey,
         port: &ActivePort,
         state: &str,
         applied: &std::collections::BTreeMap<Key, Action>,
     ) -> PortReport {
+        let (name, family) = (&key.port, key.family);
         let spec = &port.spec;
-        let usable = spec.usable_endpoints();
+        let usable = spec.usable_endpoints_of(family);
         let open: HashMap<SocketAddr, usize> = port
             .balancer
             .endpoints()
@@ -187,7 +188,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         };
         // What this port's ClusterIPs get (its destinations; a closing
         // port released them, so look at what it would have claimed).
-        let dests: Vec<Key> = destinations(spec).into_iter().collect();
+        let dests: Vec<Key> = destinations(spec, family).into_iter().collect();
         let rule = match dests.first().map(|d| self.rules.desired(d)) {
             None => "none",
             Some(_) if state != "active" => "removed",
@@ -206,7 +207,10 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             service: name.service.name.clone(),
             port_name: name.port.clone(),
             protocol: name.protocol.to_string(),
-            cluster_ips: spec.cluster_ips.iter().map(|ip| ip.to_string()).collect(),
+            ip_family: family.to_string(),
+            cluster_ips: ServicePortSpec::of_family(&spec.cluster_ips, family)
+                .map(|ip| ip.to_string())
+                .collect(),
             port: spec.port,
             proxy_port: port.listener.port,
             algorithm: spec.algorithm.to_string(),
@@ -215,8 +219,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             rule_applied,
             open_connections: self.observer.metrics.active_connections(name).unwrap_or(0),
             endpoints: spec
-                .endpoints
-                .iter()
+                .endpoints_of(family)
                 .map(|e| EndpointReport {
                     address: e.addr.to_string(),
                     ready: e.ready,

@@ -7,6 +7,7 @@
 //! next batches, to lose the table (`nft flush ruleset`), or to have its
 //! table edited behind the proxy's back.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nftables::schema::Nftables;
@@ -14,10 +15,11 @@ use serde_json::Value;
 
 use super::nft::{KernelTable, Nft, RulesError, parse_element};
 use super::render::Action;
+use crate::model::IpFamily;
 
 #[derive(Debug, Default)]
 struct State {
-    table: Option<KernelTable>,
+    tables: BTreeMap<IpFamily, KernelTable>,
     fail_next: usize,
     fail_text: String,
     applies: usize,
@@ -35,9 +37,14 @@ impl FakeNft {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The table as the kernel would list it.
+    /// The `ip` table as the kernel would list it.
     pub fn table(&self) -> Option<KernelTable> {
-        self.lock().table.clone()
+        self.table_of(IpFamily::V4)
+    }
+
+    /// The table of `family`.
+    pub fn table_of(&self, family: IpFamily) -> Option<KernelTable> {
+        self.lock().tables.get(&family).cloned()
     }
 
     /// Refuse the next `n` batches with `text` on nft's stderr.
@@ -49,12 +56,17 @@ impl FakeNft {
 
     /// `nft flush ruleset`.
     pub fn flush(&self) {
-        self.lock().table = None;
+        self.lock().tables.clear();
     }
 
-    /// Changes the table behind the proxy's back.
+    /// `nft delete table` of one family.
+    pub fn remove_table(&self, family: IpFamily) {
+        self.lock().tables.remove(&family);
+    }
+
+    /// Changes the `ip` table behind the proxy's back.
     pub fn edit(&self, f: impl FnOnce(&mut KernelTable)) {
-        if let Some(t) = self.lock().table.as_mut() {
+        if let Some(t) = self.lock().tables.get_mut(&IpFamily::V4) {
             f(t);
         }
     }
@@ -71,24 +83,35 @@ fn refused(text: impl Into<String>) -> RulesError {
     }
 }
 
-/// Applies one command of a batch to `table`.
-fn command(table: &mut Option<KernelTable>, verb: &str, obj: &Value) -> Result<(), RulesError> {
+/// Applies one command of a batch to `tables`.
+fn command(
+    tables: &mut BTreeMap<IpFamily, KernelTable>,
+    verb: &str,
+    obj: &Value,
+) -> Result<(), RulesError> {
     let (kind, body) = obj
         .as_object()
         .and_then(|o| o.iter().next())
         .ok_or_else(|| refused(format!("bad command {obj}")))?;
+    let family = match body["family"].as_str() {
+        Some("ip") => IpFamily::V4,
+        Some("ip6") => IpFamily::V6,
+        other => return Err(refused(format!("fake nft: family {other:?} not modelled"))),
+    };
     match (verb, kind.as_str()) {
         ("add", "table") => {
-            table.get_or_insert_with(KernelTable::default);
+            tables
+                .entry(family)
+                .or_insert_with(|| KernelTable::new(family));
         }
         ("delete", "table") => {
-            table
-                .take()
+            tables
+                .remove(&family)
                 .ok_or_else(|| refused("Error: No such file or directory (table)"))?;
         }
         (_, _) => {
-            let t = table
-                .as_mut()
+            let t = tables
+                .get_mut(&family)
                 .ok_or_else(|| refused("Error: No such file or directory (no table)"))?;
             match (verb, kind.as_str()) {
                 ("add", "map" | "set") => t.add_set_object(body)?,
@@ -101,7 +124,7 @@ fn command(table: &mut Option<KernelTable>, verb: &str, obj: &Value) -> Result<(
                     let name = body["name"].as_str().unwrap_or_default();
                     for e in body["elem"].as_array().into_iter().flatten() {
                         // A map key holding another value: the kernel refuses.
-                        if let Some((k, a @ Action::Redirect(_))) = parse_element(name, e)?
+                        if let Some((k, a @ Action::Redirect(_))) = parse_element(family, name, e)?
                             && t.elements.get(&k).is_some_and(|old| *old != a)
                         {
                             return Err(refused("Error: Could not process rule: File exists"));
@@ -135,19 +158,19 @@ impl Nft for FakeNft {
             return Err(refused(s.fail_text.clone()));
         }
         // One transaction: work on a copy, keep it only if all succeed.
-        let mut table = s.table.clone();
+        let mut tables = s.tables.clone();
         for cmd in v["nftables"].as_array().into_iter().flatten() {
             let Some((verb, obj)) = cmd.as_object().and_then(|o| o.iter().next()) else {
                 continue;
             };
-            command(&mut table, verb, obj)?;
+            command(&mut tables, verb, obj)?;
         }
-        s.table = table;
+        s.tables = tables;
         s.applies += 1;
         Ok(())
     }
 
-    async fn read(&mut self) -> Result<Option<KernelTable>, RulesError> {
-        Ok(self.lock().table.clone())
+    async fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, RulesError> {
+        Ok(self.lock().tables.get(&family).cloned())
     }
 }

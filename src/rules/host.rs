@@ -7,6 +7,11 @@
 //!   listener binds it. When it is not an address of the node already, it
 //!   is added to `lo` as a /32 with the label [`ADDRESS_LABEL`], which is
 //!   how `--cleanup` later recognises it as ours.
+//! - **The IPv6 proxy address**, the same for IPv6 Services, when the node
+//!   has IPv6 ([`ipv6_disabled`]): added to `lo` as a /128 with the flags
+//!   `nodad noprefixroute`. IPv6 addresses carry no label, so `--cleanup`
+//!   recognises ours by address (`--bind-address-ipv6`) and those flags
+//!   together, a combination nobody configures on `lo` by hand.
 //! - **`net.ipv4.tcp_migrate_req=1`** (Linux 5.14+): when the old instance
 //!   closes a listener, connections queued on it move to the new instance's
 //!   listener in the same `SO_REUSEPORT` group instead of being reset. The
@@ -14,7 +19,7 @@
 //!   note), so the last `--cleanup` restores it.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -72,7 +77,7 @@ pub enum HostError {
     Exec(io::Error),
     #[error("cannot use {address} as the proxy address: {source}")]
     Address {
-        address: Ipv4Addr,
+        address: IpAddr,
         #[source]
         source: io::Error,
     },
@@ -97,7 +102,7 @@ fn ip(args: &[&str]) -> Result<String, HostError> {
 }
 
 /// Whether `address` is an address of this node (a bind succeeds).
-fn is_local(address: Ipv4Addr) -> Result<bool, HostError> {
+fn is_local(address: IpAddr) -> Result<bool, HostError> {
     match TcpListener::bind(SocketAddr::from((address, 0))) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => Ok(false),
@@ -105,25 +110,71 @@ fn is_local(address: Ipv4Addr) -> Result<bool, HostError> {
     }
 }
 
-/// The value a note records for the sysctl, if any.
-fn noted_migrate_value(note: &str) -> Option<&str> {
+/// The value a note (`key=value; key=value`) records for `key`, if any.
+fn noted(note: &str, key: &str) -> Option<String> {
     note.split(';')
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == MIGRATE_SYSCTL)
-        .map(|(_, v)| v)
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
 }
 
-/// Makes `address` usable and turns connection migration on. `earlier_note`
-/// is the note of the table an earlier instance left: its record of the
-/// sysctl's original value is carried forward. Returns the note to keep.
-/// `proc_sys`: `--proc-sys-dir`, where the sysctl files are.
+/// The value a note records for the sysctl, if any.
+fn noted_migrate_value(note: &str) -> Option<String> {
+    noted(note, MIGRATE_SYSCTL)
+}
+
+/// Why this node cannot serve IPv6 Services, if it cannot: the kernel has
+/// no IPv6 (`/proc/sys/net/ipv6` absent: booted with `ipv6.disable=1`), or
+/// it is switched off (`disable_ipv6=1` for all interfaces or for `lo`,
+/// where the proxy address goes). Read from the process's own network
+/// namespace (`/proc/sys/net`, readable in a container of the host
+/// network), not from `--proc-sys-dir`, which may hold only `net/ipv4`.
+pub fn ipv6_disabled() -> Option<String> {
+    let dir = Path::new("/proc/sys/net/ipv6");
+    if !dir.exists() {
+        return Some("the kernel has no IPv6 (/proc/sys/net/ipv6 is absent)".into());
+    }
+    for iface in ["all", "lo"] {
+        let path = dir.join("conf").join(iface).join("disable_ipv6");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            return Some(format!("{} is 1", path.display()));
+        }
+    }
+    None
+}
+
+/// Makes `address` (and `address_v6`, when IPv6 is served) usable and
+/// turns connection migration on. `earlier_note` is the note of the table
+/// an earlier instance left: its record of the sysctl's original value is
+/// carried forward. Returns the note to keep. `proc_sys`:
+/// `--proc-sys-dir`, where the sysctl files are.
 pub fn prepare(
     address: Ipv4Addr,
+    address_v6: Option<Ipv6Addr>,
     earlier_note: Option<&str>,
     proc_sys: &Path,
 ) -> Result<String, HostError> {
     let migrate_path = proc_sys.join(MIGRATE_PATH);
-    if !is_local(address)? {
+    if let Some(v6) = address_v6
+        && !is_local(IpAddr::V6(v6))?
+    {
+        // nodad: usable at once (no duplicate address detection on lo
+        // anyway); noprefixroute: the local route is all it needs. Both
+        // also mark it as ours for --cleanup.
+        let cidr = format!("{v6}/128");
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            "lo",
+            "nodad",
+            "noprefixroute",
+        ])?;
+        info!(address = %v6, "IPv6 proxy address added to lo");
+    }
+    if !is_local(IpAddr::V4(address))? {
         ip(&[
             "addr",
             "add",
@@ -142,6 +193,7 @@ pub fn prepare(
             Err(_) => "absent".to_string(),
         },
     };
+    let note = format!("{MIGRATE_SYSCTL}={original}");
     if original != "absent" {
         if let Err(e) = std::fs::write(&migrate_path, "1") {
             warn!(error = %e, path = %migrate_path.display(), "cannot set {MIGRATE_SYSCTL}=1; a handover may reset queued connections");
@@ -151,14 +203,24 @@ pub fn prepare(
             "{MIGRATE_SYSCTL} does not exist (Linux before 5.14); a handover may reset queued connections"
         );
     }
-    Ok(format!("{MIGRATE_SYSCTL}={original}"))
+    Ok(note)
 }
 
-/// The IPv4 addresses of the interface that holds the default route
-/// (`--nodeport-addresses primary`).
-pub fn primary_addresses() -> Result<Vec<Ipv4Addr>, HostError> {
+/// The addresses of the interfaces that hold the default routes
+/// (`--nodeport-addresses primary`): the IPv4 ones of the IPv4 default
+/// route's interface, and the global IPv6 ones of the IPv6 default route's
+/// (none when there is no IPv6 default route).
+pub fn primary_addresses() -> Result<Vec<IpAddr>, HostError> {
+    let mut out = primary_addresses_of("-4")?;
+    if ipv6_disabled().is_none() {
+        out.extend(primary_addresses_of("-6")?);
+    }
+    Ok(out)
+}
+
+fn primary_addresses_of(family: &str) -> Result<Vec<IpAddr>, HostError> {
     let routes: serde_json::Value =
-        serde_json::from_str(&ip(&["-j", "-4", "route", "show", "default"])?)
+        serde_json::from_str(&ip(&["-j", family, "route", "show", "default"])?)
             .map_err(|e| HostError::Parse(e.to_string()))?;
     let Some(dev) = routes
         .as_array()
@@ -169,34 +231,60 @@ pub fn primary_addresses() -> Result<Vec<Ipv4Addr>, HostError> {
         return Ok(Vec::new());
     };
     let addrs: serde_json::Value =
-        serde_json::from_str(&ip(&["-j", "-4", "addr", "show", "dev", &dev])?)
+        serde_json::from_str(&ip(&["-j", family, "addr", "show", "dev", &dev])?)
             .map_err(|e| HostError::Parse(e.to_string()))?;
     Ok(addrs
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|l| l["addr_info"].as_array().into_iter().flatten())
+        // A link-local IPv6 address needs a zone: not a node-port address.
+        .filter(|a| a["scope"] != "link")
         .filter_map(|a| a["local"].as_str()?.parse().ok())
         .collect())
 }
 
-/// Removes the addresses we added to `lo` and restores the sysctl from
+/// Removes the addresses we added to `lo` (the labelled IPv4 ones, and
+/// `address_v6` if it is there as we add it) and restores the sysctl from
 /// `note` (the table's note, if the table was still there).
-pub fn cleanup(note: Option<&str>, proc_sys: &Path) -> Result<(), HostError> {
+pub fn cleanup(note: Option<&str>, address_v6: Ipv6Addr, proc_sys: &Path) -> Result<(), HostError> {
     let listing = ip(&["-j", "addr", "show", "dev", "lo"])?;
-    for cidr in labelled_addresses(&listing)? {
+    let mut ours = labelled_addresses(&listing)?;
+    ours.extend(our_ipv6_address(&listing, address_v6)?);
+    for cidr in ours {
         ip(&["addr", "del", &cidr, "dev", "lo"])?;
         info!(address = %cidr, "proxy address removed from lo");
     }
     if let Some(v) = note.and_then(noted_migrate_value)
         && v != "absent"
     {
-        match std::fs::write(proc_sys.join(MIGRATE_PATH), v) {
+        match std::fs::write(proc_sys.join(MIGRATE_PATH), &v) {
             Ok(()) => info!("{MIGRATE_SYSCTL} restored to {v}"),
             Err(e) => warn!(error = %e, "cannot restore {MIGRATE_SYSCTL}={v}"),
         }
     }
     Ok(())
+}
+
+/// `address`/128 if `ip -j addr show` output lists it with the flags the
+/// proxy adds it with (`nodad`, `noprefixroute`).
+fn our_ipv6_address(json: &str, address: Ipv6Addr) -> Result<Option<String>, HostError> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| HostError::Parse(e.to_string()))?;
+    let want = address.to_string();
+    let found = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|link| link["addr_info"].as_array().into_iter().flatten())
+        .any(|a| {
+            a["family"] == "inet6"
+                && a["local"].as_str() == Some(want.as_str())
+                && a["prefixlen"] == 128
+                && a["nodad"] == true
+                && a["noprefixroute"] == true
+        });
+    Ok(found.then(|| format!("{address}/128")))
 }
 
 /// The `addr/prefix` of every address labelled [`ADDRESS_LABEL`] in
@@ -232,10 +320,33 @@ mod tests {
     }
 
     #[test]
-    fn notes_carry_the_original_value() {
-        assert_eq!(noted_migrate_value("net.ipv4.tcp_migrate_req=0"), Some("0"));
+    fn finds_our_ipv6_address_by_address_and_flags() {
+        let json = r#"[{"ifindex":1,"ifname":"lo","addr_info":[
+            {"family":"inet6","local":"fd00::5","prefixlen":128,"nodad":true},
+            {"family":"inet6","local":"fd6b:7570:7278::1","prefixlen":128,"nodad":true,"noprefixroute":true},
+            {"family":"inet6","local":"::1","prefixlen":128}]}]"#;
+        let ours: Ipv6Addr = "fd6b:7570:7278::1".parse().unwrap();
         assert_eq!(
-            noted_migrate_value("other=1; net.ipv4.tcp_migrate_req=absent"),
+            our_ipv6_address(json, ours).unwrap().as_deref(),
+            Some("fd6b:7570:7278::1/128")
+        );
+        // The same address configured by hand (no such flags) is not ours.
+        let by_hand = json.replace(r#","noprefixroute":true"#, "");
+        assert_eq!(our_ipv6_address(&by_hand, ours).unwrap(), None);
+        assert_eq!(
+            our_ipv6_address(json, "fd00::5".parse().unwrap()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn notes_carry_the_original_value() {
+        assert_eq!(
+            noted_migrate_value("net.ipv4.tcp_migrate_req=0").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            noted_migrate_value("other=1; net.ipv4.tcp_migrate_req=absent").as_deref(),
             Some("absent")
         );
         assert_eq!(noted_migrate_value(""), None);

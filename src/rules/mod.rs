@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::model::ServicePortName;
+use crate::model::{IpFamily, ServicePortName};
 pub use nft::{KernelTable, Nft, NftCommand, RulesError};
 pub use render::{Action, Destination, Instance, Key, Layout, ProxyPort};
 
@@ -59,7 +59,7 @@ pub enum Verified {
 #[derive(Debug, Clone, Default)]
 struct Applied {
     elements: BTreeMap<Key, Action>,
-    ports: BTreeSet<ProxyPort>,
+    ports: BTreeSet<(IpFamily, ProxyPort)>,
 }
 
 /// The proxy's table in the kernel, and what we know it holds.
@@ -70,14 +70,15 @@ pub struct RuleTable<N: Nft> {
     /// Who wants each destination, oldest claim first; the first one's
     /// action is what the kernel should have.
     claims: BTreeMap<Key, Vec<(ServicePortName, Action)>>,
-    /// Proxy ports in use (guarded).
-    ports: BTreeSet<ProxyPort>,
+    /// Proxy ports in use (guarded), per family (each family's listeners
+    /// bind its own proxy address).
+    ports: BTreeSet<(IpFamily, ProxyPort)>,
     /// `None` until the first successful sync, and after drift: the next
     /// sync then writes the whole table.
     applied: Option<Applied>,
     /// Destinations and ports changed since the last successful sync.
     dirty: BTreeSet<Key>,
-    dirty_ports: BTreeSet<ProxyPort>,
+    dirty_ports: BTreeSet<(IpFamily, ProxyPort)>,
     /// Set once another instance took the table over.
     superseded: bool,
 }
@@ -135,8 +136,9 @@ impl<N: Nft> RuleTable<N> {
             .map(|(_, a)| *a)
     }
 
-    /// Records whether a proxy port is in use (and so guarded).
-    pub fn set_proxy_port(&mut self, port: ProxyPort, in_use: bool) {
+    /// Records whether a proxy port of `family` is in use (and so guarded).
+    pub fn set_proxy_port(&mut self, family: IpFamily, port: ProxyPort, in_use: bool) {
+        let port = (family, port);
         let changed = if in_use {
             self.ports.insert(port)
         } else {
@@ -192,10 +194,11 @@ impl<N: Nft> RuleTable<N> {
         Ok(SyncKind::Full { elements: n })
     }
 
-    /// Whether another instance wrote the table (read from the kernel).
+    /// Whether another instance wrote the table (read from the kernel; the
+    /// `ip` table tells, both are written together).
     async fn taken_over(&mut self) -> bool {
         matches!(
-            self.nft.read().await,
+            self.nft.read(IpFamily::V4).await,
             Ok(Some(KernelTable { instance: Some(id), .. })) if id != self.layout.instance.id
         )
     }
@@ -225,7 +228,7 @@ impl<N: Nft> RuleTable<N> {
             })
             .filter(|c| c.old != c.new)
             .collect();
-        let port_changes: Vec<(ProxyPort, bool)> = self
+        let port_changes: Vec<((IpFamily, ProxyPort), bool)> = self
             .dirty_ports
             .iter()
             .map(|p| (*p, self.ports.contains(p)))
@@ -284,16 +287,30 @@ impl<N: Nft> RuleTable<N> {
         let Some(applied) = &self.applied else {
             return Ok(Verified::NotApplied);
         };
-        let found = self.nft.read().await?;
-        let problems = match &found {
-            None => vec!["the table is gone".to_string()],
-            Some(t) if t.instance.is_some_and(|id| id != self.layout.instance.id) => {
-                self.superseded = true;
-                info!("another kube-uproxy instance wrote the rules; leaving them to it");
-                return Ok(Verified::Superseded);
+        let mut problems = Vec::new();
+        for family in self.layout.families() {
+            let found = self.nft.read(family).await?;
+            match &found {
+                None if family == IpFamily::V4 => problems.push("the table is gone".into()),
+                None => problems.push("the ip6 table is gone".into()),
+                Some(t)
+                    if family == IpFamily::V4
+                        && t.instance.is_some_and(|id| id != self.layout.instance.id) =>
+                {
+                    self.superseded = true;
+                    info!("another kube-uproxy instance wrote the rules; leaving them to it");
+                    return Ok(Verified::Superseded);
+                }
+                Some(t) => problems.extend(
+                    differences(&self.layout, family, applied, t)
+                        .into_iter()
+                        .map(|p| match family {
+                            IpFamily::V4 => p,
+                            IpFamily::V6 => format!("ip6 table: {p}"),
+                        }),
+                ),
             }
-            Some(t) => differences(&self.layout, applied, t),
-        };
+        }
         if problems.is_empty() {
             return Ok(Verified::Intact);
         }
@@ -302,20 +319,20 @@ impl<N: Nft> RuleTable<N> {
         Ok(Verified::Drifted(problems))
     }
 
-    /// Reads the table an earlier instance left, if any.
-    pub async fn read(&mut self) -> Result<Option<KernelTable>, RulesError> {
-        self.nft.read().await
-    }
-
-    /// Removes the table from the kernel (`--cleanup`).
-    pub async fn delete(&mut self) -> Result<(), RulesError> {
-        self.nft.apply(&render::delete_table()).await
+    /// Reads the table of `family` an earlier instance left, if any.
+    pub async fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, RulesError> {
+        self.nft.read(family).await
     }
 }
 
 /// What differs between what we applied and what the kernel holds, in
 /// words for the log. Counts, with a few examples, not every element.
-fn differences(layout: &Layout, applied: &Applied, t: &KernelTable) -> Vec<String> {
+fn differences(
+    layout: &Layout,
+    family: IpFamily,
+    applied: &Applied,
+    t: &KernelTable,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (name, ..) in render::CHAINS {
         let want = render::rules_in_chain(name);
@@ -331,25 +348,31 @@ fn differences(layout: &Layout, applied: &Applied, t: &KernelTable) -> Vec<Strin
             t.chains.len() - render::CHAINS.len()
         ));
     }
-    if t.nodeport_addresses != layout.nodeport_addresses {
+    let nodeport_addresses = layout.nodeport_addresses_of(family);
+    if t.nodeport_addresses != nodeport_addresses {
         out.push(format!(
             "nodeport-addresses holds {:?}, not {:?}",
-            t.nodeport_addresses, layout.nodeport_addresses
+            t.nodeport_addresses, nodeport_addresses
         ));
     }
-    if t.proxy_address != Some(layout.proxy_address) {
+    let proxy_address = layout.proxy_address_of(family);
+    if t.proxy_address != proxy_address {
         out.push(format!(
-            "the DNAT goes to {:?}, not {}",
-            t.proxy_address, layout.proxy_address
+            "the DNAT goes to {:?}, not {:?}",
+            t.proxy_address, proxy_address
         ));
     }
     if t.instance.is_none() {
         out.push("the instance set is empty".into());
     }
     let found = &t.elements;
-    let missing: Vec<String> = applied
-        .elements
-        .iter()
+    let mine = || {
+        applied
+            .elements
+            .iter()
+            .filter(|(d, _)| d.family() == family)
+    };
+    let missing: Vec<String> = mine()
         .filter(|(d, a)| found.get(d) != Some(a))
         .map(|(d, _)| d.to_string())
         .collect();
@@ -368,11 +391,17 @@ fn differences(layout: &Layout, applied: &Applied, t: &KernelTable) -> Vec<Strin
             ));
         }
     }
-    if t.proxy_ports != applied.ports {
+    let ports: BTreeSet<ProxyPort> = applied
+        .ports
+        .iter()
+        .filter(|(f, _)| *f == family)
+        .map(|(_, p)| *p)
+        .collect();
+    if t.proxy_ports != ports {
         out.push(format!(
             "proxy-ports holds {} ports, not {}",
             t.proxy_ports.len(),
-            applied.ports.len()
+            ports.len()
         ));
     }
     out
@@ -387,6 +416,7 @@ mod tests {
     fn layout() -> Layout {
         Layout {
             proxy_address: "169.254.42.1".parse().unwrap(),
+            proxy_address_v6: None,
             nodeport_addresses: None,
             instance: Instance {
                 id: 1,
@@ -512,5 +542,53 @@ mod tests {
         assert_eq!(kernel(&fake, 82), Some(Action::Redirect(20005)));
         assert_eq!(fake.table().unwrap().instance, Some(2));
         assert_eq!(old.verify().await.unwrap(), Verified::Superseded);
+    }
+
+    #[tokio::test]
+    async fn the_ip6_table_is_written_checked_and_repaired_with_the_ip_one() {
+        let fake = FakeNft::default();
+        let mut l = layout();
+        l.proxy_address_v6 = Some("fd6b:7570:7278::1".parse().unwrap());
+        let mut t = RuleTable::new(fake.clone(), l);
+        let v6 = Key::Service(Destination {
+            ip: "fd00:96::10".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        });
+        t.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        t.claim(v6, &owner("a"), Action::Redirect(20001));
+        t.sync().await.unwrap();
+        let ip = fake.table_of(IpFamily::V4).unwrap();
+        let ip6 = fake.table_of(IpFamily::V6).unwrap();
+        assert_eq!(ip.elements.len(), 1);
+        assert_eq!(ip6.elements.get(&v6), Some(&Action::Redirect(20001)));
+        assert_eq!(
+            ip6.proxy_address,
+            Some("fd6b:7570:7278::1".parse().unwrap())
+        );
+        assert_eq!(ip6.instance, Some(1));
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+
+        // A change of an IPv6 destination goes to the ip6 table only.
+        t.claim(v6, &owner("a"), Action::Reject);
+        assert!(matches!(t.sync().await.unwrap().0, SyncKind::Delta { .. }));
+        assert_eq!(
+            fake.table_of(IpFamily::V6).unwrap().elements.get(&v6),
+            Some(&Action::Reject)
+        );
+        assert_eq!(fake.table_of(IpFamily::V4).unwrap(), ip);
+
+        // An ip6 table edited behind our back is found and rewritten.
+        fake.remove_table(IpFamily::V6);
+        match t.verify().await.unwrap() {
+            Verified::Drifted(p) => assert_eq!(p, ["the ip6 table is gone"]),
+            v => panic!("{v:?}"),
+        }
+        t.sync().await.unwrap();
+        assert_eq!(
+            fake.table_of(IpFamily::V6).unwrap().elements.get(&v6),
+            Some(&Action::Reject)
+        );
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
     }
 }

@@ -9,21 +9,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::Stdio;
 
 use nftables::schema::Nftables;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::render::{
     Action, Destination, Key, MAP_NODE_PORTS, MAP_SERVICE_PORTS, ProxyPort, SET_INSTANCE,
     SET_LB_ALLOWED, SET_LB_GUARDED, SET_NO_ENDPOINT_NODEPORTS, SET_NO_ENDPOINTS,
     SET_NODEPORT_ADDRESSES, SET_PROXY_PORTS, TABLE,
 };
-use crate::model::Protocol;
+use crate::model::{IpFamily, Protocol};
 
 /// `nft` refused a batch, could not be run, or printed what we cannot read.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +45,11 @@ pub trait Nft: Send {
         &mut self,
         batch: &Nftables<'_>,
     ) -> impl Future<Output = Result<(), RulesError>> + Send;
-    /// Reads our table; `None` when there is none.
-    fn read(&mut self) -> impl Future<Output = Result<Option<KernelTable>, RulesError>> + Send;
+    /// Reads our table of `family`; `None` when there is none.
+    fn read(
+        &mut self,
+        family: IpFamily,
+    ) -> impl Future<Output = Result<Option<KernelTable>, RulesError>> + Send;
 }
 
 /// The real thing: runs the `nft` program found on `PATH`.
@@ -97,9 +100,13 @@ impl Nft for NftCommand {
         Self::run(&["-j", "-f", "-"], Some(json)).await.map(|_| ())
     }
 
-    async fn read(&mut self) -> Result<Option<KernelTable>, RulesError> {
-        match Self::run(&["-j", "list", "table", "ip", TABLE], None).await {
-            Ok(out) => KernelTable::parse(&out).map(Some),
+    async fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, RulesError> {
+        let nf = match family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        };
+        match Self::run(&["-j", "list", "table", nf, TABLE], None).await {
+            Ok(out) => KernelTable::parse(&out, family).map(Some),
             // nft says "No such file or directory" for a missing table.
             Err(RulesError::Rejected { stderr }) if stderr.contains("No such file") => Ok(None),
             Err(e) => Err(e),
@@ -109,31 +116,47 @@ impl Nft for NftCommand {
 
 /// What our table in the kernel holds: enough to check it against what we
 /// applied (drift), and to adopt the proxy ports of an earlier instance.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelTable {
+    /// The table's family (`ip` or `ip6`): node-port keys are of it.
+    pub family: IpFamily,
     /// Every chain, with its number of rules.
     pub chains: BTreeMap<String, usize>,
     /// The address the DNAT rules of `nat-prerouting` translate to.
-    pub proxy_address: Option<Ipv4Addr>,
+    pub proxy_address: Option<IpAddr>,
     /// The elements of every set and map that [`Key`]s live in.
     pub elements: BTreeMap<Key, Action>,
     /// `proxy-ports`.
     pub proxy_ports: BTreeSet<ProxyPort>,
     /// `nodeport-addresses`, if the table has that set.
-    pub nodeport_addresses: Option<Vec<Ipv4Net>>,
+    pub nodeport_addresses: Option<Vec<IpNet>>,
     /// The id in `instance`, and its comment.
     pub instance: Option<u32>,
     pub note: Option<String>,
 }
 
 impl KernelTable {
-    /// Parses `nft -j list table ip kube-uproxy`.
-    pub fn parse(json: &str) -> Result<KernelTable, RulesError> {
+    /// An empty table of `family`.
+    pub fn new(family: IpFamily) -> Self {
+        KernelTable {
+            family,
+            chains: BTreeMap::new(),
+            proxy_address: None,
+            elements: BTreeMap::new(),
+            proxy_ports: BTreeSet::new(),
+            nodeport_addresses: None,
+            instance: None,
+            note: None,
+        }
+    }
+
+    /// Parses `nft -j list table ip kube-uproxy` (or `ip6`, for `family`).
+    pub fn parse(json: &str, family: IpFamily) -> Result<KernelTable, RulesError> {
         let v: Value = serde_json::from_str(json).map_err(|e| RulesError::Parse(e.to_string()))?;
         let objects = v["nftables"]
             .as_array()
             .ok_or_else(|| RulesError::Parse("no \"nftables\" array".into()))?;
-        let mut t = KernelTable::default();
+        let mut t = KernelTable::new(family);
         for o in objects {
             if let Some(m) = o.get("map") {
                 t.add_set_object(m)?;
@@ -195,7 +218,7 @@ impl KernelTable {
                 .get_or_insert_with(Vec::new)
                 .push(parse_net(elem_key(e))?),
             _ => {
-                if let Some((k, a)) = parse_element(name, e)? {
+                if let Some((k, a)) = parse_element(self.family, name, e)? {
                     self.elements.insert(k, a);
                 }
             }
@@ -207,7 +230,7 @@ impl KernelTable {
     pub fn remove_element(&mut self, name: &str, e: &Value) -> Result<bool, RulesError> {
         Ok(match name {
             SET_PROXY_PORTS => self.proxy_ports.remove(&parse_port_key(elem_key(e))?),
-            _ => match parse_element(name, e)? {
+            _ => match parse_element(self.family, name, e)? {
                 Some((k, a)) => {
                     self.elements.get(&k) == Some(&a) && self.elements.remove(&k).is_some()
                 }
@@ -233,9 +256,13 @@ fn elem_key(e: &Value) -> &Value {
     }
 }
 
-/// One element of one of the [`Key`] sets and maps; `None` for a set that
-/// holds no keys.
-pub(crate) fn parse_element(set: &str, e: &Value) -> Result<Option<(Key, Action)>, RulesError> {
+/// One element of one of the [`Key`] sets and maps of the table of
+/// `family`; `None` for a set that holds no keys.
+pub(crate) fn parse_element(
+    family: IpFamily,
+    set: &str,
+    e: &Value,
+) -> Result<Option<(Key, Action)>, RulesError> {
     let map_value = |e: &Value| -> Result<(Value, u16), RulesError> {
         let pair = e
             .as_array()
@@ -251,9 +278,15 @@ pub(crate) fn parse_element(set: &str, e: &Value) -> Result<Option<(Key, Action)
         SET_NO_ENDPOINTS => (Key::Service(parse_dest(elem_key(e))?), Action::Reject),
         MAP_NODE_PORTS => {
             let (k, p) = map_value(e)?;
-            (Key::NodePort(parse_port_key(&k)?), Action::Redirect(p))
+            (
+                Key::NodePort(family, parse_port_key(&k)?),
+                Action::Redirect(p),
+            )
         }
-        SET_NO_ENDPOINT_NODEPORTS => (Key::NodePort(parse_port_key(elem_key(e))?), Action::Reject),
+        SET_NO_ENDPOINT_NODEPORTS => (
+            Key::NodePort(family, parse_port_key(elem_key(e))?),
+            Action::Reject,
+        ),
         SET_LB_GUARDED => (Key::Guarded(parse_dest(elem_key(e))?), Action::Member),
         SET_LB_ALLOWED => {
             let parts = concat(elem_key(e))?;
@@ -290,23 +323,23 @@ fn parse_port(v: &Value) -> Result<u16, RulesError> {
         .ok_or_else(|| RulesError::Parse(format!("{v} is not a port")))
 }
 
-fn parse_ip(v: &Value) -> Result<Ipv4Addr, RulesError> {
+fn parse_ip(v: &Value) -> Result<IpAddr, RulesError> {
     v.as_str()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| RulesError::Parse(format!("{v} is not an IPv4 address")))
+        .ok_or_else(|| RulesError::Parse(format!("{v} is not an IP address")))
 }
 
 /// `"10.0.0.1"` (a /32) or `{"prefix": {"addr": "10.0.0.0", "len": 8}}`.
-fn parse_net(v: &Value) -> Result<Ipv4Net, RulesError> {
+fn parse_net(v: &Value) -> Result<IpNet, RulesError> {
     if let Some(p) = v.get("prefix") {
         let len = p["len"]
             .as_u64()
             .and_then(|l| u8::try_from(l).ok())
             .ok_or_else(|| RulesError::Parse(format!("bad prefix {v}")))?;
-        return Ipv4Net::new(parse_ip(&p["addr"])?, len)
+        return IpNet::new(parse_ip(&p["addr"])?, len)
             .map_err(|e| RulesError::Parse(format!("bad prefix {v}: {e}")));
     }
-    Ok(Ipv4Net::from(parse_ip(v)?))
+    Ok(IpNet::from(parse_ip(v)?))
 }
 
 fn dest_of(ip: &Value, proto: &Value, port: &Value) -> Result<Destination, RulesError> {
@@ -362,7 +395,7 @@ mod tests {
 
     #[test]
     fn reads_what_nft_lists() {
-        let t = KernelTable::parse(LISTING).unwrap();
+        let t = KernelTable::parse(LISTING, IpFamily::V4).unwrap();
         let d = |ip: &str| Destination {
             ip: ip.parse().unwrap(),
             protocol: Protocol::Tcp,
@@ -377,10 +410,13 @@ mod tests {
             Some(&Action::Reject)
         );
         assert_eq!(
-            t.elements.get(&Key::NodePort(ProxyPort {
-                protocol: Protocol::Tcp,
-                port: 30080
-            })),
+            t.elements.get(&Key::NodePort(
+                IpFamily::V4,
+                ProxyPort {
+                    protocol: Protocol::Tcp,
+                    port: 30080
+                }
+            )),
             Some(&Action::Redirect(20001))
         );
         let lb = Destination {
@@ -407,7 +443,7 @@ mod tests {
         assert_eq!(t.instance, Some(4660));
         assert_eq!(t.note.as_deref(), Some("net.ipv4.tcp_migrate_req=0"));
         assert_eq!(t.chains.get("nat-prerouting"), Some(&1));
-        assert_eq!(t.proxy_address, Some(Ipv4Addr::new(169, 254, 42, 1)));
+        assert_eq!(t.proxy_address, Some("169.254.42.1".parse().unwrap()));
         assert_eq!(t.elements.len(), 5);
         assert_eq!(t.redirects().count(), 2);
     }
@@ -421,7 +457,57 @@ mod tests {
             r#"{"nftables": [{"map": {"name": "service-ports", "elem": [[{"concat": ["10.0.0.1", "tcp", 80]}, 70000]]}}]}"#,
             r#"{"nftables": [{"set": {"name": "proxy-ports", "elem": [{"concat": ["gre", 1]}]}}]}"#,
         ] {
-            assert!(KernelTable::parse(bad).is_err(), "{bad} accepted");
+            assert!(
+                KernelTable::parse(bad, IpFamily::V4).is_err(),
+                "{bad} accepted"
+            );
         }
+    }
+
+    #[test]
+    fn reads_an_ip6_table() {
+        let listing = r#"{"nftables": [
+          {"table": {"family": "ip6", "name": "kube-uproxy", "handle": 2}},
+          {"map": {"family": "ip6", "name": "service-ports", "table": "kube-uproxy", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 3, "map": "inet_service", "elem": [[{"concat": ["fd00:96::10", "udp", 53]}, 20001]]}},
+          {"map": {"family": "ip6", "name": "node-ports", "table": "kube-uproxy", "type": ["inet_proto", "inet_service"], "handle": 8, "map": "inet_service", "elem": [[{"concat": ["tcp", 30080]}, 20002]]}},
+          {"set": {"family": "ip6", "name": "lb-allowed", "table": "kube-uproxy", "type": ["ipv6_addr", "inet_proto", "inet_service", "ipv6_addr"], "handle": 3, "flags": ["interval"], "elem": [{"concat": ["fd00:8::8", "tcp", 80, {"prefix": {"addr": "fd00:200::", "len": 64}}]}]}},
+          {"set": {"family": "ip6", "name": "nodeport-addresses", "table": "kube-uproxy", "type": "ipv6_addr", "handle": 6, "flags": ["interval"], "elem": [{"prefix": {"addr": "fd00:200::", "len": 64}}]}},
+          {"chain": {"family": "ip6", "table": "kube-uproxy", "name": "nat-prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+          {"rule": {"family": "ip6", "table": "kube-uproxy", "chain": "nat-prerouting", "handle": 7, "expr": [{"dnat": {"addr": "fd6b:7570:7278::1", "port": {"map": {"key": {"concat": [{"payload": {"protocol": "ip6", "field": "daddr"}}, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "data": "@service-ports"}}}}]}}
+        ]}"#;
+        let t = KernelTable::parse(listing, IpFamily::V6).unwrap();
+        assert_eq!(t.family, IpFamily::V6);
+        assert_eq!(t.proxy_address, Some("fd6b:7570:7278::1".parse().unwrap()));
+        let d = Destination {
+            ip: "fd00:96::10".parse().unwrap(),
+            protocol: Protocol::Udp,
+            port: 53,
+        };
+        assert_eq!(
+            t.elements.get(&Key::Service(d)),
+            Some(&Action::Redirect(20001))
+        );
+        let np = Key::NodePort(
+            IpFamily::V6,
+            ProxyPort {
+                protocol: Protocol::Tcp,
+                port: 30080,
+            },
+        );
+        assert_eq!(t.elements.get(&np), Some(&Action::Redirect(20002)));
+        assert_eq!(np.family(), IpFamily::V6);
+        let lb = Destination {
+            ip: "fd00:8::8".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        assert!(
+            t.elements
+                .contains_key(&Key::Allow(lb, "fd00:200::/64".parse().unwrap()))
+        );
+        assert_eq!(
+            t.nodeport_addresses,
+            Some(vec!["fd00:200::/64".parse().unwrap()])
+        );
     }
 }

@@ -1,8 +1,11 @@
 //! Rule rendering: desired keys → nftables JSON batches. Pure.
 //!
-//! The table holds a fixed set of chains with a fixed set of rules; what
-//! changes at run time are only the elements of named sets and maps, one
-//! per [`Key`] kind:
+//! One table per address family: `ip kube-uproxy` always, `ip6
+//! kube-uproxy` beside it when the node has IPv6 (the same layout with
+//! `ipv6_addr` keys and the IPv6 proxy address). Both are written in one
+//! transaction. Each table holds a fixed set of chains with a fixed set of
+//! rules; what changes at run time are only the elements of named sets and
+//! maps, one per [`Key`] kind:
 //!
 //! ```text
 //! table ip kube-uproxy {
@@ -38,9 +41,9 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{
     CT, Expression, Fib, FibFlag, FibResult, Map, Meta, MetaKey, NamedExpression, Payload,
@@ -52,9 +55,9 @@ use nftables::schema::{
 use nftables::stmt::{Match, NAT, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainType, NfFamily, NfHook};
 
-use crate::model::Protocol;
+use crate::model::{IpFamily, Protocol};
 
-/// The name of our table (family `ip`).
+/// The name of our tables (families `ip` and `ip6`).
 pub const TABLE: &str = "kube-uproxy";
 /// Data map: destination → proxy port.
 pub const MAP_SERVICE_PORTS: &str = "service-ports";
@@ -135,14 +138,47 @@ pub fn rules_in_chain(name: &str) -> usize {
 /// What is fixed for the life of a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
-    /// The node-local address every listener binds and Service traffic is
-    /// DNATed to.
+    /// The node-local address every IPv4 listener binds and IPv4 Service
+    /// traffic is DNATed to.
     pub proxy_address: Ipv4Addr,
-    /// The node addresses node ports are served on; `None`: all of them
-    /// (127.0.0.1 included).
-    pub nodeport_addresses: Option<Vec<Ipv4Net>>,
+    /// The same for IPv6; `None` when the node has IPv6 disabled: then
+    /// there is no `ip6` table and IPv6 Services are not served.
+    pub proxy_address_v6: Option<Ipv6Addr>,
+    /// The node addresses node ports are served on, both families
+    /// together; `None`: all of them (127.0.0.1 and ::1 included). A
+    /// family with no CIDR in the list serves its node ports nowhere.
+    pub nodeport_addresses: Option<Vec<IpNet>>,
     /// The writer of the table.
     pub instance: Instance,
+}
+
+impl Layout {
+    /// The families that have a table: IPv4, and IPv6 when enabled.
+    pub fn families(&self) -> Vec<IpFamily> {
+        let mut out = vec![IpFamily::V4];
+        if self.proxy_address_v6.is_some() {
+            out.push(IpFamily::V6);
+        }
+        out
+    }
+
+    /// The proxy address of `family`, if that family is served.
+    pub fn proxy_address_of(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => Some(IpAddr::V4(self.proxy_address)),
+            IpFamily::V6 => self.proxy_address_v6.map(IpAddr::V6),
+        }
+    }
+
+    /// `--nodeport-addresses` for one family's table.
+    pub fn nodeport_addresses_of(&self, family: IpFamily) -> Option<Vec<IpNet>> {
+        self.nodeport_addresses.as_ref().map(|nets| {
+            nets.iter()
+                .filter(|n| IpFamily::of(n.addr()) == family)
+                .copied()
+                .collect()
+        })
+    }
 }
 
 /// The process that wrote the table, kept in the kernel so that a later
@@ -162,14 +198,19 @@ pub struct Instance {
 /// LB IP), protocol and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Destination {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub protocol: Protocol,
     pub port: u16,
 }
 
 impl std::fmt::Display for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        write!(
+            f,
+            "{}/{}",
+            std::net::SocketAddr::new(self.ip, self.port),
+            self.protocol
+        )
     }
 }
 
@@ -192,19 +233,38 @@ impl std::fmt::Display for ProxyPort {
 pub enum Key {
     /// ClusterIP, externalIP or LB IP . protocol . port.
     Service(Destination),
-    /// protocol . node port, on the node's addresses.
-    NodePort(ProxyPort),
+    /// protocol . node port, on the node's addresses of one family.
+    NodePort(IpFamily, ProxyPort),
     /// An LB destination that only the [`Key::Allow`]ed sources may use.
     Guarded(Destination),
-    /// One allowed source range of a guarded destination.
-    Allow(Destination, Ipv4Net),
+    /// One allowed source range of a guarded destination (of its family).
+    Allow(Destination, IpNet),
+}
+
+impl Key {
+    /// The family of the table the key lives in.
+    pub fn family(&self) -> IpFamily {
+        match self {
+            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => IpFamily::of(d.ip),
+            Key::NodePort(f, _) => *f,
+        }
+    }
+
+    /// The protocol of the traffic the key catches.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => d.protocol,
+            Key::NodePort(_, p) => p.protocol,
+        }
+    }
 }
 
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Key::Service(d) => write!(f, "{d}"),
-            Key::NodePort(p) => write!(f, "node port {p}"),
+            Key::NodePort(IpFamily::V4, p) => write!(f, "node port {p}"),
+            Key::NodePort(fam, p) => write!(f, "{fam} node port {p}"),
             Key::Guarded(d) => write!(f, "{d} (source ranges)"),
             Key::Allow(d, net) => write!(f, "{d} from {net}"),
         }
@@ -222,9 +282,33 @@ pub enum Action {
     Member,
 }
 
-fn table() -> Table<'static> {
+/// The nftables family of a table.
+fn nf_family(family: IpFamily) -> NfFamily {
+    match family {
+        IpFamily::V4 => NfFamily::IP,
+        IpFamily::V6 => NfFamily::IP6,
+    }
+}
+
+/// The payload protocol of the network header (`ip` / `ip6`).
+fn net_proto(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+/// The set type of an address of `family`.
+fn addr_type(family: IpFamily) -> SetType {
+    match family {
+        IpFamily::V4 => SetType::Ipv4Addr,
+        IpFamily::V6 => SetType::Ipv6Addr,
+    }
+}
+
+fn table(family: IpFamily) -> Table<'static> {
     Table {
-        family: NfFamily::IP,
+        family: nf_family(family),
         name: TABLE.into(),
         handle: None,
     }
@@ -249,10 +333,10 @@ fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Concat(parts))
 }
 
-/// `ip daddr . meta l4proto . th dport`
-fn dest_key_expr() -> Expression<'static> {
+/// `ip daddr . meta l4proto . th dport` (`ip6 daddr` for IPv6)
+fn dest_key_expr(f: IpFamily) -> Expression<'static> {
     concat(vec![
-        payload("ip", "daddr"),
+        payload(net_proto(f), "daddr"),
         l4proto(),
         payload("th", "dport"),
     ])
@@ -282,7 +366,7 @@ fn port_value(p: &ProxyPort) -> Expression<'static> {
     ])
 }
 
-fn prefix(net: &Ipv4Net) -> Expression<'static> {
+fn prefix(net: &IpNet) -> Expression<'static> {
     Expression::Named(NamedExpression::Prefix(Prefix {
         addr: Box::new(Expression::String(net.network().to_string().into())),
         len: u32::from(net.prefix_len()),
@@ -299,8 +383,8 @@ pub fn element_of(key: &Key, action: Action) -> (&'static str, Expression<'stati
             (MAP_SERVICE_PORTS, with_port(concat(dest_parts(d)), p))
         }
         (Key::Service(d), _) => (SET_NO_ENDPOINTS, concat(dest_parts(d))),
-        (Key::NodePort(n), Action::Redirect(p)) => (MAP_NODE_PORTS, with_port(port_value(n), p)),
-        (Key::NodePort(n), _) => (SET_NO_ENDPOINT_NODEPORTS, port_value(n)),
+        (Key::NodePort(_, n), Action::Redirect(p)) => (MAP_NODE_PORTS, with_port(port_value(n), p)),
+        (Key::NodePort(_, n), _) => (SET_NO_ENDPOINT_NODEPORTS, port_value(n)),
         (Key::Guarded(d), _) => (SET_LB_GUARDED, concat(dest_parts(d))),
         (Key::Allow(d, net), _) => {
             let mut parts = dest_parts(d);
@@ -310,9 +394,15 @@ pub fn element_of(key: &Key, action: Action) -> (&'static str, Expression<'stati
     }
 }
 
-fn base_chain(name: &'static str, ty: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
+fn base_chain(
+    f: IpFamily,
+    name: &'static str,
+    ty: NfChainType,
+    hook: NfHook,
+    prio: i32,
+) -> Chain<'static> {
     Chain {
-        family: NfFamily::IP,
+        family: nf_family(f),
         table: TABLE.into(),
         name: name.into(),
         _type: Some(ty),
@@ -322,9 +412,9 @@ fn base_chain(name: &'static str, ty: NfChainType, hook: NfHook, prio: i32) -> C
     }
 }
 
-fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> Rule<'static> {
+fn rule(f: IpFamily, chain: &'static str, expr: Vec<Statement<'static>>) -> Rule<'static> {
     Rule {
-        family: NfFamily::IP,
+        family: nf_family(f),
         table: TABLE.into(),
         chain: chain.into(),
         expr: expr.into(),
@@ -377,18 +467,18 @@ fn daddr_is_local() -> Statement<'static> {
 
 /// Which node addresses node ports are served on: `fib daddr type local`,
 /// never the proxy address, and only `--nodeport-addresses` when given.
-fn node_address_matches(layout: &Layout) -> Vec<Statement<'static>> {
+fn node_address_matches(f: IpFamily, proxy: IpAddr, layout: &Layout) -> Vec<Statement<'static>> {
     let mut out = vec![
         daddr_is_local(),
         matches(
-            payload("ip", "daddr"),
+            payload(net_proto(f), "daddr"),
             Operator::NEQ,
-            Expression::String(layout.proxy_address.to_string().into()),
+            Expression::String(proxy.to_string().into()),
         ),
     ];
     if layout.nodeport_addresses.is_some() {
         out.push(matches(
-            payload("ip", "daddr"),
+            payload(net_proto(f), "daddr"),
             Operator::EQ,
             set_ref(SET_NODEPORT_ADDRESSES),
         ));
@@ -397,7 +487,7 @@ fn node_address_matches(layout: &Layout) -> Vec<Statement<'static>> {
 }
 
 /// `… dnat ip to ADDR : <key> map @MAP`
-fn dnat(proxy_address: Ipv4Addr, key: Expression<'static>, map: &str) -> Statement<'static> {
+fn dnat(proxy_address: IpAddr, key: Expression<'static>, map: &str) -> Statement<'static> {
     Statement::DNAT(Some(NAT {
         addr: Some(Expression::String(proxy_address.to_string().into())),
         family: None,
@@ -410,23 +500,32 @@ fn dnat(proxy_address: Ipv4Addr, key: Expression<'static>, map: &str) -> Stateme
 }
 
 /// The DNAT rules of a nat chain: Service destinations, then node ports.
-fn dnat_rules(chain: &'static str, layout: &Layout) -> [Rule<'static>; 2] {
+fn dnat_rules(
+    f: IpFamily,
+    proxy: IpAddr,
+    chain: &'static str,
+    layout: &Layout,
+) -> [Rule<'static>; 2] {
     let service = vec![
         tcp_or_udp(),
-        dnat(layout.proxy_address, dest_key_expr(), MAP_SERVICE_PORTS),
+        dnat(proxy, dest_key_expr(f), MAP_SERVICE_PORTS),
     ];
-    let mut node = node_address_matches(layout);
+    let mut node = node_address_matches(f, proxy, layout);
     node.push(tcp_or_udp());
-    node.push(dnat(layout.proxy_address, port_key_expr(), MAP_NODE_PORTS));
-    [rule(chain, service), rule(chain, node)]
+    node.push(dnat(proxy, port_key_expr(), MAP_NODE_PORTS));
+    [rule(f, chain, service), rule(f, chain, node)]
 }
 
 /// A new flow to a Service port without endpoints is refused: TCP with a
 /// reset, which the kernel does not rate-limit (ICMP errors are limited per
 /// destination host, so a client retrying fast would see hangs instead of
-/// refusals), everything else with ICMP port unreachable. `lookup` is the
-/// match that finds the flow in a set.
-fn reject_rules(chain: &'static str, lookup: Vec<Statement<'static>>) -> [Rule<'static>; 2] {
+/// refusals), everything else with ICMP (ICMPv6 in the `ip6` table) port
+/// unreachable. `lookup` is the match that finds the flow in a set.
+fn reject_rules(
+    f: IpFamily,
+    chain: &'static str,
+    lookup: Vec<Statement<'static>>,
+) -> [Rule<'static>; 2] {
     let mut tcp = vec![ct_state_new()];
     tcp.extend(lookup.iter().cloned());
     tcp.push(matches(
@@ -441,45 +540,52 @@ fn reject_rules(chain: &'static str, lookup: Vec<Statement<'static>>) -> [Rule<'
     let mut other = vec![ct_state_new()];
     other.extend(lookup);
     other.push(Statement::Reject(Some(Reject::new(None, None))));
-    [rule(chain, tcp), rule(chain, other)]
+    [rule(f, chain, tcp), rule(f, chain, other)]
 }
 
-fn service_refusals(chain: &'static str) -> [Rule<'static>; 2] {
+fn service_refusals(f: IpFamily, chain: &'static str) -> [Rule<'static>; 2] {
     reject_rules(
+        f,
         chain,
         vec![matches(
-            dest_key_expr(),
+            dest_key_expr(f),
             Operator::EQ,
             set_ref(SET_NO_ENDPOINTS),
         )],
     )
 }
 
-fn node_port_refusals(chain: &'static str, layout: &Layout) -> [Rule<'static>; 2] {
-    let mut lookup = node_address_matches(layout);
+fn node_port_refusals(
+    f: IpFamily,
+    proxy: IpAddr,
+    chain: &'static str,
+    layout: &Layout,
+) -> [Rule<'static>; 2] {
+    let mut lookup = node_address_matches(f, proxy, layout);
     lookup.push(matches(
         port_key_expr(),
         Operator::EQ,
         set_ref(SET_NO_ENDPOINT_NODEPORTS),
     ));
-    reject_rules(chain, lookup)
+    reject_rules(f, chain, lookup)
 }
 
 /// `ct state new ip daddr . meta l4proto . th dport @lb-guarded ip daddr .
 /// meta l4proto . th dport . ip saddr != @lb-allowed drop`: sources outside
 /// `loadBalancerSourceRanges` are dropped, as kube-proxy does.
-fn source_range_rule() -> Rule<'static> {
+fn source_range_rule(f: IpFamily) -> Rule<'static> {
     rule(
+        f,
         "filter-prerouting",
         vec![
             ct_state_new(),
-            matches(dest_key_expr(), Operator::EQ, set_ref(SET_LB_GUARDED)),
+            matches(dest_key_expr(f), Operator::EQ, set_ref(SET_LB_GUARDED)),
             matches(
                 concat(vec![
-                    payload("ip", "daddr"),
+                    payload(net_proto(f), "daddr"),
                     l4proto(),
                     payload("th", "dport"),
-                    payload("ip", "saddr"),
+                    payload(net_proto(f), "saddr"),
                 ]),
                 Operator::NEQ,
                 set_ref(SET_LB_ALLOWED),
@@ -494,13 +600,14 @@ fn source_range_rule() -> Rule<'static> {
 /// can reach the proxy address (an L2 neighbour, a process on the node),
 /// bypassing the Service rules. Translated flows carry the dnat status and
 /// pass.
-fn proxy_port_guard_rule(proxy_address: Ipv4Addr) -> Rule<'static> {
+fn proxy_port_guard_rule(f: IpFamily, proxy_address: IpAddr) -> Rule<'static> {
     rule(
+        f,
         "filter-input",
         vec![
             ct_state_new(),
             matches(
-                payload("ip", "daddr"),
+                payload(net_proto(f), "daddr"),
                 Operator::EQ,
                 Expression::String(proxy_address.to_string().into()),
             ),
@@ -524,6 +631,7 @@ fn proxy_port_guard_rule(proxy_address: Ipv4Addr) -> Rule<'static> {
 
 /// A named set or map, with its elements.
 fn set_object(
+    f: IpFamily,
     name: &'static str,
     set_type: SetTypeValue<'static>,
     map: Option<SetType>,
@@ -535,7 +643,7 @@ fn set_object(
     let flags = interval.then(|| std::collections::HashSet::from([SetFlag::Interval]));
     match map {
         Some(value) => NfListObject::Map(Box::new(schema::Map {
-            family: NfFamily::IP,
+            family: nf_family(f),
             table: TABLE.into(),
             name: name.into(),
             set_type,
@@ -546,7 +654,7 @@ fn set_object(
             ..schema::Map::default()
         })),
         None => NfListObject::Set(Box::new(schema::Set {
-            family: NfFamily::IP,
+            family: nf_family(f),
             table: TABLE.into(),
             name: name.into(),
             set_type,
@@ -558,93 +666,130 @@ fn set_object(
     }
 }
 
-const DEST: &[SetType] = &[SetType::Ipv4Addr, SetType::InetProto, SetType::InetService];
+/// `ADDR . inet_proto . inet_service`
+fn dest_type(f: IpFamily) -> Vec<SetType> {
+    vec![addr_type(f), SetType::InetProto, SetType::InetService]
+}
 const PORT: &[SetType] = &[SetType::InetProto, SetType::InetService];
-const DEST_SOURCE: &[SetType] = &[
-    SetType::Ipv4Addr,
-    SetType::InetProto,
-    SetType::InetService,
-    SetType::Ipv4Addr,
-];
+/// `ADDR . inet_proto . inet_service . ADDR`
+fn dest_source_type(f: IpFamily) -> Vec<SetType> {
+    vec![
+        addr_type(f),
+        SetType::InetProto,
+        SetType::InetService,
+        addr_type(f),
+    ]
+}
 
-/// The whole table with these elements, replacing any table of that name
-/// in one transaction (`add`, `delete`, then create: never a moment without
-/// rules, and whatever an earlier run left is gone).
+/// The whole table of every family of `layout` with these elements,
+/// replacing any table of that name in one transaction (`add`, `delete`,
+/// then create: never a moment without rules, and whatever an earlier run
+/// left is gone). Elements and ports of a family without a table are left
+/// out.
 pub fn full(
     layout: &Layout,
     elements: &BTreeMap<Key, Action>,
-    proxy_ports: &BTreeSet<ProxyPort>,
+    proxy_ports: &BTreeSet<(IpFamily, ProxyPort)>,
 ) -> Nftables<'static> {
     let mut batch = Batch::new();
-    batch.add(NfListObject::Table(table()));
-    batch.delete(NfListObject::Table(table()));
-    batch.add(NfListObject::Table(table()));
+    for f in layout.families() {
+        full_family(&mut batch, f, layout, elements, proxy_ports);
+    }
+    batch.to_nftables()
+}
+
+/// The commands that replace the table of family `f`.
+fn full_family(
+    batch: &mut Batch<'static>,
+    f: IpFamily,
+    layout: &Layout,
+    elements: &BTreeMap<Key, Action>,
+    proxy_ports: &BTreeSet<(IpFamily, ProxyPort)>,
+) {
+    let Some(proxy) = layout.proxy_address_of(f) else {
+        return;
+    };
+    batch.add(NfListObject::Table(table(f)));
+    batch.delete(NfListObject::Table(table(f)));
+    batch.add(NfListObject::Table(table(f)));
 
     let mut by_set: BTreeMap<&'static str, Vec<Expression<'static>>> = BTreeMap::new();
-    for (k, a) in elements {
+    for (k, a) in elements.iter().filter(|(k, _)| k.family() == f) {
         let (set, elem) = element_of(k, *a);
         by_set.entry(set).or_default().push(elem);
     }
     let mut take = |name: &str| by_set.remove(name).unwrap_or_default();
-    let concat_type = |t: &'static [SetType]| SetTypeValue::Concatenated(Cow::Borrowed(t));
+    let concat_type = |t: Vec<SetType>| SetTypeValue::Concatenated(Cow::Owned(t));
     for object in [
         set_object(
+            f,
             MAP_SERVICE_PORTS,
-            concat_type(DEST),
+            concat_type(dest_type(f)),
             Some(SetType::InetService),
             false,
             take(MAP_SERVICE_PORTS),
             "Service IP . protocol . port -> local proxy port".into(),
         ),
         set_object(
+            f,
             SET_NO_ENDPOINTS,
-            concat_type(DEST),
+            concat_type(dest_type(f)),
             None,
             false,
             take(SET_NO_ENDPOINTS),
             "Service ports without endpoints: refused".into(),
         ),
         set_object(
+            f,
             MAP_NODE_PORTS,
-            concat_type(PORT),
+            concat_type(PORT.to_vec()),
             Some(SetType::InetService),
             false,
             take(MAP_NODE_PORTS),
             "protocol . node port -> local proxy port".into(),
         ),
         set_object(
+            f,
             SET_NO_ENDPOINT_NODEPORTS,
-            concat_type(PORT),
+            concat_type(PORT.to_vec()),
             None,
             false,
             take(SET_NO_ENDPOINT_NODEPORTS),
             "node ports without endpoints: refused".into(),
         ),
         set_object(
+            f,
             SET_LB_GUARDED,
-            concat_type(DEST),
+            concat_type(dest_type(f)),
             None,
             false,
             take(SET_LB_GUARDED),
             "load-balancer IPs with loadBalancerSourceRanges".into(),
         ),
         set_object(
+            f,
             SET_LB_ALLOWED,
-            concat_type(DEST_SOURCE),
+            concat_type(dest_source_type(f)),
             None,
             true,
             take(SET_LB_ALLOWED),
             "their allowed sources".into(),
         ),
         set_object(
+            f,
             SET_PROXY_PORTS,
-            concat_type(PORT),
+            concat_type(PORT.to_vec()),
             None,
             false,
-            proxy_ports.iter().map(port_value).collect(),
+            proxy_ports
+                .iter()
+                .filter(|(pf, _)| *pf == f)
+                .map(|(_, p)| port_value(p))
+                .collect(),
             "the proxy's listeners: reachable only through the DNAT".into(),
         ),
         set_object(
+            f,
             SET_INSTANCE,
             SetTypeValue::Single(SetType::Mark),
             None,
@@ -655,10 +800,11 @@ pub fn full(
     ] {
         batch.add(object);
     }
-    if let Some(nets) = &layout.nodeport_addresses {
+    if let Some(nets) = layout.nodeport_addresses_of(f) {
         batch.add(set_object(
+            f,
             SET_NODEPORT_ADDRESSES,
-            SetTypeValue::Single(SetType::Ipv4Addr),
+            SetTypeValue::Single(addr_type(f)),
             None,
             true,
             nets.iter().map(prefix).collect(),
@@ -667,28 +813,27 @@ pub fn full(
     }
 
     for (name, ty, hook, prio) in CHAINS {
-        batch.add(NfListObject::Chain(base_chain(name, ty, hook, prio)));
+        batch.add(NfListObject::Chain(base_chain(f, name, ty, hook, prio)));
         let rules: Vec<Rule<'static>> = match name {
-            "filter-prerouting" => vec![source_range_rule()],
+            "filter-prerouting" => vec![source_range_rule(f)],
             "filter-input" => {
-                let mut r = service_refusals(name).to_vec();
-                r.extend(node_port_refusals(name, layout));
-                r.push(proxy_port_guard_rule(layout.proxy_address));
+                let mut r = service_refusals(f, name).to_vec();
+                r.extend(node_port_refusals(f, proxy, name, layout));
+                r.push(proxy_port_guard_rule(f, proxy));
                 r
             }
-            "filter-forward" => service_refusals(name).to_vec(),
+            "filter-forward" => service_refusals(f, name).to_vec(),
             "filter-output" => {
-                let mut r = service_refusals(name).to_vec();
-                r.extend(node_port_refusals(name, layout));
+                let mut r = service_refusals(f, name).to_vec();
+                r.extend(node_port_refusals(f, proxy, name, layout));
                 r
             }
-            _ => dnat_rules(name, layout).to_vec(),
+            _ => dnat_rules(f, proxy, name, layout).to_vec(),
         };
         for r in rules {
             batch.add(NfListObject::Rule(r));
         }
     }
-    batch.to_nftables()
 }
 
 /// One element change: `old` is what the kernel has now, `new` what it
@@ -700,9 +845,9 @@ pub struct Change {
     pub new: Option<Action>,
 }
 
-fn element(set: &'static str, elem: Expression<'static>) -> NfListObject<'static> {
+fn element(f: IpFamily, set: &'static str, elem: Expression<'static>) -> NfListObject<'static> {
     NfListObject::Element(Element {
-        family: NfFamily::IP,
+        family: nf_family(f),
         table: TABLE.into(),
         name: set.into(),
         elem: vec![elem].into(),
@@ -712,41 +857,44 @@ fn element(set: &'static str, elem: Expression<'static>) -> NfListObject<'static
 /// The element updates that take the kernel from each change's `old` to its
 /// `new`, as one transaction. Deletions come first, so a value change is
 /// delete + add. Returns `None` when there is nothing to do.
-pub fn delta(changes: &[Change], port_changes: &[(ProxyPort, bool)]) -> Option<Nftables<'static>> {
+pub fn delta(
+    changes: &[Change],
+    port_changes: &[((IpFamily, ProxyPort), bool)],
+) -> Option<Nftables<'static>> {
     let mut batch = Batch::new();
     let mut any = false;
-    for (p, _) in port_changes.iter().filter(|(_, add)| !add) {
-        batch.delete(element(SET_PROXY_PORTS, port_value(p)));
+    for ((f, p), _) in port_changes.iter().filter(|(_, add)| !add) {
+        batch.delete(element(*f, SET_PROXY_PORTS, port_value(p)));
         any = true;
     }
-    for (p, _) in port_changes.iter().filter(|(_, add)| *add) {
-        batch.add(element(SET_PROXY_PORTS, port_value(p)));
+    for ((f, p), _) in port_changes.iter().filter(|(_, add)| *add) {
+        batch.add(element(*f, SET_PROXY_PORTS, port_value(p)));
         any = true;
     }
     let changed = || changes.iter().filter(|c| c.old != c.new);
     for c in changed() {
         if let Some(old) = c.old {
             let (set, elem) = element_of(&c.key, old);
-            batch.delete(element(set, elem));
+            batch.delete(element(c.key.family(), set, elem));
             any = true;
         }
     }
     for c in changed() {
         if let Some(new) = c.new {
             let (set, elem) = element_of(&c.key, new);
-            batch.add(element(set, elem));
+            batch.add(element(c.key.family(), set, elem));
             any = true;
         }
     }
     any.then(|| batch.to_nftables())
 }
 
-/// Deletes the table (for `--cleanup`). `add` first makes the delete
-/// succeed whether or not the table exists.
-pub fn delete_table() -> Nftables<'static> {
+/// Deletes the table of `family` (for `--cleanup`). `add` first makes the
+/// delete succeed whether or not the table exists.
+pub fn delete_table(family: IpFamily) -> Nftables<'static> {
     let mut batch = Batch::new();
-    batch.add(NfListObject::Table(table()));
-    batch.delete(NfListObject::Table(table()));
+    batch.add(NfListObject::Table(table(family)));
+    batch.delete(NfListObject::Table(table(family)));
     batch.to_nftables()
 }
 
@@ -776,10 +924,13 @@ mod tests {
         );
         els.insert(Key::Service(dest("10.96.0.11", 443)), Action::Reject);
         els.insert(
-            Key::NodePort(ProxyPort {
-                protocol: Protocol::Udp,
-                port: 30053,
-            }),
+            Key::NodePort(
+                IpFamily::V4,
+                ProxyPort {
+                    protocol: Protocol::Udp,
+                    port: 30053,
+                },
+            ),
             Action::Redirect(20001),
         );
         els.insert(Key::Guarded(dest("10.200.8.8", 80)), Action::Member);
@@ -787,12 +938,16 @@ mod tests {
             Key::Allow(dest("10.200.8.8", 80), "10.0.0.0/8".parse().unwrap()),
             Action::Member,
         );
-        let ports = BTreeSet::from([ProxyPort {
-            protocol: Protocol::Tcp,
-            port: 20000,
-        }]);
+        let ports = BTreeSet::from([(
+            IpFamily::V4,
+            ProxyPort {
+                protocol: Protocol::Tcp,
+                port: 20000,
+            },
+        )]);
         let layout = Layout {
             proxy_address: "169.254.42.1".parse().unwrap(),
+            proxy_address_v6: None,
             nodeport_addresses: Some(vec!["10.200.0.0/24".parse().unwrap()]),
             instance: Instance {
                 id: 7,
@@ -928,7 +1083,201 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 20001,
         };
-        let v = to_json(&delta(&[], &[(p, true)]).unwrap());
+        let v = to_json(&delta(&[], &[((IpFamily::V4, p), true)]).unwrap());
         assert_eq!(v["nftables"][0]["add"]["element"]["name"], SET_PROXY_PORTS);
+    }
+
+    fn dual_stack_layout() -> Layout {
+        Layout {
+            proxy_address: "169.254.42.1".parse().unwrap(),
+            proxy_address_v6: Some("fd6b:7570:7278::1".parse().unwrap()),
+            nodeport_addresses: Some(vec![
+                "10.200.0.0/24".parse().unwrap(),
+                "fd00:200::/64".parse().unwrap(),
+            ]),
+            instance: Instance {
+                id: 7,
+                note: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn each_family_gets_its_own_table_with_its_own_keys_in_one_batch() {
+        let mut els = BTreeMap::new();
+        els.insert(
+            Key::Service(dest("10.96.0.10", 80)),
+            Action::Redirect(20000),
+        );
+        els.insert(
+            Key::Service(dest("fd00:96::10", 80)),
+            Action::Redirect(20001),
+        );
+        els.insert(Key::Service(dest("fd00:96::11", 53)), Action::Reject);
+        let node_port = ProxyPort {
+            protocol: Protocol::Tcp,
+            port: 30080,
+        };
+        els.insert(
+            Key::NodePort(IpFamily::V4, node_port),
+            Action::Redirect(20000),
+        );
+        els.insert(
+            Key::NodePort(IpFamily::V6, node_port),
+            Action::Redirect(20001),
+        );
+        let ports = BTreeSet::from([
+            (
+                IpFamily::V4,
+                ProxyPort {
+                    protocol: Protocol::Tcp,
+                    port: 20000,
+                },
+            ),
+            (
+                IpFamily::V6,
+                ProxyPort {
+                    protocol: Protocol::Tcp,
+                    port: 20001,
+                },
+            ),
+        ]);
+        let v = to_json(&full(&dual_stack_layout(), &els, &ports));
+        let cmds = v["nftables"].as_array().unwrap();
+        let tables: Vec<&Value> = cmds.iter().filter_map(|c| c["add"].get("table")).collect();
+        assert_eq!(tables.len(), 4, "add/delete/add per family: {tables:?}");
+        assert_eq!(tables[0]["family"], "ip");
+        assert_eq!(tables[3]["family"], "ip6");
+        let set = |family: &str, name: &str| {
+            cmds.iter()
+                .find_map(|c| {
+                    c["add"]
+                        .get("set")
+                        .or_else(|| c["add"].get("map"))
+                        .filter(|s| s["name"] == name && s["family"] == family)
+                })
+                .unwrap_or_else(|| panic!("no {family} set {name}"))
+        };
+        assert_eq!(
+            set("ip", MAP_SERVICE_PORTS)["elem"],
+            json!([[{"concat": ["10.96.0.10", "tcp", 80]}, 20000]])
+        );
+        assert_eq!(
+            set("ip6", MAP_SERVICE_PORTS)["elem"],
+            json!([[{"concat": ["fd00:96::10", "tcp", 80]}, 20001]])
+        );
+        assert_eq!(
+            set("ip6", MAP_SERVICE_PORTS)["type"],
+            json!(["ipv6_addr", "inet_proto", "inet_service"])
+        );
+        assert_eq!(
+            set("ip6", SET_NO_ENDPOINTS)["elem"],
+            json!([{"concat": ["fd00:96::11", "tcp", 53]}])
+        );
+        assert!(set("ip", SET_NO_ENDPOINTS).get("elem").is_none());
+        assert_eq!(
+            set("ip6", MAP_NODE_PORTS)["elem"],
+            json!([[{"concat": ["tcp", 30080]}, 20001]])
+        );
+        assert_eq!(
+            set("ip6", SET_PROXY_PORTS)["elem"],
+            json!([{"concat": ["tcp", 20001]}])
+        );
+        assert_eq!(
+            set("ip", SET_PROXY_PORTS)["elem"],
+            json!([{"concat": ["tcp", 20000]}])
+        );
+        assert_eq!(set("ip6", SET_LB_ALLOWED)["type"][3], "ipv6_addr");
+        // Each family's --nodeport-addresses CIDRs in its own table.
+        assert_eq!(
+            set("ip", SET_NODEPORT_ADDRESSES)["elem"],
+            json!([{"prefix": {"addr": "10.200.0.0", "len": 24}}])
+        );
+        assert_eq!(
+            set("ip6", SET_NODEPORT_ADDRESSES)["elem"],
+            json!([{"prefix": {"addr": "fd00:200::", "len": 64}}])
+        );
+        // The ip6 table translates to the IPv6 proxy address and matches
+        // on the IPv6 header; every chain has its rules there too.
+        let rules = |family: &str| -> Vec<&Value> {
+            cmds.iter()
+                .filter_map(|c| c["add"].get("rule"))
+                .filter(|r| r["family"] == family)
+                .collect()
+        };
+        let dnat6 = rules("ip6")
+            .into_iter()
+            .find(|r| r["chain"] == "nat-prerouting")
+            .unwrap();
+        assert_eq!(dnat6["expr"][1]["dnat"]["addr"], "fd6b:7570:7278::1");
+        assert_eq!(
+            dnat6["expr"][1]["dnat"]["port"]["map"]["key"]["concat"][0]["payload"]["protocol"],
+            "ip6"
+        );
+        for (name, ..) in CHAINS {
+            for family in ["ip", "ip6"] {
+                let n = rules(family).iter().filter(|r| r["chain"] == name).count();
+                assert_eq!(n, rules_in_chain(name), "{family} rules in {name}");
+            }
+        }
+        assert!(
+            !serde_json::to_string(&rules("ip6"))
+                .unwrap()
+                .contains("\"ip\"")
+        );
+        // Refusals: TCP reset and ICMPv6 (the family's default reject).
+        let forward6: Vec<&Value> = rules("ip6")
+            .into_iter()
+            .filter(|r| r["chain"] == "filter-forward")
+            .collect();
+        assert_eq!(forward6[0]["expr"][3]["reject"]["type"], "tcp reset");
+        assert!(forward6[1]["expr"][2]["reject"].is_object());
+
+        // Without IPv6: the ip table alone, and IPv6 keys left out.
+        let mut v4_only = dual_stack_layout();
+        v4_only.proxy_address_v6 = None;
+        let v = to_json(&full(&v4_only, &els, &ports));
+        let text = v.to_string();
+        assert!(!text.contains("ip6"), "{text}");
+        assert!(!text.contains("fd00:96::10"), "{text}");
+    }
+
+    #[test]
+    fn delta_sends_each_element_to_its_familys_table() {
+        let changes = [
+            Change {
+                key: Key::Service(dest("fd00:96::10", 80)),
+                old: None,
+                new: Some(Action::Redirect(20001)),
+            },
+            Change {
+                key: Key::NodePort(
+                    IpFamily::V6,
+                    ProxyPort {
+                        protocol: Protocol::Udp,
+                        port: 30053,
+                    },
+                ),
+                old: Some(Action::Redirect(20002)),
+                new: Some(Action::Reject),
+            },
+        ];
+        let p = ProxyPort {
+            protocol: Protocol::Tcp,
+            port: 20001,
+        };
+        let v = to_json(&delta(&changes, &[((IpFamily::V6, p), true)]).unwrap());
+        let cmds = v["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 4, "{v}");
+        for c in cmds {
+            let e = c.get("add").or_else(|| c.get("delete")).unwrap()["element"].clone();
+            assert_eq!(e["family"], "ip6", "{c}");
+        }
+        assert_eq!(cmds[1]["delete"]["element"]["name"], MAP_NODE_PORTS);
+        assert_eq!(
+            cmds[2]["add"]["element"]["elem"],
+            json!([[{"concat": ["fd00:96::10", "tcp", 80]}, 20001]])
+        );
+        assert_eq!(cmds[3]["add"]["element"]["name"], SET_NO_ENDPOINT_NODEPORTS);
     }
 }

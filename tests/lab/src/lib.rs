@@ -15,6 +15,10 @@
 //! ClusterIP pass the nftables nat hooks (prerouting / output) where
 //! kube-uproxy redirects them. Every namespace has `lo` up.
 //!
+//! [`Lab::add_ipv6`] gives the same topology IPv6 addresses beside the IPv4
+//! ones (`fd00:200::/64` on the client link, `fd00:200:1::/64` on the
+//! bridge, the IPv6 ClusterIP range [`CLUSTER_IP_CIDR_V6`] onto `br0`).
+//!
 //! Veths are created directly between namespaces, so no interface name ever
 //! exists in the root namespace and labs can run in parallel. Namespace names
 //! are `ku-<pid>-<counter>-<tag>-<role>`; [`reap_stale`] (also called by
@@ -37,7 +41,7 @@ pub mod peers;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,6 +60,24 @@ pub const NODE_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 pub const NODE_BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
 /// The Service (ClusterIP) range routed by the node onto its bridge.
 pub const CLUSTER_IP_CIDR: &str = "10.96.0.0/12";
+/// IPv6 address of the client namespace ([`Lab::add_ipv6`]).
+pub const CLIENT_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+/// IPv6 address of the node on the client link.
+pub const NODE_CLIENT_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+/// IPv6 address of the node on the backend bridge.
+pub const NODE_BRIDGE_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 1, 0, 0, 0, 0, 1);
+/// The IPv6 Service (ClusterIP) range routed by the node onto its bridge.
+pub const CLUSTER_IP_CIDR_V6: &str = "fd00:96::/112";
+
+/// IPv6 address of backend `i` (`fd00:200:1::<10+i>`, hexadecimal).
+///
+/// # Panics
+/// If `i >= MAX_BACKENDS`.
+pub fn backend_addr_v6(i: usize) -> Ipv6Addr {
+    assert!(i < MAX_BACKENDS, "backend index {i} out of range");
+    Ipv6Addr::new(0xfd00, 0x200, 1, 0, 0, 0, 0, 10 + i as u16)
+}
+
 /// Largest number of backends a lab can have (10.200.1.10 ..= 10.200.1.254).
 pub const MAX_BACKENDS: usize = 245;
 
@@ -431,6 +453,40 @@ impl Lab {
             backends,
             owned,
         })
+    }
+
+    /// Adds IPv6 beside IPv4: an address on every link (without duplicate
+    /// address detection, so they are usable at once), default routes
+    /// through the node, IPv6 forwarding on the node and the IPv6
+    /// ClusterIP range [`CLUSTER_IP_CIDR_V6`] routed onto its bridge.
+    pub fn add_ipv6(&self) -> Result<(), LabError> {
+        let (c, n) = (self.client.name(), self.node.name());
+        let addr = |ns: &str, a: String, dev: &str| {
+            ip(&["-n", ns, "-6", "addr", "add", &a, "dev", dev, "nodad"])
+        };
+        addr(c, format!("{CLIENT_ADDR_V6}/64"), "eth0")?;
+        addr(n, format!("{NODE_CLIENT_ADDR_V6}/64"), "eth0")?;
+        addr(n, format!("{NODE_BRIDGE_ADDR_V6}/64"), "br0")?;
+        let gw = NODE_CLIENT_ADDR_V6.to_string();
+        ip(&["-n", c, "-6", "route", "add", "default", "via", &gw])?;
+        for (i, b) in self.backends.iter().enumerate() {
+            addr(b.name(), format!("{}/64", backend_addr_v6(i)), "eth0")?;
+            let gw = NODE_BRIDGE_ADDR_V6.to_string();
+            ip(&["-n", b.name(), "-6", "route", "add", "default", "via", &gw])?;
+        }
+        let mut fwd = self.node.command("sh");
+        fwd.args(["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"]);
+        run_checked(fwd)?;
+        ip(&[
+            "-n",
+            n,
+            "-6",
+            "route",
+            "add",
+            CLUSTER_IP_CIDR_V6,
+            "dev",
+            "br0",
+        ])
     }
 
     /// The common prefix of this lab's namespace names.
