@@ -435,10 +435,22 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
     let bed = Testbed::new("intercept", "sigterm", &[Backend::Whoami]);
     let path = bed.dir.join("manifests.yaml");
     fs::write(&path, manifests(&[svc("web", VIP_A, vec![ep(0)])])).expect("manifests");
+    let migrate_req = |node: &Netns| {
+        let out = node
+            .output("sysctl", ["-n", "net.ipv4.tcp_migrate_req"])
+            .expect("sysctl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(migrate_req(bed.node()), "0", "a fresh namespace's default");
 
     // 1. Grace of 1 s: an idle connection still open after it is reset.
     let mut p = start(&bed, "first", &path, &["--shutdown-grace", "1s"]);
     let port = wait_port(&mut p, bed.node(), VIP_A, "programmed");
+    assert_eq!(
+        migrate_req(bed.node()),
+        "1",
+        "the handover sysctl while the proxy runs"
+    );
     let (mut held, _) = hold(bed.client(), vip(VIP_A)).expect("holding a connection");
     p.child.signal(Signal::SIGTERM).expect("SIGTERM");
     // Draining: the held connection still works...
@@ -501,7 +513,8 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
         Ok(n) => panic!("a connection cut by the second signal read Ok({n})"),
     }
 
-    // 3. --cleanup removes the table and the address, and is idempotent.
+    // 3. --cleanup removes the table and the address, restores the sysctl
+    // to what it was before the first instance, and is idempotent.
     for round in ["after a run", "with nothing left"] {
         let out = bed
             .node()
@@ -512,6 +525,11 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
         assert!(
             !lo_has_proxy_address(bed.node()),
             "--cleanup {round}: 169.254.42.1 left on lo"
+        );
+        assert_eq!(
+            migrate_req(bed.node()),
+            "0",
+            "--cleanup {round}: net.ipv4.tcp_migrate_req not restored"
         );
     }
 }

@@ -176,12 +176,8 @@ impl KernelTable {
     /// elements.
     pub fn add_set_object(&mut self, s: &Value) -> Result<(), RulesError> {
         let name = s["name"].as_str().unwrap_or_default();
-        match name {
-            SET_INSTANCE => self.note = s["comment"].as_str().map(str::to_string),
-            SET_NODEPORT_ADDRESSES => {
-                self.nodeport_addresses.get_or_insert_with(Vec::new);
-            }
-            _ => {}
+        if name == SET_NODEPORT_ADDRESSES {
+            self.nodeport_addresses.get_or_insert_with(Vec::new);
         }
         if let Some(elems) = s["elem"].as_array() {
             for e in elems {
@@ -212,7 +208,10 @@ impl KernelTable {
             SET_PROXY_PORTS => {
                 self.proxy_ports.insert(parse_port_key(elem_key(e))?);
             }
-            SET_INSTANCE => self.instance = elem_key(e).as_u64().map(|n| n as u32),
+            SET_INSTANCE => {
+                self.instance = elem_key(e).as_u64().map(|n| n as u32);
+                self.note = e["elem"]["comment"].as_str().map(str::to_string);
+            }
             SET_NODEPORT_ADDRESSES => self
                 .nodeport_addresses
                 .get_or_insert_with(Vec::new)
@@ -388,7 +387,7 @@ mod tests {
       {"map": {"family": "ip", "name": "node-ports", "table": "kube-uproxy", "type": ["inet_proto", "inet_service"], "handle": 8, "map": "inet_service", "elem": [[{"concat": ["tcp", 30080]}, 20001]]}},
       {"set": {"family": "ip", "name": "lb-allowed", "table": "kube-uproxy", "type": ["ipv4_addr", "inet_proto", "inet_service", "ipv4_addr"], "handle": 3, "flags": ["interval"], "elem": [{"concat": ["10.200.8.8", "tcp", 80, "10.200.0.2"]}, {"concat": ["10.200.8.8", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]}]}},
       {"set": {"family": "ip", "name": "nodeport-addresses", "table": "kube-uproxy", "type": "ipv4_addr", "handle": 6, "flags": ["interval"], "elem": [{"prefix": {"addr": "10.200.0.0", "len": 24}}]}},
-      {"set": {"family": "ip", "name": "instance", "table": "kube-uproxy", "type": "mark", "handle": 6, "comment": "net.ipv4.tcp_migrate_req=0", "elem": [4660]}},
+      {"set": {"family": "ip", "name": "instance", "table": "kube-uproxy", "type": "mark", "handle": 6, "elem": [{"elem": {"val": 4660, "comment": "net.ipv4.tcp_migrate_req=0"}}]}},
       {"chain": {"family": "ip", "table": "kube-uproxy", "name": "nat-prerouting", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
       {"rule": {"family": "ip", "table": "kube-uproxy", "chain": "nat-prerouting", "handle": 7, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}, {"dnat": {"addr": "169.254.42.1", "port": {"map": {"key": {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "data": "@service-ports"}}}}]}}
     ]}"#;

@@ -46,7 +46,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{
-    CT, Expression, Fib, FibFlag, FibResult, Map, Meta, MetaKey, NamedExpression, Payload,
+    CT, Elem, Expression, Fib, FibFlag, FibResult, Map, Meta, MetaKey, NamedExpression, Payload,
     PayloadField, Prefix,
 };
 use nftables::schema::{
@@ -794,8 +794,16 @@ fn full_family(
             SetTypeValue::Single(SetType::Mark),
             None,
             false,
-            vec![Expression::Number(layout.instance.id)],
-            layout.instance.note.clone(),
+            // The note rides on the element: nft 1.0.6 drops the comment
+            // of a set given in JSON, not that of an element.
+            vec![Expression::Named(NamedExpression::Elem(Elem {
+                val: Box::new(Expression::Number(layout.instance.id)),
+                timeout: None,
+                expires: None,
+                comment: Some(layout.instance.note.clone().into()),
+                counter: None,
+            }))],
+            "the instance that writes this table; its element's comment: the note".into(),
         ),
     ] {
         batch.add(object);
@@ -1001,8 +1009,10 @@ mod tests {
             set(SET_PROXY_PORTS)["elem"],
             json!([{"concat": ["tcp", 20000]}])
         );
-        assert_eq!(set(SET_INSTANCE)["elem"], json!([7]));
-        assert_eq!(set(SET_INSTANCE)["comment"], "a note");
+        assert_eq!(
+            set(SET_INSTANCE)["elem"],
+            json!([{"elem": {"val": 7, "comment": "a note"}}])
+        );
         // Every rule of every chain, as rules_in_chain() says.
         for (name, ..) in CHAINS {
             let n = cmds
