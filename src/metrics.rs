@@ -168,6 +168,7 @@ struct PortFamilies {
     retries: Family<PortLabels, Counter>,
     udp_active: Family<PortLabels, Gauge>,
     udp_expired: Family<PortLabels, Counter>,
+    affinity_clients: Family<PortLabels, Gauge>,
     endpoint_connections: Family<EndpointLabels, Counter>,
     endpoint_failures: Family<EndpointLabels, Counter>,
 }
@@ -223,6 +224,7 @@ impl Metrics {
             retries: Family::default(),
             udp_active: Family::default(),
             udp_expired: Family::default(),
+            affinity_clients: Family::default(),
             endpoint_connections: Family::default(),
             endpoint_failures: Family::default(),
         };
@@ -353,6 +355,11 @@ impl Metrics {
             "kubeuproxy_udp_flows_expired",
             "UDP flows closed after their idle timeout",
             p.udp_expired.clone(),
+        );
+        registry.register(
+            "kubeuproxy_session_affinity_clients",
+            "Client IPs remembered for sessionAffinity: ClientIP (refreshed at each sweep, at least every 10 s)",
+            p.affinity_clients.clone(),
         );
         if per_endpoint {
             registry.register(
@@ -515,6 +522,7 @@ pub struct ServicePortMetrics {
     retries: Counter,
     udp_active: Gauge,
     udp_expired: Counter,
+    affinity_clients: Gauge,
     /// With `--metrics-per-endpoint`: the families, and the endpoints seen
     /// (their series are removed with the Service port's).
     per_endpoint: Option<PerEndpoint>,
@@ -558,6 +566,7 @@ impl ServicePortMetrics {
             retries: f.retries.get_or_create_owned(&labels),
             udp_active: f.udp_active.get_or_create_owned(&labels),
             udp_expired: f.udp_expired.get_or_create_owned(&labels),
+            affinity_clients: f.affinity_clients.get_or_create_owned(&labels),
             per_endpoint: per_endpoint.then(|| PerEndpoint {
                 connections: f.endpoint_connections.clone(),
                 failures: f.endpoint_failures.clone(),
@@ -587,6 +596,7 @@ impl ServicePortMetrics {
         f.retries.remove(l);
         f.udp_active.remove(l);
         f.udp_expired.remove(l);
+        f.affinity_clients.remove(l);
         if let Some(pe) = &self.per_endpoint {
             let seen = std::mem::take(&mut *pe.seen.lock().unwrap_or_else(|e| e.into_inner()));
             for ep in seen {
@@ -679,6 +689,12 @@ impl ServicePortMetrics {
     /// UDP: `n` flows closed for being idle for the timeout.
     pub fn udp_flows_expired(&self, n: usize) {
         self.udp_expired.inc_by(n as u64);
+    }
+
+    /// Session affinity: the port's balancer remembers `n` client IPs.
+    pub fn affinity_clients(&self, n: usize) {
+        self.affinity_clients
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Connections open now.

@@ -320,10 +320,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         let Some(port) = self.active.get_mut(&spec.name) else {
             return Err(true);
         };
-        if port.spec.endpoints != spec.endpoints || port.balancer.algorithm() != spec.algorithm {
-            debug!(service_port = %spec.name, endpoints = usable.len(), algorithm = %spec.algorithm, "endpoints updated");
+        if port.spec.endpoints != spec.endpoints
+            || port.balancer.algorithm() != spec.algorithm
+            || port.balancer.session_affinity() != spec.session_affinity
+        {
+            debug!(service_port = %spec.name, endpoints = usable.len(), algorithm = %spec.algorithm, session_affinity = %spec.session_affinity, "endpoints updated");
         }
-        port.balancer.update(&usable, spec.algorithm);
+        port.balancer
+            .update(&usable, spec.algorithm, spec.session_affinity);
 
         let action = if usable.is_empty() {
             Action::Reject
