@@ -262,6 +262,28 @@ fn metrics_count_real_traffic() {
     );
     assert!(before.get("kubeproxy_network_programming_duration_seconds_count", &[]) >= 3.0);
     assert!(before.get("kubeproxy_sync_proxy_rules_duration_seconds_count", &[]) >= 1.0);
+    // The first sync wrote the table whole; nothing is pending any more.
+    assert!(
+        before.get(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+            &[]
+        ) >= 1.0
+    );
+    for kind in ["service", "endpoint"] {
+        assert_eq!(
+            before.get(
+                &format!("kubeproxy_sync_proxy_rules_{kind}_changes_pending"),
+                &[]
+            ),
+            0.0,
+            "{kind} changes pending after the sync"
+        );
+    }
+    let queued_before = before.get(
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        &[("ip_family", "IPv4")],
+    );
+    assert!(queued_before > 1.0e9, "{queued_before}");
     assert_eq!(
         before.get(
             "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
@@ -438,6 +460,26 @@ fn metrics_count_real_traffic() {
     assert_eq!(
         delta("kubeproxy_network_programming_duration_seconds_count"),
         1.0
+    );
+    // Applied by a partial sync (one element), queued after the first
+    // scrape, nothing left pending.
+    assert_eq!(
+        delta("kubeproxy_sync_partial_proxy_rules_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        delta("kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+        0.0
+    );
+    assert!(
+        changed.get(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            &[("ip_family", "IPv4")]
+        ) > queued_before
+    );
+    assert_eq!(
+        changed.get("kubeproxy_sync_proxy_rules_endpoint_changes_pending", &[]),
+        0.0
     );
 
     let (status, mode) = http_get(bed.node(), METRICS, "/proxyMode").expect("/proxyMode");
