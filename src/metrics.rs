@@ -168,6 +168,7 @@ struct PortFamilies {
     retries: Family<PortLabels, Counter>,
     udp_active: Family<PortLabels, Gauge>,
     udp_expired: Family<PortLabels, Counter>,
+    affinity_clients: Family<PortLabels, Gauge>,
     endpoint_connections: Family<EndpointLabels, Counter>,
     endpoint_failures: Family<EndpointLabels, Counter>,
 }
@@ -184,7 +185,12 @@ pub struct Metrics {
     holders: Mutex<HashMap<ServicePortName, (usize, Arc<ServicePortMetrics>)>>,
 
     sync_duration: Histogram,
+    sync_full_duration: Histogram,
+    sync_partial_duration: Histogram,
     sync_last_timestamp: Gauge<f64, AtomicU64>,
+    sync_last_queued_timestamp: Gauge<f64, AtomicU64>,
+    service_changes_pending: Gauge,
+    endpoint_changes_pending: Gauge,
     network_programming: Histogram,
     service_changes: Counter,
     endpoint_changes: Counter,
@@ -223,10 +229,13 @@ impl Metrics {
             retries: Family::default(),
             udp_active: Family::default(),
             udp_expired: Family::default(),
+            affinity_clients: Family::default(),
             endpoint_connections: Family::default(),
             endpoint_failures: Family::default(),
         };
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let sync_full_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let sync_partial_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let sync_last_timestamp = Gauge::<f64, AtomicU64>::default();
         // kube-proxy's buckets: 0.25 s, 0.5 s, 1..59 s, 60..115 s, 2..5 min.
         let network_programming = Histogram::new(
@@ -250,7 +259,12 @@ impl Metrics {
             ports,
             holders: Mutex::new(HashMap::new()),
             sync_duration,
+            sync_full_duration,
+            sync_partial_duration,
             sync_last_timestamp,
+            sync_last_queued_timestamp: Gauge::default(),
+            service_changes_pending: Gauge::default(),
+            endpoint_changes_pending: Gauge::default(),
             network_programming,
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
@@ -271,9 +285,24 @@ impl Metrics {
                 m.sync_duration.clone(),
             );
             family.register(
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for full resyncs: the table written whole (start, after drift)",
+                m.sync_full_duration.clone(),
+            );
+            family.register(
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds for partial resyncs: only changed elements sent",
+                m.sync_partial_duration.clone(),
+            );
+            family.register(
                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                 "The last time proxy rules were successfully synced",
                 m.sync_last_timestamp.clone(),
+            );
+            family.register(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued (a change received)",
+                m.sync_last_queued_timestamp.clone(),
             );
             family.register(
                 "kubeproxy_network_programming_duration_seconds",
@@ -300,6 +329,16 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_endpoint_changes",
             "Cumulative proxy rules Endpoint changes (Services whose endpoints changed)",
             m.endpoint_changes.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes (Services changed since the last successful sync)",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes (Services whose endpoints changed since the last successful sync)",
+            m.endpoint_changes_pending.clone(),
         );
         registry.register(
             "kubeproxy_proxy_healthz",
@@ -353,6 +392,11 @@ impl Metrics {
             "kubeuproxy_udp_flows_expired",
             "UDP flows closed after their idle timeout",
             p.udp_expired.clone(),
+        );
+        registry.register(
+            "kubeuproxy_session_affinity_clients",
+            "Client IPs remembered for sessionAffinity: ClientIP (refreshed at each sweep, at least every 10 s)",
+            p.affinity_clients.clone(),
         );
         if per_endpoint {
             registry.register(
@@ -436,6 +480,33 @@ impl Metrics {
         self.sync_duration.observe(took.as_secs_f64());
     }
 
+    /// A sync that wrote the table whole (`full`) or sent only changed
+    /// elements took `took`.
+    pub fn sync_kind_duration(&self, full: bool, took: Duration) {
+        let h = if full {
+            &self.sync_full_duration
+        } else {
+            &self.sync_partial_duration
+        };
+        h.observe(took.as_secs_f64());
+    }
+
+    /// A change was received: a sync is queued as of now.
+    pub fn queued_now(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.sync_last_queued_timestamp.set(now.as_secs_f64());
+    }
+
+    /// Services with changes received and not yet applied: `services`
+    /// changed as Services, `endpoints` in their endpoints.
+    pub fn changes_pending(&self, services: usize, endpoints: usize) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.service_changes_pending.set(n(services));
+        self.endpoint_changes_pending.set(n(endpoints));
+    }
+
     /// The rules are in sync with the desired state as of now.
     pub fn synced_now(&self) {
         let now = SystemTime::now()
@@ -515,6 +586,7 @@ pub struct ServicePortMetrics {
     retries: Counter,
     udp_active: Gauge,
     udp_expired: Counter,
+    affinity_clients: Gauge,
     /// With `--metrics-per-endpoint`: the families, and the endpoints seen
     /// (their series are removed with the Service port's).
     per_endpoint: Option<PerEndpoint>,
@@ -558,6 +630,7 @@ impl ServicePortMetrics {
             retries: f.retries.get_or_create_owned(&labels),
             udp_active: f.udp_active.get_or_create_owned(&labels),
             udp_expired: f.udp_expired.get_or_create_owned(&labels),
+            affinity_clients: f.affinity_clients.get_or_create_owned(&labels),
             per_endpoint: per_endpoint.then(|| PerEndpoint {
                 connections: f.endpoint_connections.clone(),
                 failures: f.endpoint_failures.clone(),
@@ -587,6 +660,7 @@ impl ServicePortMetrics {
         f.retries.remove(l);
         f.udp_active.remove(l);
         f.udp_expired.remove(l);
+        f.affinity_clients.remove(l);
         if let Some(pe) = &self.per_endpoint {
             let seen = std::mem::take(&mut *pe.seen.lock().unwrap_or_else(|e| e.into_inner()));
             for ep in seen {
@@ -679,6 +753,12 @@ impl ServicePortMetrics {
     /// UDP: `n` flows closed for being idle for the timeout.
     pub fn udp_flows_expired(&self, n: usize) {
         self.udp_expired.inc_by(n as u64);
+    }
+
+    /// Session affinity: the port's balancer remembers `n` client IPs.
+    pub fn affinity_clients(&self, n: usize) {
+        self.affinity_clients
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Connections open now.

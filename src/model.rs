@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 
@@ -88,6 +89,34 @@ impl fmt::Display for Algorithm {
             Algorithm::RoundRobin => "round-robin",
             Algorithm::LeastConnections => "least-connections",
         })
+    }
+}
+
+/// `spec.sessionAffinity` of a Service, with its timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SessionAffinity {
+    /// Every new connection is balanced on its own.
+    #[default]
+    None,
+    /// `ClientIP`: a new connection (a new UDP flow) from a client IP goes
+    /// to the endpoint the client's previous one went to, if that was
+    /// less than `timeout` ago (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    ClientIp { timeout: Duration },
+}
+
+impl SessionAffinity {
+    /// The API server's default `timeoutSeconds` (3 hours).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10800);
+    /// The largest `timeoutSeconds` the API server accepts (1 day).
+    pub const MAX_TIMEOUT_SECONDS: i32 = 86400;
+}
+
+impl fmt::Display for SessionAffinity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionAffinity::None => f.write_str("None"),
+            SessionAffinity::ClientIp { timeout } => write!(f, "ClientIP({}s)", timeout.as_secs()),
+        }
     }
 }
 
@@ -181,6 +210,8 @@ pub struct ServiceInfo {
     /// `spec.loadBalancerSourceRanges`: who may use the `lb_ips` (empty:
     /// everyone).
     pub lb_source_ranges: Vec<IpNet>,
+    /// `spec.sessionAffinity` and its timeout, for every port.
+    pub session_affinity: SessionAffinity,
 }
 
 /// One endpoint of an EndpointSlice, with its conditions.
@@ -269,6 +300,9 @@ pub struct ServicePortSpec {
     pub lb_ips: Vec<IpAddr>,
     /// Sources allowed to the `lb_ips` (empty: all).
     pub lb_source_ranges: Vec<IpNet>,
+    /// The Service's `sessionAffinity`: applied by the port's balancer to
+    /// new connections, whatever address they were sent to.
+    pub session_affinity: SessionAffinity,
     /// Every endpoint the slices list for this port, whatever its state and
     /// family, each address once, sorted by address (so IPv4 ones come
     /// first). Comparing two of these tells whether anything changed.
@@ -470,6 +504,7 @@ impl ClusterState {
                 external_ips: svc.external_ips.clone(),
                 lb_ips: svc.lb_ips.clone(),
                 lb_source_ranges: svc.lb_source_ranges.clone(),
+                session_affinity: svc.session_affinity,
                 endpoints: slices
                     .map(|s| endpoints_for_port(s.values(), p))
                     .unwrap_or_default(),

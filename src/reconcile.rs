@@ -245,10 +245,16 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         }
         let reconciled = started.elapsed();
         let worked = !dirty.is_empty() || self.rules.has_pending();
+        let mut full = None;
         let ok = if self.rules.has_pending() {
             match self.rules.sync().await {
                 Ok((SyncKind::Unchanged, _)) => true,
                 Ok((kind, took)) => {
+                    full = match kind {
+                        SyncKind::Full { .. } => Some(true),
+                        SyncKind::Delta { .. } => Some(false),
+                        SyncKind::Unchanged | SyncKind::Superseded => None,
+                    };
                     info!(
                         ?kind,
                         services = self.state.service_count(),
@@ -277,7 +283,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if !ok {
             return;
         }
-        self.observe_synced(started, worked);
+        self.observe_synced(started, worked, full);
         if !self.first_sync_done {
             self.first_sync_done = true;
             self.adopted.clear();
@@ -358,10 +364,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         let Some(port) = self.active.get_mut(&lkey) else {
             return Err(true);
         };
-        if port.spec.endpoints != spec.endpoints || port.balancer.algorithm() != spec.algorithm {
-            debug!(service_port = %spec.name, %family, endpoints = usable.len(), algorithm = %spec.algorithm, "endpoints updated");
+        if port.spec.endpoints != spec.endpoints
+            || port.balancer.algorithm() != spec.algorithm
+            || port.balancer.session_affinity() != spec.session_affinity
+        {
+            debug!(service_port = %spec.name, %family, endpoints = usable.len(), algorithm = %spec.algorithm, session_affinity = %spec.session_affinity, "endpoints updated");
         }
-        port.balancer.update(&usable, spec.algorithm);
+        port.balancer
+            .update(&usable, spec.algorithm, spec.session_affinity);
 
         let action = if usable.is_empty() {
             Action::Reject
@@ -647,6 +657,86 @@ mod tests {
             Some(Action::Redirect(p)) => Some(*p),
             _ => None,
         }
+    }
+
+    /// The value of an unlabelled (or `ip_family`-only) series.
+    fn metric(r: &Reconciler<FakeNft, FakeListeners>, series: &str) -> f64 {
+        let text = r.observer.metrics.render();
+        text.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                let name = name.strip_suffix("{ip_family=\"IPv4\"}").unwrap_or(name);
+                (name == series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
+    #[tokio::test]
+    async fn pending_changes_and_sync_kinds_are_counted_as_kube_proxy_does() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        let pending = |r: &Reconciler<FakeNft, FakeListeners>| {
+            (
+                metric(r, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+                metric(r, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+            )
+        };
+        assert_eq!(
+            metric(
+                &r,
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
+            ),
+            0.0
+        );
+        r.receive(Update::Services(vec![
+            service("a", "10.96.0.10"),
+            service("b", "10.96.0.11"),
+        ]));
+        r.receive(Update::Slices(vec![slice("a", "10.1.0.1")]));
+        assert_eq!(pending(&r), (2.0, 1.0));
+        assert!(
+            metric(
+                &r,
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
+            ) > 1.0e9
+        );
+        r.sync().await;
+        assert_eq!(pending(&r), (0.0, 0.0));
+        // The first sync writes the table whole; an endpoint change after
+        // it sends one element.
+        assert_eq!(
+            metric(&r, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &r,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
+            ),
+            0.0
+        );
+        r.receive(Update::Slices(vec![
+            slice("a", "10.1.0.1"),
+            slice("b", "10.1.0.2"),
+        ]));
+        assert_eq!(pending(&r), (0.0, 1.0));
+        r.sync().await;
+        assert_eq!(pending(&r), (0.0, 0.0));
+        assert_eq!(
+            metric(&r, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &r,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
+            ),
+            1.0
+        );
+        assert_eq!(
+            metric(&r, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
+            2.0
+        );
     }
 
     #[tokio::test]

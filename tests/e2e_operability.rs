@@ -262,6 +262,28 @@ fn metrics_count_real_traffic() {
     );
     assert!(before.get("kubeproxy_network_programming_duration_seconds_count", &[]) >= 3.0);
     assert!(before.get("kubeproxy_sync_proxy_rules_duration_seconds_count", &[]) >= 1.0);
+    // The first sync wrote the table whole; nothing is pending any more.
+    assert!(
+        before.get(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+            &[]
+        ) >= 1.0
+    );
+    for kind in ["service", "endpoint"] {
+        assert_eq!(
+            before.get(
+                &format!("kubeproxy_sync_proxy_rules_{kind}_changes_pending"),
+                &[]
+            ),
+            0.0,
+            "{kind} changes pending after the sync"
+        );
+    }
+    let queued_before = before.get(
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+        &[("ip_family", "IPv4")],
+    );
+    assert!(queued_before > 1.0e9, "{queued_before}");
     assert_eq!(
         before.get(
             "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
@@ -439,6 +461,26 @@ fn metrics_count_real_traffic() {
         delta("kubeproxy_network_programming_duration_seconds_count"),
         1.0
     );
+    // Applied by a partial sync (one element), queued after the first
+    // scrape, nothing left pending.
+    assert_eq!(
+        delta("kubeproxy_sync_partial_proxy_rules_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        delta("kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+        0.0
+    );
+    assert!(
+        changed.get(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            &[("ip_family", "IPv4")]
+        ) > queued_before
+    );
+    assert_eq!(
+        changed.get("kubeproxy_sync_proxy_rules_endpoint_changes_pending", &[]),
+        0.0
+    );
 
     let (status, mode) = http_get(bed.node(), METRICS, "/proxyMode").expect("/proxyMode");
     assert_eq!((status, mode.as_str()), (200, "userspace"));
@@ -585,6 +627,99 @@ fn healthz_is_503_before_the_first_sync_and_while_rules_cannot_be_installed() {
         VIP_B,
         true,
         "more programmed",
+    );
+}
+
+/// A directory holding an `nft` that waits while `<dir>/hang` exists (at
+/// most 60 s, so that nothing outlives a failed test for long), then runs
+/// the real one: a sync that takes as long as the test wants.
+fn hanging_nft(dir: &Path) -> std::path::PathBuf {
+    let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("nft not found");
+    let bin = dir.join("hang-bin");
+    fs::create_dir_all(&bin).expect("hang-bin");
+    let script = format!(
+        "#!/bin/sh\ni=0\nwhile [ -e '{}' ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\nexec {real} \"$@\"\n",
+        dir.join("hang").display()
+    );
+    let nft = bin.join("nft");
+    fs::write(&nft, script).expect("writing the hanging nft");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
+    bin
+}
+
+#[test]
+fn healthz_is_503_when_an_update_waits_more_than_twice_the_sync_period() {
+    if !lab::require_root_and_nft(
+        "healthz_is_503_when_an_update_waits_more_than_twice_the_sync_period",
+    ) {
+        return;
+    }
+    // kube-proxy's rule, alone: nft neither fails nor succeeds, it just
+    // takes longer than 2 x --sync-period (1 s here) to apply a change.
+    let bed = Testbed::new("ops", "stale", &[Backend::Whoami]);
+    let path = bed.dir.join("manifests.yaml");
+    fs::write(&path, manifests(&[svc("web", VIP_A, vec![ready(0)])])).expect("manifests");
+    let bin = hanging_nft(&bed.dir);
+    let search = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut p = start(&bed, &path, &["--sync-period", "1s"], &[("PATH", &search)]);
+    wait_health(&mut p, bed.node(), "/healthz", 200, "after the first sync");
+    /// Lets nft go on when dropped, even if the test fails first.
+    struct Hang(std::path::PathBuf);
+    impl Drop for Hang {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let hang = Hang(bed.dir.join("hang"));
+    fs::write(&hang.0, "").expect("hang switch on");
+    write_by_rename(
+        &path,
+        &manifests(&[
+            svc("web", VIP_A, vec![ready(0)]),
+            svc("more", VIP_B, vec![ready(0)]),
+        ]),
+    );
+    let v = wait_health(
+        &mut p,
+        bed.node(),
+        "/healthz",
+        503,
+        "an update stuck in nft",
+    );
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("2 x --sync-period"),
+        "503 for another reason: {v}"
+    );
+    assert_eq!(
+        Scrape::take(bed.node()).get("kubeproxy_sync_proxy_rules_service_changes_pending", &[]),
+        1.0,
+        "Service changes pending while the update is stuck"
+    );
+    drop(hang);
+    wait_health(&mut p, bed.node(), "/healthz", 200, "the update applied");
+    wait_nft_key(
+        &mut p,
+        bed.node(),
+        "map",
+        "service-ports",
+        VIP_B,
+        true,
+        "more programmed",
+    );
+    assert_eq!(
+        Scrape::take(bed.node()).get("kubeproxy_sync_proxy_rules_service_changes_pending", &[]),
+        0.0
     );
 }
 

@@ -7,18 +7,34 @@
 //! endpoint change — also across an update that drops an endpoint and a
 //! later one that brings it back (a readiness flap, an endpoint moving
 //! between EndpointSlices): its connections stayed open meanwhile.
+//!
+//! With `sessionAffinity: ClientIP` the balancer also remembers, per client
+//! IP, the endpoint the client's last new connection went to ([`Affinity`]):
+//! a new connection (or UDP flow) within the timeout of the previous one
+//! goes there again and restarts the timeout, as kube-proxy's rules do
+//! (iptables: `recent --rcheck --seconds T --reap` in the Service chain,
+//! `recent --set` in the endpoint's; nftables: a per-endpoint set with
+//! `timeout T`, `update @set { ip saddr }` in the endpoint's chain). Only
+//! clients without a live entry are balanced by the algorithm.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use super::log_limit::LogLimit;
 
-use crate::model::Algorithm;
+use crate::model::{Algorithm, SessionAffinity};
+
+/// Most client IPs one Service port remembers for session affinity. When
+/// a new client finds the table full, expired entries go first, then the
+/// sixteenth of the table least recently used. An entry costs about 64
+/// bytes with the hash table's slack, so a full table is about 1 MiB.
+pub const MAX_AFFINITY_CLIENTS: usize = 16384;
 
 /// One endpoint and the connections currently open to it through us.
 #[derive(Debug)]
@@ -91,11 +107,79 @@ impl Drop for Lease {
     }
 }
 
+/// One client IP's endpoint under session affinity.
+#[derive(Debug)]
+struct Sticky {
+    /// Always an endpoint of the current set: [`Balancer::update`] drops
+    /// the entries of endpoints that leave it.
+    endpoint: Arc<EndpointStats>,
+    /// Milliseconds since the balancer's epoch at the client's last new
+    /// connection.
+    last: u64,
+}
+
+/// The client IP → endpoint table of `sessionAffinity: ClientIP`.
+#[derive(Debug, Default)]
+struct Affinity {
+    clients: HashMap<IpAddr, Sticky>,
+    /// When (ms since the epoch) expired entries are next swept out.
+    next_reap: u64,
+}
+
+impl Affinity {
+    /// Drops entries unused for `timeout` ms or more.
+    fn reap(&mut self, now: u64, timeout: u64) {
+        self.clients
+            .retain(|_, s| now.saturating_sub(s.last) < timeout);
+        self.next_reap = now + reap_interval_ms(timeout);
+    }
+
+    /// Makes room for one more client: expired entries first, then the
+    /// least recently used sixteenth of the table.
+    fn make_room(&mut self, now: u64, timeout: u64, max: usize) {
+        if self.clients.len() < max {
+            return;
+        }
+        self.reap(now, timeout);
+        if self.clients.len() < max {
+            return;
+        }
+        let mut by_age: Vec<(u64, IpAddr)> =
+            self.clients.iter().map(|(ip, s)| (s.last, *ip)).collect();
+        let n = (max / 16).clamp(1, by_age.len());
+        by_age.select_nth_unstable(n - 1);
+        for (_, ip) in &by_age[..n] {
+            self.clients.remove(ip);
+        }
+    }
+}
+
+/// How often expired affinity entries are swept out: a quarter of the
+/// timeout, between 1 s and 10 s.
+fn reap_interval_ms(timeout_ms: u64) -> u64 {
+    (timeout_ms / 4).clamp(1000, 10_000)
+}
+
 /// Picks endpoints for one Service port.
 #[derive(Debug)]
 pub struct Balancer {
     set: ArcSwap<EndpointSet>,
     algorithm: AtomicU8,
+    /// `sessionAffinity: ClientIP`'s timeout in ms; 0: no affinity (the
+    /// data path then takes no lock).
+    affinity_timeout: AtomicU64,
+    /// Client IP → endpoint, under affinity. [`Balancer::update`] publishes
+    /// a new set while holding this lock, and a pick under affinity loads
+    /// the set while holding it: an entry can never be written for an
+    /// endpoint that has just left.
+    affinity: Mutex<Affinity>,
+    /// Clients in `affinity`, readable without its lock (metrics, status).
+    affinity_clients: AtomicUsize,
+    /// Most entries of `affinity` ([`MAX_AFFINITY_CLIENTS`]; smaller in
+    /// tests).
+    affinity_max: usize,
+    /// Time zero of the affinity entries' timestamps.
+    epoch: Instant,
     /// Round-robin position, and the starting point of least-connections'
     /// scan so that ties rotate instead of always hitting the first endpoint.
     next: AtomicUsize,
@@ -127,6 +211,11 @@ impl Balancer {
         Balancer {
             set: ArcSwap::from_pointee(EndpointSet::default()),
             algorithm: AtomicU8::new(encode(algorithm)),
+            affinity_timeout: AtomicU64::new(0),
+            affinity: Mutex::new(Affinity::default()),
+            affinity_clients: AtomicUsize::new(0),
+            affinity_max: MAX_AFFINITY_CLIENTS,
+            epoch: Instant::now(),
             next: AtomicUsize::new(start),
             departed: Mutex::new(HashMap::new()),
             failover_log: LogLimit::default(),
@@ -149,10 +238,44 @@ impl Balancer {
         self.set.load_full()
     }
 
+    /// The Service's session affinity, as last published.
+    pub fn session_affinity(&self) -> SessionAffinity {
+        match self.affinity_timeout.load(Ordering::Relaxed) {
+            0 => SessionAffinity::None,
+            ms => SessionAffinity::ClientIp {
+                timeout: Duration::from_millis(ms),
+            },
+        }
+    }
+
+    /// Client IPs remembered for session affinity now (expired entries
+    /// included until the next sweep).
+    pub fn affinity_clients(&self) -> usize {
+        self.affinity_clients.load(Ordering::Relaxed)
+    }
+
+    fn affinity(&self) -> MutexGuard<'_, Affinity> {
+        // A poisoned lock only means a holder panicked; the table holds
+        // nothing that can be half-written.
+        self.affinity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Publishes a new endpoint list (control plane). Endpoints that stay,
     /// or come back while connections to them are open, keep their
     /// counters; connections already open are not touched.
-    pub fn update(&self, addrs: &[SocketAddr], algorithm: Algorithm) {
+    ///
+    /// Session affinity: the clients of an endpoint that leaves the list
+    /// are forgotten (their next connection is balanced again, and stays
+    /// on its new endpoint); turning affinity off forgets every client, so
+    /// turning it back on starts afresh; a new timeout applies to the
+    /// clients already remembered.
+    pub fn update(&self, addrs: &[SocketAddr], algorithm: Algorithm, affinity: SessionAffinity) {
         self.algorithm.store(encode(algorithm), Ordering::Relaxed);
         // A poisoned lock only means an earlier update panicked; the map
         // holds nothing that can be half-written.
@@ -160,6 +283,15 @@ impl Balancer {
             .departed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sticky = self.affinity();
+        let timeout_ms = match affinity {
+            SessionAffinity::None => 0,
+            // At least 1 ms: 0 means off.
+            SessionAffinity::ClientIp { timeout } => u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        };
+        self.affinity_timeout.store(timeout_ms, Ordering::Relaxed);
         let current = self.set.load();
         let old: HashMap<SocketAddr, &Arc<EndpointStats>> =
             current.endpoints.iter().map(|e| (e.addr, e)).collect();
@@ -182,15 +314,105 @@ impl Balancer {
         }
         drop(current);
         self.set.store(Arc::new(EndpointSet { endpoints }));
+        if timeout_ms == 0 {
+            sticky.clients = HashMap::new();
+        } else {
+            sticky
+                .clients
+                .retain(|_, s| staying.contains(&s.endpoint.addr));
+        }
+        self.affinity_clients
+            .store(sticky.clients.len(), Ordering::Relaxed);
+        drop(sticky);
         // Forget the departed whose connections have all ended (a pick that
         // still holds the old set keeps one alive until the next update).
         departed.retain(|_, w| w.strong_count() > 0);
     }
 
-    /// Picks an endpoint for a new connection, avoiding those in `tried`
-    /// while any other is left. `None` when there are no endpoints.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Lease> {
+    /// Sweeps out affinity entries unused for the timeout, if a sweep is
+    /// due (see [`Balancer::affinity_reap_interval`]); returns the clients
+    /// remembered. The listener's task calls it periodically, so that the
+    /// table of an idle Service port empties too.
+    pub fn reap_affinity(&self) -> usize {
+        self.reap_affinity_at(Instant::now())
+    }
+
+    fn reap_affinity_at(&self, now: Instant) -> usize {
+        let timeout = self.affinity_timeout.load(Ordering::Relaxed);
+        if timeout == 0 {
+            return self.affinity_clients();
+        }
+        let now = self.now_ms(now);
+        let mut sticky = self.affinity();
+        if now >= sticky.next_reap {
+            sticky.reap(now, timeout);
+            self.affinity_clients
+                .store(sticky.clients.len(), Ordering::Relaxed);
+        }
+        sticky.clients.len()
+    }
+
+    /// How often [`Balancer::reap_affinity`] should be called: a quarter of
+    /// the affinity timeout, between 1 s and 10 s; 10 s without affinity.
+    pub fn affinity_reap_interval(&self) -> Duration {
+        match self.affinity_timeout.load(Ordering::Relaxed) {
+            0 => Duration::from_secs(10),
+            ms => Duration::from_millis(reap_interval_ms(ms)),
+        }
+    }
+
+    /// Picks an endpoint for a new connection from `client`, avoiding those
+    /// in `tried` while any other is left. `None` when there are no
+    /// endpoints.
+    ///
+    /// Under session affinity, the endpoint the client's last connection
+    /// went to, if that was within the timeout and it is not in `tried`;
+    /// otherwise the algorithm's choice. Either way the client is
+    /// remembered with the endpoint returned, as of now.
+    pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Lease> {
+        self.pick_at(client, tried, Instant::now())
+    }
+
+    fn pick_at(&self, client: IpAddr, tried: &[SocketAddr], now: Instant) -> Option<Lease> {
+        let timeout = self.affinity_timeout.load(Ordering::Relaxed);
+        if timeout == 0 {
+            return self.choose(&self.set.load(), tried);
+        }
+        let now = self.now_ms(now);
+        let mut sticky = self.affinity();
+        // Loaded under the lock: see `affinity`.
         let set = self.set.load();
+        if let Some(s) = sticky.clients.get_mut(&client)
+            && now.saturating_sub(s.last) < timeout
+            && !tried.contains(&s.endpoint.addr)
+        {
+            s.last = now;
+            let endpoint = Arc::clone(&s.endpoint);
+            endpoint.active.fetch_add(1, Ordering::Relaxed);
+            return Some(Lease { stats: endpoint });
+        }
+        let lease = self.choose(&set, tried)?;
+        if now >= sticky.next_reap {
+            sticky.reap(now, timeout);
+        }
+        if !sticky.clients.contains_key(&client) {
+            sticky.make_room(now, timeout, self.affinity_max);
+        }
+        sticky.clients.insert(
+            client,
+            Sticky {
+                endpoint: Arc::clone(&lease.stats),
+                last: now,
+            },
+        );
+        self.affinity_clients
+            .store(sticky.clients.len(), Ordering::Relaxed);
+        Some(lease)
+    }
+
+    /// The algorithm's choice among `set`, avoiding `tried` while another
+    /// endpoint is left.
+    fn choose(&self, set: &EndpointSet, tried: &[SocketAddr]) -> Option<Lease> {
         let eps = &set.endpoints;
         if eps.is_empty() {
             return None;
@@ -220,6 +442,8 @@ impl Balancer {
 mod tests {
     use super::*;
 
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 0, 2));
+
     fn addrs(n: u8) -> Vec<SocketAddr> {
         (1..=n)
             .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
@@ -229,10 +453,10 @@ mod tests {
     #[test]
     fn round_robin_spreads_evenly() {
         let b = Balancer::new(Algorithm::RoundRobin);
-        b.update(&addrs(3), Algorithm::RoundRobin);
+        b.update(&addrs(3), Algorithm::RoundRobin, SessionAffinity::None);
         let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
         for _ in 0..30 {
-            let l = b.pick(&[]).unwrap();
+            let l = b.pick(CLIENT, &[]).unwrap();
             *counts.entry(l.addr()).or_default() += 1;
         }
         assert_eq!(counts.len(), 3);
@@ -242,8 +466,12 @@ mod tests {
     #[test]
     fn least_connections_prefers_the_idle_endpoint() {
         let b = Balancer::new(Algorithm::LeastConnections);
-        b.update(&addrs(2), Algorithm::LeastConnections);
-        let held: Vec<Lease> = (0..4).map(|_| b.pick(&[]).unwrap()).collect();
+        b.update(
+            &addrs(2),
+            Algorithm::LeastConnections,
+            SessionAffinity::None,
+        );
+        let held: Vec<Lease> = (0..4).map(|_| b.pick(CLIENT, &[]).unwrap()).collect();
         // Ties rotate: 2 and 2.
         let on_first = held.iter().filter(|l| l.addr() == addrs(2)[0]).count();
         assert_eq!(on_first, 2);
@@ -254,7 +482,7 @@ mod tests {
             .filter(|l| l.addr() != addrs(2)[0])
             .collect();
         for _ in 0..2 {
-            let l = b.pick(&[]).unwrap();
+            let l = b.pick(CLIENT, &[]).unwrap();
             assert_eq!(l.addr(), addrs(2)[0]);
             held.push(l);
         }
@@ -263,11 +491,19 @@ mod tests {
     #[test]
     fn counters_survive_updates_and_leases_release() {
         let b = Balancer::new(Algorithm::LeastConnections);
-        b.update(&addrs(2), Algorithm::LeastConnections);
-        let l1 = b.pick(&[]).unwrap();
+        b.update(
+            &addrs(2),
+            Algorithm::LeastConnections,
+            SessionAffinity::None,
+        );
+        let l1 = b.pick(CLIENT, &[]).unwrap();
         let busy = l1.addr();
         // Same endpoints plus a new one: the busy one keeps its count.
-        b.update(&addrs(3), Algorithm::LeastConnections);
+        b.update(
+            &addrs(3),
+            Algorithm::LeastConnections,
+            SessionAffinity::None,
+        );
         let set = b.endpoints();
         let stat = set.endpoints.iter().find(|e| e.addr == busy).unwrap();
         assert_eq!(stat.active(), 1);
@@ -282,17 +518,25 @@ mod tests {
         // it stay open. They must still count.
         let b = Balancer::new(Algorithm::LeastConnections);
         let [a, other] = [addrs(2)[0], addrs(2)[1]];
-        b.update(&[a, other], Algorithm::LeastConnections);
-        let held: Vec<Lease> = (0..2).map(|_| b.pick(&[other]).unwrap()).collect();
+        b.update(
+            &[a, other],
+            Algorithm::LeastConnections,
+            SessionAffinity::None,
+        );
+        let held: Vec<Lease> = (0..2).map(|_| b.pick(CLIENT, &[other]).unwrap()).collect();
         assert!(held.iter().all(|l| l.addr() == a));
-        b.update(&[other], Algorithm::LeastConnections);
-        b.update(&[a, other], Algorithm::LeastConnections);
+        b.update(&[other], Algorithm::LeastConnections, SessionAffinity::None);
+        b.update(
+            &[a, other],
+            Algorithm::LeastConnections,
+            SessionAffinity::None,
+        );
         let set = b.endpoints();
         let stat = set.endpoints.iter().find(|e| e.addr == a).unwrap();
         assert_eq!(stat.active(), 2, "A's open connections were forgotten");
         // So both new connections go to the other endpoint (0, then 1 < 2).
         for i in 0..2 {
-            let l = b.pick(&[]).unwrap();
+            let l = b.pick(CLIENT, &[]).unwrap();
             assert_eq!(l.addr(), other, "new connection {i}");
             std::mem::forget(l);
         }
@@ -300,21 +544,226 @@ mod tests {
         assert_eq!(stat.active(), 0);
         // Once nothing holds it, a departed endpoint is forgotten.
         drop(set);
-        b.update(&[other], Algorithm::LeastConnections);
+        b.update(&[other], Algorithm::LeastConnections, SessionAffinity::None);
         assert!(b.departed.lock().unwrap().is_empty());
     }
 
     #[test]
     fn pick_avoids_tried_endpoints_while_others_remain() {
         let b = Balancer::new(Algorithm::RoundRobin);
-        b.update(&addrs(2), Algorithm::RoundRobin);
+        b.update(&addrs(2), Algorithm::RoundRobin, SessionAffinity::None);
         let all = addrs(2);
         for _ in 0..5 {
-            assert_eq!(b.pick(&all[..1]).unwrap().addr(), all[1]);
+            assert_eq!(b.pick(CLIENT, &all[..1]).unwrap().addr(), all[1]);
         }
         // Every endpoint tried: still returns one rather than none.
-        assert!(b.pick(&all).is_some());
-        b.update(&[], Algorithm::RoundRobin);
-        assert!(b.pick(&[]).is_none());
+        assert!(b.pick(CLIENT, &all).is_some());
+        b.update(&[], Algorithm::RoundRobin, SessionAffinity::None);
+        assert!(b.pick(CLIENT, &[]).is_none());
+    }
+
+    // Session affinity. Time is injected: `at(b, s)` is `s` seconds after
+    // the balancer's epoch.
+
+    fn at(b: &Balancer, secs: f64) -> Instant {
+        b.epoch + Duration::from_secs_f64(secs)
+    }
+
+    fn client(i: u8) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 200, 0, i))
+    }
+
+    fn sticky(secs: u64) -> SessionAffinity {
+        SessionAffinity::ClientIp {
+            timeout: Duration::from_secs(secs),
+        }
+    }
+
+    /// The endpoint `client` gets at `secs` (the lease is released).
+    fn pick_at(b: &Balancer, client: IpAddr, secs: f64) -> SocketAddr {
+        b.pick_at(client, &[], at(b, secs)).unwrap().addr()
+    }
+
+    #[test]
+    fn affinity_keeps_each_client_on_its_endpoint_and_new_clients_are_balanced() {
+        let b = Balancer::new(Algorithm::RoundRobin);
+        b.update(&addrs(3), Algorithm::RoundRobin, sticky(10800));
+        let first: Vec<SocketAddr> = (1..=3).map(|c| pick_at(&b, client(c), 0.0)).collect();
+        // Three new clients, round-robin: three endpoints.
+        let distinct: HashSet<&SocketAddr> = first.iter().collect();
+        assert_eq!(distinct.len(), 3, "{first:?}");
+        for i in 0..20 {
+            for c in 1..=3u8 {
+                assert_eq!(
+                    pick_at(&b, client(c), f64::from(i)),
+                    first[usize::from(c) - 1],
+                    "client {c}, connection {i}"
+                );
+            }
+        }
+        assert_eq!(b.affinity_clients(), 3);
+        // Without affinity the same client is spread.
+        b.update(&addrs(3), Algorithm::RoundRobin, SessionAffinity::None);
+        let spread: HashSet<SocketAddr> = (0..3)
+            .map(|i| pick_at(&b, client(1), 30.0 + f64::from(i)))
+            .collect();
+        assert_eq!(spread.len(), 3);
+    }
+
+    #[test]
+    fn affinity_comes_before_least_connections_and_is_refreshed_by_each_new_connection() {
+        // Least-connections would send every new connection to the idle
+        // endpoint; affinity keeps the client where it is while its
+        // connections come less than the timeout apart.
+        let b = Balancer::new(Algorithm::LeastConnections);
+        b.update(&addrs(2), Algorithm::LeastConnections, sticky(10));
+        let c = client(1);
+        let mut held = vec![b.pick_at(c, &[], at(&b, 0.0)).unwrap()];
+        let home = held[0].addr();
+        for t in [9.0, 18.0, 27.999] {
+            let l = b.pick_at(c, &[], at(&b, t)).unwrap();
+            assert_eq!(
+                l.addr(),
+                home,
+                "at {t} s (the last connection was < 10 s before)"
+            );
+            held.push(l);
+        }
+        // 10 s after the last new connection (the open ones do not count,
+        // as in kube-proxy): expired, balanced again, to the idle endpoint.
+        let l = b.pick_at(c, &[], at(&b, 37.999)).unwrap();
+        assert_ne!(l.addr(), home, "the entry did not expire");
+        // ... and the client stays there.
+        let other = l.addr();
+        held.push(l);
+        assert_eq!(pick_at(&b, c, 40.0), other);
+    }
+
+    #[test]
+    fn affinity_expires_exactly_at_the_timeout() {
+        let b = Balancer::new(Algorithm::RoundRobin);
+        b.update(&addrs(2), Algorithm::RoundRobin, sticky(2));
+        let c = client(1);
+        let home = pick_at(&b, c, 0.0);
+        assert_eq!(pick_at(&b, c, 1.999), home);
+        // 2 s after 1.999: rebalanced; round-robin's next is the other one.
+        assert_ne!(pick_at(&b, c, 3.999), home);
+    }
+
+    #[test]
+    fn clients_of_an_endpoint_that_leaves_are_balanced_again_and_stay_on_their_new_endpoint() {
+        let b = Balancer::new(Algorithm::RoundRobin);
+        let all = addrs(3);
+        b.update(&all, Algorithm::RoundRobin, sticky(10800));
+        let c = client(1);
+        let home = pick_at(&b, c, 0.0);
+        let rest: Vec<SocketAddr> = all.iter().copied().filter(|a| *a != home).collect();
+        // The endpoint leaves (deleted, or no longer ready: the reconciler
+        // publishes usable endpoints only).
+        b.update(&rest, Algorithm::RoundRobin, sticky(10800));
+        assert_eq!(b.affinity_clients(), 0, "its client was not released");
+        let moved = pick_at(&b, c, 1.0);
+        assert_ne!(moved, home);
+        // It comes back: the client stays where it moved.
+        b.update(&all, Algorithm::RoundRobin, sticky(10800));
+        for t in 2..10 {
+            assert_eq!(pick_at(&b, c, f64::from(t)), moved);
+        }
+        // Endpoints that stay keep their clients across updates.
+        b.update(&all[..], Algorithm::LeastConnections, sticky(10800));
+        assert_eq!(pick_at(&b, c, 11.0), moved);
+    }
+
+    #[test]
+    fn affinity_off_forgets_every_client_and_a_new_timeout_applies_to_those_remembered() {
+        let b = Balancer::new(Algorithm::RoundRobin);
+        b.update(&addrs(3), Algorithm::RoundRobin, sticky(10800));
+        for c in 1..=5 {
+            pick_at(&b, client(c), 0.0);
+        }
+        assert_eq!(b.affinity_clients(), 5);
+        b.update(&addrs(3), Algorithm::RoundRobin, SessionAffinity::None);
+        assert_eq!(b.affinity_clients(), 0);
+        assert_eq!(b.session_affinity(), SessionAffinity::None);
+        // On again: clients start afresh.
+        b.update(&addrs(3), Algorithm::RoundRobin, sticky(10800));
+        let home = pick_at(&b, client(1), 1.0);
+        assert_eq!(pick_at(&b, client(1), 2.0), home);
+        // The timeout shrinks to 2 s: the entry, 1 s old, lives 1 s more.
+        b.update(&addrs(3), Algorithm::RoundRobin, sticky(2));
+        assert_eq!(b.session_affinity(), sticky(2));
+        assert_eq!(pick_at(&b, client(1), 3.5), home);
+        assert_ne!(pick_at(&b, client(1), 5.5), home);
+    }
+
+    #[test]
+    fn a_failed_endpoint_moves_the_client_to_the_one_that_answered() {
+        // Connect failover: the client's endpoint is in `tried`; the next
+        // pick goes elsewhere and the client is remembered there.
+        let b = Balancer::new(Algorithm::RoundRobin);
+        b.update(&addrs(2), Algorithm::RoundRobin, sticky(10800));
+        let c = client(1);
+        let home = pick_at(&b, c, 0.0);
+        let other = b.pick_at(c, &[home], at(&b, 1.0)).unwrap().addr();
+        assert_ne!(other, home);
+        assert_eq!(pick_at(&b, c, 2.0), other);
+    }
+
+    #[test]
+    fn the_affinity_table_is_bounded_and_evicts_the_least_recently_used() {
+        let mut b = Balancer::new(Algorithm::RoundRobin);
+        b.affinity_max = 32;
+        b.update(&addrs(2), Algorithm::RoundRobin, sticky(10800));
+        let many = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i));
+        for i in 0..32 {
+            pick_at(&b, many(i), f64::from(i));
+        }
+        // Client 0 comes back: now the most recently used.
+        let zero = pick_at(&b, many(0), 40.0);
+        // Client 32 finds the table full: the least recently used sixteenth
+        // (2 entries: clients 1 and 2) make room.
+        pick_at(&b, many(32), 41.0);
+        assert_eq!(b.affinity_clients(), 31);
+        let kept: HashSet<IpAddr> = b.affinity().clients.keys().copied().collect();
+        assert!(kept.contains(&many(0)) && kept.contains(&many(32)));
+        assert!(!kept.contains(&many(1)) && !kept.contains(&many(2)));
+        assert_eq!(pick_at(&b, many(0), 42.0), zero);
+        // A flood of 10 000 new clients: never more than the cap.
+        for i in 100..10_100 {
+            pick_at(&b, many(i), 50.0);
+            assert!(b.affinity_clients() <= 32);
+        }
+    }
+
+    #[test]
+    fn expired_clients_are_swept_out_periodically_and_before_evicting_live_ones() {
+        let mut b = Balancer::new(Algorithm::RoundRobin);
+        b.affinity_max = 8;
+        b.update(&addrs(2), Algorithm::RoundRobin, sticky(2));
+        assert_eq!(b.affinity_reap_interval(), Duration::from_secs(1));
+        for c in 1..=4 {
+            pick_at(&b, client(c), 0.0);
+        }
+        // A sweep before the entries expire keeps them; after, drops them.
+        assert_eq!(b.reap_affinity_at(at(&b, 1.5)), 4);
+        assert_eq!(b.reap_affinity_at(at(&b, 2.6)), 0);
+        assert_eq!(b.affinity_clients(), 0);
+        // A full table with expired entries not swept yet: they make room,
+        // not a live one. (Swept at 20.0 and 21.5, next at 22.5.)
+        for c in 1..=4 {
+            pick_at(&b, client(c), 20.0);
+        }
+        for c in 5..=7 {
+            pick_at(&b, client(c), 21.5);
+        }
+        pick_at(&b, client(8), 22.1);
+        assert_eq!(b.affinity_clients(), 8);
+        pick_at(&b, client(9), 22.2);
+        let kept: Vec<IpAddr> = {
+            let mut k: Vec<IpAddr> = b.affinity().clients.keys().copied().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(kept, (5..=9).map(client).collect::<Vec<_>>());
     }
 }

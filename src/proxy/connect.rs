@@ -54,7 +54,8 @@ static LOCAL_LOG: LogLimit = LogLimit::new(LOG_INTERVAL);
 /// Picks an endpoint from `balancer` and connects to it with `connect`,
 /// one attempt per entry of `timeouts`, each on another endpoint while
 /// there is one. The lease counts the connection for least-connections
-/// until it is dropped.
+/// until it is dropped. Under session affinity the client's IP is
+/// remembered with the endpoint that was tried last.
 pub async fn connect_with_failover<S, C, F>(
     balancer: &Balancer,
     timeouts: &[Duration],
@@ -68,7 +69,7 @@ where
 {
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(timeouts.len());
     for (attempt, timeout) in timeouts.iter().enumerate() {
-        let Some(lease) = balancer.pick(&tried) else {
+        let Some(lease) = balancer.pick(client.ip(), &tried) else {
             return Err(ConnectError::NoEndpoints);
         };
         let endpoint = lease.addr();
@@ -133,7 +134,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, ObjectKey, Protocol};
+    use crate::model::{Algorithm, ObjectKey, Protocol, SessionAffinity};
     use crate::proxy::test_support::capture_logs;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -150,7 +151,7 @@ mod tests {
         let addrs: Vec<SocketAddr> = (1..=n)
             .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
             .collect();
-        b.update(&addrs, Algorithm::RoundRobin);
+        b.update(&addrs, Algorithm::RoundRobin, SessionAffinity::None);
         b
     }
 

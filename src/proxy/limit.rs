@@ -146,7 +146,11 @@ mod tests {
         let echo = echo_server();
         let backend = echo.local_addr();
         let balancer = Balancer::new(Algorithm::RoundRobin);
-        balancer.update(&[backend], Algorithm::RoundRobin);
+        balancer.update(
+            &[backend],
+            Algorithm::RoundRobin,
+            crate::model::SessionAffinity::None,
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy = listener.local_addr().unwrap();
         let stop = crate::proxy::Stop::default();

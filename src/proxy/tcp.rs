@@ -61,9 +61,21 @@ async fn accept_loop(
 ) {
     let mut backoff = AcceptBackoff::default();
     let mut close_at: Option<tokio::time::Instant> = None;
+    // Session affinity's sweep: expired clients go even when no new
+    // connection comes (a pick sweeps too, when one is due).
+    // (One timer, reset, not one per accepted connection.)
+    let sweep = tokio::time::sleep(balancer.affinity_reap_interval());
+    tokio::pin!(sweep);
     loop {
         let accepted = tokio::select! {
             _ = stop.now.cancelled() => return,
+            _ = &mut sweep => {
+                metrics.affinity_clients(balancer.reap_affinity());
+                sweep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + balancer.affinity_reap_interval());
+                continue;
+            }
             _ = stop.retire.cancelled(), if close_at.is_none() => {
                 close_at = Some(tokio::time::Instant::now() + RETIRE_LINGER);
                 continue;

@@ -154,9 +154,20 @@ impl FlowTable {
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut close_at: Option<Instant> = None;
+        // Session affinity's sweep: expired clients go even when no new
+        // flow comes (opening a flow sweeps too, when one is due).
+        // (One timer, reset, not one per datagram.)
+        let affinity_sweep = tokio::time::sleep(self.balancer.affinity_reap_interval());
+        tokio::pin!(affinity_sweep);
         loop {
             tokio::select! {
                 _ = stop.now.cancelled() => return,
+                _ = &mut affinity_sweep => {
+                    self.metrics.affinity_clients(self.balancer.reap_affinity());
+                    affinity_sweep
+                        .as_mut()
+                        .reset(Instant::now() + self.balancer.affinity_reap_interval());
+                }
                 _ = stop.retire.cancelled(), if close_at.is_none() => {
                     close_at = Some(Instant::now() + RETIRE_LINGER);
                 }
@@ -259,7 +270,7 @@ impl FlowTable {
     fn open(&self, client: SocketAddr, avoid: Option<SocketAddr>) -> io::Result<Option<Flow>> {
         let tried: Vec<SocketAddr> = avoid.into_iter().collect();
         let set = self.balancer.endpoints();
-        let Some(lease) = self.balancer.pick(&tried) else {
+        let Some(lease) = self.balancer.pick(client.ip(), &tried) else {
             return Ok(None);
         };
         let endpoint = lease.addr();
@@ -393,7 +404,7 @@ async fn relay_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, ObjectKey, Protocol};
+    use crate::model::{Algorithm, ObjectKey, Protocol, SessionAffinity};
 
     fn name() -> Arc<ServicePortName> {
         Arc::new(ServicePortName {
@@ -426,10 +437,18 @@ mod tests {
         endpoints: &[SocketAddr],
         config: UdpConfig,
     ) -> (SocketAddr, Arc<Balancer>, Stop) {
+        start_with(endpoints, config, SessionAffinity::None).await
+    }
+
+    async fn start_with(
+        endpoints: &[SocketAddr],
+        config: UdpConfig,
+        affinity: SessionAffinity,
+    ) -> (SocketAddr, Arc<Balancer>, Stop) {
         let sock = StdUdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = sock.local_addr().unwrap();
         let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
-        balancer.update(endpoints, Algorithm::RoundRobin);
+        balancer.update(endpoints, Algorithm::RoundRobin, affinity);
         let stop = Stop::default();
         let metrics = crate::metrics::Metrics::new(false).service_port(&name());
         spawn(
@@ -506,12 +525,12 @@ mod tests {
         client.connect(proxy).await.unwrap();
         assert_eq!(answered_by(&ask(&client, b"x").await), "a");
         // `a` leaves the set: the next datagram goes to `b`.
-        balancer.update(&[b], Algorithm::RoundRobin);
+        balancer.update(&[b], Algorithm::RoundRobin, SessionAffinity::None);
         assert_eq!(answered_by(&ask(&client, b"y").await), "b");
         // `a` comes back, `b` dies (ICMP port unreachable): the flow moves
         // to `a` within a few datagrams (the first one after the death is
         // lost, as it would be talking to `b` directly).
-        balancer.update(&[b, a], Algorithm::RoundRobin);
+        balancer.update(&[b, a], Algorithm::RoundRobin, SessionAffinity::None);
         sb.abort();
         let _ = sb.await;
         let mut by = None;
@@ -530,6 +549,31 @@ mod tests {
             Some("a"),
             "the flow did not move off the refusing endpoint"
         );
+    }
+
+    #[tokio::test]
+    async fn under_affinity_every_flow_of_a_client_ip_goes_to_one_endpoint() {
+        // Ten client ports of one IP (127.0.0.1): ten flows, one endpoint.
+        // Without affinity, round-robin spreads them over both.
+        let (a, _sa) = who_sent_to("a").await;
+        let (b, _sb) = who_sent_to("b").await;
+        let answered = |proxy: SocketAddr| async move {
+            let mut by = std::collections::BTreeSet::new();
+            for _ in 0..10 {
+                let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                client.connect(proxy).await.unwrap();
+                by.insert(answered_by(&ask(&client, b"x").await));
+            }
+            by
+        };
+        let affinity = SessionAffinity::ClientIp {
+            timeout: Duration::from_secs(10800),
+        };
+        let (proxy, balancer, _stop) = start_with(&[a, b], UdpConfig::default(), affinity).await;
+        assert_eq!(answered(proxy).await.len(), 1);
+        assert_eq!(balancer.affinity_clients(), 1);
+        balancer.update(&[a, b], Algorithm::RoundRobin, SessionAffinity::None);
+        assert_eq!(answered(proxy).await.len(), 2);
     }
 
     #[tokio::test]

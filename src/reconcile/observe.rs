@@ -5,7 +5,7 @@
 //! the moments that matter (an update received, a sync that failed or
 //! succeeded, drift found, a report asked for).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -38,6 +38,10 @@ pub(super) struct Observer {
     /// When each Service with changes not yet applied received its first
     /// one: the start of its network programming latency.
     queued: HashMap<ObjectKey, Instant>,
+    /// Services changed as Services / in their endpoints since the last
+    /// successful sync (kube-proxy's `*_changes_pending`).
+    pending_services: HashSet<ObjectKey>,
+    pending_endpoints: HashSet<ObjectKey>,
 }
 
 impl Default for Observer {
@@ -48,6 +52,8 @@ impl Default for Observer {
             health: Arc::new(ProxyHealth::new(std::time::Duration::from_secs(30))),
             reports: None,
             queued: HashMap::new(),
+            pending_services: HashSet::new(),
+            pending_endpoints: HashSet::new(),
         }
     }
 }
@@ -74,6 +80,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             health: telemetry.health,
             reports: Some(telemetry.reports),
             queued: HashMap::new(),
+            pending_services: HashSet::new(),
+            pending_endpoints: HashSet::new(),
         };
         self
     }
@@ -96,11 +104,17 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if n == 0 {
             return;
         }
+        let o = &mut self.observer;
         if endpoints {
-            self.observer.metrics.endpoint_changes(n);
+            o.metrics.endpoint_changes(n);
+            o.pending_endpoints.extend(changed.iter().cloned());
         } else {
-            self.observer.metrics.service_changes(n);
+            o.metrics.service_changes(n);
+            o.pending_services.extend(changed.iter().cloned());
         }
+        o.metrics
+            .changes_pending(o.pending_services.len(), o.pending_endpoints.len());
+        o.metrics.queued_now();
         let now = Instant::now();
         for key in &changed {
             self.observer.queued.entry(key.clone()).or_insert(now);
@@ -116,12 +130,26 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     }
 
     /// A sync succeeded: every change received so far is applied.
-    /// `worked`: it had something to reconcile or send to the kernel.
-    pub(super) fn observe_synced(&mut self, started: std::time::Instant, worked: bool) {
+    /// `worked`: it had something to reconcile or send to the kernel;
+    /// `full`: the table was written whole (`Some(true)`) or only changed
+    /// elements were sent (`Some(false)`).
+    pub(super) fn observe_synced(
+        &mut self,
+        started: std::time::Instant,
+        worked: bool,
+        full: Option<bool>,
+    ) {
         let m = &self.observer.metrics;
+        let took = started.elapsed();
         if worked {
-            m.sync_duration(started.elapsed());
+            m.sync_duration(took);
         }
+        if let Some(full) = full {
+            m.sync_kind_duration(full, took);
+        }
+        self.observer.pending_services.clear();
+        self.observer.pending_endpoints.clear();
+        m.changes_pending(0, 0);
         m.synced_now();
         let now = Instant::now();
         for (_, at) in self.observer.queued.drain() {

@@ -13,14 +13,15 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Algorithm, IpFamily, ObjectKey, PortSpec, Protocol, ServiceInfo, SliceEndpoint, SliceInfo,
-    SlicePort,
+    Algorithm, IpFamily, ObjectKey, PortSpec, Protocol, ServiceInfo, SessionAffinity,
+    SliceEndpoint, SliceInfo, SlicePort,
 };
 
 /// Label that hands a Service to another proxy (kube-proxy skips these).
@@ -246,6 +247,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
     }
 
     let mut notices = unhonoured(svc, &ports);
+    let session_affinity = session_affinity(spec, &mut notices);
     let external_ips = addresses(
         spec.external_ips
             .iter()
@@ -317,6 +319,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
             external_ips,
             lb_ips,
             lb_source_ranges,
+            session_affinity,
         },
         notices,
     }))
@@ -341,6 +344,60 @@ fn addresses<'a>(
     out
 }
 
+/// `spec.sessionAffinity` and its `sessionAffinityConfig`, read the way
+/// the API server validates and defaults them: `ClientIP` without a
+/// timeout gets the default (10800 s). What the API server would refuse is
+/// a notice, and the Service keeps working with the nearest valid meaning:
+/// a timeout out of 1..=86400 gets the default (the Service asked for
+/// affinity, so it keeps it); an unknown `sessionAffinity` is `None` (the
+/// field's default); a config beside `None` is ignored.
+fn session_affinity(spec: &ServiceSpec, notices: &mut Vec<Notice>) -> SessionAffinity {
+    const TIMEOUT_FIELD: &str = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => {
+            if timeout.is_some() {
+                notices.push(Notice::new(
+                    TIMEOUT_FIELD,
+                    "ignored: sessionAffinity is not ClientIP",
+                ));
+            }
+            SessionAffinity::None
+        }
+        Some("ClientIP") => {
+            let timeout = match timeout {
+                None => SessionAffinity::DEFAULT_TIMEOUT,
+                Some(t) if (1..=SessionAffinity::MAX_TIMEOUT_SECONDS).contains(&t) => {
+                    Duration::from_secs(u64::from(t.unsigned_abs()))
+                }
+                Some(t) => {
+                    notices.push(Notice::new(
+                        TIMEOUT_FIELD,
+                        format!(
+                            "{t} is not between 1 and {}; ClientIP affinity uses the default, {} s",
+                            SessionAffinity::MAX_TIMEOUT_SECONDS,
+                            SessionAffinity::DEFAULT_TIMEOUT.as_secs()
+                        ),
+                    ));
+                    SessionAffinity::DEFAULT_TIMEOUT
+                }
+            };
+            SessionAffinity::ClientIp { timeout }
+        }
+        Some(other) => {
+            notices.push(Notice::new(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?} (want None or ClientIP); None is used"),
+            ));
+            SessionAffinity::None
+        }
+    }
+}
+
 fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
     meta.annotations
         .as_ref()
@@ -350,8 +407,8 @@ fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
 
 /// The fields of a valid Service that the proxy does not honour yet, one
 /// notice each: without them a user sees a Service that works and silently
-/// ignores half of what it asks (no node port, no affinity, no local
-/// policy). `ports` are the converted `spec.ports`, in order.
+/// ignores half of what it asks (no node port, no local policy). `ports`
+/// are the converted `spec.ports`, in order.
 fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
     let mut out = Vec::new();
     let Some(spec) = svc.spec.as_ref() else {
@@ -374,12 +431,6 @@ fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
                 "load balancers known by hostname only are reached through the node ports: {}",
                 hostnames.join(", ")
             ),
-        ));
-    }
-    if spec.session_affinity.as_deref() == Some("ClientIP") {
-        out.push(Notice::new(
-            "spec.sessionAffinity",
-            "ClientIP is not honoured yet: every connection is balanced on its own",
         ));
     }
     if spec.internal_traffic_policy.as_deref() == Some("Local") {
@@ -604,6 +655,84 @@ mod tests {
         assert_eq!(s.algorithm, Some(Algorithm::LeastConnections));
         // The UDP port is served like the TCP one.
         assert_eq!(notices, vec![]);
+    }
+
+    /// The session affinity of a Service with these `spec` fields, and the
+    /// fields its notices name.
+    fn affinity(fields: serde_json::Value) -> (SessionAffinity, Vec<String>) {
+        let mut v = json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        });
+        merge(&mut v["spec"], fields);
+        let a = service(&svc(v)).unwrap().unwrap();
+        let fields = a.notices.iter().map(|n| n.field.clone()).collect();
+        (a.info.session_affinity, fields)
+    }
+
+    #[test]
+    fn session_affinity_is_read_with_the_api_servers_default_and_range() {
+        let secs = |s| SessionAffinity::ClientIp {
+            timeout: Duration::from_secs(s),
+        };
+        let none: Vec<String> = vec![];
+        assert_eq!(affinity(json!({})), (SessionAffinity::None, none.clone()));
+        assert_eq!(
+            affinity(json!({"sessionAffinity": "None"})),
+            (SessionAffinity::None, none.clone())
+        );
+        // No config (or no timeout in it): the API server's 10800 s.
+        assert_eq!(
+            affinity(json!({"sessionAffinity": "ClientIP"})),
+            (secs(10800), none.clone())
+        );
+        assert_eq!(
+            affinity(
+                json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {}}})
+            ),
+            (secs(10800), none.clone())
+        );
+        for t in [1, 2, 86400] {
+            assert_eq!(
+                affinity(json!({"sessionAffinity": "ClientIP",
+                                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": t}}})),
+                (secs(t as u64), none.clone()),
+                "timeoutSeconds {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_session_affinity_values_name_the_field_and_keep_the_service() {
+        let timeout_field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds".to_string();
+        // Out of the API server's range: affinity stays on, with the default.
+        for t in [0, -5, 86401] {
+            assert_eq!(
+                affinity(json!({"sessionAffinity": "ClientIP",
+                                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": t}}})),
+                (
+                    SessionAffinity::ClientIp {
+                        timeout: SessionAffinity::DEFAULT_TIMEOUT
+                    },
+                    vec![timeout_field.clone()]
+                ),
+                "timeoutSeconds {t}"
+            );
+        }
+        // An unknown mode: None, the field's default.
+        assert_eq!(
+            affinity(json!({"sessionAffinity": "clientip"})),
+            (
+                SessionAffinity::None,
+                vec!["spec.sessionAffinity".to_string()]
+            )
+        );
+        // A timeout beside None means nothing: said, and ignored.
+        assert_eq!(
+            affinity(json!({"sessionAffinity": "None",
+                            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}})),
+            (SessionAffinity::None, vec![timeout_field])
+        );
     }
 
     #[test]

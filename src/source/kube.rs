@@ -239,8 +239,8 @@ mod tests {
     use crate::source::captured_log;
     use serde_json::json;
 
-    /// A Service, with `sessionAffinity` (a field not honoured yet) if
-    /// given.
+    /// A Service, with `sessionAffinity` if given (an unknown value makes
+    /// a notice).
     fn service(name: &str, affinity: Option<&str>) -> Service {
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "default"},
@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn a_relisted_unchanged_service_logs_its_notices_once() {
         let mut h = EventHandler::<Service>::new();
-        let lb = service("lb", Some("ClientIP"));
+        let lb = service("lb", Some("Sticky"));
         let plain = service("plain", None);
         let log = relist(&mut h, &[lb.clone(), plain.clone()]);
         assert_eq!(lines_about(&log, "default/lb"), 1, "{log}");

@@ -1042,12 +1042,13 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         }
     }
 
-    /// A Service using every field the proxy does not honour yet.
+    /// A Service using every field the proxy does not honour yet (and an
+    /// unknown `sessionAffinity`).
     fn unhonoured_service(name: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n\
              spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.5\n  externalIPs: [192.0.2.7]\n\
-             \x20 sessionAffinity: ClientIP\n  internalTrafficPolicy: Local\n\
+             \x20 sessionAffinity: Sticky\n  internalTrafficPolicy: Local\n\
              \x20 externalTrafficPolicy: Local\n  trafficDistribution: PreferSameZone\n\
              \x20 ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: sctp, port: 53, protocol: SCTP, nodePort: 30053}}]\n\
              status: {{loadBalancer: {{ingress: [{{hostname: lb.example}}]}}}}\n"

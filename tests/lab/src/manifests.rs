@@ -132,6 +132,10 @@ pub struct ServiceManifest {
     pub load_balancer_source_ranges: Vec<String>,
     /// `status.loadBalancer.ingress` (`loadBalancer: {}` when empty).
     pub lb_ingress: Vec<LbIngress>,
+    /// `Some(t)`: `sessionAffinity: ClientIP` with
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds: t`; `None`:
+    /// `sessionAffinity: None`.
+    pub client_ip_affinity: Option<i32>,
 }
 
 /// One Service port.
@@ -181,6 +185,7 @@ impl ServiceManifest {
             external_ips: Vec::new(),
             load_balancer_source_ranges: Vec::new(),
             lb_ingress: Vec::new(),
+            client_ip_affinity: None,
         }
     }
 
@@ -216,6 +221,12 @@ impl ServiceManifest {
         S: Into<String>,
     {
         self.load_balancer_source_ranges = ranges.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets `sessionAffinity: ClientIP` with this `timeoutSeconds`.
+    pub fn with_client_ip_affinity(mut self, timeout_seconds: i32) -> Self {
+        self.client_ip_affinity = Some(timeout_seconds);
         self
     }
 
@@ -323,14 +334,19 @@ impl ServiceManifest {
                 p.port, p.protocol, p.target_port
             );
         }
+        let _ = write!(out, "    selector:\n      app: {name}\n");
+        match self.client_ip_affinity {
+            None => out.push_str("    sessionAffinity: None\n"),
+            Some(t) => {
+                let _ = write!(
+                    out,
+                    "    sessionAffinity: ClientIP\n    sessionAffinityConfig:\n      clientIP:\n        timeoutSeconds: {t}\n"
+                );
+            }
+        }
         let _ = write!(
             out,
-            "    selector:
-      app: {name}
-    sessionAffinity: None
-    type: {service_type}
-  status:
-",
+            "    type: {service_type}\n  status:\n",
             service_type = self.service_type,
         );
         if self.lb_ingress.is_empty() {
@@ -749,6 +765,27 @@ mod tests {
         let p = parse_list(&[s]);
         assert_eq!(p.services[0].cluster_ips, vec![v6("fd00:96::10")]);
         assert_eq!(p.slices[0].endpoints[0].address, v6("::1"));
+    }
+
+    #[test]
+    fn client_ip_affinity_prints_and_parses() {
+        let s = ServiceManifest::new("sticky", Ipv4Addr::new(10, 96, 0, 10))
+            .with_port(PortManifest::tcp(80, 8080))
+            .with_client_ip_affinity(2);
+        let yaml = list_yaml(std::slice::from_ref(&s));
+        assert!(
+            yaml.contains(
+                "    sessionAffinity: ClientIP\n    sessionAffinityConfig:\n      clientIP:\n        timeoutSeconds: 2\n    type: ClusterIP\n"
+            ),
+            "{yaml}"
+        );
+        let p = parse_list(&[s]);
+        assert_eq!(
+            p.services[0].session_affinity,
+            kube_uproxy::model::SessionAffinity::ClientIp {
+                timeout: std::time::Duration::from_secs(2)
+            }
+        );
     }
 
     #[test]
