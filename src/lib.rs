@@ -13,5 +13,6 @@ pub mod model;
 pub mod proxy;
 pub mod reconcile;
 pub mod rules;
+pub mod service_health;
 pub mod source;
 pub mod status;

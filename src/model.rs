@@ -12,6 +12,9 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
+mod selection;
+pub use selection::{Selection, TopologyMode};
+
 /// The L4 protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Protocol {
@@ -134,6 +137,63 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// Which listener of a Service port: the identity of a listener.
+///
+/// Most Service ports have one listener, for every kind of traffic. A port
+/// whose two traffic policies differ (typically `externalTrafficPolicy:
+/// Local` with `internalTrafficPolicy: Cluster`) has a second one:
+/// NodePort, externalIP and load-balancer keys point to it, and its
+/// balancer holds the endpoints of the external policy. (One listener cannot tell
+/// ClusterIP traffic from NodePort traffic for UDP: both arrive DNATed to
+/// the same address.)
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub port: ServicePortName,
+    pub scope: TrafficScope,
+}
+
+/// Which traffic a listener serves; see [`ListenerKey`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TrafficScope {
+    /// ClusterIP traffic, and external traffic too when both traffic
+    /// policies pick the same endpoints.
+    Internal,
+    /// NodePort, externalIP and load-balancer traffic of a Service whose
+    /// `externalTrafficPolicy` differs from its `internalTrafficPolicy`.
+    External,
+}
+
+impl fmt::Display for ListenerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scope {
+            TrafficScope::Internal => write!(f, "{}", self.port),
+            TrafficScope::External => write!(f, "{} (external traffic)", self.port),
+        }
+    }
+}
+
+/// What the proxy knows of the node it runs on (`--hostname-override`,
+/// the Node's `topology.kubernetes.io/zone` label or `--node-zone`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeTopology {
+    /// Compared with EndpointSlice `nodeName` and `hints.forNodes`.
+    pub name: String,
+    /// Compared with `hints.forZones`; `None` when unknown.
+    pub zone: Option<String>,
+}
+
+/// A Node object, reduced to what the proxy needs.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    /// `metadata.name` (namespace empty: Nodes have none).
+    pub key: ObjectKey,
+    /// The label `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// Not being deleted and without the `ToBeDeletedByClusterAutoscaler`
+    /// taint: kube-proxy's "eligible" for `/healthz`.
+    pub eligible: bool,
+}
+
 /// One port of a Service, as declared in `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PortSpec {
@@ -161,6 +221,15 @@ pub struct ServiceInfo {
     /// `spec.loadBalancerSourceRanges`: who may use the `lb_ips` (empty:
     /// everyone).
     pub lb_source_ranges: Vec<IpNet>,
+    /// `spec.internalTrafficPolicy: Local`: ClusterIP traffic only to
+    /// endpoints on this node.
+    pub internal_local: bool,
+    /// `spec.externalTrafficPolicy: Local` on a Service reachable from
+    /// outside (NodePort, LoadBalancer, or externalIPs): external traffic
+    /// only to endpoints on this node.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort`, served when `external_local`.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// One endpoint of an EndpointSlice, with its conditions.
@@ -174,6 +243,10 @@ pub struct SliceEndpoint {
     /// `conditions.terminating`; unset counts as false.
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones[].name`.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub node_hints: Vec<String>,
 }
 
 /// One port of an EndpointSlice.
@@ -203,6 +276,17 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones[].name` of the slice endpoint.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name` of the slice endpoint.
+    pub node_hints: Vec<String>,
+}
+
+impl Endpoint {
+    /// Whether the endpoint runs on the node named `node`.
+    pub fn is_local(&self, node: &str) -> bool {
+        !node.is_empty() && self.node_name.as_deref() == Some(node)
+    }
 }
 
 /// An IP address family. A Service's ClusterIP of one family is served only
@@ -249,6 +333,11 @@ pub struct ServicePortSpec {
     pub lb_ips: Vec<IpAddr>,
     /// Sources allowed to the `lb_ips` (empty: all).
     pub lb_source_ranges: Vec<IpNet>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` (and the Service is reachable from
+    /// outside).
+    pub external_local: bool,
     /// Every endpoint the slices list for this port, whatever its state and
     /// family, each address once, sorted by address (so IPv4 ones come
     /// first). Comparing two of these tells whether anything changed.
@@ -400,6 +489,11 @@ impl ClusterState {
         self.services.keys().cloned().collect()
     }
 
+    /// A Service as the source gave it.
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceInfo> {
+        self.services.get(key)
+    }
+
     /// The desired ports of one Service (empty if the Service is gone).
     pub fn service_ports(&self, key: &ObjectKey, default: Algorithm) -> Vec<ServicePortSpec> {
         let Some(svc) = self.services.get(key) else {
@@ -421,6 +515,8 @@ impl ClusterState {
                 external_ips: svc.external_ips.clone(),
                 lb_ips: svc.lb_ips.clone(),
                 lb_source_ranges: svc.lb_source_ranges.clone(),
+                internal_local: svc.internal_local,
+                external_local: svc.external_local,
                 endpoints: slices
                     .map(|s| endpoints_for_port(s.values(), p))
                     .unwrap_or_default(),
@@ -459,6 +555,8 @@ fn endpoints_for_port<'a>(
                     serving: ep.serving,
                     terminating: ep.terminating,
                     node_name: ep.node_name.clone(),
+                    zone_hints: ep.zone_hints.clone(),
+                    node_hints: ep.node_hints.clone(),
                 };
                 match index.get(&candidate.addr) {
                     Some(&i) => {
@@ -515,6 +613,8 @@ mod tests {
             serving,
             terminating,
             node_name: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 
@@ -725,6 +825,8 @@ mod tests {
                     serving: ready,
                     terminating: false,
                     node_name: None,
+                    zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
                 })
                 .collect()
         };

@@ -659,6 +659,8 @@ mod tests {
             serving,
             terminating,
             node_name: node.map(str::to_string),
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         };
         assert_eq!(
             p.slices,

@@ -10,6 +10,8 @@
 //!   set no-endpoints           { ipv4_addr . inet_proto . inet_service }                 refused
 //!   map node-ports             { inet_proto . inet_service : inet_service }              node port → proxy port
 //!   set no-endpoint-nodeports  { inet_proto . inet_service }                             refused
+//!   set no-local-endpoints     { ipv4_addr . inet_proto . inet_service }                 dropped (Local policy, no local endpoint)
+//!   set no-local-endpoint-nodeports { inet_proto . inet_service }                        dropped (the same, node ports)
 //!   set lb-guarded             { ipv4_addr . inet_proto . inet_service }                 LB IPs with source ranges
 //!   set lb-allowed             { ipv4_addr . inet_proto . inet_service . ipv4_addr }     (interval) their allowed sources
 //!   set proxy-ports            { inet_proto . inet_service }                             the listeners (guarded)
@@ -17,9 +19,9 @@
 //!   set instance               { mark; comment "…" }                                     the writer (see `Instance`)
 //!
 //!   chain filter-prerouting { filter prerouting -110: LB source ranges (drop) }
-//!   chain filter-input      { filter input -110: refusals (Service, node port), proxy-port guard }
-//!   chain filter-forward    { filter forward -110: refusals (Service) }
-//!   chain filter-output     { filter output -110: refusals (Service, node port) }
+//!   chain filter-input      { filter input -110: refusals and drops (Service, node port), proxy-port guard }
+//!   chain filter-forward    { filter forward -110: refusals and drops (Service) }
+//!   chain filter-output     { filter output -110: refusals and drops (Service, node port) }
 //!   chain nat-prerouting    { nat prerouting dstnat: DNAT Service, DNAT node port }
 //!   chain nat-output        { nat output -100: the same }
 //! }
@@ -64,6 +66,11 @@ pub const SET_NO_ENDPOINTS: &str = "no-endpoints";
 pub const MAP_NODE_PORTS: &str = "node-ports";
 /// Set of node ports whose Service has no usable endpoint.
 pub const SET_NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+/// Set of destinations dropped: a `Local` traffic policy and no endpoint
+/// on this node (while other nodes have some).
+pub const SET_NO_LOCAL_ENDPOINTS: &str = "no-local-endpoints";
+/// The same for node ports.
+pub const SET_NO_LOCAL_ENDPOINT_NODEPORTS: &str = "no-local-endpoint-nodeports";
 /// Set of LB destinations that only some sources may use.
 pub const SET_LB_GUARDED: &str = "lb-guarded";
 /// Set of (LB destination . source range) that may pass.
@@ -124,10 +131,10 @@ pub fn rules_in_chain(name: &str) -> usize {
     match name {
         "filter-prerouting" => 1,
         // Refusals of Service destinations and of node ports (TCP reset,
-        // ICMP for the rest), and the port guard.
-        "filter-input" => 5,
-        "filter-forward" => 2,
-        "filter-output" => 4,
+        // ICMP for the rest), their drops, and the port guard.
+        "filter-input" => 7,
+        "filter-forward" => 3,
+        "filter-output" => 6,
         _ => 2,
     }
 }
@@ -218,6 +225,8 @@ pub enum Action {
     Redirect(u16),
     /// Refuse: the Service port has no usable endpoint.
     Reject,
+    /// Drop: a `Local` traffic policy and no endpoint on this node.
+    Drop,
     /// Be in the set (guards and allowed ranges).
     Member,
 }
@@ -298,8 +307,10 @@ pub fn element_of(key: &Key, action: Action) -> (&'static str, Expression<'stati
         (Key::Service(d), Action::Redirect(p)) => {
             (MAP_SERVICE_PORTS, with_port(concat(dest_parts(d)), p))
         }
+        (Key::Service(d), Action::Drop) => (SET_NO_LOCAL_ENDPOINTS, concat(dest_parts(d))),
         (Key::Service(d), _) => (SET_NO_ENDPOINTS, concat(dest_parts(d))),
         (Key::NodePort(n), Action::Redirect(p)) => (MAP_NODE_PORTS, with_port(port_value(n), p)),
+        (Key::NodePort(n), Action::Drop) => (SET_NO_LOCAL_ENDPOINT_NODEPORTS, port_value(n)),
         (Key::NodePort(n), _) => (SET_NO_ENDPOINT_NODEPORTS, port_value(n)),
         (Key::Guarded(d), _) => (SET_LB_GUARDED, concat(dest_parts(d))),
         (Key::Allow(d, net), _) => {
@@ -444,25 +455,32 @@ fn reject_rules(chain: &'static str, lookup: Vec<Statement<'static>>) -> [Rule<'
     [rule(chain, tcp), rule(chain, other)]
 }
 
-fn service_refusals(chain: &'static str) -> [Rule<'static>; 2] {
-    reject_rules(
-        chain,
-        vec![matches(
-            dest_key_expr(),
-            Operator::EQ,
-            set_ref(SET_NO_ENDPOINTS),
-        )],
-    )
+/// A new flow for a Service port whose `Local` traffic policy finds no
+/// endpoint on this node is dropped, as kube-proxy does (the client
+/// retries, perhaps through another node).
+fn drop_rule(chain: &'static str, lookup: Vec<Statement<'static>>) -> Rule<'static> {
+    let mut expr = vec![ct_state_new()];
+    expr.extend(lookup);
+    expr.push(Statement::Drop(Some(nftables::stmt::Drop {})));
+    rule(chain, expr)
 }
 
-fn node_port_refusals(chain: &'static str, layout: &Layout) -> [Rule<'static>; 2] {
-    let mut lookup = node_address_matches(layout);
-    lookup.push(matches(
-        port_key_expr(),
-        Operator::EQ,
-        set_ref(SET_NO_ENDPOINT_NODEPORTS),
-    ));
-    reject_rules(chain, lookup)
+fn service_refusals(chain: &'static str) -> Vec<Rule<'static>> {
+    let lookup = |set: &'static str| vec![matches(dest_key_expr(), Operator::EQ, set_ref(set))];
+    let mut out = reject_rules(chain, lookup(SET_NO_ENDPOINTS)).to_vec();
+    out.push(drop_rule(chain, lookup(SET_NO_LOCAL_ENDPOINTS)));
+    out
+}
+
+fn node_port_refusals(chain: &'static str, layout: &Layout) -> Vec<Rule<'static>> {
+    let lookup = |set: &'static str| {
+        let mut l = node_address_matches(layout);
+        l.push(matches(port_key_expr(), Operator::EQ, set_ref(set)));
+        l
+    };
+    let mut out = reject_rules(chain, lookup(SET_NO_ENDPOINT_NODEPORTS)).to_vec();
+    out.push(drop_rule(chain, lookup(SET_NO_LOCAL_ENDPOINT_NODEPORTS)));
+    out
 }
 
 /// `ct state new ip daddr . meta l4proto . th dport @lb-guarded ip daddr .
@@ -621,6 +639,22 @@ pub fn full(
             "node ports without endpoints: refused".into(),
         ),
         set_object(
+            SET_NO_LOCAL_ENDPOINTS,
+            concat_type(DEST),
+            None,
+            false,
+            take(SET_NO_LOCAL_ENDPOINTS),
+            "Local traffic policy, no endpoint on this node: dropped".into(),
+        ),
+        set_object(
+            SET_NO_LOCAL_ENDPOINT_NODEPORTS,
+            concat_type(PORT),
+            None,
+            false,
+            take(SET_NO_LOCAL_ENDPOINT_NODEPORTS),
+            "node ports of those: dropped".into(),
+        ),
+        set_object(
             SET_LB_GUARDED,
             concat_type(DEST),
             None,
@@ -671,14 +705,14 @@ pub fn full(
         let rules: Vec<Rule<'static>> = match name {
             "filter-prerouting" => vec![source_range_rule()],
             "filter-input" => {
-                let mut r = service_refusals(name).to_vec();
+                let mut r = service_refusals(name);
                 r.extend(node_port_refusals(name, layout));
                 r.push(proxy_port_guard_rule(layout.proxy_address));
                 r
             }
-            "filter-forward" => service_refusals(name).to_vec(),
+            "filter-forward" => service_refusals(name),
             "filter-output" => {
-                let mut r = service_refusals(name).to_vec();
+                let mut r = service_refusals(name);
                 r.extend(node_port_refusals(name, layout));
                 r
             }
