@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::model::{
-    Algorithm, ClusterState, IpFamily, ListenerKey, NodeInfo, NodeTopology, ObjectKey, Protocol,
+    Algorithm, ClusterState, IpFamily, ListenerKey, NodeTopology, ObjectKey, Protocol,
     ServicePortName, ServicePortSpec, TrafficScope,
 };
 use crate::proxy::balancer::Balancer;
@@ -273,20 +273,24 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             Update::SliceApplied(s) => self.state.apply_slice(s),
             Update::SliceDeleted(k) => self.state.delete_slice(&k),
             Update::Nodes(all) => {
+                // Not listed: not seen (yet), which counts as eligible.
                 let mine = all.into_iter().find(|n| n.key.name == self.node.name);
-                self.apply_node(mine);
+                let eligible = mine.as_ref().is_none_or(|n| n.eligible);
+                self.apply_node(mine.and_then(|n| n.zone), eligible);
             }
-            Update::NodeApplied(n) if n.key.name == self.node.name => self.apply_node(Some(n)),
+            Update::NodeApplied(n) if n.key.name == self.node.name => {
+                self.apply_node(n.zone, n.eligible)
+            }
             Update::NodeApplied(_) => {}
-            Update::NodeDeleted(k) if k.name == self.node.name => self.apply_node(None),
+            // Deleted: as kube-proxy, a node going away is not eligible.
+            Update::NodeDeleted(k) if k.name == self.node.name => self.apply_node(None, false),
             Update::NodeDeleted(_) => {}
         }
     }
 
-    /// This node's Node object changed (`None`: it is gone).
-    fn apply_node(&mut self, node: Option<NodeInfo>) {
-        // kube-proxy: a Node being deleted, or gone, is not eligible.
-        let eligible = node.as_ref().is_some_and(|n| n.eligible);
+    /// What this node's Node object says now: its zone label, and whether
+    /// it may get traffic.
+    fn apply_node(&mut self, zone: Option<String>, eligible: bool) {
         if eligible != self.node_eligible {
             info!(node = %self.node.name, eligible, "node eligibility changed");
             self.node_eligible = eligible;
@@ -295,7 +299,6 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if self.config.node.zone.is_some() {
             return;
         }
-        let zone = node.and_then(|n| n.zone);
         if zone != self.node.zone {
             info!(node = %self.node.name, zone = ?zone, "node zone changed; topology hints are applied again");
             self.node.zone = zone;
@@ -656,7 +659,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::model::{PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort};
+    use crate::model::{NodeInfo, PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort};
 
     impl<N: Nft, L: Listeners> Reconciler<N, L> {
         fn observer_health_eligible(&self) -> bool {
@@ -1083,6 +1086,9 @@ mod tests {
     async fn a_node_object_sets_the_zone_and_eligibility() {
         let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
         let mut r = reconciler(&fake, &listeners, HashMap::new());
+        // A list without this node's object: not seen, eligible.
+        r.receive(Update::Nodes(vec![]));
+        assert!(r.node_eligible);
         let mut s = slice_on(
             "web",
             &[("10.1.0.1", "node-a", true), ("10.1.0.2", "node-b", true)],
@@ -1110,6 +1116,15 @@ mod tests {
             eligible: true,
         }));
         r.sync().await;
+        assert!(!r.node_eligible);
+        // Eligible again, then deleted: not eligible.
+        r.receive(Update::NodeApplied(NodeInfo {
+            key: ObjectKey::new("", "node-a"),
+            zone: Some("z2".into()),
+            eligible: true,
+        }));
+        assert!(r.node_eligible);
+        r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
         assert!(!r.node_eligible);
     }
 }
