@@ -194,6 +194,26 @@ mod tests {
     }
 
     #[test]
+    fn an_ineligible_node_fails_healthz_but_not_livez() {
+        let h = ProxyHealth::new(Duration::from_secs(30));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        h.updated_at(t0, w0);
+        h.set_node_eligible(false);
+        let v = h.check_at(false, t0, w0);
+        assert!(!v.healthy);
+        assert!(!v.node_eligible);
+        assert_eq!(v.reason, Some("the node is not eligible"));
+        let json: serde_json::Value = serde_json::from_str(&v.to_json(false)).unwrap();
+        assert_eq!(json["nodeEligible"], false);
+        assert!(
+            h.check_at(true, t0, w0).healthy,
+            "/livez ignores eligibility"
+        );
+        h.set_node_eligible(true);
+        assert!(h.check_at(false, t0, w0).healthy);
+    }
+
+    #[test]
     fn a_queued_update_older_than_twice_the_sync_period_is_unhealthy() {
         let h = ProxyHealth::new(Duration::from_secs(30));
         let (t0, w0) = (Instant::now(), SystemTime::now());
