@@ -186,13 +186,39 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// The name of this node (kube-proxy's flag; the Kubernetes source
-    /// will use it for node-local features). Stored, not used yet.
+    /// The name of this node (kube-proxy's flag): EndpointSlice `nodeName`
+    /// and `hints.forNodes` are compared with it, and the Node object of
+    /// that name gives the zone and `/healthz`'s `nodeEligible`. Default:
+    /// the host name.
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
 
+    /// This node's zone, compared with EndpointSlice `hints.forZones`.
+    /// Default: the Node object's `topology.kubernetes.io/zone` label;
+    /// this flag wins over it (manifests without a Node object need it).
+    #[arg(long, value_name = "ZONE")]
+    pub node_zone: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Args {
+    /// This node's name: `--hostname-override`, else the host name
+    /// (lower-cased, as kube-proxy does).
+    pub fn node_name(&self) -> String {
+        match self.hostname_override.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => name.to_lowercase(),
+            _ => host_name().to_lowercase(),
+        }
+    }
+}
+
+/// The kernel's host name (empty if it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 const LONG_ABOUT: &str = "\

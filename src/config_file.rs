@@ -11,7 +11,7 @@
 //! | `syncPeriod` | `--sync-period` |
 //! | `clientConnection.kubeconfig` | `--kubeconfig` |
 //! | `logging.format` | `--log-format` |
-//! | `hostnameOverride` | `--hostname-override` (stored, not used yet) |
+//! | `hostnameOverride` | `--hostname-override` |
 //! | `nodePortAddresses` | `--nodeport-addresses` (CIDRs, or `[primary]`) |
 //! | `bindAddressIPv6` (kube-uproxy's own) | `--bind-address-ipv6` |
 //! | kube-uproxy's own: `manifests`, `manifestsRescanInterval`, `shutdownGrace`, `lbAlgorithm`, `tcpRelay`, `metricsPerEndpoint`, `healthzSocket`, `procSysDir` | the flag of the same name |

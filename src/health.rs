@@ -12,10 +12,10 @@
 //!   only after the timeout: the node's Service traffic is then served by
 //!   stale rules, which an operator wants to see at once.
 //!
-//! `/healthz` also requires the node to be eligible (not being deleted, no
-//! `ToBeDeletedByClusterAutoscaler` taint); `/livez` ignores that.
-//! Eligibility needs the Node object, which the proxy does not watch yet:
-//! it is reported as `true` for now.
+//! `/healthz` also requires the node to be eligible (its Node object not
+//! being deleted, no `ToBeDeletedByClusterAutoscaler` taint); `/livez`
+//! ignores that. Eligible until the Node object says otherwise (as
+//! kube-proxy: a proxy that never sees its Node stays eligible).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -29,6 +29,9 @@ struct State {
     oldest_queued: Option<Instant>,
     /// The last attempt to install rules failed.
     rules_failing: bool,
+    /// The Node object says the node is being deleted or drained by the
+    /// cluster autoscaler.
+    node_ineligible: bool,
 }
 
 /// One answer of the health endpoints.
@@ -89,6 +92,11 @@ impl ProxyHealth {
         s.last_updated = Some((now, wall));
     }
 
+    /// Whether the Node object allows traffic to this node.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.state().node_ineligible = !eligible;
+    }
+
     /// Installing rules failed; healthy again at the next successful sync.
     pub fn rules_failed(&self) {
         self.state().rules_failing = true;
@@ -101,8 +109,7 @@ impl ProxyHealth {
 
     fn check_at(&self, livez: bool, now: Instant, wall: SystemTime) -> Verdict {
         let s = *self.state();
-        // Needs the Node object (a later feature): eligible until then.
-        let node_eligible = true;
+        let node_eligible = !s.node_ineligible;
         let reason = if s.last_updated.is_none() {
             Some("the first sync of rules has not happened yet")
         } else if s.rules_failing {
@@ -184,6 +191,26 @@ mod tests {
         let v = h.check_at(false, t0 + Duration::from_secs(1), w0);
         assert!(v.healthy, "{v:?}");
         assert_eq!(v.status(), 200);
+    }
+
+    #[test]
+    fn an_ineligible_node_fails_healthz_but_not_livez() {
+        let h = ProxyHealth::new(Duration::from_secs(30));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        h.updated_at(t0, w0);
+        h.set_node_eligible(false);
+        let v = h.check_at(false, t0, w0);
+        assert!(!v.healthy);
+        assert!(!v.node_eligible);
+        assert_eq!(v.reason, Some("the node is not eligible"));
+        let json: serde_json::Value = serde_json::from_str(&v.to_json(false)).unwrap();
+        assert_eq!(json["nodeEligible"], false);
+        assert!(
+            h.check_at(true, t0, w0).healthy,
+            "/livez ignores eligibility"
+        );
+        h.set_node_eligible(true);
+        assert!(h.check_at(false, t0, w0).healthy);
     }
 
     #[test]

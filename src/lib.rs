@@ -13,6 +13,7 @@ pub mod model;
 pub mod proxy;
 pub mod reconcile;
 pub mod rules;
+pub mod service_health;
 pub mod source;
 pub mod status;
 pub mod vecmap;

@@ -13,12 +13,14 @@ use kube_uproxy::config_file::{self, ArgsError};
 use kube_uproxy::health::ProxyHealth;
 use kube_uproxy::metrics::Metrics;
 use kube_uproxy::model::IpFamily;
+use kube_uproxy::model::NodeTopology;
 use kube_uproxy::proxy::DataPathConfig;
 use kube_uproxy::proxy::listeners::{Connections, SocketListeners};
 use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
 use kube_uproxy::proxy::udp::UdpConfig;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig, Telemetry};
 use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
+use kube_uproxy::service_health::ServiceHealthServers;
 use kube_uproxy::{source, status};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -180,9 +182,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "capabilities missing: nft and `ip` will be refused"
         );
     }
-    if let Some(name) = &args.hostname_override {
-        info!(%name, "--hostname-override is stored but not used yet (node-local features come later)");
+    let node = NodeTopology {
+        name: args.node_name(),
+        zone: args.node_zone.clone().filter(|z| !z.is_empty()),
+    };
+    if node.name.is_empty() {
+        warn!("no node name (--hostname-override, or the host name): no endpoint counts as local");
     }
+    info!(node = %node.name, zone = ?node.zone, "this node");
 
     // Health and metrics first: /healthz says 503 while the rest starts.
     let metrics = Arc::new(Metrics::new(args.metrics_per_endpoint));
@@ -336,8 +343,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .context("connecting to the Kubernetes API")?;
             let cancel = cancel.clone();
+            let node_name = node.name.clone();
             tokio::spawn(async move {
-                source::kube::run(client, tx, cancel).await;
+                source::kube::run(client, &node_name, tx, cancel).await;
                 Ok(())
             })
         }
@@ -384,7 +392,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,
         sync_period: args.sync_period,
+        node,
     };
+    let service_health = ServiceHealthServers::new(Arc::clone(&health), admin_stop.clone());
     info!(
         source = if args.manifests.is_some() { "manifests" } else { "kubernetes" },
         algorithm = %args.lb_algorithm,
@@ -402,6 +412,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 health,
                 reports: report_rx,
             })
+            .with_service_health(service_health)
             .run(rx, cancel.clone()),
     );
     if let Err(e) = reconciler.await {

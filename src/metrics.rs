@@ -200,6 +200,9 @@ pub struct Metrics {
     livez: Family<CodeLabels, Counter>,
     open_fds: Gauge,
     max_fds: Gauge,
+    /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`, by
+    /// `traffic_policy` (`internal`, `external`).
+    no_local_endpoints: Family<PolicyLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -247,8 +250,7 @@ impl Metrics {
         );
         let no_local_endpoints = Family::<PolicyLabels, Gauge>::default();
         for policy in ["internal", "external"] {
-            // Registered at 0: traffic policies are not implemented yet, so
-            // no Service can be in that state.
+            // Both series exist from the start, at 0.
             no_local_endpoints.get_or_create_owned(&PolicyLabels {
                 traffic_policy: policy,
             });
@@ -274,6 +276,7 @@ impl Metrics {
             livez: Family::default(),
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
+            no_local_endpoints: no_local_endpoints.clone(),
         };
 
         // kube-proxy's names, meanings and labels.
@@ -316,7 +319,7 @@ impl Metrics {
             );
             family.register(
                 "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-                "Number of services with a Local traffic policy and no endpoints (always 0: traffic policies are not implemented yet)",
+                "Number of Service ports with a Local traffic policy and no local endpoints (their traffic of that kind is dropped)",
                 no_local_endpoints,
             );
         }
@@ -534,6 +537,18 @@ impl Metrics {
     }
 
     /// The drift check found the kernel's table changed behind our back.
+    /// How many Service ports drop their ClusterIP (`internal`) and their
+    /// external traffic for want of a local endpoint, now.
+    pub fn no_local_endpoints(&self, internal: usize, external: usize) {
+        for (policy, n) in [("internal", internal), ("external", external)] {
+            self.no_local_endpoints
+                .get_or_create(&PolicyLabels {
+                    traffic_policy: policy,
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     pub fn drift_repaired(&self) {
         self.drift_repairs.inc();
     }

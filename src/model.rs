@@ -15,6 +15,9 @@ use ipnet::IpNet;
 
 use crate::vecmap::VecMap;
 
+mod selection;
+pub use selection::{Selection, TopologyMode};
+
 /// The L4 protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Protocol {
@@ -165,22 +168,68 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// Identifies one listener: a Service port, for one address family.
+/// Identifies one listener: a Service port, in one address family, for
+/// one kind of traffic.
 ///
-/// A dual-stack Service port has two listeners, one on each family's proxy
+/// A dual-stack Service port has a listener on each family's proxy
 /// address, each sending its clients to endpoints of its own family only.
+/// A port whose two traffic policies differ (typically
+/// `externalTrafficPolicy: Local` with `internalTrafficPolicy: Cluster`)
+/// has a second listener per family: NodePort, externalIP and
+/// load-balancer keys point to it, and its balancer holds the endpoints of
+/// the external policy. (One listener cannot tell ClusterIP traffic from
+/// NodePort traffic for UDP: both arrive DNATed to the same address.)
 /// Ordered by Service port first, so one Service's listeners are a range.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ListenerKey {
     pub port: ServicePortName,
     /// The family of the ClusterIPs (and proxy address) this listener serves.
     pub family: IpFamily,
+    pub scope: TrafficScope,
+}
+
+/// Which traffic a listener serves; see [`ListenerKey`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TrafficScope {
+    /// ClusterIP traffic, and external traffic too when both traffic
+    /// policies pick the same endpoints.
+    Internal,
+    /// NodePort, externalIP and load-balancer traffic of a Service whose
+    /// `externalTrafficPolicy` differs from its `internalTrafficPolicy`.
+    External,
 }
 
 impl fmt::Display for ListenerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.port, self.family)
+        match self.scope {
+            TrafficScope::Internal => write!(f, "{} {}", self.port, self.family),
+            TrafficScope::External => {
+                write!(f, "{} {} (external traffic)", self.port, self.family)
+            }
+        }
     }
+}
+
+/// What the proxy knows of the node it runs on (`--hostname-override`,
+/// the Node's `topology.kubernetes.io/zone` label or `--node-zone`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeTopology {
+    /// Compared with EndpointSlice `nodeName` and `hints.forNodes`.
+    pub name: String,
+    /// Compared with `hints.forZones`; `None` when unknown.
+    pub zone: Option<String>,
+}
+
+/// A Node object, reduced to what the proxy needs.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    /// `metadata.name` (namespace empty: Nodes have none).
+    pub key: ObjectKey,
+    /// The label `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// Not being deleted and without the `ToBeDeletedByClusterAutoscaler`
+    /// taint: kube-proxy's "eligible" for `/healthz`.
+    pub eligible: bool,
 }
 
 /// One port of a Service, as declared in `spec.ports`.
@@ -212,6 +261,15 @@ pub struct ServiceInfo {
     pub lb_source_ranges: Vec<IpNet>,
     /// `spec.sessionAffinity` and its timeout, for every port.
     pub session_affinity: SessionAffinity,
+    /// `spec.internalTrafficPolicy: Local`: ClusterIP traffic only to
+    /// endpoints on this node.
+    pub internal_local: bool,
+    /// `spec.externalTrafficPolicy: Local` on a Service reachable from
+    /// outside (NodePort, LoadBalancer, or externalIPs): external traffic
+    /// only to endpoints on this node.
+    pub external_local: bool,
+    /// `spec.healthCheckNodePort`, served when `external_local`.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// One endpoint of an EndpointSlice, with its conditions.
@@ -225,6 +283,10 @@ pub struct SliceEndpoint {
     /// `conditions.terminating`; unset counts as false.
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones[].name`.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub node_hints: Vec<String>,
 }
 
 /// One port of an EndpointSlice.
@@ -254,6 +316,17 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones[].name` of the slice endpoint.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name` of the slice endpoint.
+    pub node_hints: Vec<String>,
+}
+
+impl Endpoint {
+    /// Whether the endpoint runs on the node named `node`.
+    pub fn is_local(&self, node: &str) -> bool {
+        !node.is_empty() && self.node_name.as_deref() == Some(node)
+    }
 }
 
 /// An IP address family. A Service's ClusterIP of one family is served only
@@ -303,6 +376,11 @@ pub struct ServicePortSpec {
     /// The Service's `sessionAffinity`: applied by the port's balancer to
     /// new connections, whatever address they were sent to.
     pub session_affinity: SessionAffinity,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` (and the Service is reachable from
+    /// outside).
+    pub external_local: bool,
     /// Every endpoint the slices list for this port, whatever its state and
     /// family, each address once, sorted by address (so IPv4 ones come
     /// first). Comparing two of these tells whether anything changed.
@@ -369,6 +447,7 @@ impl ServicePortSpec {
         ListenerKey {
             port: self.name.clone(),
             family,
+            scope: TrafficScope::Internal,
         }
     }
 }
@@ -483,6 +562,11 @@ impl ClusterState {
         self.services.keys().cloned().collect()
     }
 
+    /// A Service as the source gave it.
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceInfo> {
+        self.services.get(key)
+    }
+
     /// The desired ports of one Service (empty if the Service is gone).
     pub fn service_ports(&self, key: &ObjectKey, default: Algorithm) -> Vec<ServicePortSpec> {
         let Some(svc) = self.services.get(key) else {
@@ -505,6 +589,8 @@ impl ClusterState {
                 lb_ips: svc.lb_ips.clone(),
                 lb_source_ranges: svc.lb_source_ranges.clone(),
                 session_affinity: svc.session_affinity,
+                internal_local: svc.internal_local,
+                external_local: svc.external_local,
                 endpoints: slices
                     .map(|s| endpoints_for_port(s.values(), p))
                     .unwrap_or_default(),
@@ -543,6 +629,8 @@ fn endpoints_for_port<'a>(
                     serving: ep.serving,
                     terminating: ep.terminating,
                     node_name: ep.node_name.clone(),
+                    zone_hints: ep.zone_hints.clone(),
+                    node_hints: ep.node_hints.clone(),
                 };
                 match index.get(&candidate.addr) {
                     Some(&i) => {
@@ -599,6 +687,8 @@ mod tests {
             serving,
             terminating,
             node_name: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 
@@ -809,6 +899,8 @@ mod tests {
                     serving: ready,
                     terminating: false,
                     node_name: None,
+                    zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
                 })
                 .collect()
         };

@@ -38,12 +38,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::model::{
-    Algorithm, ClusterState, IpFamily, ListenerKey, ObjectKey, Protocol, ServicePortName,
-    ServicePortSpec,
+    Algorithm, ClusterState, IpFamily, ListenerKey, NodeTopology, ObjectKey, Protocol,
+    ServicePortName, ServicePortSpec, TrafficScope,
 };
 use crate::proxy::balancer::Balancer;
 use crate::proxy::listeners::{ListenError, Listener, Listeners};
 use crate::rules::{Action, Destination, Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
+use crate::service_health::ServiceHealthServers;
 use crate::source::Update;
 
 mod observe;
@@ -63,15 +64,126 @@ pub struct ReconcilerConfig {
     /// How often the kernel's table is checked against what was applied
     /// (kube-proxy's `--sync-period`).
     pub sync_period: Duration,
+    /// This node: its name (`--hostname-override`) and zone. The zone
+    /// given here (`--node-zone`) wins over the Node object's label.
+    pub node: NodeTopology,
 }
 
-/// A Service port, in one family, that has a listener.
+/// A listener of a Service port, in one family (see [`ListenerKey`]).
 struct ActivePort {
     spec: ServicePortSpec,
     listener: Listener,
     balancer: Arc<Balancer>,
-    /// The keys this port claims in the rules.
+    /// The keys this listener claims in the rules.
     destinations: BTreeSet<Key>,
+    /// The endpoints its balancer holds.
+    endpoints: Vec<std::net::SocketAddr>,
+}
+
+/// What happens to new flows of one kind of traffic of a Service port
+/// (kube-proxy's verdicts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Relayed to the listener.
+    Serve,
+    /// No usable endpoint anywhere: refused.
+    Reject,
+    /// Usable endpoints exist, but none on this node for a `Local` policy:
+    /// dropped.
+    Drop,
+}
+
+/// One listener a Service port needs, with its endpoints and keys.
+#[derive(Debug, PartialEq, Eq)]
+struct ListenerPlan {
+    key: ListenerKey,
+    endpoints: Vec<std::net::SocketAddr>,
+    destinations: BTreeMap<Key, Verdict>,
+}
+
+/// What one Service port needs: one listener, or two when its external
+/// traffic goes to other endpoints than its ClusterIP traffic (the two
+/// traffic policies differ), plus what the health check and the
+/// no-local-endpoints metric need.
+#[derive(Debug)]
+struct PortPlan {
+    listeners: Vec<ListenerPlan>,
+    /// Ready endpoints on this node (the health check node port's count).
+    local_ready: usize,
+    /// ClusterIP traffic is dropped: `internalTrafficPolicy: Local`
+    /// without local endpoints.
+    no_local_internal: bool,
+    /// External traffic is dropped: `externalTrafficPolicy: Local` without
+    /// local endpoints.
+    no_local_external: bool,
+}
+
+/// Plans the listeners of one Service port in `family` on `node` (pure).
+fn plan_port(spec: &ServicePortSpec, node: &NodeTopology, family: IpFamily) -> PortPlan {
+    let sel = spec.select(family, node);
+    let verdict = |set: &[std::net::SocketAddr]| {
+        if !sel.has_any {
+            Verdict::Reject
+        } else if set.is_empty() {
+            Verdict::Drop
+        } else {
+            Verdict::Serve
+        }
+    };
+    let internal = sel.internal(spec).to_vec();
+    let external = sel.external(spec).to_vec();
+    let (internal_verdict, external_verdict) = (verdict(&internal), verdict(&external));
+    let all = destinations(spec, family);
+    let (cluster_keys, external_keys): (Vec<Key>, Vec<Key>) = all
+        .into_iter()
+        .partition(|k| matches!(k, Key::Service(d) if spec.cluster_ips.contains(&d.ip)));
+    let accessible = spec.externally_accessible();
+    let separate = accessible && spec.internal_local != spec.external_local;
+    let member_or = |k: &Key, v: Verdict| match k {
+        Key::Guarded(_) | Key::Allow(..) => Verdict::Serve,
+        _ => v,
+    };
+    let mut internal_plan = ListenerPlan {
+        key: ListenerKey {
+            port: spec.name.clone(),
+            family,
+            scope: TrafficScope::Internal,
+        },
+        endpoints: internal,
+        destinations: cluster_keys
+            .iter()
+            .map(|k| (*k, internal_verdict))
+            .collect(),
+    };
+    let mut listeners = Vec::with_capacity(2);
+    if separate {
+        listeners.push(internal_plan);
+        listeners.push(ListenerPlan {
+            key: ListenerKey {
+                port: spec.name.clone(),
+                family,
+                scope: TrafficScope::External,
+            },
+            endpoints: external,
+            destinations: external_keys
+                .iter()
+                .map(|k| (*k, member_or(k, external_verdict)))
+                .collect(),
+        });
+    } else {
+        internal_plan.destinations.extend(
+            external_keys
+                .iter()
+                .map(|k| (*k, member_or(k, external_verdict))),
+        );
+        listeners.push(internal_plan);
+    }
+    PortPlan {
+        listeners,
+        local_ready: sel.local_ready,
+        no_local_internal: spec.internal_local && internal_verdict == Verdict::Drop,
+        no_local_external: accessible && spec.external_local && external_verdict == Verdict::Drop,
+    }
 }
 
 /// Owns the running state: listeners, balancers and the rule table.
@@ -82,9 +194,24 @@ pub struct Reconciler<N: Nft, L: Listeners> {
     /// Ordered by Service first, so one Service's listeners are a range.
     active: BTreeMap<ListenerKey, ActivePort>,
     rules: RuleTable<N>,
-    /// Ports whose rules are gone from what we want, waiting for a sync that
-    /// succeeds before their listeners close.
+    /// Listeners whose rules are gone from what we want, waiting for a sync
+    /// that succeeds before they close.
     closing: Vec<(ListenerKey, ActivePort)>,
+    /// This node's name and zone as used now.
+    node: NodeTopology,
+    /// Whether `/healthz` may call the node eligible (from the Node object).
+    node_eligible: bool,
+    /// Service ports whose ClusterIP (resp. external) traffic is dropped for
+    /// want of a local endpoint: kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total`.
+    no_local_internal: BTreeSet<ServicePortName>,
+    no_local_external: BTreeSet<ServicePortName>,
+    /// Services with `externalTrafficPolicy: Local` and a
+    /// `healthCheckNodePort`: the port, and their ready local endpoints
+    /// summed over their ports (as kube-proxy counts them).
+    health_checks: BTreeMap<ObjectKey, (u16, usize)>,
+    /// Serves `health_checks` (absent in unit tests).
+    health_servers: Option<Arc<ServiceHealthServers>>,
     /// Proxy ports an earlier instance's table gave each destination; used
     /// for the first listener of each Service port, then dropped.
     adopted: HashMap<Key, u16>,
@@ -114,6 +241,12 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         adopted: HashMap<Key, u16>,
     ) -> Self {
         Reconciler {
+            node: config.node.clone(),
+            node_eligible: true,
+            no_local_internal: BTreeSet::new(),
+            no_local_external: BTreeSet::new(),
+            health_checks: BTreeMap::new(),
+            health_servers: None,
             config,
             state: ClusterState::new(),
             listeners,
@@ -149,7 +282,45 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             Update::ServiceDeleted(k) => self.state.delete_service(&k),
             Update::SliceApplied(s) => self.state.apply_slice(s),
             Update::SliceDeleted(k) => self.state.delete_slice(&k),
+            Update::Nodes(all) => {
+                // Not listed: not seen (yet), which counts as eligible.
+                let mine = all.into_iter().find(|n| n.key.name == self.node.name);
+                let eligible = mine.as_ref().is_none_or(|n| n.eligible);
+                self.apply_node(mine.and_then(|n| n.zone), eligible);
+            }
+            Update::NodeApplied(n) if n.key.name == self.node.name => {
+                self.apply_node(n.zone, n.eligible)
+            }
+            Update::NodeApplied(_) => {}
+            // Deleted: as kube-proxy, a node going away is not eligible.
+            Update::NodeDeleted(k) if k.name == self.node.name => self.apply_node(None, false),
+            Update::NodeDeleted(_) => {}
         }
+    }
+
+    /// What this node's Node object says now: its zone label, and whether
+    /// it may get traffic.
+    fn apply_node(&mut self, zone: Option<String>, eligible: bool) {
+        if eligible != self.node_eligible {
+            info!(node = %self.node.name, eligible, "node eligibility changed");
+            self.node_eligible = eligible;
+            self.observe_node_eligible(eligible);
+        }
+        if self.config.node.zone.is_some() {
+            return;
+        }
+        if zone != self.node.zone {
+            info!(node = %self.node.name, zone = ?zone, "node zone changed; topology hints are applied again");
+            self.node.zone = zone;
+            let all = self.state.all_service_keys();
+            self.pending_keys.extend(all);
+        }
+    }
+
+    /// Serves the health check node ports from now on.
+    pub fn with_service_health(mut self, servers: Arc<ServiceHealthServers>) -> Self {
+        self.health_servers = Some(servers);
+        self
     }
 
     fn needs_retry(&self) -> bool {
@@ -210,11 +381,11 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
 
     /// Stops every listener (shutdown).
     fn stop_listeners(&mut self) {
-        for (name, port) in std::mem::take(&mut self.active) {
-            self.listeners.close_now(&name, port.listener);
+        for (key, port) in std::mem::take(&mut self.active) {
+            self.listeners.close_now(&key, port.listener);
         }
-        for (name, port) in std::mem::take(&mut self.closing) {
-            self.listeners.close_now(&name, port.listener);
+        for (key, port) in std::mem::take(&mut self.closing) {
+            self.listeners.close_now(&key, port.listener);
         }
     }
 
@@ -307,12 +478,13 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     fn reconcile_service(&mut self, key: &ObjectKey) {
         let desired = self.state.service_ports(key, self.config.default_algorithm);
         let served = self.rules.layout().families();
-        let mut wanted: Vec<(ServicePortSpec, IpFamily)> = Vec::new();
+        let mut plans: Vec<(ServicePortSpec, PortPlan)> = Vec::new();
         let mut off: BTreeSet<IpFamily> = BTreeSet::new();
         for spec in desired {
             for family in spec.families() {
                 if served.contains(&family) {
-                    wanted.push((spec.clone(), family));
+                    let plan = plan_port(&spec, &self.node, family);
+                    plans.push((spec.clone(), plan));
                 } else {
                     off.insert(family);
                 }
@@ -324,96 +496,119 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             let families: Vec<String> = off.iter().map(|f| f.to_string()).collect();
             warn!(service = %key, families = %families.join(","), "the Service has ClusterIPs of a family this node has disabled; not served in that family");
         }
-        let wanted_keys: BTreeSet<ListenerKey> = wanted
+        let wanted: BTreeSet<&ListenerKey> = plans
             .iter()
-            .map(|(spec, family)| spec.listener_key(*family))
+            .flat_map(|(_, p)| p.listeners.iter().map(|l| &l.key))
             .collect();
         let gone: Vec<ListenerKey> = self
             .active
             .range(service_range(key))
-            .take_while(|(k, _)| k.port.service == *key)
-            .map(|(k, _)| k.clone())
-            .filter(|k| !wanted_keys.contains(k))
+            .take_while(|(n, _)| n.port.service == *key)
+            .map(|(n, _)| n.clone())
+            .filter(|n| !wanted.contains(n))
             .collect();
-        for lkey in gone {
-            if let Some(port) = self.active.remove(&lkey) {
+        for name in gone {
+            if let Some(port) = self.active.remove(&name) {
                 for d in &port.destinations {
-                    self.rules.release(*d, &lkey.port);
+                    self.rules.release(*d, &name.port);
                 }
-                info!(service_port = %lkey.port, family = %lkey.family, proxy_port = port.listener.port, "service port removed");
-                self.closing.push((lkey, port));
+                info!(listener = %name, proxy_port = port.listener.port, "service port removed");
+                self.closing.push((name, port));
             }
         }
-        for (spec, family) in wanted {
-            if let Err(true) = self.reconcile_port(spec, family) {
-                self.retry.insert(key.clone());
+        self.no_local_internal.retain(|n| n.service != *key);
+        self.no_local_external.retain(|n| n.service != *key);
+        let mut local_ready = 0;
+        for (spec, plan) in plans {
+            local_ready += plan.local_ready;
+            if plan.no_local_internal {
+                self.no_local_internal.insert(spec.name.clone());
             }
+            if plan.no_local_external {
+                self.no_local_external.insert(spec.name.clone());
+            }
+            for listener in plan.listeners {
+                if let Err(true) = self.reconcile_listener(&spec, listener) {
+                    self.retry.insert(key.clone());
+                }
+            }
+        }
+        let health_check = self.state.service(key).and_then(|s| {
+            s.health_check_node_port
+                .filter(|_| s.external_local)
+                .map(|p| (p, local_ready))
+        });
+        let changed = match health_check {
+            Some(hc) => self.health_checks.insert(key.clone(), hc) != Some(hc),
+            None => self.health_checks.remove(key).is_some(),
+        };
+        if changed && let Some(servers) = &self.health_servers {
+            servers.set(key, health_check);
         }
     }
 
-    /// Creates or updates one port's listener of `family`. `Err(true)` asks
-    /// for a retry later.
-    fn reconcile_port(&mut self, spec: ServicePortSpec, family: IpFamily) -> Result<(), bool> {
-        let usable = spec.usable_endpoints_of(family);
-        let destinations = destinations(&spec, family);
-        let lkey = spec.listener_key(family);
-        if !self.active.contains_key(&lkey) {
-            let port = self.start_listener(&lkey, &spec, &destinations)?;
-            self.active.insert(lkey.clone(), port);
+    /// Creates or updates one listener. `Err(true)` asks for a retry later.
+    fn reconcile_listener(
+        &mut self,
+        spec: &ServicePortSpec,
+        plan: ListenerPlan,
+    ) -> Result<(), bool> {
+        let destinations: BTreeSet<Key> = plan.destinations.keys().copied().collect();
+        if !self.active.contains_key(&plan.key) {
+            let port = self.start_listener(&plan.key, spec, &destinations)?;
+            self.active.insert(plan.key.clone(), port);
         }
-        let Some(port) = self.active.get_mut(&lkey) else {
+        let Some(port) = self.active.get_mut(&plan.key) else {
             return Err(true);
         };
-        if port.spec.endpoints != spec.endpoints
+        if port.endpoints != plan.endpoints
             || port.balancer.algorithm() != spec.algorithm
             || port.balancer.session_affinity() != spec.session_affinity
         {
-            debug!(service_port = %spec.name, %family, endpoints = usable.len(), algorithm = %spec.algorithm, session_affinity = %spec.session_affinity, "endpoints updated");
+            debug!(listener = %plan.key, endpoints = plan.endpoints.len(), algorithm = %spec.algorithm, session_affinity = %spec.session_affinity, "endpoints updated");
         }
         port.balancer
-            .update(&usable, spec.algorithm, spec.session_affinity);
+            .update(&plan.endpoints, spec.algorithm, spec.session_affinity);
 
-        let action = if usable.is_empty() {
-            Action::Reject
-        } else {
-            Action::Redirect(port.listener.port)
-        };
         for old in port.destinations.difference(&destinations) {
-            self.rules.release(*old, &spec.name);
+            self.rules.release(*old, &plan.key.port);
         }
-        for d in &destinations {
-            let a = match d {
-                Key::Service(_) | Key::NodePort(..) => action,
-                Key::Guarded(_) | Key::Allow(..) => Action::Member,
+        for (d, verdict) in &plan.destinations {
+            let a = match (d, verdict) {
+                (Key::Guarded(_) | Key::Allow(..), _) => Action::Member,
+                (_, Verdict::Serve) => Action::Redirect(port.listener.port),
+                (_, Verdict::Reject) => Action::Reject,
+                (_, Verdict::Drop) => Action::Drop,
             };
-            self.rules.claim(*d, &spec.name, a);
+            self.rules.claim(*d, &plan.key.port, a);
         }
         port.destinations = destinations;
-        port.spec = spec;
+        port.endpoints = plan.endpoints;
+        port.spec = spec.clone();
         Ok(())
     }
 
     fn start_listener(
         &mut self,
-        lkey: &ListenerKey,
+        key: &ListenerKey,
         spec: &ServicePortSpec,
         destinations: &BTreeSet<Key>,
     ) -> Result<ActivePort, bool> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
-        let listener = match self.listeners.open(lkey, Arc::clone(&balancer), adopt) {
+        let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {
-                debug!(service_port = %spec.name, %protocol, "only TCP is proxied so far; port not proxied");
+                debug!(listener = %key, %protocol, "only TCP and UDP are proxied; port not proxied");
                 return Err(false);
             }
             Err(e) => {
-                error!(service_port = %spec.name, family = %lkey.family, error = %e, "cannot open a listener; retrying");
+                error!(listener = %key, error = %e, "cannot open a listener; retrying");
                 return Err(true);
             }
         };
         self.rules.set_proxy_port(
-            lkey.family,
+            key.family,
             ProxyPort {
                 protocol: spec.name.protocol,
                 port: listener.port,
@@ -421,10 +616,9 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             true,
         );
         let cluster_ips: Vec<IpAddr> =
-            ServicePortSpec::of_family(&spec.cluster_ips, lkey.family).collect();
+            ServicePortSpec::of_family(&spec.cluster_ips, key.family).collect();
         info!(
-            service_port = %spec.name,
-            family = %lkey.family,
+            listener = %key,
             proxy_port = listener.port,
             adopted = adopt == Some(listener.port),
             cluster_ips = ?cluster_ips,
@@ -437,6 +631,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             listener,
             balancer,
             destinations: BTreeSet::new(),
+            endpoints: Vec::new(),
         })
     }
 }
@@ -499,6 +694,7 @@ fn service_range(key: &ObjectKey) -> (Bound<ListenerKey>, Bound<ListenerKey>) {
             protocol: Protocol::Tcp,
         },
         family: IpFamily::V4,
+        scope: TrafficScope::Internal,
     };
     (Bound::Included(lo), Bound::Unbounded)
 }
@@ -508,7 +704,13 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::model::{PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort};
+    use crate::model::{NodeInfo, PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort};
+
+    impl<N: Nft, L: Listeners> Reconciler<N, L> {
+        fn observer_health_eligible(&self) -> bool {
+            self.observer.health_check().node_eligible
+        }
+    }
     use crate::rules::fake::FakeNft;
     use crate::rules::{Instance, Layout};
 
@@ -594,6 +796,8 @@ mod tests {
                 serving: true,
                 terminating: false,
                 node_name: None,
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
             }],
         }
     }
@@ -634,6 +838,10 @@ mod tests {
             ReconcilerConfig {
                 default_algorithm: Algorithm::RoundRobin,
                 sync_period: Duration::from_secs(30),
+                node: NodeTopology {
+                    name: "node-a".into(),
+                    zone: None,
+                },
             },
             RuleTable::new(fake.clone(), layout),
             listeners.clone(),
@@ -1032,5 +1240,212 @@ mod tests {
             protocol: Protocol::Tcp,
             port: 80,
         })));
+    }
+
+    fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
+        let mut s = slice(service, "10.1.0.1");
+        s.endpoints = endpoints
+            .iter()
+            .map(|(ip, node, ready)| SliceEndpoint {
+                address: ip.parse().unwrap(),
+                ready: *ready,
+                serving: true,
+                terminating: !*ready,
+                node_name: Some(node.to_string()),
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
+            })
+            .collect();
+        s
+    }
+
+    fn node_port_v4(port: u16) -> Key {
+        Key::NodePort(
+            IpFamily::V4,
+            ProxyPort {
+                protocol: Protocol::Tcp,
+                port,
+            },
+        )
+    }
+
+    fn with_node_port(mut s: ServiceInfo) -> ServiceInfo {
+        s.ports[0].node_port = Some(30080);
+        s
+    }
+
+    fn kernel(fake: &FakeNft, key: &Key) -> Option<Action> {
+        fake.table()?.elements.get(key).copied()
+    }
+
+    #[tokio::test]
+    async fn internal_local_without_local_endpoints_drops_and_without_any_rejects() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        let mut svc = service("web", "10.96.0.10");
+        svc.internal_local = true;
+        load(
+            &mut r,
+            vec![svc.clone()],
+            vec![slice_on("web", &[("10.1.0.2", "node-b", true)])],
+        )
+        .await;
+        assert_eq!(kernel(&fake, &dest("10.96.0.10")), Some(Action::Drop));
+        assert_eq!(r.no_local_internal.len(), 1);
+        // A local endpoint: served by it alone.
+        load(
+            &mut r,
+            vec![svc.clone()],
+            vec![slice_on(
+                "web",
+                &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", true)],
+            )],
+        )
+        .await;
+        assert!(matches!(
+            kernel(&fake, &dest("10.96.0.10")),
+            Some(Action::Redirect(_))
+        ));
+        assert!(r.no_local_internal.is_empty());
+        // No usable endpoint anywhere: refused, as without the policy.
+        load(&mut r, vec![svc], vec![slice_on("web", &[])]).await;
+        assert_eq!(kernel(&fake, &dest("10.96.0.10")), Some(Action::Reject));
+    }
+
+    #[tokio::test]
+    async fn external_local_gets_a_listener_of_its_own_with_local_endpoints() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        let mut svc = with_node_port(service("web", "10.96.0.10"));
+        svc.external_local = true;
+        svc.health_check_node_port = Some(32000);
+        load(
+            &mut r,
+            vec![svc.clone()],
+            vec![slice_on("web", &[("10.1.0.2", "node-b", true)])],
+        )
+        .await;
+        // ClusterIP traffic goes to the remote endpoint; the node port is
+        // dropped (no local endpoint).
+        assert!(matches!(
+            kernel(&fake, &dest("10.96.0.10")),
+            Some(Action::Redirect(_))
+        ));
+        assert_eq!(kernel(&fake, &node_port_v4(30080)), Some(Action::Drop));
+        assert_eq!(r.no_local_external.len(), 1);
+        assert_eq!(
+            r.health_checks.get(&ObjectKey::new("default", "web")),
+            Some(&(32000, 0))
+        );
+        assert_eq!(listeners.log().open.len(), 2);
+
+        load(
+            &mut r,
+            vec![svc.clone()],
+            vec![slice_on(
+                "web",
+                &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", true)],
+            )],
+        )
+        .await;
+        let (Some(Action::Redirect(cluster)), Some(Action::Redirect(external))) = (
+            kernel(&fake, &dest("10.96.0.10")),
+            kernel(&fake, &node_port_v4(30080)),
+        ) else {
+            panic!("both redirected: {:?}", fake.table());
+        };
+        assert_ne!(cluster, external, "external traffic has its own listener");
+        let ext = r
+            .active
+            .values()
+            .find(|p| p.listener.port == external)
+            .unwrap();
+        assert_eq!(ext.endpoints, ["10.1.0.1:8080".parse().unwrap()]);
+        assert_eq!(
+            r.health_checks.get(&ObjectKey::new("default", "web")),
+            Some(&(32000, 1))
+        );
+
+        // Back to Cluster: one listener again, the other closes after the
+        // sync that moved the node port.
+        svc.external_local = false;
+        load(
+            &mut r,
+            vec![svc],
+            vec![slice_on("web", &[("10.1.0.2", "node-b", true)])],
+        )
+        .await;
+        assert_eq!(
+            kernel(&fake, &node_port_v4(30080)),
+            Some(Action::Redirect(cluster))
+        );
+        assert_eq!(listeners.log().closed, [external]);
+        assert!(r.health_checks.is_empty());
+        assert!(r.no_local_external.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_local_set_falls_back_to_terminating_local_endpoints() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        let mut svc = service("web", "10.96.0.10");
+        svc.internal_local = true;
+        load(
+            &mut r,
+            vec![svc],
+            vec![slice_on(
+                "web",
+                &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", false)],
+            )],
+        )
+        .await;
+        let port = r.active.values().next().unwrap();
+        assert_eq!(port.endpoints, ["10.1.0.1:8080".parse().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn a_node_object_sets_the_zone_and_eligibility() {
+        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+        let mut r = reconciler(&fake, &listeners, HashMap::new());
+        // A list without this node's object: not seen, eligible.
+        r.receive(Update::Nodes(vec![]));
+        assert!(r.node_eligible);
+        let mut s = slice_on(
+            "web",
+            &[("10.1.0.1", "node-a", true), ("10.1.0.2", "node-b", true)],
+        );
+        s.endpoints[0].zone_hints = vec!["z1".into()];
+        s.endpoints[1].zone_hints = vec!["z2".into()];
+        load(&mut r, vec![service("web", "10.96.0.10")], vec![s]).await;
+        assert_eq!(r.active.values().next().unwrap().endpoints.len(), 2);
+        r.receive(Update::Nodes(vec![NodeInfo {
+            key: ObjectKey::new("", "node-a"),
+            zone: Some("z2".into()),
+            eligible: false,
+        }]));
+        r.sync().await;
+        assert_eq!(
+            r.active.values().next().unwrap().endpoints,
+            ["10.1.0.2:8080".parse().unwrap()]
+        );
+        assert!(!r.node_eligible);
+        assert!(!r.observer_health_eligible());
+        // Another node's object changes nothing.
+        r.receive(Update::NodeApplied(NodeInfo {
+            key: ObjectKey::new("", "node-b"),
+            zone: Some("z1".into()),
+            eligible: true,
+        }));
+        r.sync().await;
+        assert!(!r.node_eligible);
+        // Eligible again, then deleted: not eligible.
+        r.receive(Update::NodeApplied(NodeInfo {
+            key: ObjectKey::new("", "node-a"),
+            zone: Some("z2".into()),
+            eligible: true,
+        }));
+        assert!(r.node_eligible);
+        r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
+        assert!(!r.node_eligible);
     }
 }

@@ -1929,3 +1929,40 @@ fn a_backend_reaches_its_own_service_when_chosen_as_the_endpoint() {
         }
     }
 }
+
+#[test]
+fn external_traffic_policy_local_sends_udp_node_port_flows_to_local_endpoints_only() {
+    if !lab::require_root_and_nft(
+        "external_traffic_policy_local_sends_udp_node_port_flows_to_local_endpoints_only",
+    ) {
+        return;
+    }
+    // The ClusterIP and the node port arrive at the proxy address alike:
+    // only a listener of its own tells the node port's flows apart.
+    let bed = Bed::new("etp-udp", 2);
+    let remote = EndpointManifest {
+        node_name: Some("node-2".to_string()),
+        ..ep(1)
+    };
+    let svc =
+        node_port_svc("np", VIP_B, vec![ep(0), remote]).with_traffic_policies("Cluster", "Local");
+    let (mut proxy, _) = bed.start(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
+    let names = |to: SocketAddr| -> BTreeSet<String> {
+        (0..8)
+            .map(|i| first_answer(bed.client(), to, &format!("flow {i} to {to}")).name)
+            .collect()
+    };
+    let node_port = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
+    assert_eq!(
+        names(node_port),
+        BTreeSet::from([backend_name(0)]),
+        "UDP node port flows under externalTrafficPolicy=Local: the endpoint on node-1 only"
+    );
+    assert_eq!(
+        names(SocketAddr::from((VIP_B, SVC_PORT))),
+        BTreeSet::from([backend_name(0), backend_name(1)]),
+        "UDP ClusterIP flows: every endpoint"
+    );
+    proxy.assert_running("end");
+}

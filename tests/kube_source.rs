@@ -46,8 +46,9 @@ use uproxy_lab::{self as lab, Netns, backend_addr};
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(40);
 /// Pause between two samples of the nft map while a disturbance goes on.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
-/// The proxy watches two kinds (Services and EndpointSlices).
-const WATCHERS: usize = 2;
+/// The proxy watches three kinds (Services, EndpointSlices, and its own
+/// Node).
+const WATCHERS: usize = 3;
 
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
@@ -213,15 +214,23 @@ impl Env {
 
     /// Starts `kube-uproxy --kubeconfig …` in the node namespace.
     fn start_proxy(&mut self) {
+        self.start_proxy_with(&[]);
+    }
+
+    /// Starts `kube-uproxy --kubeconfig … <extra>` in the node namespace.
+    fn start_proxy_with(&mut self, extra: &[&str]) {
         let kubeconfig = self.bed.dir.join("kubeconfig");
         self.api
             .write_kubeconfig(&kubeconfig)
             .expect("writing the kubeconfig");
-        self.proxy = Some(ProxyProcess::start(
+        self.proxy = Some(ProxyProcess::start_with(
             self.bed.node(),
             &self.bed.dir,
+            "kube-uproxy",
             "--kubeconfig",
             &kubeconfig,
+            extra,
+            &[],
         ));
     }
 
@@ -233,13 +242,13 @@ impl Env {
 
     /// Polls `cond` every 20 ms until it holds; panics after `timeout` with
     /// `why` and the last `detail`.
-    /// Cuts both watches and keeps them down: returns once both watchers
+    /// Cuts every watch and keeps them down: returns once all watchers
     /// are trying to re-watch and the double is holding those requests.
     fn cut_watches(&mut self) {
         self.api.pause_watches();
         self.api.drop_watches();
         self.wait_until(
-            "both watchers trying to re-watch after drop_watches",
+            "every watcher trying to re-watch after drop_watches",
             RECOVER_TIMEOUT,
             |env| {
                 let (open, held) = (env.api.open_watches(), env.api.held_watches());
@@ -605,7 +614,7 @@ fn dropped_watch_catches_up_and_disturbs_nothing() {
 
     let node = env.node().clone();
     let samples = sample_rules_during(&node, || {
-        // Cut both watches and keep them down while the changes are made.
+        // Cut every watch and keep them down while the changes are made.
         env.cut_watches();
         env.api.apply(slice("web", &[(2, true)]));
         env.api.apply(service("new", VIP_C));
@@ -619,7 +628,7 @@ fn dropped_watch_catches_up_and_disturbs_nothing() {
         // Give the proxy time to act on anything it wrongly made of the cut.
         thread::sleep(Duration::from_millis(500));
         env.api.resume_watches();
-        env.wait_watching("both watches re-opened", RECOVER_TIMEOUT);
+        env.wait_watching("every watch re-opened", RECOVER_TIMEOUT);
 
         env.wait_redirect(VIP_C, true, "Service new, created while the watch was down");
         env.wait_redirect(
@@ -700,7 +709,7 @@ fn gone_410_relists_and_disturbs_nothing() {
         env.api.resume_watches();
 
         env.wait_until(
-            "both watchers relisting after 410 Gone",
+            "every watcher relisting after 410 Gone",
             RECOVER_TIMEOUT,
             |env| {
                 let lists = env.api.list_requests() - lists_before;
@@ -723,7 +732,7 @@ fn gone_410_relists_and_disturbs_nothing() {
         );
 
         // Watching again after the relist: a new Service is picked up live.
-        env.wait_watching("both watches re-opened after the relist", RECOVER_TIMEOUT);
+        env.wait_watching("every watch re-opened after the relist", RECOVER_TIMEOUT);
         env.api.apply(service("new", VIP_C));
         env.api.apply(slice("new", &[(1, true)]));
         env.wait_redirect(VIP_C, true, "Service new, created after the relist");
@@ -750,4 +759,86 @@ fn gone_410_relists_and_disturbs_nothing() {
         backend_name(0)
     );
     close(held);
+}
+
+// ---------------------------------------------------------------------------
+// 4. The proxy's own Node object.
+
+/// Node `name`, with the cluster autoscaler's taint when `to_be_deleted`.
+fn node_object(name: &str, to_be_deleted: bool) -> Value {
+    let mut n = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+        "spec": {}
+    });
+    if to_be_deleted {
+        n["spec"]["taints"] = json!([
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+        ]);
+    }
+    n
+}
+
+/// `GET /healthz` on the node's own 127.0.0.1:10256: status and body.
+fn healthz(node: &Netns) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10256));
+    let mut s = node
+        .tcp_connect(addr, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status: {text:?}"))?;
+    Ok((code, text))
+}
+
+#[test]
+fn the_nodes_autoscaler_taint_from_the_api_makes_healthz_not_eligible() {
+    if !lab::require_root_and_nft(
+        "the_nodes_autoscaler_taint_from_the_api_makes_healthz_not_eligible",
+    ) {
+        return;
+    }
+    let mut env = Env::new("kube-node", 1);
+    env.api.apply(service("web", VIP_A));
+    env.api.apply(slice("web", &[(0, true)]));
+    env.api.apply(node_object("node-1", false));
+    // Another node's taint must not count.
+    env.api.apply(node_object("node-2", true));
+    env.start_proxy_with(&["--hostname-override", "node-1"]);
+    env.wait_redirect(VIP_A, true, "web programmed");
+    env.wait_until(
+        "/healthz 200 and eligible",
+        READY_TIMEOUT,
+        |env| match healthz(env.node())? {
+            (200, body) if body.contains("\"nodeEligible\":true") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    env.api.apply(node_object("node-1", true));
+    env.wait_until(
+        "/healthz 503 once node-1 carries ToBeDeletedByClusterAutoscaler",
+        READY_TIMEOUT,
+        |env| match healthz(env.node())? {
+            (503, body) if body.contains("\"nodeEligible\":false") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(
+        who_or_panic(
+            env.client(),
+            vip(VIP_A),
+            "web while the node is not eligible"
+        ),
+        backend_name(0)
+    );
 }

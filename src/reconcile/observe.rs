@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{ActivePort, Reconciler, destinations};
+use super::{ActivePort, Reconciler};
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::model::{ListenerKey, ObjectKey, ServicePortSpec};
@@ -55,6 +55,14 @@ impl Default for Observer {
             pending_services: HashSet::new(),
             pending_endpoints: HashSet::new(),
         }
+    }
+}
+
+impl Observer {
+    /// The `/healthz` verdict as of now (unit tests).
+    #[cfg(test)]
+    pub(super) fn health_check(&self) -> crate::health::Verdict {
+        self.health.check(false)
     }
 }
 
@@ -156,6 +164,12 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             m.network_programmed(now.saturating_duration_since(at));
         }
         self.observer.health.updated();
+        m.no_local_endpoints(self.no_local_internal.len(), self.no_local_external.len());
+    }
+
+    /// The Node object says whether `/healthz` may call the node eligible.
+    pub(super) fn observe_node_eligible(&self, eligible: bool) {
+        self.observer.health.set_node_eligible(eligible);
     }
 
     /// The drift check found the kernel's table changed.
@@ -202,29 +216,24 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     ) -> PortReport {
         let (name, family) = (&key.port, key.family);
         let spec = &port.spec;
-        let usable = spec.usable_endpoints_of(family);
+        let usable = &port.endpoints;
         let open: HashMap<SocketAddr, usize> = port
             .balancer
             .endpoints()
             .iter()
             .map(|e| (e.addr, e.active()))
             .collect();
-        let mine = if usable.is_empty() {
-            Action::Reject
-        } else {
-            Action::Redirect(port.listener.port)
-        };
-        // What this port's ClusterIPs get (its destinations; a closing
-        // port released them, so look at what it would have claimed).
-        let dests: Vec<Key> = destinations(spec, family).into_iter().collect();
+        // What this listener's first key gets (a closing listener
+        // released its keys: it has none left to show).
+        let dests: Vec<Key> = port.destinations.iter().copied().collect();
         let rule = match dests.first().map(|d| self.rules.desired(d)) {
             None => "none",
             Some(_) if state != "active" => "removed",
-            Some(Some(a)) if a == mine => match a {
-                Action::Redirect(_) => "redirect",
-                _ => "reject",
-            },
-            Some(Some(_)) => "held by another Service port",
+            Some(Some(Action::Redirect(p))) if p == port.listener.port => "redirect",
+            Some(Some(Action::Redirect(_))) => "held by another Service port",
+            Some(Some(Action::Reject)) => "reject",
+            Some(Some(Action::Drop)) => "drop (no local endpoint)",
+            Some(Some(Action::Member)) => "member",
             Some(None) => "none",
         };
         let rule_applied = dests
@@ -242,7 +251,10 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             port: spec.port,
             proxy_port: port.listener.port,
             algorithm: spec.algorithm.to_string(),
-            state: state.to_string(),
+            state: match key.scope {
+                crate::model::TrafficScope::Internal => state.to_string(),
+                crate::model::TrafficScope::External => format!("{state} (external traffic)"),
+            },
             rule: rule.to_string(),
             rule_applied,
             open_connections: self.observer.metrics.active_connections(name).unwrap_or(0),

@@ -21,7 +21,8 @@ use ipnet::IpNet;
 use super::render::{
     Action, Destination, Key, MAP_NODE_PORTS, MAP_SERVICE_PORTS, ProxyPort, SET_INSTANCE,
     SET_LB_ALLOWED, SET_LB_GUARDED, SET_NO_ENDPOINT_NODEPORTS, SET_NO_ENDPOINTS,
-    SET_NODEPORT_ADDRESSES, SET_PROXY_PORTS, TABLE,
+    SET_NO_LOCAL_ENDPOINT_NODEPORTS, SET_NO_LOCAL_ENDPOINTS, SET_NODEPORT_ADDRESSES,
+    SET_PROXY_PORTS, TABLE,
 };
 use crate::model::{IpFamily, Protocol};
 
@@ -285,6 +286,11 @@ pub(crate) fn parse_element(
         SET_NO_ENDPOINT_NODEPORTS => (
             Key::NodePort(family, parse_port_key(elem_key(e))?),
             Action::Reject,
+        ),
+        SET_NO_LOCAL_ENDPOINTS => (Key::Service(parse_dest(elem_key(e))?), Action::Drop),
+        SET_NO_LOCAL_ENDPOINT_NODEPORTS => (
+            Key::NodePort(family, parse_port_key(elem_key(e))?),
+            Action::Drop,
         ),
         SET_LB_GUARDED => (Key::Guarded(parse_dest(elem_key(e))?), Action::Member),
         SET_LB_ALLOWED => {

@@ -13,6 +13,8 @@
 //!   set no-endpoints           { ipv4_addr . inet_proto . inet_service }                 refused
 //!   map node-ports             { inet_proto . inet_service : inet_service }              node port → proxy port
 //!   set no-endpoint-nodeports  { inet_proto . inet_service }                             refused
+//!   set no-local-endpoints     { ipv4_addr . inet_proto . inet_service }                 dropped (Local policy, no local endpoint)
+//!   set no-local-endpoint-nodeports { inet_proto . inet_service }                        dropped (the same, node ports)
 //!   set lb-guarded             { ipv4_addr . inet_proto . inet_service }                 LB IPs with source ranges
 //!   set lb-allowed             { ipv4_addr . inet_proto . inet_service . ipv4_addr }     (interval) their allowed sources
 //!   set proxy-ports            { inet_proto . inet_service }                             the listeners (guarded)
@@ -20,9 +22,9 @@
 //!   set instance               { mark; comment "…" }                                     the writer (see `Instance`)
 //!
 //!   chain filter-prerouting { filter prerouting -110: LB source ranges (drop) }
-//!   chain filter-input      { filter input -110: refusals (Service, node port), proxy-port guard }
-//!   chain filter-forward    { filter forward -110: refusals (Service) }
-//!   chain filter-output     { filter output -110: refusals (Service, node port) }
+//!   chain filter-input      { filter input -110: refusals and drops (Service, node port), proxy-port guard }
+//!   chain filter-forward    { filter forward -110: refusals and drops (Service) }
+//!   chain filter-output     { filter output -110: refusals and drops (Service, node port) }
 //!   chain nat-prerouting    { nat prerouting dstnat: DNAT Service, DNAT node port }
 //!   chain nat-output        { nat output -100: the same }
 //! }
@@ -67,6 +69,11 @@ pub const SET_NO_ENDPOINTS: &str = "no-endpoints";
 pub const MAP_NODE_PORTS: &str = "node-ports";
 /// Set of node ports whose Service has no usable endpoint.
 pub const SET_NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+/// Set of destinations dropped: a `Local` traffic policy and no endpoint
+/// on this node (while other nodes have some).
+pub const SET_NO_LOCAL_ENDPOINTS: &str = "no-local-endpoints";
+/// The same for node ports.
+pub const SET_NO_LOCAL_ENDPOINT_NODEPORTS: &str = "no-local-endpoint-nodeports";
 /// Set of LB destinations that only some sources may use.
 pub const SET_LB_GUARDED: &str = "lb-guarded";
 /// Set of (LB destination . source range) that may pass.
@@ -127,10 +134,10 @@ pub fn rules_in_chain(name: &str) -> usize {
     match name {
         "filter-prerouting" => 1,
         // Refusals of Service destinations and of node ports (TCP reset,
-        // ICMP for the rest), and the port guard.
-        "filter-input" => 5,
-        "filter-forward" => 2,
-        "filter-output" => 4,
+        // ICMP for the rest), their drops, and the port guard.
+        "filter-input" => 7,
+        "filter-forward" => 3,
+        "filter-output" => 6,
         _ => 2,
     }
 }
@@ -278,6 +285,8 @@ pub enum Action {
     Redirect(u16),
     /// Refuse: the Service port has no usable endpoint.
     Reject,
+    /// Drop: a `Local` traffic policy and no endpoint on this node.
+    Drop,
     /// Be in the set (guards and allowed ranges).
     Member,
 }
@@ -382,8 +391,10 @@ pub fn element_of(key: &Key, action: Action) -> (&'static str, Expression<'stati
         (Key::Service(d), Action::Redirect(p)) => {
             (MAP_SERVICE_PORTS, with_port(concat(dest_parts(d)), p))
         }
+        (Key::Service(d), Action::Drop) => (SET_NO_LOCAL_ENDPOINTS, concat(dest_parts(d))),
         (Key::Service(d), _) => (SET_NO_ENDPOINTS, concat(dest_parts(d))),
         (Key::NodePort(_, n), Action::Redirect(p)) => (MAP_NODE_PORTS, with_port(port_value(n), p)),
+        (Key::NodePort(_, n), Action::Drop) => (SET_NO_LOCAL_ENDPOINT_NODEPORTS, port_value(n)),
         (Key::NodePort(_, n), _) => (SET_NO_ENDPOINT_NODEPORTS, port_value(n)),
         (Key::Guarded(d), _) => (SET_LB_GUARDED, concat(dest_parts(d))),
         (Key::Allow(d, net), _) => {
@@ -543,16 +554,21 @@ fn reject_rules(
     [rule(f, chain, tcp), rule(f, chain, other)]
 }
 
-fn service_refusals(f: IpFamily, chain: &'static str) -> [Rule<'static>; 2] {
-    reject_rules(
-        f,
-        chain,
-        vec![matches(
-            dest_key_expr(f),
-            Operator::EQ,
-            set_ref(SET_NO_ENDPOINTS),
-        )],
-    )
+/// A new flow for a Service port whose `Local` traffic policy finds no
+/// endpoint on this node is dropped, as kube-proxy does (the client
+/// retries, perhaps through another node).
+fn drop_rule(f: IpFamily, chain: &'static str, lookup: Vec<Statement<'static>>) -> Rule<'static> {
+    let mut expr = vec![ct_state_new()];
+    expr.extend(lookup);
+    expr.push(Statement::Drop(Some(nftables::stmt::Drop {})));
+    rule(f, chain, expr)
+}
+
+fn service_refusals(f: IpFamily, chain: &'static str) -> Vec<Rule<'static>> {
+    let lookup = |set: &'static str| vec![matches(dest_key_expr(f), Operator::EQ, set_ref(set))];
+    let mut out = reject_rules(f, chain, lookup(SET_NO_ENDPOINTS)).to_vec();
+    out.push(drop_rule(f, chain, lookup(SET_NO_LOCAL_ENDPOINTS)));
+    out
 }
 
 fn node_port_refusals(
@@ -560,14 +576,15 @@ fn node_port_refusals(
     proxy: IpAddr,
     chain: &'static str,
     layout: &Layout,
-) -> [Rule<'static>; 2] {
-    let mut lookup = node_address_matches(f, proxy, layout);
-    lookup.push(matches(
-        port_key_expr(),
-        Operator::EQ,
-        set_ref(SET_NO_ENDPOINT_NODEPORTS),
-    ));
-    reject_rules(f, chain, lookup)
+) -> Vec<Rule<'static>> {
+    let lookup = |set: &'static str| {
+        let mut l = node_address_matches(f, proxy, layout);
+        l.push(matches(port_key_expr(), Operator::EQ, set_ref(set)));
+        l
+    };
+    let mut out = reject_rules(f, chain, lookup(SET_NO_ENDPOINT_NODEPORTS)).to_vec();
+    out.push(drop_rule(f, chain, lookup(SET_NO_LOCAL_ENDPOINT_NODEPORTS)));
+    out
 }
 
 /// `ct state new ip daddr . meta l4proto . th dport @lb-guarded ip daddr .
@@ -759,6 +776,24 @@ fn full_family(
         ),
         set_object(
             f,
+            SET_NO_LOCAL_ENDPOINTS,
+            concat_type(dest_type(f)),
+            None,
+            false,
+            take(SET_NO_LOCAL_ENDPOINTS),
+            "Local traffic policy, no endpoint on this node: dropped".into(),
+        ),
+        set_object(
+            f,
+            SET_NO_LOCAL_ENDPOINT_NODEPORTS,
+            concat_type(PORT.to_vec()),
+            None,
+            false,
+            take(SET_NO_LOCAL_ENDPOINT_NODEPORTS),
+            "node ports of those: dropped".into(),
+        ),
+        set_object(
+            f,
             SET_LB_GUARDED,
             concat_type(dest_type(f)),
             None,
@@ -825,14 +860,14 @@ fn full_family(
         let rules: Vec<Rule<'static>> = match name {
             "filter-prerouting" => vec![source_range_rule(f)],
             "filter-input" => {
-                let mut r = service_refusals(f, name).to_vec();
+                let mut r = service_refusals(f, name);
                 r.extend(node_port_refusals(f, proxy, name, layout));
                 r.push(proxy_port_guard_rule(f, proxy));
                 r
             }
-            "filter-forward" => service_refusals(f, name).to_vec(),
+            "filter-forward" => service_refusals(f, name),
             "filter-output" => {
-                let mut r = service_refusals(f, name).to_vec();
+                let mut r = service_refusals(f, name);
                 r.extend(node_port_refusals(f, proxy, name, layout));
                 r
             }

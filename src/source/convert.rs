@@ -15,12 +15,12 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Algorithm, IpFamily, ObjectKey, PortSpec, Protocol, ServiceInfo, SessionAffinity,
+    Algorithm, IpFamily, NodeInfo, ObjectKey, PortSpec, Protocol, ServiceInfo, SessionAffinity,
     SliceEndpoint, SliceInfo, SlicePort,
 };
 
@@ -39,6 +39,10 @@ pub const ANNOTATION_LB_ALGORITHM: &str = "kube-uproxy.io/lb-algorithm";
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The older name of [`ANNOTATION_TOPOLOGY_MODE`].
 pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// The Node label naming its zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// The taint the cluster autoscaler puts on a Node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 /// At most this many skipped endpoints of one slice are named one by one;
 /// the rest are counted in one more notice, so that a slice full of bad
 /// addresses costs a few log lines, not thousands.
@@ -248,6 +252,46 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
 
     let mut notices = unhonoured(svc, &ports);
     let session_affinity = session_affinity(spec, &mut notices);
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            notices.push(Notice::new(
+                "spec.internalTrafficPolicy",
+                format!("unknown policy {other:?}; Cluster is used"),
+            ));
+            false
+        }
+    };
+    let external_policy_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            notices.push(Notice::new(
+                "spec.externalTrafficPolicy",
+                format!("unknown policy {other:?}; Cluster is used"),
+            ));
+            false
+        }
+    };
+    // As kube-proxy: the external policy matters only for a Service that
+    // can be reached from outside.
+    let externally_accessible = matches!(type_, "NodePort" | "LoadBalancer")
+        || spec.external_ips.as_ref().is_some_and(|v| !v.is_empty());
+    let external_local = external_policy_local && externally_accessible;
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if external_local => match parse_port(p) {
+            Some(p) => Some(p),
+            None => {
+                notices.push(Notice::new(
+                    "spec.healthCheckNodePort",
+                    format!("{p} is not a port number (1-65535); no health check is served"),
+                ));
+                None
+            }
+        },
+        _ => None,
+    };
     let external_ips = addresses(
         spec.external_ips
             .iter()
@@ -320,6 +364,9 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
             lb_ips,
             lb_source_ranges,
             session_affinity,
+            internal_local,
+            external_local,
+            health_check_node_port,
         },
         notices,
     }))
@@ -411,9 +458,9 @@ fn annotation<'a>(meta: &'a ObjectMeta, name: &str) -> Option<&'a str> {
 /// are the converted `spec.ports`, in order.
 fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
     let mut out = Vec::new();
-    let Some(spec) = svc.spec.as_ref() else {
+    if svc.spec.is_none() {
         return out;
-    };
+    }
     let hostnames: Vec<&str> = svc
         .status
         .as_ref()
@@ -432,37 +479,6 @@ fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
                 hostnames.join(", ")
             ),
         ));
-    }
-    if spec.internal_traffic_policy.as_deref() == Some("Local") {
-        out.push(Notice::new(
-            "spec.internalTrafficPolicy",
-            "Local is not honoured yet: ClusterIP traffic goes to endpoints on every node",
-        ));
-    }
-    if spec.external_traffic_policy.as_deref() == Some("Local") {
-        out.push(Notice::new(
-            "spec.externalTrafficPolicy",
-            "Local is not honoured yet: external traffic is not served, and no health check port is opened",
-        ));
-    }
-    if let Some(d) = spec.traffic_distribution.as_deref() {
-        out.push(Notice::new(
-            "spec.trafficDistribution",
-            format!("{d} is not honoured yet: endpoints in every zone and on every node are used"),
-        ));
-    }
-    // Topology hints are only written into slices for Services that ask
-    // for them (this annotation, or trafficDistribution above), so the
-    // Service is where they are reported, once, not once per slice.
-    for name in [ANNOTATION_TOPOLOGY_MODE, ANNOTATION_TOPOLOGY_AWARE_HINTS] {
-        if let Some(v) = annotation(&svc.metadata, name)
-            .filter(|v| !v.is_empty() && !v.eq_ignore_ascii_case("disabled"))
-        {
-            out.push(Notice::new(
-                format!("metadata.annotations[{name}]"),
-                format!("{v}: topology hints are not honoured yet: every endpoint is used"),
-            ));
-        }
     }
     for (i, p) in ports.iter().enumerate() {
         if p.protocol == Protocol::Sctp {
@@ -578,6 +594,18 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
             serving: cond.and_then(|c| c.serving).unwrap_or(ready),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone(),
+            zone_hints: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_nodes.iter().flatten())
+                .map(|n| n.name.clone())
+                .collect(),
         });
     }
 
@@ -600,6 +628,40 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
         },
         notices,
     }))
+}
+
+/// Converts a Node: its zone and whether it is eligible for traffic
+/// (kube-proxy's `/healthz` rule: not being deleted, no
+/// `ToBeDeletedByClusterAutoscaler` taint).
+pub fn node(node: &Node) -> Result<NodeInfo, InvalidObject> {
+    const KIND: &str = "Node";
+    let meta = &node.metadata;
+    let name = meta
+        .name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| InvalidObject {
+            kind: KIND,
+            object: meta.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+            field: "metadata.name".into(),
+            message: "missing".into(),
+        })?;
+    let zone = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_ZONE))
+        .filter(|z| !z.is_empty())
+        .cloned();
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
+    Ok(NodeInfo {
+        key: ObjectKey::new("", name),
+        zone,
+        eligible: meta.deletion_timestamp.is_none() && !tainted,
+    })
 }
 
 /// The address of one endpoint, or the field at fault and why. Like
@@ -750,19 +812,74 @@ mod tests {
     }
 
     #[test]
-    fn topology_hints_are_noticed() {
+    fn traffic_policies_and_health_check_port_are_read() {
         let s = service(&svc(json!({
             "metadata": {"name": "web", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
-            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [{"port": 80, "nodePort": 30080}]}
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "internalTrafficPolicy": "Local", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 32000, "trafficDistribution": "PreferSameZone",
+                     "ports": [{"port": 80, "nodePort": 30080}]}
         })))
         .unwrap()
         .unwrap();
-        let fields: Vec<&str> = s.notices.iter().map(|n| n.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            vec!["metadata.annotations[service.kubernetes.io/topology-mode]"]
-        );
-        assert_eq!(s.info.ports[0].node_port, Some(30080));
+        assert_eq!(s.notices, vec![], "topology and policies are honoured");
+        assert!(s.info.internal_local && s.info.external_local);
+        assert_eq!(s.info.health_check_node_port, Some(32000));
+        // A ClusterIP Service without externalIPs cannot be reached from
+        // outside: its external policy does not matter (kube-proxy).
+        let s = service(&svc(json!({
+            "metadata": {"name": "web"},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                     "ports": [{"port": 80}]}
+        })))
+        .unwrap()
+        .unwrap();
+        assert!(!s.info.external_local);
+        assert_eq!(s.info.health_check_node_port, None);
+        // An unknown policy is a notice, and Cluster serves.
+        let s = service(&svc(json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Nearby",
+                     "ports": [{"port": 80}]}
+        })))
+        .unwrap()
+        .unwrap();
+        assert!(!s.info.internal_local);
+        assert_eq!(s.notices[0].field, "spec.internalTrafficPolicy");
+    }
+
+    #[test]
+    fn endpoint_hints_and_nodes_are_read() {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "web-a", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "node-a",
+                           "hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "node-a"}]}}],
+            "ports": [{"port": 80}]
+        }))
+        .unwrap();
+        let s = endpoint_slice(&slice).unwrap().unwrap();
+        let e = &s.info.endpoints[0];
+        assert_eq!(e.zone_hints, ["z1"]);
+        assert_eq!(e.node_hints, ["node-a"]);
+        let n: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
+            "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
+        }))
+        .unwrap();
+        let info = node(&n).unwrap();
+        assert_eq!(info.zone.as_deref(), Some("z1"));
+        assert!(!info.eligible);
+        let n: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-a", "deletionTimestamp": "2026-01-01T00:00:00Z"}
+        }))
+        .unwrap();
+        assert!(!node(&n).unwrap().eligible);
+        let n: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"}})).unwrap();
+        assert!(node(&n).unwrap().eligible);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::convert::{Accepted, PROXY_LABEL_SELECTOR};
-use super::{NoticeLog, Update, UpdateSender, service_or_log, slice_or_log};
+use super::{NoticeLog, Update, UpdateSender, node_or_log, service_or_log, slice_or_log};
 use crate::model::ObjectKey;
 
 /// The API cannot be reached or configured.
@@ -66,6 +66,8 @@ pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceErr
 trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
     type Info: Send;
     const KIND: &'static str;
+    /// Whether objects of the kind live in a namespace (a Node does not).
+    const NAMESPACED: bool = true;
     fn convert(&self) -> Option<Accepted<Self::Info>>;
     fn key(info: &Self::Info) -> &ObjectKey;
     fn full(items: Vec<Self::Info>) -> Update;
@@ -113,31 +115,71 @@ impl Watched for EndpointSlice {
     }
 }
 
-fn key_of<K: Resource>(obj: &K) -> Option<ObjectKey> {
-    let meta = obj.meta();
-    Some(ObjectKey::new(
-        meta.namespace.as_deref().unwrap_or("default"),
-        meta.name.as_deref()?,
-    ))
+impl Watched for Node {
+    type Info = crate::model::NodeInfo;
+    const KIND: &'static str = "Node";
+    const NAMESPACED: bool = false;
+    fn convert(&self) -> Option<Accepted<Self::Info>> {
+        node_or_log(self).map(|info| Accepted {
+            info,
+            notices: Vec::new(),
+        })
+    }
+    fn key(info: &Self::Info) -> &ObjectKey {
+        &info.key
+    }
+    fn full(items: Vec<Self::Info>) -> Update {
+        Update::Nodes(items)
+    }
+    fn applied(info: Self::Info) -> Update {
+        Update::NodeApplied(info)
+    }
+    fn deleted(key: ObjectKey) -> Update {
+        Update::NodeDeleted(key)
+    }
 }
 
-/// Watches Services and EndpointSlices until `cancel` fires.
-pub async fn run(client: Client, tx: UpdateSender, cancel: CancellationToken) {
+fn key_of<K: Watched>(obj: &K) -> Option<ObjectKey> {
+    let meta = obj.meta();
+    // A Node has no namespace; the model keys it with an empty one.
+    let namespace = match K::NAMESPACED {
+        true => meta.namespace.as_deref().unwrap_or("default"),
+        false => "",
+    };
+    Some(ObjectKey::new(namespace, meta.name.as_deref()?))
+}
+
+/// Watches Services, EndpointSlices and this node's Node object (named
+/// `node_name`, as kube-proxy: a field selector on its name) until
+/// `cancel` fires.
+pub async fn run(client: Client, node_name: &str, tx: UpdateSender, cancel: CancellationToken) {
+    let selected = || watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
     let services = watch(
         Api::<Service>::all(client.clone()),
+        selected(),
         tx.clone(),
         cancel.clone(),
     );
-    let slices = watch(Api::<EndpointSlice>::all(client), tx, cancel);
-    tokio::join!(services, slices);
+    let slices = watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        selected(),
+        tx.clone(),
+        cancel.clone(),
+    );
+    let node = watch(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        tx,
+        cancel,
+    );
+    tokio::join!(services, slices, node);
 }
 
-async fn watch<K>(api: Api<K>, tx: UpdateSender, cancel: CancellationToken)
+async fn watch<K>(api: Api<K>, config: watcher::Config, tx: UpdateSender, cancel: CancellationToken)
 where
     K: Watched,
     K::DynamicType: Default,
 {
-    let config = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut events = EventHandler::<K>::new();
     loop {

@@ -17,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher};
@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::convert::Notice;
-use super::{NoticeLog, Update, UpdateSender, service_or_log, slice_or_log};
-use crate::model::{ObjectKey, ServiceInfo, SliceInfo};
+use super::{NoticeLog, Update, UpdateSender, node_or_log, service_or_log, slice_or_log};
+use crate::model::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
 use crate::vecmap::VecMap;
 
 /// A manifests path that cannot be read at all.
@@ -48,6 +48,8 @@ pub enum ManifestError {
 pub struct Parsed {
     pub services: Vec<ServiceInfo>,
     pub slices: Vec<SliceInfo>,
+    /// Node objects (the proxy uses the one named like its node).
+    pub nodes: Vec<NodeInfo>,
     /// The notices of those Services that have any. Not logged by
     /// [`parse`]: the caller logs them once per Service (a [`NoticeLog`]),
     /// not each time the file is read.
@@ -112,7 +114,7 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
         .to_string();
     let kind = kind.as_str();
     match kind {
-        "List" | "ServiceList" | "EndpointSliceList" => {
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
             if let Value::Object(mut map) = doc
                 && let Some(Value::Array(items)) = map.remove("items")
             {
@@ -141,6 +143,13 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
                         .insert(accepted.info.key.clone(), accepted.notices);
                 }
                 out.slices.push(accepted.info);
+            }
+        }
+        "Node" => {
+            if let Some(node) = deserialize::<Node>(doc, origin, kind)
+                && let Some(info) = node_or_log(&node)
+            {
+                out.nodes.push(info);
             }
         }
         "" if doc.is_null() => {} // an empty document, e.g. a trailing `---`
@@ -274,11 +283,12 @@ type Definitions<T> = BTreeMap<ObjectKey, VecMap<PathBuf, T>>;
 struct Delta {
     services: Vec<(ObjectKey, Option<ServiceInfo>)>,
     slices: Vec<(ObjectKey, Option<SliceInfo>)>,
+    nodes: Vec<(ObjectKey, Option<NodeInfo>)>,
 }
 
 impl Delta {
     fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.slices.is_empty()
+        self.services.is_empty() && self.slices.is_empty() && self.nodes.is_empty()
     }
 
     fn into_updates(self) -> impl Iterator<Item = Update> {
@@ -290,9 +300,16 @@ impl Delta {
             Some(s) => Update::SliceApplied(s),
             None => Update::SliceDeleted(k),
         });
-        services.chain(slices)
+        let nodes = self.nodes.into_iter().map(|(k, v)| match v {
+            Some(n) => Update::NodeApplied(n),
+            None => Update::NodeDeleted(k),
+        });
+        services.chain(slices).chain(nodes)
     }
 }
+
+/// The Services, EndpointSlices and Nodes one file defines.
+type Owned = (Vec<ObjectKey>, Vec<ObjectKey>, Vec<ObjectKey>);
 
 /// Keeps the last good parse of each file, and turns file changes into
 /// object changes: re-reading one file costs that file, not the whole path.
@@ -305,8 +322,9 @@ struct ManifestWatcher {
     files: BTreeMap<PathBuf, FileState>,
     services: Definitions<ServiceInfo>,
     slices: Definitions<SliceInfo>,
+    nodes: Definitions<NodeInfo>,
     /// Which objects each file defined at its last good parse.
-    owned: BTreeMap<PathBuf, (Vec<ObjectKey>, Vec<ObjectKey>)>,
+    owned: BTreeMap<PathBuf, Owned>,
     /// Notices logged once per Service, not at each re-read of its file.
     service_notices: NoticeLog,
     slice_notices: NoticeLog,
@@ -322,6 +340,7 @@ impl ManifestWatcher {
             files: BTreeMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             owned: BTreeMap::new(),
             service_notices: NoticeLog::new("Service"),
             slice_notices: NoticeLog::new("EndpointSlice"),
@@ -369,6 +388,7 @@ impl ManifestWatcher {
     fn reload(&mut self, files: impl IntoIterator<Item = PathBuf>) -> Delta {
         let mut before_services = BTreeMap::new();
         let mut before_slices = BTreeMap::new();
+        let mut before_nodes = BTreeMap::new();
         for file in files {
             let parsed = match self.read_if_changed(&file) {
                 Read::Gone => Parsed::default(),
@@ -376,7 +396,8 @@ impl ManifestWatcher {
                 Read::Changed(p) => p,
             };
             self.log_notices(&parsed);
-            let (old_services, old_slices) = self.owned.remove(&file).unwrap_or_default();
+            let (old_services, old_slices, old_nodes) =
+                self.owned.remove(&file).unwrap_or_default();
             let keys = (
                 replace_file(
                     &mut self.services,
@@ -392,12 +413,20 @@ impl ManifestWatcher {
                     parsed.slices,
                     &mut before_slices,
                 ),
+                replace_file(
+                    &mut self.nodes,
+                    &file,
+                    old_nodes,
+                    parsed.nodes,
+                    &mut before_nodes,
+                ),
             );
             self.owned.insert(file, keys);
         }
         let delta = Delta {
             services: changes(&mut self.services, before_services),
             slices: changes(&mut self.slices, before_slices),
+            nodes: changes(&mut self.nodes, before_nodes),
         };
         for (k, _) in delta.services.iter().filter(|(_, v)| v.is_none()) {
             self.service_notices.forget(k);
@@ -485,6 +514,11 @@ impl ManifestWatcher {
                 .values()
                 .filter_map(|d| d.values().next_back().cloned())
                 .collect(),
+            nodes: self
+                .nodes
+                .values()
+                .filter_map(|d| d.values().next_back().cloned())
+                .collect(),
             ..Parsed::default()
         }
     }
@@ -508,6 +542,13 @@ trait Keyed: Clone + PartialEq {
 
 impl Keyed for ServiceInfo {
     const KIND: &'static str = "Service";
+    fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+}
+
+impl Keyed for NodeInfo {
+    const KIND: &'static str = "Node";
     fn key(&self) -> &ObjectKey {
         &self.key
     }
@@ -649,7 +690,8 @@ pub async fn run(
         slices = first.slices.len(),
         "manifests loaded"
     );
-    if tx.send(Update::Services(first.services)).await.is_err()
+    if tx.send(Update::Nodes(first.nodes)).await.is_err()
+        || tx.send(Update::Services(first.services)).await.is_err()
         || tx.send(Update::Slices(first.slices)).await.is_err()
     {
         return Ok(());
@@ -1055,12 +1097,9 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         )
     }
 
-    const UNHONOURED_FIELDS: [&str; 6] = [
+    const UNHONOURED_FIELDS: [&str; 3] = [
         "status.loadBalancer.ingress",
         "spec.sessionAffinity",
-        "spec.internalTrafficPolicy",
-        "spec.externalTrafficPolicy",
-        "spec.trafficDistribution",
         "spec.ports[1]",
     ];
 
@@ -1135,11 +1174,18 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         assert_eq!(std::fs::metadata(f).unwrap().modified().unwrap(), mtime);
     }
 
+    /// The next update other than the Node list (sent first, before the
+    /// Services).
     async fn next(rx: &mut tokio::sync::mpsc::Receiver<Update>) -> Update {
-        tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("an update within 10 s")
-            .expect("the channel open")
+        loop {
+            let u = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an update within 10 s")
+                .expect("the channel open");
+            if !matches!(u, Update::Nodes(_)) {
+                return u;
+            }
+        }
     }
 
     #[tokio::test]

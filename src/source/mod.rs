@@ -11,11 +11,11 @@ pub mod manifests;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, warn};
 
-use crate::model::{ObjectKey, ServiceInfo, SliceInfo};
+use crate::model::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
 use convert::{Accepted, Notice};
 
 /// A change to the desired state.
@@ -30,6 +30,11 @@ pub enum Update {
     ServiceDeleted(ObjectKey),
     SliceApplied(SliceInfo),
     SliceDeleted(ObjectKey),
+    /// The complete set of Node objects the source sees (the API source
+    /// watches only this node's; a manifests file may hold several).
+    Nodes(Vec<NodeInfo>),
+    NodeApplied(NodeInfo),
+    NodeDeleted(ObjectKey),
 }
 
 /// The sending end sources write to.
@@ -61,6 +66,17 @@ pub fn slice_or_log(slice: &EndpointSlice) -> Option<Accepted<SliceInfo>> {
             debug!(slice = ?slice.metadata.name, namespace = ?slice.metadata.namespace, reason = ?skip, "endpoint slice not used");
             None
         }
+        Err(e) => {
+            warn!(kind = e.kind, object = %e.object, field = %e.field, "invalid object skipped: {}", e.message);
+            None
+        }
+    }
+}
+
+/// Converts a Node, logging why it is invalid.
+pub fn node_or_log(node: &Node) -> Option<NodeInfo> {
+    match convert::node(node) {
+        Ok(info) => Some(info),
         Err(e) => {
             warn!(kind = e.kind, object = %e.object, field = %e.field, "invalid object skipped: {}", e.message);
             None

@@ -63,6 +63,9 @@ pub enum ServiceType {
     ClusterIP,
     NodePort,
     LoadBalancer,
+    /// A DNS alias: no ClusterIP is proxied (its `clusterIP` is still
+    /// printed, which the proxy must ignore).
+    ExternalName,
 }
 
 impl fmt::Display for ServiceType {
@@ -71,6 +74,7 @@ impl fmt::Display for ServiceType {
             ServiceType::ClusterIP => "ClusterIP",
             ServiceType::NodePort => "NodePort",
             ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
         })
     }
 }
@@ -136,6 +140,18 @@ pub struct ServiceManifest {
     /// `sessionAffinityConfig.clientIP.timeoutSeconds: t`; `None`:
     /// `sessionAffinity: None`.
     pub client_ip_affinity: Option<i32>,
+    /// `spec.internalTrafficPolicy` (`Cluster` when `None`).
+    pub internal_traffic_policy: Option<String>,
+    /// `spec.externalTrafficPolicy` (`Cluster` when `None`, printed for
+    /// NodePort and LoadBalancer Services).
+    pub external_traffic_policy: Option<String>,
+    /// `spec.healthCheckNodePort` (omitted when `None`).
+    pub health_check_node_port: Option<u16>,
+    /// `spec.trafficDistribution` (omitted when `None`).
+    pub traffic_distribution: Option<String>,
+    /// At most this many endpoints per EndpointSlice (the controller's
+    /// default is 100); `None`: one slice.
+    pub slice_size: Option<usize>,
 }
 
 /// One Service port.
@@ -164,6 +180,12 @@ pub struct EndpointManifest {
     /// The Pod behind the endpoint (`targetRef`, in the Service's
     /// namespace); `None`: no `targetRef`.
     pub pod: Option<String>,
+    /// `zone` of the endpoint (omitted when `None`).
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub node_hints: Vec<String>,
 }
 
 impl ServiceManifest {
@@ -186,7 +208,38 @@ impl ServiceManifest {
             load_balancer_source_ranges: Vec::new(),
             lb_ingress: Vec::new(),
             client_ip_affinity: None,
+            internal_traffic_policy: None,
+            external_traffic_policy: None,
+            health_check_node_port: None,
+            traffic_distribution: None,
+            slice_size: None,
         }
+    }
+
+    /// Sets `spec.internalTrafficPolicy` and `spec.externalTrafficPolicy`
+    /// (`Cluster` or `Local`).
+    pub fn with_traffic_policies(mut self, internal: &str, external: &str) -> Self {
+        self.internal_traffic_policy = Some(internal.to_string());
+        self.external_traffic_policy = Some(external.to_string());
+        self
+    }
+
+    /// Sets `spec.healthCheckNodePort`.
+    pub fn with_health_check_node_port(mut self, port: u16) -> Self {
+        self.health_check_node_port = Some(port);
+        self
+    }
+
+    /// Sets `spec.trafficDistribution` (e.g. `PreferSameZone`).
+    pub fn with_traffic_distribution(mut self, value: &str) -> Self {
+        self.traffic_distribution = Some(value.to_string());
+        self
+    }
+
+    /// Splits the endpoints over EndpointSlices of at most `n` each.
+    pub fn with_slice_size(mut self, n: usize) -> Self {
+        self.slice_size = Some(n.max(1));
+        self
     }
 
     /// Sets `spec.type`.
@@ -258,8 +311,14 @@ impl ServiceManifest {
     /// YAML list at the indentation of [`list_yaml`].
     pub fn push_items(&self, out: &mut String) {
         self.push_service(out);
-        if let Some(endpoints) = &self.endpoints {
-            self.push_slice(out, endpoints);
+        match (&self.endpoints, self.slice_size) {
+            (Some(endpoints), Some(n)) if endpoints.len() > n => {
+                for (i, chunk) in endpoints.chunks(n).enumerate() {
+                    self.push_slice(out, chunk, i);
+                }
+            }
+            (Some(endpoints), _) => self.push_slice(out, endpoints, 0),
+            (None, _) => {}
         }
     }
 
@@ -296,16 +355,24 @@ impl ServiceManifest {
             "externalIPs",
             self.external_ips.iter().map(|a| ip_scalar(*a)),
         );
-        if external {
-            out.push_str("    externalTrafficPolicy: Cluster\n");
+        if external || self.external_traffic_policy.is_some() {
+            let _ = writeln!(
+                out,
+                "    externalTrafficPolicy: {}",
+                self.external_traffic_policy.as_deref().unwrap_or("Cluster")
+            );
+        }
+        if let Some(port) = self.health_check_node_port {
+            let _ = writeln!(out, "    healthCheckNodePort: {port}");
         }
         let _ = writeln!(
             out,
-            "    internalTrafficPolicy: Cluster
+            "    internalTrafficPolicy: {internal}
     ipFamilies:
     - {family}
     ipFamilyPolicy: SingleStack",
             family = family(self.cluster_ip),
+            internal = self.internal_traffic_policy.as_deref().unwrap_or("Cluster"),
         );
         push_list(
             out,
@@ -344,6 +411,12 @@ impl ServiceManifest {
                 );
             }
         }
+        if let Some(d) = &self.traffic_distribution {
+            let _ = writeln!(out, "    trafficDistribution: {}", scalar(d));
+        }
+        if self.service_type == ServiceType::ExternalName {
+            out.push_str("    externalName: example.com\n");
+        }
         let _ = write!(
             out,
             "    type: {service_type}\n  status:\n",
@@ -362,7 +435,8 @@ impl ServiceManifest {
         }
     }
 
-    fn push_slice(&self, out: &mut String, endpoints: &[EndpointManifest]) {
+    /// The `index`th EndpointSlice of the Service, with these endpoints.
+    fn push_slice(&self, out: &mut String, endpoints: &[EndpointManifest], index: usize) {
         let namespace = scalar(&self.namespace);
         let _ = writeln!(
             out,
@@ -389,6 +463,17 @@ impl ServiceManifest {
                 serving = e.serving,
                 terminating = e.terminating,
             );
+            if !e.zone_hints.is_empty() || !e.node_hints.is_empty() {
+                out.push_str("    hints:\n");
+                for (key, names) in [("forNodes", &e.node_hints), ("forZones", &e.zone_hints)] {
+                    if !names.is_empty() {
+                        let _ = writeln!(out, "      {key}:");
+                        for n in names {
+                            let _ = writeln!(out, "      - name: {}", scalar(n));
+                        }
+                    }
+                }
+            }
             if let Some(node) = &e.node_name {
                 let _ = writeln!(out, "    nodeName: {}", scalar(node));
             }
@@ -399,6 +484,9 @@ impl ServiceManifest {
                     scalar(pod),
                     uid(&self.namespace, pod, 3),
                 );
+            }
+            if let Some(zone) = &e.zone {
+                let _ = writeln!(out, "    zone: {}", scalar(zone));
             }
         }
         let _ = write!(
@@ -427,7 +515,10 @@ impl ServiceManifest {
 ",
             generate_name = scalar(&format!("{}-", self.name)),
             name = scalar(&self.name),
-            slice = scalar(&slice_name(&self.name)),
+            slice = scalar(&match index {
+                0 => slice_name(&self.name),
+                i => format!("{}-{i}", slice_name(&self.name)),
+            }),
             svc_uid = uid(&self.namespace, &self.name, 1),
             rv = self.resource_version + 1,
             uid = uid(&self.namespace, &self.name, 2),
@@ -492,8 +583,54 @@ impl EndpointManifest {
             terminating: false,
             node_name: None,
             pod: None,
+            zone: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
+
+    /// The same endpoint on node `node`.
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node_name = Some(node.to_string());
+        self
+    }
+
+    /// The same endpoint, serving and terminating, not ready (a Pod being
+    /// deleted).
+    pub fn terminating(mut self) -> Self {
+        self.ready = false;
+        self.serving = true;
+        self.terminating = true;
+        self
+    }
+
+    /// The same endpoint in `zone`, hinted for the zones `hints`.
+    pub fn in_zone(mut self, zone: &str, hints: &[&str]) -> Self {
+        self.zone = Some(zone.to_string());
+        self.zone_hints = hints.iter().map(|h| h.to_string()).collect();
+        self
+    }
+}
+
+/// A Node object named `name`, with the zone label when given and the
+/// cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint when
+/// `to_be_deleted`: one YAML document, to append to a manifests stream
+/// after `---`.
+pub fn node_yaml(name: &str, zone: Option<&str>, to_be_deleted: bool) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  labels:\n    kubernetes.io/hostname: {name}\n",
+        name = scalar(name)
+    );
+    if let Some(zone) = zone {
+        let _ = writeln!(out, "    topology.kubernetes.io/zone: {}", scalar(zone));
+    }
+    let _ = writeln!(out, "  name: {}", scalar(name));
+    if to_be_deleted {
+        out.push_str(
+            "spec:\n  taints:\n  - effect: NoSchedule\n    key: ToBeDeletedByClusterAutoscaler\n    value: \"1700000000\"\n",
+        );
+    }
+    out
 }
 
 /// The name of the EndpointSlice of Service `service`: `<service>-x7k2p`.
@@ -636,6 +773,38 @@ mod tests {
     }
 
     #[test]
+    fn policies_hints_split_slices_and_nodes_parse_into_the_model() {
+        let eps: Vec<EndpointManifest> = (0..5u8)
+            .map(|i| {
+                EndpointManifest::ready(Ipv4Addr::new(10, 200, 1, 10 + i))
+                    .on_node("node-1")
+                    .in_zone("z1", &["z1"])
+            })
+            .collect();
+        let web = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
+            .with_type(ServiceType::LoadBalancer)
+            .with_port(PortManifest::tcp(80, 8080).with_node_port(30080))
+            .with_traffic_policies("Local", "Local")
+            .with_health_check_node_port(32000)
+            .with_traffic_distribution("PreferSameZone")
+            .with_slice_size(2)
+            .with_endpoints(eps);
+        let yaml = list_yaml(&[web]) + "---\n" + &node_yaml("node-1", Some("z1"), true);
+        let p = parse(&yaml, Path::new("list.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let svc = &p.services[0];
+        assert!(svc.internal_local && svc.external_local);
+        assert_eq!(svc.health_check_node_port, Some(32000));
+        assert_eq!(p.slices.len(), 3, "5 endpoints in slices of 2");
+        assert!(p.slices.iter().all(|s| s.service.name == "web"));
+        let e = &p.slices[0].endpoints[0];
+        assert_eq!(e.zone_hints, ["z1"]);
+        assert_eq!(e.node_name.as_deref(), Some("node-1"));
+        assert_eq!(p.nodes.len(), 1);
+        assert_eq!(p.nodes[0].zone.as_deref(), Some("z1"));
+        assert!(!p.nodes[0].eligible);
+    }
+
+    #[test]
     fn services_and_slices_parse_into_the_model() {
         let web = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
             .with_port(PortManifest::tcp(80, 8080))
@@ -700,6 +869,8 @@ mod tests {
             serving,
             terminating,
             node_name: node.map(str::to_string),
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         };
         assert_eq!(
             p.slices,

@@ -1,0 +1,152 @@
+//! The health check node ports of Services with `externalTrafficPolicy:
+//! Local` (`spec.healthCheckNodePort`), as kube-proxy serves them: an
+//! external load balancer asks each node whether to send it traffic.
+//!
+//! Every path of the port answers kube-proxy's JSON,
+//! `{"service":{"namespace","name"},"localEndpoints":N,"serviceProxyHealthy":B}`,
+//! with 200 when the node has ready endpoints of the Service (N > 0) and the
+//! proxy is healthy (the `/livez` verdict: node eligibility does not count
+//! here, as in kube-proxy), 503 otherwise. N is the number of ready local
+//! endpoints summed over the Service's ports, kube-proxy's count.
+//!
+//! The reconciler says what each Service needs ([`ServiceHealthServers::set`]);
+//! a port is bound on every address (`0.0.0.0`, with `SO_REUSEPORT` for the
+//! handover) and served until the Service no longer needs it. A port that
+//! cannot be bound is retried every few seconds.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::admin;
+use crate::health::ProxyHealth;
+use crate::model::ObjectKey;
+
+/// One Service's health check server.
+struct Server {
+    port: u16,
+    /// Read by the handler at each request; written by the reconciler.
+    local_endpoints: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+/// The health check node ports being served, by Service.
+pub struct ServiceHealthServers {
+    proxy: Arc<ProxyHealth>,
+    /// Stops every server (shutdown).
+    cancel: CancellationToken,
+    servers: Mutex<HashMap<ObjectKey, Server>>,
+}
+
+/// What a handler needs.
+#[derive(Clone)]
+struct HandlerState {
+    service: ObjectKey,
+    local_endpoints: Arc<AtomicUsize>,
+    proxy: Arc<ProxyHealth>,
+}
+
+impl ServiceHealthServers {
+    /// `cancel` stops every server.
+    pub fn new(proxy: Arc<ProxyHealth>, cancel: CancellationToken) -> Arc<Self> {
+        Arc::new(ServiceHealthServers {
+            proxy,
+            cancel,
+            servers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `service` needs a health check on this port with this many local
+    /// endpoints (`None`: none any more). Must run inside a tokio runtime.
+    pub fn set(&self, service: &ObjectKey, want: Option<(u16, usize)>) {
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        match (servers.get(service), want) {
+            (Some(s), Some((port, n))) if s.port == port => {
+                s.local_endpoints.store(n, Ordering::Relaxed);
+                return;
+            }
+            (None, None) => return,
+            _ => {}
+        }
+        if let Some(old) = servers.remove(service) {
+            info!(service = %service, port = old.port, "health check node port closed");
+            old.stop.cancel();
+        }
+        let Some((port, n)) = want else {
+            return;
+        };
+        let local_endpoints = Arc::new(AtomicUsize::new(n));
+        let stop = self.cancel.child_token();
+        let state = HandlerState {
+            service: service.clone(),
+            local_endpoints: Arc::clone(&local_endpoints),
+            proxy: Arc::clone(&self.proxy),
+        };
+        let router = Router::new().fallback(answer).with_state(state);
+        admin::spawn_tcp(
+            "health-check-node-port",
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            router,
+            stop.clone(),
+        );
+        servers.insert(
+            service.clone(),
+            Server {
+                port,
+                local_endpoints,
+                stop,
+            },
+        );
+    }
+}
+
+/// kube-proxy's body for a Service's health check.
+pub fn body(service: &ObjectKey, local_endpoints: usize, proxy_healthy: bool) -> String {
+    format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {ns},\n\t\t\"name\": {name}\n\t}},\n\t\"localEndpoints\": {local_endpoints},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
+        ns = serde_json::Value::from(service.namespace.as_str()),
+        name = serde_json::Value::from(service.name.as_str()),
+    )
+}
+
+async fn answer(State(s): State<HandlerState>) -> Response {
+    let n = s.local_endpoints.load(Ordering::Relaxed);
+    let healthy = s.proxy.check(true).healthy;
+    let status = if n > 0 && healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body(&s.service, n, healthy),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_is_kube_proxys_json() {
+        let b = body(&ObjectKey::new("default", "web"), 2, true);
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["service"]["namespace"], "default");
+        assert_eq!(v["service"]["name"], "web");
+        assert_eq!(v["localEndpoints"], 2);
+        assert_eq!(v["serviceProxyHealthy"], true);
+    }
+}
