@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder, prometheus_text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -40,25 +40,44 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// IPv4 only so far.
 const IP_FAMILY: &str = "IPv4";
 
-/// Labels of every per-Service-port series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PortLabels {
-    pub namespace: String,
-    pub service: String,
-    /// The port's `name` (empty for a single unnamed port).
-    pub port_name: String,
-    /// `TCP`, `UDP` or `SCTP`.
-    pub protocol: String,
+/// Labels of every per-Service-port series: `namespace`, `service`,
+/// `port_name` (empty for a single unnamed port) and `protocol`.
+///
+/// One allocation shared by the port's fifteen series (each family keys
+/// its series by a clone): at 10 000 Service ports, four `String`s per
+/// series were 3-4 KiB per port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct PortLabels(Arc<PortLabelValues>);
+
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct PortLabelValues {
+    namespace: String,
+    service: String,
+    port_name: String,
+    protocol: &'static str,
 }
 
 impl PortLabels {
     pub fn of(name: &ServicePortName) -> Self {
-        PortLabels {
+        PortLabels(Arc::new(PortLabelValues {
             namespace: name.service.namespace.clone(),
             service: name.service.name.clone(),
             port_name: name.port.clone(),
-            protocol: name.protocol.to_string(),
-        }
+            protocol: name.protocol.as_str(),
+        }))
+    }
+}
+
+impl EncodeLabelSet for PortLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let v = &*self.0;
+        [
+            ("namespace", v.namespace.as_str()),
+            ("service", v.service.as_str()),
+            ("port_name", v.port_name.as_str()),
+            ("protocol", v.protocol),
+        ]
+        .encode(encoder)
     }
 }
 
