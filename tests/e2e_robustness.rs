@@ -20,7 +20,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
@@ -341,13 +341,21 @@ fn vanish(ns: &Netns, dir: &std::path::Path) {
 
 /// Waits (at most `within`) for `s` to be closed or reset by the proxy.
 fn assert_released(s: &mut std::net::TcpStream, within: Duration, what: &str) {
-    s.set_read_timeout(Some(within)).expect("read timeout");
+    let deadline = Instant::now() + within;
     let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Ok(n) => panic!("{what}: read {n} unexpected bytes"),
-        Err(e) => panic!("{what}: still connected after {within:?} ({e})"),
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("read timeout");
+        match s.read(&mut b) {
+            Ok(0) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            // A signal cut the wait short (a read with a timeout is never
+            // restarted): wait for the rest.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !left.is_zero() => {}
+            Ok(n) => panic!("{what}: read {n} unexpected bytes"),
+            Err(e) => panic!("{what}: still connected after {within:?} ({e})"),
+        }
     }
 }
 

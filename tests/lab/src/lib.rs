@@ -693,9 +693,21 @@ impl Netns {
     /// Errors of the lab itself (namespace gone) come back as
     /// [`io::ErrorKind::Other`]; connect errors keep their kind
     /// (e.g. [`io::ErrorKind::ConnectionRefused`]).
+    ///
+    /// A connect interrupted by a signal (`EINTR`: `connect_timeout` polls,
+    /// and poll is never restarted) is tried again within `timeout`.
     pub fn tcp_connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-        self.run(move || TcpStream::connect_timeout(&addr, timeout))
-            .map_err(io::Error::other)?
+        self.run(move || {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted && !left.is_zero() => {}
+                    other => return other,
+                }
+            }
+        })
+        .map_err(io::Error::other)?
     }
 
     /// An unconnected tokio TCP socket created in this namespace (IPv4), for
