@@ -75,7 +75,8 @@ struct ActivePort {
     listener: Listener,
     balancer: Arc<Balancer>,
     /// The keys this listener claims in the rules.
-    destinations: BTreeSet<Key>,
+    /// Sorted (a `BTreeSet` of a few keys allocates a node for eleven).
+    destinations: Vec<Key>,
     /// The endpoints its balancer holds.
     endpoints: Vec<std::net::SocketAddr>,
 }
@@ -553,7 +554,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         spec: &ServicePortSpec,
         plan: ListenerPlan,
     ) -> Result<(), bool> {
-        let destinations: BTreeSet<Key> = plan.destinations.keys().copied().collect();
+        // Sorted: the plan's keys come from a BTreeMap.
+        let destinations: Vec<Key> = plan.destinations.keys().copied().collect();
         if !self.active.contains_key(&plan.key) {
             let port = self.start_listener(&plan.key, spec, &destinations)?;
             self.active.insert(plan.key.clone(), port);
@@ -570,7 +572,11 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         port.balancer
             .update(&plan.endpoints, spec.algorithm, spec.session_affinity);
 
-        for old in port.destinations.difference(&destinations) {
+        for old in port
+            .destinations
+            .iter()
+            .filter(|k| destinations.binary_search(k).is_err())
+        {
             self.rules.release(*old, &plan.key.port);
         }
         for (d, verdict) in &plan.destinations {
@@ -592,7 +598,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         &mut self,
         key: &ListenerKey,
         spec: &ServicePortSpec,
-        destinations: &BTreeSet<Key>,
+        destinations: &[Key],
     ) -> Result<ActivePort, bool> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
@@ -630,7 +636,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             spec: spec.clone(),
             listener,
             balancer,
-            destinations: BTreeSet::new(),
+            destinations: Vec::new(),
             endpoints: Vec::new(),
         })
     }

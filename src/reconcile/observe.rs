@@ -225,7 +225,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             .collect();
         // What this listener's first key gets (a closing listener
         // released its keys: it has none left to show).
-        let dests: Vec<Key> = port.destinations.iter().copied().collect();
+        let dests: &[Key] = &port.destinations;
         let rule = match dests.first().map(|d| self.rules.desired(d)) {
             None => "none",
             Some(_) if state != "active" => "removed",

@@ -111,6 +111,8 @@ impl<N: Nft> RuleTable<N> {
                         "two Service ports claim one destination; the first keeps it until it lets go"
                     );
                 }
+                // Almost always the only claimant: room for one, not four.
+                claimants.reserve_exact(1);
                 claimants.push((owner.clone(), action));
             }
         }
