@@ -129,15 +129,19 @@ pub enum FailReason {
     Unreachable,
     /// A failure on this node: out of file descriptors, ports, memory, …
     LocalError,
+    /// Refused at accept: `--max-connections` proxied connections were
+    /// open already.
+    MaxConnections,
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 5] = [
+    pub const ALL: [FailReason; 6] = [
         FailReason::NoEndpoints,
         FailReason::ConnectRefused,
         FailReason::ConnectTimeout,
         FailReason::Unreachable,
         FailReason::LocalError,
+        FailReason::MaxConnections,
     ];
 
     /// The label value.
@@ -148,6 +152,7 @@ impl FailReason {
             FailReason::ConnectTimeout => "connect_timeout",
             FailReason::Unreachable => "unreachable",
             FailReason::LocalError => "local_error",
+            FailReason::MaxConnections => "max_connections",
         }
     }
 
@@ -613,7 +618,7 @@ pub struct ServicePortMetrics {
     accepted: Counter,
     active: Gauge,
     /// Indexed by [`FailReason`].
-    failed: [Counter; 5],
+    failed: [Counter; 6],
     to_endpoint: Counter,
     to_client: Counter,
     connect_duration: Histogram,

@@ -159,7 +159,8 @@ mod tests {
             port: "http".into(),
             protocol: Protocol::Tcp,
         };
-        let metrics = crate::metrics::Metrics::new(false).service_port(&service);
+        let registry = crate::metrics::Metrics::new(false);
+        let metrics = registry.service_port(&service);
         let _accepting = tcp::spawn(
             std::sync::Arc::new(service),
             listener,
@@ -184,6 +185,13 @@ mod tests {
             1,
             "want one line while the cap holds:\n{}",
             logs.text()
+        );
+        // Counted as failed connections of the port, reason max_connections.
+        let text = registry.render();
+        let series = "kubeuproxy_connections_failed_total{namespace=\"default\",service=\"web\",port_name=\"http\",protocol=\"TCP\",reason=\"max_connections\"} 3";
+        assert!(
+            text.lines().any(|l| l == series),
+            "no `{series}` in:\n{text}"
         );
         // One ends: a new one is served again (as soon as the proxy has
         // seen the end; bounded).

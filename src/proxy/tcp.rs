@@ -90,6 +90,7 @@ async fn accept_loop(
                 let Some(admission) = connections.admit() else {
                     // Over --max-connections (logged by the limit): refused
                     // with a reset, as a port without endpoints.
+                    metrics.failed(FailReason::MaxConnections);
                     reset(&client);
                     continue;
                 };
