@@ -87,7 +87,13 @@ pub fn metrics_router(state: AdminState) -> Router {
 fn health_answer(s: &AdminState, livez: bool) -> Response {
     let v = s.health.check(livez);
     s.metrics.health_answered(livez, v.status());
-    let status = if v.healthy {
+    health_json(v.healthy, v.to_json(livez))
+}
+
+/// A health answer as kube-proxy gives it: JSON `body`, 200 when `ok`,
+/// else 503.
+pub(crate) fn health_json(ok: bool, body: String) -> Response {
+    let status = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -98,7 +104,7 @@ fn health_answer(s: &AdminState, livez: bool) -> Response {
             (header::CONTENT_TYPE, "application/json"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
-        v.to_json(livez),
+        body,
     )
         .into_response()
 }

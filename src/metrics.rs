@@ -36,8 +36,9 @@ use crate::proxy::relay::Transferred;
 /// The `Content-Type` of what [`Metrics::render`] writes.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// kube-proxy's label for the IP family of its sync metrics; the table is
-/// IPv4 only so far.
+/// kube-proxy's label for the IP family of its sync metrics. kube-proxy
+/// runs one proxier per family; here one sync writes the `ip` and `ip6`
+/// tables together, so its metrics carry the primary family's label.
 const IP_FAMILY: &str = "IPv4";
 
 /// Labels of every per-Service-port series: `namespace`, `service`,

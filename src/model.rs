@@ -402,31 +402,6 @@ impl ServicePortSpec {
             .filter(move |e| IpFamily::of(e.addr.ip()) == family)
     }
 
-    /// The endpoints new connections to a ClusterIP of `family` may go to,
-    /// by Kubernetes' rules, applied to that family alone: the ready ones;
-    /// if none is ready, the ones that are serving and terminating (so a
-    /// rolling update never leaves a gap).
-    pub fn usable_endpoints_of(&self, family: IpFamily) -> Vec<SocketAddr> {
-        let ready: Vec<SocketAddr> = self
-            .endpoints_of(family)
-            .filter(|e| e.ready)
-            .map(|e| e.addr)
-            .collect();
-        if !ready.is_empty() {
-            return ready;
-        }
-        self.endpoints_of(family)
-            .filter(|e| e.serving && e.terminating)
-            .map(|e| e.addr)
-            .collect()
-    }
-
-    /// The usable endpoints for the port's IPv4 ClusterIPs. Same as
-    /// `usable_endpoints_of(IpFamily::V4)`.
-    pub fn usable_endpoints(&self) -> Vec<SocketAddr> {
-        self.usable_endpoints_of(IpFamily::V4)
-    }
-
     /// The families this port is served in: those of its ClusterIPs
     /// (`spec.clusterIPs`, whose families are `spec.ipFamilies`), in that
     /// order, each once. kube-proxy serves a Service in a family only when
@@ -447,15 +422,6 @@ impl ServicePortSpec {
         ips.iter()
             .copied()
             .filter(move |ip| IpFamily::of(*ip) == family)
-    }
-
-    /// The listener of this port in `family`.
-    pub fn listener_key(&self, family: IpFamily) -> ListenerKey {
-        ListenerKey {
-            port: self.name.clone(),
-            family,
-            scope: TrafficScope::Internal,
-        }
     }
 }
 
@@ -731,11 +697,15 @@ mod tests {
         let ports = st.service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin);
         assert_eq!(ports.len(), 2);
         assert_eq!(
-            ports[0].usable_endpoints(),
+            ports[0]
+                .select(IpFamily::V4, &NodeTopology::default())
+                .cluster,
             vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
         );
         assert_eq!(
-            ports[1].usable_endpoints(),
+            ports[1]
+                .select(IpFamily::V4, &NodeTopology::default())
+                .cluster,
             vec!["10.0.0.2:9100".parse::<SocketAddr>().unwrap()]
         );
     }
@@ -753,7 +723,12 @@ mod tests {
             ep("10.0.0.1", true, true, false),
             ep("10.0.0.2", false, false, false),
         ]);
-        assert_eq!(s.usable_endpoints().len(), 1);
+        assert_eq!(
+            s.select(IpFamily::V4, &NodeTopology::default())
+                .cluster
+                .len(),
+            1
+        );
         // No ready endpoint: fall back to serving + terminating ones.
         let s = spec(vec![
             ep("10.0.0.1", false, true, true),
@@ -761,11 +736,15 @@ mod tests {
             ep("10.0.0.3", false, false, false),
         ]);
         assert_eq!(
-            s.usable_endpoints(),
+            s.select(IpFamily::V4, &NodeTopology::default()).cluster,
             vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
         );
         let s = spec(vec![ep("10.0.0.2", false, false, false)]);
-        assert!(s.usable_endpoints().is_empty());
+        assert!(
+            s.select(IpFamily::V4, &NodeTopology::default())
+                .cluster
+                .is_empty()
+        );
     }
 
     #[test]
@@ -826,7 +805,10 @@ mod tests {
         let s = st
             .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
             .remove(0);
-        assert_eq!(s.usable_endpoints(), addrs(&["10.0.0.1:8080"]));
+        assert_eq!(
+            s.select(IpFamily::V4, &NodeTopology::default()).cluster,
+            addrs(&["10.0.0.1:8080"])
+        );
     }
 
     #[test]
@@ -853,11 +835,11 @@ mod tests {
             .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
             .remove(0);
         assert_eq!(
-            s.usable_endpoints_of(IpFamily::V4),
+            s.select(IpFamily::V4, &NodeTopology::default()).cluster,
             addrs(&["10.0.0.1:8080"])
         );
         assert_eq!(
-            s.usable_endpoints_of(IpFamily::V6),
+            s.select(IpFamily::V6, &NodeTopology::default()).cluster,
             addrs(&["[fd00::1]:8080"])
         );
         assert_eq!(s.endpoints_of(IpFamily::V6).count(), 2);
@@ -972,8 +954,13 @@ mod tests {
             .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
             .remove(0);
         assert_eq!(web.families(), [IpFamily::V4, IpFamily::V6]);
-        let k6 = web.listener_key(IpFamily::V6);
-        assert!(web.listener_key(IpFamily::V4) < k6);
+        let key = |family| ListenerKey {
+            port: web.name.clone(),
+            family,
+            scope: TrafficScope::Internal,
+        };
+        let k6 = key(IpFamily::V6);
+        assert!(key(IpFamily::V4) < k6);
         assert_eq!(k6.to_string(), "default/web/TCP IPv6");
     }
 }

@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -120,20 +119,7 @@ pub fn body(service: &ObjectKey, local_endpoints: usize, proxy_healthy: bool) ->
 async fn answer(State(s): State<HandlerState>) -> Response {
     let n = s.local_endpoints.load(Ordering::Relaxed);
     let healthy = s.proxy.check(true).healthy;
-    let status = if n > 0 && healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body(&s.service, n, healthy),
-    )
-        .into_response()
+    admin::health_json(n > 0 && healthy, body(&s.service, n, healthy))
 }
 
 #[cfg(test)]

@@ -41,8 +41,11 @@ impl<K: Ord, V> VecMap<K, V> {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
             Err(i) => {
+                // Doubling, but from one slot (`Vec` would start at four).
+                if self.entries.len() == self.entries.capacity() {
+                    self.entries.reserve_exact(self.entries.len().max(1));
+                }
                 self.entries.insert(i, (key, value));
-                self.entries.shrink_to_fit();
                 None
             }
         }
@@ -55,7 +58,9 @@ impl<K: Ord, V> VecMap<K, V> {
     {
         let i = self.find(key).ok()?;
         let (_, v) = self.entries.remove(i);
-        self.entries.shrink_to_fit();
+        if self.entries.len() * 2 <= self.entries.capacity() {
+            self.entries.shrink_to_fit();
+        }
         Some(v)
     }
 

@@ -46,4 +46,6 @@ grep -m1 'rules synced' "$dir/log" || { echo "no sync within 60 s"; tail "$dir/l
 sleep 2
 pid=$(ip netns pids "$ns" | head -1)
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-echo "services=$n start->synced(polled)=$(echo "$synced - $start" | bc) s rss=${rss} KiB per_service=$(echo "scale=1; $rss / $n" | bc) KiB"
+awk -v n="$n" -v t0="$start" -v t1="$synced" -v rss="$rss" 'BEGIN {
+  printf "services=%d start->synced(polled)=%.2f s rss=%d KiB per_service=%.1f KiB\n", n, t1 - t0, rss, rss / n
+}' 
