@@ -72,6 +72,10 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// jemalloc, configured in [`kube_uproxy::memory`].
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = match config_file::parse_args(std::env::args_os()) {
         Ok(a) => a,
@@ -83,8 +87,19 @@ fn main() -> ExitCode {
         }
     };
     init_logging(args.verbose, args.log_format);
-    if !kube_uproxy::memory::limit_arenas() {
-        tracing::debug!("cannot cap the allocator's arenas");
+    match kube_uproxy::memory::allocator_state() {
+        Some(a) if a.background_thread => tracing::debug!(
+            narenas = a.narenas,
+            config = ?kube_uproxy::memory::MALLOC_CONF,
+            "allocator: jemalloc"
+        ),
+        // The configuration string was not linked in: memory freed after a
+        // burst stays resident longer (10 s), nothing worse.
+        Some(a) => warn!(
+            narenas = a.narenas,
+            "allocator: jemalloc without its configuration"
+        ),
+        None => warn!("cannot read the allocator's settings"),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

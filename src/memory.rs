@@ -1,45 +1,63 @@
-//! The C allocator's settings (glibc malloc): the proxy's memory is mostly
-//! its Services' state, built in bursts (a cold start or a relist parses
-//! every object at once) and then kept for hours.
+//! The memory allocator: jemalloc, set up for a process whose memory is
+//! mostly its Services' state, built in bursts (a cold start or a relist
+//! parses every object at once) and then kept for hours.
 //!
-//! - Arenas: glibc gives every thread that allocates while another holds a
-//!   lock its own arena, up to 8 per core; the burst of a start spreads over
-//!   many of them, and memory freed in one arena is not reused by another.
-//!   At 10 000 Services, 2 arenas hold the same state in 150 MB of RSS
-//!   instead of 235 MB. The data path allocates almost nothing per packet
-//!   (buffers are per thread), so two arenas cost it nothing measurable.
-//! - Trim: after a burst, what was freed (parsed objects, the nft
-//!   transaction) goes back to the kernel.
+//! glibc's malloc kept freed memory in whichever of its arenas the burst
+//! happened to run on: at 10 000 Services the same live heap (87 MB) gave
+//! an RSS of 135 MB in some runs and 198 MB in others, even with two arenas
+//! and a `malloc_trim` after each burst. jemalloc, with a background thread
+//! that hands pages nobody uses back to the kernel within a second, holds
+//! the same state in the same RSS run after run (see docs/performance.md).
 //!
-//! Without glibc (musl), both are no-ops.
+//! The binary installs it (`#[global_allocator]` in main.rs); the settings
+//! below are read by jemalloc when it starts, before `main`.
 
-/// Arenas for the whole process; call before the runtime's threads start.
-pub const ARENAS: i32 = 2;
+use std::ffi::c_char;
 
-/// Caps glibc's malloc arenas at [`ARENAS`]. Returns whether it took.
-pub fn limit_arenas() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX
-        // applies to arenas created from now on and is safe to call at any
-        // time, from any thread.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, ARENAS) == 1 }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        false
-    }
+/// jemalloc's options, as its `malloc_conf` string:
+/// - `background_thread`: purging runs on jemalloc's own thread, not in
+///   the allocations of the data path, and happens when the process is idle
+///   after a burst too;
+/// - `dirty_decay_ms:1000`, `muzzy_decay_ms:0`: pages freed and not reused
+///   go back to the kernel within a second (the default, 10 s, holds a
+///   start's parsing garbage for that long; a steady data path reuses its
+///   pages long before either);
+/// - `narenas:2`: one arena per core of the machines this is sized for is
+///   plenty for a data path that allocates per connection, not per packet,
+///   and fewer arenas strand less memory.
+pub const MALLOC_CONF: &std::ffi::CStr =
+    c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,narenas:2";
+
+/// A pointer jemalloc reads as its `malloc_conf` global.
+#[repr(transparent)]
+pub struct ConfPtr(*const c_char);
+
+// SAFETY: the pointer is to a `'static` C string that nothing writes.
+unsafe impl Sync for ConfPtr {}
+
+/// jemalloc (as linked by tikv-jemalloc-sys, whose symbols carry the
+/// `_rjem_` prefix) reads this global once, when it initialises.
+// SAFETY: the symbol is jemalloc's documented configuration hook, defined
+// nowhere else in the program; its type is what jemalloc declares
+// (`const char *`), and the string it points to is NUL-terminated and
+// lives for the whole program.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: ConfPtr = ConfPtr(MALLOC_CONF.as_ptr());
+
+/// What the allocator runs with, for the start-up log line: whether the
+/// configuration above took (jemalloc's `opt.background_thread` reads back
+/// true) and its arenas.
+#[derive(Debug, Clone, Copy)]
+pub struct AllocatorState {
+    pub background_thread: bool,
+    pub narenas: u32,
 }
 
-/// Gives memory freed inside the heap back to the kernel (glibc's
-/// `malloc_trim`, which also releases whole free pages in the middle of
-/// each arena). Takes a few milliseconds at 10 000 Services: call it after
-/// bursts, not per change.
-pub fn release_free() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes the allocator's own locks and touches only
-    // memory that is free; it is safe to call at any time, from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+/// Reads jemalloc's settings; `None` when it cannot.
+pub fn allocator_state() -> Option<AllocatorState> {
+    use tikv_jemalloc_ctl::{arenas, opt};
+    Some(AllocatorState {
+        background_thread: opt::background_thread::read().ok()?,
+        narenas: arenas::narenas::read().ok()?,
+    })
 }

@@ -52,9 +52,6 @@ pub use observe::Telemetry;
 
 /// How long to wait before retrying a failed rule sync or listener.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// A sync that changed at least this many Services gives freed memory back
-/// to the kernel afterwards (see [`crate::memory`]).
-const RELEASE_AFTER: usize = 1000;
 
 /// Settings of the reconciler.
 #[derive(Debug, Clone)]
@@ -436,11 +433,6 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                         nft_ms = took.as_secs_f64() * 1e3,
                         "rules synced"
                     );
-                    if matches!(kind, SyncKind::Full { .. }) || dirty.len() >= RELEASE_AFTER {
-                        // After a burst (a start, a relist): what parsing
-                        // and the transaction freed goes back to the kernel.
-                        crate::memory::release_free();
-                    }
                     true
                 }
                 Err(e) => {
