@@ -67,15 +67,23 @@ pub struct ReconcilerConfig {
 }
 
 /// A listener of a Service port, in one family (see [`ListenerKey`]).
+///
+/// The Service port's spec is not kept here: the model has it (status
+/// reports read it there), and the balancer holds the endpoints.
 struct ActivePort {
-    spec: ServicePortSpec,
     listener: Listener,
     balancer: Arc<Balancer>,
     /// The keys this listener claims in the rules.
     /// Sorted (a `BTreeSet` of a few keys allocates a node for eleven).
     destinations: Vec<Key>,
+}
+
+#[cfg(test)]
+impl ActivePort {
     /// The endpoints its balancer holds.
-    endpoints: Vec<std::net::SocketAddr>,
+    fn endpoints(&self) -> Vec<std::net::SocketAddr> {
+        self.balancer.endpoints().addrs().collect()
+    }
 }
 
 /// What happens to new flows of one kind of traffic of a Service port
@@ -555,14 +563,19 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         let Some(port) = self.active.get_mut(&plan.key) else {
             return Err(true);
         };
-        if port.endpoints != plan.endpoints
+        let same_endpoints = port
+            .balancer
+            .endpoints()
+            .addrs()
+            .eq(plan.endpoints.iter().copied());
+        if !same_endpoints
             || port.balancer.algorithm() != spec.algorithm
             || port.balancer.session_affinity() != spec.session_affinity
         {
             debug!(listener = %plan.key, endpoints = plan.endpoints.len(), algorithm = %spec.algorithm, session_affinity = %spec.session_affinity, "endpoints updated");
+            port.balancer
+                .update(&plan.endpoints, spec.algorithm, spec.session_affinity);
         }
-        port.balancer
-            .update(&plan.endpoints, spec.algorithm, spec.session_affinity);
 
         for old in port
             .destinations
@@ -581,8 +594,6 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             self.rules.claim(*d, &plan.key.port, a);
         }
         port.destinations = destinations;
-        port.endpoints = plan.endpoints;
-        port.spec = spec.clone();
         Ok(())
     }
 
@@ -625,11 +636,9 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             "service port added"
         );
         Ok(ActivePort {
-            spec: spec.clone(),
             listener,
             balancer,
             destinations: Vec::new(),
-            endpoints: Vec::new(),
         })
     }
 }
@@ -1358,7 +1367,7 @@ mod tests {
             .values()
             .find(|p| p.listener.port == external)
             .unwrap();
-        assert_eq!(ext.endpoints, ["10.1.0.1:8080".parse().unwrap()]);
+        assert_eq!(ext.endpoints(), ["10.1.0.1:8080".parse().unwrap()]);
         assert_eq!(
             r.health_checks.get(&ObjectKey::new("default", "web")),
             Some(&(32000, 1))
@@ -1398,7 +1407,7 @@ mod tests {
         )
         .await;
         let port = r.active.values().next().unwrap();
-        assert_eq!(port.endpoints, ["10.1.0.1:8080".parse().unwrap()]);
+        assert_eq!(port.endpoints(), ["10.1.0.1:8080".parse().unwrap()]);
     }
 
     #[tokio::test]
@@ -1415,7 +1424,7 @@ mod tests {
         s.endpoints[0].zone_hints = vec!["z1".into()];
         s.endpoints[1].zone_hints = vec!["z2".into()];
         load(&mut r, vec![service("web", "10.96.0.10")], vec![s]).await;
-        assert_eq!(r.active.values().next().unwrap().endpoints.len(), 2);
+        assert_eq!(r.active.values().next().unwrap().endpoints().len(), 2);
         r.receive(Update::Nodes(vec![NodeInfo {
             key: ObjectKey::new("", "node-a"),
             zone: Some("z2".into()),
@@ -1423,7 +1432,7 @@ mod tests {
         }]));
         r.sync().await;
         assert_eq!(
-            r.active.values().next().unwrap().endpoints,
+            r.active.values().next().unwrap().endpoints(),
             ["10.1.0.2:8080".parse().unwrap()]
         );
         assert!(!r.node_eligible);

@@ -78,6 +78,11 @@ impl EndpointSet {
         self.endpoints.iter().any(|e| e.addr == addr)
     }
 
+    /// The endpoints' addresses, in the order they were published.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.endpoints.iter().map(|e| e.addr)
+    }
+
     /// Each endpoint with its open-connection count (status reports).
     pub fn iter(&self) -> impl Iterator<Item = &EndpointStats> {
         self.endpoints.iter().map(|e| &**e)

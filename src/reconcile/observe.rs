@@ -215,14 +215,15 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         applied: &std::collections::BTreeMap<Key, Action>,
     ) -> PortReport {
         let (name, family) = (&key.port, key.family);
-        let spec = &port.spec;
-        let usable = &port.endpoints;
-        let open: HashMap<SocketAddr, usize> = port
-            .balancer
-            .endpoints()
-            .iter()
-            .map(|e| (e.addr, e.active()))
-            .collect();
+        // The spec as the model has it now (a closing listener's Service
+        // port may be gone from it: then no addresses and no endpoints).
+        let spec = self
+            .state
+            .service_ports(&name.service, self.config.default_algorithm)
+            .into_iter()
+            .find(|s| s.name == *name);
+        let set = port.balancer.endpoints();
+        let open: HashMap<SocketAddr, usize> = set.iter().map(|e| (e.addr, e.active())).collect();
         // What this listener's first key gets (a closing listener
         // released its keys: it has none left to show).
         let dests: &[Key] = &port.destinations;
@@ -245,12 +246,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             port_name: name.port.clone(),
             protocol: name.protocol.to_string(),
             ip_family: family.to_string(),
-            cluster_ips: ServicePortSpec::of_family(&spec.cluster_ips, family)
+            cluster_ips: spec
+                .iter()
+                .flat_map(|s| ServicePortSpec::of_family(&s.cluster_ips, family))
                 .map(|ip| ip.to_string())
                 .collect(),
-            port: spec.port,
+            port: spec.as_ref().map_or(0, |s| s.port),
             proxy_port: port.listener.port,
-            algorithm: spec.algorithm.to_string(),
+            algorithm: port.balancer.algorithm().to_string(),
             state: match key.scope {
                 crate::model::TrafficScope::Internal => state.to_string(),
                 crate::model::TrafficScope::External => format!("{state} (external traffic)"),
@@ -259,14 +262,15 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             rule_applied,
             open_connections: self.observer.metrics.active_connections(name).unwrap_or(0),
             endpoints: spec
-                .endpoints_of(family)
+                .iter()
+                .flat_map(|s| s.endpoints_of(family))
                 .map(|e| EndpointReport {
                     address: e.addr.to_string(),
                     ready: e.ready,
                     serving: e.serving,
                     terminating: e.terminating,
                     node_name: e.node_name.clone(),
-                    usable: usable.contains(&e.addr),
+                    usable: set.contains(e.addr),
                     open_connections: open.get(&e.addr).copied().unwrap_or(0),
                 })
                 .collect(),
