@@ -43,15 +43,26 @@ use udp::UdpConfig;
 pub const RETIRE_LINGER: Duration = Duration::from_millis(500);
 
 /// How a listener's task is told to end.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Stop {
     /// The Service port went away: serve for a short linger more (a SYN or
     /// datagram translated just before the rule change still arrives),
-    /// then close.
+    /// then close. A child of `now`: shutdown fires it too, so a serving
+    /// loop waits on this one token alone.
     pub retire: CancellationToken,
     /// Shutdown: close now (queued connections move to the next instance's
     /// listener in the `SO_REUSEPORT` group, with `tcp_migrate_req`).
     pub now: CancellationToken,
+}
+
+impl Default for Stop {
+    fn default() -> Self {
+        let now = CancellationToken::new();
+        Stop {
+            retire: now.child_token(),
+            now,
+        }
+    }
 }
 
 /// Settings shared by every connection.

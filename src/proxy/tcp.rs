@@ -36,93 +36,141 @@ pub fn spawn(
     let listener = TcpListener::from_std(listener)?;
     let port = listener.local_addr()?.port();
     let span = debug_span!("listener", service = %service, proxy_port = port);
+    let port = Box::new(Port {
+        service,
+        balancer,
+        config,
+        connections,
+        metrics,
+    });
     Ok(tokio::spawn(
-        accept_loop(
-            listener,
-            service,
-            balancer,
-            config,
-            connections,
-            stop,
-            metrics,
-        )
-        .instrument(span),
+        accept_loop(listener, port, stop).instrument(span),
     ))
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// What an accept loop hands each connection it accepts (one allocation
+/// per listener, so the loop's future stays small: there is one per
+/// Service port, and 10 000 of them).
+struct Port {
     service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
     config: Arc<DataPathConfig>,
     connections: Connections,
-    stop: Stop,
     metrics: Arc<ServicePortMetrics>,
-) {
+}
+
+async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
     let mut backoff = AcceptBackoff::default();
-    let mut close_at: Option<tokio::time::Instant> = None;
     // Session affinity's sweep: expired clients go even when no new
-    // connection comes (a pick sweeps too, when one is due).
-    // (One timer, reset, not one per accepted connection.)
-    let sweep = tokio::time::sleep(balancer.affinity_reap_interval());
-    tokio::pin!(sweep);
+    // connection comes (a pick sweeps too, when one is due). A timer only
+    // while the balancer remembers clients (they are added by accepted
+    // connections, so the loop sees them come); boxed, so that a port
+    // without affinity does not carry one in its future.
+    let mut sweep: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Serving: until the Service port is retired (or the process stops:
+    // `retire` is a child of `now`).
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.retire.cancelled() => break,
+            _ = async {
+                match sweep.as_mut() {
+                    Some(timer) => timer.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                sweep = sweep_affinity(&port);
+                continue;
+            }
+            r = accept(&listener) => r,
+        };
+        if let Some(pause) = on_accepted(&port, accepted, &mut backoff) {
+            // Boxed: the timer of this rare path is not carried in the
+            // future of every accept loop.
+            tokio::select! {
+                _ = stop.retire.cancelled() => break,
+                _ = Box::pin(tokio::time::sleep(pause)) => {}
+            }
+        }
+        if sweep.is_none() && port.balancer.affinity_clients() > 0 {
+            sweep = sweep_affinity(&port);
+        }
+    }
+    if stop.now.is_cancelled() {
+        return;
+    }
+    // Retired: serve a short linger more (SYNs translated just before the
+    // rule change still arrive), then close; shutdown closes at once.
+    let mut linger = Box::pin(tokio::time::sleep(RETIRE_LINGER));
     loop {
         let accepted = tokio::select! {
             _ = stop.now.cancelled() => return,
-            _ = &mut sweep => {
-                metrics.affinity_clients(balancer.reap_affinity());
-                sweep
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + balancer.affinity_reap_interval());
-                continue;
-            }
-            _ = stop.retire.cancelled(), if close_at.is_none() => {
-                close_at = Some(tokio::time::Instant::now() + RETIRE_LINGER);
-                continue;
-            }
-            _ = tokio::time::sleep_until(close_at.unwrap_or_else(tokio::time::Instant::now)), if close_at.is_some() => return,
-            r = listener.accept() => r,
+            _ = &mut linger => return,
+            r = accept(&listener) => r,
         };
-        match accepted {
-            Ok((client, peer)) => {
-                backoff.succeeded();
-                metrics.accepted();
-                let Some(admission) = connections.admit() else {
-                    // Over --max-connections (logged by the limit): refused
-                    // with a reset, as a port without endpoints.
-                    metrics.failed(FailReason::MaxConnections);
-                    reset(&client);
-                    continue;
-                };
-                // debug level: at the default level the span costs nothing
-                // per connection; warnings carry service and client themselves.
-                let span = debug_span!("conn", client = %peer);
-                let flow = handle_connection(
-                    client,
-                    peer,
-                    Arc::clone(&service),
-                    Arc::clone(&balancer),
-                    Arc::clone(&config),
-                    connections.cut_token().clone(),
-                    Arc::clone(&metrics),
-                );
-                // The admission counts against the cap for the life of the
-                // flow. (`map`, not an async block: that would hold the
-                // flow's future twice, rust-lang/rust#62958.)
-                connections
-                    .tracker()
-                    .spawn(flow.map(move |()| drop(admission)).instrument(span));
-            }
-            Err(e) => {
-                if let Some(pause) = backoff.failed(&e) {
-                    tokio::select! {
-                        _ = stop.now.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
+        if let Some(pause) = on_accepted(&port, accepted, &mut backoff) {
+            tokio::select! {
+                _ = stop.now.cancelled() => return,
+                _ = Box::pin(tokio::time::sleep(pause)) => {}
             }
         }
     }
+}
+
+/// The next connection. (`poll_accept`: `TcpListener::accept`'s future is
+/// 184 bytes, carried by every idle accept loop; this one is a reference.)
+fn accept(
+    listener: &TcpListener,
+) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + '_ {
+    std::future::poll_fn(|cx| listener.poll_accept(cx))
+}
+
+/// Reaps the port's affinity table and reports its size; the next sweep's
+/// timer while clients remain.
+fn sweep_affinity(port: &Port) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+    let clients = port.balancer.reap_affinity();
+    port.metrics.affinity_clients(clients);
+    (clients > 0).then(|| Box::pin(tokio::time::sleep(port.balancer.affinity_reap_interval())))
+}
+
+/// Starts the connection just accepted; after an accept error, the pause
+/// to make before the next accept, if any.
+fn on_accepted(
+    port: &Port,
+    accepted: io::Result<(TcpStream, SocketAddr)>,
+    backoff: &mut AcceptBackoff,
+) -> Option<std::time::Duration> {
+    let (client, peer) = match accepted {
+        Ok(c) => c,
+        Err(e) => return backoff.failed(&e),
+    };
+    backoff.succeeded();
+    port.metrics.accepted();
+    let Some(admission) = port.connections.admit() else {
+        // Over --max-connections (logged by the limit): refused with a
+        // reset, as a port without endpoints.
+        port.metrics.failed(FailReason::MaxConnections);
+        reset(&client);
+        return None;
+    };
+    // debug level: at the default level the span costs nothing per
+    // connection; warnings carry service and client themselves.
+    let span = debug_span!("conn", client = %peer);
+    let flow = handle_connection(
+        client,
+        peer,
+        Arc::clone(&port.service),
+        Arc::clone(&port.balancer),
+        Arc::clone(&port.config),
+        port.connections.cut_token().clone(),
+        Arc::clone(&port.metrics),
+    );
+    // The admission counts against the cap for the life of the flow.
+    // (`map`, not an async block: that would hold the flow's future twice,
+    // rust-lang/rust#62958.)
+    port.connections
+        .tracker()
+        .spawn(flow.map(move |()| drop(admission)).instrument(span));
+    None
 }
 
 /// Picks an endpoint, connects (failing over to the next endpoint on
