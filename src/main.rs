@@ -73,6 +73,7 @@ fn raise_fd_limit(max_connections: usize) {
 }
 
 /// jemalloc, configured in [`kube_uproxy::memory`].
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -99,7 +100,8 @@ fn main() -> ExitCode {
             narenas = a.narenas,
             "allocator: jemalloc without its configuration"
         ),
-        None => warn!("cannot read the allocator's settings"),
+        None if cfg!(feature = "jemalloc") => warn!("cannot read the allocator's settings"),
+        None => tracing::debug!("allocator: the system's malloc"),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

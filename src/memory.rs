@@ -10,7 +10,9 @@
 //! the same state in the same RSS run after run (see docs/performance.md).
 //!
 //! The binary installs it (`#[global_allocator]` in main.rs); the settings
-//! below are read by jemalloc when it starts, before `main`.
+//! below are read by jemalloc when it starts, before `main`. Built without
+//! the `jemalloc` feature, the binary uses the system's malloc, which heap
+//! profilers that hook malloc (heaptrack, valgrind) can see.
 
 use std::ffi::c_char;
 
@@ -41,6 +43,7 @@ unsafe impl Sync for ConfPtr {}
 // nowhere else in the program; its type is what jemalloc declares
 // (`const char *`), and the string it points to is NUL-terminated and
 // lives for the whole program.
+#[cfg(feature = "jemalloc")]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static JEMALLOC_CONF: ConfPtr = ConfPtr(MALLOC_CONF.as_ptr());
 
@@ -53,11 +56,18 @@ pub struct AllocatorState {
     pub narenas: u32,
 }
 
-/// Reads jemalloc's settings; `None` when it cannot.
+/// Reads jemalloc's settings; `None` when it cannot (or is not built in).
 pub fn allocator_state() -> Option<AllocatorState> {
-    use tikv_jemalloc_ctl::{arenas, opt};
-    Some(AllocatorState {
-        background_thread: opt::background_thread::read().ok()?,
-        narenas: arenas::narenas::read().ok()?,
-    })
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::{arenas, opt};
+        Some(AllocatorState {
+            background_thread: opt::background_thread::read().ok()?,
+            narenas: arenas::narenas::read().ok()?,
+        })
+    }
+    #[cfg(not(feature = "jemalloc"))]
+    {
+        None
+    }
 }
