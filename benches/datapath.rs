@@ -486,10 +486,11 @@ fn run(opts: &Opts) -> Result<bool, String> {
                 scales: opts.scales.clone(),
                 ep_trials: if opts.short { 5 } else { 40 },
                 add_trials: if opts.short { 3 } else { 15 },
+                baseline: opts.baseline_bin.clone(),
             },
         )
     } else {
-        Vec::new()
+        control::Runs::default()
     };
 
     drop(backends);
@@ -575,7 +576,8 @@ fn run(opts: &Opts) -> Result<bool, String> {
         versions: versions(),
         settings,
         paths: accs.values().map(Acc::summary).collect(),
-        control,
+        control: control.current,
+        control_baseline: control.baseline,
         targets: vec![],
         runtime_s: 0.0,
     };

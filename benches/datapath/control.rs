@@ -120,6 +120,9 @@ pub struct Plan {
     pub scales: Vec<usize>,
     pub ep_trials: usize,
     pub add_trials: usize,
+    /// `--baseline-bin`: measured too, right after this build at each
+    /// scale (before and after in one run).
+    pub baseline: Option<PathBuf>,
 }
 
 /// Percentiles of a set of durations, in milliseconds.
@@ -308,20 +311,38 @@ fn ep_yaml(k: usize) -> String {
     s
 }
 
-/// Runs the control-plane measurements at every scale of `plan`.
-pub fn run(ctx: &Ctx<'_>, plan: &Plan) -> Vec<Scale> {
-    let mut out = Vec::new();
+/// What [`run`] measured: this build at every scale, and the baseline
+/// binary (if any) at the same scales, interleaved with it.
+#[derive(Default)]
+pub struct Runs {
+    pub current: Vec<Scale>,
+    pub baseline: Vec<Scale>,
+}
+
+/// Runs the control-plane measurements at every scale of `plan`: this
+/// build, then the baseline, at one scale before the next.
+pub fn run(ctx: &Ctx<'_>, plan: &Plan) -> Runs {
+    let mut out = Runs::default();
     for &n in &plan.scales {
-        let mut s = Scale {
-            services: n,
-            ..Scale::default()
-        };
-        if let Err(e) = one_scale(ctx, plan, n, &mut s) {
-            eprintln!("control plane at {n} Services: {e}");
-            s.error = Some(e);
+        let bins =
+            std::iter::once((&ctx.bin, false)).chain(plan.baseline.as_ref().map(|b| (b, true)));
+        for (bin, is_baseline) in bins {
+            let mut s = Scale {
+                services: n,
+                ..Scale::default()
+            };
+            if let Err(e) = one_scale(ctx, bin, plan, n, &mut s) {
+                let which = if is_baseline { " (baseline)" } else { "" };
+                eprintln!("control plane at {n} Services{which}: {e}");
+                s.error = Some(e);
+            }
+            if is_baseline {
+                out.baseline.push(s);
+            } else {
+                out.current.push(s);
+            }
+            ctx.flush_rules();
         }
-        out.push(s);
-        ctx.flush_rules();
     }
     out
 }
@@ -348,7 +369,13 @@ fn install_refuse(ctx: &Ctx<'_>) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, s: &mut Scale) -> Result<(), String> {
+fn one_scale(
+    ctx: &Ctx<'_>,
+    bin: &Path,
+    plan: &Plan,
+    n: usize,
+    s: &mut Scale,
+) -> Result<(), String> {
     ctx.flush_rules();
     install_refuse(ctx)?;
     let dir: PathBuf = ctx.workdir.join(format!("control-{n}"));
@@ -378,7 +405,7 @@ fn one_scale(ctx: &Ctx<'_>, plan: &Plan, n: usize, s: &mut Scale) -> Result<(), 
     let log = dir.join("kube-uproxy.log");
     let f = fs::File::create(&log).map_err(|e| e.to_string())?;
     let f2 = f.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = ctx.lab.node().command(&ctx.bin);
+    let mut cmd = ctx.lab.node().command(bin);
     cmd.arg("--manifests")
         .arg(&mdir)
         .args(["--proxy-port-range", "20000-45000"])

@@ -437,6 +437,8 @@ pub struct Report {
     pub settings: BTreeMap<String, String>,
     pub paths: Vec<PathSummary>,
     pub control: Vec<Scale>,
+    /// `--baseline-bin`'s control-plane runs, interleaved with `control`.
+    pub control_baseline: Vec<Scale>,
     pub targets: Vec<Target>,
     pub runtime_s: f64,
 }
@@ -1026,6 +1028,7 @@ pub fn tables(rep: &Report) -> String {
 /// then the time of one change per scale.
 fn control_tables(o: &mut String, rep: &Report) {
     use crate::control::Ms;
+    let with_baseline = !rep.control_baseline.is_empty();
     let _ = writeln!(
         o,
         "\n#### Control plane (kube-uproxy, --manifests directory: {})\n\n\
@@ -1033,20 +1036,37 @@ fn control_tables(o: &mut String, rep: &Report) {
          ClusterIP with an externalIP, 80/TCP; LoadBalancer IP with two loadBalancerSourceRanges, 80/TCP + 53/UDP; \
          two endpoints each (plus the one-endpoint Service whose EndpointSlice is rewritten). \
          Rules and elements: `nft -j list table ip kube-uproxy` after the cold start. \
-         RSS per Service: (RSS − RSS at the smallest scale) / (Services − smallest scale's Services).\n\n\
-         | Services | Service ports | cold start → rules synced | that sync took | nft rules | set and map elements | service-ports / node-ports / lb-guarded / lb-allowed | RSS KiB | RSS per Service |\n\
-         |---:|---:|---:|---:|---:|---:|---|---:|---:|",
+         RSS per Service: (RSS − RSS at the smallest scale) / (Services − smallest scale's Services), \
+         per build.{}\n\n\
+         |{} Services | Service ports | cold start → rules synced | that sync took | nft rules | set and map elements | service-ports / node-ports / lb-guarded / lb-allowed | RSS KiB | RSS per Service |\n\
+         |{}---:|---:|---:|---:|---:|---:|---|---:|---:|",
         rep.settings
             .get("manifests_watch")
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if with_baseline {
+            " Rows \"baseline\": the `--baseline-bin` binary, run right after this build at each scale."
+        } else {
+            ""
+        },
+        if with_baseline { " build |" } else { "" },
+        if with_baseline { "---|" } else { "" },
     );
-    let base = rep
-        .control
-        .iter()
-        .filter(|c| c.rss_kib > 0)
-        .min_by_key(|c| c.services);
-    for c in &rep.control {
+    let builds: &[(&str, &[Scale])] = &[
+        ("this build", &rep.control),
+        ("baseline", &rep.control_baseline),
+    ];
+    // Interleaved as they ran: each scale, this build then the baseline.
+    let mut rows: Vec<(&str, &Scale, Option<&Scale>)> = Vec::new();
+    for (label, scales) in builds {
+        let base = scales
+            .iter()
+            .filter(|c| c.rss_kib > 0)
+            .min_by_key(|c| c.services);
+        rows.extend(scales.iter().map(|c| (*label, c, base)));
+    }
+    rows.sort_by_key(|(label, c, _)| (c.services, *label != "this build"));
+    for (label, c, base) in rows {
         let per_service = match base {
             Some(b) if c.services > b.services && c.rss_kib > 0 => format!(
                 "{:.2} KiB",
@@ -1057,7 +1077,12 @@ fn control_tables(o: &mut String, rep: &Report) {
         let set = |n: &str| c.nft_sets.get(n).copied().unwrap_or(0);
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} ms | {} | {} | {} / {} / {} / {} | {} | {} |",
+            "|{} {} | {} | {} | {} ms | {} | {} | {} / {} / {} / {} | {} | {} |",
+            if with_baseline {
+                format!(" {label} |")
+            } else {
+                String::new()
+            },
             c.services,
             c.service_ports,
             c.cold_start_s

@@ -36,6 +36,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
@@ -102,6 +103,21 @@ struct Flow {
     _reader: AbortOnDropHandle<()>,
 }
 
+/// A sweep's timer, boxed (see [`FlowTable::run`]).
+type Timer = Pin<Box<tokio::time::Sleep>>;
+
+fn timer(after: Duration) -> Timer {
+    Box::pin(tokio::time::sleep(after))
+}
+
+/// Waits for `t` to fire; forever if there is none.
+async fn fire(t: &mut Option<Timer>) {
+    match t {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Starts serving `socket` (bound to the proxy address) until `stop` says
 /// so.
 pub fn spawn(
@@ -150,38 +166,70 @@ impl FlowTable {
     }
 
     async fn run(mut self, stop: Stop) {
-        let sweep_every = (self.config.timeout / 4).max(Duration::from_millis(100));
-        let mut sweep = tokio::time::interval(sweep_every);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut close_at: Option<Instant> = None;
-        // Session affinity's sweep: expired clients go even when no new
-        // flow comes (opening a flow sweeps too, when one is due).
-        // (One timer, reset, not one per datagram.)
-        let affinity_sweep = tokio::time::sleep(self.balancer.affinity_reap_interval());
-        tokio::pin!(affinity_sweep);
+        // Both sweeps are timers only while there is something to sweep
+        // (flows; clients remembered for session affinity), boxed: an idle
+        // Service port's task carries two pointers, not two timers, and
+        // does not wake up at all.
+        let mut expiry: Option<Timer> = None;
+        let mut affinity: Option<Timer> = None;
+        // Serving: until the Service port is retired (or the process
+        // stops: `retire` is a child of `now`).
+        loop {
+            tokio::select! {
+                _ = stop.retire.cancelled() => break,
+                _ = fire(&mut expiry) => expiry = self.expire(),
+                _ = fire(&mut affinity) => affinity = self.sweep_affinity(),
+                r = self.receive() => self.received(r, &mut expiry, &mut affinity),
+            }
+        }
+        if stop.now.is_cancelled() {
+            return;
+        }
+        // Retired: serve a short linger more (datagrams translated just
+        // before the rule change still arrive), then close; shutdown closes
+        // at once.
+        let mut linger = Box::pin(tokio::time::sleep(RETIRE_LINGER));
         loop {
             tokio::select! {
                 _ = stop.now.cancelled() => return,
-                _ = &mut affinity_sweep => {
-                    self.metrics.affinity_clients(self.balancer.reap_affinity());
-                    affinity_sweep
-                        .as_mut()
-                        .reset(Instant::now() + self.balancer.affinity_reap_interval());
-                }
-                _ = stop.retire.cancelled(), if close_at.is_none() => {
-                    close_at = Some(Instant::now() + RETIRE_LINGER);
-                }
-                _ = tokio::time::sleep_until(close_at.unwrap_or_else(Instant::now)), if close_at.is_some() => return,
-                _ = sweep.tick() => self.expire(),
-                r = self.receive() => {
-                    if let Err(e) = r {
-                        // Errors of one datagram (an ICMP error for an
-                        // earlier reply) concern nobody else.
-                        debug!(error = %e, "receive failed");
-                    }
-                }
+                _ = &mut linger => return,
+                _ = fire(&mut expiry) => expiry = self.expire(),
+                r = self.receive() => self.received(r, &mut expiry, &mut affinity),
             }
         }
+    }
+
+    /// After a datagram: the sweeps get a timer if they now have work.
+    fn received(
+        &mut self,
+        r: io::Result<()>,
+        expiry: &mut Option<Timer>,
+        affinity: &mut Option<Timer>,
+    ) {
+        if let Err(e) = r {
+            // Errors of one datagram (an ICMP error for an earlier reply)
+            // concern nobody else.
+            debug!(error = %e, "receive failed");
+        }
+        if expiry.is_none() && !self.flows.is_empty() {
+            *expiry = Some(timer(self.sweep_every()));
+        }
+        if affinity.is_none() && self.balancer.affinity_clients() > 0 {
+            *affinity = self.sweep_affinity();
+        }
+    }
+
+    /// How often idle flows are looked for: a few times per timeout.
+    fn sweep_every(&self) -> Duration {
+        (self.config.timeout / 4).max(Duration::from_millis(100))
+    }
+
+    /// Reaps the affinity table and reports its size; the next sweep's
+    /// timer while clients remain (a new flow sweeps too, when one is due).
+    fn sweep_affinity(&self) -> Option<Timer> {
+        let clients = self.balancer.reap_affinity();
+        self.metrics.affinity_clients(clients);
+        (clients > 0).then(|| timer(self.balancer.affinity_reap_interval()))
     }
 
     /// Waits for one datagram and forwards it.
@@ -304,7 +352,9 @@ impl FlowTable {
     }
 
     /// Closes flows idle for `timeout` or longer.
-    fn expire(&mut self) {
+    /// Closes the flows idle for the timeout; the next sweep's timer while
+    /// flows remain.
+    fn expire(&mut self) -> Option<Timer> {
         let now = self.now_ms();
         let limit = self.config.timeout.as_millis() as u64;
         let before = self.flows.len();
@@ -316,6 +366,7 @@ impl FlowTable {
         if expired > 0 {
             debug!(expired, open = self.flows.len(), "idle UDP flows closed");
         }
+        (!self.flows.is_empty()).then(|| timer(self.sweep_every()))
     }
 
     /// Evicts the flows idle longest (a sixteenth of the table, at least
