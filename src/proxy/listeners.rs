@@ -146,7 +146,8 @@ pub trait Listeners: Send {
     /// short linger, and the port goes back to the pool.
     fn close(&mut self, key: &ListenerKey, listener: Listener);
 
-    /// Stops accepting at once (shutdown).
+    /// Stops accepting at once (shutdown: with [`SocketListeners`], every
+    /// listener stops, as they share the shutdown token).
     fn close_now(&mut self, key: &ListenerKey, listener: Listener) {
         listener.stop.now.cancel();
         self.close(key, listener);
@@ -167,6 +168,8 @@ pub struct SocketListeners {
     connections: Connections,
     /// Each listener gets its Service port's metric handles from here.
     metrics: Arc<Metrics>,
+    /// Every listener's [`Stop::now`].
+    shutdown: CancellationToken,
 }
 
 impl SocketListeners {
@@ -182,6 +185,7 @@ impl SocketListeners {
             config,
             connections,
             metrics: Arc::new(Metrics::default()),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -228,7 +232,7 @@ impl Listeners for SocketListeners {
             Some(s) => s,
             None => ports.bind(name.protocol)?,
         };
-        let stop = Stop::default();
+        let stop = Stop::under(&self.shutdown);
         let started = match name.protocol {
             Protocol::Udp => udp::spawn(
                 Arc::new(name.clone()),

@@ -52,16 +52,25 @@ pub struct Stop {
     pub retire: CancellationToken,
     /// Shutdown: close now (queued connections move to the next instance's
     /// listener in the `SO_REUSEPORT` group, with `tcp_migrate_req`).
+    /// Shared by every listener of a [`listeners::SocketListeners`]: one
+    /// token for the process, not one per Service port.
     pub now: CancellationToken,
 }
 
-impl Default for Stop {
-    fn default() -> Self {
-        let now = CancellationToken::new();
+impl Stop {
+    /// A listener's stop under the process's `shutdown` token.
+    pub fn under(shutdown: &CancellationToken) -> Self {
         Stop {
-            retire: now.child_token(),
-            now,
+            retire: shutdown.child_token(),
+            now: shutdown.clone(),
         }
+    }
+}
+
+impl Default for Stop {
+    /// A stop of its own (tests, and listeners outside a registry).
+    fn default() -> Self {
+        Stop::under(&CancellationToken::new())
     }
 }
 
