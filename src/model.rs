@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -429,9 +430,9 @@ impl ServicePortSpec {
 /// set of Services that changed since the reconciler last looked.
 #[derive(Debug, Default)]
 pub struct ClusterState {
-    services: HashMap<ObjectKey, ServiceInfo>,
+    services: HashMap<ObjectKey, Arc<ServiceInfo>>,
     /// Slices grouped by the Service they belong to, then by slice name.
-    slices: HashMap<ObjectKey, VecMap<String, SliceInfo>>,
+    slices: HashMap<ObjectKey, VecMap<String, Arc<SliceInfo>>>,
     /// Which Service each slice belongs to, so a slice that moves or goes
     /// away marks the right Service dirty.
     slice_owner: HashMap<ObjectKey, ObjectKey>,
@@ -448,7 +449,8 @@ impl ClusterState {
     }
 
     /// Adds or replaces a Service; marks it dirty only if it changed.
-    pub fn apply_service(&mut self, svc: ServiceInfo) {
+    pub fn apply_service(&mut self, svc: impl Into<Arc<ServiceInfo>>) {
+        let svc = svc.into();
         if self.services.get(&svc.key) != Some(&svc) {
             self.dirty.insert(svc.key.clone());
             self.services.insert(svc.key.clone(), svc);
@@ -463,7 +465,7 @@ impl ClusterState {
 
     /// Replaces every Service at once (initial list, relist, manifests
     /// reload): Services not in `all` are deleted, unchanged ones stay clean.
-    pub fn replace_services(&mut self, all: Vec<ServiceInfo>) {
+    pub fn replace_services(&mut self, all: Vec<Arc<ServiceInfo>>) {
         let keep: BTreeSet<ObjectKey> = all.iter().map(|s| s.key.clone()).collect();
         let gone: Vec<ObjectKey> = self
             .services
@@ -480,7 +482,8 @@ impl ClusterState {
     }
 
     /// Adds or replaces an EndpointSlice; marks its Service dirty if it changed.
-    pub fn apply_slice(&mut self, slice: SliceInfo) {
+    pub fn apply_slice(&mut self, slice: impl Into<Arc<SliceInfo>>) {
+        let slice = slice.into();
         if let Some(old_owner) = self.slice_owner.get(&slice.key).cloned()
             && old_owner != slice.service
         {
@@ -509,7 +512,7 @@ impl ClusterState {
     }
 
     /// Replaces every EndpointSlice at once.
-    pub fn replace_slices(&mut self, all: Vec<SliceInfo>) {
+    pub fn replace_slices(&mut self, all: Vec<Arc<SliceInfo>>) {
         let keep: BTreeSet<ObjectKey> = all.iter().map(|s| s.key.clone()).collect();
         let gone: Vec<ObjectKey> = self
             .slice_owner
@@ -537,7 +540,7 @@ impl ClusterState {
 
     /// A Service as the source gave it.
     pub fn service(&self, key: &ObjectKey) -> Option<&ServiceInfo> {
-        self.services.get(key)
+        self.services.get(key).map(|v| &**v)
     }
 
     /// The desired ports of one Service (empty if the Service is gone).
@@ -565,7 +568,7 @@ impl ClusterState {
                 internal_local: svc.internal_local,
                 external_local: svc.external_local,
                 endpoints: slices
-                    .map(|s| endpoints_for_port(s.values(), p))
+                    .map(|s| endpoints_for_port(s.values().map(|s| &**s), p))
                     .unwrap_or_default(),
             })
             .collect()
@@ -750,13 +753,19 @@ mod tests {
     #[test]
     fn dirty_tracking_marks_only_changed_services() {
         let mut st = ClusterState::new();
-        st.replace_services(vec![svc("a", &[("", 80)]), svc("b", &[("", 80)])]);
+        st.replace_services(vec![
+            svc("a", &[("", 80)]).into(),
+            svc("b", &[("", 80)]).into(),
+        ]);
         assert_eq!(st.take_dirty().len(), 2);
         // Same content again: nothing is dirty.
-        st.replace_services(vec![svc("a", &[("", 80)]), svc("b", &[("", 80)])]);
+        st.replace_services(vec![
+            svc("a", &[("", 80)]).into(),
+            svc("b", &[("", 80)]).into(),
+        ]);
         assert!(st.take_dirty().is_empty());
         // b changes, a is removed.
-        st.replace_services(vec![svc("b", &[("", 81)])]);
+        st.replace_services(vec![svc("b", &[("", 81)]).into()]);
         let d = st.take_dirty();
         assert_eq!(
             d.into_iter().map(|k| k.name).collect::<Vec<_>>(),

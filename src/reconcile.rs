@@ -862,8 +862,8 @@ mod tests {
         svcs: Vec<ServiceInfo>,
         slices: Vec<SliceInfo>,
     ) {
-        r.apply(Update::Services(svcs));
-        r.apply(Update::Slices(slices));
+        r.apply(Update::Services(svcs.into_iter().map(Arc::new).collect()));
+        r.apply(Update::Slices(slices.into_iter().map(Arc::new).collect()));
         r.sync().await;
     }
 
@@ -904,10 +904,10 @@ mod tests {
             0.0
         );
         r.receive(Update::Services(vec![
-            service("a", "10.96.0.10"),
-            service("b", "10.96.0.11"),
+            Arc::new(service("a", "10.96.0.10")),
+            Arc::new(service("b", "10.96.0.11")),
         ]));
-        r.receive(Update::Slices(vec![slice("a", "10.1.0.1")]));
+        r.receive(Update::Slices(vec![Arc::new(slice("a", "10.1.0.1"))]));
         assert_eq!(pending(&r), (2.0, 1.0));
         assert!(
             metric(
@@ -931,8 +931,8 @@ mod tests {
             0.0
         );
         r.receive(Update::Slices(vec![
-            slice("a", "10.1.0.1"),
-            slice("b", "10.1.0.2"),
+            Arc::new(slice("a", "10.1.0.1")),
+            Arc::new(slice("b", "10.1.0.2")),
         ]));
         assert_eq!(pending(&r), (0.0, 1.0));
         r.sync().await;

@@ -85,10 +85,10 @@ impl Watched for Service {
         &info.key
     }
     fn full(items: Vec<Self::Info>) -> Update {
-        Update::Services(items)
+        Update::Services(items.into_iter().map(std::sync::Arc::new).collect())
     }
     fn applied(info: Self::Info) -> Update {
-        Update::ServiceApplied(info)
+        Update::ServiceApplied(std::sync::Arc::new(info))
     }
     fn deleted(key: ObjectKey) -> Update {
         Update::ServiceDeleted(key)
@@ -105,10 +105,10 @@ impl Watched for EndpointSlice {
         &info.key
     }
     fn full(items: Vec<Self::Info>) -> Update {
-        Update::Slices(items)
+        Update::Slices(items.into_iter().map(std::sync::Arc::new).collect())
     }
     fn applied(info: Self::Info) -> Update {
-        Update::SliceApplied(info)
+        Update::SliceApplied(std::sync::Arc::new(info))
     }
     fn deleted(key: ObjectKey) -> Update {
         Update::SliceDeleted(key)

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -46,8 +47,8 @@ pub enum ManifestError {
 /// What one file contributes.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Parsed {
-    pub services: Vec<ServiceInfo>,
-    pub slices: Vec<SliceInfo>,
+    pub services: Vec<Arc<ServiceInfo>>,
+    pub slices: Vec<Arc<SliceInfo>>,
     /// Node objects (the proxy uses the one named like its node).
     pub nodes: Vec<NodeInfo>,
     /// The notices of those Services that have any. Not logged by
@@ -131,7 +132,7 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
                     out.service_notices
                         .insert(accepted.info.key.clone(), accepted.notices);
                 }
-                out.services.push(accepted.info);
+                out.services.push(Arc::new(accepted.info));
             }
         }
         "EndpointSlice" => {
@@ -142,7 +143,7 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
                     out.slice_notices
                         .insert(accepted.info.key.clone(), accepted.notices);
                 }
-                out.slices.push(accepted.info);
+                out.slices.push(Arc::new(accepted.info));
             }
         }
         "Node" => {
@@ -281,8 +282,8 @@ type Definitions<T> = BTreeMap<ObjectKey, VecMap<PathBuf, T>>;
 /// Object-level changes caused by re-reading some files.
 #[derive(Debug, Default, PartialEq)]
 struct Delta {
-    services: Vec<(ObjectKey, Option<ServiceInfo>)>,
-    slices: Vec<(ObjectKey, Option<SliceInfo>)>,
+    services: Vec<(ObjectKey, Option<Arc<ServiceInfo>>)>,
+    slices: Vec<(ObjectKey, Option<Arc<SliceInfo>>)>,
     nodes: Vec<(ObjectKey, Option<NodeInfo>)>,
 }
 
@@ -320,8 +321,8 @@ struct ManifestWatcher {
     /// this.
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    services: Definitions<ServiceInfo>,
-    slices: Definitions<SliceInfo>,
+    services: Definitions<Arc<ServiceInfo>>,
+    slices: Definitions<Arc<SliceInfo>>,
     nodes: Definitions<NodeInfo>,
     /// Which objects each file defined at its last good parse.
     owned: BTreeMap<PathBuf, Owned>,
@@ -540,7 +541,7 @@ trait Keyed: Clone + PartialEq {
     fn key(&self) -> &ObjectKey;
 }
 
-impl Keyed for ServiceInfo {
+impl Keyed for Arc<ServiceInfo> {
     const KIND: &'static str = "Service";
     fn key(&self) -> &ObjectKey {
         &self.key
@@ -554,7 +555,7 @@ impl Keyed for NodeInfo {
     }
 }
 
-impl Keyed for SliceInfo {
+impl Keyed for Arc<SliceInfo> {
     const KIND: &'static str = "EndpointSlice";
     fn key(&self) -> &ObjectKey {
         &self.key

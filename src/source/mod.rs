@@ -15,6 +15,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, warn};
 
+use std::sync::Arc;
+
 use crate::model::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
 use convert::{Accepted, Notice};
 
@@ -23,12 +25,15 @@ use convert::{Accepted, Notice};
 pub enum Update {
     /// The complete set of Services (initial list, relist, manifests reload).
     /// The first one also says the Services are synced.
-    Services(Vec<ServiceInfo>),
+    ///
+    /// Objects are shared (`Arc`): a source that keeps what it sent (the
+    /// manifests source) and the model hold one copy between them.
+    Services(Vec<Arc<ServiceInfo>>),
     /// The complete set of EndpointSlices; see [`Update::Services`].
-    Slices(Vec<SliceInfo>),
-    ServiceApplied(ServiceInfo),
+    Slices(Vec<Arc<SliceInfo>>),
+    ServiceApplied(Arc<ServiceInfo>),
     ServiceDeleted(ObjectKey),
-    SliceApplied(SliceInfo),
+    SliceApplied(Arc<SliceInfo>),
     SliceDeleted(ObjectKey),
     /// The complete set of Node objects the source sees (the API source
     /// watches only this node's; a manifests file may hold several).

@@ -836,8 +836,9 @@ mod tests {
             port,
             node_port: None,
         };
+        let services: Vec<ServiceInfo> = p.services.iter().map(|s| (**s).clone()).collect();
         assert_eq!(
-            p.services,
+            services,
             vec![
                 ServiceInfo {
                     key: ObjectKey::new("default", "web"),
@@ -872,8 +873,9 @@ mod tests {
             zone_hints: Vec::new(),
             node_hints: Vec::new(),
         };
+        let slices: Vec<SliceInfo> = p.slices.iter().map(|s| (**s).clone()).collect();
         assert_eq!(
-            p.slices,
+            slices,
             vec![
                 SliceInfo {
                     key: ObjectKey::new("default", "web-x7k2p"),
