@@ -134,12 +134,12 @@ impl fmt::Display for SessionAffinity {
 /// Identifies a Kubernetes object: namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -432,7 +432,7 @@ impl ServicePortSpec {
 pub struct ClusterState {
     services: HashMap<ObjectKey, Arc<ServiceInfo>>,
     /// Slices grouped by the Service they belong to, then by slice name.
-    slices: HashMap<ObjectKey, VecMap<String, Arc<SliceInfo>>>,
+    slices: HashMap<ObjectKey, VecMap<Arc<str>, Arc<SliceInfo>>>,
     /// Which Service each slice belongs to, so a slice that moves or goes
     /// away marks the right Service dirty.
     slice_owner: HashMap<ObjectKey, ObjectKey>,
@@ -768,7 +768,9 @@ mod tests {
         st.replace_services(vec![svc("b", &[("", 81)]).into()]);
         let d = st.take_dirty();
         assert_eq!(
-            d.into_iter().map(|k| k.name).collect::<Vec<_>>(),
+            d.into_iter()
+                .map(|k| k.name.to_string())
+                .collect::<Vec<_>>(),
             vec!["a", "b"]
         );
         // A slice change dirties its Service; a slice moving to another
@@ -776,10 +778,18 @@ mod tests {
         st.apply_slice(slice("s1", "b", ("", 8080), vec![]));
         assert_eq!(st.take_dirty().len(), 1);
         st.apply_slice(slice("s1", "c", ("", 8080), vec![]));
-        let d: Vec<String> = st.take_dirty().into_iter().map(|k| k.name).collect();
+        let d: Vec<String> = st
+            .take_dirty()
+            .into_iter()
+            .map(|k| k.name.to_string())
+            .collect();
         assert_eq!(d, vec!["b", "c"]);
         st.replace_slices(vec![]);
-        let d: Vec<String> = st.take_dirty().into_iter().map(|k| k.name).collect();
+        let d: Vec<String> = st
+            .take_dirty()
+            .into_iter()
+            .map(|k| k.name.to_string())
+            .collect();
         assert_eq!(d, vec!["c"]);
     }
 

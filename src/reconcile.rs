@@ -290,16 +290,16 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             Update::SliceDeleted(k) => self.state.delete_slice(&k),
             Update::Nodes(all) => {
                 // Not listed: not seen (yet), which counts as eligible.
-                let mine = all.into_iter().find(|n| n.key.name == self.node.name);
+                let mine = all.into_iter().find(|n| *n.key.name == *self.node.name);
                 let eligible = mine.as_ref().is_none_or(|n| n.eligible);
                 self.apply_node(mine.and_then(|n| n.zone), eligible);
             }
-            Update::NodeApplied(n) if n.key.name == self.node.name => {
+            Update::NodeApplied(n) if *n.key.name == *self.node.name => {
                 self.apply_node(n.zone, n.eligible)
             }
             Update::NodeApplied(_) => {}
             // Deleted: as kube-proxy, a node going away is not eligible.
-            Update::NodeDeleted(k) if k.name == self.node.name => self.apply_node(None, false),
+            Update::NodeDeleted(k) if *k.name == *self.node.name => self.apply_node(None, false),
             Update::NodeDeleted(_) => {}
         }
     }

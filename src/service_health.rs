@@ -111,8 +111,8 @@ impl ServiceHealthServers {
 pub fn body(service: &ObjectKey, local_endpoints: usize, proxy_healthy: bool) -> String {
     format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {ns},\n\t\t\"name\": {name}\n\t}},\n\t\"localEndpoints\": {local_endpoints},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
-        ns = serde_json::Value::from(service.namespace.as_str()),
-        name = serde_json::Value::from(service.name.as_str()),
+        ns = serde_json::Value::from(&*service.namespace),
+        name = serde_json::Value::from(&*service.name),
     )
 }
 

@@ -241,8 +241,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             .iter()
             .all(|d| applied.get(d).copied() == self.rules.desired(d));
         PortReport {
-            namespace: name.service.namespace.clone(),
-            service: name.service.name.clone(),
+            namespace: name.service.namespace.to_string(),
+            service: name.service.name.to_string(),
             port_name: name.port.clone(),
             protocol: name.protocol.to_string(),
             ip_family: family.to_string(),

@@ -863,7 +863,7 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
 ---
 "#;
         let p = parse(text, Path::new("t.yaml")).unwrap();
-        let names: Vec<_> = p.services.iter().map(|s| s.key.name.as_str()).collect();
+        let names: Vec<_> = p.services.iter().map(|s| &*s.key.name).collect();
         assert_eq!(names, vec!["a", "b"]);
     }
 
@@ -993,7 +993,7 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         .unwrap();
         let d = w.reload([a.clone()]);
         assert_eq!(d.services.len(), 1);
-        assert_eq!(d.services[0].0.name, "two");
+        assert_eq!(&*d.services[0].0.name, "two");
         assert_eq!(d.services[0].1.as_ref().unwrap().ports[0].port, 8080);
         // Re-reading an unchanged file reports nothing.
         assert!(w.reload([b.clone()]).is_empty());
@@ -1214,7 +1214,7 @@ spec: {clusterIP: 10.96.0.3, ports: [{port: 81}]}
         .unwrap();
         std::fs::rename(&tmp, &f).unwrap();
         match next(&mut rx).await {
-            Update::ServiceApplied(s) => assert_eq!(s.key.name, "two"),
+            Update::ServiceApplied(s) => assert_eq!(&*s.key.name, "two"),
             other => panic!("unexpected {other:?}"),
         }
         cancel.cancel();

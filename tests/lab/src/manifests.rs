@@ -795,7 +795,7 @@ mod tests {
         assert!(svc.internal_local && svc.external_local);
         assert_eq!(svc.health_check_node_port, Some(32000));
         assert_eq!(p.slices.len(), 3, "5 endpoints in slices of 2");
-        assert!(p.slices.iter().all(|s| s.service.name == "web"));
+        assert!(p.slices.iter().all(|s| &*s.service.name == "web"));
         let e = &p.slices[0].endpoints[0];
         assert_eq!(e.zone_hints, ["z1"]);
         assert_eq!(e.node_name.as_deref(), Some("node-1"));
