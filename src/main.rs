@@ -457,3 +457,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!("stopped; the rules stay in place (`kube-uproxy --cleanup` removes them)");
     source_result
 }
+
+#[cfg(test)]
+mod tests {
+    /// The binary's allocator is jemalloc with the settings of
+    /// `kube_uproxy::memory` (its `malloc_conf` symbol was linked in and
+    /// read): a background purge thread, two arenas.
+    #[cfg(feature = "jemalloc")]
+    #[test]
+    fn the_allocator_is_jemalloc_with_its_configuration() {
+        let a = kube_uproxy::memory::allocator_state().expect("jemalloc answers");
+        assert!(a.background_thread, "malloc_conf was not applied: {a:?}");
+        assert_eq!(a.narenas, 2, "{a:?}");
+    }
+}

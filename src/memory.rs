@@ -60,10 +60,12 @@ pub struct AllocatorState {
 pub fn allocator_state() -> Option<AllocatorState> {
     #[cfg(feature = "jemalloc")]
     {
-        use tikv_jemalloc_ctl::{arenas, opt};
+        use tikv_jemalloc_ctl::opt;
         Some(AllocatorState {
             background_thread: opt::background_thread::read().ok()?,
-            narenas: arenas::narenas::read().ok()?,
+            // The option, not `arenas.narenas`: that one counts the arena
+            // jemalloc adds for huge allocations too.
+            narenas: opt::narenas::read().ok()?,
         })
     }
     #[cfg(not(feature = "jemalloc"))]

@@ -264,3 +264,33 @@ async fn handle_connection(
         Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Algorithm, ObjectKey, Protocol};
+
+    /// One accept loop per Service port: at 10 000 ports every byte of its
+    /// future is 10 kB of RSS. (It was 1 008 bytes with `accept()`, two
+    /// tokens and the timers inline.)
+    #[tokio::test]
+    async fn an_idle_accept_loop_future_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let name = ServicePortName {
+            service: ObjectKey::new("default", "web"),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        let metrics = crate::metrics::Metrics::new(false).service_port(&name);
+        let port = Box::new(Port {
+            service: Arc::new(name),
+            balancer: Arc::new(Balancer::new(Algorithm::RoundRobin)),
+            config: Arc::new(DataPathConfig::default()),
+            connections: Connections::new(),
+            metrics,
+        });
+        let future = accept_loop(listener, port, Stop::default());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 400, "the accept loop's future is {size} bytes");
+    }
+}
