@@ -16,7 +16,7 @@ use super::listeners::Connections;
 use super::relay::{relay, reset};
 use super::{DataPathConfig, RETIRE_LINGER, Stop};
 use crate::metrics::{FailReason, ServicePortMetrics};
-use crate::model::ServicePortName;
+use crate::model::{ServicePortName, SessionAffinity};
 
 /// Starts accepting on `listener` until `stop` says so. Connections
 /// already accepted are not affected by `stop`: they run to their natural
@@ -63,9 +63,11 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
     let mut backoff = AcceptBackoff::default();
     // Session affinity's sweep: expired clients go even when no new
     // connection comes (a pick sweeps too, when one is due). A timer only
-    // while the balancer remembers clients (they are added by accepted
-    // connections, so the loop sees them come); boxed, so that a port
-    // without affinity does not carry one in its future.
+    // on a port with affinity that has accepted a connection since the
+    // table was last found empty (the connection's task remembers its
+    // client a moment after the accept, so the first sweep comes one
+    // interval later); boxed, so that a port without affinity does not
+    // carry one in its future.
     let mut sweep: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     // Serving: until the Service port is retired (or the process stops:
     // `retire` is a child of `now`).
@@ -91,8 +93,10 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
                 _ = Box::pin(tokio::time::sleep(pause)) => {}
             }
         }
-        if sweep.is_none() && port.balancer.affinity_clients() > 0 {
-            sweep = sweep_affinity(&port);
+        if sweep.is_none() && port.balancer.session_affinity() != SessionAffinity::None {
+            sweep = Some(Box::pin(tokio::time::sleep(
+                port.balancer.affinity_reap_interval(),
+            )));
         }
     }
     if stop.now.is_cancelled() {
@@ -268,7 +272,7 @@ async fn handle_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, ObjectKey, Protocol};
+    use crate::model::{Algorithm, ObjectKey, Protocol, SessionAffinity};
 
     /// One accept loop per Service port: at 10 000 ports every byte of its
     /// future is 10 kB of RSS. (It was 1 008 bytes with `accept()`, two
@@ -292,5 +296,85 @@ mod tests {
         let future = accept_loop(listener, port, Stop::default());
         let size = std::mem::size_of_val(&future);
         assert!(size <= 400, "the accept loop's future is {size} bytes");
+    }
+
+    fn affinity_gauge(m: &crate::metrics::Metrics) -> Option<f64> {
+        m.render()
+            .lines()
+            .find(|l| l.starts_with("kubeuproxy_session_affinity_clients{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Polls `f` every 50 ms for up to `limit`.
+    async fn eventually(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        f()
+    }
+
+    /// One connection to an otherwise idle port with session affinity: its
+    /// client shows in the gauge, and goes (table and gauge) once the
+    /// timeout has passed, with no other connection to trigger a sweep.
+    #[tokio::test]
+    async fn one_client_of_an_idle_affinity_port_is_counted_then_swept_out() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok((s, _)) = backend.accept() {
+                let _ = held_tx.send(s);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name = ServicePortName {
+            service: ObjectKey::new("default", "web"),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        let m = crate::metrics::Metrics::new(false);
+        let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
+        let timeout = std::time::Duration::from_secs(4);
+        balancer.update(
+            &[backend_addr],
+            Algorithm::RoundRobin,
+            SessionAffinity::ClientIp { timeout },
+        );
+        let port = Box::new(Port {
+            service: Arc::new(name.clone()),
+            balancer: Arc::clone(&balancer),
+            config: Arc::new(DataPathConfig::default()),
+            connections: Connections::new(),
+            metrics: m.service_port(&name),
+        });
+        let stop = Stop::default();
+        let task = tokio::spawn(accept_loop(listener, port, stop.clone()));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _held = held_rx.recv_timeout(std::time::Duration::from_secs(5));
+        assert!(
+            eventually(std::time::Duration::from_millis(3500), || {
+                affinity_gauge(&m) == Some(1.0)
+            })
+            .await,
+            "the remembered client never showed in the gauge: {:?} (balancer: {})",
+            affinity_gauge(&m),
+            balancer.affinity_clients()
+        );
+        assert!(
+            eventually(timeout * 2, || {
+                balancer.affinity_clients() == 0 && affinity_gauge(&m) == Some(0.0)
+            })
+            .await,
+            "the expired client was not swept out: gauge {:?}, balancer {}",
+            affinity_gauge(&m),
+            balancer.affinity_clients()
+        );
+        stop.now.cancel();
+        task.await.unwrap();
     }
 }
