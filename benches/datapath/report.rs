@@ -1052,21 +1052,22 @@ fn control_tables(o: &mut String, rep: &Report) {
         if with_baseline { " build |" } else { "" },
         if with_baseline { "---|" } else { "" },
     );
-    let builds: &[(&str, &[Scale])] = &[
-        ("this build", &rep.control),
-        ("baseline", &rep.control_baseline),
+    // (is the baseline, its label, its scales)
+    let builds: [(bool, &str, &[Scale]); 2] = [
+        (false, "this build", &rep.control),
+        (true, "baseline", &rep.control_baseline),
     ];
     // Interleaved as they ran: each scale, this build then the baseline.
-    let mut rows: Vec<(&str, &Scale, Option<&Scale>)> = Vec::new();
-    for (label, scales) in builds {
+    let mut rows: Vec<(bool, &str, &Scale, Option<&Scale>)> = Vec::new();
+    for (is_baseline, label, scales) in builds {
         let base = scales
             .iter()
             .filter(|c| c.rss_kib > 0)
             .min_by_key(|c| c.services);
-        rows.extend(scales.iter().map(|c| (*label, c, base)));
+        rows.extend(scales.iter().map(|c| (is_baseline, label, c, base)));
     }
-    rows.sort_by_key(|(label, c, _)| (c.services, *label != "this build"));
-    for (label, c, base) in rows {
+    rows.sort_by_key(|(is_baseline, _, c, _)| (c.services, *is_baseline));
+    for (_, label, c, base) in rows {
         let per_service = match base {
             Some(b) if c.services > b.services && c.rss_kib > 0 => format!(
                 "{:.2} KiB",

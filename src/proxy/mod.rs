@@ -74,6 +74,23 @@ impl Default for Stop {
     }
 }
 
+/// A listener task's optional timer (a sweep, a linger), boxed: a task
+/// that has nothing to time carries a pointer, not a `Sleep`, in its
+/// future (there is one task per Service port).
+pub(crate) type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
+
+pub(crate) fn timer(after: Duration) -> Timer {
+    Box::pin(tokio::time::sleep(after))
+}
+
+/// Waits for `t` to fire; forever if there is none.
+pub(crate) async fn fire(t: &mut Option<Timer>) {
+    match t {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Settings shared by every connection.
 #[derive(Debug, Clone)]
 pub struct DataPathConfig {

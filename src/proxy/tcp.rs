@@ -14,7 +14,7 @@ use super::balancer::Balancer;
 use super::connect::{ConnectError, connect_with_failover};
 use super::listeners::Connections;
 use super::relay::{relay, reset};
-use super::{DataPathConfig, RETIRE_LINGER, Stop};
+use super::{DataPathConfig, RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::metrics::{FailReason, ServicePortMetrics};
 use crate::model::{ServicePortName, SessionAffinity};
 
@@ -68,18 +68,13 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
     // client a moment after the accept, so the first sweep comes one
     // interval later); boxed, so that a port without affinity does not
     // carry one in its future.
-    let mut sweep: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut sweep: Option<Timer> = None;
     // Serving: until the Service port is retired (or the process stops:
     // `retire` is a child of `now`).
     loop {
         let accepted = tokio::select! {
             _ = stop.retire.cancelled() => break,
-            _ = async {
-                match sweep.as_mut() {
-                    Some(timer) => timer.await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            _ = fire(&mut sweep) => {
                 sweep = sweep_affinity(&port);
                 continue;
             }
@@ -90,13 +85,11 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
             // future of every accept loop.
             tokio::select! {
                 _ = stop.retire.cancelled() => break,
-                _ = Box::pin(tokio::time::sleep(pause)) => {}
+                _ = timer(pause) => {}
             }
         }
         if sweep.is_none() && port.balancer.session_affinity() != SessionAffinity::None {
-            sweep = Some(Box::pin(tokio::time::sleep(
-                port.balancer.affinity_reap_interval(),
-            )));
+            sweep = Some(timer(port.balancer.affinity_reap_interval()));
         }
     }
     if stop.now.is_cancelled() {
@@ -104,7 +97,7 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
     }
     // Retired: serve a short linger more (SYNs translated just before the
     // rule change still arrive), then close; shutdown closes at once.
-    let mut linger = Box::pin(tokio::time::sleep(RETIRE_LINGER));
+    let mut linger = timer(RETIRE_LINGER);
     loop {
         let accepted = tokio::select! {
             _ = stop.now.cancelled() => return,
@@ -114,7 +107,7 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
         if let Some(pause) = on_accepted(&port, accepted, &mut backoff) {
             tokio::select! {
                 _ = stop.now.cancelled() => return,
-                _ = Box::pin(tokio::time::sleep(pause)) => {}
+                _ = timer(pause) => {}
             }
         }
     }
@@ -130,10 +123,10 @@ fn accept(
 
 /// Reaps the port's affinity table and reports its size; the next sweep's
 /// timer while clients remain.
-fn sweep_affinity(port: &Port) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+fn sweep_affinity(port: &Port) -> Option<Timer> {
     let clients = port.balancer.reap_affinity();
     port.metrics.affinity_clients(clients);
-    (clients > 0).then(|| Box::pin(tokio::time::sleep(port.balancer.affinity_reap_interval())))
+    (clients > 0).then(|| timer(port.balancer.affinity_reap_interval()))
 }
 
 /// Starts the connection just accepted; after an accept error, the pause

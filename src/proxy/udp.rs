@@ -36,7 +36,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
@@ -49,7 +48,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
-use super::{RETIRE_LINGER, Stop};
+use super::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::metrics::ServicePortMetrics;
 use crate::model::ServicePortName;
 
@@ -101,21 +100,6 @@ struct Flow {
     checked_set: usize,
     /// The task relaying replies; aborted with the flow.
     _reader: AbortOnDropHandle<()>,
-}
-
-/// A sweep's timer, boxed (see [`FlowTable::run`]).
-type Timer = Pin<Box<tokio::time::Sleep>>;
-
-fn timer(after: Duration) -> Timer {
-    Box::pin(tokio::time::sleep(after))
-}
-
-/// Waits for `t` to fire; forever if there is none.
-async fn fire(t: &mut Option<Timer>) {
-    match t {
-        Some(t) => t.as_mut().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Starts serving `socket` (bound to the proxy address) until `stop` says
@@ -188,7 +172,7 @@ impl FlowTable {
         // Retired: serve a short linger more (datagrams translated just
         // before the rule change still arrive), then close; shutdown closes
         // at once.
-        let mut linger = Box::pin(tokio::time::sleep(RETIRE_LINGER));
+        let mut linger = timer(RETIRE_LINGER);
         loop {
             tokio::select! {
                 _ = stop.now.cancelled() => return,

@@ -10,12 +10,11 @@ pub mod manifests;
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, warn};
-
-use std::sync::Arc;
 
 use crate::model::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
 use convert::{Accepted, Notice};
