@@ -15,6 +15,8 @@
 //! the same) rather than stopping the proxy: Service traffic matters more
 //! than its observability.
 
+pub mod status;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,9 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use self::status::ServicesReport;
 use crate::health::ProxyHealth;
 use crate::metrics::{self, Metrics};
-use crate::status::ServicesReport;
 
 /// What `/proxyMode` answers. kube-proxy answers its mode's name
 /// (`iptables`, `ipvs`, `nftables`, `kernelspace`); the legacy userspace
@@ -236,8 +238,8 @@ pub fn spawn_unix(
 
 #[cfg(test)]
 mod tests {
+    use super::status;
     use super::*;
-    use crate::status;
 
     fn state() -> (AdminState, mpsc::Receiver<oneshot::Sender<ServicesReport>>) {
         let (tx, rx) = mpsc::channel(4);

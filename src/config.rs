@@ -1,5 +1,7 @@
 //! Command-line flags, following kube-proxy's names where one exists.
 
+pub mod file;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;

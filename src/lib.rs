@@ -5,7 +5,6 @@
 
 pub mod admin;
 pub mod config;
-pub mod config_file;
 pub mod health;
 pub mod memory;
 pub mod metrics;
@@ -13,7 +12,5 @@ pub mod model;
 pub mod proxy;
 pub mod reconcile;
 pub mod rules;
-pub mod service_health;
 pub mod source;
-pub mod status;
 pub mod vecmap;

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::health::ServiceHealthServers;
 use crate::model::{
     Algorithm, ClusterState, IpFamily, ListenerKey, NodeTopology, ObjectKey, Protocol,
     ServicePortName, ServicePortSpec, TrafficScope,
@@ -44,7 +45,6 @@ use crate::model::{
 use crate::proxy::balancer::Balancer;
 use crate::proxy::listeners::{ListenError, Listener, Listeners};
 use crate::rules::{Action, Destination, Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
-use crate::service_health::ServiceHealthServers;
 use crate::source::Update;
 
 mod observe;

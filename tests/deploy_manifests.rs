@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kube_uproxy::config::file::{self as config_file, ConfigFile};
 use kube_uproxy::config::{Args, Command};
-use kube_uproxy::config_file::{self, ConfigFile};
 use kube_uproxy::metrics::Metrics;
 use kube_uproxy::model::{ObjectKey, Protocol, ServicePortName};
 use kube_uproxy::rules::host::REQUIRED_CAPABILITIES;

@@ -13,13 +13,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{ActivePort, Reconciler};
+use crate::admin::status::{EndpointReport, PortReport, ServicesReport};
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::model::{ListenerKey, ObjectKey, ServicePortSpec};
 use crate::proxy::listeners::Listeners;
 use crate::rules::{Action, Key, Nft};
 use crate::source::Update;
-use crate::status::{EndpointReport, PortReport, ServicesReport};
 
 /// Where the reconciler reports to (given by [`Reconciler::with_telemetry`]).
 pub struct Telemetry {
