@@ -203,7 +203,8 @@ fn use_tree(t: &[String], i: &mut usize, mut path: Module, out: &mut Vec<(Module
 }
 
 impl Crate {
-    fn read(src: &Path) -> Crate {
+    /// The library from `src/lib.rs` and, if `bin`, the binary's `main.rs`.
+    fn read(src: &Path, bin: bool) -> Crate {
         let (files, test_only) = (BTreeMap::new(), BTreeSet::new());
         let mut krate = Crate {
             src: src.into(),
@@ -211,19 +212,9 @@ impl Crate {
             test_only,
         };
         krate.walk(vec![], src.join("lib.rs"), false);
-        krate.walk(vec!["<main>".into()], src.join("main.rs"), false);
-        krate
-    }
-
-    /// A library alone (the detector's own test).
-    fn read_lib(src: &Path) -> Crate {
-        let (files, test_only) = (BTreeMap::new(), BTreeSet::new());
-        let mut krate = Crate {
-            src: src.into(),
-            files,
-            test_only,
-        };
-        krate.walk(vec![], src.join("lib.rs"), false);
+        if bin {
+            krate.walk(vec!["<main>".into()], src.join("main.rs"), false);
+        }
         krate
     }
 
@@ -388,7 +379,10 @@ fn scan(module: &Module, t: &[String], children: &BTreeSet<String>, path: PathBu
 /// a scratch copy without building it).
 fn product() -> Crate {
     let src = std::env::var_os("MODULE_GRAPH_SRC").map(PathBuf::from);
-    Crate::read(&src.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src")))
+    Crate::read(
+        &src.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src")),
+        true,
+    )
 }
 
 /// The nodes `from` reaches through one edge or more.
@@ -465,6 +459,35 @@ fn compact(graph: &Graph) -> String {
     graph.iter().map(line).collect()
 }
 
+/// The shape, bottom up: each layer uses only the layers below it (the
+/// nodes on or above a circle, which have no layer, come last).
+fn layers(graph: &Graph) -> String {
+    let (mut placed, mut out) = (BTreeSet::new(), String::new());
+    for n in 0.. {
+        let ready = |v: &&String| graph[*v].keys().all(|w| placed.contains(w.as_str()));
+        let layer: Vec<&str> = graph
+            .keys()
+            .filter(|v| !placed.contains(v.as_str()))
+            .filter(ready)
+            .map(|v| v.as_str())
+            .collect();
+        if layer.is_empty() {
+            let rest: Vec<&str> = graph
+                .keys()
+                .map(|v| v.as_str())
+                .filter(|v| !placed.contains(v))
+                .collect();
+            if !rest.is_empty() {
+                out += &format!("on or above a circle: {}\n", rest.join(", "));
+            }
+            return out;
+        }
+        out += &format!("{n}: {}\n", layer.join(", "));
+        placed.extend(layer);
+    }
+    out
+}
+
 #[test]
 fn the_import_graph_between_source_files_has_no_circle() {
     let found = circles(&product().graph());
@@ -518,7 +541,7 @@ fn a_circle_is_named_and_a_parents_facade_is_not_one() {
         fs::create_dir_all(src.join(name).parent().unwrap()).unwrap();
         fs::write(src.join(name), text).unwrap();
     }
-    let graph = Crate::read_lib(&src).graph();
+    let graph = Crate::read(&src, false).graph();
     fs::remove_dir_all(&src).unwrap();
     assert_eq!(
         compact(&graph),
@@ -612,5 +635,6 @@ fn the_module_graph_prints_for_the_architecture_doc() {
         "Top-level modules (module → modules it uses):\n{}",
         compact(&tops(&graph))
     );
+    println!("Layers, bottom up:\n{}", layers(&tops(&graph)));
     assert!(graph.contains_key("lib.rs") && graph.contains_key("main.rs"));
 }
