@@ -350,6 +350,7 @@ fn scan(module: &Module, t: &[String], children: &BTreeSet<String>, path: PathBu
                 continue;
             }
             word if t.get(i + 1).is_some_and(|s| s == "::") && (i == 0 || t[i - 1] != "::") => {
+                code.insert(word.to_string()); // `Item::new()` uses a re-exported `Item`
                 let mut p = vec![word.to_string()];
                 while t.get(i + 1).is_some_and(|s| s == "::")
                     && t.get(i + 2)
