@@ -17,8 +17,6 @@
 
 pub mod status;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +26,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
 
 use self::status::ServicesReport;
-use crate::health::ProxyHealth;
+use crate::health::{ProxyHealth, health_json};
 use crate::metrics::{self, Metrics};
 
 /// What `/proxyMode` answers. kube-proxy answers its mode's name
@@ -44,22 +40,8 @@ pub const PROXY_MODE: &str = "userspace";
 /// How long `/debug/services` waits for the reconciler (busy in a long
 /// nft transaction, for instance) before answering 503.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause between attempts to bind a server's address.
-const BIND_RETRY: Duration = Duration::from_secs(5);
-
 /// Asks the reconciler for a report: it answers on the oneshot.
 pub type ReportRequests = mpsc::Sender<oneshot::Sender<ServicesReport>>;
-
-/// A server could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("cannot serve on the Unix socket {}: {source}", path.display())]
-    Socket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -90,25 +72,6 @@ fn health_answer(s: &AdminState, livez: bool) -> Response {
     let v = s.health.check(livez);
     s.metrics.health_answered(livez, v.status());
     health_json(v.healthy, v.to_json(livez))
-}
-
-/// A health answer as kube-proxy gives it: JSON `body`, 200 when `ok`,
-/// else 503.
-pub(crate) fn health_json(ok: bool, body: String) -> Response {
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
-    )
-        .into_response()
 }
 
 async fn healthz(State(s): State<AdminState>) -> Response {
@@ -161,85 +124,12 @@ async fn services(State(s): State<AdminState>) -> Response {
     }
 }
 
-/// A listening TCP socket on `addr` with `SO_REUSEPORT` (see the module
-/// doc) and `SO_REUSEADDR`.
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(128)?;
-    tokio::net::TcpListener::from_std(s.into())
-}
-
-/// Serves `router` on `addr` until `cancel`; binding is retried every
-/// [`BIND_RETRY`] while it fails. `what` names the server in the logs.
-pub fn spawn_tcp(
-    what: &'static str,
-    addr: SocketAddr,
-    router: Router,
-    cancel: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut warned = false;
-        let listener = loop {
-            match bind_reuseport(addr) {
-                Ok(l) => break l,
-                Err(e) => {
-                    if !warned {
-                        error!(server = what, %addr, error = %e, "cannot serve; retrying every 5 s");
-                        warned = true;
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(BIND_RETRY) => {}
-                    }
-                }
-            }
-        };
-        info!(server = what, %addr, "serving");
-        let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
-        if let Err(e) = serve.await {
-            warn!(server = what, %addr, error = %e, "server stopped");
-        }
-    })
-}
-
-/// Serves `router` on a Unix socket at `path` (a file left there by an
-/// earlier run is replaced). Fails at once: the socket was asked for.
-pub fn spawn_unix(
-    what: &'static str,
-    path: &Path,
-    router: Router,
-    cancel: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, AdminError> {
-    let err = |source| AdminError::Socket {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    info!(server = what, socket = %path.display(), "serving");
-    let path = path.to_path_buf();
-    Ok(tokio::spawn(async move {
-        let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
-        if let Err(e) = serve.await {
-            warn!(server = what, socket = %path.display(), error = %e, "server stopped");
-        }
-        let _ = std::fs::remove_file(&path);
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::status;
     use super::*;
+    use crate::serve::{bind_reuseport, spawn_tcp, spawn_unix};
+    use tokio_util::sync::CancellationToken;
 
     fn state() -> (AdminState, mpsc::Receiver<oneshot::Sender<ServicesReport>>) {
         let (tx, rx) = mpsc::channel(4);

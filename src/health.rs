@@ -5,5 +5,5 @@
 pub mod proxy;
 pub mod service;
 
-pub use proxy::{ProxyHealth, Verdict};
+pub use proxy::{ProxyHealth, Verdict, health_json};
 pub use service::ServiceHealthServers;

@@ -12,5 +12,6 @@ pub mod model;
 pub mod proxy;
 pub mod reconcile;
 pub mod rules;
+pub mod serve;
 pub mod source;
 pub mod vecmap;

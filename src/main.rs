@@ -21,6 +21,7 @@ use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
 use kube_uproxy::proxy::udp::UdpConfig;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig, Telemetry};
 use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
+use kube_uproxy::serve;
 use kube_uproxy::source;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -221,7 +222,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin_stop = CancellationToken::new();
     let _admin_stop = admin_stop.clone().drop_guard();
     if let Some(addr) = args.healthz_address() {
-        admin::spawn_tcp(
+        serve::spawn_tcp(
             "healthz",
             addr,
             admin::healthz_router(admin_state.clone()),
@@ -229,7 +230,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(path) = &args.healthz_socket {
-        admin::spawn_unix(
+        serve::spawn_unix(
             "healthz",
             path,
             admin::healthz_router(admin_state.clone()),
@@ -237,7 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?;
     }
     if let Some(addr) = args.metrics_address() {
-        admin::spawn_tcp(
+        serve::spawn_tcp(
             "metrics",
             addr,
             admin::metrics_router(admin_state.clone()),

@@ -18,7 +18,29 @@
 //! kube-proxy: a proxy that never sees its Node stays eligible).
 
 use std::sync::Mutex;
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use std::time::{Duration, Instant, SystemTime};
+
+/// A health answer as kube-proxy gives it: JSON `body`, 200 when `ok`,
+/// else 503.
+pub fn health_json(ok: bool, body: String) -> Response {
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
 
 /// What the reconciler reports, and when.
 #[derive(Debug, Default, Clone, Copy)]

@@ -25,9 +25,9 @@ use axum::response::Response;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::admin;
 use crate::health::ProxyHealth;
 use crate::model::ObjectKey;
+use crate::serve;
 
 /// One Service's health check server.
 struct Server {
@@ -90,7 +90,7 @@ impl ServiceHealthServers {
             proxy: Arc::clone(&self.proxy),
         };
         let router = Router::new().fallback(answer).with_state(state);
-        admin::spawn_tcp(
+        serve::spawn_tcp(
             "health-check-node-port",
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
             router,
@@ -119,7 +119,7 @@ pub fn body(service: &ObjectKey, local_endpoints: usize, proxy_healthy: bool) ->
 async fn answer(State(s): State<HandlerState>) -> Response {
     let n = s.local_endpoints.load(Ordering::Relaxed);
     let healthy = s.proxy.check(true).healthy;
-    admin::health_json(n > 0 && healthy, body(&s.service, n, healthy))
+    super::health_json(n > 0 && healthy, body(&s.service, n, healthy))
 }
 
 #[cfg(test)]
