@@ -384,7 +384,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }),
         connections.clone(),
     )
-    .with_metrics(Arc::clone(&metrics));
+    .with_metrics(metrics.service_ports());
     if let Some(p) = ports_v6 {
         listeners = listeners.with_ipv6(p);
     }

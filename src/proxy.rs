@@ -6,7 +6,9 @@
 //! that picks an endpoint ([`balancer`]), connects to it (`connect.rs`:
 //! failover on endpoint errors, none on local ones) and relays both
 //! directions ([`relay`]; bulk phases in `splice.rs` through `pipe.rs`).
-//! Dead peers are found by the socket options of [`tcp_options`]. Repeating
+//! Each listener counts into its Service port's series ([`metrics`]), which
+//! the process's registry renders. Dead peers are found by the socket
+//! options of [`tcp_options`]. Repeating
 //! warnings go through `log_limit.rs`; the few raw system calls live in
 //! `sys.rs`. The control plane only talks to this module through
 //! [`listeners::Listeners`] (open, close) and
@@ -19,6 +21,7 @@ mod connect;
 pub mod limit;
 pub mod listeners;
 mod log_limit;
+pub mod metrics;
 mod pipe;
 pub mod ports;
 pub mod relay;

@@ -346,7 +346,7 @@ fn served_series() -> BTreeMap<String, BTreeSet<String>> {
         port: "http".into(),
         protocol: Protocol::Tcp,
     };
-    let handles = metrics.service_port(&port);
+    let handles = metrics.service_ports().service_port(&port);
     handles.connected("10.1.0.1:80".parse().expect("address"), Duration::ZERO);
     metrics.health_answered(false, 200);
     metrics.health_answered(true, 200);

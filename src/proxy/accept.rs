@@ -128,7 +128,7 @@ mod tests {
             port: "http".into(),
             protocol: Protocol::Tcp,
         };
-        let metrics = crate::metrics::Metrics::new(false).service_port(&service);
+        let metrics = crate::proxy::metrics::PortSeries::new(false).service_port(&service);
         let accepting = tcp::spawn(
             Arc::new(service),
             listener,

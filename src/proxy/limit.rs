@@ -159,7 +159,7 @@ mod tests {
             port: "http".into(),
             protocol: Protocol::Tcp,
         };
-        let registry = crate::metrics::Metrics::new(false);
+        let registry = std::sync::Arc::new(crate::proxy::metrics::PortSeries::new(false));
         let metrics = registry.service_port(&service);
         let _accepting = tcp::spawn(
             std::sync::Arc::new(service),

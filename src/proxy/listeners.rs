@@ -14,9 +14,9 @@ use tracing::warn;
 
 use super::balancer::Balancer;
 use super::limit::{Admission, ConnectionLimit};
+use super::metrics::PortSeries;
 use super::ports::{PortError, ProxyPortAllocator};
 use super::{DataPathConfig, Stop, tcp, udp};
-use crate::metrics::Metrics;
 use crate::model::{IpFamily, ListenerKey, Protocol};
 
 /// Every proxied connection of the process: shutdown waits for them, then
@@ -166,8 +166,9 @@ pub struct SocketListeners {
     ports_v6: Option<ProxyPortAllocator>,
     config: Arc<DataPathConfig>,
     connections: Connections,
-    /// Each listener gets its Service port's metric handles from here.
-    metrics: Arc<Metrics>,
+    /// Each listener gets its Service port's metric handles from here (the
+    /// per-port series only, not the process's registry).
+    metrics: Arc<PortSeries>,
     /// Every listener's [`Stop::now`].
     shutdown: CancellationToken,
 }
@@ -184,7 +185,7 @@ impl SocketListeners {
             ports_v6: None,
             config,
             connections,
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(PortSeries::new(false)),
             shutdown: CancellationToken::new(),
         }
     }
@@ -202,8 +203,9 @@ impl SocketListeners {
         }
     }
 
-    /// Counts into `metrics` (otherwise into a registry nobody serves).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    /// Counts into `metrics`, the series the process's registry renders
+    /// (otherwise into series nobody renders).
+    pub fn with_metrics(mut self, metrics: Arc<PortSeries>) -> Self {
         self.metrics = metrics;
         self
     }

@@ -13,9 +13,9 @@ use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
 use super::connect::{ConnectError, connect_with_failover};
 use super::listeners::Connections;
+use super::metrics::{FailReason, ServicePortMetrics};
 use super::relay::{relay, reset};
 use super::{DataPathConfig, RETIRE_LINGER, Stop, Timer, fire, timer};
-use crate::metrics::{FailReason, ServicePortMetrics};
 use crate::model::{ServicePortName, SessionAffinity};
 
 /// Starts accepting on `listener` until `stop` says so. Connections
@@ -266,6 +266,7 @@ async fn handle_connection(
 mod tests {
     use super::*;
     use crate::model::{Algorithm, ObjectKey, Protocol, SessionAffinity};
+    use crate::proxy::metrics::PortSeries;
 
     /// One accept loop per Service port: at 10 000 ports every byte of its
     /// future is 10 kB of RSS. (It was 1 008 bytes with `accept()`, two
@@ -278,7 +279,7 @@ mod tests {
             port: "http".into(),
             protocol: Protocol::Tcp,
         };
-        let metrics = crate::metrics::Metrics::new(false).service_port(&name);
+        let metrics = crate::proxy::metrics::PortSeries::new(false).service_port(&name);
         let port = Box::new(Port {
             service: Arc::new(name),
             balancer: Arc::new(Balancer::new(Algorithm::RoundRobin)),
@@ -291,7 +292,7 @@ mod tests {
         assert!(size <= 400, "the accept loop's future is {size} bytes");
     }
 
-    fn affinity_gauge(m: &crate::metrics::Metrics) -> Option<f64> {
+    fn affinity_gauge(m: &Arc<PortSeries>) -> Option<f64> {
         m.render()
             .lines()
             .find(|l| l.starts_with("kubeuproxy_session_affinity_clients{"))
@@ -330,7 +331,7 @@ mod tests {
             port: "http".into(),
             protocol: Protocol::Tcp,
         };
-        let m = crate::metrics::Metrics::new(false);
+        let m = Arc::new(PortSeries::new(false));
         let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
         let timeout = std::time::Duration::from_secs(4);
         balancer.update(

@@ -48,8 +48,8 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
+use super::metrics::ServicePortMetrics;
 use super::{RETIRE_LINGER, Stop, Timer, fire, timer};
-use crate::metrics::ServicePortMetrics;
 use crate::model::ServicePortName;
 
 /// A flow active within this long is in use and never evicted to make
@@ -485,7 +485,7 @@ mod tests {
         let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
         balancer.update(endpoints, Algorithm::RoundRobin, affinity);
         let stop = Stop::default();
-        let metrics = crate::metrics::Metrics::new(false).service_port(&name());
+        let metrics = crate::proxy::metrics::PortSeries::new(false).service_port(&name());
         spawn(
             name(),
             sock,
