@@ -11,11 +11,12 @@
 //! `sys.rs`. The control plane only talks to this module through
 //! [`listeners::Listeners`] (open, close) and
 //! [`balancer::Balancer::update`]; shutdown drains through
-//! [`listeners::Connections`].
+//! [`connections::Connections`].
 
 mod accept;
 pub mod balancer;
 mod connect;
+pub mod connections;
 pub mod limit;
 pub mod listeners;
 mod log_limit;

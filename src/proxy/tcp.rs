@@ -12,7 +12,7 @@ use tracing::{Instrument, debug, debug_span};
 use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
 use super::connect::{ConnectError, connect_with_failover};
-use super::listeners::Connections;
+use super::connections::Connections;
 use super::relay::{relay, reset};
 use super::{DataPathConfig, RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::metrics::{FailReason, ServicePortMetrics};
