@@ -12,7 +12,8 @@ use tracing::warn;
 use super::balancer::Balancer;
 use super::connections::Connections;
 use super::ports::{PortError, ProxyPortAllocator};
-use super::{DataPathConfig, Stop, tcp, udp};
+use super::stop::Stop;
+use super::{DataPathConfig, tcp, udp};
 use crate::metrics::Metrics;
 use crate::model::{IpFamily, ListenerKey, Protocol};
 

@@ -48,7 +48,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
-use super::{RETIRE_LINGER, Stop, Timer, fire, timer};
+use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::metrics::ServicePortMetrics;
 use crate::model::ServicePortName;
 
