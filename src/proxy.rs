@@ -5,12 +5,12 @@
 //! each connection under `--max-connections` ([`limit`]) and gives it a task
 //! that picks an endpoint ([`balancer`]), connects to it (`connect.rs`:
 //! failover on endpoint errors, none on local ones) and relays both
-//! directions ([`relay`]; bulk phases in `splice.rs` through `pipe.rs`).
-//! Dead peers are found by the socket options of [`tcp_options`]. Repeating
-//! warnings go through `log_limit.rs`; the few raw system calls live in
-//! `sys.rs`. A listener's task is told to end through [`Stop`] (`stop.rs`).
-//! The control plane only talks to this module through
-//! [`listeners::Listeners`] (open, close) and
+//! directions ([`relay`]; bulk phases in `relay/splice.rs` through
+//! `relay/pipe.rs`). Dead peers are found by the socket options of
+//! [`tcp_options`]. Repeating warnings go through `log_limit.rs`; the few
+//! raw system calls live in `sys.rs`. A listener's task is told to end
+//! through [`Stop`] (`stop.rs`). The control plane only talks to this
+//! module through [`listeners::Listeners`] (open, close) and
 //! [`balancer::Balancer::update`]; shutdown drains through
 //! [`connections::Connections`].
 
@@ -21,10 +21,8 @@ pub mod connections;
 pub mod limit;
 pub mod listeners;
 mod log_limit;
-mod pipe;
 pub mod ports;
 pub mod relay;
-mod splice;
 mod stop;
 mod sys;
 pub mod tcp;

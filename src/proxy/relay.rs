@@ -5,17 +5,21 @@
 //!   one scratch buffer per worker thread (read, then write at once; only
 //!   bytes the peer cannot take yet are kept for the connection). When a
 //!   read fills the whole scratch buffer the direction enters a bulk phase
-//!   (`splice.rs`): socket → pipe → socket with splice(2), payload never
-//!   entering user space, in a task of its own so that the two directions
-//!   of a bulk flow can use two CPUs. When the source goes quiet the phase
+//!   (`relay/splice.rs`): socket → pipe → socket with splice(2), payload
+//!   never entering user space, in a task of its own so that the two
+//!   directions of a bulk flow can use two CPUs. When the source goes quiet the phase
 //!   ends, the pipe is closed, and the direction copies again. Small
 //!   request/response traffic never pays for a pipe (two file descriptors
 //!   and a few system calls; a splice costs more than copying a few
 //!   bytes); bulk traffic is not copied; an idle connection holds no buffer
 //!   and no pipe, whatever it carried before. If no pipe can be had
-//!   (`pipe.rs`), the direction copies.
-//! - `copy`: a plain copy loop with a 64 KiB buffer per direction, for
-//!   comparison in benchmarks and for kernels without splice.
+//!   (`relay/pipe.rs`), the direction copies. The copy steps live in
+//!   `relay/copy.rs`; they and the bulk phases speak one per-direction
+//!   vocabulary (`relay/direction.rs`: how a direction fails, when it last
+//!   moved a byte, the half-close), so that neither imports this file.
+//! - `copy` (`relay/copy.rs`): a plain copy loop with a 64 KiB buffer per
+//!   direction, for comparison in benchmarks and for kernels without
+//!   splice.
 //!
 //! In both, an EOF on one side becomes a half-close (`shutdown(SHUT_WR)`)
 //! on the other, and the opposite direction keeps running until it ends
@@ -33,25 +37,28 @@
 //! (`reset_once_delivered`): a reset throws away what the peer has not
 //! acknowledged. A flow cut from outside is reset at once.
 
+mod copy;
+mod direction;
+mod pipe;
+mod splice;
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use nix::sys::socket::{MsgFlags, recv};
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
-use super::pipe::{self, Pipe};
-use super::splice;
+use self::copy::{Step, copy_one_way, flush, poll_copy_step};
+use self::direction::{Activity, DirectionResult, Failure, destination_failure, shutdown_write};
+use self::pipe::Pipe;
 use super::sys;
 use super::tcp_options::{LONG_LIVED, TcpOptions};
 
@@ -95,11 +102,6 @@ pub struct Transferred {
     pub upstream_to_client: u64,
 }
 
-/// The buffer of each direction in `--tcp-relay copy`.
-const COPY_BUFFER: usize = 64 * 1024;
-/// The per-thread scratch buffer of the hybrid relay. A read that fills it
-/// starts a bulk phase.
-const SCRATCH: usize = 16 * 1024;
 /// After a direction could not get a pipe, how long it copies before it
 /// asks again (asking costs a failing system call per 16 KiB otherwise).
 const PIPE_RETRY: Duration = Duration::from_millis(100);
@@ -108,62 +110,6 @@ const PIPE_RETRY: Duration = Duration::from_millis(100);
 const DELIVERY_STALL: Duration = Duration::from_secs(1);
 /// The longest a failed flow waits for its bytes to be delivered.
 const DELIVERY_LIMIT: Duration = Duration::from_secs(10);
-
-thread_local! {
-    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Copy steps on this thread whose peer could not take every byte at
-    /// once (bytes kept in `unsent`): lets a test prove it reached that
-    /// path. Per thread, so tests running in parallel do not mix.
-    static UNSENT_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// How one direction failed, which decides what happens to the other.
-#[derive(Debug)]
-pub(super) enum Failure {
-    /// Ends both directions (an error that leaves the flow unusable).
-    Flow(io::Error),
-    /// Reading the source failed because its connection is dead (reset,
-    /// timed out): ends both directions, and that socket has nothing left
-    /// to deliver.
-    SourceGone(io::Error),
-    /// The destination's peer went away (reset, broken pipe): ends this
-    /// direction only; the other one still delivers what that peer sent.
-    PeerGone(io::Error),
-}
-
-impl Failure {
-    fn into_error(self) -> io::Error {
-        match self {
-            Failure::Flow(e) | Failure::SourceGone(e) | Failure::PeerGone(e) => e,
-        }
-    }
-}
-
-/// Classifies an error reading from the source.
-pub(super) fn source_failure(e: io::Error) -> Failure {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::TimedOut => {
-            Failure::SourceGone(e)
-        }
-        _ => Failure::Flow(e),
-    }
-}
-
-/// Classifies an error writing to (or half-closing) the destination.
-pub(super) fn destination_failure(e: io::Error) -> Failure {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Failure::PeerGone(e),
-        _ => Failure::Flow(e),
-    }
-}
-
-/// What one direction returns: the bytes it moved, until EOF.
-type DirectionResult = Result<u64, Failure>;
 
 /// How both directions ended.
 enum Ending {
@@ -176,41 +122,6 @@ enum Ending {
     },
     Cut,
     Idle(Duration),
-}
-
-/// When the flow last moved a byte, for `--tcp-idle-timeout`: shared by
-/// both directions and their bulk phases.
-#[derive(Debug)]
-pub(super) struct Activity {
-    start: Instant,
-    /// Milliseconds since `start` of the last read that returned data.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Bytes were read just now.
-    pub(super) fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// Marks `activity`, if the flow has an idle timeout.
-pub(super) fn touch(activity: &Option<Arc<Activity>>) {
-    if let Some(a) = activity {
-        a.touch();
-    }
 }
 
 /// The flow's timers, in one future with one sleep at a time: completes
@@ -437,118 +348,6 @@ async fn reset_once_delivered(sockets: [&TcpStream; 2], dead: [bool; 2]) {
     }
 }
 
-/// What one read-and-forward step did.
-enum Step {
-    /// The source sent EOF.
-    Eof,
-    /// `n` bytes read; `full` when they filled the scratch buffer.
-    Moved { n: usize, full: bool },
-}
-
-/// Reads once from `src`, waiting for data. A short read is taken as
-/// proof that the socket is drained and clears its readiness (as tokio's
-/// own `poll_read` does), so the next message costs no read that only
-/// returns EAGAIN. `Ok(0)` is EOF.
-fn poll_read_drained(
-    cx: &mut Context<'_>,
-    src: &TcpStream,
-    buf: &mut [u8],
-) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(src.poll_read_ready(cx))?;
-        let mut short = None;
-        let fd = src.as_raw_fd();
-        let result = src.try_io(Interest::READABLE, || {
-            let n = recv(fd, buf, MsgFlags::empty()).map_err(io::Error::from)?;
-            if n > 0 && n < buf.len() {
-                // Report "would block" so that try_io clears the
-                // readiness; the bytes are handed over through `short`.
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match result {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(n) = short {
-                    return Poll::Ready(Ok(n));
-                }
-                // Drained: poll_read_ready registers the waker.
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-}
-
-/// Reads once from `src` into the thread's scratch buffer and writes what
-/// it can to `dst` at once; what `dst` cannot take yet goes to `unsent`.
-///
-/// The scratch buffer is borrowed only within one poll, so the next poll
-/// may run on another thread with another buffer.
-fn poll_copy_step(
-    cx: &mut Context<'_>,
-    src: &TcpStream,
-    dst: &TcpStream,
-    unsent: &mut Vec<u8>,
-    activity: &Option<Arc<Activity>>,
-) -> Poll<Result<Step, Failure>> {
-    SCRATCH_BUF.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        let n = match poll_read_drained(cx, src, &mut buf[..]) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(source_failure(e))),
-            Poll::Ready(Ok(n)) => n,
-        };
-        if n == 0 {
-            return Poll::Ready(Ok(Step::Eof));
-        }
-        touch(activity);
-        let mut written = 0;
-        while written < n {
-            match dst.try_write(&buf[written..n]) {
-                Ok(w) => written += w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Poll::Ready(Err(destination_failure(e))),
-            }
-        }
-        #[cfg(test)]
-        if written < n {
-            UNSENT_STEPS.with(|c| c.set(c.get() + 1));
-        }
-        unsent.extend_from_slice(&buf[written..n]);
-        Poll::Ready(Ok(Step::Moved {
-            n,
-            full: n == buf.len(),
-        }))
-    })
-}
-
-/// Writes all of `bytes` to `dst`, waiting for room.
-async fn write_all(dst: &TcpStream, bytes: &[u8]) -> Result<(), Failure> {
-    let mut done = 0;
-    while done < bytes.len() {
-        dst.writable().await.map_err(Failure::Flow)?;
-        match dst.try_write(&bytes[done..]) {
-            Ok(w) => done += w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(destination_failure(e)),
-        }
-    }
-    Ok(())
-}
-
-/// Writes all of `unsent` to `dst`, then frees it.
-async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> Result<(), Failure> {
-    if unsent.is_empty() {
-        return Ok(());
-    }
-    write_all(dst, unsent).await?;
-    // Backpressure is rare for small flows: give the memory back.
-    *unsent = Vec::new();
-    Ok(())
-}
-
 /// Moves `src` → `dst` until EOF on `src`, then half-closes `dst`: by copy
 /// while the flow is small, in bulk phases (splice, a task of their own,
 /// aborted if this future is dropped) while it is large.
@@ -595,38 +394,3 @@ async fn hybrid_one_way(
         }
     }
 }
-
-/// `--tcp-relay copy`: moves `src` → `dst` through a buffer of its own
-/// until EOF on `src`, then half-closes `dst`.
-async fn copy_one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
-    activity: &Option<Arc<Activity>>,
-) -> DirectionResult {
-    let mut buf = vec![0u8; COPY_BUFFER];
-    let mut total = 0u64;
-    loop {
-        let n = std::future::poll_fn(|cx| poll_read_drained(cx, src, &mut buf))
-            .await
-            .map_err(source_failure)?;
-        if n == 0 {
-            shutdown_write(dst).map_err(destination_failure)?;
-            return Ok(total);
-        }
-        touch(activity);
-        write_all(dst, &buf[..n]).await?;
-        total += n as u64;
-    }
-}
-
-/// Half-closes `stream` (EOF for its peer).
-pub(super) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
-        // The peer is already gone; the other direction will find out.
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        r => r,
-    }
-}
-
-#[cfg(test)]
-mod tests;

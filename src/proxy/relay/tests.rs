@@ -1,5 +1,6 @@
+use super::copy::UNSENT_STEPS;
+use super::pipe::PIPE_SIZE;
 use super::*;
-use crate::proxy::pipe::PIPE_SIZE;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
