@@ -90,7 +90,7 @@ mod tests {
     use crate::model::{Algorithm, ObjectKey, Protocol, ServicePortName};
     use crate::proxy::DataPathConfig;
     use crate::proxy::balancer::Balancer;
-    use crate::proxy::listeners::Connections;
+    use crate::proxy::connections::Connections;
     use crate::proxy::tcp;
     use crate::proxy::test_support::capture_logs;
 

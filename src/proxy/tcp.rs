@@ -9,13 +9,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
+use super::DataPathConfig;
 use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
 use super::connect::{ConnectError, connect_with_failover};
-use super::listeners::Connections;
+use super::connections::Connections;
 use super::metrics::{FailReason, ServicePortMetrics};
 use super::relay::{relay, reset};
-use super::{DataPathConfig, RETIRE_LINGER, Stop, Timer, fire, timer};
+use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::{ServicePortName, SessionAffinity};
 
 /// Starts accepting on `listener` until `stop` says so. Connections

@@ -49,7 +49,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
 use super::metrics::ServicePortMetrics;
-use super::{RETIRE_LINGER, Stop, Timer, fire, timer};
+use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::ServicePortName;
 
 /// A flow active within this long is in use and never evicted to make

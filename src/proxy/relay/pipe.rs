@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tracing::warn;
 
-use super::log_limit::LogLimit;
+use crate::proxy::log_limit::{LOG_INTERVAL, LogLimit};
 
 /// Size asked for each pipe: the most one splice call moves. 1 MiB (the
 /// default `fs.pipe-max-size`) against 256 KiB: +13 % one-way and +18 %
@@ -66,7 +66,7 @@ fn size_refused(e: nix::errno::Errno, write: &OwnedFd) {
 }
 
 /// Rate limit of [`unavailable`].
-static UNAVAILABLE_LOG: LogLimit = LogLimit::new(super::log_limit::LOG_INTERVAL);
+static UNAVAILABLE_LOG: LogLimit = LogLimit::new(LOG_INTERVAL);
 
 /// Logs (rate-limited) that a bulk direction could not get a pipe and is
 /// copied instead.

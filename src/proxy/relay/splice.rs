@@ -18,8 +18,10 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::direction::{
+    Activity, Failure, destination_failure, shutdown_write, source_failure, touch,
+};
 use super::pipe::{PIPE_SIZE, Pipe};
-use super::relay::{Activity, Failure, destination_failure, shutdown_write, source_failure, touch};
 
 /// How long the source of a bulk phase may send nothing before the phase
 /// ends and its pipe is given back. Long against the gaps inside one burst
