@@ -9,7 +9,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     }
 }
 use crate::rules::fake::FakeNft;
-use crate::rules::{Instance, Layout};
+use crate::rules::{Action, Destination, Instance, Layout};
 
 /// Listeners without sockets: ports from a counter (or the adopted one),
 /// and a record of what was opened and closed.
@@ -510,33 +510,6 @@ async fn an_earlier_instances_ipv6_ports_are_taken_back() {
         Some(Action::Redirect(31236))
     );
     assert_eq!(listeners.log().open[&31236].family, IpFamily::V6);
-}
-
-#[test]
-fn source_ranges_apply_per_family_as_kube_proxy_filters_them() {
-    let mut svc = dual_stack("web", None);
-    svc.lb_ips = vec!["10.200.8.8".parse().unwrap(), "fd00:8::8".parse().unwrap()];
-    svc.lb_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
-    let mut st = ClusterState::new();
-    st.apply_service(svc);
-    let spec = st
-        .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
-        .remove(0);
-    let v4 = destinations(&spec, IpFamily::V4);
-    let v6 = destinations(&spec, IpFamily::V6);
-    assert!(v4.iter().any(|k| matches!(k, Key::Guarded(_))));
-    assert!(v4.iter().all(|k| k.family() == IpFamily::V4));
-    assert!(v6.iter().all(|k| k.family() == IpFamily::V6));
-    // Only IPv4 ranges: the IPv6 LB IP is open to every source.
-    assert!(
-        !v6.iter()
-            .any(|k| matches!(k, Key::Guarded(_) | Key::Allow(..)))
-    );
-    assert!(v6.contains(&Key::Service(Destination {
-        ip: "fd00:8::8".parse().unwrap(),
-        protocol: Protocol::Tcp,
-        port: 80,
-    })));
 }
 
 fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
