@@ -88,6 +88,22 @@ impl ActivePort {
     }
 }
 
+/// How bringing one listener in line with its plan went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListenerOutcome {
+    /// The listener runs with the plan's endpoints and claims its keys.
+    Ready,
+    /// It could not be opened now (e.g. no free proxy port): its Service is
+    /// reconciled again after [`RETRY_AFTER`]. Its keys are not claimed
+    /// meanwhile.
+    RetryLater,
+    /// It is never opened: the port's protocol is not proxied (only TCP and
+    /// UDP are). Retrying would not help, so the Service is not retried;
+    /// its keys are not claimed, so no rule of this proxy catches its
+    /// traffic.
+    NotProxied,
+}
+
 /// Owns the running state: listeners, balancers and the rule table.
 pub struct Reconciler<N: Nft, L: Listeners> {
     config: ReconcilerConfig,
@@ -168,6 +184,23 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
 
     fn synced(&self) -> bool {
         self.services_synced && self.slices_synced
+    }
+
+    /// Applies an update from the source and queues the Services it
+    /// changed for the next sync.
+    fn receive(&mut self, update: Update) {
+        let endpoints = matches!(
+            update,
+            Update::Slices(_) | Update::SliceApplied(_) | Update::SliceDeleted(_)
+        );
+        // The state's dirty set tells which Services this update changed;
+        // what was dirty before goes where `sync` looks too.
+        let mut before = self.state.take_dirty();
+        self.pending_keys.append(&mut before);
+        self.apply(update);
+        let mut changed = self.state.take_dirty();
+        self.observe_changes(&changed, endpoints);
+        self.pending_keys.append(&mut changed);
     }
 
     fn apply(&mut self, update: Update) {
@@ -425,7 +458,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 self.no_local_external.insert(spec.name.clone());
             }
             for listener in plan.listeners {
-                if let Err(true) = self.reconcile_listener(&spec, listener) {
+                let outcome = self.reconcile_listener(&spec, listener);
+                if outcome == ListenerOutcome::RetryLater {
                     self.retry.insert(key.clone());
                 }
             }
@@ -444,20 +478,24 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         }
     }
 
-    /// Creates or updates one listener. `Err(true)` asks for a retry later.
+    /// Creates or updates one listener.
     fn reconcile_listener(
         &mut self,
         spec: &ServicePortSpec,
         plan: ListenerPlan,
-    ) -> Result<(), bool> {
+    ) -> ListenerOutcome {
         // Sorted: the plan's keys come from a BTreeMap.
         let destinations: Vec<Key> = plan.destinations.keys().copied().collect();
         if !self.active.contains_key(&plan.key) {
-            let port = self.start_listener(&plan.key, spec, &destinations)?;
-            self.active.insert(plan.key.clone(), port);
+            match self.start_listener(&plan.key, spec, &destinations) {
+                Ok(port) => {
+                    self.active.insert(plan.key.clone(), port);
+                }
+                Err(outcome) => return outcome,
+            }
         }
         let Some(port) = self.active.get_mut(&plan.key) else {
-            return Err(true);
+            return ListenerOutcome::RetryLater;
         };
         let same_endpoints = port
             .balancer
@@ -485,26 +523,29 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             self.rules.claim(*d, &plan.key.port, a);
         }
         port.destinations = destinations;
-        Ok(())
+        ListenerOutcome::Ready
     }
 
+    /// Opens the listener of `key`, on the proxy port an earlier instance
+    /// gave one of its `destinations` if there is one. Fails with
+    /// [`ListenerOutcome::RetryLater`] or [`ListenerOutcome::NotProxied`].
     fn start_listener(
         &mut self,
         key: &ListenerKey,
         spec: &ServicePortSpec,
         destinations: &[Key],
-    ) -> Result<ActivePort, bool> {
+    ) -> Result<ActivePort, ListenerOutcome> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
         let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {
                 debug!(listener = %key, %protocol, "only TCP and UDP are proxied; port not proxied");
-                return Err(false);
+                return Err(ListenerOutcome::NotProxied);
             }
             Err(e) => {
                 error!(listener = %key, error = %e, "cannot open a listener; retrying");
-                return Err(true);
+                return Err(ListenerOutcome::RetryLater);
             }
         };
         self.rules.set_proxy_port(
