@@ -100,8 +100,15 @@ pub struct Accepted<T> {
     pub notices: Vec<Notice>,
 }
 
-/// The outcome of converting one object.
-pub type Converted<T> = Result<Result<Accepted<T>, Skip>, InvalidObject>;
+/// What converting a valid object gives: the object, or why the proxy
+/// leaves it alone. (An invalid object is the `Err` of the conversion.)
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<T> {
+    /// Used, reduced to the model.
+    Accepted(Accepted<T>),
+    /// Valid but not proxied (not an error).
+    Skipped(Skip),
+}
 
 fn object_name(meta: &ObjectMeta) -> String {
     format!(
@@ -138,7 +145,7 @@ fn parse_port(value: i32) -> Option<u16> {
 
 /// Converts a Service. `default_algorithm` is not applied here: `None` in the
 /// result means "use the global default".
-pub fn service(svc: &Service) -> Converted<ServiceInfo> {
+pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
     const KIND: &str = "Service";
     let meta = &svc.metadata;
     let key = key_of(KIND, meta)?;
@@ -150,7 +157,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
     };
     for label in [LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS] {
         if has_label(meta, label) {
-            return Ok(Err(Skip::Labelled(label)));
+            return Ok(Outcome::Skipped(Skip::Labelled(label)));
         }
     }
     let spec = svc
@@ -159,7 +166,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
         .ok_or_else(|| bad("spec".into(), "missing".into()))?;
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if type_ == "ExternalName" {
-        return Ok(Err(Skip::ExternalName));
+        return Ok(Outcome::Skipped(Skip::ExternalName));
     }
 
     // clusterIPs is authoritative when set; clusterIP is its first element.
@@ -176,7 +183,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
             .collect(),
     };
     if raw_ips.iter().any(|(_, ip)| *ip == "None") {
-        return Ok(Err(Skip::Headless));
+        return Ok(Outcome::Skipped(Skip::Headless));
     }
     let mut cluster_ips = Vec::new();
     for (field, raw) in raw_ips {
@@ -192,7 +199,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
         cluster_ips.push(ip);
     }
     if cluster_ips.is_empty() {
-        return Ok(Err(Skip::NoClusterIp));
+        return Ok(Outcome::Skipped(Skip::NoClusterIp));
     }
 
     let raw_ports = spec.ports.as_deref().unwrap_or_default();
@@ -354,7 +361,7 @@ pub fn service(svc: &Service) -> Converted<ServiceInfo> {
         },
     };
 
-    Ok(Ok(Accepted {
+    Ok(Outcome::Accepted(Accepted {
         info: ServiceInfo {
             key,
             cluster_ips,
@@ -500,7 +507,7 @@ fn unhonoured(svc: &Service, ports: &[PortSpec]) -> Vec<Notice> {
 }
 
 /// Converts an EndpointSlice.
-pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
+pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Outcome<SliceInfo>, InvalidObject> {
     const KIND: &str = "EndpointSlice";
     let meta = &slice.metadata;
     let key = key_of(KIND, meta)?;
@@ -511,10 +518,10 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
         message,
     };
     if has_label(meta, LABEL_SERVICE_PROXY_NAME) {
-        return Ok(Err(Skip::Labelled(LABEL_SERVICE_PROXY_NAME)));
+        return Ok(Outcome::Skipped(Skip::Labelled(LABEL_SERVICE_PROXY_NAME)));
     }
     if has_label(meta, LABEL_HEADLESS) {
-        return Ok(Err(Skip::Labelled(LABEL_HEADLESS)));
+        return Ok(Outcome::Skipped(Skip::Labelled(LABEL_HEADLESS)));
     }
     let Some(service_name) = meta
         .labels
@@ -522,11 +529,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
         .and_then(|l| l.get(LABEL_SERVICE_NAME))
         .filter(|n| !n.is_empty())
     else {
-        return Ok(Err(Skip::NoServiceLabel));
+        return Ok(Outcome::Skipped(Skip::NoServiceLabel));
     };
     match slice.address_type.as_str() {
         "IPv4" | "IPv6" => {}
-        "FQDN" => return Ok(Err(Skip::FqdnAddresses)),
+        "FQDN" => return Ok(Outcome::Skipped(Skip::FqdnAddresses)),
         other => {
             return Err(bad(
                 "addressType".into(),
@@ -619,7 +626,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Converted<SliceInfo> {
         ));
     }
 
-    Ok(Ok(Accepted {
+    Ok(Outcome::Accepted(Accepted {
         info: SliceInfo {
             service: ObjectKey::new(key.namespace.clone(), service_name.clone()),
             key,

@@ -1,6 +1,24 @@
 use super::*;
 use serde_json::json;
 
+impl<T: std::fmt::Debug> Outcome<T> {
+    /// The accepted object; panics on a skip.
+    fn accepted(self) -> Accepted<T> {
+        match self {
+            Outcome::Accepted(a) => a,
+            Outcome::Skipped(skip) => panic!("skipped: {skip:?}"),
+        }
+    }
+
+    /// Why the object was skipped; panics if it was accepted.
+    fn skipped(self) -> Skip {
+        match self {
+            Outcome::Skipped(skip) => skip,
+            Outcome::Accepted(a) => panic!("accepted: {a:?}"),
+        }
+    }
+}
+
 fn svc(v: serde_json::Value) -> Service {
     serde_json::from_value(v).unwrap()
 }
@@ -19,7 +37,7 @@ fn converts_a_plain_service() {
                            {"name": "dns", "port": 53, "protocol": "UDP"}]}
     })))
     .unwrap()
-    .unwrap();
+    .accepted();
     let Accepted { info: s, notices } = s;
     assert_eq!(s.key, ObjectKey::new("shop", "web"));
     assert_eq!(s.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
@@ -38,7 +56,7 @@ fn affinity(fields: serde_json::Value) -> (SessionAffinity, Vec<String>) {
         "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
     });
     merge(&mut v["spec"], fields);
-    let a = service(&svc(v)).unwrap().unwrap();
+    let a = service(&svc(v)).unwrap().accepted();
     let fields = a.notices.iter().map(|n| n.field.clone()).collect();
     (a.info.session_affinity, fields)
 }
@@ -116,7 +134,7 @@ fn a_service_using_only_honoured_fields_has_no_notices() {
             "status": {"loadBalancer": {}}
         })))
         .unwrap()
-        .unwrap();
+        .accepted();
     assert_eq!(s.notices, vec![]);
 }
 
@@ -130,7 +148,7 @@ fn traffic_policies_and_health_check_port_are_read() {
                  "ports": [{"port": 80, "nodePort": 30080}]}
     })))
     .unwrap()
-    .unwrap();
+    .accepted();
     assert_eq!(s.notices, vec![], "topology and policies are honoured");
     assert!(s.info.internal_local && s.info.external_local);
     assert_eq!(s.info.health_check_node_port, Some(32000));
@@ -143,7 +161,7 @@ fn traffic_policies_and_health_check_port_are_read() {
                  "ports": [{"port": 80}]}
     })))
     .unwrap()
-    .unwrap();
+    .accepted();
     assert!(!s.info.external_local);
     assert_eq!(s.info.health_check_node_port, None);
     // An unknown policy is a notice, and Cluster serves.
@@ -153,7 +171,7 @@ fn traffic_policies_and_health_check_port_are_read() {
                  "ports": [{"port": 80}]}
     })))
     .unwrap()
-    .unwrap();
+    .accepted();
     assert!(!s.info.internal_local);
     assert_eq!(s.notices[0].field, "spec.internalTrafficPolicy");
 }
@@ -170,7 +188,7 @@ fn endpoint_hints_and_nodes_are_read() {
         "ports": [{"port": 80}]
     }))
     .unwrap();
-    let s = endpoint_slice(&slice).unwrap().unwrap();
+    let s = endpoint_slice(&slice).unwrap().accepted();
     let e = &s.info.endpoints[0];
     assert_eq!(e.zone_hints, ["z1"]);
     assert_eq!(e.node_hints, ["node-a"]);
@@ -204,7 +222,7 @@ fn node_ports_external_and_load_balancer_addresses_are_read() {
                 {"ip": "203.0.113.3", "ipMode": "VIP"}, {"hostname": "lb.example"}]}}
         })))
         .unwrap()
-        .unwrap();
+        .accepted();
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     assert_eq!(s.info.external_ips, vec![ip("192.0.2.7")]);
     assert_eq!(s.info.lb_ips, vec![ip("203.0.113.1"), ip("203.0.113.3")]);
@@ -231,7 +249,7 @@ fn node_ports_external_and_load_balancer_addresses_are_read() {
         "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80, "nodePort": 30081}]}
     })))
     .unwrap()
-    .unwrap();
+    .accepted();
     assert_eq!(c.info.ports[0].node_port, None);
     // A bad node port names its field.
     let bad = service(&svc(json!({
@@ -247,7 +265,7 @@ fn skips_what_kube_proxy_skips() {
     let base = |extra: serde_json::Value| {
         let mut v = json!({"metadata": {"name": "x"}, "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}});
         merge(&mut v, extra);
-        service(&svc(v)).unwrap().unwrap_err()
+        service(&svc(v)).unwrap().skipped()
     };
     assert_eq!(base(json!({"spec": {"clusterIP": "None"}})), Skip::Headless);
     assert_eq!(
@@ -300,7 +318,7 @@ fn converts_endpoint_slices_with_conditions() {
             ]
         })))
         .unwrap()
-        .unwrap()
+        .accepted()
         .info;
     assert_eq!(s.service, ObjectKey::new("shop", "web"));
     assert!(s.endpoints[0].ready && s.endpoints[0].serving && !s.endpoints[0].terminating);
@@ -329,7 +347,7 @@ fn invalid_slices_name_the_field() {
         "metadata": {"name": "web-abc"}, "addressType": "IPv4", "endpoints": []
     })))
     .unwrap();
-    assert_eq!(s, Err(Skip::NoServiceLabel));
+    assert_eq!(s, Outcome::Skipped(Skip::NoServiceLabel));
 }
 
 #[test]
@@ -345,7 +363,7 @@ fn bad_endpoints_are_skipped_with_a_notice_each_up_to_a_bound() {
         "endpoints": endpoints
     })))
     .unwrap()
-    .unwrap();
+    .accepted();
     assert_eq!(s.info.endpoints.len(), 1);
     assert_eq!(s.notices.len(), MAX_ENDPOINT_NOTICES + 1);
     assert_eq!(s.notices[0].field, "endpoints[1].addresses[0]");
