@@ -23,6 +23,10 @@
 //! Every `sync_period` the kernel's table is compared with what was applied
 //! and written again if it drifted (a flush, a firewall reload).
 //!
+//! What each Service port needs (its listeners, their endpoints, what the
+//! kernel does with each of its keys) is decided in `reconcile/plan.rs`,
+//! which is pure; this file applies the plans and keeps the order above.
+//!
 //! The reconciler reaches the kernel only through the [`Nft`] and
 //! [`Listeners`] seams, so all of this is unit-tested without root.
 
