@@ -23,6 +23,10 @@
 //! Every `sync_period` the kernel's table is compared with what was applied
 //! and written again if it drifted (a flush, a firewall reload).
 //!
+//! What each Service port needs (its listeners, their endpoints, what the
+//! kernel does with each of its keys) is decided in `reconcile/plan.rs`,
+//! which is pure; this file applies the plans and keeps the order above.
+//!
 //! The reconciler reaches the kernel only through the [`Nft`] and
 //! [`Listeners`] seams, so all of this is unit-tested without root.
 
@@ -44,11 +48,13 @@ use crate::model::{
 };
 use crate::proxy::balancer::Balancer;
 use crate::proxy::listeners::{ListenError, Listener, Listeners};
-use crate::rules::{Action, Destination, Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
+use crate::rules::{Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
 use crate::source::Update;
 
 mod observe;
+mod plan;
 pub use observe::Telemetry;
+use plan::{ListenerPlan, PortPlan, plan_port};
 
 /// How long to wait before retrying a failed rule sync or listener.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -86,110 +92,20 @@ impl ActivePort {
     }
 }
 
-/// What happens to new flows of one kind of traffic of a Service port
-/// (kube-proxy's verdicts).
+/// How bringing one listener in line with its plan went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
-    /// Relayed to the listener.
-    Serve,
-    /// No usable endpoint anywhere: refused.
-    Reject,
-    /// Usable endpoints exist, but none on this node for a `Local` policy:
-    /// dropped.
-    Drop,
-}
-
-/// One listener a Service port needs, with its endpoints and keys.
-#[derive(Debug, PartialEq, Eq)]
-struct ListenerPlan {
-    key: ListenerKey,
-    endpoints: Vec<std::net::SocketAddr>,
-    destinations: BTreeMap<Key, Verdict>,
-}
-
-/// What one Service port needs: one listener, or two when its external
-/// traffic goes to other endpoints than its ClusterIP traffic (the two
-/// traffic policies differ), plus what the health check and the
-/// no-local-endpoints metric need.
-#[derive(Debug)]
-struct PortPlan {
-    listeners: Vec<ListenerPlan>,
-    /// Ready endpoints on this node (the health check node port's count).
-    local_ready: usize,
-    /// ClusterIP traffic is dropped: `internalTrafficPolicy: Local`
-    /// without local endpoints.
-    no_local_internal: bool,
-    /// External traffic is dropped: `externalTrafficPolicy: Local` without
-    /// local endpoints.
-    no_local_external: bool,
-}
-
-/// Plans the listeners of one Service port in `family` on `node` (pure).
-fn plan_port(spec: &ServicePortSpec, node: &NodeTopology, family: IpFamily) -> PortPlan {
-    let sel = spec.select(family, node);
-    let verdict = |set: &[std::net::SocketAddr]| {
-        if !sel.has_any {
-            Verdict::Reject
-        } else if set.is_empty() {
-            Verdict::Drop
-        } else {
-            Verdict::Serve
-        }
-    };
-    let internal = sel.internal(spec).to_vec();
-    let external = sel.external(spec).to_vec();
-    let (internal_verdict, external_verdict) = (verdict(&internal), verdict(&external));
-    let all = destinations(spec, family);
-    let (cluster_keys, external_keys): (Vec<Key>, Vec<Key>) = all
-        .into_iter()
-        .partition(|k| matches!(k, Key::Service(d) if spec.cluster_ips.contains(&d.ip)));
-    let accessible = spec.externally_accessible();
-    let separate = accessible && spec.internal_local != spec.external_local;
-    let member_or = |k: &Key, v: Verdict| match k {
-        Key::Guarded(_) | Key::Allow(..) => Verdict::Serve,
-        _ => v,
-    };
-    let mut internal_plan = ListenerPlan {
-        key: ListenerKey {
-            port: spec.name.clone(),
-            family,
-            scope: TrafficScope::Internal,
-        },
-        endpoints: internal,
-        destinations: cluster_keys
-            .iter()
-            .map(|k| (*k, internal_verdict))
-            .collect(),
-    };
-    let mut listeners = Vec::with_capacity(2);
-    if separate {
-        listeners.push(internal_plan);
-        listeners.push(ListenerPlan {
-            key: ListenerKey {
-                port: spec.name.clone(),
-                family,
-                scope: TrafficScope::External,
-            },
-            endpoints: external,
-            destinations: external_keys
-                .iter()
-                .map(|k| (*k, member_or(k, external_verdict)))
-                .collect(),
-        });
-    } else {
-        internal_plan.destinations.extend(
-            external_keys
-                .iter()
-                .map(|k| (*k, member_or(k, external_verdict))),
-        );
-        listeners.push(internal_plan);
-    }
-    PortPlan {
-        listeners,
-        local_ready: sel.local_ready,
-        no_local_internal: spec.internal_local && internal_verdict == Verdict::Drop,
-        no_local_external: accessible && spec.external_local && external_verdict == Verdict::Drop,
-    }
+enum ListenerOutcome {
+    /// The listener runs with the plan's endpoints and claims its keys.
+    Ready,
+    /// It could not be opened now (e.g. no free proxy port): its Service is
+    /// reconciled again after [`RETRY_AFTER`]. Its keys are not claimed
+    /// meanwhile.
+    RetryLater,
+    /// It is never opened: the port's protocol is not proxied (only TCP and
+    /// UDP are). Retrying would not help, so the Service is not retried;
+    /// its keys are not claimed, so no rule of this proxy catches its
+    /// traffic.
+    NotProxied,
 }
 
 /// Owns the running state: listeners, balancers and the rule table.
@@ -272,6 +188,23 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
 
     fn synced(&self) -> bool {
         self.services_synced && self.slices_synced
+    }
+
+    /// Applies an update from the source and queues the Services it
+    /// changed for the next sync.
+    fn receive(&mut self, update: Update) {
+        let endpoints = matches!(
+            update,
+            Update::Slices(_) | Update::SliceApplied(_) | Update::SliceDeleted(_)
+        );
+        // The state's dirty set tells which Services this update changed;
+        // what was dirty before goes where `sync` looks too.
+        let mut before = self.state.take_dirty();
+        self.pending_keys.append(&mut before);
+        self.apply(update);
+        let mut changed = self.state.take_dirty();
+        self.observe_changes(&changed, endpoints);
+        self.pending_keys.append(&mut changed);
     }
 
     fn apply(&mut self, update: Update) {
@@ -529,7 +462,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 self.no_local_external.insert(spec.name.clone());
             }
             for listener in plan.listeners {
-                if let Err(true) = self.reconcile_listener(&spec, listener) {
+                let outcome = self.reconcile_listener(&spec, listener);
+                if outcome == ListenerOutcome::RetryLater {
                     self.retry.insert(key.clone());
                 }
             }
@@ -548,20 +482,24 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         }
     }
 
-    /// Creates or updates one listener. `Err(true)` asks for a retry later.
+    /// Creates or updates one listener.
     fn reconcile_listener(
         &mut self,
         spec: &ServicePortSpec,
         plan: ListenerPlan,
-    ) -> Result<(), bool> {
+    ) -> ListenerOutcome {
         // Sorted: the plan's keys come from a BTreeMap.
         let destinations: Vec<Key> = plan.destinations.keys().copied().collect();
         if !self.active.contains_key(&plan.key) {
-            let port = self.start_listener(&plan.key, spec, &destinations)?;
-            self.active.insert(plan.key.clone(), port);
+            match self.start_listener(&plan.key, spec, &destinations) {
+                Ok(port) => {
+                    self.active.insert(plan.key.clone(), port);
+                }
+                Err(outcome) => return outcome,
+            }
         }
         let Some(port) = self.active.get_mut(&plan.key) else {
-            return Err(true);
+            return ListenerOutcome::RetryLater;
         };
         let same_endpoints = port
             .balancer
@@ -585,35 +523,33 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             self.rules.release(*old, &plan.key.port);
         }
         for (d, verdict) in &plan.destinations {
-            let a = match (d, verdict) {
-                (Key::Guarded(_) | Key::Allow(..), _) => Action::Member,
-                (_, Verdict::Serve) => Action::Redirect(port.listener.port),
-                (_, Verdict::Reject) => Action::Reject,
-                (_, Verdict::Drop) => Action::Drop,
-            };
+            let a = plan::action(d, *verdict, port.listener.port);
             self.rules.claim(*d, &plan.key.port, a);
         }
         port.destinations = destinations;
-        Ok(())
+        ListenerOutcome::Ready
     }
 
+    /// Opens the listener of `key`, on the proxy port an earlier instance
+    /// gave one of its `destinations` if there is one. Fails with
+    /// [`ListenerOutcome::RetryLater`] or [`ListenerOutcome::NotProxied`].
     fn start_listener(
         &mut self,
         key: &ListenerKey,
         spec: &ServicePortSpec,
         destinations: &[Key],
-    ) -> Result<ActivePort, bool> {
+    ) -> Result<ActivePort, ListenerOutcome> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
         let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {
                 debug!(listener = %key, %protocol, "only TCP and UDP are proxied; port not proxied");
-                return Err(false);
+                return Err(ListenerOutcome::NotProxied);
             }
             Err(e) => {
                 error!(listener = %key, error = %e, "cannot open a listener; retrying");
-                return Err(true);
+                return Err(ListenerOutcome::RetryLater);
             }
         };
         self.rules.set_proxy_port(
@@ -643,54 +579,6 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     }
 }
 
-/// Every key the kernel should catch for this port in `family`: its
-/// ClusterIPs, externalIPs and load-balancer IPs of that family on the
-/// Service port, its node port on the node's addresses of that family, and
-/// the source ranges of that family for its load-balancer IPs (as
-/// kube-proxy filters them: ranges of the other family are ignored, and a
-/// family left without any lets every source in).
-pub(crate) fn destinations(spec: &ServicePortSpec, family: IpFamily) -> BTreeSet<Key> {
-    let of = |ips: &[IpAddr]| -> Vec<Destination> {
-        ServicePortSpec::of_family(ips, family)
-            .map(|ip| Destination {
-                ip,
-                protocol: spec.name.protocol,
-                port: spec.port,
-            })
-            .collect()
-    };
-    let mut keys: BTreeSet<Key> = of(&spec.cluster_ips)
-        .into_iter()
-        .chain(of(&spec.external_ips))
-        .chain(of(&spec.lb_ips))
-        .map(Key::Service)
-        .collect();
-    if let Some(port) = spec.node_port {
-        keys.insert(Key::NodePort(
-            family,
-            ProxyPort {
-                protocol: spec.name.protocol,
-                port,
-            },
-        ));
-    }
-    let ranges: Vec<ipnet::IpNet> = spec
-        .lb_source_ranges
-        .iter()
-        .filter(|n| IpFamily::of(n.addr()) == family)
-        .copied()
-        .collect();
-    if !ranges.is_empty() {
-        for d in of(&spec.lb_ips) {
-            keys.insert(Key::Guarded(d));
-            for net in &ranges {
-                keys.insert(Key::Allow(d, *net));
-            }
-        }
-    }
-    keys
-}
-
 /// From the first possible listener of one Service onwards, in the
 /// `active` map's order (callers stop when the Service changes).
 fn service_range(key: &ObjectKey) -> (Bound<ListenerKey>, Bound<ListenerKey>) {
@@ -707,752 +595,4 @@ fn service_range(key: &ObjectKey) -> (Bound<ListenerKey>, Bound<ListenerKey>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-    use crate::model::{NodeInfo, PortSpec, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort};
-
-    impl<N: Nft, L: Listeners> Reconciler<N, L> {
-        fn observer_health_eligible(&self) -> bool {
-            self.observer.health_check().node_eligible
-        }
-    }
-    use crate::rules::fake::FakeNft;
-    use crate::rules::{Instance, Layout};
-
-    /// Listeners without sockets: ports from a counter (or the adopted one),
-    /// and a record of what was opened and closed.
-    #[derive(Clone, Default)]
-    struct FakeListeners {
-        log: Arc<Mutex<ListenerLog>>,
-    }
-
-    #[derive(Default)]
-    struct ListenerLog {
-        next: u16,
-        open: BTreeMap<u16, ListenerKey>,
-        closed: Vec<u16>,
-        adopted: Vec<u16>,
-        adoption_done: bool,
-    }
-
-    impl FakeListeners {
-        fn log(&self) -> std::sync::MutexGuard<'_, ListenerLog> {
-            self.log.lock().unwrap()
-        }
-    }
-
-    impl Listeners for FakeListeners {
-        fn open(
-            &mut self,
-            key: &ListenerKey,
-            _balancer: Arc<Balancer>,
-            adopt: Option<u16>,
-        ) -> Result<Listener, ListenError> {
-            let mut log = self.log();
-            let port = match adopt {
-                Some(p) => {
-                    log.adopted.push(p);
-                    p
-                }
-                None => {
-                    log.next += 1;
-                    30000 + log.next
-                }
-            };
-            log.open.insert(port, key.clone());
-            Ok(Listener::detached(port))
-        }
-
-        fn close(&mut self, _key: &ListenerKey, listener: Listener) {
-            let mut log = self.log();
-            log.open.remove(&listener.port);
-            log.closed.push(listener.port);
-        }
-
-        fn adoption_done(&mut self) {
-            self.log().adoption_done = true;
-        }
-    }
-
-    fn service(name: &str, ip: &str) -> ServiceInfo {
-        ServiceInfo {
-            key: ObjectKey::new("default", name),
-            cluster_ips: vec![ip.parse().unwrap()],
-            ports: vec![PortSpec {
-                port: 80,
-                ..PortSpec::default()
-            }],
-            ..ServiceInfo::default()
-        }
-    }
-
-    fn slice(service: &str, ip: &str) -> SliceInfo {
-        SliceInfo {
-            key: ObjectKey::new("default", format!("{service}-abc")),
-            service: ObjectKey::new("default", service),
-            ports: vec![SlicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            endpoints: vec![SliceEndpoint {
-                address: ip.parse().unwrap(),
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: None,
-                zone_hints: Vec::new(),
-                node_hints: Vec::new(),
-            }],
-        }
-    }
-
-    fn dest(ip: &str) -> Key {
-        Key::Service(Destination {
-            ip: ip.parse().unwrap(),
-            protocol: Protocol::Tcp,
-            port: 80,
-        })
-    }
-
-    fn reconciler(
-        fake: &FakeNft,
-        listeners: &FakeListeners,
-        adopted: HashMap<Key, u16>,
-    ) -> Reconciler<FakeNft, FakeListeners> {
-        reconciler_v6(fake, listeners, adopted, false)
-    }
-
-    /// With `ipv6`: the node serves IPv6 too (an ip6 table).
-    fn reconciler_v6(
-        fake: &FakeNft,
-        listeners: &FakeListeners,
-        adopted: HashMap<Key, u16>,
-        ipv6: bool,
-    ) -> Reconciler<FakeNft, FakeListeners> {
-        let layout = Layout {
-            proxy_address: "169.254.42.1".parse().unwrap(),
-            proxy_address_v6: ipv6.then(|| "fd6b:7570:7278::1".parse().unwrap()),
-            nodeport_addresses: None,
-            instance: Instance {
-                id: 9,
-                note: String::new(),
-            },
-        };
-        Reconciler::new(
-            ReconcilerConfig {
-                default_algorithm: Algorithm::RoundRobin,
-                sync_period: Duration::from_secs(30),
-                node: NodeTopology {
-                    name: "node-a".into(),
-                    zone: None,
-                },
-            },
-            RuleTable::new(fake.clone(), layout),
-            listeners.clone(),
-            adopted,
-        )
-    }
-
-    /// Feeds a complete list of Services and slices, then syncs.
-    async fn load(
-        r: &mut Reconciler<FakeNft, FakeListeners>,
-        svcs: Vec<ServiceInfo>,
-        slices: Vec<SliceInfo>,
-    ) {
-        r.apply(Update::Services(svcs.into_iter().map(Arc::new).collect()));
-        r.apply(Update::Slices(slices.into_iter().map(Arc::new).collect()));
-        r.sync().await;
-    }
-
-    fn kernel_port(fake: &FakeNft, ip: &str) -> Option<u16> {
-        match fake.table()?.elements.get(&dest(ip)) {
-            Some(Action::Redirect(p)) => Some(*p),
-            _ => None,
-        }
-    }
-
-    /// The value of an unlabelled (or `ip_family`-only) series.
-    fn metric(r: &Reconciler<FakeNft, FakeListeners>, series: &str) -> f64 {
-        let text = r.observer.metrics.render();
-        text.lines()
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                let name = name.strip_suffix("{ip_family=\"IPv4\"}").unwrap_or(name);
-                (name == series).then(|| value.parse().ok()).flatten()
-            })
-            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-    }
-
-    #[tokio::test]
-    async fn pending_changes_and_sync_kinds_are_counted_as_kube_proxy_does() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        let pending = |r: &Reconciler<FakeNft, FakeListeners>| {
-            (
-                metric(r, "kubeproxy_sync_proxy_rules_service_changes_pending"),
-                metric(r, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
-            )
-        };
-        assert_eq!(
-            metric(
-                &r,
-                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
-            ),
-            0.0
-        );
-        r.receive(Update::Services(vec![
-            Arc::new(service("a", "10.96.0.10")),
-            Arc::new(service("b", "10.96.0.11")),
-        ]));
-        r.receive(Update::Slices(vec![Arc::new(slice("a", "10.1.0.1"))]));
-        assert_eq!(pending(&r), (2.0, 1.0));
-        assert!(
-            metric(
-                &r,
-                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
-            ) > 1.0e9
-        );
-        r.sync().await;
-        assert_eq!(pending(&r), (0.0, 0.0));
-        // The first sync writes the table whole; an endpoint change after
-        // it sends one element.
-        assert_eq!(
-            metric(&r, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
-            1.0
-        );
-        assert_eq!(
-            metric(
-                &r,
-                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
-            ),
-            0.0
-        );
-        r.receive(Update::Slices(vec![
-            Arc::new(slice("a", "10.1.0.1")),
-            Arc::new(slice("b", "10.1.0.2")),
-        ]));
-        assert_eq!(pending(&r), (0.0, 1.0));
-        r.sync().await;
-        assert_eq!(pending(&r), (0.0, 0.0));
-        assert_eq!(
-            metric(&r, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
-            1.0
-        );
-        assert_eq!(
-            metric(
-                &r,
-                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
-            ),
-            1.0
-        );
-        assert_eq!(
-            metric(&r, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
-            2.0
-        );
-    }
-
-    #[tokio::test]
-    async fn a_service_renamed_in_one_sync_keeps_its_cluster_ip_rule() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        // Each name takes the ClusterIP from the previous one in one sync:
-        // "a-new" sorts before "b-old", so its claim comes before the old
-        // one's release; "z-next" sorts after, so the release comes first.
-        for name in ["b-old", "a-new", "z-next"] {
-            load(
-                &mut r,
-                vec![service(name, "10.96.0.10")],
-                vec![slice(name, "10.1.0.1")],
-            )
-            .await;
-            let port = kernel_port(&fake, "10.96.0.10").expect("the ClusterIP lost its rule");
-            let holder = listeners
-                .log()
-                .open
-                .get(&port)
-                .map(|n| n.port.service.name.clone());
-            assert_eq!(holder.as_deref(), Some(name));
-        }
-    }
-
-    #[tokio::test]
-    async fn a_failed_sync_keeps_listeners_until_one_succeeds() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        load(
-            &mut r,
-            vec![service("web", "10.96.0.10")],
-            vec![slice("web", "10.1.0.1")],
-        )
-        .await;
-        let port = kernel_port(&fake, "10.96.0.10").unwrap();
-
-        fake.fail_next(2, "Error: simulated");
-        load(&mut r, vec![], vec![]).await;
-        // The kernel still sends 10.96.0.10 to `port`: its listener stays.
-        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(port));
-        assert!(listeners.log().open.contains_key(&port));
-        assert!(listeners.log().closed.is_empty());
-        assert!(r.needs_retry());
-
-        r.sync().await;
-        assert_eq!(kernel_port(&fake, "10.96.0.10"), None);
-        assert_eq!(listeners.log().closed, [port]);
-        // The closed port leaves the guard set at the sync after that.
-        r.sync().await;
-        assert!(!r.needs_retry());
-        assert!(fake.table().unwrap().proxy_ports.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_flushed_table_is_written_again_at_the_next_check() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        load(
-            &mut r,
-            vec![service("web", "10.96.0.10")],
-            vec![slice("web", "10.1.0.1")],
-        )
-        .await;
-        let port = kernel_port(&fake, "10.96.0.10").unwrap();
-        fake.flush();
-        r.verify().await;
-        r.sync().await;
-        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(port));
-        // Nothing else moved: the listener is the same one.
-        assert!(listeners.log().closed.is_empty());
-    }
-
-    #[tokio::test]
-    async fn an_earlier_instances_ports_are_taken_back_and_its_leftovers_removed() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        // The earlier instance's table: web on 31234, and a Service that is
-        // gone since, on 31235.
-        let mut earlier = reconciler(&fake, &FakeListeners::default(), HashMap::new());
-        earlier.rules.claim(
-            dest("10.96.0.10"),
-            &ServicePortName {
-                service: ObjectKey::new("default", "web"),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            },
-            Action::Redirect(31234),
-        );
-        earlier.rules.claim(
-            dest("10.96.0.99"),
-            &ServicePortName {
-                service: ObjectKey::new("default", "gone"),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            },
-            Action::Redirect(31235),
-        );
-        earlier.rules.sync().await.unwrap();
-        let adopted: HashMap<Key, u16> = fake.table().unwrap().redirects().collect();
-
-        let mut r = reconciler(&fake, &listeners, adopted);
-        load(
-            &mut r,
-            vec![service("web", "10.96.0.10")],
-            vec![slice("web", "10.1.0.1")],
-        )
-        .await;
-        assert_eq!(listeners.log().adopted, [31234]);
-        assert!(listeners.log().adoption_done);
-        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(31234));
-        assert_eq!(kernel_port(&fake, "10.96.0.99"), None);
-        assert_eq!(fake.table().unwrap().instance, Some(9));
-    }
-
-    fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {
-        let mut s = service(name, "10.96.0.10");
-        s.cluster_ips.push("fd00:96::10".parse().unwrap());
-        s.ports[0].node_port = node_port;
-        s
-    }
-
-    fn slice_of(service: &str, slice: &str, ip: &str, ready: bool) -> SliceInfo {
-        let mut s = self::slice(service, ip);
-        s.key.name = slice.into();
-        s.endpoints[0].ready = ready;
-        s.endpoints[0].serving = ready;
-        s
-    }
-
-    fn action_of(fake: &FakeNft, key: &Key) -> Option<Action> {
-        fake.table_of(key.family())?.elements.get(key).copied()
-    }
-
-    fn node_port(family: IpFamily) -> Key {
-        Key::NodePort(
-            family,
-            ProxyPort {
-                protocol: Protocol::Tcp,
-                port: 30080,
-            },
-        )
-    }
-
-    #[tokio::test]
-    async fn a_dual_stack_service_has_a_listener_per_family_each_with_its_own_endpoints() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler_v6(&fake, &listeners, HashMap::new(), true);
-        // A ready IPv4 endpoint; the IPv6 one is not ready.
-        let slices = |v6_ready| {
-            vec![
-                slice_of("web", "web-v4", "10.1.0.1", true),
-                slice_of("web", "web-v6", "fd00:1::1", v6_ready),
-            ]
-        };
-        load(&mut r, vec![dual_stack("web", Some(30080))], slices(false)).await;
-        let open: Vec<ListenerKey> = listeners.log().open.values().cloned().collect();
-        assert_eq!(
-            open.iter().map(|k| k.family).collect::<Vec<_>>(),
-            [IpFamily::V4, IpFamily::V6]
-        );
-        let p4 = kernel_port(&fake, "10.96.0.10").expect("the IPv4 ClusterIP is redirected");
-        assert_eq!(listeners.log().open[&p4].family, IpFamily::V4);
-        // No usable IPv6 endpoint: the IPv6 side refuses, whatever IPv4 has.
-        assert_eq!(action_of(&fake, &dest("fd00:96::10")), Some(Action::Reject));
-        assert_eq!(
-            action_of(&fake, &node_port(IpFamily::V4)),
-            Some(Action::Redirect(p4))
-        );
-        assert_eq!(
-            action_of(&fake, &node_port(IpFamily::V6)),
-            Some(Action::Reject)
-        );
-
-        load(&mut r, vec![dual_stack("web", Some(30080))], slices(true)).await;
-        let Some(Action::Redirect(p6)) = action_of(&fake, &dest("fd00:96::10")) else {
-            panic!("the IPv6 ClusterIP is not redirected");
-        };
-        assert_ne!(p4, p6);
-        assert_eq!(listeners.log().open[&p6].family, IpFamily::V6);
-        assert_eq!(
-            action_of(&fake, &node_port(IpFamily::V6)),
-            Some(Action::Redirect(p6))
-        );
-        let guarded = |f| fake.table_of(f).unwrap().proxy_ports;
-        assert!(guarded(IpFamily::V4).iter().any(|p| p.port == p4));
-        assert!(guarded(IpFamily::V6).iter().any(|p| p.port == p6));
-        assert!(!guarded(IpFamily::V6).iter().any(|p| p.port == p4));
-        let report = r.report();
-        assert_eq!(report.service_ports.len(), 2);
-        assert_eq!(report.service_ports[1].ip_family, "IPv6");
-        assert_eq!(report.service_ports[1].cluster_ips, ["fd00:96::10"]);
-        assert_eq!(report.service_ports[1].endpoints.len(), 1);
-
-        // The Service drops its IPv6 ClusterIP: the IPv6 listener goes,
-        // the IPv4 one and its rules stay as they were.
-        let mut single = dual_stack("web", Some(30080));
-        single.cluster_ips.truncate(1);
-        load(&mut r, vec![single], slices(true)).await;
-        assert_eq!(listeners.log().closed, [p6]);
-        assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(p4));
-        assert_eq!(action_of(&fake, &dest("fd00:96::10")), None);
-        assert_eq!(action_of(&fake, &node_port(IpFamily::V6)), None);
-    }
-
-    #[tokio::test]
-    async fn without_ipv6_the_ipv4_side_is_served_and_ipv6_only_services_are_not() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler_v6(&fake, &listeners, HashMap::new(), false);
-        let mut v6_only = service("six", "fd00:96::11");
-        v6_only.ports[0].node_port = Some(30081);
-        load(
-            &mut r,
-            vec![dual_stack("web", Some(30080)), v6_only],
-            vec![
-                slice_of("web", "web-v4", "10.1.0.1", true),
-                slice_of("web", "web-v6", "fd00:1::1", true),
-                slice_of("six", "six-v6", "fd00:1::2", true),
-            ],
-        )
-        .await;
-        let open: Vec<ListenerKey> = listeners.log().open.values().cloned().collect();
-        assert_eq!(open.len(), 1, "{open:?}");
-        assert_eq!(open[0].family, IpFamily::V4);
-        assert!(kernel_port(&fake, "10.96.0.10").is_some());
-        assert!(fake.table_of(IpFamily::V6).is_none());
-        // Nothing to retry, and each Service is logged once.
-        assert!(!r.needs_retry());
-        assert_eq!(r.family_off_logged.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn an_earlier_instances_ipv6_ports_are_taken_back() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut earlier = reconciler_v6(&fake, &FakeListeners::default(), HashMap::new(), true);
-        let web = ServicePortName {
-            service: ObjectKey::new("default", "web"),
-            port: String::new(),
-            protocol: Protocol::Tcp,
-        };
-        earlier
-            .rules
-            .claim(dest("10.96.0.10"), &web, Action::Redirect(31234));
-        earlier
-            .rules
-            .claim(dest("fd00:96::10"), &web, Action::Redirect(31236));
-        earlier.rules.sync().await.unwrap();
-        let adopted: HashMap<Key, u16> = [IpFamily::V4, IpFamily::V6]
-            .into_iter()
-            .flat_map(|f| fake.table_of(f).unwrap().redirects().collect::<Vec<_>>())
-            .collect();
-
-        let mut r = reconciler_v6(&fake, &listeners, adopted, true);
-        load(
-            &mut r,
-            vec![dual_stack("web", None)],
-            vec![
-                slice_of("web", "web-v4", "10.1.0.1", true),
-                slice_of("web", "web-v6", "fd00:1::1", true),
-            ],
-        )
-        .await;
-        assert_eq!(listeners.log().adopted, [31234, 31236]);
-        assert_eq!(
-            action_of(&fake, &dest("fd00:96::10")),
-            Some(Action::Redirect(31236))
-        );
-        assert_eq!(listeners.log().open[&31236].family, IpFamily::V6);
-    }
-
-    #[test]
-    fn source_ranges_apply_per_family_as_kube_proxy_filters_them() {
-        let mut svc = dual_stack("web", None);
-        svc.lb_ips = vec!["10.200.8.8".parse().unwrap(), "fd00:8::8".parse().unwrap()];
-        svc.lb_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
-        let mut st = ClusterState::new();
-        st.apply_service(svc);
-        let spec = st
-            .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
-            .remove(0);
-        let v4 = destinations(&spec, IpFamily::V4);
-        let v6 = destinations(&spec, IpFamily::V6);
-        assert!(v4.iter().any(|k| matches!(k, Key::Guarded(_))));
-        assert!(v4.iter().all(|k| k.family() == IpFamily::V4));
-        assert!(v6.iter().all(|k| k.family() == IpFamily::V6));
-        // Only IPv4 ranges: the IPv6 LB IP is open to every source.
-        assert!(
-            !v6.iter()
-                .any(|k| matches!(k, Key::Guarded(_) | Key::Allow(..)))
-        );
-        assert!(v6.contains(&Key::Service(Destination {
-            ip: "fd00:8::8".parse().unwrap(),
-            protocol: Protocol::Tcp,
-            port: 80,
-        })));
-    }
-
-    fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
-        let mut s = slice(service, "10.1.0.1");
-        s.endpoints = endpoints
-            .iter()
-            .map(|(ip, node, ready)| SliceEndpoint {
-                address: ip.parse().unwrap(),
-                ready: *ready,
-                serving: true,
-                terminating: !*ready,
-                node_name: Some(node.to_string()),
-                zone_hints: Vec::new(),
-                node_hints: Vec::new(),
-            })
-            .collect();
-        s
-    }
-
-    fn node_port_v4(port: u16) -> Key {
-        Key::NodePort(
-            IpFamily::V4,
-            ProxyPort {
-                protocol: Protocol::Tcp,
-                port,
-            },
-        )
-    }
-
-    fn with_node_port(mut s: ServiceInfo) -> ServiceInfo {
-        s.ports[0].node_port = Some(30080);
-        s
-    }
-
-    fn kernel(fake: &FakeNft, key: &Key) -> Option<Action> {
-        fake.table()?.elements.get(key).copied()
-    }
-
-    #[tokio::test]
-    async fn internal_local_without_local_endpoints_drops_and_without_any_rejects() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        let mut svc = service("web", "10.96.0.10");
-        svc.internal_local = true;
-        load(
-            &mut r,
-            vec![svc.clone()],
-            vec![slice_on("web", &[("10.1.0.2", "node-b", true)])],
-        )
-        .await;
-        assert_eq!(kernel(&fake, &dest("10.96.0.10")), Some(Action::Drop));
-        assert_eq!(r.no_local_internal.len(), 1);
-        // A local endpoint: served by it alone.
-        load(
-            &mut r,
-            vec![svc.clone()],
-            vec![slice_on(
-                "web",
-                &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", true)],
-            )],
-        )
-        .await;
-        assert!(matches!(
-            kernel(&fake, &dest("10.96.0.10")),
-            Some(Action::Redirect(_))
-        ));
-        assert!(r.no_local_internal.is_empty());
-        // No usable endpoint anywhere: refused, as without the policy.
-        load(&mut r, vec![svc], vec![slice_on("web", &[])]).await;
-        assert_eq!(kernel(&fake, &dest("10.96.0.10")), Some(Action::Reject));
-    }
-
-    #[tokio::test]
-    async fn external_local_gets_a_listener_of_its_own_with_local_endpoints() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        let mut svc = with_node_port(service("web", "10.96.0.10"));
-        svc.external_local = true;
-        svc.health_check_node_port = Some(32000);
-        load(
-            &mut r,
-            vec![svc.clone()],
-            vec![slice_on("web", &[("10.1.0.2", "node-b", true)])],
-        )
-        .await;
-        // ClusterIP traffic goes to the remote endpoint; the node port is
-        // dropped (no local endpoint).
-        assert!(matches!(
-            kernel(&fake, &dest("10.96.0.10")),
-            Some(Action::Redirect(_))
-        ));
-        assert_eq!(kernel(&fake, &node_port_v4(30080)), Some(Action::Drop));
-        assert_eq!(r.no_local_external.len(), 1);
-        assert_eq!(
-            r.health_checks.get(&ObjectKey::new("default", "web")),
-            Some(&(32000, 0))
-        );
-        assert_eq!(listeners.log().open.len(), 2);
-
-        load(
-            &mut r,
-            vec![svc.clone()],
-            vec![slice_on(
-                "web",
-                &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", true)],
-            )],
-        )
-        .await;
-        let (Some(Action::Redirect(cluster)), Some(Action::Redirect(external))) = (
-            kernel(&fake, &dest("10.96.0.10")),
-            kernel(&fake, &node_port_v4(30080)),
-        ) else {
-            panic!("both redirected: {:?}", fake.table());
-        };
-        assert_ne!(cluster, external, "external traffic has its own listener");
-        let ext = r
-            .active
-            .values()
-            .find(|p| p.listener.port == external)
-            .unwrap();
-        assert_eq!(ext.endpoints(), ["10.1.0.1:8080".parse().unwrap()]);
-        assert_eq!(
-            r.health_checks.get(&ObjectKey::new("default", "web")),
-            Some(&(32000, 1))
-        );
-
-        // Back to Cluster: one listener again, the other closes after the
-        // sync that moved the node port.
-        svc.external_local = false;
-        load(
-            &mut r,
-            vec![svc],
-            vec![slice_on("web", &[("10.1.0.2", "node-b", true)])],
-        )
-        .await;
-        assert_eq!(
-            kernel(&fake, &node_port_v4(30080)),
-            Some(Action::Redirect(cluster))
-        );
-        assert_eq!(listeners.log().closed, [external]);
-        assert!(r.health_checks.is_empty());
-        assert!(r.no_local_external.is_empty());
-    }
-
-    #[tokio::test]
-    async fn the_local_set_falls_back_to_terminating_local_endpoints() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        let mut svc = service("web", "10.96.0.10");
-        svc.internal_local = true;
-        load(
-            &mut r,
-            vec![svc],
-            vec![slice_on(
-                "web",
-                &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", false)],
-            )],
-        )
-        .await;
-        let port = r.active.values().next().unwrap();
-        assert_eq!(port.endpoints(), ["10.1.0.1:8080".parse().unwrap()]);
-    }
-
-    #[tokio::test]
-    async fn a_node_object_sets_the_zone_and_eligibility() {
-        let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
-        let mut r = reconciler(&fake, &listeners, HashMap::new());
-        // A list without this node's object: not seen, eligible.
-        r.receive(Update::Nodes(vec![]));
-        assert!(r.node_eligible);
-        let mut s = slice_on(
-            "web",
-            &[("10.1.0.1", "node-a", true), ("10.1.0.2", "node-b", true)],
-        );
-        s.endpoints[0].zone_hints = vec!["z1".into()];
-        s.endpoints[1].zone_hints = vec!["z2".into()];
-        load(&mut r, vec![service("web", "10.96.0.10")], vec![s]).await;
-        assert_eq!(r.active.values().next().unwrap().endpoints().len(), 2);
-        r.receive(Update::Nodes(vec![NodeInfo {
-            key: ObjectKey::new("", "node-a"),
-            zone: Some("z2".into()),
-            eligible: false,
-        }]));
-        r.sync().await;
-        assert_eq!(
-            r.active.values().next().unwrap().endpoints(),
-            ["10.1.0.2:8080".parse().unwrap()]
-        );
-        assert!(!r.node_eligible);
-        assert!(!r.observer_health_eligible());
-        // Another node's object changes nothing.
-        r.receive(Update::NodeApplied(NodeInfo {
-            key: ObjectKey::new("", "node-b"),
-            zone: Some("z1".into()),
-            eligible: true,
-        }));
-        r.sync().await;
-        assert!(!r.node_eligible);
-        // Eligible again, then deleted: not eligible.
-        r.receive(Update::NodeApplied(NodeInfo {
-            key: ObjectKey::new("", "node-a"),
-            zone: Some("z2".into()),
-            eligible: true,
-        }));
-        assert!(r.node_eligible);
-        r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
-        assert!(!r.node_eligible);
-    }
-}
+mod tests;

@@ -17,7 +17,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tracing::{debug, warn};
 
 use crate::model::{NodeInfo, ObjectKey, ServiceInfo, SliceInfo};
-use convert::{Accepted, Notice};
+use convert::{Accepted, Notice, Outcome};
 
 /// A change to the desired state.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,8 +49,8 @@ pub type UpdateSender = tokio::sync::mpsc::Sender<Update>;
 /// a relist does not repeat them.
 pub fn service_or_log(svc: &Service) -> Option<Accepted<ServiceInfo>> {
     match convert::service(svc) {
-        Ok(Ok(accepted)) => Some(accepted),
-        Ok(Err(skip)) => {
+        Ok(Outcome::Accepted(accepted)) => Some(accepted),
+        Ok(Outcome::Skipped(skip)) => {
             debug!(service = ?svc.metadata.name, namespace = ?svc.metadata.namespace, reason = ?skip, "service not proxied");
             None
         }
@@ -65,8 +65,8 @@ pub fn service_or_log(svc: &Service) -> Option<Accepted<ServiceInfo>> {
 /// [`service_or_log`] for its notices.
 pub fn slice_or_log(slice: &EndpointSlice) -> Option<Accepted<SliceInfo>> {
     match convert::endpoint_slice(slice) {
-        Ok(Ok(accepted)) => Some(accepted),
-        Ok(Err(skip)) => {
+        Ok(Outcome::Accepted(accepted)) => Some(accepted),
+        Ok(Outcome::Skipped(skip)) => {
             debug!(slice = ?slice.metadata.name, namespace = ?slice.metadata.namespace, reason = ?skip, "endpoint slice not used");
             None
         }

@@ -1,11 +1,12 @@
 //! What the reconciler tells the outside world: kube-proxy's sync metrics,
 //! the health state behind `/healthz`, and the `/debug/services` report.
 //!
-//! Kept apart from the reconciling itself; `reconcile.rs` only calls in at
-//! the moments that matter (an update received, a sync that failed or
-//! succeeded, drift found, a report asked for).
+//! Kept apart from the reconciling itself: nothing here changes what is
+//! reconciled. `reconcile.rs` only calls in at the moments that matter
+//! (Services changed by an update, a sync that failed or succeeded, the
+//! Node's eligibility, drift found, a report asked for).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -19,7 +20,6 @@ use crate::metrics::Metrics;
 use crate::model::{ListenerKey, ObjectKey, ServicePortSpec};
 use crate::proxy::listeners::Listeners;
 use crate::rules::{Action, Key, Nft};
-use crate::source::Update;
 
 /// Where the reconciler reports to (given by [`Reconciler::with_telemetry`]).
 pub struct Telemetry {
@@ -94,20 +94,11 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         self
     }
 
-    /// Applies an update from the source, counting the Services it changed
-    /// (kube-proxy's service / endpoint change counters) and noting when
-    /// each first had a change waiting (health, programming latency).
-    pub(super) fn receive(&mut self, update: Update) {
-        let endpoints = matches!(
-            update,
-            Update::Slices(_) | Update::SliceApplied(_) | Update::SliceDeleted(_)
-        );
-        // The state's dirty set tells which Services this update changed;
-        // what was dirty before goes where `sync` looks too.
-        let mut before = self.state.take_dirty();
-        self.pending_keys.append(&mut before);
-        self.apply(update);
-        let mut changed = self.state.take_dirty();
+    /// One update changed the Services `changed` (`endpoints`: it was an
+    /// update of EndpointSlices): counts them (kube-proxy's service /
+    /// endpoint change counters) and notes when each first had a change
+    /// waiting (health, programming latency).
+    pub(super) fn observe_changes(&mut self, changed: &BTreeSet<ObjectKey>, endpoints: bool) {
         let n = changed.len() as u64;
         if n == 0 {
             return;
@@ -124,11 +115,10 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             .changes_pending(o.pending_services.len(), o.pending_endpoints.len());
         o.metrics.queued_now();
         let now = Instant::now();
-        for key in &changed {
+        for key in changed {
             self.observer.queued.entry(key.clone()).or_insert(now);
         }
         self.observer.health.queued();
-        self.pending_keys.append(&mut changed);
     }
 
     /// nft refused a sync.

@@ -1,0 +1,217 @@
+use super::*;
+use crate::model::{
+    Algorithm, ClusterState, ObjectKey, PortSpec, Protocol, ServiceInfo, SliceEndpoint, SliceInfo,
+    SlicePort,
+};
+
+/// A Service `default/name` with one TCP port 80 on `ip`.
+fn service(name: &str, ip: &str) -> ServiceInfo {
+    ServiceInfo {
+        key: ObjectKey::new("default", name),
+        cluster_ips: vec![ip.parse().unwrap()],
+        ports: vec![PortSpec {
+            port: 80,
+            ..PortSpec::default()
+        }],
+        ..ServiceInfo::default()
+    }
+}
+
+fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {
+    let mut s = service(name, "10.96.0.10");
+    s.cluster_ips.push("fd00:96::10".parse().unwrap());
+    s.ports[0].node_port = node_port;
+    s
+}
+
+/// A slice of `service` whose endpoints (address, node, ready) serve port
+/// 8080.
+fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
+    SliceInfo {
+        key: ObjectKey::new("default", format!("{service}-abc")),
+        service: ObjectKey::new("default", service),
+        ports: vec![SlicePort {
+            name: String::new(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, node, ready)| SliceEndpoint {
+                address: ip.parse().unwrap(),
+                ready: *ready,
+                serving: true,
+                terminating: !*ready,
+                node_name: Some(node.to_string()),
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
+/// The plan of the first port of `svc` in IPv4 on `node-a`, with `slice`.
+fn plan_of(svc: ServiceInfo, slice: SliceInfo) -> PortPlan {
+    let mut st = ClusterState::new();
+    let key = svc.key.clone();
+    st.apply_service(svc);
+    st.apply_slice(slice);
+    let spec = st.service_ports(&key, Algorithm::RoundRobin).remove(0);
+    let node = NodeTopology {
+        name: "node-a".into(),
+        zone: None,
+    };
+    plan_port(&spec, &node, IpFamily::V4)
+}
+
+fn dest(ip: &str) -> Key {
+    Key::Service(Destination {
+        ip: ip.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port: 80,
+    })
+}
+
+fn node_port_v4(port: u16) -> Key {
+    Key::NodePort(
+        IpFamily::V4,
+        ProxyPort {
+            protocol: Protocol::Tcp,
+            port,
+        },
+    )
+}
+
+#[test]
+fn source_ranges_apply_per_family_as_kube_proxy_filters_them() {
+    let mut svc = dual_stack("web", None);
+    svc.lb_ips = vec!["10.200.8.8".parse().unwrap(), "fd00:8::8".parse().unwrap()];
+    svc.lb_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+    let mut st = ClusterState::new();
+    st.apply_service(svc);
+    let spec = st
+        .service_ports(&ObjectKey::new("default", "web"), Algorithm::RoundRobin)
+        .remove(0);
+    let v4 = destinations(&spec, IpFamily::V4);
+    let v6 = destinations(&spec, IpFamily::V6);
+    assert!(v4.iter().any(|k| matches!(k, Key::Guarded(_))));
+    assert!(v4.iter().all(|k| k.family() == IpFamily::V4));
+    assert!(v6.iter().all(|k| k.family() == IpFamily::V6));
+    // Only IPv4 ranges: the IPv6 LB IP is open to every source.
+    assert!(
+        !v6.iter()
+            .any(|k| matches!(k, Key::Guarded(_) | Key::Allow(..)))
+    );
+    assert!(v6.contains(&Key::Service(Destination {
+        ip: "fd00:8::8".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port: 80,
+    })));
+}
+
+#[test]
+fn internal_local_plans_drop_without_local_endpoints_and_reject_without_any() {
+    let mut svc = service("web", "10.96.0.10");
+    svc.internal_local = true;
+    // Only a remote endpoint: dropped, and counted as such.
+    let p = plan_of(
+        svc.clone(),
+        slice_on("web", &[("10.1.0.2", "node-b", true)]),
+    );
+    assert_eq!(p.listeners.len(), 1);
+    assert_eq!(
+        p.listeners[0].destinations[&dest("10.96.0.10")],
+        Verdict::Drop
+    );
+    assert!(p.listeners[0].endpoints.is_empty());
+    assert!(p.no_local_internal);
+    // A local endpoint: served by it alone.
+    let p = plan_of(
+        svc.clone(),
+        slice_on(
+            "web",
+            &[("10.1.0.2", "node-b", true), ("10.1.0.1", "node-a", true)],
+        ),
+    );
+    assert_eq!(
+        p.listeners[0].destinations[&dest("10.96.0.10")],
+        Verdict::Serve
+    );
+    assert_eq!(
+        p.listeners[0].endpoints,
+        ["10.1.0.1:8080".parse::<SocketAddr>().unwrap()]
+    );
+    assert!(!p.no_local_internal);
+    assert_eq!(p.local_ready, 1);
+    // No usable endpoint anywhere: refused, as without the policy.
+    let p = plan_of(svc, slice_on("web", &[]));
+    assert_eq!(
+        p.listeners[0].destinations[&dest("10.96.0.10")],
+        Verdict::Reject
+    );
+    assert!(!p.no_local_internal);
+}
+
+#[test]
+fn differing_traffic_policies_plan_a_second_listener_for_external_traffic() {
+    let mut svc = service("web", "10.96.0.10");
+    svc.ports[0].node_port = Some(30080);
+    svc.external_local = true;
+    let p = plan_of(
+        svc.clone(),
+        slice_on("web", &[("10.1.0.2", "node-b", true)]),
+    );
+    let [internal, external] = &p.listeners[..] else {
+        panic!("two listeners: {:?}", p.listeners);
+    };
+    assert_eq!(internal.key.scope, TrafficScope::Internal);
+    assert_eq!(
+        internal.destinations,
+        BTreeMap::from([(dest("10.96.0.10"), Verdict::Serve)])
+    );
+    assert_eq!(external.key.scope, TrafficScope::External);
+    assert_eq!(
+        external.destinations,
+        BTreeMap::from([(node_port_v4(30080), Verdict::Drop)])
+    );
+    assert!(p.no_local_external);
+    assert_eq!(p.local_ready, 0);
+    // The same policies: one listener catches both.
+    svc.external_local = false;
+    let p = plan_of(svc, slice_on("web", &[("10.1.0.2", "node-b", true)]));
+    assert_eq!(p.listeners.len(), 1);
+    assert_eq!(
+        p.listeners[0].destinations,
+        BTreeMap::from([
+            (dest("10.96.0.10"), Verdict::Serve),
+            (node_port_v4(30080), Verdict::Serve),
+        ])
+    );
+    assert!(!p.no_local_external);
+}
+
+#[test]
+fn guards_are_members_whatever_the_verdict_and_other_keys_carry_it() {
+    let d = Destination {
+        ip: "10.200.8.8".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port: 80,
+    };
+    let net = "10.0.0.0/8".parse().unwrap();
+    for v in [Verdict::Serve, Verdict::Reject, Verdict::Drop] {
+        assert_eq!(action(&Key::Guarded(d), v, 31000), Action::Member);
+        assert_eq!(action(&Key::Allow(d, net), v, 31000), Action::Member);
+    }
+    assert_eq!(
+        action(&Key::Service(d), Verdict::Serve, 31000),
+        Action::Redirect(31000)
+    );
+    assert_eq!(
+        action(&Key::Service(d), Verdict::Reject, 31000),
+        Action::Reject
+    );
+    assert_eq!(
+        action(&node_port_v4(30080), Verdict::Drop, 31000),
+        Action::Drop
+    );
+}
