@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::status::ServicesReport;
 use crate::health::ServiceHealthServers;
 use crate::model::{
     Algorithm, ClusterState, IpFamily, ListenerKey, NodeTopology, ObjectKey, Protocol,
@@ -53,6 +54,7 @@ use crate::source::Update;
 
 mod observe;
 mod plan;
+mod report;
 pub use observe::Telemetry;
 use plan::{ListenerPlan, PortPlan, plan_port};
 
@@ -82,6 +84,19 @@ struct ActivePort {
     /// The keys this listener claims in the rules.
     /// Sorted (a `BTreeSet` of a few keys allocates a node for eleven).
     destinations: Vec<Key>,
+}
+
+impl ActivePort {
+    /// This listener as the status report sees it.
+    fn view<'a>(&'a self, key: &'a ListenerKey, state: &'static str) -> report::PortView<'a> {
+        report::PortView {
+            key,
+            state,
+            proxy_port: self.listener.port,
+            balancer: &self.balancer,
+            destinations: &self.destinations,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +201,43 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         }
     }
 
+    /// Reports to `telemetry` from now on.
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.observer = telemetry.into();
+        self
+    }
+
+    /// Answers a `/debug/services` request.
+    fn answer_report(&self, reply: tokio::sync::oneshot::Sender<ServicesReport>) {
+        // The asker may have given up; nothing to do then.
+        let _ = reply.send(self.report());
+    }
+
+    /// Every Service port with a listener: addresses, proxy port, rule,
+    /// endpoints with their conditions and open connections.
+    pub fn report(&self) -> ServicesReport {
+        let verdict = self.observer.health.check(false);
+        let applied = self.rules.applied();
+        let cx = report::Context {
+            state: &self.state,
+            rules: &self.rules,
+            applied: &applied,
+            metrics: &self.observer.metrics,
+            default_algorithm: self.config.default_algorithm,
+        };
+        let service_ports = (self.active.iter().map(|(k, p)| p.view(k, "active")))
+            .chain(self.closing.iter().map(|(k, p)| p.view(k, "closing")))
+            .map(|v| report::port_report(&cx, v))
+            .collect();
+        ServicesReport {
+            proxy_address: self.rules.layout().proxy_address.to_string(),
+            healthy: verdict.healthy,
+            unhealthy_reason: verdict.reason.map(str::to_string),
+            source_synced: self.synced(),
+            service_ports,
+        }
+    }
+
     fn synced(&self) -> bool {
         self.services_synced && self.slices_synced
     }
@@ -203,7 +255,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         self.pending_keys.append(&mut before);
         self.apply(update);
         let mut changed = self.state.take_dirty();
-        self.observe_changes(&changed, endpoints);
+        self.observer.changes(&changed, endpoints);
         self.pending_keys.append(&mut changed);
     }
 
@@ -243,7 +295,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if eligible != self.node_eligible {
             info!(node = %self.node.name, eligible, "node eligibility changed");
             self.node_eligible = eligible;
-            self.observe_node_eligible(eligible);
+            self.observer.node_eligible(eligible);
         }
         if self.config.node.zone.is_some() {
             return;
@@ -333,7 +385,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     pub async fn verify(&mut self) {
         let verified = self.rules.verify().await;
         if matches!(verified, Ok(Verified::Drifted(_))) {
-            self.observe_drift();
+            self.observer.drift();
         }
         match verified {
             Ok(Verified::Drifted(problems)) => warn!(
@@ -378,7 +430,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 }
                 Err(e) => {
                     error!(error = %e, "rule sync failed; listeners stay until it succeeds; retrying");
-                    self.observe_sync_failed();
+                    self.observer.sync_failed();
                     false
                 }
             }
@@ -388,7 +440,12 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if !ok {
             return;
         }
-        self.observe_synced(started, worked, full);
+        self.observer.synced(
+            started,
+            worked,
+            full,
+            (self.no_local_internal.len(), self.no_local_external.len()),
+        );
         if !self.first_sync_done {
             self.first_sync_done = true;
             self.adopted.clear();

@@ -1,27 +1,25 @@
-//! What the reconciler tells the outside world: kube-proxy's sync metrics,
-//! the health state behind `/healthz`, and the `/debug/services` report.
+//! What the reconciler tells the outside world: kube-proxy's sync metrics
+//! and the health state behind `/healthz` (the `/debug/services` report is
+//! built in `report.rs`).
 //!
 //! Kept apart from the reconciling itself: nothing here changes what is
-//! reconciled. `reconcile.rs` only calls in at the moments that matter
-//! (Services changed by an update, a sync that failed or succeeded, the
-//! Node's eligibility, drift found, a report asked for).
+//! reconciled, and nothing here reads the reconciler. `reconcile.rs` calls
+//! in at the moments that matter (Services changed by an update, a sync
+//! that failed or succeeded, the Node's eligibility, drift found) with
+//! what the [`Observer`] needs to know.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{ActivePort, Reconciler};
-use crate::admin::status::{EndpointReport, PortReport, ServicesReport};
+use crate::admin::status::ServicesReport;
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
-use crate::model::{ListenerKey, ObjectKey, ServicePortSpec};
-use crate::proxy::listeners::Listeners;
-use crate::rules::{Action, Key, Nft};
+use crate::model::ObjectKey;
 
-/// Where the reconciler reports to (given by [`Reconciler::with_telemetry`]).
+/// Where the reconciler reports to (given by `Reconciler::with_telemetry`).
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     pub health: Arc<ProxyHealth>,
@@ -32,7 +30,7 @@ pub struct Telemetry {
 /// The reconciler's side of the telemetry.
 pub(super) struct Observer {
     pub(super) metrics: Arc<Metrics>,
-    health: Arc<ProxyHealth>,
+    pub(super) health: Arc<ProxyHealth>,
     /// Taken by `run` (the loop waits on it beside the updates).
     pub(super) reports: Option<mpsc::Receiver<oneshot::Sender<ServicesReport>>>,
     /// When each Service with changes not yet applied received its first
@@ -58,7 +56,94 @@ impl Default for Observer {
     }
 }
 
+impl From<Telemetry> for Observer {
+    fn from(telemetry: Telemetry) -> Self {
+        Observer {
+            metrics: telemetry.metrics,
+            health: telemetry.health,
+            reports: Some(telemetry.reports),
+            queued: HashMap::new(),
+            pending_services: HashSet::new(),
+            pending_endpoints: HashSet::new(),
+        }
+    }
+}
+
 impl Observer {
+    /// One update changed the Services `changed` (`endpoints`: it was an
+    /// update of EndpointSlices): counts them (kube-proxy's service /
+    /// endpoint change counters) and notes when each first had a change
+    /// waiting (health, programming latency).
+    pub(super) fn changes(&mut self, changed: &BTreeSet<ObjectKey>, endpoints: bool) {
+        let n = changed.len() as u64;
+        if n == 0 {
+            return;
+        }
+        if endpoints {
+            self.metrics.endpoint_changes(n);
+            self.pending_endpoints.extend(changed.iter().cloned());
+        } else {
+            self.metrics.service_changes(n);
+            self.pending_services.extend(changed.iter().cloned());
+        }
+        self.metrics
+            .changes_pending(self.pending_services.len(), self.pending_endpoints.len());
+        self.metrics.queued_now();
+        let now = Instant::now();
+        for key in changed {
+            self.queued.entry(key.clone()).or_insert(now);
+        }
+        self.health.queued();
+    }
+
+    /// nft refused a sync.
+    pub(super) fn sync_failed(&self) {
+        self.metrics.sync_failed();
+        self.health.rules_failed();
+    }
+
+    /// A sync succeeded: every change received so far is applied.
+    /// `worked`: it had something to reconcile or send to the kernel;
+    /// `full`: the table was written whole (`Some(true)`) or only changed
+    /// elements were sent (`Some(false)`); `no_local`: the Service ports
+    /// without a local endpoint for internal and for external traffic.
+    pub(super) fn synced(
+        &mut self,
+        started: std::time::Instant,
+        worked: bool,
+        full: Option<bool>,
+        no_local: (usize, usize),
+    ) {
+        let m = &self.metrics;
+        let took = started.elapsed();
+        if worked {
+            m.sync_duration(took);
+        }
+        if let Some(full) = full {
+            m.sync_kind_duration(full, took);
+        }
+        self.pending_services.clear();
+        self.pending_endpoints.clear();
+        m.changes_pending(0, 0);
+        m.synced_now();
+        let now = Instant::now();
+        for (_, at) in self.queued.drain() {
+            m.network_programmed(now.saturating_duration_since(at));
+        }
+        self.health.updated();
+        m.no_local_endpoints(no_local.0, no_local.1);
+    }
+
+    /// The Node object says whether `/healthz` may call the node eligible.
+    pub(super) fn node_eligible(&self, eligible: bool) {
+        self.health.set_node_eligible(eligible);
+    }
+
+    /// The drift check found the kernel's table changed.
+    pub(super) fn drift(&self) {
+        self.metrics.drift_repaired();
+    }
+
     /// The `/healthz` verdict as of now (unit tests).
     #[cfg(test)]
     pub(super) fn health_check(&self) -> crate::health::Verdict {
@@ -78,192 +163,4 @@ pub(super) async fn next_report(
         *reports = None;
     }
     std::future::pending().await
-}
-
-impl<N: Nft, L: Listeners> Reconciler<N, L> {
-    /// Reports to `telemetry` from now on.
-    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
-        self.observer = Observer {
-            metrics: telemetry.metrics,
-            health: telemetry.health,
-            reports: Some(telemetry.reports),
-            queued: HashMap::new(),
-            pending_services: HashSet::new(),
-            pending_endpoints: HashSet::new(),
-        };
-        self
-    }
-
-    /// One update changed the Services `changed` (`endpoints`: it was an
-    /// update of EndpointSlices): counts them (kube-proxy's service /
-    /// endpoint change counters) and notes when each first had a change
-    /// waiting (health, programming latency).
-    pub(super) fn observe_changes(&mut self, changed: &BTreeSet<ObjectKey>, endpoints: bool) {
-        let n = changed.len() as u64;
-        if n == 0 {
-            return;
-        }
-        let o = &mut self.observer;
-        if endpoints {
-            o.metrics.endpoint_changes(n);
-            o.pending_endpoints.extend(changed.iter().cloned());
-        } else {
-            o.metrics.service_changes(n);
-            o.pending_services.extend(changed.iter().cloned());
-        }
-        o.metrics
-            .changes_pending(o.pending_services.len(), o.pending_endpoints.len());
-        o.metrics.queued_now();
-        let now = Instant::now();
-        for key in changed {
-            self.observer.queued.entry(key.clone()).or_insert(now);
-        }
-        self.observer.health.queued();
-    }
-
-    /// nft refused a sync.
-    pub(super) fn observe_sync_failed(&mut self) {
-        self.observer.metrics.sync_failed();
-        self.observer.health.rules_failed();
-    }
-
-    /// A sync succeeded: every change received so far is applied.
-    /// `worked`: it had something to reconcile or send to the kernel;
-    /// `full`: the table was written whole (`Some(true)`) or only changed
-    /// elements were sent (`Some(false)`).
-    pub(super) fn observe_synced(
-        &mut self,
-        started: std::time::Instant,
-        worked: bool,
-        full: Option<bool>,
-    ) {
-        let m = &self.observer.metrics;
-        let took = started.elapsed();
-        if worked {
-            m.sync_duration(took);
-        }
-        if let Some(full) = full {
-            m.sync_kind_duration(full, took);
-        }
-        self.observer.pending_services.clear();
-        self.observer.pending_endpoints.clear();
-        m.changes_pending(0, 0);
-        m.synced_now();
-        let now = Instant::now();
-        for (_, at) in self.observer.queued.drain() {
-            m.network_programmed(now.saturating_duration_since(at));
-        }
-        self.observer.health.updated();
-        m.no_local_endpoints(self.no_local_internal.len(), self.no_local_external.len());
-    }
-
-    /// The Node object says whether `/healthz` may call the node eligible.
-    pub(super) fn observe_node_eligible(&self, eligible: bool) {
-        self.observer.health.set_node_eligible(eligible);
-    }
-
-    /// The drift check found the kernel's table changed.
-    pub(super) fn observe_drift(&self) {
-        self.observer.metrics.drift_repaired();
-    }
-
-    /// Answers a `/debug/services` request.
-    pub(super) fn answer_report(&self, reply: oneshot::Sender<ServicesReport>) {
-        // The asker may have given up; nothing to do then.
-        let _ = reply.send(self.report());
-    }
-
-    /// Every Service port with a listener: addresses, proxy port, rule,
-    /// endpoints with their conditions and open connections.
-    pub fn report(&self) -> ServicesReport {
-        let verdict = self.observer.health.check(false);
-        let applied = self.rules.applied();
-        let mut service_ports: Vec<PortReport> = self
-            .active
-            .iter()
-            .map(|(name, port)| self.port_report(name, port, "active", &applied))
-            .collect();
-        service_ports.extend(
-            self.closing
-                .iter()
-                .map(|(name, port)| self.port_report(name, port, "closing", &applied)),
-        );
-        ServicesReport {
-            proxy_address: self.rules.layout().proxy_address.to_string(),
-            healthy: verdict.healthy,
-            unhealthy_reason: verdict.reason.map(str::to_string),
-            source_synced: self.synced(),
-            service_ports,
-        }
-    }
-
-    fn port_report(
-        &self,
-        key: &ListenerKey,
-        port: &ActivePort,
-        state: &str,
-        applied: &std::collections::BTreeMap<Key, Action>,
-    ) -> PortReport {
-        let (name, family) = (&key.port, key.family);
-        // The spec as the model has it now (a closing listener's Service
-        // port may be gone from it: then no addresses and no endpoints).
-        let spec = self
-            .state
-            .service_ports(&name.service, self.config.default_algorithm)
-            .into_iter()
-            .find(|s| s.name == *name);
-        let set = port.balancer.endpoints();
-        let open: HashMap<SocketAddr, usize> = set.iter().map(|e| (e.addr, e.active())).collect();
-        // What this listener's first key gets (a closing listener
-        // released its keys: it has none left to show).
-        let dests: &[Key] = &port.destinations;
-        let rule = match dests.first().map(|d| self.rules.desired(d)) {
-            None => "none",
-            Some(_) if state != "active" => "removed",
-            Some(Some(Action::Redirect(p))) if p == port.listener.port => "redirect",
-            Some(Some(Action::Redirect(_))) => "held by another Service port",
-            Some(Some(Action::Reject)) => "reject",
-            Some(Some(Action::Drop)) => "drop (no local endpoint)",
-            Some(Some(Action::Member)) => "member",
-            Some(None) => "none",
-        };
-        let rule_applied = dests
-            .iter()
-            .all(|d| applied.get(d).copied() == self.rules.desired(d));
-        PortReport {
-            namespace: name.service.namespace.to_string(),
-            service: name.service.name.to_string(),
-            port_name: name.port.clone(),
-            protocol: name.protocol.to_string(),
-            ip_family: family.to_string(),
-            cluster_ips: spec
-                .iter()
-                .flat_map(|s| ServicePortSpec::of_family(&s.cluster_ips, family))
-                .map(|ip| ip.to_string())
-                .collect(),
-            port: spec.as_ref().map_or(0, |s| s.port),
-            proxy_port: port.listener.port,
-            algorithm: port.balancer.algorithm().to_string(),
-            state: match key.scope {
-                crate::model::TrafficScope::Internal => state.to_string(),
-                crate::model::TrafficScope::External => format!("{state} (external traffic)"),
-            },
-            rule: rule.to_string(),
-            rule_applied,
-            open_connections: self.observer.metrics.active_connections(name).unwrap_or(0),
-            endpoints: spec
-                .iter()
-                .flat_map(|s| s.endpoints_of(family))
-                .map(|e| EndpointReport {
-                    address: e.addr.to_string(),
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                    node_name: e.node_name.clone(),
-                    usable: set.contains(e.addr),
-                    open_connections: open.get(&e.addr).copied().unwrap_or(0),
-                })
-                .collect(),
-        }
-    }
 }
