@@ -20,11 +20,6 @@
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set).
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::{manifests, write_by_rename};
-
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
@@ -34,13 +29,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    assert_echo, backend_name, close, connect, hold, poll, proxy_port_of, read_line, vip,
-    who_or_panic,
-};
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    assert_echo, backend_name, bin, close, connect, hold, manifests, poll, proxy_port_of,
+    read_line, vip, who_or_panic, write_by_rename,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, backend_addr, peers};
 
@@ -518,7 +513,7 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
     for round in ["after a run", "with nothing left"] {
         let out = bed
             .node()
-            .output(BIN, ["--cleanup"])
+            .output(bin(), ["--cleanup"])
             .unwrap_or_else(|e| panic!("--cleanup {round}: {e}"));
         assert!(out.status.success());
         assert!(!table_exists(bed.node()), "--cleanup {round}: table left");

@@ -28,9 +28,6 @@
 //! [`Lab`]: uproxy_lab::Lab
 //! [`Lab::add_ipv6`]: uproxy_lab::Lab::add_ipv6
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -38,11 +35,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, close, hold, poll,
+use serde_json::Value;
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, close, hold, poll,
     write_by_rename,
 };
-use serde_json::Value;
 use uproxy_lab::peers::{self, PeerHandle};
 use uproxy_lab::{self as lab, Netns, backend_addr, backend_addr_v6};
 
@@ -693,7 +690,7 @@ fn the_ip6_table_is_repaired_taken_over_by_the_next_instance_and_removed_by_clea
     // --cleanup removes both tables and both proxy addresses.
     let out = bed
         .node()
-        .output(e2e::BIN, ["--cleanup"])
+        .output(e2e::bin(), ["--cleanup"])
         .expect("kube-uproxy --cleanup");
     assert!(out.status.success(), "{out:?}");
     assert!(

@@ -10,24 +10,19 @@
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set).
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::{manifests, write_by_rename};
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    VIP_C, connect, hold, poll, proxy_port_of, read_line, vip, wait_nft_key,
-};
 use serde_json::Value;
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    VIP_C, bin, connect, hold, manifests, poll, proxy_port_of, read_line, vip, wait_nft_key,
+    write_by_rename,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, backend_addr};
 
@@ -777,7 +772,7 @@ fn status_and_probe_talk_to_a_running_proxy() {
     let run = |args: &[&str]| {
         let out = bed
             .node()
-            .command(BIN)
+            .command(bin())
             .args(args)
             .output()
             .expect("running kube-uproxy in the node namespace");

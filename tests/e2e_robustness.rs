@@ -1,6 +1,6 @@
 //! End-to-end robustness of the `kube-uproxy` binary: what happens around
 //! the happy path. Each test builds its own namespace lab (see
-//! tests/support/e2e.rs) and runs the release binary with `--manifests`.
+//! tests/lab/src/e2e.rs) and runs the release binary with `--manifests`.
 //!
 //! - a table left by an earlier run is replaced at start;
 //! - a refused or unreachable endpoint is skipped: the connection lands on
@@ -13,20 +13,17 @@
 //!
 //! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
-};
 use sha2::{Digest, Sha256};
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    VIP_C, close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 use uproxy_lab::{self as lab, Netns, backend_addr};
 

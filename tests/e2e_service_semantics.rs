@@ -21,9 +21,6 @@
 //!
 //! Clients run in the client and node namespaces, never the root one.
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -31,12 +28,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    assert_echo, backend_name, close, hold, manifests, poll, read_line, vip, wait_nft_key,
+use serde_json::Value;
+use uproxy_lab::e2e::{
+    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    assert_echo, backend_name, bin, close, hold, manifests, poll, read_line, vip, wait_nft_key,
     write_by_rename,
 };
-use serde_json::Value;
 use uproxy_lab::manifests::{
     EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_yaml,
 };
@@ -503,7 +500,7 @@ fn a_service_with_250_endpoints_over_three_slices_uses_every_one() {
     }
     let out = bed
         .node()
-        .output(BIN, ["status", "--json"])
+        .output(bin(), ["status", "--json"])
         .expect("kube-uproxy status");
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));

@@ -33,11 +33,6 @@
 //!
 //! [`Lab`]: uproxy_lab::Lab
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::{manifests, write_by_rename};
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
@@ -50,11 +45,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    VIP_D, assert_echo, backend_name, close, hold, poll,
-};
 use serde_json::Value;
+use uproxy_lab::e2e::{
+    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
+    VIP_D, assert_echo, backend_name, close, hold, manifests, poll, write_by_rename,
+};
 use uproxy_lab::manifests::{EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType};
 use uproxy_lab::peers::{self, MAX_UDP_PAYLOAD, PeerHandle};
 use uproxy_lab::{

@@ -1,6 +1,6 @@
 //! Harness shared by the end-to-end tests of the `kube-uproxy` binary
-//! (tests/e2e_tcp.rs and tests/kube_source.rs), included by each with
-//! `#[path = "support/e2e.rs"] mod e2e;`.
+//! (tests/e2e_*.rs and tests/kube_source.rs), compiled once here rather
+//! than into every test binary.
 //!
 //! - [`Testbed`]: a namespace [`Lab`] with whoami / sha256 servers in its
 //!   backend namespaces, the tokio runtime they run on and a scratch
@@ -12,24 +12,47 @@
 //! - Client helpers: blocking std sockets created in a namespace, speaking
 //!   to the whoami servers.
 
-#![allow(dead_code)]
-
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::manifests::{ServiceManifest, list_yaml};
+use crate::peers::{self, PeerHandle};
+use crate::{Lab, Netns, NsChild};
 use serde_json::Value;
-use uproxy_lab::manifests::{ServiceManifest, list_yaml};
-use uproxy_lab::peers::{self, PeerHandle};
-use uproxy_lab::{Lab, Netns, NsChild};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_kube-uproxy");
-pub const PORT_RANGE: &str = "20000-20999";
+/// The `kube-uproxy` binary under test.
+///
+/// `env!("CARGO_BIN_EXE_kube-uproxy")` only exists when an integration test
+/// of the product is compiled, not when this crate is: Cargo also sets it
+/// at run time (`cargo test`), and a test binary run by hand finds the
+/// product's binary where Cargo put both, one level above its own `deps/`.
+///
+/// # Panics
+/// If neither gives a file that exists.
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let from_env = std::env::var_os("CARGO_BIN_EXE_kube-uproxy").map(PathBuf::from);
+        let beside = std::env::current_exe().ok().and_then(|exe| {
+            let deps = exe.parent()?;
+            Some(deps.parent()?.join("kube-uproxy"))
+        });
+        let path = from_env
+            .into_iter()
+            .chain(beside)
+            .find(|p| p.is_file())
+            .expect("the kube-uproxy binary (run the tests with cargo test)");
+        path.to_string_lossy().into_owned()
+    })
+}
+const PORT_RANGE: &str = "20000-20999";
 pub const SVC_PORT: u16 = 80;
 pub const BACKEND_PORT: u16 = 8080;
 /// Bound for "the proxy programmed the rules" / "the change was picked up".
@@ -224,10 +247,10 @@ impl ProxyProcess {
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = node.command(program);
-                c.args(rest).arg(BIN);
+                c.args(rest).arg(bin());
                 c
             }
-            None => node.command(BIN),
+            None => node.command(bin()),
         };
         cmd.args(args)
             .envs(env.iter().copied())
@@ -315,7 +338,7 @@ pub fn failing_nft(dir: &Path) -> PathBuf {
 static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(1000);
 
 /// A `kind: List` with each Service followed by its EndpointSlice (written
-/// by uproxy_lab::manifests); every call gives its objects new
+/// by [`crate::manifests`]); every call gives its objects new
 /// resourceVersions, as a live cluster would.
 pub fn manifests(services: &[ServiceManifest]) -> String {
     let stamped: Vec<ServiceManifest> = services
@@ -361,7 +384,7 @@ pub fn poll(
 
 /// The ClusterIP of an nft set/map key (as [`Netns::nft_keys`] gives it)
 /// if the key is `ip . tcp . port`.
-pub fn tcp_key_ip(key: &[Value], port: u16) -> Option<Ipv4Addr> {
+fn tcp_key_ip(key: &[Value], port: u16) -> Option<Ipv4Addr> {
     let proto_ok = key
         .iter()
         .any(|v| v.as_str() == Some("tcp") || v.as_u64() == Some(6));
