@@ -11,6 +11,10 @@
 //! - Waiting for keys of the nft sets/maps of docs/rules.md, and polling.
 //! - Client helpers: blocking std sockets created in a namespace, speaking
 //!   to the whoami servers.
+//! - [`udp`]: backends answering over TCP and UDP, UDP clients, and the
+//!   reachability checks of the UDP, NodePort and external-address tests.
+
+pub mod udp;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -22,10 +26,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::manifests::{ServiceManifest, list_yaml};
 use crate::peers::{self, PeerHandle};
 use crate::{Lab, Netns, NsChild};
-use serde_json::Value;
 
 /// The `kube-uproxy` binary under test.
 ///
@@ -144,6 +149,46 @@ impl Testbed {
 
     pub fn node(&self) -> &Netns {
         self.lab.node()
+    }
+
+    /// `<dir>/manifests.yaml`: the file [`Testbed::start_proxy`] writes.
+    pub fn manifests_file(&self) -> PathBuf {
+        self.dir.join("manifests.yaml")
+    }
+
+    /// `kube-uproxy --manifests <manifests>` with `extra` flags and `env`
+    /// in the node namespace (output in `<dir>/<name>.stderr`); the
+    /// manifests file is printed after its output when the test fails.
+    ///
+    /// The one way the e2e tests start the proxy on a manifests file, so
+    /// that every failure shows what the proxy was given.
+    pub fn run_proxy(
+        &self,
+        name: &str,
+        manifests: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
+        let mut p = ProxyProcess::start_with(
+            self.node(),
+            &self.dir,
+            name,
+            "--manifests",
+            manifests,
+            extra,
+            env,
+        );
+        p.show_on_failure("manifests", manifests);
+        p
+    }
+
+    /// Writes `yaml` to [`Testbed::manifests_file`] and starts
+    /// `kube-uproxy` on it with `extra` flags ([`Testbed::run_proxy`]);
+    /// returns the proxy and the file's path, for later rewrites.
+    pub fn start_proxy(&self, yaml: &str, extra: &[&str]) -> (ProxyProcess, PathBuf) {
+        let path = self.manifests_file();
+        fs::write(&path, yaml).expect("writing the manifests file");
+        (self.run_proxy("kube-uproxy", &path, extra, &[]), path)
     }
 }
 
