@@ -31,7 +31,6 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -242,25 +241,11 @@ impl Bed {
         }
     }
 
-    fn manifests_path(&self) -> PathBuf {
-        self.dir.join("manifests.yaml")
-    }
-
     /// Starts the proxy on `svcs` with `extra` flags.
     fn start(&self, name: &str, svcs: &[Svc], extra: &[&str]) -> ProxyProcess {
-        let path = self.manifests_path();
+        let path = self.manifests_file();
         write_by_rename(&path, &yaml(svcs));
-        let mut p = ProxyProcess::start_with(
-            self.node(),
-            &self.dir,
-            name,
-            "--manifests",
-            &path,
-            extra,
-            &[],
-        );
-        p.show_on_failure("manifests", &path);
-        p
+        self.run_proxy(name, &path, extra, &[])
     }
 }
 
@@ -483,7 +468,7 @@ fn a_dual_stack_service_is_reached_over_both_families_each_by_its_own_endpoints(
         endpoints: vec![ep4(0)],
         ..svc
     };
-    write_by_rename(&bed.manifests_path(), &yaml(&[only4]));
+    write_by_rename(&bed.manifests_file(), &yaml(&[only4]));
     wait_ip6(&mut proxy, bed.node(), VIP6_A, false);
     for _ in 0..5 {
         tcp_refused(bed.client(), to6).unwrap_or_else(|e| panic!("IPv6 side: {e}"));
@@ -722,7 +707,7 @@ fn a_node_with_ipv6_disabled_serves_ipv4_and_logs_each_ipv6_service_once() {
         endpoints: vec![ep4(1), ep6(1)],
         ..dual
     };
-    write_by_rename(&bed.manifests_path(), &yaml(&[dual2, six]));
+    write_by_rename(&bed.manifests_file(), &yaml(&[dual2, six]));
     poll(READY_TIMEOUT, Duration::from_millis(100), || {
         proxy.assert_running("endpoint change");
         match greeting(bed.client(), to4, "IPv4 side after the change").as_str() {

@@ -45,7 +45,7 @@ struct Run {
 impl Run {
     fn start(tag: &str, backends: &[Backend], yaml: &str) -> Run {
         let bed = Testbed::new("robust", tag, backends);
-        let manifests = bed.dir.join("manifests.yaml");
+        let manifests = bed.manifests_file();
         fs::write(&manifests, yaml).expect("writing the manifests file");
         Run::start_on(bed, manifests)
     }
@@ -57,22 +57,13 @@ impl Run {
     /// Like [`Run::start`], with more flags for the proxy.
     fn start_with(tag: &str, backends: &[Backend], yaml: &str, flags: &[&str]) -> Run {
         let bed = Testbed::new("robust", tag, backends);
-        let manifests = bed.dir.join("manifests.yaml");
+        let manifests = bed.manifests_file();
         fs::write(&manifests, yaml).expect("writing the manifests file");
         Run::start_on_with(bed, manifests, flags)
     }
 
     fn start_on_with(bed: Testbed, manifests: PathBuf, flags: &[&str]) -> Run {
-        let mut proxy = ProxyProcess::start_with(
-            bed.node(),
-            &bed.dir,
-            "kube-uproxy",
-            "--manifests",
-            &manifests,
-            flags,
-            &[],
-        );
-        proxy.show_on_failure("manifests", &manifests);
+        let proxy = bed.run_proxy("kube-uproxy", &manifests, flags, &[]);
         Run {
             proxy,
             manifests,
@@ -142,7 +133,7 @@ fn a_table_left_by_an_earlier_run_is_replaced_at_start() {
         .output("nft", ["-f", stale_file.to_str().expect("utf-8 path")])
         .expect("loading the stale table");
 
-    let manifests = bed.dir.join("manifests.yaml");
+    let manifests = bed.manifests_file();
     fs::write(
         &manifests,
         list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),
@@ -419,7 +410,7 @@ fn the_open_file_limit_is_raised_and_said_and_max_connections_caps_flows() {
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .expect("getrlimit");
     let bed = Testbed::new("robust", "limits", &[Backend::Whoami]);
-    let manifests = bed.dir.join("manifests.yaml");
+    let manifests = bed.manifests_file();
     fs::write(
         &manifests,
         list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),

@@ -78,7 +78,7 @@ struct Bed {
 impl Bed {
     fn new(tag: &str, backends: usize) -> Bed {
         let bed = Testbed::new("semantics", tag, &vec![Backend::Whoami; backends]);
-        let file = bed.dir.join("manifests.yaml");
+        let file = bed.manifests_file();
         Bed {
             proxy: None,
             bed,
@@ -90,17 +90,7 @@ impl Bed {
         fs::write(&self.file, yaml).expect("writing the manifests");
         let mut args = vec!["--hostname-override", NODE];
         args.extend_from_slice(extra);
-        let mut p = ProxyProcess::start_with(
-            self.bed.node(),
-            &self.bed.dir,
-            "kube-uproxy",
-            "--manifests",
-            &self.file,
-            &args,
-            &[],
-        );
-        p.show_on_failure("manifests", &self.file);
-        self.proxy = Some(p);
+        self.proxy = Some(self.bed.run_proxy("kube-uproxy", &self.file, &args, &[]));
     }
 
     fn write(&self, yaml: &str) {

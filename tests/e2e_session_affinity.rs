@@ -10,7 +10,6 @@
 //! `nft`, like every e2e test.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
@@ -75,10 +74,7 @@ impl Env {
     fn start(tag: &str, backends: usize, clients: u8, services: &[ServiceManifest]) -> Env {
         let bed = Testbed::new("affinity", tag, &vec![Backend::Whoami; backends]);
         add_client_ips(bed.client(), clients);
-        let path = bed.dir.join("manifests.yaml");
-        fs::write(&path, manifests(services)).expect("writing the manifests file");
-        let mut proxy = ProxyProcess::start(bed.node(), &bed.dir, "--manifests", &path);
-        proxy.show_on_failure("manifests", &path);
+        let (proxy, path) = bed.start_proxy(&manifests(services), &[]);
         Env {
             proxy,
             manifests: path,

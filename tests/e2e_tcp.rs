@@ -64,14 +64,11 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(node: &Netns, dir: &Path, yaml: &str) -> Proxy {
-        let manifests = dir.join("manifests.yaml");
-        fs::write(&manifests, yaml).expect("writing the manifests file");
-        let mut process = ProxyProcess::start(node, dir, "--manifests", &manifests);
-        process.show_on_failure("manifests", &manifests);
+    fn start(bed: &Testbed, yaml: &str) -> Proxy {
+        let (process, manifests) = bed.start_proxy(yaml, &[]);
         Proxy {
             process,
-            dir: dir.to_path_buf(),
+            dir: bed.dir.clone(),
             manifests,
         }
     }
@@ -125,7 +122,7 @@ impl Env {
     }
 
     fn start_proxy(&mut self, yaml: &str) {
-        self.proxy = Some(Proxy::start(self.bed.node(), &self.bed.dir, yaml));
+        self.proxy = Some(Proxy::start(&self.bed, yaml));
     }
 
     fn proxy(&mut self) -> &mut Proxy {
