@@ -1,4 +1,4 @@
-//! Checks the fake API server (tests/support/apiserver.rs) against the real
+//! Checks the fake API server (tests/lab/src/apiserver.rs) against the real
 //! client: kube-rs's `watcher` and `Api`, the same code the Kubernetes source
 //! of kube-uproxy runs. If the double and the client disagree, tests built on
 //! the double would prove nothing, so each documented behaviour the proxy
@@ -7,14 +7,10 @@
 //!
 //! Every wait is bounded; nothing here needs root or leaves 127.0.0.1.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
-
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use apiserver::FakeApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -28,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
+use uproxy_lab::apiserver::{self, FakeApiServer};
 
 /// kube-proxy's own informer filter.
 const PROXY_SELECTOR: &str =

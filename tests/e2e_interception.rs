@@ -20,27 +20,21 @@
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set).
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::{manifests, write_by_rename};
-
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    assert_echo, backend_name, close, connect, hold, poll, proxy_port_of, read_line, vip,
-    who_or_panic,
-};
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    assert_echo, backend_name, bin, close, connect, hold, manifests, poll, proxy_port_of,
+    read_line, vip, who_or_panic, write_by_rename,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, backend_addr, peers};
 
@@ -52,31 +46,6 @@ fn svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceMan
     ServiceManifest::new(name, ip)
         .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT))
         .with_endpoints(endpoints)
-}
-
-/// Starts the proxy on `manifests` in the node namespace with `extra` flags.
-fn start(bed: &Testbed, name: &str, manifests: &Path, extra: &[&str]) -> ProxyProcess {
-    start_env(bed, name, manifests, extra, &[])
-}
-
-fn start_env(
-    bed: &Testbed,
-    name: &str,
-    manifests: &Path,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> ProxyProcess {
-    let mut p = ProxyProcess::start_with(
-        bed.node(),
-        &bed.dir,
-        name,
-        "--manifests",
-        manifests,
-        extra,
-        env,
-    );
-    p.show_on_failure("manifests", manifests);
-    p
 }
 
 fn wait_port(proxy: &mut ProxyProcess, node: &Netns, ip: Ipv4Addr, why: &str) -> u16 {
@@ -206,9 +175,7 @@ fn pods_behind_addressless_veths_and_bridges_and_the_node_reach_a_cluster_ip() {
         .lab
         .add_routed_pod("calico", Ipv4Addr::new(10, 200, 2, 5))
         .expect("adding a Calico-shaped pod");
-    let path = bed.dir.join("manifests.yaml");
-    fs::write(&path, manifests(&[svc("web", VIP_A, vec![ep(0)])])).expect("manifests");
-    let mut proxy = start(&bed, "kube-uproxy", &path, &[]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc("web", VIP_A, vec![ep(0)])]), &[]);
     wait_port(&mut proxy, bed.node(), VIP_A, "service programmed");
 
     let bridge_pod = bed.lab.backends()[1].clone();
@@ -246,9 +213,7 @@ fn a_service_without_endpoints_refuses_100_quick_connects() {
         return;
     }
     let bed = Testbed::new("intercept", "refuse", &[]);
-    let path = bed.dir.join("manifests.yaml");
-    fs::write(&path, manifests(&[svc("empty", VIP_A, vec![])])).expect("manifests");
-    let mut proxy = start(&bed, "kube-uproxy", &path, &[]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc("empty", VIP_A, vec![])]), &[]);
     e2e::wait_nft_key(
         &mut proxy,
         bed.node(),
@@ -339,7 +304,7 @@ fn handover_under_steady_load_loses_no_connection_and_no_byte() {
         return;
     }
     let bed = Testbed::new("intercept", "handover", &[Backend::Whoami, Backend::Sha256]);
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     fs::write(
         &path,
         manifests(&[
@@ -348,7 +313,7 @@ fn handover_under_steady_load_loses_no_connection_and_no_byte() {
         ]),
     )
     .expect("manifests");
-    let mut old = start(&bed, "old", &path, &["--shutdown-grace", "60s"]);
+    let mut old = bed.run_proxy("old", &path, &["--shutdown-grace", "60s"], &[]);
     let port_a = wait_port(&mut old, bed.node(), VIP_A, "old instance programmed web");
     let port_b = wait_port(&mut old, bed.node(), VIP_B, "old instance programmed sha");
 
@@ -374,7 +339,7 @@ fn handover_under_steady_load_loses_no_connection_and_no_byte() {
     thread::sleep(Duration::from_millis(500));
 
     // The new instance binds the same ports beside the old one...
-    let mut new = start(&bed, "new", &path, &[]);
+    let mut new = bed.run_proxy("new", &path, &[], &[]);
     wait_log(&mut new, "rules synced", "new instance synced");
     assert!(
         new.stderr().contains("taking its proxy ports back"),
@@ -433,7 +398,7 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
         return;
     }
     let bed = Testbed::new("intercept", "sigterm", &[Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     fs::write(&path, manifests(&[svc("web", VIP_A, vec![ep(0)])])).expect("manifests");
     let migrate_req = |node: &Netns| {
         let out = node
@@ -444,7 +409,7 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
     assert_eq!(migrate_req(bed.node()), "0", "a fresh namespace's default");
 
     // 1. Grace of 1 s: an idle connection still open after it is reset.
-    let mut p = start(&bed, "first", &path, &["--shutdown-grace", "1s"]);
+    let mut p = bed.run_proxy("first", &path, &["--shutdown-grace", "1s"], &[]);
     let port = wait_port(&mut p, bed.node(), VIP_A, "programmed");
     assert_eq!(
         migrate_req(bed.node()),
@@ -484,7 +449,7 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
 
     // 2. The next instance takes the same proxy port back; a second signal
     // ends the drain at once.
-    let mut p = start(&bed, "second", &path, &["--shutdown-grace", "60s"]);
+    let mut p = bed.run_proxy("second", &path, &["--shutdown-grace", "60s"], &[]);
     wait_log(&mut p, "rules synced", "second instance synced");
     assert_eq!(
         proxy_port_of(bed.node(), VIP_A),
@@ -518,7 +483,7 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
     for round in ["after a run", "with nothing left"] {
         let out = bed
             .node()
-            .output(BIN, ["--cleanup"])
+            .output(bin(), ["--cleanup"])
             .unwrap_or_else(|e| panic!("--cleanup {round}: {e}"));
         assert!(out.status.success());
         assert!(!table_exists(bed.node()), "--cleanup {round}: table left");
@@ -542,9 +507,7 @@ fn a_service_renamed_in_the_manifests_keeps_its_cluster_ip_answering() {
         return;
     }
     let bed = Testbed::new("intercept", "rename", &[Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
-    fs::write(&path, manifests(&[svc("web-b", VIP_A, vec![ep(0)])])).expect("manifests");
-    let mut p = start(&bed, "kube-uproxy", &path, &[]);
+    let (mut p, path) = bed.start_proxy(&manifests(&[svc("web-b", VIP_A, vec![ep(0)])]), &[]);
     let before = wait_port(&mut p, bed.node(), VIP_A, "programmed");
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(
@@ -583,9 +546,10 @@ fn a_flushed_ruleset_is_restored_within_a_sync_period() {
         return;
     }
     let bed = Testbed::new("intercept", "flush", &[Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
-    fs::write(&path, manifests(&[svc("web", VIP_A, vec![ep(0)])])).expect("manifests");
-    let mut p = start(&bed, "kube-uproxy", &path, &["--sync-period", "1s"]);
+    let (mut p, _) = bed.start_proxy(
+        &manifests(&[svc("web", VIP_A, vec![ep(0)])]),
+        &["--sync-period", "1s"],
+    );
     let port = wait_port(&mut p, bed.node(), VIP_A, "programmed");
     bed.node()
         .output("nft", ["flush", "ruleset"])
@@ -617,7 +581,7 @@ fn a_refused_sync_keeps_the_listeners_and_recovers() {
         return;
     }
     let bed = Testbed::new("intercept", "refused", &[Backend::Whoami, Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     fs::write(
         &path,
         manifests(&[svc("a", VIP_A, vec![ep(0)]), svc("b", VIP_B, vec![ep(1)])]),
@@ -629,7 +593,7 @@ fn a_refused_sync_keeps_the_listeners_and_recovers() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut p = start_env(&bed, "kube-uproxy", &path, &[], &[("PATH", &search)]);
+    let mut p = bed.run_proxy("kube-uproxy", &path, &[], &[("PATH", &search)]);
     wait_port(&mut p, bed.node(), VIP_A, "a programmed");
     let port_b = wait_port(&mut p, bed.node(), VIP_B, "b programmed");
 

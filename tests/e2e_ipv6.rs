@@ -28,21 +28,17 @@
 //! [`Lab`]: uproxy_lab::Lab
 //! [`Lab::add_ipv6`]: uproxy_lab::Lab::add_ipv6
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, close, hold, poll,
+use serde_json::Value;
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, close, hold, poll,
     write_by_rename,
 };
-use serde_json::Value;
 use uproxy_lab::peers::{self, PeerHandle};
 use uproxy_lab::{self as lab, Netns, backend_addr, backend_addr_v6};
 
@@ -245,25 +241,11 @@ impl Bed {
         }
     }
 
-    fn manifests_path(&self) -> PathBuf {
-        self.dir.join("manifests.yaml")
-    }
-
     /// Starts the proxy on `svcs` with `extra` flags.
     fn start(&self, name: &str, svcs: &[Svc], extra: &[&str]) -> ProxyProcess {
-        let path = self.manifests_path();
+        let path = self.manifests_file();
         write_by_rename(&path, &yaml(svcs));
-        let mut p = ProxyProcess::start_with(
-            self.node(),
-            &self.dir,
-            name,
-            "--manifests",
-            &path,
-            extra,
-            &[],
-        );
-        p.show_on_failure("manifests", &path);
-        p
+        self.run_proxy(name, &path, extra, &[])
     }
 }
 
@@ -486,7 +468,7 @@ fn a_dual_stack_service_is_reached_over_both_families_each_by_its_own_endpoints(
         endpoints: vec![ep4(0)],
         ..svc
     };
-    write_by_rename(&bed.manifests_path(), &yaml(&[only4]));
+    write_by_rename(&bed.manifests_file(), &yaml(&[only4]));
     wait_ip6(&mut proxy, bed.node(), VIP6_A, false);
     for _ in 0..5 {
         tcp_refused(bed.client(), to6).unwrap_or_else(|e| panic!("IPv6 side: {e}"));
@@ -693,7 +675,7 @@ fn the_ip6_table_is_repaired_taken_over_by_the_next_instance_and_removed_by_clea
     // --cleanup removes both tables and both proxy addresses.
     let out = bed
         .node()
-        .output(e2e::BIN, ["--cleanup"])
+        .output(e2e::bin(), ["--cleanup"])
         .expect("kube-uproxy --cleanup");
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -725,7 +707,7 @@ fn a_node_with_ipv6_disabled_serves_ipv4_and_logs_each_ipv6_service_once() {
         endpoints: vec![ep4(1), ep6(1)],
         ..dual
     };
-    write_by_rename(&bed.manifests_path(), &yaml(&[dual2, six]));
+    write_by_rename(&bed.manifests_file(), &yaml(&[dual2, six]));
     poll(READY_TIMEOUT, Duration::from_millis(100), || {
         proxy.assert_running("endpoint change");
         match greeting(bed.client(), to4, "IPv4 side after the change").as_str() {

@@ -10,24 +10,19 @@
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set).
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::{manifests, write_by_rename};
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    VIP_C, connect, hold, poll, proxy_port_of, read_line, vip, wait_nft_key,
-};
 use serde_json::Value;
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    VIP_C, bin, connect, hold, manifests, poll, proxy_port_of, read_line, vip, wait_nft_key,
+    write_by_rename,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, backend_addr};
 
@@ -42,20 +37,6 @@ fn svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceMan
 
 fn ready(i: usize) -> EndpointManifest {
     EndpointManifest::ready(backend_addr(i))
-}
-
-fn start(bed: &Testbed, manifests: &Path, extra: &[&str], env: &[(&str, &str)]) -> ProxyProcess {
-    let mut p = ProxyProcess::start_with(
-        bed.node(),
-        &bed.dir,
-        "kube-uproxy",
-        "--manifests",
-        manifests,
-        extra,
-        env,
-    );
-    p.show_on_failure("manifests", manifests);
-    p
 }
 
 // ---------------------------------------------------------------------------
@@ -201,7 +182,7 @@ fn metrics_count_real_traffic() {
         return;
     }
     let bed = Testbed::new("ops", "metrics", &[Backend::Whoami, Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     // web: two endpoints; refused: an endpoint where nothing listens;
     // empty: no endpoint (refused by the kernel, not by the proxy).
     let refused_ep = EndpointManifest::ready(backend_addr(0));
@@ -214,7 +195,7 @@ fn metrics_count_real_traffic() {
         svc("empty", VIP_C, vec![]),
     ];
     fs::write(&path, manifests(&services)).expect("manifests");
-    let mut p = start(&bed, &path, &["--metrics-per-endpoint"], &[]);
+    let mut p = bed.run_proxy("kube-uproxy", &path, &["--metrics-per-endpoint"], &[]);
     wait_nft_key(
         &mut p,
         bed.node(),
@@ -565,7 +546,7 @@ fn healthz_is_503_before_the_first_sync_and_while_rules_cannot_be_installed() {
 
     // 2. nft refuses: no first sync while it does; 200 once it accepts;
     // 503 again while a later change cannot be installed.
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     fs::write(&path, &yaml).expect("manifests");
     let bin = e2e::failing_nft(&bed.dir);
     let search = format!(
@@ -574,7 +555,7 @@ fn healthz_is_503_before_the_first_sync_and_while_rules_cannot_be_installed() {
         std::env::var("PATH").unwrap_or_default()
     );
     fs::write(bed.dir.join("fail"), "").expect("fail switch on");
-    let mut p = start(&bed, &path, &[], &[("PATH", &search)]);
+    let mut p = bed.run_proxy("kube-uproxy", &path, &[], &[("PATH", &search)]);
     let deadline = Instant::now() + Duration::from_millis(1500);
     let (status, _) = wait_http(&mut p, bed.node(), HEALTHZ, "/healthz");
     assert_eq!(status, 503);
@@ -661,7 +642,7 @@ fn healthz_is_503_when_an_update_waits_more_than_twice_the_sync_period() {
     // kube-proxy's rule, alone: nft neither fails nor succeeds, it just
     // takes longer than 2 x --sync-period (1 s here) to apply a change.
     let bed = Testbed::new("ops", "stale", &[Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     fs::write(&path, manifests(&[svc("web", VIP_A, vec![ready(0)])])).expect("manifests");
     let bin = hanging_nft(&bed.dir);
     let search = format!(
@@ -669,7 +650,12 @@ fn healthz_is_503_when_an_update_waits_more_than_twice_the_sync_period() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut p = start(&bed, &path, &["--sync-period", "1s"], &[("PATH", &search)]);
+    let mut p = bed.run_proxy(
+        "kube-uproxy",
+        &path,
+        &["--sync-period", "1s"],
+        &[("PATH", &search)],
+    );
     wait_health(&mut p, bed.node(), "/healthz", 200, "after the first sync");
     /// Lets nft go on when dropped, even if the test fails first.
     struct Hang(std::path::PathBuf);
@@ -729,7 +715,7 @@ fn status_and_probe_talk_to_a_running_proxy() {
         return;
     }
     let bed = Testbed::new("ops", "status", &[Backend::Whoami, Backend::Whoami]);
-    let path = bed.dir.join("manifests.yaml");
+    let path = bed.manifests_file();
     let mut not_ready = EndpointManifest::ready(backend_addr(1));
     not_ready.ready = false;
     not_ready.serving = false;
@@ -743,8 +729,8 @@ fn status_and_probe_talk_to_a_running_proxy() {
     .expect("manifests");
     let socket = bed.dir.join("healthz.sock");
     let socket_arg = format!("--healthz-socket={}", socket.display());
-    let mut p = start(
-        &bed,
+    let mut p = bed.run_proxy(
+        "kube-uproxy",
         &path,
         &[&socket_arg, "--lb-algorithm", "least-connections"],
         &[],
@@ -777,7 +763,7 @@ fn status_and_probe_talk_to_a_running_proxy() {
     let run = |args: &[&str]| {
         let out = bed
             .node()
-            .command(BIN)
+            .command(bin())
             .args(args)
             .output()
             .expect("running kube-uproxy in the node namespace");

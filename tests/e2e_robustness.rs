@@ -1,6 +1,6 @@
 //! End-to-end robustness of the `kube-uproxy` binary: what happens around
 //! the happy path. Each test builds its own namespace lab (see
-//! tests/support/e2e.rs) and runs the release binary with `--manifests`.
+//! tests/lab/src/e2e.rs) and runs the release binary with `--manifests`.
 //!
 //! - a table left by an earlier run is replaced at start;
 //! - a refused or unreachable endpoint is skipped: the connection lands on
@@ -13,20 +13,17 @@
 //!
 //! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
-};
 use sha2::{Digest, Sha256};
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    VIP_C, close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 use uproxy_lab::{self as lab, Netns, backend_addr};
 
@@ -48,7 +45,7 @@ struct Run {
 impl Run {
     fn start(tag: &str, backends: &[Backend], yaml: &str) -> Run {
         let bed = Testbed::new("robust", tag, backends);
-        let manifests = bed.dir.join("manifests.yaml");
+        let manifests = bed.manifests_file();
         fs::write(&manifests, yaml).expect("writing the manifests file");
         Run::start_on(bed, manifests)
     }
@@ -60,22 +57,13 @@ impl Run {
     /// Like [`Run::start`], with more flags for the proxy.
     fn start_with(tag: &str, backends: &[Backend], yaml: &str, flags: &[&str]) -> Run {
         let bed = Testbed::new("robust", tag, backends);
-        let manifests = bed.dir.join("manifests.yaml");
+        let manifests = bed.manifests_file();
         fs::write(&manifests, yaml).expect("writing the manifests file");
         Run::start_on_with(bed, manifests, flags)
     }
 
     fn start_on_with(bed: Testbed, manifests: PathBuf, flags: &[&str]) -> Run {
-        let mut proxy = ProxyProcess::start_with(
-            bed.node(),
-            &bed.dir,
-            "kube-uproxy",
-            "--manifests",
-            &manifests,
-            flags,
-            &[],
-        );
-        proxy.show_on_failure("manifests", &manifests);
+        let proxy = bed.run_proxy("kube-uproxy", &manifests, flags, &[]);
         Run {
             proxy,
             manifests,
@@ -145,7 +133,7 @@ fn a_table_left_by_an_earlier_run_is_replaced_at_start() {
         .output("nft", ["-f", stale_file.to_str().expect("utf-8 path")])
         .expect("loading the stale table");
 
-    let manifests = bed.dir.join("manifests.yaml");
+    let manifests = bed.manifests_file();
     fs::write(
         &manifests,
         list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),
@@ -422,7 +410,7 @@ fn the_open_file_limit_is_raised_and_said_and_max_connections_caps_flows() {
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .expect("getrlimit");
     let bed = Testbed::new("robust", "limits", &[Backend::Whoami]);
-    let manifests = bed.dir.join("manifests.yaml");
+    let manifests = bed.manifests_file();
     fs::write(
         &manifests,
         list_yaml(&[service("web", VIP_A, vec![backend_addr(0)])]),

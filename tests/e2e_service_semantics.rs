@@ -21,9 +21,6 @@
 //!
 //! Clients run in the client and node namespaces, never the root one.
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -31,12 +28,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    assert_echo, backend_name, close, hold, manifests, poll, read_line, vip, wait_nft_key,
+use serde_json::Value;
+use uproxy_lab::e2e::{
+    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    assert_echo, backend_name, bin, close, hold, manifests, poll, read_line, vip, wait_nft_key,
     write_by_rename,
 };
-use serde_json::Value;
 use uproxy_lab::manifests::{
     EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_yaml,
 };
@@ -81,7 +78,7 @@ struct Bed {
 impl Bed {
     fn new(tag: &str, backends: usize) -> Bed {
         let bed = Testbed::new("semantics", tag, &vec![Backend::Whoami; backends]);
-        let file = bed.dir.join("manifests.yaml");
+        let file = bed.manifests_file();
         Bed {
             proxy: None,
             bed,
@@ -93,17 +90,7 @@ impl Bed {
         fs::write(&self.file, yaml).expect("writing the manifests");
         let mut args = vec!["--hostname-override", NODE];
         args.extend_from_slice(extra);
-        let mut p = ProxyProcess::start_with(
-            self.bed.node(),
-            &self.bed.dir,
-            "kube-uproxy",
-            "--manifests",
-            &self.file,
-            &args,
-            &[],
-        );
-        p.show_on_failure("manifests", &self.file);
-        self.proxy = Some(p);
+        self.proxy = Some(self.bed.run_proxy("kube-uproxy", &self.file, &args, &[]));
     }
 
     fn write(&self, yaml: &str) {
@@ -503,7 +490,7 @@ fn a_service_with_250_endpoints_over_three_slices_uses_every_one() {
     }
     let out = bed
         .node()
-        .output(BIN, ["status", "--json"])
+        .output(bin(), ["status", "--json"])
         .expect("kube-uproxy status");
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));

@@ -6,20 +6,16 @@
 //! The client namespace gets extra addresses (10.200.0.3 and up) so that
 //! several client IPs talk to one Service; each connection (or UDP socket)
 //! is bound to one of them. Backends are the whoami servers (TCP greeting,
-//! UDP answer naming the backend) of tests/support/e2e.rs. Needs root and
+//! UDP answer naming the backend) of tests/lab/src/e2e.rs. Needs root and
 //! `nft`, like every e2e test.
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use e2e::{
+use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, CONNECT_TIMEOUT, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT,
     Testbed, VIP_A, VIP_B, backend_name, close, manifests, poll, read_line, vip, wait_nft_key,
     write_by_rename,
@@ -78,10 +74,7 @@ impl Env {
     fn start(tag: &str, backends: usize, clients: u8, services: &[ServiceManifest]) -> Env {
         let bed = Testbed::new("affinity", tag, &vec![Backend::Whoami; backends]);
         add_client_ips(bed.client(), clients);
-        let path = bed.dir.join("manifests.yaml");
-        fs::write(&path, manifests(services)).expect("writing the manifests file");
-        let mut proxy = ProxyProcess::start(bed.node(), &bed.dir, "--manifests", &path);
-        proxy.show_on_failure("manifests", &path);
+        let (proxy, path) = bed.start_proxy(&manifests(services), &[]);
         Env {
             proxy,
             manifests: path,

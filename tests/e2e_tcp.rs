@@ -6,7 +6,7 @@
 //! from the client (or node) namespace to a ClusterIP. Readiness is detected by
 //! polling the nft map/set named in the contract inside the node namespace.
 //! Everything is bounded in time; on failure the proxy's stderr is printed.
-//! The harness shared with tests/kube_source.rs is in tests/support/e2e.rs.
+//! The harness shared with tests/kube_source.rs is in tests/lab/src/e2e.rs.
 //!
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set). Set `KU_E2E_SHOW_LOGS=1` (with `--nocapture`) to see
@@ -14,28 +14,22 @@
 //!
 //! [`Lab`]: uproxy_lab::Lab
 
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::manifests;
-
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, BIN, Backend, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A,
-    VIP_B, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
-};
 use kube_uproxy::source::convert::ANNOTATION_LB_ALGORITHM;
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A,
+    VIP_B, assert_echo, backend_name, bin, close, connect, hold, manifests, vip, who, who_or_panic,
+};
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, NsChild, backend_addr, peers};
 
@@ -70,14 +64,11 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(node: &Netns, dir: &Path, yaml: &str) -> Proxy {
-        let manifests = dir.join("manifests.yaml");
-        fs::write(&manifests, yaml).expect("writing the manifests file");
-        let mut process = ProxyProcess::start(node, dir, "--manifests", &manifests);
-        process.show_on_failure("manifests", &manifests);
+    fn start(bed: &Testbed, yaml: &str) -> Proxy {
+        let (process, manifests) = bed.start_proxy(yaml, &[]);
         Proxy {
             process,
-            dir: dir.to_path_buf(),
+            dir: bed.dir.clone(),
             manifests,
         }
     }
@@ -131,7 +122,7 @@ impl Env {
     }
 
     fn start_proxy(&mut self, yaml: &str) {
-        self.proxy = Some(Proxy::start(self.bed.node(), &self.bed.dir, yaml));
+        self.proxy = Some(Proxy::start(&self.bed, yaml));
     }
 
     fn proxy(&mut self) -> &mut Proxy {
@@ -667,7 +658,7 @@ fn sigterm_keeps_the_table_and_cleanup_removes_it() {
     for round in ["with a leftover table", "with nothing to clean"] {
         let log_path = env.dir.join("cleanup.stderr");
         let log = File::create(&log_path).expect("cleanup log");
-        let mut cmd = env.lab.node().command(BIN);
+        let mut cmd = env.lab.node().command(bin());
         cmd.arg("--cleanup")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))

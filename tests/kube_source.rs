@@ -1,6 +1,6 @@
 //! End-to-end tests of the Kubernetes source: the real `kube-uproxy` binary,
 //! started with `--kubeconfig`, against the fake API server of
-//! tests/support/apiserver.rs.
+//! tests/lab/src/apiserver.rs.
 //!
 //! The proxy runs in the node namespace of a [`Lab`] (through `ip netns
 //! exec`), so it cannot reach the test process's 127.0.0.1. The API server's
@@ -18,12 +18,7 @@
 //! These tests need root and `nft`; without them they print `SKIP ...` (or
 //! fail, if `CI` is set). Every wait is bounded; on failure the proxy's
 //! stderr and the API server's request counters are printed. The harness
-//! shared with tests/e2e_tcp.rs is in tests/support/e2e.rs.
-
-#[path = "support/apiserver.rs"]
-mod apiserver;
-#[path = "support/e2e.rs"]
-mod e2e;
+//! shared with tests/e2e_tcp.rs is in tests/lab/src/e2e.rs.
 
 use std::io;
 use std::net::{Ipv4Addr, TcpStream};
@@ -32,12 +27,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use apiserver::FakeApiServer;
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    VIP_D, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
-};
 use serde_json::{Value, json};
+use uproxy_lab::apiserver::FakeApiServer;
+use uproxy_lab::e2e::{
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    VIP_C, VIP_D, assert_echo, backend_name, close, connect, hold, vip, who, who_or_panic,
+};
 use uproxy_lab::manifests::slice_name;
 use uproxy_lab::{self as lab, Netns, backend_addr};
 

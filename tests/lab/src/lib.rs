@@ -34,7 +34,15 @@
 //!
 //! The servers in [`peers`] (whoami, sha256, echo) run on tokio and are
 //! started on listeners created with [`Netns::tcp_listener`].
+//!
+//! On top of that, for the product's integration tests (compiled once
+//! here, not into every test binary): [`e2e`], the harness that runs the
+//! `kube-uproxy` binary in a lab's node namespace and waits for its rules;
+//! [`apiserver`], an in-process fake kube-apiserver for the Kubernetes
+//! source; and [`manifests`], the writer of the files the proxy reads.
 
+pub mod apiserver;
+pub mod e2e;
 pub mod manifests;
 pub mod peers;
 

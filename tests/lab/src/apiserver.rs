@@ -46,9 +46,6 @@
 //!
 //! Writes are made by the test through [`FakeApiServer`] methods, not HTTP.
 
-// Each test crate that includes this file uses a different subset of it.
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;

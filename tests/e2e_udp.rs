@@ -1,8 +1,4 @@
-//! End-to-end tests of issue 9: UDP Services, NodePort, externalIPs,
-//! LoadBalancer ingress with source ranges, and hairpin traffic. The
-//! release binary runs in the node namespace of a [`Lab`] with real
-//! nftables rules and real sockets; clients run in the client, backend and
-//! node namespaces, never in the root one.
+//! End-to-end tests of UDP Services.
 //!
 //! - DNS through a ClusterIP to dnsmasq with dig, over UDP and TCP on the
 //!   same port 53 of one Service, including a 2.5 KB answer over UDP.
@@ -18,411 +14,49 @@
 //!   or answers ICMP port unreachable.
 //! - Replies come from the address the client sent to, on a node with two
 //!   addresses.
-//! - NodePort over TCP and UDP on every node address and 127.0.0.1, without
-//!   a socket on the node port; `--nodeport-addresses` (CIDRs or `primary`)
-//!   narrows it.
-//! - externalIPs; a LoadBalancer IP admits the source ranges and drops the
-//!   rest; an `ipMode: Proxy` ingress is left alone; without endpoints,
-//!   externalIPs, LB IPs and node ports refuse like the ClusterIP.
-//! - Hairpin: a backend reaches its own Service.
 //!
-//! Backends run the TCP whoami server and a UDP whoami
-//! ([`peers::udp_whoami`]: `"<name> <source it saw> <datagram>"`) on 8080.
-//! These tests need root and `nft` (and dnsmasq and dig for the DNS test);
-//! without root they print `SKIP ...` (or fail, if `CI` is set).
+//! The release binary runs in the node namespace of a [`Lab`] with real
+//! nftables rules and real sockets; clients run in the client, backend and
+//! node namespaces, never in the root one. Backends run the TCP whoami
+//! server and a UDP whoami ([`udp_whoami`]: `"<name> <source it saw>
+//! <datagram>"`) on 8080 ([`UdpBed`]). The helpers shared with
+//! tests/e2e_nodeport.rs and tests/e2e_external_addresses.rs are in
+//! tests/lab/src/e2e/udp.rs. These tests need root and `nft` (and dnsmasq
+//! and dig for the DNS test); without root they print `SKIP ...` (or fail,
+//! if `CI` is set).
 //!
 //! [`Lab`]: uproxy_lab::Lab
-
-#[path = "support/e2e.rs"]
-mod e2e;
-
-use e2e::{manifests, write_by_rename};
+//! [`udp_whoami`]: uproxy_lab::peers::udp_whoami
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::ops::{Deref, Range};
-use std::path::{Path, PathBuf};
+use std::ops::Range;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C,
-    VIP_D, assert_echo, backend_name, close, hold, poll,
+use uproxy_lab::e2e::udp::{
+    ANSWER_WAIT, Answer, UdpBed, ask, ask_connected, ep, first_answer, udp_client, wait_key,
 };
-use serde_json::Value;
-use uproxy_lab::manifests::{EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType};
-use uproxy_lab::peers::{self, MAX_UDP_PAYLOAD, PeerHandle};
-use uproxy_lab::{
-    self as lab, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns, NsChild, backend_addr,
+use uproxy_lab::e2e::{
+    BACKEND_PORT, READY_TIMEOUT, SVC_PORT, VIP_A, backend_name, manifests, poll, write_by_rename,
 };
-
-/// How long a UDP client waits for one answer before calling it lost.
-const ANSWER_WAIT: Duration = Duration::from_secs(1);
-/// Bound for a TCP connect that must time out (dropped) or succeed.
-const TCP_WAIT: Duration = Duration::from_secs(2);
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
+use uproxy_lab::peers::{self, MAX_UDP_PAYLOAD};
+use uproxy_lab::{self as lab, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns, NsChild, backend_addr};
 
 const DNS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
-const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 9);
-const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 8, 8);
-const LB_PROXY_MODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 7, 7);
-const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
-const NODE_PORT_TCP: u16 = 30080;
-const NODE_PORT_UDP: u16 = 30081;
-
-// ---------------------------------------------------------------------------
-// Manifests.
-
-fn ep(i: usize) -> EndpointManifest {
-    EndpointManifest {
-        node_name: Some("node-1".to_string()),
-        pod: Some(format!("web-{i}")),
-        ..EndpointManifest::ready(backend_addr(i))
-    }
-}
-
-/// Service `name` with port 80 over TCP (named `tcp`) and UDP (named `udp`),
-/// both to 8080, and a slice with `endpoints`.
-fn tcp_udp_svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceManifest {
-    ServiceManifest::new(name, ip)
-        .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT).named("tcp"))
-        .with_port(PortManifest::udp(SVC_PORT, BACKEND_PORT).named("udp"))
-        .with_endpoints(endpoints)
-}
 
 /// Service `name` with one unnamed UDP port 80 → 8080.
 fn udp_svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceManifest {
     ServiceManifest::new(name, ip)
         .with_port(PortManifest::udp(SVC_PORT, BACKEND_PORT))
         .with_endpoints(endpoints)
-}
-
-/// A NodePort Service: 80/TCP on node port 30080, 80/UDP on 30081.
-fn node_port_svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceManifest {
-    ServiceManifest::new(name, ip)
-        .with_type(ServiceType::NodePort)
-        .with_port(
-            PortManifest::tcp(SVC_PORT, BACKEND_PORT)
-                .named("tcp")
-                .with_node_port(NODE_PORT_TCP),
-        )
-        .with_port(
-            PortManifest::udp(SVC_PORT, BACKEND_PORT)
-                .named("udp")
-                .with_node_port(NODE_PORT_UDP),
-        )
-        .with_endpoints(endpoints)
-}
-
-/// A LoadBalancer Service (as the API server fills it in: node ports
-/// `node_port` for 80/TCP and `node_port + 1` for 80/UDP), without ingress.
-fn lb_svc(name: &str, ip: Ipv4Addr, node_port: u16) -> ServiceManifest {
-    ServiceManifest::new(name, ip)
-        .with_type(ServiceType::LoadBalancer)
-        .with_port(
-            PortManifest::tcp(SVC_PORT, BACKEND_PORT)
-                .named("tcp")
-                .with_node_port(node_port),
-        )
-        .with_port(
-            PortManifest::udp(SVC_PORT, BACKEND_PORT)
-                .named("udp")
-                .with_node_port(node_port + 1),
-        )
-        .with_endpoints(vec![ep(0)])
-}
-
-// ---------------------------------------------------------------------------
-// The lab: TCP and UDP whoami on 8080 in every backend.
-
-struct Bed {
-    /// The UDP whoami of each backend; `None` once stopped.
-    udp: Vec<Option<PeerHandle>>,
-    bed: Testbed,
-}
-
-impl Bed {
-    fn new(tag: &str, n_backends: usize) -> Bed {
-        let bed = Testbed::new("udp", tag, &vec![Backend::Whoami; n_backends]);
-        let udp = (0..n_backends)
-            .map(|i| {
-                let socket = bed.lab.backends()[i]
-                    .udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
-                    .expect("backend UDP socket");
-                let _guard = bed.runtime().enter();
-                Some(peers::udp_whoami(socket, &backend_name(i)).expect("UDP whoami"))
-            })
-            .collect();
-        Bed { udp, bed }
-    }
-
-    fn backend(&self, i: usize) -> &Netns {
-        &self.bed.lab.backends()[i]
-    }
-
-    /// Stops backend `i`'s UDP server and waits until its port is closed
-    /// (datagrams to it then get ICMP port unreachable).
-    fn stop_udp(&mut self, i: usize) {
-        drop(self.udp[i].take());
-        let ns = self.backend(i).clone();
-        poll(Duration::from_secs(5), Duration::from_millis(20), || {
-            let bound = udp_ports_bound(&ns);
-            if bound.contains(&BACKEND_PORT) {
-                Err(format!("UDP ports still bound in backend {i}: {bound:?}"))
-            } else {
-                Ok(())
-            }
-        })
-        .unwrap_or_else(|e| panic!("stopping the UDP server of backend {i}: {e}"));
-    }
-
-    /// Starts the proxy on `yaml` with `extra` flags.
-    fn start(&self, yaml: &str, extra: &[&str]) -> (ProxyProcess, PathBuf) {
-        let path = self.bed.dir.join("manifests.yaml");
-        fs::write(&path, yaml).expect("writing the manifests file");
-        let mut p = ProxyProcess::start_with(
-            self.bed.node(),
-            &self.bed.dir,
-            "kube-uproxy",
-            "--manifests",
-            &path,
-            extra,
-            &[],
-        );
-        p.show_on_failure("manifests", &path);
-        (p, path)
-    }
-}
-
-impl Deref for Bed {
-    type Target = Testbed;
-    fn deref(&self) -> &Testbed {
-        &self.bed
-    }
-}
-
-/// Local ports of the sockets `ss -Hlnu` / `-Hltnu` lists in `ns`.
-fn listed_ports(ns: &Netns, flags: &str) -> Vec<(String, u16)> {
-    let out = ns
-        .output("ss", [flags])
-        .unwrap_or_else(|e| panic!("ss {flags} in {}: {e}", ns.name()));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // Netid State Recv-Q Send-Q Local:Port Peer:Port
-            let local = fields.get(4)?;
-            let port = local.rsplit(':').next()?.parse().ok()?;
-            Some((line.to_string(), port))
-        })
-        .collect()
-}
-
-fn udp_ports_bound(ns: &Netns) -> Vec<u16> {
-    listed_ports(ns, "-Hlnu")
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect()
-}
-
-// ---------------------------------------------------------------------------
-// Waiting for the rules.
-
-/// Whether an nft key (as [`Netns::nft_keys`] gives it) is `ip . proto . port`.
-fn key_is(key: &[Value], ip: Ipv4Addr, proto: &str, port: u16) -> bool {
-    let number = if proto == "tcp" { 6 } else { 17 };
-    key.len() == 3
-        && key[0].as_str() == Some(ip.to_string().as_str())
-        && (key[1].as_str() == Some(proto) || key[1].as_u64() == Some(number))
-        && key[2].as_u64() == Some(u64::from(port))
-}
-
-/// Waits until `ip . proto . port` is in the contract's map `service-ports`
-/// (or set `no-endpoints`, `kind` `"set"`), while the proxy runs.
-fn wait_key(
-    proxy: &mut ProxyProcess,
-    node: &Netns,
-    kind: &str,
-    name: &str,
-    ip: Ipv4Addr,
-    proto: &str,
-    port: u16,
-) {
-    let why = format!("{ip} {proto} {port} in {kind} {name}");
-    poll(READY_TIMEOUT, Duration::from_millis(50), || {
-        proxy.assert_running(&why);
-        let keys = node
-            .nft_keys(kind, "ip", "kube-uproxy", name)
-            .map_err(|e| e.to_string())?;
-        if keys.iter().any(|k| key_is(k, ip, proto, port)) {
-            Ok(())
-        } else {
-            Err(format!("keys: {keys:?}"))
-        }
-    })
-    .unwrap_or_else(|e| panic!("waiting for {why}: {e}"));
-}
-
-/// Waits until both `ip . tcp . 80` and `ip . udp . 80` are mapped.
-fn wait_tcp_udp(proxy: &mut ProxyProcess, node: &Netns, ip: Ipv4Addr) {
-    wait_key(proxy, node, "map", "service-ports", ip, "tcp", SVC_PORT);
-    wait_key(proxy, node, "map", "service-ports", ip, "udp", SVC_PORT);
-}
-
-// ---------------------------------------------------------------------------
-// UDP clients (sockets created in a namespace, used from any thread).
-
-/// An unconnected UDP socket on an ephemeral port of `ns`.
-fn udp_client(ns: &Netns) -> UdpSocket {
-    ns.udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
-        .unwrap_or_else(|e| panic!("UDP socket in {}: {e}", ns.name()))
-}
-
-/// A UDP whoami answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Answer {
-    /// Which backend answered.
-    name: String,
-    /// The source address the backend saw (the proxy's upstream socket).
-    seen: SocketAddr,
-    /// Where the answer came from, as the client saw it.
-    from: SocketAddr,
-}
-
-static TAG: AtomicU64 = AtomicU64::new(1);
-
-fn parse_answer(datagram: &[u8], from: SocketAddr, tag: &str) -> Option<Answer> {
-    let text = std::str::from_utf8(datagram).ok()?;
-    let mut parts = text.splitn(3, ' ');
-    let name = parts.next()?.to_string();
-    let seen = parts.next()?.parse().ok()?;
-    (parts.next()? == tag).then_some(Answer { name, seen, from })
-}
-
-/// Sends a fresh tag to `to` and waits up to `wait` for the whoami answer
-/// carrying it (older answers are skipped). `TimedOut` if none came; other
-/// errors (e.g. `ConnectionRefused`) as the socket reported them.
-fn ask(socket: &UdpSocket, to: SocketAddr, wait: Duration) -> io::Result<Answer> {
-    let tag = format!("q{}", TAG.fetch_add(1, Ordering::Relaxed));
-    socket.send_to(tag.as_bytes(), to)?;
-    receive_answer(socket, &tag, wait, |s, buf| s.recv_from(buf))
-}
-
-/// Like [`ask`] on a connected socket (which only accepts datagrams from
-/// the address it is connected to).
-fn ask_connected(socket: &UdpSocket, wait: Duration) -> io::Result<Answer> {
-    let tag = format!("q{}", TAG.fetch_add(1, Ordering::Relaxed));
-    socket.send(tag.as_bytes())?;
-    let peer = socket.peer_addr()?;
-    receive_answer(socket, &tag, wait, |s, buf| s.recv(buf).map(|n| (n, peer)))
-}
-
-fn receive_answer(
-    socket: &UdpSocket,
-    tag: &str,
-    wait: Duration,
-    recv: impl Fn(&UdpSocket, &mut [u8]) -> io::Result<(usize, SocketAddr)>,
-) -> io::Result<Answer> {
-    let deadline = Instant::now() + wait;
-    let mut buf = vec![0u8; MAX_UDP_PAYLOAD + 1];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer to {tag} within {wait:?}"),
-            ));
-        }
-        socket.set_read_timeout(Some(left))?;
-        match recv(socket, &mut buf) {
-            Ok((n, from)) => {
-                if let Some(answer) = parse_answer(&buf[..n], from, tag) {
-                    return Ok(answer);
-                }
-            }
-            // A timeout, or a signal: with SO_RCVTIMEO set, recv is never
-            // restarted (EINTR whenever a child of another test exits).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Asks from a fresh socket in `ns` until answered (the rules for a new
-/// kind of address may land a moment after the ClusterIP's); panics after
-/// [`READY_TIMEOUT`].
-fn first_answer(ns: &Netns, to: SocketAddr, what: &str) -> Answer {
-    let socket = udp_client(ns);
-    let mut answer = None;
-    poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        let a = ask(&socket, to, Duration::from_millis(400)).map_err(|e| e.to_string())?;
-        answer = Some(a);
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("{what}: no answer from {to} within {READY_TIMEOUT:?}: {e}"));
-    answer.expect("set on success")
-}
-
-/// A whoami greeting over TCP from `ns` to `to`, retried until it works
-/// (bounded like [`first_answer`]); checks the echo too.
-fn tcp_greeting(ns: &Netns, to: SocketAddr, what: &str) -> String {
-    let mut name = String::new();
-    poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        let (mut s, n) = hold(ns, to).map_err(|e| format!("{e} ({:?})", e.kind()))?;
-        assert_echo(&mut s, "ping", what);
-        close(s);
-        name = n;
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("{what}: TCP to {to} never answered: {e}"));
-    name
-}
-
-/// Asserts that a TCP connect from `ns` to `to` times out (the SYN is
-/// dropped): not refused, not answered.
-fn assert_tcp_dropped(ns: &Netns, to: SocketAddr, what: &str) {
-    let t0 = Instant::now();
-    match ns.tcp_connect(to, TCP_WAIT) {
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-        Err(e) => panic!(
-            "{what}: connect to {to} failed after {:?} with {e} ({:?}) instead of timing out (dropped)",
-            t0.elapsed(),
-            e.kind()
-        ),
-        Ok(_) => panic!("{what}: connect to {to} succeeded; it should have been dropped"),
-    }
-}
-
-/// Asserts that a TCP connect from `ns` to `to` does not reach anything.
-fn assert_tcp_not_proxied(ns: &Netns, to: SocketAddr, what: &str) {
-    if let Ok((s, name)) = hold(ns, to) {
-        close(s);
-        panic!("{what}: TCP to {to} was proxied (answered by {name:?})");
-    }
-}
-
-/// Asserts that no whoami answers a datagram from `ns` to `to`.
-fn assert_udp_not_proxied(ns: &Netns, to: SocketAddr, what: &str) {
-    let socket = udp_client(ns);
-    for _ in 0..2 {
-        match ask(&socket, to, ANSWER_WAIT) {
-            Ok(a) => panic!("{what}: UDP to {to} was proxied: {a:?}"),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-            // ICMP port unreachable from the node: not proxied either.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            Err(e) => panic!("{what}: UDP to {to}: unexpected error {e}"),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -532,7 +166,7 @@ fn dns_over_udp_and_tcp_on_port_53_of_one_service_with_a_large_udp_answer() {
     ) {
         return;
     }
-    let bed = Bed::new("dns", 1);
+    let bed = UdpBed::new("dns", 1);
     let dns_ns = bed.backend(0).clone();
     let _dnsmasq = start_dnsmasq(&dns_ns, backend_addr(0), &bed.dir.join("dnsmasq.log"));
     // dnsmasq answers on its own address first (the lab, not the proxy).
@@ -559,7 +193,7 @@ fn dns_over_udp_and_tcp_on_port_53_of_one_service_with_a_large_udp_answer() {
         .with_port(PortManifest::udp(53, 53).named("dns"))
         .with_port(PortManifest::tcp(53, 53).named("dns-tcp"))
         .with_endpoints(vec![ep(0)]);
-    let (mut proxy, _) = bed.start(&manifests(&[dns]), &[]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[dns]), &[]);
     proxy.show_on_failure("dnsmasq log", &bed.dir.join("dnsmasq.log"));
     wait_key(
         &mut proxy,
@@ -645,8 +279,8 @@ fn udp_flows_keep_their_upstream_port_while_active_and_get_a_new_one_after_the_i
     ) {
         return;
     }
-    let bed = Bed::new("idle", 1);
-    let (mut proxy, _) = bed.start(
+    let bed = UdpBed::new("idle", 1);
+    let (mut proxy, _) = bed.start_proxy(
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-timeout", "1s"],
     );
@@ -713,7 +347,7 @@ fn udp_datagrams_up_to_65507_bytes_pass_whole_both_ways() {
     if !lab::require_root_and_nft("udp_datagrams_up_to_65507_bytes_pass_whole_both_ways") {
         return;
     }
-    let bed = Bed::new("big", 1);
+    let bed = UdpBed::new("big", 1);
     const ECHO_PORT: u16 = 7;
     let echo_socket = bed
         .backend(0)
@@ -726,7 +360,7 @@ fn udp_datagrams_up_to_65507_bytes_pass_whole_both_ways() {
     let svc = ServiceManifest::new("echo", VIP_A)
         .with_port(PortManifest::udp(ECHO_PORT, ECHO_PORT))
         .with_endpoints(vec![ep(0)]);
-    let (mut proxy, _) = bed.start(&manifests(&[svc]), &[]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &[]);
     wait_key(
         &mut proxy,
         bed.node(),
@@ -790,8 +424,8 @@ fn a_udp_service_without_endpoints_answers_icmp_port_unreachable() {
     if !lab::require_root_and_nft("a_udp_service_without_endpoints_answers_icmp_port_unreachable") {
         return;
     }
-    let bed = Bed::new("udp-refuse", 0);
-    let (mut proxy, _) = bed.start(&manifests(&[udp_svc("empty", VIP_A, vec![])]), &[]);
+    let bed = UdpBed::new("udp-refuse", 0);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[udp_svc("empty", VIP_A, vec![])]), &[]);
     wait_key(
         &mut proxy,
         bed.node(),
@@ -960,8 +594,8 @@ fn a_flood_of_10000_client_ports_keeps_fds_bounded_and_a_client_in_use_answered(
         return;
     }
     const MAX_FLOWS: usize = 1000;
-    let bed = Bed::new("flood", 1);
-    let (mut proxy, _) = bed.start(
+    let bed = UdpBed::new("flood", 1);
+    let (mut proxy, _) = bed.start_proxy(
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-max-flows", "1000"],
     );
@@ -1062,9 +696,9 @@ fn a_full_flow_table_drops_newcomers_keeps_flows_in_use_and_makes_room_from_idle
     ) {
         return;
     }
-    let bed = Bed::new("flow-cap", 1);
+    let bed = UdpBed::new("flow-cap", 1);
     // --udp-timeout stays 30 s: room is made by the cap, not by expiry.
-    let (mut proxy, _) = bed.start(
+    let (mut proxy, _) = bed.start_proxy(
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-max-flows", "4"],
     );
@@ -1149,7 +783,7 @@ fn a_udp_flow_is_kept_by_backend_traffic_alone_and_closed_after_silence_both_way
         return;
     }
     const STREAM_PORT: u16 = 9000;
-    let bed = Bed::new("udp-stream", 1);
+    let bed = UdpBed::new("udp-stream", 1);
     // The test itself plays the backend: a plain socket on 9000.
     let server = bed
         .backend(0)
@@ -1158,7 +792,7 @@ fn a_udp_flow_is_kept_by_backend_traffic_alone_and_closed_after_silence_both_way
     let svc = ServiceManifest::new("stream", VIP_A)
         .with_port(PortManifest::udp(SVC_PORT, STREAM_PORT))
         .with_endpoints(vec![ep(0)]);
-    let (mut proxy, _) = bed.start(&manifests(&[svc]), &["--udp-timeout", "1s"]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--udp-timeout", "1s"]);
     wait_key(
         &mut proxy,
         bed.node(),
@@ -1321,8 +955,8 @@ fn a_udp_client_moves_to_another_endpoint_when_its_endpoint_leaves_the_slice() {
     ) {
         return;
     }
-    let bed = Bed::new("udp-leave", 2);
-    let (mut proxy, path) = bed.start(
+    let bed = UdpBed::new("udp-leave", 2);
+    let (mut proxy, path) = bed.start_proxy(
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0), ep(1)])]),
         &[],
     );
@@ -1377,8 +1011,8 @@ fn a_udp_client_moves_to_another_endpoint_when_its_endpoint_answers_port_unreach
     ) {
         return;
     }
-    let mut bed = Bed::new("udp-icmp", 2);
-    let (mut proxy, _) = bed.start(
+    let mut bed = UdpBed::new("udp-icmp", 2);
+    let (mut proxy, _) = bed.start_proxy(
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0), ep(1)])]),
         &[],
     );
@@ -1429,8 +1063,8 @@ fn udp_answers_come_from_the_service_address_on_a_node_with_two_addresses() {
     ) {
         return;
     }
-    let bed = Bed::new("udp-source", 2);
-    let (mut proxy, _) = bed.start(&manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]), &[]);
+    let bed = UdpBed::new("udp-source", 2);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]), &[]);
     wait_key(
         &mut proxy,
         bed.node(),
@@ -1471,498 +1105,4 @@ fn udp_answers_come_from_the_service_address_on_a_node_with_two_addresses() {
             assert_eq!(b.name, backend_name(0), "{what}");
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// NodePort.
-
-#[test]
-fn node_ports_serve_tcp_and_udp_on_every_node_address_without_a_socket_on_the_port() {
-    if !lab::require_root_and_nft(
-        "node_ports_serve_tcp_and_udp_on_every_node_address_without_a_socket_on_the_port",
-    ) {
-        return;
-    }
-    let bed = Bed::new("nodeport", 2);
-    let (mut proxy, _) = bed.start(&manifests(&[node_port_svc("np", VIP_B, vec![ep(0)])]), &[]);
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
-
-    let pod = bed.backend(1).clone();
-    for (ns, node_addr, what) in [
-        (
-            bed.client(),
-            NODE_CLIENT_ADDR,
-            "client -> node eth0 address",
-        ),
-        (
-            bed.client(),
-            NODE_BRIDGE_ADDR,
-            "client -> node br0 address (the node's other address)",
-        ),
-        (bed.node(), LOCALHOST, "node -> 127.0.0.1"),
-        (bed.node(), NODE_BRIDGE_ADDR, "node -> its br0 address"),
-        (bed.node(), NODE_CLIENT_ADDR, "node -> its eth0 address"),
-        (&pod, NODE_BRIDGE_ADDR, "pod -> node br0 address"),
-    ] {
-        let tcp = SocketAddr::from((node_addr, NODE_PORT_TCP));
-        assert_eq!(
-            tcp_greeting(ns, tcp, what),
-            backend_name(0),
-            "{what}: TCP {tcp}"
-        );
-        let udp = SocketAddr::from((node_addr, NODE_PORT_UDP));
-        let a = first_answer(ns, udp, what);
-        assert_eq!(a.name, backend_name(0), "{what}: UDP {udp}");
-        assert_eq!(
-            a.from, udp,
-            "{what}: the UDP answer came from another address"
-        );
-        let connected = udp_client(ns);
-        connected.connect(udp).expect("connect");
-        ask_connected(&connected, ANSWER_WAIT)
-            .unwrap_or_else(|e| panic!("{what}: connected UDP socket to {udp}: {e}"));
-    }
-    // The ClusterIP of a NodePort Service works as ever.
-    assert_eq!(
-        tcp_greeting(
-            bed.client(),
-            SocketAddr::from((VIP_B, SVC_PORT)),
-            "ClusterIP"
-        ),
-        backend_name(0)
-    );
-
-    // Nothing is bound to the node ports: nothing to conflict with, nothing
-    // reachable around the rules.
-    let sockets = listed_ports(bed.node(), "-Hltnu");
-    let on_node_ports: Vec<_> = sockets
-        .iter()
-        .filter(|(_, p)| [NODE_PORT_TCP, NODE_PORT_UDP].contains(p))
-        .collect();
-    assert!(
-        on_node_ports.is_empty(),
-        "sockets on the node ports: {on_node_ports:?}"
-    );
-    proxy.assert_running("end");
-}
-
-#[test]
-fn nodeport_addresses_limit_node_ports_to_the_given_cidrs() {
-    if !lab::require_root_and_nft("nodeport_addresses_limit_node_ports_to_the_given_cidrs") {
-        return;
-    }
-    let bed = Bed::new("nodeport-cidr", 2);
-    let (mut proxy, _) = bed.start(
-        &manifests(&[node_port_svc("np", VIP_B, vec![ep(0)])]),
-        &["--nodeport-addresses", "10.200.0.0/24"],
-    );
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
-
-    // In the range: the node's eth0 address.
-    let tcp = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_TCP));
-    assert_eq!(
-        tcp_greeting(bed.client(), tcp, "client -> 10.200.0.1 (in range)"),
-        backend_name(0)
-    );
-    let udp = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
-    let a = first_answer(bed.client(), udp, "client -> 10.200.0.1 (in range)");
-    assert_eq!((a.name.as_str(), a.from), (backend_name(0).as_str(), udp));
-
-    // Out of the range: br0's address and 127.0.0.1.
-    let pod = bed.backend(1).clone();
-    for (ns, node_addr, what) in [
-        (&pod, NODE_BRIDGE_ADDR, "pod -> 10.200.1.1 (out of range)"),
-        (bed.node(), LOCALHOST, "node -> 127.0.0.1 (out of range)"),
-    ] {
-        assert_tcp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_TCP)), what);
-        assert_udp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_UDP)), what);
-    }
-    // The ClusterIP is not affected by the flag.
-    assert_eq!(
-        tcp_greeting(
-            &pod,
-            SocketAddr::from((VIP_B, SVC_PORT)),
-            "pod -> ClusterIP"
-        ),
-        backend_name(0)
-    );
-    proxy.assert_running("end");
-}
-
-// ---------------------------------------------------------------------------
-// externalIPs and load balancers.
-
-#[test]
-fn external_ips_reach_the_service_over_tcp_and_udp() {
-    if !lab::require_root_and_nft("external_ips_reach_the_service_over_tcp_and_udp") {
-        return;
-    }
-    let bed = Bed::new("external-ip", 2);
-    let svc = tcp_udp_svc("ext", VIP_C, vec![ep(0)]).with_external_ips([EXTERNAL_IP]);
-    let (mut proxy, _) = bed.start(&manifests(&[svc]), &[]);
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_C);
-
-    let pod = bed.backend(1).clone();
-    let to = SocketAddr::from((EXTERNAL_IP, SVC_PORT));
-    for (ns, what) in [(bed.client(), "client"), (&pod, "pod")] {
-        assert_eq!(tcp_greeting(ns, to, what), backend_name(0), "{what}: TCP");
-        let a = first_answer(ns, to, what);
-        assert_eq!(a.name, backend_name(0), "{what}: UDP");
-        assert_eq!(
-            a.from, to,
-            "{what}: the UDP answer came from another address"
-        );
-    }
-    // Another port of the external IP is not the Service's.
-    assert_tcp_not_proxied(
-        bed.client(),
-        SocketAddr::from((EXTERNAL_IP, 81)),
-        "client -> externalIP:81",
-    );
-}
-
-#[test]
-fn a_load_balancer_ip_admits_its_source_ranges_and_drops_other_sources() {
-    if !lab::require_root_and_nft(
-        "a_load_balancer_ip_admits_its_source_ranges_and_drops_other_sources",
-    ) {
-        return;
-    }
-    let bed = Bed::new("lb-ranges", 2);
-    let lb = lb_svc("lb", VIP_D, 30090)
-        .with_source_ranges(["10.200.0.0/24"])
-        .with_lb_ingress(LB_IP, Some(IpMode::Vip));
-    let (mut proxy, _) = bed.start(&manifests(&[lb]), &[]);
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_D);
-    let to = SocketAddr::from((LB_IP, SVC_PORT));
-
-    // The client (10.200.0.2) is in 10.200.0.0/24.
-    assert_eq!(CLIENT_ADDR.octets()[..3], [10, 200, 0]);
-    assert_eq!(
-        tcp_greeting(bed.client(), to, "client (allowed) -> LB IP"),
-        backend_name(0)
-    );
-    let a = first_answer(bed.client(), to, "client (allowed) -> LB IP, UDP");
-    assert_eq!((a.name.as_str(), a.from), (backend_name(0).as_str(), to));
-
-    // A pod (10.200.1.11) is not: dropped, over TCP and UDP...
-    let pod = bed.backend(1).clone();
-    assert_tcp_dropped(&pod, to, "pod (outside the ranges) -> LB IP");
-    assert_udp_not_proxied(&pod, to, "pod (outside the ranges) -> LB IP");
-    // ...while the same pod reaches the Service's ClusterIP and node port
-    // (the ranges guard the LB IPs only), and the client still reaches the
-    // LB IP.
-    assert_eq!(
-        tcp_greeting(
-            &pod,
-            SocketAddr::from((VIP_D, SVC_PORT)),
-            "pod -> ClusterIP"
-        ),
-        backend_name(0)
-    );
-    assert_eq!(
-        tcp_greeting(
-            &pod,
-            SocketAddr::from((NODE_BRIDGE_ADDR, 30090)),
-            "pod -> the LB Service's node port"
-        ),
-        backend_name(0)
-    );
-    assert_eq!(
-        tcp_greeting(bed.client(), to, "client (allowed) -> LB IP, again"),
-        backend_name(0)
-    );
-}
-
-/// Whether TCP to `to` from `ns` is refused at once (not left hanging).
-fn tcp_refused(ns: &Netns, to: SocketAddr) -> Result<(), String> {
-    let t0 = Instant::now();
-    match ns.tcp_connect(to, TCP_WAIT) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
-        other => Err(format!(
-            "TCP to {to} got {:?} after {:?}, not a refusal",
-            other.map(|_| "a connection"),
-            t0.elapsed()
-        )),
-    }
-}
-
-/// Whether a connected UDP socket of `ns` to `to` gets ECONNREFUSED.
-fn udp_refused(ns: &Netns, to: SocketAddr) -> Result<(), String> {
-    let socket = udp_client(ns);
-    socket.connect(to).map_err(|e| e.to_string())?;
-    let t0 = Instant::now();
-    match ask_connected(&socket, ANSWER_WAIT) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
-        other => Err(format!(
-            "a connected UDP socket to {to} got {other:?} after {:?}, not ECONNREFUSED",
-            t0.elapsed()
-        )),
-    }
-}
-
-#[test]
-fn external_ips_load_balancer_ips_and_node_ports_without_endpoints_are_refused() {
-    if !lab::require_root_and_nft(
-        "external_ips_load_balancer_ips_and_node_ports_without_endpoints_are_refused",
-    ) {
-        return;
-    }
-    let bed = Bed::new("refuse-external", 0);
-    // A real node's routing (a default route): refused traffic to an
-    // externalIP or LB IP is on its way to be forwarded, where the
-    // filter-forward chain sees it (without any route it dies in routing,
-    // before any hook). The lab's client is also the node's default
-    // gateway, so that traffic would go back out the link it came in on;
-    // the ICMP redirect the kernel then sends the client uses up the ICMP
-    // rate-limit budget of that host and the first port-unreachable errors
-    // are not sent. Redirects are off here, as a client behind a router
-    // would see it.
-    bed.lab.route_node_by_default().expect("node default route");
-    bed.node()
-        .output(
-            "sh",
-            [
-                "-c",
-                "echo 0 > /proc/sys/net/ipv4/conf/all/send_redirects; \
-                 echo 0 > /proc/sys/net/ipv4/conf/eth0/send_redirects",
-            ],
-        )
-        .expect("turning ICMP redirects off on the node");
-    let empty = lb_svc("empty", VIP_D, NODE_PORT_TCP)
-        .with_external_ips([EXTERNAL_IP])
-        .with_lb_ingress(LB_IP, Some(IpMode::Vip))
-        .with_endpoints(vec![]);
-    let (mut proxy, _) = bed.start(&manifests(&[empty]), &[]);
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "set",
-        "no-endpoints",
-        VIP_D,
-        "udp",
-        SVC_PORT,
-    );
-    // Like the ClusterIP: refused at once, over TCP and UDP. Every case is
-    // tried (each retried a little: the rules for the other addresses may
-    // land just after the ClusterIP's), then all failures reported.
-    let mut failures = Vec::new();
-    for (ip, tcp_port, udp_port, what) in [
-        (VIP_D, SVC_PORT, SVC_PORT, "ClusterIP"),
-        (EXTERNAL_IP, SVC_PORT, SVC_PORT, "externalIP"),
-        (LB_IP, SVC_PORT, SVC_PORT, "LB IP"),
-        (NODE_CLIENT_ADDR, NODE_PORT_TCP, NODE_PORT_UDP, "node port"),
-    ] {
-        let tcp = SocketAddr::from((ip, tcp_port));
-        if let Err(e) = poll(Duration::from_secs(3), Duration::from_millis(200), || {
-            tcp_refused(bed.client(), tcp)
-        }) {
-            failures.push(format!("{what}: {e}"));
-        }
-        let udp = SocketAddr::from((ip, udp_port));
-        if let Err(e) = poll(Duration::from_secs(3), Duration::from_millis(200), || {
-            udp_refused(bed.client(), udp)
-        }) {
-            failures.push(format!("{what}: {e}"));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "without endpoints, not refused:\n{}",
-        failures.join("\n")
-    );
-}
-
-#[test]
-fn nodeport_addresses_primary_means_the_addresses_of_the_default_route_interface() {
-    if !lab::require_root_and_nft(
-        "nodeport_addresses_primary_means_the_addresses_of_the_default_route_interface",
-    ) {
-        return;
-    }
-    let bed = Bed::new("nodeport-primary", 2);
-    // A real node's routing: the default route through eth0 (10.200.0.1).
-    bed.lab.route_node_by_default().expect("node default route");
-    let (mut proxy, _) = bed.start(
-        &manifests(&[node_port_svc("np", VIP_B, vec![ep(0)])]),
-        &["--nodeport-addresses", "primary"],
-    );
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
-    let tcp = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_TCP));
-    assert_eq!(
-        tcp_greeting(bed.client(), tcp, "client -> 10.200.0.1 (primary)"),
-        backend_name(0)
-    );
-    let udp = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
-    let a = first_answer(bed.client(), udp, "client -> 10.200.0.1 (primary)");
-    assert_eq!((a.name.as_str(), a.from), (backend_name(0).as_str(), udp));
-    let pod = bed.backend(1).clone();
-    for (ns, node_addr, what) in [
-        (
-            &pod,
-            NODE_BRIDGE_ADDR,
-            "pod -> 10.200.1.1 (br0, not primary)",
-        ),
-        (bed.node(), LOCALHOST, "node -> 127.0.0.1 (not primary)"),
-    ] {
-        assert_tcp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_TCP)), what);
-        assert_udp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_UDP)), what);
-    }
-}
-
-#[test]
-fn a_load_balancer_ingress_in_proxy_mode_is_not_intercepted() {
-    if !lab::require_root_and_nft("a_load_balancer_ingress_in_proxy_mode_is_not_intercepted") {
-        return;
-    }
-    let mut bed = Bed::new("lb-proxy-mode", 2);
-    // The external load balancer that owns the ingress IP (ipMode: Proxy:
-    // it proxies to the nodes itself) is a host the node routes to, with
-    // its own server on port 80. (The node gets a real node's default
-    // route, which the proxy ARP of that host's link needs.)
-    bed.lab.route_node_by_default().expect("node default route");
-    let lb_ns = bed
-        .bed
-        .lab
-        .add_routed_pod("lb", LB_PROXY_MODE_IP)
-        .expect("the load balancer's namespace");
-    let lb_listener = lb_ns
-        .tcp_listener(SocketAddr::from((LB_PROXY_MODE_IP, SVC_PORT)))
-        .expect("load balancer listener");
-    let _lb_server = {
-        let _g = bed.runtime().enter();
-        peers::whoami(lb_listener, "external-lb").expect("load balancer server")
-    };
-    let to_lb = SocketAddr::from((LB_PROXY_MODE_IP, SVC_PORT));
-    assert_eq!(
-        tcp_greeting(bed.client(), to_lb, "the load balancer, before the proxy"),
-        "external-lb"
-    );
-
-    // Two LoadBalancer Services: one behind a VIP-mode ingress (the
-    // control: intercepted), one behind the Proxy-mode ingress.
-    let vip_mode = lb_svc("lb-vip", VIP_C, 30090).with_lb_ingress(LB_IP, Some(IpMode::Vip));
-    let proxy_mode =
-        lb_svc("lb-proxy", VIP_D, 30092).with_lb_ingress(LB_PROXY_MODE_IP, Some(IpMode::Proxy));
-    let (mut proxy, _) = bed.start(&manifests(&[vip_mode, proxy_mode]), &[]);
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_D,
-        "tcp",
-        SVC_PORT,
-    );
-    // The Proxy-mode Service works on its ClusterIP, the VIP-mode ingress
-    // IP is intercepted...
-    assert_eq!(
-        tcp_greeting(
-            bed.client(),
-            SocketAddr::from((VIP_D, SVC_PORT)),
-            "ClusterIP"
-        ),
-        backend_name(0)
-    );
-    assert_eq!(
-        tcp_greeting(
-            bed.client(),
-            SocketAddr::from((LB_IP, SVC_PORT)),
-            "ipMode: VIP ingress"
-        ),
-        backend_name(0)
-    );
-    // ...and traffic to the Proxy-mode ingress IP still reaches the load
-    // balancer, from outside and from a pod.
-    for (ns, what) in [(bed.client(), "client"), (bed.backend(1), "pod")] {
-        for i in 0..3 {
-            assert_eq!(
-                tcp_greeting(ns, to_lb, what),
-                "external-lb",
-                "{what}: connection {i} to the ipMode: Proxy ingress IP was intercepted"
-            );
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Hairpin.
-
-#[test]
-fn a_backend_reaches_its_own_service_when_chosen_as_the_endpoint() {
-    if !lab::require_root_and_nft("a_backend_reaches_its_own_service_when_chosen_as_the_endpoint") {
-        return;
-    }
-    let bed = Bed::new("hairpin", 1);
-    let (mut proxy, _) = bed.start(&manifests(&[node_port_svc("web", VIP_A, vec![ep(0)])]), &[]);
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_A);
-    let me = bed.backend(0).clone();
-    for (addr, what) in [
-        (VIP_A, "backend0 -> its own ClusterIP"),
-        (NODE_BRIDGE_ADDR, "backend0 -> its own node port"),
-    ] {
-        let (tcp_port, udp_port) = if addr == VIP_A {
-            (SVC_PORT, SVC_PORT)
-        } else {
-            (NODE_PORT_TCP, NODE_PORT_UDP)
-        };
-        for i in 0..3 {
-            assert_eq!(
-                tcp_greeting(&me, SocketAddr::from((addr, tcp_port)), what),
-                backend_name(0),
-                "{what}: TCP connection {i}"
-            );
-        }
-        let udp = SocketAddr::from((addr, udp_port));
-        let a = first_answer(&me, udp, what);
-        assert_eq!(a.name, backend_name(0), "{what}: UDP");
-        assert_eq!(
-            a.from, udp,
-            "{what}: the UDP answer came from another address"
-        );
-        let connected = udp_client(&me);
-        connected.connect(udp).expect("connect");
-        for i in 0..3 {
-            let b = ask_connected(&connected, ANSWER_WAIT)
-                .unwrap_or_else(|e| panic!("{what}: UDP datagram {i}: {e}"));
-            assert_eq!(b.name, backend_name(0), "{what}: UDP datagram {i}");
-        }
-    }
-}
-
-#[test]
-fn external_traffic_policy_local_sends_udp_node_port_flows_to_local_endpoints_only() {
-    if !lab::require_root_and_nft(
-        "external_traffic_policy_local_sends_udp_node_port_flows_to_local_endpoints_only",
-    ) {
-        return;
-    }
-    // The ClusterIP and the node port arrive at the proxy address alike:
-    // only a listener of its own tells the node port's flows apart.
-    let bed = Bed::new("etp-udp", 2);
-    let remote = EndpointManifest {
-        node_name: Some("node-2".to_string()),
-        ..ep(1)
-    };
-    let svc =
-        node_port_svc("np", VIP_B, vec![ep(0), remote]).with_traffic_policies("Cluster", "Local");
-    let (mut proxy, _) = bed.start(&manifests(&[svc]), &["--hostname-override", "node-1"]);
-    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
-    let names = |to: SocketAddr| -> BTreeSet<String> {
-        (0..8)
-            .map(|i| first_answer(bed.client(), to, &format!("flow {i} to {to}")).name)
-            .collect()
-    };
-    let node_port = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
-    assert_eq!(
-        names(node_port),
-        BTreeSet::from([backend_name(0)]),
-        "UDP node port flows under externalTrafficPolicy=Local: the endpoint on node-1 only"
-    );
-    assert_eq!(
-        names(SocketAddr::from((VIP_B, SVC_PORT))),
-        BTreeSet::from([backend_name(0), backend_name(1)]),
-        "UDP ClusterIP flows: every endpoint"
-    );
-    proxy.assert_running("end");
 }

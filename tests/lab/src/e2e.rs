@@ -1,6 +1,6 @@
 //! Harness shared by the end-to-end tests of the `kube-uproxy` binary
-//! (tests/e2e_tcp.rs and tests/kube_source.rs), included by each with
-//! `#[path = "support/e2e.rs"] mod e2e;`.
+//! (tests/e2e_*.rs and tests/kube_source.rs), compiled once here rather
+//! than into every test binary.
 //!
 //! - [`Testbed`]: a namespace [`Lab`] with whoami / sha256 servers in its
 //!   backend namespaces, the tokio runtime they run on and a scratch
@@ -11,25 +11,53 @@
 //! - Waiting for keys of the nft sets/maps of docs/rules.md, and polling.
 //! - Client helpers: blocking std sockets created in a namespace, speaking
 //!   to the whoami servers.
+//! - [`udp`]: backends answering over TCP and UDP, UDP clients, and the
+//!   reachability checks of the UDP, NodePort and external-address tests.
 
-#![allow(dead_code)]
+pub mod udp;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use uproxy_lab::manifests::{ServiceManifest, list_yaml};
-use uproxy_lab::peers::{self, PeerHandle};
-use uproxy_lab::{Lab, Netns, NsChild};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_kube-uproxy");
-pub const PORT_RANGE: &str = "20000-20999";
+use crate::manifests::{ServiceManifest, list_yaml};
+use crate::peers::{self, PeerHandle};
+use crate::{Lab, Netns, NsChild};
+
+/// The `kube-uproxy` binary under test.
+///
+/// `env!("CARGO_BIN_EXE_kube-uproxy")` only exists when an integration test
+/// of the product is compiled, not when this crate is: Cargo also sets it
+/// at run time (`cargo test`), and a test binary run by hand finds the
+/// product's binary where Cargo put both, one level above its own `deps/`.
+///
+/// # Panics
+/// If neither gives a file that exists.
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let from_env = std::env::var_os("CARGO_BIN_EXE_kube-uproxy").map(PathBuf::from);
+        let beside = std::env::current_exe().ok().and_then(|exe| {
+            let deps = exe.parent()?;
+            Some(deps.parent()?.join("kube-uproxy"))
+        });
+        let path = from_env
+            .into_iter()
+            .chain(beside)
+            .find(|p| p.is_file())
+            .expect("the kube-uproxy binary (run the tests with cargo test)");
+        path.to_string_lossy().into_owned()
+    })
+}
+const PORT_RANGE: &str = "20000-20999";
 pub const SVC_PORT: u16 = 80;
 pub const BACKEND_PORT: u16 = 8080;
 /// Bound for "the proxy programmed the rules" / "the change was picked up".
@@ -121,6 +149,46 @@ impl Testbed {
 
     pub fn node(&self) -> &Netns {
         self.lab.node()
+    }
+
+    /// `<dir>/manifests.yaml`: the file [`Testbed::start_proxy`] writes.
+    pub fn manifests_file(&self) -> PathBuf {
+        self.dir.join("manifests.yaml")
+    }
+
+    /// `kube-uproxy --manifests <manifests>` with `extra` flags and `env`
+    /// in the node namespace (output in `<dir>/<name>.stderr`); the
+    /// manifests file is printed after its output when the test fails.
+    ///
+    /// The one way the e2e tests start the proxy on a manifests file, so
+    /// that every failure shows what the proxy was given.
+    pub fn run_proxy(
+        &self,
+        name: &str,
+        manifests: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
+        let mut p = ProxyProcess::start_with(
+            self.node(),
+            &self.dir,
+            name,
+            "--manifests",
+            manifests,
+            extra,
+            env,
+        );
+        p.show_on_failure("manifests", manifests);
+        p
+    }
+
+    /// Writes `yaml` to [`Testbed::manifests_file`] and starts
+    /// `kube-uproxy` on it with `extra` flags ([`Testbed::run_proxy`]);
+    /// returns the proxy and the file's path, for later rewrites.
+    pub fn start_proxy(&self, yaml: &str, extra: &[&str]) -> (ProxyProcess, PathBuf) {
+        let path = self.manifests_file();
+        fs::write(&path, yaml).expect("writing the manifests file");
+        (self.run_proxy("kube-uproxy", &path, extra, &[]), path)
     }
 }
 
@@ -224,10 +292,10 @@ impl ProxyProcess {
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = node.command(program);
-                c.args(rest).arg(BIN);
+                c.args(rest).arg(bin());
                 c
             }
-            None => node.command(BIN),
+            None => node.command(bin()),
         };
         cmd.args(args)
             .envs(env.iter().copied())
@@ -315,7 +383,7 @@ pub fn failing_nft(dir: &Path) -> PathBuf {
 static RESOURCE_VERSION: AtomicU64 = AtomicU64::new(1000);
 
 /// A `kind: List` with each Service followed by its EndpointSlice (written
-/// by uproxy_lab::manifests); every call gives its objects new
+/// by [`crate::manifests`]); every call gives its objects new
 /// resourceVersions, as a live cluster would.
 pub fn manifests(services: &[ServiceManifest]) -> String {
     let stamped: Vec<ServiceManifest> = services
@@ -361,7 +429,7 @@ pub fn poll(
 
 /// The ClusterIP of an nft set/map key (as [`Netns::nft_keys`] gives it)
 /// if the key is `ip . tcp . port`.
-pub fn tcp_key_ip(key: &[Value], port: u16) -> Option<Ipv4Addr> {
+fn tcp_key_ip(key: &[Value], port: u16) -> Option<Ipv4Addr> {
     let proto_ok = key
         .iter()
         .any(|v| v.as_str() == Some("tcp") || v.as_u64() == Some(6));
