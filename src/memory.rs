@@ -3,11 +3,12 @@
 //! parses every object at once) and then kept for hours.
 //!
 //! glibc's malloc kept freed memory in whichever of its arenas the burst
-//! happened to run on: at 10 000 Services the same live heap (87 MB) gave
-//! an RSS of 135 MB in some runs and 198 MB in others, even with two arenas
-//! and a `malloc_trim` after each burst. jemalloc, with a background thread
-//! that hands pages nobody uses back to the kernel within a second, holds
-//! the same state in the same RSS run after run (see docs/performance.md).
+//! happened to run on, so the same live heap gave a very different RSS
+//! from one run to the next, even with two arenas and a `malloc_trim`
+//! after each burst. jemalloc, with a background thread that hands pages
+//! nobody uses back to the kernel within a second, holds the same state in
+//! the same RSS run after run (the figures: docs/performance.md, "Memory
+//! per Service: under 8 KiB").
 //!
 //! The binary installs it (`#[global_allocator]` in main.rs); the settings
 //! below are read by jemalloc when it starts, before `main`. Built without
