@@ -66,7 +66,7 @@ impl Listeners for FakeListeners {
     }
 }
 
-fn service(name: &str, ip: &str) -> ServiceInfo {
+pub(super) fn service(name: &str, ip: &str) -> ServiceInfo {
     ServiceInfo {
         key: ObjectKey::new("default", name),
         cluster_ips: vec![ip.parse().unwrap()],
@@ -357,7 +357,7 @@ async fn an_earlier_instances_ports_are_taken_back_and_its_leftovers_removed() {
     assert_eq!(fake.table().unwrap().instance, Some(9));
 }
 
-fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {
+pub(super) fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {
     let mut s = service(name, "10.96.0.10");
     s.cluster_ips.push("fd00:96::10".parse().unwrap());
     s.ports[0].node_port = node_port;
@@ -512,7 +512,7 @@ async fn an_earlier_instances_ipv6_ports_are_taken_back() {
     assert_eq!(listeners.log().open[&31236].family, IpFamily::V6);
 }
 
-fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
+pub(super) fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
     let mut s = slice(service, "10.1.0.1");
     s.endpoints = endpoints
         .iter()

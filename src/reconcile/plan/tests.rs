@@ -1,54 +1,7 @@
 use super::*;
-use crate::model::{
-    Algorithm, ClusterState, ObjectKey, PortSpec, Protocol, ServiceInfo, SliceEndpoint, SliceInfo,
-    SlicePort,
-};
-
-/// A Service `default/name` with one TCP port 80 on `ip`.
-fn service(name: &str, ip: &str) -> ServiceInfo {
-    ServiceInfo {
-        key: ObjectKey::new("default", name),
-        cluster_ips: vec![ip.parse().unwrap()],
-        ports: vec![PortSpec {
-            port: 80,
-            ..PortSpec::default()
-        }],
-        ..ServiceInfo::default()
-    }
-}
-
-fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {
-    let mut s = service(name, "10.96.0.10");
-    s.cluster_ips.push("fd00:96::10".parse().unwrap());
-    s.ports[0].node_port = node_port;
-    s
-}
-
-/// A slice of `service` whose endpoints (address, node, ready) serve port
-/// 8080.
-fn slice_on(service: &str, endpoints: &[(&str, &str, bool)]) -> SliceInfo {
-    SliceInfo {
-        key: ObjectKey::new("default", format!("{service}-abc")),
-        service: ObjectKey::new("default", service),
-        ports: vec![SlicePort {
-            name: String::new(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        endpoints: endpoints
-            .iter()
-            .map(|(ip, node, ready)| SliceEndpoint {
-                address: ip.parse().unwrap(),
-                ready: *ready,
-                serving: true,
-                terminating: !*ready,
-                node_name: Some(node.to_string()),
-                zone_hints: Vec::new(),
-                node_hints: Vec::new(),
-            })
-            .collect(),
-    }
-}
+// The Service and slice builders of the reconciler's tests.
+use crate::model::{Algorithm, ClusterState, ObjectKey, Protocol, ServiceInfo, SliceInfo};
+use crate::reconcile::tests::{dual_stack, service, slice_on};
 
 /// The plan of the first port of `svc` in IPv4 on `node-a`, with `slice`.
 fn plan_of(svc: ServiceInfo, slice: SliceInfo) -> PortPlan {
