@@ -45,6 +45,26 @@ struct PolicyLabels {
     traffic_policy: &'static str,
 }
 
+/// A Service port, as the labels of a series about it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServicePortLabels {
+    namespace: String,
+    service: String,
+    port_name: String,
+    protocol: String,
+}
+
+impl From<&ServicePortName> for ServicePortLabels {
+    fn from(n: &ServicePortName) -> Self {
+        ServicePortLabels {
+            namespace: n.service.namespace.to_string(),
+            service: n.service.name.to_string(),
+            port_name: n.port.clone(),
+            protocol: n.protocol.to_string(),
+        }
+    }
+}
+
 /// Every metric of the process, and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -73,6 +93,11 @@ pub struct Metrics {
     /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`, by
     /// `traffic_policy` (`internal`, `external`).
     no_local_endpoints: Family<PolicyLabels, Gauge>,
+    /// `kubeuproxy_sync_proxy_rules_refused_service_ports`: 1 for each
+    /// Service port nft refused and that is left out of the rules.
+    refused: Family<ServicePortLabels, Gauge>,
+    /// The Service ports with a series in `refused`.
+    refused_now: std::sync::Mutex<Vec<ServicePortLabels>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,6 +158,8 @@ impl Metrics {
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
             no_local_endpoints: no_local_endpoints.clone(),
+            refused: Family::default(),
+            refused_now: std::sync::Mutex::new(Vec::new()),
         };
 
         // The registry writes its own metrics, then its collectors' (the
@@ -223,6 +250,11 @@ impl Metrics {
             m.endpoint_changes_pending.clone(),
         );
         registry.register(
+            "kubeuproxy_sync_proxy_rules_refused_service_ports",
+            "Service ports whose rules nft refuses, each left out of the rules (1 per Service port; absent: none); every other Service port is programmed",
+            m.refused.clone(),
+        );
+        registry.register(
             "kubeproxy_proxy_healthz",
             "Cumulative proxy healthz HTTP status",
             m.healthz.clone(),
@@ -307,7 +339,23 @@ impl Metrics {
         self.sync_failures.inc();
     }
 
-    /// The drift check found the kernel's table changed behind our back.
+    /// The Service ports nft refuses now (left out of the rules): one
+    /// series each, and none for those no longer refused.
+    pub fn refused<'a>(&self, now: impl Iterator<Item = &'a ServicePortName>) {
+        let now: Vec<ServicePortLabels> = now.map(ServicePortLabels::from).collect();
+        let mut was = self.refused_now.lock().unwrap_or_else(|e| e.into_inner());
+        if *was == now {
+            return;
+        }
+        for gone in was.iter().filter(|l| !now.contains(l)) {
+            self.refused.remove(gone);
+        }
+        for l in &now {
+            self.refused.get_or_create(l).set(1);
+        }
+        *was = now;
+    }
+
     /// How many Service ports drop their ClusterIP (`internal`) and their
     /// external traffic for want of a local endpoint, now.
     pub fn no_local_endpoints(&self, internal: usize, external: usize) {
@@ -320,6 +368,7 @@ impl Metrics {
         }
     }
 
+    /// The drift check found the kernel's table changed behind our back.
     pub fn drift_repaired(&self) {
         self.drift_repairs.inc();
     }

@@ -217,11 +217,9 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     /// endpoints with their conditions and open connections.
     pub fn report(&self) -> ServicesReport {
         let verdict = self.observer.health.check(false);
-        let applied = self.rules.applied();
         let cx = report::Context {
             state: &self.state,
             rules: &self.rules,
-            applied: &applied,
             metrics: &self.observer.metrics,
             default_algorithm: self.config.default_algorithm,
         };
@@ -383,6 +381,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     /// Compares the kernel's table with what was applied; a drifted table
     /// is written again by the next sync.
     pub async fn verify(&mut self) {
+        self.rules.retry_refused();
         let verified = self.rules.verify().await;
         if matches!(verified, Ok(Verified::Drifted(_))) {
             self.observer.drift();
@@ -440,6 +439,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         if !ok {
             return;
         }
+        self.observer.metrics.refused(self.rules.refused().keys());
         self.observer.synced(
             started,
             worked,

@@ -11,6 +11,14 @@
 //! that disagree), the earlier claim holds it, and when it lets go the next
 //! takes over: the end state never depends on the order in which Services
 //! were reconciled.
+//!
+//! No input from the API may fail the node's transaction. What goes into
+//! interval sets is aggregated first ([`render::normalise`]); and when nft
+//! still refuses a batch, the Service ports responsible are found (the
+//! table is checked with `nft --check`, bisecting the Service ports), left
+//! out with a warning each naming it and nft's words, and every other one
+//! is programmed. A left-out Service port is tried again when it changes,
+//! and every [`REFUSED_RETRY`].
 
 #[cfg(test)]
 pub mod fake;
@@ -26,6 +34,12 @@ use tracing::{info, warn};
 use crate::model::{IpFamily, ServicePortName};
 pub use nft::{KernelTable, Nft, NftCommand, RulesError};
 pub use render::{Action, Destination, Instance, Key, Layout, ProxyPort};
+
+/// How often Service ports nft refused are tried again although they did
+/// not change (the refusal may have come from the kernel's state, e.g. a
+/// module loaded since). Each try costs a refused transaction and a
+/// bisection, hence not every sync period.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(300);
 
 /// How a sync was carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +95,11 @@ pub struct RuleTable<N: Nft> {
     dirty_ports: BTreeSet<(IpFamily, ProxyPort)>,
     /// Set once another instance took the table over.
     superseded: bool,
+    /// Service ports whose keys nft refused, with nft's words: left out of
+    /// the table until they change or [`REFUSED_RETRY`] has passed.
+    refused: BTreeMap<ServicePortName, String>,
+    /// When the last Service port was left out.
+    refused_at: Option<Instant>,
 }
 
 impl<N: Nft> RuleTable<N> {
@@ -94,14 +113,16 @@ impl<N: Nft> RuleTable<N> {
             dirty: BTreeSet::new(),
             dirty_ports: BTreeSet::new(),
             superseded: false,
+            refused: BTreeMap::new(),
+            refused_at: None,
         }
     }
 
     /// `owner` wants `dest` to have `action`.
     pub fn claim(&mut self, dest: Key, owner: &ServicePortName, action: Action) {
         let claimants = self.claims.entry(dest).or_default();
-        match claimants.iter_mut().find(|(o, _)| o == owner) {
-            Some((_, a)) => *a = action,
+        let changed = match claimants.iter_mut().find(|(o, _)| o == owner) {
+            Some((_, a)) => std::mem::replace(a, action) != action,
             None => {
                 if let Some((holder, _)) = claimants.first() {
                     warn!(
@@ -114,28 +135,94 @@ impl<N: Nft> RuleTable<N> {
                 // Almost always the only claimant: room for one, not four.
                 claimants.reserve_exact(1);
                 claimants.push((owner.clone(), action));
+                true
             }
-        }
+        };
         self.dirty.insert(dest);
+        if changed {
+            self.retry_owner(owner);
+        }
     }
 
     /// `owner` no longer wants `dest`; the next claimant, if any, gets it.
     pub fn release(&mut self, dest: Key, owner: &ServicePortName) {
         if let Some(claimants) = self.claims.get_mut(&dest) {
+            let before = claimants.len();
             claimants.retain(|(o, _)| o != owner);
+            let changed = claimants.len() != before;
             if claimants.is_empty() {
                 self.claims.remove(&dest);
             }
             self.dirty.insert(dest);
+            if changed {
+                self.retry_owner(owner);
+            }
         }
     }
 
-    /// What the kernel should have for `dest`.
+    /// A Service port nft refused changed: it is tried again at the next
+    /// sync (its keys are sent again).
+    fn retry_owner(&mut self, owner: &ServicePortName) {
+        if self.refused.remove(owner).is_some() {
+            self.mark_owner_dirty(owner);
+        }
+    }
+
+    fn mark_owner_dirty(&mut self, owner: &ServicePortName) {
+        let keys: Vec<Key> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| c.iter().any(|(o, _)| o == owner))
+            .map(|(k, _)| *k)
+            .collect();
+        self.dirty.extend(keys);
+    }
+
+    /// What the kernel should have for `dest` (as claimed: an allowed
+    /// source range may reach the kernel inside a wider one). A Service
+    /// port nft refused has no say.
     pub fn desired(&self, dest: &Key) -> Option<Action> {
+        self.wanted(dest, &self.refused)
+    }
+
+    /// The action of the first claimant of `dest` not in `left_out`.
+    fn wanted(&self, dest: &Key, left_out: &BTreeMap<ServicePortName, String>) -> Option<Action> {
         self.claims
-            .get(dest)
-            .and_then(|c| c.first())
+            .get(dest)?
+            .iter()
+            .find(|(o, _)| !left_out.contains_key(o))
             .map(|(_, a)| *a)
+    }
+
+    /// Whether the kernel holds what is wanted for `dest` (an allowed
+    /// range: inside one of the ranges applied for its destination).
+    pub fn is_applied(&self, dest: &Key) -> bool {
+        let Some(applied) = &self.applied else {
+            return false;
+        };
+        match (dest, self.desired(dest)) {
+            (Key::Allow(d, net), Some(_)) => {
+                allowed_of(&applied.elements, d).any(|n| n.contains(net))
+            }
+            (_, want) => applied.elements.get(dest).copied() == want,
+        }
+    }
+
+    /// The Service ports nft refused, with nft's words: left out of the
+    /// table (see [`REFUSED_RETRY`]).
+    pub fn refused(&self) -> &BTreeMap<ServicePortName, String> {
+        &self.refused
+    }
+
+    /// Tries the refused Service ports again if [`REFUSED_RETRY`] has
+    /// passed since the last was left out (called every sync period).
+    pub fn retry_refused(&mut self) {
+        if self.refused.is_empty() || self.refused_at.is_some_and(|t| t.elapsed() < REFUSED_RETRY) {
+            return;
+        }
+        for owner in std::mem::take(&mut self.refused).into_keys() {
+            self.mark_owner_dirty(&owner);
+        }
     }
 
     /// Records whether a proxy port of `family` is in use (and so guarded).
@@ -173,19 +260,58 @@ impl<N: Nft> RuleTable<N> {
         self.superseded
     }
 
-    fn desired_elements(&self) -> BTreeMap<Key, Action> {
-        self.claims
-            .iter()
-            .filter_map(|(d, c)| c.first().map(|(_, a)| (*d, *a)))
-            .collect()
+    /// The elements the kernel should hold with the Service ports of
+    /// `left_out` left out, as the kernel gets them (normalised).
+    fn elements_without(
+        &self,
+        left_out: &BTreeMap<ServicePortName, String>,
+    ) -> BTreeMap<Key, Action> {
+        render::normalise(
+            self.claims
+                .keys()
+                .filter_map(|d| self.wanted(d, left_out).map(|a| (*d, a)))
+                .collect(),
+        )
     }
 
-    /// Writes the whole table.
+    /// The whole table with the Service ports of `left_out` left out.
+    fn full_without(
+        &self,
+        left_out: &BTreeMap<ServicePortName, String>,
+    ) -> nftables::schema::Nftables<'static> {
+        render::full(&self.layout, &self.elements_without(left_out), &self.ports)
+    }
+
+    /// Writes the whole table. When nft refuses it, finds the Service
+    /// ports it is refused for ([`Self::find_refused`]), leaves them out
+    /// and writes the rest; a refusal that no Service port explains (the
+    /// table itself) is the error.
     async fn write_full(&mut self) -> Result<SyncKind, RulesError> {
-        let elements = self.desired_elements();
-        self.nft
-            .apply(&render::full(&self.layout, &elements, &self.ports))
-            .await?;
+        let batch = self.full_without(&self.refused);
+        match self.nft.apply(&batch).await {
+            Ok(()) => {}
+            Err(RulesError::Rejected { stderr }) => {
+                let found = self.find_refused().await?;
+                if found.is_empty() {
+                    return Err(RulesError::Rejected { stderr });
+                }
+                for (owner, reason) in &found {
+                    warn!(
+                        service = %owner.service,
+                        port = %owner.port,
+                        protocol = %owner.protocol,
+                        reason = %reason,
+                        "nft refuses this Service port's rules; it is left out and every other Service is programmed (tried again when it changes)"
+                    );
+                }
+                self.refused.extend(found);
+                self.refused_at = Some(Instant::now());
+                let batch = self.full_without(&self.refused);
+                self.nft.apply(&batch).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        let elements = self.elements_without(&self.refused);
         let n = elements.len();
         self.applied = Some(Applied {
             elements,
@@ -194,6 +320,85 @@ impl<N: Nft> RuleTable<N> {
         self.dirty.clear();
         self.dirty_ports.clear();
         Ok(SyncKind::Full { elements: n })
+    }
+
+    /// The Service ports for which nft refuses the table, with nft's
+    /// words for each; empty when the table without any Service is refused
+    /// too (then no Service is to blame) or when every one passes.
+    ///
+    /// Adaptive group testing with `nft --check` (nothing reaches the
+    /// kernel's ruleset on the way): a group of Service ports is added to
+    /// those known good; if the table passes they are good too, if not the
+    /// group is halved, down to single Service ports, which are the ones
+    /// refused. Those of the keys changed since the last write form their
+    /// own group, tried last, so the usual case (one new Service at fault)
+    /// costs about two checks per halving of that group. With k Service
+    /// ports to blame among n it takes O(k log n) checks, at most 2n.
+    async fn find_refused(&mut self) -> Result<BTreeMap<ServicePortName, String>, RulesError> {
+        let mut all: BTreeSet<&ServicePortName> = BTreeSet::new();
+        let mut changed: BTreeSet<&ServicePortName> = BTreeSet::new();
+        for (k, claimants) in &self.claims {
+            for (o, _) in claimants
+                .iter()
+                .filter(|(o, _)| !self.refused.contains_key(o))
+            {
+                all.insert(o);
+                if self.dirty.contains(k) {
+                    changed.insert(o);
+                }
+            }
+        }
+        let suspects: Vec<ServicePortName> = all.iter().map(|o| (*o).clone()).collect();
+        let settled: Vec<ServicePortName> =
+            all.difference(&changed).map(|o| (*o).clone()).collect();
+        let changed: Vec<ServicePortName> = changed.into_iter().cloned().collect();
+
+        // Everyone out: the good ones are let in, group by group.
+        let mut out: BTreeMap<ServicePortName, String> = self.refused.clone();
+        for o in &suspects {
+            out.insert(o.clone(), String::new());
+        }
+        let batch = self.full_without(&out);
+        if self.nft.check(&batch).await.is_err() {
+            return Ok(BTreeMap::new());
+        }
+        let mut found = BTreeMap::new();
+        // A stack of groups still to try: the settled ones first.
+        let mut groups: Vec<Vec<ServicePortName>> = [changed, settled]
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .collect();
+        while let Some(group) = groups.pop() {
+            for o in &group {
+                out.remove(o);
+            }
+            let batch = self.full_without(&out);
+            match self.nft.check(&batch).await {
+                Ok(()) => {}
+                Err(e) => {
+                    for o in &group {
+                        out.insert(o.clone(), String::new());
+                    }
+                    match group.as_slice() {
+                        [one] => {
+                            let reason = match e {
+                                RulesError::Rejected { stderr } => stderr,
+                                other => other.to_string(),
+                            };
+                            found.insert(one.clone(), reason);
+                        }
+                        _ => {
+                            let mut first = group;
+                            let second = first.split_off(first.len() / 2);
+                            // The first half is tried first.
+                            groups.push(second);
+                            groups.push(first);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Whether another instance wrote the table (read from the kernel; the
@@ -220,16 +425,7 @@ impl<N: Nft> RuleTable<N> {
             let kind = self.write_full().await?;
             return Ok((kind, started.elapsed()));
         };
-        let changes: Vec<render::Change> = self
-            .dirty
-            .iter()
-            .map(|d| render::Change {
-                key: *d,
-                old: applied.elements.get(d).copied(),
-                new: self.desired(d),
-            })
-            .filter(|c| c.old != c.new)
-            .collect();
+        let changes = self.changes(applied);
         let port_changes: Vec<((IpFamily, ProxyPort), bool)> = self
             .dirty_ports
             .iter()
@@ -280,6 +476,55 @@ impl<N: Nft> RuleTable<N> {
         Ok((kind, started.elapsed()))
     }
 
+    /// The element changes that take the kernel from `applied` to what is
+    /// wanted for the dirty keys. The allowed ranges of a destination one
+    /// of whose ranges changed are aggregated before and after, and the
+    /// difference is sent: a range inside one already held adds nothing,
+    /// the release of a wide one brings back the narrower ones it hid.
+    fn changes(&self, applied: &Applied) -> Vec<render::Change> {
+        let mut out = Vec::new();
+        let mut guarded: BTreeSet<Destination> = BTreeSet::new();
+        for k in &self.dirty {
+            match k {
+                Key::Allow(d, _) => {
+                    guarded.insert(*d);
+                }
+                _ => out.push(render::Change {
+                    key: *k,
+                    old: applied.elements.get(k).copied(),
+                    new: self.desired(k),
+                }),
+            }
+        }
+        for d in guarded {
+            let want: Vec<ipnet::IpNet> = allowed_of_claims(&self.claims, &d)
+                .filter(|k| self.desired(k).is_some())
+                .filter_map(|k| match k {
+                    Key::Allow(_, net) => Some(net.trunc()),
+                    _ => None,
+                })
+                .collect();
+            let want: BTreeSet<ipnet::IpNet> = ipnet::IpNet::aggregate(&want).into_iter().collect();
+            let held: BTreeSet<ipnet::IpNet> = allowed_of(&applied.elements, &d).collect();
+            for net in held.difference(&want) {
+                out.push(render::Change {
+                    key: Key::Allow(d, *net),
+                    old: Some(Action::Member),
+                    new: None,
+                });
+            }
+            for net in want.difference(&held) {
+                out.push(render::Change {
+                    key: Key::Allow(d, *net),
+                    old: None,
+                    new: Some(Action::Member),
+                });
+            }
+        }
+        out.retain(|c| c.old != c.new);
+        out
+    }
+
     /// Compares the kernel's table with what we applied. On a difference
     /// the next sync writes the whole table.
     pub async fn verify(&mut self) -> Result<Verified, RulesError> {
@@ -325,6 +570,36 @@ impl<N: Nft> RuleTable<N> {
     pub async fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, RulesError> {
         self.nft.read(family).await
     }
+}
+
+/// The first and last possible keys of destination `d`'s allowed ranges.
+fn allowed_range(d: &Destination) -> std::ops::RangeInclusive<Key> {
+    let lowest = ipnet::IpNet::V4(ipnet::Ipv4Net::default());
+    let highest = ipnet::IpNet::V6(
+        ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(u128::MAX), 128).unwrap_or_default(),
+    );
+    Key::Allow(*d, lowest)..=Key::Allow(*d, highest)
+}
+
+/// The allowed ranges of destination `d` in `elements`.
+fn allowed_of<'a>(
+    elements: &'a BTreeMap<Key, Action>,
+    d: &Destination,
+) -> impl Iterator<Item = ipnet::IpNet> + 'a {
+    elements
+        .range(allowed_range(d))
+        .filter_map(|(k, _)| match k {
+            Key::Allow(_, net) => Some(*net),
+            _ => None,
+        })
+}
+
+/// The allowed-range keys of destination `d` that are claimed.
+fn allowed_of_claims<'a>(
+    claims: &'a BTreeMap<Key, Vec<(ServicePortName, Action)>>,
+    d: &Destination,
+) -> impl Iterator<Item = &'a Key> + 'a {
+    claims.range(allowed_range(d)).map(|(k, _)| k)
 }
 
 /// What differs between what we applied and what the kernel holds, in
@@ -544,6 +819,193 @@ mod tests {
         assert_eq!(kernel(&fake, 82), Some(Action::Redirect(20005)));
         assert_eq!(fake.table().unwrap().instance, Some(2));
         assert_eq!(old.verify().await.unwrap(), Verified::Superseded);
+    }
+
+    fn lb(port: u16) -> Destination {
+        Destination {
+            ip: "10.200.8.8".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    fn allowed(fake: &FakeNft, d: Destination) -> Vec<String> {
+        fake.table()
+            .map(|t| {
+                t.elements
+                    .keys()
+                    .filter_map(|k| match k {
+                        Key::Allow(d2, net) if *d2 == d => Some(net.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn overlapping_source_ranges_reach_the_kernel_aggregated_in_full_and_in_deltas() {
+        let fake = FakeNft::default();
+        let mut t = RuleTable::new(fake.clone(), layout());
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        // One Service's ["10.0.0.0/8", "10.77.0.0/16"], another's the same
+        // /8 on the same LB destination, and a normal Service.
+        for (o, n) in [
+            ("a", "10.0.0.0/8"),
+            ("a", "10.77.0.0/16"),
+            ("b", "10.0.0.0/8"),
+        ] {
+            t.claim(Key::Guarded(lb(80)), &owner(o), Action::Member);
+            t.claim(Key::Allow(lb(80), net(n)), &owner(o), Action::Member);
+        }
+        t.claim(dest(80), &owner("c"), Action::Redirect(20000));
+        let (kind, _) = t.sync().await.unwrap();
+        assert!(matches!(kind, SyncKind::Full { .. }), "{kind:?}");
+        assert_eq!(allowed(&fake, lb(80)), ["10.0.0.0/8"]);
+        assert_eq!(kernel(&fake, 80), Some(Action::Redirect(20000)));
+        assert!(t.refused().is_empty());
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+        assert!(t.is_applied(&Key::Allow(lb(80), net("10.77.0.0/16"))));
+
+        // A range inside one held adds nothing; one beside it is added.
+        t.claim(
+            Key::Allow(lb(80), net("10.1.2.0/24")),
+            &owner("c"),
+            Action::Member,
+        );
+        t.claim(
+            Key::Allow(lb(80), net("192.0.2.0/24")),
+            &owner("c"),
+            Action::Member,
+        );
+        assert!(matches!(t.sync().await.unwrap().0, SyncKind::Delta { .. }));
+        assert_eq!(allowed(&fake, lb(80)), ["10.0.0.0/8", "192.0.2.0/24"]);
+        // The /8 let go by one claimant only: nothing changes.
+        t.release(Key::Allow(lb(80), net("10.0.0.0/8")), &owner("a"));
+        t.sync().await.unwrap();
+        assert_eq!(allowed(&fake, lb(80)), ["10.0.0.0/8", "192.0.2.0/24"]);
+        // Let go by both: the narrower ranges it hid come back, in a delta.
+        t.release(Key::Allow(lb(80), net("10.0.0.0/8")), &owner("b"));
+        assert!(matches!(t.sync().await.unwrap().0, SyncKind::Delta { .. }));
+        assert_eq!(
+            allowed(&fake, lb(80)),
+            ["10.1.2.0/24", "10.77.0.0/16", "192.0.2.0/24"]
+        );
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+        assert!(t.refused().is_empty());
+    }
+
+    #[tokio::test]
+    async fn overlapping_nodeport_addresses_are_aggregated() {
+        let fake = FakeNft::default();
+        let mut l = layout();
+        l.nodeport_addresses = Some(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "10.200.0.0/24".parse().unwrap(),
+            "10.200.0.7/32".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+        ]);
+        let mut t = RuleTable::new(fake.clone(), l);
+        t.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        t.sync().await.unwrap();
+        assert_eq!(
+            fake.table().unwrap().nodeport_addresses,
+            Some(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.0/24".parse().unwrap()
+            ])
+        );
+        assert_eq!(kernel(&fake, 80), Some(Action::Redirect(20000)));
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+    }
+
+    #[tokio::test]
+    async fn a_service_port_nft_refuses_is_found_left_out_and_named_while_every_other_is_programmed()
+     {
+        let fake = FakeNft::default();
+        let mut t = RuleTable::new(fake.clone(), layout());
+        // 40 Service ports; nft refuses the elements of "bad" only.
+        for i in 0..40u16 {
+            t.claim(
+                dest(1000 + i),
+                &owner(&format!("svc{i}")),
+                Action::Redirect(20000 + i),
+            );
+        }
+        t.claim(dest(80), &owner("bad"), Action::Redirect(21000));
+        t.claim(dest(81), &owner("bad"), Action::Reject);
+        fake.refuse_key(dest(81), "Error: Could not process rule: simulated");
+        let (kind, _) = t.sync().await.unwrap();
+        assert_eq!(kind, SyncKind::Full { elements: 40 });
+        for i in 0..40u16 {
+            assert_eq!(kernel(&fake, 1000 + i), Some(Action::Redirect(20000 + i)));
+        }
+        assert_eq!(
+            kernel(&fake, 80),
+            None,
+            "the refused Service port is left out whole"
+        );
+        let refused: Vec<_> = t.refused().iter().collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(*refused[0].0, owner("bad"));
+        assert!(refused[0].1.contains("simulated"), "{refused:?}");
+        // A bisection, not one check per Service port.
+        assert!(fake.checks() <= 16, "{} checks", fake.checks());
+        assert!(!t.has_pending());
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+
+        // Later changes of the others go on as deltas.
+        t.claim(dest(1000), &owner("svc0"), Action::Reject);
+        assert!(matches!(t.sync().await.unwrap().0, SyncKind::Delta { .. }));
+        assert_eq!(kernel(&fake, 1000), Some(Action::Reject));
+
+        // A second bad Service port arriving later is found among the
+        // changed ones; the programmed ones stay.
+        t.claim(dest(90), &owner("bad2"), Action::Redirect(21001));
+        fake.refuse_key(dest(90), "Error: simulated again");
+        let checks = fake.checks();
+        assert!(matches!(t.sync().await.unwrap().0, SyncKind::Full { .. }));
+        assert!(
+            fake.checks() - checks <= 4,
+            "{} checks",
+            fake.checks() - checks
+        );
+        assert_eq!(t.refused().len(), 2);
+        assert_eq!(kernel(&fake, 90), None);
+        assert_eq!(kernel(&fake, 1000), Some(Action::Reject));
+        assert_eq!(kernel(&fake, 1039), Some(Action::Redirect(20039)));
+
+        // Unchanged, a refused Service port stays out; once it changes it
+        // is tried again (and, the kernel now taking it, programmed).
+        t.claim(dest(80), &owner("bad"), Action::Redirect(21000));
+        t.sync().await.unwrap();
+        assert_eq!(kernel(&fake, 80), None);
+        let fake2 = FakeNft::default();
+        let mut again = RuleTable::new(fake2.clone(), layout());
+        std::mem::swap(&mut again.claims, &mut t.claims);
+        again.refused = t.refused.clone();
+        again.claim(dest(81), &owner("bad"), Action::Redirect(21002));
+        again.sync().await.unwrap();
+        assert!(again.refused().contains_key(&owner("bad2")));
+        assert!(!again.refused().contains_key(&owner("bad")));
+        assert_eq!(
+            fake2.table().unwrap().elements.get(&dest(81)),
+            Some(&Action::Redirect(21002))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_no_service_port_explains_is_an_error() {
+        let fake = FakeNft::default();
+        let mut t = RuleTable::new(fake.clone(), layout());
+        t.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        // The table itself is refused (every batch, checks too).
+        fake.fail_next(100, "Error: table refused");
+        let err = t.sync().await.unwrap_err();
+        assert!(err.to_string().contains("table refused"), "{err}");
+        assert!(t.refused().is_empty());
+        assert!(t.has_pending());
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! every sync) from a view of the reconciler's state that `reconcile.rs`
 //! hands in. Nothing here changes what is reconciled.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use crate::admin::status::{EndpointReport, PortReport};
@@ -27,7 +27,6 @@ pub(super) struct PortView<'a> {
 pub(super) struct Context<'a, N: Nft> {
     pub state: &'a ClusterState,
     pub rules: &'a RuleTable<N>,
-    pub applied: &'a BTreeMap<Key, Action>,
     pub metrics: &'a Metrics,
     pub default_algorithm: Algorithm,
 }
@@ -50,6 +49,7 @@ pub(super) fn port_report<N: Nft>(cx: &Context<'_, N>, port: PortView<'_>) -> Po
     let rule = match port.destinations.first().map(|d| cx.rules.desired(d)) {
         None => "none",
         Some(_) if port.state != "active" => "removed",
+        Some(_) if cx.rules.refused().contains_key(name) => "refused by nft (see the log)",
         Some(Some(Action::Redirect(p))) if p == port.proxy_port => "redirect",
         Some(Some(Action::Redirect(_))) => "held by another Service port",
         Some(Some(Action::Reject)) => "reject",
@@ -57,10 +57,7 @@ pub(super) fn port_report<N: Nft>(cx: &Context<'_, N>, port: PortView<'_>) -> Po
         Some(Some(Action::Member)) => "member",
         Some(None) => "none",
     };
-    let rule_applied = port
-        .destinations
-        .iter()
-        .all(|d| cx.applied.get(d).copied() == cx.rules.desired(d));
+    let rule_applied = port.destinations.iter().all(|d| cx.rules.is_applied(d));
     PortReport {
         namespace: name.service.namespace.to_string(),
         service: name.service.name.to_string(),

@@ -46,6 +46,14 @@ pub trait Nft: Send {
         &mut self,
         batch: &Nftables<'_>,
     ) -> impl Future<Output = Result<(), RulesError>> + Send;
+    /// Asks whether `batch` would be applied, without applying it (`nft
+    /// --check`: the kernel validates the transaction, then aborts it).
+    /// Used to find which Service a refused batch is refused for, without
+    /// the table going through the subsets tried on the way.
+    fn check(
+        &mut self,
+        batch: &Nftables<'_>,
+    ) -> impl Future<Output = Result<(), RulesError>> + Send;
     /// Reads our table of `family`; `None` when there is none.
     fn read(
         &mut self,
@@ -99,6 +107,13 @@ impl Nft for NftCommand {
     async fn apply(&mut self, batch: &Nftables<'_>) -> Result<(), RulesError> {
         let json = serde_json::to_vec(batch).map_err(|e| RulesError::Exec(e.to_string()))?;
         Self::run(&["-j", "-f", "-"], Some(json)).await.map(|_| ())
+    }
+
+    async fn check(&mut self, batch: &Nftables<'_>) -> Result<(), RulesError> {
+        let json = serde_json::to_vec(batch).map_err(|e| RulesError::Exec(e.to_string()))?;
+        Self::run(&["-c", "-j", "-f", "-"], Some(json))
+            .await
+            .map(|_| ())
     }
 
     async fn read(&mut self, family: IpFamily) -> Result<Option<KernelTable>, RulesError> {

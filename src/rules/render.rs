@@ -177,13 +177,20 @@ impl Layout {
         }
     }
 
-    /// `--nodeport-addresses` for one family's table.
+    /// `--nodeport-addresses` for one family's table, aggregated.
+    ///
+    /// `nodeport-addresses` is an interval set, and nft refuses a set
+    /// whose intervals overlap ("conflicting intervals specified"), which
+    /// would leave the node without a table: `10.0.0.0/8,10.1.0.0/16` is
+    /// a valid flag all the same, so it goes in as `10.0.0.0/8`.
     pub fn nodeport_addresses_of(&self, family: IpFamily) -> Option<Vec<IpNet>> {
         self.nodeport_addresses.as_ref().map(|nets| {
-            nets.iter()
+            let mine: Vec<IpNet> = nets
+                .iter()
                 .filter(|n| IpFamily::of(n.addr()) == family)
-                .copied()
-                .collect()
+                .map(IpNet::trunc)
+                .collect();
+            IpNet::aggregate(&mine)
         })
     }
 }
@@ -276,6 +283,35 @@ impl std::fmt::Display for Key {
             Key::Allow(d, net) => write!(f, "{d} from {net}"),
         }
     }
+}
+
+/// The elements as the kernel gets them: the allowed source ranges of each
+/// guarded destination aggregated.
+///
+/// `lb-allowed` is an interval set: nft refuses two elements of one
+/// destination whose ranges overlap ("File exists"), and refuses it for
+/// the whole transaction, so one Service's `["10.0.0.0/8",
+/// "10.77.0.0/16"]` (valid in the API), or two Services claiming ranges of
+/// one LB destination, would stop every Service's rules. Aggregated,
+/// overlapping, duplicate and contained ranges become the fewest prefixes
+/// that cover the same sources, which nft always takes.
+pub fn normalise(elements: BTreeMap<Key, Action>) -> BTreeMap<Key, Action> {
+    let mut out = BTreeMap::new();
+    let mut allowed: BTreeMap<Destination, Vec<IpNet>> = BTreeMap::new();
+    for (k, a) in elements {
+        match k {
+            Key::Allow(d, net) => allowed.entry(d).or_default().push(net.trunc()),
+            _ => {
+                out.insert(k, a);
+            }
+        }
+    }
+    for (d, nets) in allowed {
+        for net in IpNet::aggregate(&nets) {
+            out.insert(Key::Allow(d, net), Action::Member);
+        }
+    }
+    out
 }
 
 /// What happens to traffic for a key.
