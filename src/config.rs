@@ -52,12 +52,12 @@ pub struct Args {
 
     /// How often the kernel's rules are checked against what was applied,
     /// and rewritten if they drifted (a flush, a firewall reload).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = |s: &str| SYNC_PERIOD.parse(s))]
     pub sync_period: Duration,
 
     /// On SIGTERM: how long open connections may take to finish before the
     /// rest are reset. The rules stay in place; a second signal ends at once.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = |s: &str| SHUTDOWN_GRACE.parse(s))]
     pub shutdown_grace: Duration,
 
     /// Balancing for Services without the `kube-uproxy.io/lb-algorithm`
@@ -89,24 +89,24 @@ pub struct Args {
     /// is found while data is in flight, where keepalive does not probe).
     /// Default: keepalive time + interval x count; 0: the kernel's
     /// retransmission limit (about 15 minutes).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = |s: &str| TCP_USER_TIMEOUT.parse(s))]
     pub tcp_user_timeout: Option<Duration>,
 
     /// A flow that moves no byte either way for this long is reset. 0 (the
     /// default) keeps idle flows for as long as both peers are alive.
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = |s: &str| TCP_IDLE_TIMEOUT.parse(s))]
     pub tcp_idle_timeout: Duration,
 
     /// Most proxied connections open at once; new ones beyond it are
     /// refused with a reset (and one log line per 10 s while the cap
     /// holds). 0: no cap (the open-file limit is the cap then: each
     /// connection holds 2 fds, 2 more per direction in a bulk phase).
-    #[arg(long, value_name = "N", default_value = "0")]
+    #[arg(long, value_name = "N", default_value = "0", value_parser = |s: &str| MAX_CONNECTIONS.parse(s))]
     pub max_connections: usize,
 
     /// Changes to --manifests are seen at once through inotify; in addition
     /// every file is stat-ed this often, in case an event was missed.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = |s: &str| MANIFESTS_RESCAN_INTERVAL.parse(s))]
     pub manifests_rescan_interval: Duration,
 
     /// Which node addresses NodePort traffic is caught on: comma-separated
@@ -119,12 +119,12 @@ pub struct Args {
     /// How long a UDP flow (one client address) keeps its upstream socket
     /// without a datagram in either direction. The legacy proxier's 250 ms
     /// broke DNS over slow links (kubernetes#14939).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = |s: &str| UDP_TIMEOUT.parse(s))]
     pub udp_timeout: Duration,
 
     /// Most UDP flows held at once, per Service port. When full, the flows
     /// idle longest make room; a flow in use is never pushed out.
-    #[arg(long, value_name = "N", default_value = "16384")]
+    #[arg(long, value_name = "N", default_value = "16384", value_parser = |s: &str| UDP_MAX_FLOWS.parse(s))]
     pub udp_max_flows: usize,
 
     /// Remove everything the proxy installed (the nftables table, the
@@ -384,6 +384,154 @@ impl Args {
     }
 }
 
+/// The range a duration setting accepts. One definition per setting serves
+/// both its flag (as clap's value parser) and its field of the config file
+/// (`config::file`), so the two refuse the same values with the same words.
+/// Why bounds at all: `--sync-period 0s` turned the drift check into a
+/// loop of `nft` runs on one core, `--manifests-rescan-interval 0s`
+/// panicked in the timer, and a duration of centuries overflows the
+/// clock's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationBounds {
+    /// The flag, named in every error (the file's errors name it too).
+    pub flag: &'static str,
+    /// The config file's field for it, if the file has one.
+    pub field: Option<&'static str>,
+    pub min: Duration,
+    pub max: Duration,
+    /// 0 is accepted as well, and means "off".
+    pub zero_is_off: bool,
+}
+
+impl DurationBounds {
+    /// Parses `s` (`30s`, `1m30s`, `500ms`) and checks it against the bounds.
+    pub fn parse(&self, s: &str) -> Result<Duration, String> {
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{}: {s:?} is not a duration: {e}", self.flag))?;
+        self.check(d)
+    }
+
+    /// `d` if it is within the bounds, else an error naming the flag and
+    /// what it accepts.
+    pub fn check(&self, d: Duration) -> Result<Duration, String> {
+        if (d.is_zero() && self.zero_is_off) || (self.min..=self.max).contains(&d) {
+            return Ok(d);
+        }
+        let (min, max) = (
+            humantime::format_duration(self.min),
+            humantime::format_duration(self.max),
+        );
+        let off = if self.zero_is_off { "0 (off) or " } else { "" };
+        Err(format!(
+            "{}: {} is out of range: want {off}{min} to {max}",
+            self.flag,
+            humantime::format_duration(d)
+        ))
+    }
+}
+
+/// The range a count setting accepts; see [`DurationBounds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountBounds {
+    pub flag: &'static str,
+    pub min: usize,
+    pub max: usize,
+    /// 0 is accepted as well, and means "no cap".
+    pub zero_is_off: bool,
+}
+
+impl CountBounds {
+    pub fn parse(&self, s: &str) -> Result<usize, String> {
+        let n: usize = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{}: {s:?} is not a whole number", self.flag))?;
+        if (n == 0 && self.zero_is_off) || (self.min..=self.max).contains(&n) {
+            return Ok(n);
+        }
+        let off = if self.zero_is_off {
+            "0 (no cap) or "
+        } else {
+            ""
+        };
+        Err(format!(
+            "{}: {n} is out of range: want {off}{} to {}",
+            self.flag, self.min, self.max
+        ))
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Each drift check runs `nft` and reads the table back: more often than
+/// once a second is a busy loop, not a check.
+pub const SYNC_PERIOD: DurationBounds = DurationBounds {
+    flag: "--sync-period",
+    field: Some("syncPeriod"),
+    min: SECOND,
+    max: DAY,
+    zero_is_off: false,
+};
+/// The safety-net stat of every manifest file; inotify sees changes at
+/// once, so below 100 ms this only burns a core.
+pub const MANIFESTS_RESCAN_INTERVAL: DurationBounds = DurationBounds {
+    flag: "--manifests-rescan-interval",
+    field: Some("manifestsRescanInterval"),
+    min: Duration::from_millis(100),
+    max: HOUR,
+    zero_is_off: false,
+};
+/// 0: open connections are reset at once on SIGTERM.
+pub const SHUTDOWN_GRACE: DurationBounds = DurationBounds {
+    flag: "--shutdown-grace",
+    field: Some("shutdownGrace"),
+    min: Duration::ZERO,
+    max: DAY,
+    zero_is_off: false,
+};
+/// The legacy proxier's 250 ms broke DNS over slow links
+/// (kubernetes#14939): resolvers retry after a second or more.
+pub const UDP_TIMEOUT: DurationBounds = DurationBounds {
+    flag: "--udp-timeout",
+    field: None,
+    min: SECOND,
+    max: DAY,
+    zero_is_off: false,
+};
+/// Below a second, a pause in any request/response protocol resets it.
+pub const TCP_IDLE_TIMEOUT: DurationBounds = DurationBounds {
+    flag: "--tcp-idle-timeout",
+    field: None,
+    min: SECOND,
+    max: Duration::from_secs(30 * 24 * 3600),
+    zero_is_off: true,
+};
+/// The kernel takes milliseconds in 32 bits (49 days); below a second,
+/// one retransmission drops the connection.
+pub const TCP_USER_TIMEOUT: DurationBounds = DurationBounds {
+    flag: "--tcp-user-timeout",
+    field: None,
+    min: SECOND,
+    max: DAY,
+    zero_is_off: true,
+};
+/// 0 flows would drop every datagram; one per fd at most.
+pub const UDP_MAX_FLOWS: CountBounds = CountBounds {
+    flag: "--udp-max-flows",
+    min: 1,
+    max: 1 << 20,
+    zero_is_off: false,
+};
+/// Each connection holds 2 fds or more: more than 2^24 cannot be open.
+pub const MAX_CONNECTIONS: CountBounds = CountBounds {
+    flag: "--max-connections",
+    min: 1,
+    max: 1 << 24,
+    zero_is_off: true,
+};
+
 /// The kernel takes keepalive times in whole seconds, up to 32767.
 fn keepalive_seconds(s: &str, zero_ok: bool) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
@@ -445,8 +593,91 @@ pub fn parse_bind_address(s: &str) -> Result<Ipv4Addr, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Every bounded duration setting: values it must refuse (on the
+    /// command line and in the file), and the edge values it must take.
+    pub(crate) const DURATIONS: &[(DurationBounds, &[&str], &[&str])] = &[
+        (SYNC_PERIOD, &["0s", "999ms", "25h", "soon"], &["1s", "24h"]),
+        (
+            MANIFESTS_RESCAN_INTERVAL,
+            &["0s", "99ms", "2h"],
+            &["100ms", "1h"],
+        ),
+        (SHUTDOWN_GRACE, &["25h", "-1s"], &["0s", "24h"]),
+        (UDP_TIMEOUT, &["0s", "250ms", "25h"], &["1s", "24h"]),
+        (
+            TCP_IDLE_TIMEOUT,
+            &["500ms", "31days"],
+            &["0s", "1s", "30days"],
+        ),
+        (TCP_USER_TIMEOUT, &["1ms", "25h"], &["0s", "1s", "24h"]),
+    ];
+
+    #[test]
+    fn every_duration_and_count_flag_refuses_what_is_out_of_range() {
+        for (bounds, bad, good) in DURATIONS {
+            for v in *bad {
+                let e =
+                    Args::try_parse_from(["kube-uproxy".into(), format!("{}={v}", bounds.flag)])
+                        .expect_err(&format!("{} {v} accepted", bounds.flag))
+                        .to_string();
+                assert!(
+                    e.contains(bounds.flag) && e.contains(&bounds.parse(v).unwrap_err()),
+                    "{} {v}: {e}",
+                    bounds.flag
+                );
+            }
+            for v in *good {
+                Args::try_parse_from(["kube-uproxy".into(), format!("{}={v}", bounds.flag)])
+                    .unwrap_or_else(|e| panic!("{} {v}: {e}", bounds.flag));
+                assert_eq!(bounds.parse(v), Ok(humantime::parse_duration(v).unwrap()));
+            }
+        }
+        for (bounds, bad, good) in [
+            (
+                UDP_MAX_FLOWS,
+                &["0", "-1", "1048577", "many"][..],
+                &["1", "1048576"][..],
+            ),
+            (
+                MAX_CONNECTIONS,
+                &["-1", "16777217"],
+                &["0", "1", "16777216"],
+            ),
+        ] {
+            for v in bad {
+                let e =
+                    Args::try_parse_from(["kube-uproxy".into(), format!("{}={v}", bounds.flag)])
+                        .expect_err(&format!("{} {v} accepted", bounds.flag))
+                        .to_string();
+                assert!(
+                    e.contains(bounds.flag) && e.contains(&bounds.parse(v).unwrap_err()),
+                    "{} {v}: {e}",
+                    bounds.flag
+                );
+            }
+            for v in good {
+                Args::try_parse_from(["kube-uproxy".into(), format!("{}={v}", bounds.flag)])
+                    .unwrap_or_else(|e| panic!("{} {v}: {e}", bounds.flag));
+            }
+        }
+        // What the flags hold.
+        let a = Args::try_parse_from([
+            "kube-uproxy",
+            "--udp-max-flows",
+            "1",
+            "--tcp-user-timeout",
+            "0s",
+            "--manifests-rescan-interval",
+            "100ms",
+        ])
+        .unwrap();
+        assert_eq!(a.udp_max_flows, 1);
+        assert_eq!(a.tcp_user_timeout, Some(Duration::ZERO));
+        assert_eq!(a.manifests_rescan_interval, Duration::from_millis(100));
+    }
 
     #[test]
     fn parses_kube_proxy_style_flags() {

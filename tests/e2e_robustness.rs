@@ -9,7 +9,9 @@
 //!   included (fd and pipe counts back to their baselines, no CLOSE-WAIT
 //!   on the node);
 //! - invalid objects and unparsable files are skipped, the rest keeps working;
-//! - proxy ports cannot be reached directly, only through the redirect.
+//! - proxy ports cannot be reached directly, only through the redirect;
+//! - a flood of idle connections on the side doors (a health-check node
+//!   port, /healthz) is capped and timed out: fds bounded, Services served.
 //!
 //! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
 
@@ -580,4 +582,168 @@ fn proxy_ports_are_reachable_only_through_the_redirect() {
             ns.name()
         );
     }
+}
+
+/// GET `path` on a fresh connection from `ns`: the status code.
+fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let mut s = ns
+        .tcp_connect(addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))
+}
+
+/// Issue 19, "flood on the side doors": idle connections to the
+/// health-check node port and to /healthz (anyone who reaches the node may
+/// open them) are capped and timed out, so the proxy's fds stay bounded
+/// and every Service connection made meanwhile succeeds; /healthz answers a
+/// fresh request once the idle ones have timed out.
+#[test]
+fn a_flood_of_idle_connections_on_the_side_doors_costs_the_data_path_nothing() {
+    const NAME: &str = "a_flood_of_idle_connections_on_the_side_doors_costs_the_data_path_nothing";
+    if !lab::require_root_and_nft(NAME) {
+        return;
+    }
+    const FLOOD: usize = 2000;
+    const HEALTH_CHECK_PORT: u16 = 32000;
+    // This process holds 2 × FLOOD client sockets.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    let want = (4 * FLOOD as u64 + 1024).min(hard);
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard).expect("raising RLIMIT_NOFILE");
+    }
+    assert!(
+        want >= 2 * FLOOD as u64 + 512,
+        "hard fd limit {hard} too low"
+    );
+
+    let yaml = list_yaml(&[ServiceManifest::new("web", VIP_A)
+        .with_type(uproxy_lab::manifests::ServiceType::NodePort)
+        .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT).with_node_port(30080))
+        .with_traffic_policies("Cluster", "Local")
+        .with_health_check_node_port(HEALTH_CHECK_PORT)
+        .with_endpoints(vec![
+            EndpointManifest::ready(backend_addr(0)).on_node("node-1"),
+        ])]);
+    let mut run = Run::start_with(
+        "doors",
+        &[Backend::Whoami],
+        &yaml,
+        &["--hostname-override", "node-1"],
+    );
+    run.wait_in_map(VIP_A, true, "web programmed");
+    let health_check = SocketAddr::from((lab::NODE_CLIENT_ADDR, HEALTH_CHECK_PORT));
+    let healthz = SocketAddr::from((lab::NODE_CLIENT_ADDR, 10256));
+    let client = run.bed.client();
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        match (
+            http_status(client, health_check, "/"),
+            http_status(client, healthz, "/healthz"),
+        ) {
+            (Ok(200), Ok(200)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("health check port and /healthz never both 200: {e}"));
+    who_or_panic(client, vip(VIP_A), "before the flood");
+    let pid = run.pid();
+    let baseline = open_fds(pid);
+
+    // The flood: FLOOD idle connections to each side door, opened from one
+    // thread of the client namespace and held; Service connections made
+    // meanwhile from another.
+    let flood_done = std::sync::atomic::AtomicBool::new(false);
+    let (held, service_results, max_fds) = std::thread::scope(|scope| {
+        let flooder = scope.spawn(|| {
+            let held = client
+                .run(|| {
+                    let deadline = Instant::now() + Duration::from_secs(90);
+                    let mut held = Vec::new();
+                    for i in 0..2 * FLOOD {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        let to = if i % 2 == 0 { health_check } else { healthz };
+                        if let Ok(s) =
+                            std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500))
+                        {
+                            held.push(s);
+                        }
+                    }
+                    held
+                })
+                .expect("flooding from the client namespace");
+            flood_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            held
+        });
+        let (mut results, mut max_fds) = (Vec::new(), 0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (!flood_done.load(std::sync::atomic::Ordering::SeqCst) || results.len() < 50)
+            && Instant::now() < deadline
+        {
+            results.push(e2e::who(client, vip(VIP_A)).map_err(|e| e.to_string()));
+            max_fds = max_fds.max(open_fds(pid));
+        }
+        let held = flooder.join().expect("the flooding thread");
+        max_fds = max_fds.max(open_fds(pid));
+        (held, results, max_fds)
+    });
+    run.proxy.assert_running("after the flood");
+    eprintln!(
+        "flood: {} idle side-door connections held, {} Service connections, proxy fds {baseline} -> at most {max_fds}",
+        held.len(),
+        service_results.len()
+    );
+    let failed: Vec<_> = service_results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} Service connections failed during the flood: {:?}",
+        failed.len(),
+        service_results.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // 64 per server (two servers here), a few in flight: far below the
+    // 2 × FLOOD the flood asked for.
+    assert!(
+        max_fds <= baseline + 2 * 64 + 64,
+        "the proxy's fds went from {baseline} to {max_fds} under {} idle side-door connections",
+        held.len()
+    );
+    // Once the idle ones have timed out, /healthz answers a fresh request
+    // while the flood's sockets are still held open by the client.
+    poll(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || match http_status(client, healthz, "/healthz") {
+            Ok(200) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .unwrap_or_else(|e| panic!("/healthz never answered after the flood: {e}"));
+    assert_eq!(
+        http_status(client, health_check, "/").ok(),
+        Some(200),
+        "the health check port answers after the flood"
+    );
+    who_or_panic(client, vip(VIP_A), "after the flood");
+    poll(Duration::from_secs(15), Duration::from_millis(250), || {
+        let n = open_fds(pid);
+        (n <= baseline + 16)
+            .then_some(())
+            .ok_or_else(|| format!("{n} fds, {baseline} before"))
+    })
+    .unwrap_or_else(|e| panic!("the idle connections were never closed: {e}"));
+    drop(held);
 }

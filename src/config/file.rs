@@ -23,15 +23,14 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
 use crate::config::{
-    Args, LogFormat, ServeAddress, parse_bind_address, parse_bind_address_v6,
-    parse_nodeport_addresses,
+    Args, DurationBounds, LogFormat, MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SYNC_PERIOD,
+    ServeAddress, parse_bind_address, parse_bind_address_v6, parse_nodeport_addresses,
 };
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
@@ -178,8 +177,11 @@ impl ConfigFile {
             field,
             message,
         };
-        let duration = |field, s: &str| {
-            humantime::parse_duration(s.trim()).map_err(|e| bad(field, format!("{s:?}: {e}")))
+        // The flag's own bounds, so the file refuses what the flag does.
+        let duration = |bounds: DurationBounds, s: &str| {
+            bounds
+                .parse(s)
+                .map_err(|e| bad(bounds.field.unwrap_or(bounds.flag), e))
         };
         macro_rules! set {
             ($flag:literal, $value:expr, $target:expr) => {
@@ -243,11 +245,8 @@ impl ConfigFile {
         let period = self
             .sync_period
             .as_deref()
-            .map(|s| duration("syncPeriod", s))
+            .map(|s| duration(SYNC_PERIOD, s))
             .transpose()?;
-        if period == Some(Duration::ZERO) {
-            return Err(bad("syncPeriod", "must be greater than 0".into()));
-        }
         set!("sync_period", period, args.sync_period);
         set!(
             "kubeconfig",
@@ -272,7 +271,7 @@ impl ConfigFile {
             "manifests_rescan_interval",
             self.manifests_rescan_interval
                 .as_deref()
-                .map(|s| duration("manifestsRescanInterval", s))
+                .map(|s| duration(MANIFESTS_RESCAN_INTERVAL, s))
                 .transpose()?,
             args.manifests_rescan_interval
         );
@@ -280,7 +279,7 @@ impl ConfigFile {
             "shutdown_grace",
             self.shutdown_grace
                 .as_deref()
-                .map(|s| duration("shutdownGrace", s))
+                .map(|s| duration(SHUTDOWN_GRACE, s))
                 .transpose()?,
             args.shutdown_grace
         );
@@ -345,6 +344,8 @@ fn given(matches: &ArgMatches, id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+
+    use std::time::Duration;
 
     use super::*;
     use crate::config::LogFormat;
@@ -505,6 +506,46 @@ procSysDir: /host/proc/sys
         // A type error names its field too.
         let e = ConfigFile::parse("metricsPerEndpoint: maybe\n", path).unwrap_err();
         assert!(e.to_string().contains("metricsPerEndpoint"), "{e}");
+    }
+
+    #[test]
+    fn the_file_refuses_what_the_flag_refuses_with_the_same_words() {
+        // `manifestsRescanInterval: 0s` panicked the timer; `syncPeriod`
+        // below a second spun a core on nft.
+        let path = Path::new("c.yaml");
+        for (bounds, bad, good) in crate::config::tests::DURATIONS {
+            let Some(field) = bounds.field else { continue };
+            for v in *bad {
+                let why = bounds.parse(v).expect_err(v);
+                let e = ConfigFile::parse(&format!("{field}: {v}\n"), path)
+                    .and_then(|f| f.apply(path, &mut Args::parse_from(["kube-uproxy"]), |_| false))
+                    .expect_err(&format!("{field}: {v} accepted"));
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(field) && msg.contains(&why),
+                    "{field}: {v}: {msg}"
+                );
+                let flag =
+                    Args::try_parse_from(["kube-uproxy".into(), format!("{}={v}", bounds.flag)])
+                        .expect_err(v)
+                        .to_string();
+                assert!(flag.contains(&why), "{}: {v}: {flag}", bounds.flag);
+            }
+            for v in *good {
+                let mut a = Args::parse_from(["kube-uproxy"]);
+                ConfigFile::parse(&format!("{field}: {v}\n"), path)
+                    .and_then(|f| f.apply(path, &mut a, |_| false))
+                    .unwrap_or_else(|e| panic!("{field}: {v}: {e}"));
+                let want = humantime::parse_duration(v).unwrap();
+                let got = match field {
+                    "syncPeriod" => a.sync_period,
+                    "manifestsRescanInterval" => a.manifests_rescan_interval,
+                    "shutdownGrace" => a.shutdown_grace,
+                    other => panic!("no check for {other}"),
+                };
+                assert_eq!(got, want, "{field}: {v}");
+            }
+        }
     }
 
     #[test]

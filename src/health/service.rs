@@ -43,6 +43,9 @@ pub struct ServiceHealthServers {
     /// Stops every server (shutdown).
     cancel: CancellationToken,
     servers: Mutex<HashMap<ObjectKey, Server>>,
+    /// All the ports' connections together (they are reachable from
+    /// outside the node, one port per Service): see crate::serve.
+    cap: serve::ConnectionCap,
 }
 
 /// What a handler needs.
@@ -60,6 +63,7 @@ impl ServiceHealthServers {
             proxy,
             cancel,
             servers: Mutex::new(HashMap::new()),
+            cap: serve::ConnectionCap::new(serve::MAX_HEALTH_CHECK_CONNECTIONS),
         })
     }
 
@@ -90,11 +94,12 @@ impl ServiceHealthServers {
             proxy: Arc::clone(&self.proxy),
         };
         let router = Router::new().fallback(answer).with_state(state);
-        serve::spawn_tcp(
+        serve::spawn_tcp_within(
             "health-check-node-port",
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
             router,
             stop.clone(),
+            Some(self.cap.clone()),
         );
         servers.insert(
             service.clone(),
