@@ -6,16 +6,27 @@
 //! - A node with `ip_nonlocal_bind=1` (IPv4 and IPv6: keepalived, kube-vip,
 //!   HAProxy nodes) still gets the proxy addresses on `lo`, and a
 //!   ClusterIP Service answers.
+//! - The health check node port of an `externalTrafficPolicy: Local`
+//!   Service and `/healthz` (default `0.0.0.0:10256`) answer an IPv6 load
+//!   balancer as well as an IPv4 one; with `--nodeport-addresses` the
+//!   health check node port listens only on the node's addresses within
+//!   those CIDRs.
 //!
 //! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use uproxy_lab::e2e::{
-    self, BACKEND_PORT, Backend, SVC_PORT, Testbed, VIP_A, vip, wait_nft_key, who_or_panic,
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, poll, vip,
+    wait_nft_key, who_or_panic,
 };
-use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
-use uproxy_lab::{self as lab, Netns, backend_addr};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
+use uproxy_lab::{
+    self as lab, NODE_BRIDGE_ADDR, NODE_BRIDGE_ADDR_V6, NODE_CLIENT_ADDR, NODE_CLIENT_ADDR_V6,
+    Netns, backend_addr,
+};
 
 fn service(name: &str, ip: Ipv4Addr, endpoints: Vec<Ipv4Addr>) -> ServiceManifest {
     ServiceManifest::new(name, ip)
@@ -86,4 +97,138 @@ fn a_node_with_ip_nonlocal_bind_gets_the_proxy_address_and_serves() {
         "backend0"
     );
     proxy.assert_running("after the connections");
+}
+
+/// `GET path` on `addr` from `ns`: the status and the body.
+fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = ns
+        .tcp_connect(addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `GET path` on `addr` from `ns` until it answers 200; the body.
+fn wait_200(proxy: &mut ProxyProcess, ns: &Netns, addr: SocketAddr, path: &str) -> String {
+    let mut body = String::new();
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        proxy.assert_running("waiting for a health answer");
+        match http_get(ns, addr, path)? {
+            (200, b) => {
+                body = b;
+                Ok(())
+            }
+            (status, b) => Err(format!("{status}: {b}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("GET {path} on {addr} from {}: {e}", ns.name()));
+    body
+}
+
+const NODE_NAME: &str = "node-1";
+const HEALTH_CHECK_PORT: u16 = 32000;
+
+/// An `externalTrafficPolicy: Local` NodePort Service with one endpoint
+/// on this node and its health check node port.
+fn local_service() -> ServiceManifest {
+    ServiceManifest::new("web", VIP_A)
+        .with_type(ServiceType::NodePort)
+        .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT).with_node_port(30080))
+        .with_traffic_policies("Cluster", "Local")
+        .with_health_check_node_port(HEALTH_CHECK_PORT)
+        .with_endpoints(vec![
+            EndpointManifest::ready(backend_addr(0)).on_node(NODE_NAME),
+        ])
+}
+
+#[test]
+fn health_checks_and_healthz_answer_ipv6_load_balancers() {
+    if !lab::require_root_and_nft("health_checks_and_healthz_answer_ipv6_load_balancers") {
+        return;
+    }
+    let bed = Testbed::new("node", "hc-ipv6", &[Backend::Whoami]);
+    bed.lab.add_ipv6().expect("IPv6 in the lab");
+    let yaml = e2e::manifests(&[local_service()]);
+    // Default --healthz-bind-address (0.0.0.0:10256), as deployed.
+    let (mut proxy, _) = bed.start_proxy(&yaml, &["--hostname-override", NODE_NAME]);
+    let hc_v4 = SocketAddr::from((NODE_CLIENT_ADDR, HEALTH_CHECK_PORT));
+    let hc_v6 = SocketAddr::from((NODE_CLIENT_ADDR_V6, HEALTH_CHECK_PORT));
+    let body = wait_200(&mut proxy, bed.client(), hc_v4, "/");
+    assert!(body.contains("\"localEndpoints\": 1"), "IPv4: {body}");
+    // An IPv6 load balancer's check of the same node.
+    let body = wait_200(&mut proxy, bed.client(), hc_v6, "/");
+    assert!(body.contains("\"localEndpoints\": 1"), "IPv6: {body}");
+    wait_200(
+        &mut proxy,
+        bed.client(),
+        SocketAddr::from((NODE_CLIENT_ADDR_V6, 10256)),
+        "/healthz",
+    );
+    wait_200(
+        &mut proxy,
+        bed.client(),
+        SocketAddr::from((NODE_CLIENT_ADDR, 10256)),
+        "/healthz",
+    );
+}
+
+#[test]
+fn health_checks_listen_only_on_the_nodeport_addresses_when_given() {
+    if !lab::require_root_and_nft("health_checks_listen_only_on_the_nodeport_addresses_when_given")
+    {
+        return;
+    }
+    let bed = Testbed::new("node", "hc-npa", &[Backend::Whoami]);
+    bed.lab.add_ipv6().expect("IPv6 in the lab");
+    let yaml = e2e::manifests(&[local_service()]);
+    // The client link's addresses only, both families: not the bridge's.
+    let (mut proxy, _) = bed.start_proxy(
+        &yaml,
+        &[
+            "--hostname-override",
+            NODE_NAME,
+            "--nodeport-addresses",
+            "10.200.0.0/24,fd00:200::/64",
+        ],
+    );
+    wait_200(
+        &mut proxy,
+        bed.client(),
+        SocketAddr::from((NODE_CLIENT_ADDR, HEALTH_CHECK_PORT)),
+        "/",
+    );
+    wait_200(
+        &mut proxy,
+        bed.client(),
+        SocketAddr::from((NODE_CLIENT_ADDR_V6, HEALTH_CHECK_PORT)),
+        "/",
+    );
+    for other in [
+        IpAddr::from(NODE_BRIDGE_ADDR),
+        IpAddr::from(NODE_BRIDGE_ADDR_V6),
+    ] {
+        let to = SocketAddr::new(other, HEALTH_CHECK_PORT);
+        let got = http_get(bed.client(), to, "/");
+        assert!(
+            got.as_ref().is_err_and(|e| e.contains("refused")),
+            "{to} is outside --nodeport-addresses: {got:?}"
+        );
+    }
 }

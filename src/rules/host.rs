@@ -109,18 +109,22 @@ fn ip(args: &[&str]) -> Result<String, HostError> {
 /// a bind to any address succeeds, so the proxy address would never be
 /// added and every Service would time out while `/healthz` said 200.
 fn is_local(address: IpAddr) -> Result<bool, HostError> {
-    let addresses = nix::ifaddrs::getifaddrs().map_err(|e| HostError::Address {
-        address,
-        source: io::Error::from(e),
-    })?;
-    Ok(addresses
+    let listed = node_addresses().map_err(|source| HostError::Address { address, source })?;
+    Ok(listed.contains(&address))
+}
+
+/// Every address of this node's interfaces, both families, as the kernel
+/// lists them (`getifaddrs`).
+pub fn node_addresses() -> Result<Vec<IpAddr>, io::Error> {
+    Ok(nix::ifaddrs::getifaddrs()
+        .map_err(io::Error::from)?
         .filter_map(|a| a.address)
         .filter_map(|a| {
             a.as_sockaddr_in()
                 .map(|v4| IpAddr::V4(v4.ip()))
                 .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         })
-        .any(|a| a == address))
+        .collect())
 }
 
 /// The value a note (`key=value; key=value`) records for `key`, if any.
