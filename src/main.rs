@@ -380,7 +380,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             udp: UdpConfig {
                 timeout: args.udp_timeout,
                 max_flows: args.udp_max_flows.max(1),
+                mark: args.upstream_mark,
             },
+            upstream_mark: args.upstream_mark,
             ..DataPathConfig::default()
         }),
         connections.clone(),
@@ -407,6 +409,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             id: instance_id(),
             note,
         },
+        upstream_mark: args.upstream_mark,
     };
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,

@@ -424,6 +424,7 @@ mod tests {
                 id: 1,
                 note: String::new(),
             },
+            upstream_mark: 0x2000,
         }
     }
 

@@ -11,6 +11,10 @@
 //!   balancer as well as an IPv4 one; with `--nodeport-addresses` the
 //!   health check node port listens only on the node's addresses within
 //!   those CIDRs.
+//! - An endpoint whose address and port are themselves a Service
+//!   destination (an externalIP equal to a node address, a hostNetwork
+//!   backend on that port) is reached once, not looped back into the
+//!   proxy: the proxy's fds stay bounded and other Services keep working.
 //!
 //! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
 
@@ -19,10 +23,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use uproxy_lab::e2e::{
-    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, poll, vip,
-    wait_nft_key, who_or_panic,
+    self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
+    VIP_C, poll, vip, wait_nft_key, who, who_or_panic,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
+use uproxy_lab::peers;
 use uproxy_lab::{
     self as lab, NODE_BRIDGE_ADDR, NODE_BRIDGE_ADDR_V6, NODE_CLIENT_ADDR, NODE_CLIENT_ADDR_V6,
     Netns, backend_addr,
@@ -231,4 +236,79 @@ fn health_checks_listen_only_on_the_nodeport_addresses_when_given() {
             "{to} is outside --nodeport-addresses: {got:?}"
         );
     }
+}
+
+/// The proxy's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .expect("reading the proxy's fd directory")
+}
+
+#[test]
+fn an_endpoint_that_is_itself_a_service_destination_is_reached_not_looped() {
+    if !lab::require_root_and_nft(
+        "an_endpoint_that_is_itself_a_service_destination_is_reached_not_looped",
+    ) {
+        return;
+    }
+    let bed = Testbed::new("node", "self-loop", &[Backend::Whoami]);
+    // A hostNetwork backend: a server on the node itself, port 80.
+    let listener = bed
+        .node()
+        .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, SVC_PORT)))
+        .expect("the hostNetwork backend's listener");
+    let _hostnet = {
+        let _guard = bed.runtime().enter();
+        peers::whoami(listener, "hostnet").expect("the hostNetwork backend")
+    };
+    // Its Service has the node's own address as externalIP, on the port
+    // the backend listens on: the endpoint is itself a Service destination.
+    let looped = ServiceManifest::new("hostnet", VIP_C)
+        .with_external_ips([NODE_CLIENT_ADDR])
+        .with_port(PortManifest::tcp(SVC_PORT, SVC_PORT))
+        .with_endpoints(vec![EndpointManifest::ready(NODE_CLIENT_ADDR)]);
+    let other = service("svc-b", VIP_B, vec![backend_addr(0)]);
+    let (mut proxy, _) = bed.start_proxy(&e2e::manifests(&[looped, other]), &[]);
+    wait_nft_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        NODE_CLIENT_ADDR,
+        true,
+        "the externalIP programmed",
+    );
+    let pid = proxy.child.id();
+    let baseline = open_fds(pid);
+    let external = SocketAddr::from((NODE_CLIENT_ADDR, SVC_PORT));
+    for i in 0..2 {
+        // The flow is translated once, to the proxy; the proxy's own
+        // connection to the endpoint is not translated again.
+        let got = who(bed.client(), external);
+        assert_eq!(
+            got.as_ref().map(String::as_str).ok(),
+            Some("hostnet"),
+            "connection {i} to the externalIP: {got:?} (the proxy has {} fds, {baseline} before)",
+            open_fds(pid)
+        );
+    }
+    // Through the ClusterIP too.
+    assert_eq!(
+        who_or_panic(bed.client(), vip(VIP_C), "the ClusterIP"),
+        "hostnet"
+    );
+    // No storm of connections to itself: the fds stay near the baseline.
+    std::thread::sleep(Duration::from_millis(500));
+    let fds = open_fds(pid);
+    assert!(
+        fds <= baseline + 16,
+        "the proxy holds {fds} fds after 3 connections ({baseline} before)"
+    );
+    // Every other Service keeps working.
+    assert_eq!(
+        who_or_panic(bed.client(), vip(VIP_B), "another Service"),
+        "backend0"
+    );
+    proxy.assert_running("after the connections");
 }

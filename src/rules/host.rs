@@ -44,7 +44,8 @@ const MIGRATE_PATH: &str = "net/ipv4/tcp_migrate_req";
 pub const REQUIRED_CAPABILITIES: &[(&str, u32, &str)] = &[(
     "NET_ADMIN",
     12,
-    "nft (the table), `ip addr add` (the proxy address on lo), writing net.ipv4.tcp_migrate_req",
+    "nft (the table), `ip addr add` (the proxy address on lo), writing net.ipv4.tcp_migrate_req, \
+     SO_MARK on the connections to endpoints (--upstream-mark)",
 )];
 
 /// The capabilities of [`REQUIRED_CAPABILITIES`] this process lacks
