@@ -127,6 +127,16 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value = "16384", value_parser = |s: &str| UDP_MAX_FLOWS.parse(s))]
     pub udp_max_flows: usize,
 
+    /// The mark (`SO_MARK`) of the proxy's own connections and datagrams
+    /// to endpoints (decimal, or `0x…`; not 0). The NAT output chain lets
+    /// packets carrying every bit of it pass untranslated, so an endpoint
+    /// whose address and port are themselves a Service destination (an
+    /// externalIP equal to a node address, with a hostNetwork backend on
+    /// that port) is reached, not looped back into the proxy. Pick another
+    /// bit if 0x2000 is used on the node (docs/rules.md).
+    #[arg(long, value_name = "MARK", default_value = "0x2000", value_parser = parse_mark)]
+    pub upstream_mark: u32,
+
     /// Remove everything the proxy installed (the nftables table, the
     /// address on lo, the sysctl it changed) and exit.
     #[arg(long)]
@@ -334,6 +344,22 @@ pub enum NodePortAddresses {
     Cidrs(Vec<ipnet::IpNet>),
     /// The addresses of the interface holding the default route.
     Primary,
+}
+
+/// `--upstream-mark`: a number, `0x…` for hexadecimal, not 0 (the NAT
+/// rule passes packets whose mark has every bit of it, which a mark of 0
+/// would give every packet).
+pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let v = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse::<u32>(),
+    }
+    .map_err(|e| format!("{s:?} is not a mark (a 32-bit number, 0x… for hexadecimal): {e}"))?;
+    if v == 0 {
+        return Err("the mark must not be 0: every packet would pass the NAT rules".into());
+    }
+    Ok(v)
 }
 
 pub(crate) fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
@@ -706,6 +732,12 @@ pub(crate) mod tests {
         assert_eq!(a.sync_period, Duration::from_secs(30));
         assert_eq!(a.shutdown_grace, Duration::from_secs(30));
         assert_eq!(a.udp_timeout, Duration::from_secs(30));
+        assert_eq!(a.upstream_mark, 0x2000);
+        assert_eq!(parse_mark("0x4000"), Ok(0x4000));
+        assert_eq!(parse_mark("8192"), Ok(0x2000));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("0x").is_err());
+        assert!(parse_mark("mark").is_err());
         assert_eq!(a.nodeport_addresses, None);
         let b = Args::try_parse_from([
             "kube-uproxy",

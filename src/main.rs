@@ -380,7 +380,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             udp: UdpConfig {
                 timeout: args.udp_timeout,
                 max_flows: args.udp_max_flows.max(1),
+                mark: args.upstream_mark,
             },
+            upstream_mark: args.upstream_mark,
             ..DataPathConfig::default()
         }),
         connections.clone(),
@@ -407,13 +409,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
             id: instance_id(),
             note,
         },
+        upstream_mark: args.upstream_mark,
     };
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,
         sync_period: args.sync_period,
         node,
     };
-    let service_health = ServiceHealthServers::new(Arc::clone(&health), admin_stop.clone());
+    // kube-proxy's rule: health check node ports on the node's addresses
+    // within --nodeport-addresses when given (found now, at start).
+    let health_check_addresses = match &layout.nodeport_addresses {
+        None => None,
+        Some(nets) => {
+            let on_node = rules::host::node_addresses()
+                .context("listing the node's addresses for the health check node ports")?;
+            let within: Vec<std::net::IpAddr> = on_node
+                .into_iter()
+                .filter(|a| nets.iter().any(|n| n.contains(a)))
+                .collect();
+            info!(addresses = ?within, "health check node ports served on these addresses");
+            Some(within)
+        }
+    };
+    let service_health = ServiceHealthServers::new(
+        Arc::clone(&health),
+        admin_stop.clone(),
+        health_check_addresses,
+    );
     info!(
         source = if args.manifests.is_some() { "manifests" } else { "kubernetes" },
         algorithm = %args.lb_algorithm,

@@ -55,6 +55,10 @@ pub struct DataPathConfig {
     pub connect_timeouts: Vec<Duration>,
     /// The UDP flow table's settings.
     pub udp: UdpConfig,
+    /// `SO_MARK` of the connections to endpoints (`--upstream-mark`): the
+    /// NAT output chain passes them untranslated, so the proxy never
+    /// connects to itself. 0: unmarked (tests without `CAP_NET_ADMIN`).
+    pub upstream_mark: u32,
 }
 
 impl Default for DataPathConfig {
@@ -67,6 +71,7 @@ impl Default for DataPathConfig {
                 .map(Duration::from_millis)
                 .collect(),
             udp: UdpConfig::default(),
+            upstream_mark: 0,
         }
     }
 }

@@ -699,6 +699,7 @@ mod tests {
                 id: 1,
                 note: String::new(),
             },
+            upstream_mark: 0x2000,
         }
     }
 

@@ -16,8 +16,14 @@
 //! [`MAX_HEALTH_CHECK_CONNECTIONS`]. Both caps are also kept below a small
 //! fraction of the open-file limit, so a flood never costs the data path
 //! its fds. A connection beyond a cap is closed as soon as it is accepted.
+//!
+//! A server asked for the IPv4 wildcard (`0.0.0.0`, `/healthz`'s default
+//! and the health check node ports) listens on both families, as
+//! kube-proxy's Go listener does: one IPv6 wildcard socket with
+//! `IPV6_V6ONLY` off, so an IPv6 load balancer's checks are answered too.
+//! On a kernel without IPv6 it falls back to the IPv4 socket.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -94,10 +100,28 @@ pub enum ServeError {
 }
 
 /// A listening TCP socket on `addr` with `SO_REUSEPORT` (see the module
-/// doc) and `SO_REUSEADDR`.
+/// doc) and `SO_REUSEADDR`; for `0.0.0.0`, on both families (see the
+/// module doc).
 pub(crate) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    if addr.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+        let both = SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port()));
+        match bind_one(both, false) {
+            Ok(l) => return Ok(l),
+            // No IPv6 in this kernel (booted with ipv6.disable=1).
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    bind_one(addr, true)
+}
+
+/// One listening socket on `addr`; `v6_only` for an IPv6 one.
+fn bind_one(addr: SocketAddr, v6_only: bool) -> std::io::Result<tokio::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(v6_only)?;
+    }
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;

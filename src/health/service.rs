@@ -10,12 +10,15 @@
 //! endpoints summed over the Service's ports, kube-proxy's count.
 //!
 //! The reconciler says what each Service needs ([`ServiceHealthServers::set`]);
-//! a port is bound on every address (`0.0.0.0`, with `SO_REUSEPORT` for the
-//! handover) and served until the Service no longer needs it. A port that
-//! cannot be bound is retried every few seconds.
+//! a port is bound with `SO_REUSEPORT` (for the handover) and served until
+//! the Service no longer needs it. A port that cannot be bound is retried
+//! every few seconds. Where, as kube-proxy does: on every address of both
+//! families (an IPv6 load balancer checks over IPv6), or, with
+//! `--nodeport-addresses`, on the node's addresses within those CIDRs
+//! only (found at start).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +49,10 @@ pub struct ServiceHealthServers {
     /// All the ports' connections together (they are reachable from
     /// outside the node, one port per Service): see crate::serve.
     cap: serve::ConnectionCap,
+    /// Where each port is bound: the IPv4 wildcard (served on both
+    /// families, see [`crate::serve`]), or the node's addresses within
+    /// `--nodeport-addresses`.
+    addresses: Vec<IpAddr>,
 }
 
 /// What a handler needs.
@@ -57,13 +64,20 @@ struct HandlerState {
 }
 
 impl ServiceHealthServers {
-    /// `cancel` stops every server.
-    pub fn new(proxy: Arc<ProxyHealth>, cancel: CancellationToken) -> Arc<Self> {
+    /// `cancel` stops every server. `addresses`: where to listen, `None`
+    /// for every address of both families (no `--nodeport-addresses`).
+    pub fn new(
+        proxy: Arc<ProxyHealth>,
+        cancel: CancellationToken,
+        addresses: Option<Vec<IpAddr>>,
+    ) -> Arc<Self> {
+        let addresses = addresses.unwrap_or_else(|| vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]);
         Arc::new(ServiceHealthServers {
             proxy,
             cancel,
             servers: Mutex::new(HashMap::new()),
             cap: serve::ConnectionCap::new(serve::MAX_HEALTH_CHECK_CONNECTIONS),
+            addresses,
         })
     }
 
@@ -94,13 +108,15 @@ impl ServiceHealthServers {
             proxy: Arc::clone(&self.proxy),
         };
         let router = Router::new().fallback(answer).with_state(state);
-        serve::spawn_tcp_within(
-            "health-check-node-port",
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-            router,
-            stop.clone(),
-            Some(self.cap.clone()),
-        );
+        for ip in &self.addresses {
+            serve::spawn_tcp_within(
+                "health-check-node-port",
+                SocketAddr::new(*ip, port),
+                router.clone(),
+                stop.clone(),
+                Some(self.cap.clone()),
+            );
+        }
         servers.insert(
             service.clone(),
             Server {

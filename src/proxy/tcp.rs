@@ -60,6 +60,25 @@ struct Port {
     metrics: Arc<ServicePortMetrics>,
 }
 
+/// A connection to `endpoint` from a socket marked `mark` (`SO_MARK`; 0:
+/// none). The NAT output chain passes marked packets untranslated, so the
+/// kernel translates a flow once, as with kube-proxy: an endpoint whose
+/// address and port are a Service destination (an externalIP equal to a
+/// node address, a hostNetwork backend on that port) is reached instead
+/// of this proxy's own listener, which would connect to itself again and
+/// again until the file descriptors run out.
+async fn connect_marked(endpoint: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let socket = if endpoint.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if mark != 0 {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.connect(endpoint).await
+}
+
 async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
     let mut backoff = AcceptBackoff::default();
     // Session affinity's sweep: expired clients go even when no new
@@ -190,6 +209,7 @@ async fn handle_connection(
     // Written only when an attempt fails (a Mutex because the connection
     // task may move between threads).
     let last_error = std::sync::Mutex::new(FailReason::ConnectTimeout);
+    let mark = config.upstream_mark;
     let connect = |endpoint: SocketAddr| {
         attempts += 1;
         if attempts > 1 {
@@ -199,7 +219,7 @@ async fn handle_connection(
         let last_error = &last_error;
         async move {
             let started = std::time::Instant::now();
-            let r = TcpStream::connect(endpoint).await;
+            let r = connect_marked(endpoint, mark).await;
             match &r {
                 Ok(_) => metrics.connected(endpoint, started.elapsed()),
                 Err(e) => {

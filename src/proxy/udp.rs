@@ -69,6 +69,8 @@ pub struct UdpConfig {
     pub timeout: Duration,
     /// Most flows per Service port.
     pub max_flows: usize,
+    /// `SO_MARK` of the upstream sockets (see `DataPathConfig::upstream_mark`).
+    pub mark: u32,
 }
 
 impl Default for UdpConfig {
@@ -76,6 +78,7 @@ impl Default for UdpConfig {
         UdpConfig {
             timeout: Duration::from_secs(30),
             max_flows: 16384,
+            mark: 0,
         }
     }
 }
@@ -312,6 +315,13 @@ impl FlowTable {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let sock = StdUdpSocket::bind(local)?;
+        // Before connect: the route is chosen then, with the mark. Marked,
+        // the datagrams pass the NAT output chain untranslated: an
+        // endpoint that is itself a Service destination is not looped
+        // back into this proxy.
+        if self.config.mark != 0 {
+            socket2::SockRef::from(&sock).set_mark(self.config.mark)?;
+        }
         sock.connect(endpoint)?;
         sock.set_nonblocking(true)?;
         let upstream = Arc::new(UdpSocket::from_std(sock)?);
@@ -531,6 +541,7 @@ mod tests {
         let config = UdpConfig {
             timeout: Duration::from_millis(400),
             max_flows: 16,
+            ..UdpConfig::default()
         };
         let (proxy, _, _stop) = start(&[ep], config).await;
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -617,6 +628,7 @@ mod tests {
         let config = UdpConfig {
             timeout: Duration::from_secs(60),
             max_flows: 8,
+            ..UdpConfig::default()
         };
         let (proxy, _, _stop) = start(&[ep], config).await;
         let good = UdpSocket::bind("127.0.0.1:0").await.unwrap();

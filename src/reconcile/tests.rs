@@ -130,6 +130,7 @@ fn reconciler_v6(
             id: 9,
             note: String::new(),
         },
+        upstream_mark: 0x2000,
     };
     Reconciler::new(
         ReconcilerConfig {

@@ -19,7 +19,7 @@
 //!   note), so the last `--cleanup` restores it.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -44,7 +44,8 @@ const MIGRATE_PATH: &str = "net/ipv4/tcp_migrate_req";
 pub const REQUIRED_CAPABILITIES: &[(&str, u32, &str)] = &[(
     "NET_ADMIN",
     12,
-    "nft (the table), `ip addr add` (the proxy address on lo), writing net.ipv4.tcp_migrate_req",
+    "nft (the table), `ip addr add` (the proxy address on lo), writing net.ipv4.tcp_migrate_req, \
+     SO_MARK on the connections to endpoints (--upstream-mark)",
 )];
 
 /// The capabilities of [`REQUIRED_CAPABILITIES`] this process lacks
@@ -101,13 +102,30 @@ fn ip(args: &[&str]) -> Result<String, HostError> {
     }
 }
 
-/// Whether `address` is an address of this node (a bind succeeds).
+/// Whether `address` is an address of this node, as the kernel's address
+/// list (`getifaddrs`, netlink underneath) says.
+///
+/// Not decided by `bind()`: with `net.ipv4.ip_nonlocal_bind=1` or
+/// `net.ipv6.ip_nonlocal_bind=1` (keepalived, kube-vip and HAProxy nodes)
+/// a bind to any address succeeds, so the proxy address would never be
+/// added and every Service would time out while `/healthz` said 200.
 fn is_local(address: IpAddr) -> Result<bool, HostError> {
-    match TcpListener::bind(SocketAddr::from((address, 0))) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => Ok(false),
-        Err(source) => Err(HostError::Address { address, source }),
-    }
+    let listed = node_addresses().map_err(|source| HostError::Address { address, source })?;
+    Ok(listed.contains(&address))
+}
+
+/// Every address of this node's interfaces, both families, as the kernel
+/// lists them (`getifaddrs`).
+pub fn node_addresses() -> Result<Vec<IpAddr>, io::Error> {
+    Ok(nix::ifaddrs::getifaddrs()
+        .map_err(io::Error::from)?
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect())
 }
 
 /// The value a note (`key=value; key=value`) records for `key`, if any.
@@ -337,6 +355,14 @@ mod tests {
             our_ipv6_address(json, "fd00::5".parse().unwrap()).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn the_address_list_decides_what_is_local() {
+        // Loopback is listed; a documentation address (TEST-NET-3) is not,
+        // even where a bind to it would succeed (ip_nonlocal_bind=1).
+        assert!(is_local(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap());
+        assert!(!is_local(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 77))).unwrap());
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //!   chain filter-forward    { filter forward -110: refusals and drops (Service) }
 //!   chain filter-output     { filter output -110: refusals and drops (Service, node port) }
 //!   chain nat-prerouting    { nat prerouting dstnat: DNAT Service, DNAT node port }
-//!   chain nat-output        { nat output -100: the same }
+//!   chain nat-output        { nat output -100: the proxy's own upstream packets (marked) pass, then the same }
 //! }
 //! ```
 //!
@@ -138,6 +138,8 @@ pub fn rules_in_chain(name: &str) -> usize {
         "filter-input" => 7,
         "filter-forward" => 3,
         "filter-output" => 6,
+        // The proxy's own upstream packets pass, then the two DNATs.
+        "nat-output" => 3,
         _ => 2,
     }
 }
@@ -157,6 +159,9 @@ pub struct Layout {
     pub nodeport_addresses: Option<Vec<IpNet>>,
     /// The writer of the table.
     pub instance: Instance,
+    /// The mark of the proxy's own upstream sockets (`--upstream-mark`,
+    /// never 0): the NAT output chain lets such packets pass first.
+    pub upstream_mark: u32,
 }
 
 impl Layout {
@@ -533,6 +538,31 @@ fn node_address_matches(f: IpFamily, proxy: IpAddr, layout: &Layout) -> Vec<Stat
     out
 }
 
+/// `meta mark & M == M return`: the proxy's own connections and datagrams
+/// to endpoints (`SO_MARK` M) are not translated. Without it, an endpoint
+/// whose address and port are themselves a Service destination (an
+/// externalIP equal to a node address, with a hostNetwork backend on that
+/// port) is DNATed back to the proxy, which connects to itself in a loop
+/// until its file descriptors run out for every Service. kube-proxy
+/// translates a flow once, too.
+fn own_upstream_passes(f: IpFamily, chain: &'static str, mark: u32) -> Rule<'static> {
+    rule(
+        f,
+        chain,
+        vec![
+            matches(
+                Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+                    Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark })),
+                    Expression::Number(mark),
+                ))),
+                Operator::EQ,
+                Expression::Number(mark),
+            ),
+            Statement::Return(Some(nftables::stmt::Return {})),
+        ],
+    )
+}
+
 /// `… dnat ip to ADDR : <key> map @MAP`
 fn dnat(proxy_address: IpAddr, key: Expression<'static>, map: &str) -> Statement<'static> {
     Statement::DNAT(Some(NAT {
@@ -905,6 +935,11 @@ fn full_family(
             "filter-output" => {
                 let mut r = service_refusals(f, name);
                 r.extend(node_port_refusals(f, proxy, name, layout));
+                r
+            }
+            "nat-output" => {
+                let mut r = vec![own_upstream_passes(f, name, layout.upstream_mark)];
+                r.extend(dnat_rules(f, proxy, name, layout));
                 r
             }
             _ => dnat_rules(f, proxy, name, layout).to_vec(),

@@ -51,6 +51,7 @@ fn full_replaces_the_table_and_holds_the_elements() {
             id: 7,
             note: "a note".into(),
         },
+        upstream_mark: 0x2000,
     };
     let v = to_json(&full(&layout, &els, &ports));
     let cmds = v["nftables"].as_array().unwrap();
@@ -122,6 +123,19 @@ fn full_replaces_the_table_and_holds_the_elements() {
         dnat["expr"][1]["dnat"]["port"]["map"]["data"],
         format!("@{MAP_SERVICE_PORTS}")
     );
+    // The proxy's own upstream packets (marked) pass the NAT output chain
+    // first, untranslated: it never connects to itself.
+    let own = cmds
+        .iter()
+        .filter_map(|c| c["add"].get("rule"))
+        .find(|r| r["chain"] == "nat-output")
+        .unwrap();
+    assert_eq!(
+        own["expr"][0]["match"]["left"]["&"],
+        json!([{"meta": {"key": "mark"}}, 0x2000])
+    );
+    assert_eq!(own["expr"][0]["match"]["right"], 0x2000);
+    assert!(own["expr"][1].get("return").is_some());
     // TCP is refused with a reset (not rate-limited), the rest by ICMP.
     let rejects: Vec<&Value> = cmds
         .iter()
@@ -198,6 +212,7 @@ fn dual_stack_layout() -> Layout {
             id: 7,
             note: String::new(),
         },
+        upstream_mark: 0x2000,
     }
 }
 
