@@ -392,9 +392,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 problems = %problems.join("; "),
                 "the kernel's table differs from what was applied; writing it again"
             ),
+            Ok(Verified::TakenBack { writer }) => warn!(
+                writer = format_args!("{writer:08x}"),
+                "the instance that had taken the rules over is gone; writing the whole table"
+            ),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot read the rules back to check them"),
         }
+        self.observer.superseded(self.rules.writer().cloned());
     }
 
     /// Brings listeners, balancers and rules in line with the state.
@@ -437,6 +442,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         } else {
             true
         };
+        self.observer.superseded(self.rules.writer().cloned());
         if !ok {
             return;
         }
