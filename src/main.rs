@@ -401,14 +401,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(primary.into_iter().map(ipnet::IpNet::from).collect())
         }
     };
+    let id = instance_id();
+    // Held while this instance writes rules: an older instance that this
+    // one supersedes takes the table back once the name is free
+    // (rules/alive.rs). Without it, that instance keeps waiting, as before.
+    let (marker, note) = match rules::alive::Marker::hold(id) {
+        Ok(m) => (
+            Some(m),
+            format!(
+                "{note}; {}={}",
+                rules::alive::NOTE_KEY,
+                rules::alive::marker_name(id)
+            ),
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot hold this instance's marker socket; an instance this one supersedes will not take the table back if this one dies");
+            (None, note)
+        }
+    };
     let layout = Layout {
         proxy_address: args.bind_address,
         proxy_address_v6: bind_v6,
         nodeport_addresses,
-        instance: Instance {
-            id: instance_id(),
-            note,
-        },
+        instance: Instance { id, note },
         upstream_mark: args.upstream_mark,
     };
     let config = ReconcilerConfig {
@@ -459,6 +474,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Err(e) = reconciler.await {
         error!(error = %e, "the reconciler task failed");
     }
+    // No more rule writes from here: an instance this one superseded may
+    // take the table back while this one drains.
+    drop(marker);
     cancel.cancel();
     let source_result = match source_task.await {
         Ok(r) => r,

@@ -391,9 +391,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 problems = %problems.join("; "),
                 "the kernel's table differs from what was applied; writing it again"
             ),
+            Ok(Verified::TakenBack { writer }) => warn!(
+                writer = format_args!("{writer:08x}"),
+                "the instance that had taken the rules over is gone; writing the whole table"
+            ),
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot read the rules back to check them"),
         }
+        self.observer.superseded(self.rules.writer().cloned());
     }
 
     /// Brings listeners, balancers and rules in line with the state.
@@ -436,6 +441,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         } else {
             true
         };
+        self.observer.superseded(self.rules.writer().cloned());
         if !ok {
             return;
         }
@@ -548,7 +554,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         // Sorted: the plan's keys come from a BTreeMap.
         let destinations: Vec<Key> = plan.destinations.keys().copied().collect();
         if !self.active.contains_key(&plan.key) {
-            match self.start_listener(&plan.key, spec, &destinations) {
+            match self.start_listener(&plan.key, spec, &destinations, &plan.endpoints) {
                 Ok(port) => {
                     self.active.insert(plan.key.clone(), port);
                 }
@@ -590,14 +596,22 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     /// Opens the listener of `key`, on the proxy port an earlier instance
     /// gave one of its `destinations` if there is one. Fails with
     /// [`ListenerOutcome::RetryLater`] or [`ListenerOutcome::NotProxied`].
+    ///
+    /// `endpoints` are published to the balancer *before* the listener is
+    /// opened: opening joins the port's `SO_REUSEPORT` group, and on an
+    /// adopted port (start, handover) the kernel hands the new socket a
+    /// share of the connections at once. Opened with an empty balancer, it
+    /// would reset them as "no endpoints" until the update that followed.
     fn start_listener(
         &mut self,
         key: &ListenerKey,
         spec: &ServicePortSpec,
         destinations: &[Key],
+        endpoints: &[std::net::SocketAddr],
     ) -> Result<ActivePort, ListenerOutcome> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
+        balancer.update(endpoints, spec.algorithm, spec.session_affinity);
         let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {

@@ -20,6 +20,7 @@
 //! is programmed. A left-out Service port is tried again when it changes,
 //! and every [`REFUSED_RETRY`].
 
+pub mod alive;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::model::{IpFamily, ServicePortName};
+pub use alive::Writer;
 pub use nft::{KernelTable, Nft, NftCommand, RulesError};
 pub use render::{Action, Destination, Instance, Key, Layout, ProxyPort};
 
@@ -63,8 +65,12 @@ pub enum Verified {
     /// It does not; the next sync rewrites the whole table. The strings say
     /// what was wrong.
     Drifted(Vec<String>),
-    /// Another instance wrote the table.
+    /// Another instance wrote the table, and runs.
     Superseded,
+    /// The instance that had taken the table over is gone (killed, crashed,
+    /// stopped); this one writes again: the next sync writes the whole
+    /// table with its own id.
+    TakenBack { writer: u32 },
     /// Nothing applied yet: nothing to check.
     NotApplied,
 }
@@ -93,8 +99,10 @@ pub struct RuleTable<N: Nft> {
     /// Destinations and ports changed since the last successful sync.
     dirty: BTreeSet<Key>,
     dirty_ports: BTreeSet<(IpFamily, ProxyPort)>,
-    /// Set once another instance took the table over.
-    superseded: bool,
+    /// The instance that took the table over, while it runs: we leave
+    /// the rules to it, and take them back when it is gone (checked at
+    /// each [`RuleTable::verify`]).
+    superseded: Option<Writer>,
     /// Service ports whose keys nft refused, with nft's words: left out of
     /// the table until they change or [`REFUSED_RETRY`] has passed.
     refused: BTreeMap<ServicePortName, String>,
@@ -112,7 +120,7 @@ impl<N: Nft> RuleTable<N> {
             applied: None,
             dirty: BTreeSet::new(),
             dirty_ports: BTreeSet::new(),
-            superseded: false,
+            superseded: None,
             refused: BTreeMap::new(),
             refused_at: None,
         }
@@ -240,7 +248,7 @@ impl<N: Nft> RuleTable<N> {
 
     /// Whether the kernel may differ from what is wanted.
     pub fn has_pending(&self) -> bool {
-        !self.superseded
+        self.superseded.is_none()
             && (self.applied.is_none() || !self.dirty.is_empty() || !self.dirty_ports.is_empty())
     }
 
@@ -257,7 +265,12 @@ impl<N: Nft> RuleTable<N> {
     }
 
     pub fn is_superseded(&self) -> bool {
-        self.superseded
+        self.superseded.is_some()
+    }
+
+    /// The instance that writes the rules instead of this one, if any.
+    pub fn writer(&self) -> Option<&Writer> {
+        self.superseded.as_ref()
     }
 
     /// The elements the kernel should hold with the Service ports of
@@ -401,24 +414,31 @@ impl<N: Nft> RuleTable<N> {
         Ok(found)
     }
 
-    /// Whether another instance wrote the table (read from the kernel; the
-    /// `ip` table tells, both are written together).
-    async fn taken_over(&mut self) -> bool {
-        matches!(
-            self.nft.read(IpFamily::V4).await,
-            Ok(Some(KernelTable { instance: Some(id), .. })) if id != self.layout.instance.id
-        )
+    /// The other instance that wrote the table, if one did (read from the
+    /// kernel; the `ip` table tells, both are written together).
+    async fn taken_over(&mut self) -> Option<Writer> {
+        match self.nft.read(IpFamily::V4).await {
+            Ok(Some(t)) => self.other_writer(&t),
+            _ => None,
+        }
+    }
+
+    /// The writer of `t` when it is not this instance.
+    fn other_writer(&self, t: &KernelTable) -> Option<Writer> {
+        t.instance
+            .filter(|id| *id != self.layout.instance.id)
+            .map(|id| Writer::new(id, t.note.as_deref()))
     }
 
     /// Brings the kernel up to date in one transaction. The first sync
     /// replaces the whole table (what an earlier run left is replaced
     /// atomically); later ones send element changes. When a change is
     /// refused, the table is read: if another instance wrote it we stop
-    /// writing ([`SyncKind::Superseded`]), otherwise the whole table is
-    /// written again. On error nothing is forgotten: the next sync retries.
+    /// writing ([`SyncKind::Superseded`]) while it runs, otherwise the
+    /// whole table is written again. On error nothing is forgotten: the next sync retries.
     pub async fn sync(&mut self) -> Result<(SyncKind, Duration), RulesError> {
         let started = Instant::now();
-        if self.superseded {
+        if self.superseded.is_some() {
             return Ok((SyncKind::Superseded, started.elapsed()));
         }
         let Some(applied) = &self.applied else {
@@ -460,18 +480,27 @@ impl<N: Nft> RuleTable<N> {
                     changes: changes.len() + port_changes.len(),
                 }
             }
-            Err(e) => {
-                if self.taken_over().await {
-                    self.superseded = true;
+            Err(e) => match self.taken_over().await {
+                Some(writer) if writer.alive() => {
                     info!(
+                        writer = format_args!("{:08x}", writer.id),
                         "another kube-uproxy instance wrote the rules since our last write; leaving them to it"
                     );
+                    self.superseded = Some(writer);
                     SyncKind::Superseded
-                } else {
+                }
+                Some(writer) => {
+                    info!(
+                        writer = format_args!("{:08x}", writer.id),
+                        "another kube-uproxy instance wrote the rules since our last write and is gone; writing the whole table"
+                    );
+                    self.write_full().await?
+                }
+                None => {
                     warn!(error = %e, "incremental rule update failed; writing the whole table");
                     self.write_full().await?
                 }
-            }
+            },
         };
         Ok((kind, started.elapsed()))
     }
@@ -527,9 +556,38 @@ impl<N: Nft> RuleTable<N> {
 
     /// Compares the kernel's table with what we applied. On a difference
     /// the next sync writes the whole table.
+    ///
+    /// While superseded, checks instead that the writer still runs (the
+    /// one whose id the table holds now, or the one we left it to if the
+    /// table is gone); when it does not, this instance takes the rules
+    /// back. Called every `--sync-period`: a dead writer is replaced within
+    /// one period, well inside the health timeout of two.
     pub async fn verify(&mut self) -> Result<Verified, RulesError> {
-        if self.superseded {
-            return Ok(Verified::Superseded);
+        if let Some(writer) = &self.superseded {
+            let current = match self.nft.read(IpFamily::V4).await? {
+                Some(t) => match t.instance {
+                    Some(id) if id == self.layout.instance.id => None,
+                    Some(_) => self.other_writer(&t),
+                    None => Some(writer.clone()),
+                },
+                None => Some(writer.clone()),
+            };
+            match current {
+                Some(w) if w.alive() => {
+                    self.superseded = Some(w);
+                    return Ok(Verified::Superseded);
+                }
+                gone => {
+                    let writer = gone.map_or(writer.id, |w| w.id);
+                    info!(
+                        writer = format_args!("{writer:08x}"),
+                        "the instance that took the rules over is gone; taking them back"
+                    );
+                    self.superseded = None;
+                    self.applied = None;
+                    return Ok(Verified::TakenBack { writer });
+                }
+            }
         }
         let Some(applied) = &self.applied else {
             return Ok(Verified::NotApplied);
@@ -540,13 +598,20 @@ impl<N: Nft> RuleTable<N> {
             match &found {
                 None if family == IpFamily::V4 => problems.push("the table is gone".into()),
                 None => problems.push("the ip6 table is gone".into()),
-                Some(t)
-                    if family == IpFamily::V4
-                        && t.instance.is_some_and(|id| id != self.layout.instance.id) =>
-                {
-                    self.superseded = true;
-                    info!("another kube-uproxy instance wrote the rules; leaving them to it");
-                    return Ok(Verified::Superseded);
+                Some(t) if family == IpFamily::V4 && self.other_writer(t).is_some() => {
+                    match self.other_writer(t) {
+                        Some(w) if w.alive() => {
+                            info!(
+                                writer = format_args!("{:08x}", w.id),
+                                "another kube-uproxy instance wrote the rules; leaving them to it"
+                            );
+                            self.superseded = Some(w);
+                            return Ok(Verified::Superseded);
+                        }
+                        Some(w) => problems
+                            .push(format!("instance {:08x} wrote the table and is gone", w.id)),
+                        None => {}
+                    }
                 }
                 Some(t) => problems.extend(
                     differences(&self.layout, family, applied, t)
@@ -1007,6 +1072,78 @@ mod tests {
         assert!(err.to_string().contains("table refused"), "{err}");
         assert!(t.refused().is_empty());
         assert!(t.has_pending());
+    }
+
+    /// An aborted rollout: the newer instance took the table over and
+    /// died. The older one takes the rules back at its next check, and
+    /// writes them whole with its own id.
+    #[tokio::test]
+    async fn the_older_instance_takes_the_table_back_when_the_newer_is_gone() {
+        let fake = FakeNft::default();
+        let mut old = RuleTable::new(fake.clone(), layout());
+        old.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        old.sync().await.unwrap();
+        let new_id = std::process::id() ^ 0x7e57_0000;
+        let marker = alive::Marker::hold(new_id).unwrap();
+        let mut new_layout = layout();
+        new_layout.instance = Instance {
+            id: new_id,
+            note: format!("{}={}", alive::NOTE_KEY, alive::marker_name(new_id)),
+        };
+        let mut new = RuleTable::new(fake.clone(), new_layout);
+        new.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        new.sync().await.unwrap();
+
+        assert_eq!(old.verify().await.unwrap(), Verified::Superseded);
+        assert!(old.writer().is_some_and(|w| w.alive()));
+        // A change while superseded waits...
+        old.claim(dest(81), &owner("b"), Action::Redirect(20001));
+        assert_eq!(old.sync().await.unwrap().0, SyncKind::Superseded);
+        assert_eq!(old.verify().await.unwrap(), Verified::Superseded);
+        assert_eq!(kernel(&fake, 81), None);
+
+        // ...until the newer instance is gone (SIGKILL: its marker too).
+        drop(new);
+        drop(marker);
+        assert_eq!(
+            old.verify().await.unwrap(),
+            Verified::TakenBack { writer: new_id }
+        );
+        assert!(!old.is_superseded());
+        assert!(old.has_pending());
+        let (kind, _) = old.sync().await.unwrap();
+        assert_eq!(kind, SyncKind::Full { elements: 2 });
+        assert_eq!(fake.table().unwrap().instance, Some(1));
+        assert_eq!(kernel(&fake, 81), Some(Action::Redirect(20001)));
+        assert_eq!(old.verify().await.unwrap(), Verified::Intact);
+    }
+
+    /// The newer instance died before the older one noticed it: the older
+    /// one finds a dead writer's id and writes the table again.
+    #[tokio::test]
+    async fn a_dead_writers_table_is_written_again() {
+        let fake = FakeNft::default();
+        let mut old = RuleTable::new(fake.clone(), layout());
+        old.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        old.sync().await.unwrap();
+        let new_id = std::process::id() ^ 0x7e58_0000;
+        let marker = alive::Marker::hold(new_id).unwrap();
+        let mut new_layout = layout();
+        new_layout.instance = Instance {
+            id: new_id,
+            note: format!("{}={}", alive::NOTE_KEY, alive::marker_name(new_id)),
+        };
+        let mut new = RuleTable::new(fake.clone(), new_layout);
+        new.sync().await.unwrap();
+        drop(marker);
+        match old.verify().await.unwrap() {
+            Verified::Drifted(p) => assert!(p[0].contains("is gone"), "{p:?}"),
+            v => panic!("{v:?}"),
+        }
+        assert!(!old.is_superseded());
+        old.sync().await.unwrap();
+        assert_eq!(fake.table().unwrap().instance, Some(1));
+        assert_eq!(kernel(&fake, 80), Some(Action::Redirect(20000)));
     }
 
     #[tokio::test]

@@ -9,6 +9,10 @@
 //! - A handover (new instance started beside the old, then SIGTERM to the
 //!   old) under a steady connection rate: no connection attempt fails or
 //!   hangs, and a 100 MB transfer running across it arrives intact.
+//! - An aborted rollout (the new instance took over, then SIGKILL): the old
+//!   one takes the rules back within 2 × `--sync-period`, and a Service
+//!   added afterwards answers through it; its `/healthz` says 200 while
+//!   the new one runs and after the takeback.
 //! - SIGTERM keeps the rules and drains; connections still open after the
 //!   grace period are reset, not closed; a second signal cuts at once; the
 //!   next instance takes the same proxy ports back; `--cleanup` removes
@@ -388,6 +392,118 @@ fn handover_under_steady_load_loses_no_connection_and_no_byte() {
             .contains("listeners closed; waiting for open connections"),
         "the old instance did not drain"
     );
+}
+
+/// GET `path` on the proxy's `--healthz-socket`: the HTTP status.
+fn healthz_status(socket: &std::path::Path) -> Result<u16, String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    body.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {body:?}"))
+}
+
+/// Issue 19: instance A serving, B started beside it and taking the rules
+/// over (a rolling update), then B killed with SIGKILL (a crash loop, the
+/// OOM killer, an aborted rollout). A is the only instance left: it must
+/// write the rules again, or no later change ever reaches the kernel.
+#[test]
+fn after_an_aborted_rollout_the_old_instance_takes_the_rules_back() {
+    if !lab::require_root_and_nft("after_an_aborted_rollout_the_old_instance_takes_the_rules_back")
+    {
+        return;
+    }
+    const SYNC_PERIOD: Duration = Duration::from_secs(2);
+    let bed = Testbed::new("intercept", "abort", &[Backend::Whoami]);
+    let path = bed.manifests_file();
+    let dir = path
+        .parent()
+        .expect("the testbed's directory")
+        .to_path_buf();
+    fs::write(&path, manifests(&[svc("web", VIP_A, vec![ep(0)])])).expect("manifests");
+    let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let flags = |sock: &std::path::Path| {
+        vec![
+            "--sync-period".to_string(),
+            "2s".to_string(),
+            "--healthz-socket".to_string(),
+            sock.display().to_string(),
+        ]
+    };
+    let (fa, fb) = (flags(&sock_a), flags(&sock_b));
+    let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
+    let fb: Vec<&str> = fb.iter().map(String::as_str).collect();
+    let mut a = bed.run_proxy("a", &path, &fa, &[]);
+    wait_port(&mut a, bed.node(), VIP_A, "A programmed web");
+
+    let mut b = bed.run_proxy("b", &path, &fb, &[]);
+    wait_log(&mut b, "rules synced", "B synced");
+    // A notices at its next check and leaves the rules to B.
+    wait_log(&mut a, "leaving them to it", "A saw B take the rules over");
+    assert_eq!(
+        healthz_status(&sock_a),
+        Ok(200),
+        "A's /healthz while B runs: a handover in progress is healthy"
+    );
+
+    b.child.signal(Signal::SIGKILL).expect("SIGKILL to B");
+    b.child
+        .wait_timeout(Duration::from_secs(10))
+        .expect("waiting for B")
+        .expect("B did not die of SIGKILL");
+    let killed = Instant::now();
+    write_by_rename(
+        &path,
+        &manifests(&[
+            svc("web", VIP_A, vec![ep(0)]),
+            svc("late", VIP_B, vec![ep(0)]),
+        ]),
+    );
+    // Bounded: 2 × --sync-period, plus a second for the manifests to be
+    // read and the connection to be made.
+    let bound = 2 * SYNC_PERIOD + Duration::from_secs(1);
+    let answered = poll(bound, Duration::from_millis(100), || {
+        a.assert_running("after B was killed");
+        match hold(bed.client(), vip(VIP_B)) {
+            Ok((s, name)) if name == backend_name(0) => {
+                close(s);
+                Ok(())
+            }
+            other => Err(format!("{:?}", other.map(|(_, n)| n))),
+        }
+    });
+    eprintln!("late answered {:?} after B was killed", killed.elapsed());
+    answered.unwrap_or_else(|e| {
+        panic!("a Service added after B was killed did not answer through A within {bound:?}: {e}")
+    });
+    assert!(
+        a.stderr().contains("taking them back"),
+        "A did not log taking the rules back"
+    );
+    let listing = bed
+        .node()
+        .output("nft", ["list", "set", "ip", "kube-uproxy", "instance"])
+        .expect("nft list set instance");
+    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(
+        listing.contains("alive=@kube-uproxy/instance/"),
+        "the table names its writer's marker: {listing}"
+    );
+    assert_eq!(
+        healthz_status(&sock_a),
+        Ok(200),
+        "A's /healthz after it took the rules back"
+    );
+    let (s, name) = hold(bed.client(), vip(VIP_A)).expect("web after the takeback");
+    assert_eq!(name, backend_name(0));
+    close(s);
 }
 
 #[test]

@@ -12,6 +12,11 @@
 //!   only after the timeout: the node's Service traffic is then served by
 //!   stale rules, which an operator wants to see at once.
 //!
+//! - unhealthy while another instance has taken the rules over and is gone
+//!   (killed, crashed) and this one has not taken them back yet: nobody
+//!   writes the node's rules then. Superseded by an instance that runs is
+//!   healthy: that is a handover in progress (docs/rules.md).
+//!
 //! `/healthz` also requires the node to be eligible (its Node object not
 //! being deleted, no `ToBeDeletedByClusterAutoscaler` taint); `/livez`
 //! ignores that. Eligible until the Node object says otherwise (as
@@ -70,12 +75,26 @@ pub struct Verdict {
     pub node_eligible: bool,
 }
 
+/// Asked at each check: whether the instance that writes the rules instead
+/// of this one still runs.
+pub type WriterProbe = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// Shared between the reconciler (writer) and the health server (reader).
-#[derive(Debug)]
 pub struct ProxyHealth {
     /// 2 × `--sync-period`, as kube-proxy.
     timeout: Duration,
     state: Mutex<State>,
+    /// Set while another instance writes the rules.
+    writer: Mutex<Option<WriterProbe>>,
+}
+
+impl std::fmt::Debug for ProxyHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHealth")
+            .field("timeout", &self.timeout)
+            .field("state", &*self.state())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProxyHealth {
@@ -84,6 +103,7 @@ impl ProxyHealth {
         ProxyHealth {
             timeout: sync_period.saturating_mul(2),
             state: Mutex::new(State::default()),
+            writer: Mutex::new(None),
         }
     }
 
@@ -119,6 +139,18 @@ impl ProxyHealth {
         self.state().node_ineligible = !eligible;
     }
 
+    /// Another instance writes the rules (`Some`: asks whether it still
+    /// runs), or this one does again (`None`).
+    pub fn superseded(&self, writer: Option<WriterProbe>) {
+        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = writer;
+    }
+
+    /// Superseded by an instance that no longer runs.
+    fn writer_gone(&self) -> bool {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        writer.as_ref().is_some_and(|alive| !alive())
+    }
+
     /// Installing rules failed; healthy again at the next successful sync.
     pub fn rules_failed(&self) {
         self.state().rules_failing = true;
@@ -136,6 +168,10 @@ impl ProxyHealth {
             Some("the first sync of rules has not happened yet")
         } else if s.rules_failing {
             Some("the last attempt to install rules failed")
+        } else if self.writer_gone() {
+            Some(
+                "the instance that took the rules over is gone and this one has not taken them back yet",
+            )
         } else if s
             .oldest_queued
             .is_some_and(|q| now.saturating_duration_since(q) >= self.timeout)
@@ -259,6 +295,26 @@ mod tests {
             h.check_at(false, t0 + Duration::from_secs(72), later)
                 .healthy
         );
+    }
+
+    #[test]
+    fn superseded_is_healthy_while_the_writer_runs_and_not_after() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let h = ProxyHealth::new(Duration::from_secs(30));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        h.updated_at(t0, w0);
+        let runs = Arc::new(AtomicBool::new(true));
+        let probe = Arc::clone(&runs);
+        h.superseded(Some(Box::new(move || probe.load(Ordering::Relaxed))));
+        assert!(h.check_at(false, t0, w0).healthy, "a handover in progress");
+        runs.store(false, Ordering::Relaxed);
+        let v = h.check_at(false, t0, w0);
+        assert!(!v.healthy);
+        assert!(v.reason.unwrap().contains("is gone"), "{v:?}");
+        assert!(!h.check_at(true, t0, w0).healthy, "/livez too");
+        h.superseded(None);
+        assert!(h.check_at(false, t0, w0).healthy, "taken back");
     }
 
     #[test]

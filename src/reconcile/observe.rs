@@ -134,6 +134,13 @@ impl Observer {
         m.no_local_endpoints(no_local.0, no_local.1);
     }
 
+    /// Another instance writes the rules (`Some`), or this one does.
+    pub(super) fn superseded(&self, writer: Option<crate::rules::Writer>) {
+        self.health.superseded(
+            writer.map(|w| Box::new(move || w.alive()) as crate::health::proxy::WriterProbe),
+        );
+    }
+
     /// The Node object says whether `/healthz` may call the node eligible.
     pub(super) fn node_eligible(&self, eligible: bool) {
         self.health.set_node_eligible(eligible);

@@ -25,6 +25,9 @@ struct ListenerLog {
     closed: Vec<u16>,
     adopted: Vec<u16>,
     adoption_done: bool,
+    /// Per opened port: the endpoints its balancer held when `open` was
+    /// called (the kernel may hand it connections from then on).
+    endpoints_at_open: BTreeMap<u16, Vec<std::net::SocketAddr>>,
 }
 
 impl FakeListeners {
@@ -37,10 +40,11 @@ impl Listeners for FakeListeners {
     fn open(
         &mut self,
         key: &ListenerKey,
-        _balancer: Arc<Balancer>,
+        balancer: Arc<Balancer>,
         adopt: Option<u16>,
     ) -> Result<Listener, ListenError> {
         let mut log = self.log();
+        let at_open = balancer.endpoints().addrs().collect();
         let port = match adopt {
             Some(p) => {
                 log.adopted.push(p);
@@ -52,6 +56,7 @@ impl Listeners for FakeListeners {
             }
         };
         log.open.insert(port, key.clone());
+        log.endpoints_at_open.insert(port, at_open);
         Ok(Listener::detached(port))
     }
 
@@ -356,6 +361,48 @@ async fn an_earlier_instances_ports_are_taken_back_and_its_leftovers_removed() {
     assert_eq!(kernel_port(&fake, "10.96.0.10"), Some(31234));
     assert_eq!(kernel_port(&fake, "10.96.0.99"), None);
     assert_eq!(fake.table().unwrap().instance, Some(9));
+}
+
+/// A listener joins the port's `SO_REUSEPORT` group when it is opened;
+/// from then on the kernel may hand it connections (at a handover, the
+/// earlier instance's share of an adopted port). Its balancer must have
+/// the endpoints by then, or those connections find none and are reset.
+#[tokio::test]
+async fn a_listener_is_opened_with_its_endpoints_already_published() {
+    let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+    // An earlier instance's table maps web to 31234: the port is adopted.
+    let mut earlier = reconciler(&fake, &FakeListeners::default(), HashMap::new());
+    earlier.rules.claim(
+        dest("10.96.0.10"),
+        &ServicePortName {
+            service: ObjectKey::new("default", "web"),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        },
+        Action::Redirect(31234),
+    );
+    earlier.rules.sync().await.unwrap();
+    let adopted: HashMap<Key, u16> = fake.table().unwrap().redirects().collect();
+
+    let mut r = reconciler(&fake, &listeners, adopted);
+    load(
+        &mut r,
+        vec![service("web", "10.96.0.10"), service("api", "10.96.0.11")],
+        vec![slice("web", "10.1.0.1"), slice("api", "10.1.0.2")],
+    )
+    .await;
+    let log = listeners.log();
+    assert_eq!(log.adopted, [31234]);
+    let at_open = &log.endpoints_at_open;
+    assert_eq!(
+        at_open.get(&31234).map(Vec::as_slice),
+        Some(&["10.1.0.1:8080".parse().unwrap()][..]),
+        "the adopted port's listener opened before its endpoints were published: {at_open:?}"
+    );
+    assert_eq!(at_open.len(), 2, "{at_open:?}");
+    for (port, endpoints) in at_open {
+        assert_eq!(endpoints.len(), 1, "port {port} opened with {endpoints:?}");
+    }
 }
 
 pub(super) fn dual_stack(name: &str, node_port: Option<u16>) -> ServiceInfo {

@@ -128,13 +128,7 @@ pub fn node_addresses() -> Result<Vec<IpAddr>, io::Error> {
         .collect())
 }
 
-/// The value a note (`key=value; key=value`) records for `key`, if any.
-fn noted(note: &str, key: &str) -> Option<String> {
-    note.split(';')
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_string())
-}
+use super::alive::noted;
 
 /// The value a note records for the sysctl, if any.
 fn noted_migrate_value(note: &str) -> Option<String> {
