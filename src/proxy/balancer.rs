@@ -63,9 +63,18 @@ impl EndpointStats {
 #[derive(Debug, Default)]
 pub struct EndpointSet {
     endpoints: Box<[Arc<EndpointStats>]>,
+    /// Which update published this set (0: the empty set a balancer
+    /// starts with). Holders compare generations, never addresses: a set
+    /// freed after two updates can be allocated again at the same address,
+    /// so an address says nothing about whether the set changed.
+    generation: u64,
 }
 
 impl EndpointSet {
+    /// Which update published this set; a later update has a larger one.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
     pub fn len(&self) -> usize {
         self.endpoints.len()
     }
@@ -188,6 +197,9 @@ pub struct Balancer {
     /// Round-robin position, and the starting point of least-connections'
     /// scan so that ties rotate instead of always hitting the first endpoint.
     next: AtomicUsize,
+    /// The generation of the last set published (see
+    /// [`EndpointSet::generation`]); written under the `departed` lock.
+    generation: AtomicU64,
     /// Counters of endpoints that left the set while connections to them
     /// were still open (their leases hold the counter). If the endpoint
     /// comes back, it takes its counter back instead of starting at 0.
@@ -222,6 +234,7 @@ impl Balancer {
             affinity_max: MAX_AFFINITY_CLIENTS,
             epoch: Instant::now(),
             next: AtomicUsize::new(start),
+            generation: AtomicU64::new(0),
             departed: Mutex::new(HashMap::new()),
             failover_log: LogLimit::default(),
         }
@@ -318,7 +331,13 @@ impl Balancer {
             departed.insert(gone.addr, Arc::downgrade(gone));
         }
         drop(current);
-        self.set.store(Arc::new(EndpointSet { endpoints }));
+        // Updates are serialised by the `departed` lock.
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        self.generation.store(generation, Ordering::Relaxed);
+        self.set.store(Arc::new(EndpointSet {
+            endpoints,
+            generation,
+        }));
         if timeout_ms == 0 {
             sticky.clients = HashMap::new();
         } else {

@@ -98,9 +98,11 @@ struct Flow {
     state: Arc<FlowState>,
     /// Counts this flow against its endpoint (least-connections).
     lease: Lease,
-    /// The endpoint set the endpoint was last found in (its address), so
-    /// that membership is checked again only after an update.
-    checked_set: usize,
+    /// The generation of the endpoint set the endpoint was last found in,
+    /// so that membership is checked again only after an update. A
+    /// generation, not the set's address: after two updates a new set can
+    /// sit at a freed one's address and skip the check.
+    checked: u64,
     /// The task relaying replies; aborted with the flow.
     _reader: AbortOnDropHandle<()>,
 }
@@ -293,8 +295,7 @@ impl FlowTable {
             return Some("the endpoint answered with an ICMP error");
         }
         let set = self.balancer.endpoints();
-        let ptr = Arc::as_ptr(&set) as usize;
-        if ptr != flow.checked_set && !set.contains(flow.lease.addr()) {
+        if set.generation() != flow.checked && !set.contains(flow.lease.addr()) {
             return Some("the endpoint left the set");
         }
         None
@@ -340,7 +341,7 @@ impl FlowTable {
             upstream,
             state,
             lease,
-            checked_set: Arc::as_ptr(&set) as usize,
+            checked: set.generation(),
             _reader: AbortOnDropHandle::new(reader),
         }))
     }
@@ -595,6 +596,30 @@ mod tests {
             Some("a"),
             "the flow did not move off the refusing endpoint"
         );
+    }
+
+    #[tokio::test]
+    async fn a_flow_moves_when_its_endpoint_left_in_one_of_two_updates_between_datagrams() {
+        // Two updates between two datagrams of a flow: the set the flow was
+        // opened with is freed by the first, and the second's set may be
+        // allocated at its address. Membership must be checked anyway.
+        let (a, _sa) = who_sent_to("a").await;
+        let (b, _sb) = who_sent_to("b").await;
+        let (proxy, balancer, _stop) = start(&[a], UdpConfig::default()).await;
+        for round in 0..20 {
+            let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            client.connect(proxy).await.unwrap();
+            balancer.update(&[a], Algorithm::RoundRobin, SessionAffinity::None);
+            assert_eq!(answered_by(&ask(&client, b"x").await), "a");
+            // `a` leaves, then the set is published once more without it.
+            balancer.update(&[b], Algorithm::RoundRobin, SessionAffinity::None);
+            balancer.update(&[b], Algorithm::RoundRobin, SessionAffinity::None);
+            assert_eq!(
+                answered_by(&ask(&client, b"y").await),
+                "b",
+                "round {round}: the flow stayed on an endpoint that left"
+            );
+        }
     }
 
     #[tokio::test]
