@@ -19,9 +19,11 @@
 //!
 //! - A flow lives until `timeout` passes without a datagram in either
 //!   direction (checked a few times per timeout).
-//! - The next datagram of a flow whose endpoint left the set, or answered
-//!   with an ICMP error (seen as `ECONNREFUSED` on the upstream socket),
-//!   opens a new flow to another endpoint. No conntrack entry ever needs
+//! - The next datagram of a flow whose endpoint left the set, answered
+//!   with an ICMP error (seen as `ECONNREFUSED` on the upstream socket) or
+//!   cannot be reached (any other send or receive error on the upstream
+//!   socket, e.g. `EHOSTUNREACH`, but a full buffer), opens a new flow to
+//!   another endpoint, counted as a failed attempt and a retry. No conntrack entry ever needs
 //!   flushing: conntrack only knows the proxy, not the endpoint.
 //! - The table holds at most `max_flows`; when it is full, flows idle for
 //!   at least [`IN_USE`] make room, the longest idle first, a sixteenth of
@@ -88,8 +90,29 @@ impl Default for UdpConfig {
 struct FlowState {
     /// Milliseconds since the Service port's start at the last datagram.
     last: AtomicU64,
-    /// The endpoint answered with an ICMP error.
+    /// The endpoint answered with an ICMP error, or cannot be reached.
     failed: AtomicBool,
+}
+
+impl FlowState {
+    /// Notes a failed send to the endpoint. Every error says the endpoint
+    /// cannot be reached (a refusal from an earlier ICMP error, a host or
+    /// network unreachable, a route gone), and the next datagram goes to
+    /// another endpoint, except those that concern this datagram only: a
+    /// full send buffer or a short memory drops it, as the network would,
+    /// and one too large for the path would be too large for any endpoint.
+    fn send_failed(&self, e: &io::Error) {
+        let transient = matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::OutOfMemory
+        ) || matches!(
+            e.raw_os_error(),
+            Some(libc::ENOBUFS | libc::ENOMEM | libc::EMSGSIZE)
+        );
+        if !transient {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One client's flow.
@@ -250,6 +273,12 @@ impl FlowTable {
             && let Some(old) = self.flows.remove(&client)
         {
             debug!(%client, endpoint = %old.lease.addr(), reason, "moving the flow to another endpoint");
+            if old.state.failed.load(Ordering::Relaxed) {
+                // Counted as a failed attempt on the endpoint, and a retry
+                // on another, as a TCP connect failover is.
+                self.metrics.attempt_failed(old.lease.addr());
+                self.metrics.retry();
+            }
             avoid = Some(old.lease.addr());
         }
         if !self.flows.contains_key(&client) {
@@ -275,16 +304,10 @@ impl FlowTable {
             // Straight to the kernel: tokio's `try_send` would report "would
             // block" until the reactor has seen a new socket writable, and
             // drop the first datagram of every flow.
-            match socket2::SockRef::from(&*flow.upstream).send(data) {
-                Ok(_) => {}
-                // The endpoint refused an earlier datagram (ICMP): the
-                // next one goes elsewhere.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    flow.state.failed.store(true, Ordering::Relaxed);
-                }
-                // A full send buffer drops the datagram, as the network
-                // would.
-                Err(e) => debug!(%client, error = %e, "datagram not sent upstream"),
+            let sent = socket2::SockRef::from(&*flow.upstream).send(data);
+            if let Err(e) = sent {
+                debug!(%client, endpoint = %flow.lease.addr(), error = %e, "datagram not sent upstream");
+                flow.state.send_failed(&e);
             }
         }
     }
@@ -620,6 +643,30 @@ mod tests {
                 "round {round}: the flow stayed on an endpoint that left"
             );
         }
+    }
+
+    #[test]
+    fn every_send_error_but_a_full_buffer_moves_the_flow_off_its_endpoint() {
+        // A refusal, or the endpoint's host or network unreachable: the
+        // next datagram goes elsewhere (`a_flow_moves_when_its_endpoint_
+        // leaves_or_refuses` shows the table acting on `failed`). A full
+        // buffer drops the one datagram only.
+        let fresh = || FlowState {
+            last: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        };
+        for errno in [libc::EHOSTUNREACH, libc::ENETUNREACH, libc::ECONNREFUSED] {
+            let state = fresh();
+            state.send_failed(&io::Error::from_raw_os_error(errno));
+            assert!(
+                state.failed.load(Ordering::Relaxed),
+                "errno {errno} left the flow on its endpoint"
+            );
+        }
+        let state = fresh();
+        state.send_failed(&io::Error::from(io::ErrorKind::WouldBlock));
+        state.send_failed(&io::Error::from_raw_os_error(libc::ENOBUFS));
+        assert!(!state.failed.load(Ordering::Relaxed), "a full buffer");
     }
 
     #[tokio::test]
