@@ -476,11 +476,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         let desired = self.state.service_ports(key, self.config.default_algorithm);
         let served = self.rules.layout().families();
         let mut plans: Vec<(ServicePortSpec, PortPlan)> = Vec::new();
+        // The health check's local endpoints, per family: see below.
+        let mut local_ready: BTreeMap<IpFamily, usize> = BTreeMap::new();
         let mut off: BTreeSet<IpFamily> = BTreeSet::new();
         for spec in desired {
             for family in spec.families() {
                 if served.contains(&family) {
                     let plan = plan_port(&spec, &self.node, family);
+                    *local_ready.entry(family).or_default() += plan.local_ready;
                     plans.push((spec.clone(), plan));
                 } else {
                     off.insert(family);
@@ -515,9 +518,12 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         }
         self.no_local_internal.retain(|n| n.service != *key);
         self.no_local_external.retain(|n| n.service != *key);
-        let mut local_ready = 0;
+        // kube-proxy counts per family (one proxier per family): a
+        // dual-stack pod is one local endpoint, not one per family. The
+        // larger family's count, so that a node with local endpoints in
+        // either family says so.
+        let local_ready = local_ready.into_values().max().unwrap_or(0);
         for (spec, plan) in plans {
-            local_ready += plan.local_ready;
             if plan.no_local_internal {
                 self.no_local_internal.insert(spec.name.clone());
             }

@@ -7,7 +7,9 @@
 //! with 200 when the node has ready endpoints of the Service (N > 0) and the
 //! proxy is healthy (the `/livez` verdict: node eligibility does not count
 //! here, as in kube-proxy), 503 otherwise. N is the number of ready local
-//! endpoints summed over the Service's ports, kube-proxy's count.
+//! endpoints summed over the Service's ports, counted per family as
+//! kube-proxy does (a dual-stack pod counts once, not once per family; of
+//! the two families, the larger count).
 //!
 //! The reconciler says what each Service needs ([`ServiceHealthServers::set`]);
 //! a port is bound with `SO_REUSEPORT` (for the handover) and served until

@@ -744,26 +744,68 @@ impl ServicePortMetrics {
         self.udp_expired.fetch_add(1, RELAXED);
     }
 
-    /// UDP: the flow table now holds `n` flows.
-    pub fn udp_flows(&self, n: usize) {
-        self.udp_active
-            .store(i64::try_from(n).unwrap_or(i64::MAX), RELAXED);
-    }
-
     /// UDP: `n` flows closed for being idle for the timeout.
     pub fn udp_flows_expired(&self, n: usize) {
         self.udp_expired.fetch_add(n as u64, RELAXED);
     }
 
-    /// Session affinity: the port's balancer remembers `n` client IPs.
-    pub fn affinity_clients(&self, n: usize) {
-        self.affinity_clients
-            .store(i64::try_from(n).unwrap_or(i64::MAX), RELAXED);
-    }
-
     /// Connections open now.
     pub fn active(&self) -> i64 {
         self.active.load(RELAXED)
+    }
+}
+
+/// One listener's view of its Service port's series. A Service port can
+/// have two listeners (one per family, or one per traffic policy) sharing
+/// one series: each reports its own flow table's and affinity table's size,
+/// and the gauge is their sum. A listener adds the change since its last
+/// report (a store would overwrite the other listener's part), and takes
+/// its part back when it goes.
+#[derive(Debug)]
+pub struct ListenerMetrics {
+    port: Arc<ServicePortMetrics>,
+    udp_flows: AtomicI64,
+    affinity_clients: AtomicI64,
+}
+
+impl ListenerMetrics {
+    pub fn new(port: Arc<ServicePortMetrics>) -> Self {
+        ListenerMetrics {
+            port,
+            udp_flows: AtomicI64::new(0),
+            affinity_clients: AtomicI64::new(0),
+        }
+    }
+
+    /// UDP: this listener's flow table now holds `n` flows.
+    pub fn udp_flows(&self, n: usize) {
+        share(&self.port.udp_active, &self.udp_flows, n);
+    }
+
+    /// Session affinity: this listener's balancer remembers `n` client IPs.
+    pub fn affinity_clients(&self, n: usize) {
+        share(&self.port.affinity_clients, &self.affinity_clients, n);
+    }
+}
+
+/// Sets this listener's part (`mine`) of `gauge` to `n`.
+fn share(gauge: &AtomicI64, mine: &AtomicI64, n: usize) {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let before = mine.swap(n, RELAXED);
+    gauge.fetch_add(n.wrapping_sub(before), RELAXED);
+}
+
+impl std::ops::Deref for ListenerMetrics {
+    type Target = ServicePortMetrics;
+    fn deref(&self) -> &ServicePortMetrics {
+        &self.port
+    }
+}
+
+impl Drop for ListenerMetrics {
+    fn drop(&mut self) {
+        self.udp_flows(0);
+        self.affinity_clients(0);
     }
 }
 

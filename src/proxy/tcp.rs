@@ -14,7 +14,7 @@ use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
 use super::connect::{ConnectError, connect_with_failover};
 use super::connections::Connections;
-use super::metrics::{FailReason, ServicePortMetrics};
+use super::metrics::{FailReason, ListenerMetrics, ServicePortMetrics};
 use super::relay::{relay, reset};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::{ServicePortName, SessionAffinity};
@@ -42,6 +42,7 @@ pub fn spawn(
         balancer,
         config,
         connections,
+        share: ListenerMetrics::new(Arc::clone(&metrics)),
         metrics,
     });
     Ok(tokio::spawn(
@@ -58,6 +59,8 @@ struct Port {
     config: Arc<DataPathConfig>,
     connections: Connections,
     metrics: Arc<ServicePortMetrics>,
+    /// This listener's part of the port's shared gauges (affinity).
+    share: ListenerMetrics,
 }
 
 /// A connection to `endpoint` from a socket marked `mark` (`SO_MARK`; 0:
@@ -145,7 +148,7 @@ fn accept(
 /// timer while clients remain.
 fn sweep_affinity(port: &Port) -> Option<Timer> {
     let clients = port.balancer.reap_affinity();
-    port.metrics.affinity_clients(clients);
+    port.share.affinity_clients(clients);
     (clients > 0).then(|| timer(port.balancer.affinity_reap_interval()))
 }
 
@@ -306,6 +309,7 @@ mod tests {
             balancer: Arc::new(Balancer::new(Algorithm::RoundRobin)),
             config: Arc::new(DataPathConfig::default()),
             connections: Connections::new(),
+            share: ListenerMetrics::new(Arc::clone(&metrics)),
             metrics,
         });
         let future = accept_loop(listener, port, Stop::default());
@@ -365,6 +369,7 @@ mod tests {
             balancer: Arc::clone(&balancer),
             config: Arc::new(DataPathConfig::default()),
             connections: Connections::new(),
+            share: ListenerMetrics::new(m.service_port(&name)),
             metrics: m.service_port(&name),
         });
         let stop = Stop::default();

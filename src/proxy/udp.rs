@@ -50,7 +50,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
-use super::metrics::ServicePortMetrics;
+use super::metrics::{ListenerMetrics, ServicePortMetrics};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::ServicePortName;
 
@@ -153,7 +153,7 @@ pub fn spawn(
         epoch: Instant::now(),
         last_warning: None,
         dropped: 0,
-        metrics,
+        metrics: ListenerMetrics::new(metrics),
     };
     Ok(tokio::spawn(table.run(stop).instrument(span)))
 }
@@ -169,7 +169,8 @@ struct FlowTable {
     last_warning: Option<Instant>,
     /// Datagrams dropped for a full table since the last warning.
     dropped: u64,
-    metrics: Arc<ServicePortMetrics>,
+    /// This listener's part of its Service port's gauges.
+    metrics: ListenerMetrics,
 }
 
 impl FlowTable {

@@ -766,3 +766,32 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
     r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
     assert!(!r.node_eligible);
 }
+
+/// kube-proxy counts a health check's local endpoints per family: a
+/// dual-stack pod is one endpoint on the node, not one per family.
+#[tokio::test]
+async fn a_dual_stack_health_check_counts_local_endpoints_once_per_family() {
+    let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+    let mut r = reconciler_v6(&fake, &listeners, HashMap::new(), true);
+    let mut svc = dual_stack("web", Some(30080));
+    svc.external_local = true;
+    svc.health_check_node_port = Some(32000);
+    let local = |slice: &str, ip: &str| {
+        let mut s = slice_of("web", slice, ip, true);
+        s.endpoints[0].node_name = Some("node-a".into());
+        s
+    };
+    let both = vec![local("web-v4", "10.1.0.1"), local("web-v6", "fd00:1::1")];
+    load(&mut r, vec![svc.clone()], both).await;
+    assert_eq!(
+        r.health_checks.get(&ObjectKey::new("default", "web")),
+        Some(&(32000, 1)),
+        "one dual-stack pod on the node is one local endpoint"
+    );
+    // Only the IPv6 side has one: still one, not zero.
+    load(&mut r, vec![svc], vec![local("web-v6", "fd00:1::1")]).await;
+    assert_eq!(
+        r.health_checks.get(&ObjectKey::new("default", "web")),
+        Some(&(32000, 1))
+    );
+}

@@ -283,3 +283,36 @@ fn a_service_port_stays_small() {
         std::mem::size_of::<ServicePortMetrics>()
     );
 }
+
+/// Two listeners of one Service port (dual-stack, or two traffic
+/// policies) each report their own table: the gauges show the sum, and a
+/// listener that goes takes only its own part with it.
+#[test]
+fn two_listeners_of_a_port_sum_their_udp_flows_and_affinity_clients() {
+    let m = Arc::new(PortSeries::new(false));
+    let web = name("web");
+    let labels = "namespace=\"default\",service=\"web\",port_name=\"http\",protocol=\"TCP\"";
+    let gauge = |series: &str| {
+        let text = m.render();
+        sample(&text, &format!("{series}{{{labels}}}")).map(str::to_owned)
+    };
+    let v4 = ListenerMetrics::new(m.service_port(&web));
+    let v6 = ListenerMetrics::new(m.service_port(&web));
+    v4.udp_flows(3);
+    v6.udp_flows(5);
+    v4.affinity_clients(2);
+    v6.affinity_clients(1);
+    assert_eq!(gauge("kubeuproxy_udp_flows_active").as_deref(), Some("8"));
+    assert_eq!(
+        gauge("kubeuproxy_session_affinity_clients").as_deref(),
+        Some("3")
+    );
+    v4.udp_flows(1);
+    assert_eq!(gauge("kubeuproxy_udp_flows_active").as_deref(), Some("6"));
+    drop(v6);
+    assert_eq!(gauge("kubeuproxy_udp_flows_active").as_deref(), Some("1"));
+    assert_eq!(
+        gauge("kubeuproxy_session_affinity_clients").as_deref(),
+        Some("2")
+    );
+}
