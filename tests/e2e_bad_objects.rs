@@ -17,17 +17,16 @@
 //! and `nft`; without them it prints `SKIP ...` (or fails, if `CI` is set).
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B, VIP_C, VIP_D,
-    backend_name, manifests, poll, vip, who,
+    backend_name, http_get, manifests, poll, vip, who,
 };
 use uproxy_lab::manifests::{EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType};
-use uproxy_lab::{self as lab, NODE_CLIENT_ADDR, Netns, backend_addr};
+use uproxy_lab::{self as lab, NODE_CLIENT_ADDR, backend_addr};
 
 const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
 const HEALTHZ: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
@@ -80,35 +79,6 @@ exec {real} "$@"
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
     bin
-}
-
-/// `GET path` from `addr` inside `ns`: (status, body).
-fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let path = path.to_string();
-    ns.run(move || -> Result<(u16, String), String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("not HTTP: {text:?}"))?;
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("no status in {head:?}"))?;
-        Ok((status, body.to_string()))
-    })
-    .map_err(|e| e.to_string())?
 }
 
 #[test]

@@ -18,13 +18,12 @@
 //!
 //! Need root and `nft`: without them they print `SKIP …` (fail if `CI` is set).
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use uproxy_lab::e2e::{
     self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    VIP_C, poll, vip, wait_nft_key, who, who_or_panic,
+    VIP_C, http_get, poll, vip, wait_nft_key, who, who_or_panic,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
 use uproxy_lab::peers;
@@ -102,32 +101,6 @@ fn a_node_with_ip_nonlocal_bind_gets_the_proxy_address_and_serves() {
         "backend0"
     );
     proxy.assert_running("after the connections");
-}
-
-/// `GET path` on `addr` from `ns`: the status and the body.
-fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = ns
-        .tcp_connect(addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Polls `GET path` on `addr` from `ns` until it answers 200; the body.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use uproxy_lab::e2e::{
     self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    VIP_C, close, connect, hold, poll, read_line, vip, wait_nft_key, who_or_panic,
+    VIP_C, close, connect, hold, http_get, poll, read_line, vip, wait_nft_key, who_or_panic,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, list_yaml};
 use uproxy_lab::{self as lab, Netns, backend_addr};
@@ -584,26 +584,6 @@ fn proxy_ports_are_reachable_only_through_the_redirect() {
     }
 }
 
-/// GET `path` on a fresh connection from `ns`: the status code.
-fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let mut s = ns
-        .tcp_connect(addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {text:?}"))
-}
-
 /// Issue 19, "flood on the side doors": idle connections to the
 /// health-check node port and to /healthz (anyone who reaches the node may
 /// open them) are capped and timed out, so the proxy's fds stay bounded
@@ -649,8 +629,8 @@ fn a_flood_of_idle_connections_on_the_side_doors_costs_the_data_path_nothing() {
     let client = run.bed.client();
     poll(READY_TIMEOUT, Duration::from_millis(100), || {
         match (
-            http_status(client, health_check, "/"),
-            http_status(client, healthz, "/healthz"),
+            http_get(client, health_check, "/").map(|(s, _)| s),
+            http_get(client, healthz, "/healthz").map(|(s, _)| s),
         ) {
             (Ok(200), Ok(200)) => Ok(()),
             other => Err(format!("{other:?}")),
@@ -726,14 +706,14 @@ fn a_flood_of_idle_connections_on_the_side_doors_costs_the_data_path_nothing() {
     poll(
         Duration::from_secs(30),
         Duration::from_millis(250),
-        || match http_status(client, healthz, "/healthz") {
+        || match http_get(client, healthz, "/healthz").map(|(s, _)| s) {
             Ok(200) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )
     .unwrap_or_else(|e| panic!("/healthz never answered after the flood: {e}"));
     assert_eq!(
-        http_status(client, health_check, "/").ok(),
+        http_get(client, health_check, "/").map(|(s, _)| s).ok(),
         Some(200),
         "the health check port answers after the flood"
     );

@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,8 +31,8 @@ use std::time::Duration;
 use serde_json::Value;
 use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    assert_echo, backend_name, bin, close, hold, manifests, poll, read_line, vip, wait_nft_key,
-    write_by_rename,
+    assert_echo, backend_name, bin, close, hold, http_get, manifests, poll, read_line, vip,
+    wait_nft_key, write_by_rename,
 };
 use uproxy_lab::manifests::{
     EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_yaml,
@@ -190,32 +190,6 @@ fn wait_answers(ns: &Netns, addr: SocketAddr, want: &BTreeSet<String>, why: &str
             .ok_or_else(|| format!("got {got:?}"))
     })
     .unwrap_or_else(|e| panic!("{why}: want {want:?} from {addr}: {e}"));
-}
-
-/// `GET path` on `addr` from `ns`: the status and the body.
-fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = ns
-        .tcp_connect(addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Polls the health check node port until it answers `status` with

@@ -573,3 +573,30 @@ pub fn assert_echo(s: &mut TcpStream, msg: &str, what: &str) {
     let back = read_line(s).unwrap_or_else(|e| panic!("{what}: read: {e}"));
     assert_eq!(back, msg, "{what}: echo mismatch");
 }
+
+/// `GET path` on `addr` from `ns` on a fresh connection (`Connection:
+/// close`): the status and the body.
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = ns
+        .tcp_connect(addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
