@@ -137,6 +137,27 @@ pub struct Args {
     #[arg(long, value_name = "MARK", default_value = "0x2000", value_parser = parse_mark)]
     pub upstream_mark: u32,
 
+    /// Balance each HTTP request, not each connection, on the Service
+    /// ports that ask for it by `appProtocol` (`http`, `kubernetes.io/h2c`,
+    /// `grpc`, …) or by the annotation `kube-uproxy.io/balance: request`
+    /// (docs/services.md). `false`: every port is balanced per connection,
+    /// as by kube-proxy.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub request_balancing: bool,
+
+    /// On a port in request mode, how long a new connection may stay
+    /// silent before it is taken for a server-speaks-first protocol and
+    /// relayed as bytes. HTTP clients write at once; only a mislabelled
+    /// protocol whose server speaks first waits this long once.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = |s: &str| HTTP_DETECT_TIMEOUT.parse(s))]
+    pub http_detect_timeout: Duration,
+
+    /// Idle HTTP/1.1 connections to endpoints are closed after this, before
+    /// common servers close theirs (Node.js and Apache: 5 s) and race a
+    /// request written at that moment.
+    #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = |s: &str| HTTP_UPSTREAM_IDLE_TIMEOUT.parse(s))]
+    pub http_upstream_idle_timeout: Duration,
+
     /// Remove everything the proxy installed (the nftables table, the
     /// address on lo, the sysctl it changed) and exit.
     #[arg(long)]
@@ -542,6 +563,23 @@ pub const TCP_USER_TIMEOUT: DurationBounds = DurationBounds {
     min: SECOND,
     max: DAY,
     zero_is_off: true,
+};
+/// Below 100 ms a client on a slow link would lose balancing per request;
+/// above 10 s a mislabelled server-first protocol waits too long.
+pub const HTTP_DETECT_TIMEOUT: DurationBounds = DurationBounds {
+    flag: "--http-detect-timeout",
+    field: Some("httpDetectTimeout"),
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(10),
+    zero_is_off: false,
+};
+/// At least a second, or nothing is ever reused between requests.
+pub const HTTP_UPSTREAM_IDLE_TIMEOUT: DurationBounds = DurationBounds {
+    flag: "--http-upstream-idle-timeout",
+    field: Some("httpUpstreamIdleTimeout"),
+    min: SECOND,
+    max: HOUR,
+    zero_is_off: false,
 };
 /// 0 flows would drop every datagram; one per fd at most.
 pub const UDP_MAX_FLOWS: CountBounds = CountBounds {

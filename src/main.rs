@@ -17,6 +17,7 @@ use kube_uproxy::model::IpFamily;
 use kube_uproxy::model::NodeTopology;
 use kube_uproxy::proxy::DataPathConfig;
 use kube_uproxy::proxy::connections::Connections;
+use kube_uproxy::proxy::http::HttpConfig;
 use kube_uproxy::proxy::listeners::SocketListeners;
 use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
 use kube_uproxy::proxy::udp::UdpConfig;
@@ -383,6 +384,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 mark: args.upstream_mark,
             },
             upstream_mark: args.upstream_mark,
+            http: HttpConfig {
+                enabled: args.request_balancing,
+                detect_timeout: args.http_detect_timeout,
+                upstream_idle_timeout: args.http_upstream_idle_timeout,
+                ..HttpConfig::default()
+            },
             ..DataPathConfig::default()
         }),
         connections.clone(),

@@ -77,8 +77,13 @@ pub enum Algorithm {
     #[default]
     RoundRobin,
     /// Each new connection goes to the endpoint with the fewest open
-    /// connections through this proxy; ties rotate.
+    /// connections through this proxy; ties rotate. On a port in request
+    /// mode: the fewest requests in flight.
     LeastConnections,
+    /// Power of two choices over each endpoint's peak-EWMA response time
+    /// times its requests (or connections) in flight, as Linkerd and
+    /// Finagle balance: a slow endpoint gets a small share.
+    PeakEwma,
 }
 
 impl FromStr for Algorithm {
@@ -87,8 +92,9 @@ impl FromStr for Algorithm {
         match s {
             "round-robin" | "rr" => Ok(Algorithm::RoundRobin),
             "least-connections" | "lc" => Ok(Algorithm::LeastConnections),
+            "peak-ewma" | "ewma" => Ok(Algorithm::PeakEwma),
             other => Err(format!(
-                "unknown algorithm {other:?} (want round-robin or least-connections)"
+                "unknown algorithm {other:?} (want round-robin, least-connections or peak-ewma)"
             )),
         }
     }
@@ -99,6 +105,96 @@ impl fmt::Display for Algorithm {
         f.write_str(match self {
             Algorithm::RoundRobin => "round-robin",
             Algorithm::LeastConnections => "least-connections",
+            Algorithm::PeakEwma => "peak-ewma",
+        })
+    }
+}
+
+/// How a Service port's TCP connections are balanced: once per
+/// connection (the L4 relay, as kube-proxy), or once per HTTP request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum PortMode {
+    /// Each connection picks an endpoint; bytes are relayed (L4).
+    #[default]
+    Connection,
+    /// Each request picks an endpoint; HTTP/1.1 toward endpoints (upgrades
+    /// become tunnels). Clients may speak HTTP/1.1 or h2c.
+    Http1,
+    /// Each request picks an endpoint; HTTP/2 without TLS (prior
+    /// knowledge) toward endpoints: gRPC. Clients may speak either.
+    Http2,
+}
+
+/// The Service annotation `kube-uproxy.io/balance`: per request or per
+/// connection for all its ports, whatever their `appProtocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BalanceOverride {
+    Request,
+    Connection,
+}
+
+impl FromStr for BalanceOverride {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "request" => Ok(BalanceOverride::Request),
+            "connection" => Ok(BalanceOverride::Connection),
+            other => Err(format!(
+                "unknown balancing {other:?} (want request or connection)"
+            )),
+        }
+    }
+}
+
+impl PortMode {
+    /// The mode of a port from its `appProtocol` (compared
+    /// case-insensitively) and the Service's override. Only TCP ports are
+    /// balanced per request.
+    ///
+    /// | `appProtocol` | mode |
+    /// |---|---|
+    /// | `http`, `kubernetes.io/ws` | HTTP/1.1 |
+    /// | `kubernetes.io/h2c`, `h2c`, `http2`, `grpc`, `grpc-web` | HTTP/2 |
+    /// | anything else, or none | per connection |
+    ///
+    /// `request` on a port whose `appProtocol` names no HTTP flavour means
+    /// HTTP/1.1; `connection` always means per connection.
+    pub fn of(
+        protocol: Protocol,
+        app_protocol: Option<&str>,
+        over: Option<BalanceOverride>,
+    ) -> Self {
+        if protocol != Protocol::Tcp || over == Some(BalanceOverride::Connection) {
+            return PortMode::Connection;
+        }
+        let by_name = app_protocol
+            .map(str::to_ascii_lowercase)
+            .and_then(|a| match a.as_str() {
+                "http" | "kubernetes.io/ws" => Some(PortMode::Http1),
+                "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" | "grpc-web" => {
+                    Some(PortMode::Http2)
+                }
+                _ => None,
+            });
+        match (by_name, over) {
+            (Some(m), _) => m,
+            (None, Some(BalanceOverride::Request)) => PortMode::Http1,
+            (None, _) => PortMode::Connection,
+        }
+    }
+
+    /// Whether requests, not connections, are balanced.
+    pub fn per_request(self) -> bool {
+        self != PortMode::Connection
+    }
+}
+
+impl fmt::Display for PortMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PortMode::Connection => "connection",
+            PortMode::Http1 => "request (HTTP/1.1)",
+            PortMode::Http2 => "request (h2c)",
         })
     }
 }
@@ -248,6 +344,8 @@ pub struct PortSpec {
     pub port: u16,
     /// `nodePort`, for Services of type NodePort and LoadBalancer.
     pub node_port: Option<u16>,
+    /// `appProtocol`, as written: decides [`PortMode`].
+    pub app_protocol: Option<String>,
 }
 
 /// A Service, reduced to what the proxy needs.
@@ -259,6 +357,9 @@ pub struct ServiceInfo {
     pub ports: Vec<PortSpec>,
     /// From the annotation `kube-uproxy.io/lb-algorithm`; `None` = global default.
     pub algorithm: Option<Algorithm>,
+    /// From the annotation `kube-uproxy.io/balance`; `None`: by each
+    /// port's `appProtocol`.
+    pub balance: Option<BalanceOverride>,
     /// `spec.externalIPs`: caught like the ClusterIP.
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`, except those with `ipMode:
@@ -374,6 +475,8 @@ pub struct ServicePortSpec {
     pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub algorithm: Algorithm,
+    /// Per connection or per request ([`PortMode::of`]).
+    pub mode: PortMode,
     /// The port on every node address, if the Service has one.
     pub node_port: Option<u16>,
     /// Addresses caught like the ClusterIP on `port`.
@@ -560,6 +663,7 @@ impl ClusterState {
                 cluster_ips: svc.cluster_ips.clone(),
                 port: p.port,
                 algorithm: svc.algorithm.unwrap_or(default),
+                mode: PortMode::of(p.protocol, p.app_protocol.as_deref(), svc.balance),
                 node_port: p.node_port,
                 external_ips: svc.external_ips.clone(),
                 lb_ips: svc.lb_ips.clone(),
@@ -650,6 +754,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                     port: *p,
                     node_port: None,
+                    app_protocol: None,
                 })
                 .collect(),
             ..ServiceInfo::default()

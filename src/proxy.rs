@@ -20,6 +20,7 @@ mod accept;
 pub mod balancer;
 mod connect;
 pub mod connections;
+pub mod http;
 pub mod limit;
 pub mod listeners;
 mod log_limit;
@@ -59,6 +60,8 @@ pub struct DataPathConfig {
     /// NAT output chain passes them untranslated, so the proxy never
     /// connects to itself. 0: unmarked (tests without `CAP_NET_ADMIN`).
     pub upstream_mark: u32,
+    /// Request mode (ports balanced per HTTP request).
+    pub http: http::HttpConfig,
 }
 
 impl Default for DataPathConfig {
@@ -72,6 +75,7 @@ impl Default for DataPathConfig {
                 .collect(),
             udp: UdpConfig::default(),
             upstream_mark: 0,
+            http: http::HttpConfig::default(),
         }
     }
 }

@@ -583,6 +583,10 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             port.balancer
                 .update(&plan.endpoints, spec.algorithm, spec.session_affinity);
         }
+        if port.balancer.mode() != spec.mode {
+            debug!(listener = %plan.key, mode = %spec.mode, "balancing mode changed");
+            port.balancer.set_mode(spec.mode);
+        }
 
         for old in port
             .destinations
@@ -618,6 +622,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
         balancer.update(endpoints, spec.algorithm, spec.session_affinity);
+        balancer.set_mode(spec.mode);
         let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {

@@ -29,8 +29,9 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
 use crate::config::{
-    Args, DurationBounds, LogFormat, MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SYNC_PERIOD,
-    ServeAddress, parse_bind_address, parse_bind_address_v6, parse_nodeport_addresses,
+    Args, DurationBounds, HTTP_DETECT_TIMEOUT, HTTP_UPSTREAM_IDLE_TIMEOUT, LogFormat,
+    MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SYNC_PERIOD, ServeAddress, parse_bind_address,
+    parse_bind_address_v6, parse_nodeport_addresses,
 };
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
@@ -97,6 +98,9 @@ pub struct ConfigFile {
     pub lb_algorithm: Option<String>,
     pub tcp_relay: Option<String>,
     pub metrics_per_endpoint: Option<bool>,
+    pub request_balancing: Option<bool>,
+    pub http_detect_timeout: Option<String>,
+    pub http_upstream_idle_timeout: Option<String>,
     pub healthz_socket: Option<PathBuf>,
     pub proc_sys_dir: Option<PathBuf>,
 }
@@ -306,6 +310,27 @@ impl ConfigFile {
             "metrics_per_endpoint",
             self.metrics_per_endpoint,
             args.metrics_per_endpoint
+        );
+        set!(
+            "request_balancing",
+            self.request_balancing,
+            args.request_balancing
+        );
+        set!(
+            "http_detect_timeout",
+            self.http_detect_timeout
+                .as_deref()
+                .map(|s| duration(HTTP_DETECT_TIMEOUT, s))
+                .transpose()?,
+            args.http_detect_timeout
+        );
+        set!(
+            "http_upstream_idle_timeout",
+            self.http_upstream_idle_timeout
+                .as_deref()
+                .map(|s| duration(HTTP_UPSTREAM_IDLE_TIMEOUT, s))
+                .transpose()?,
+            args.http_upstream_idle_timeout
         );
         set!(
             "healthz_socket",

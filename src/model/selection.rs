@@ -159,7 +159,7 @@ fn topology_mode(endpoints: &[&Endpoint], node: &NodeTopology) -> Option<Topolog
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, ObjectKey, Protocol, ServicePortName};
+    use crate::model::{Algorithm, ObjectKey, PortMode, Protocol, ServicePortName};
 
     /// An endpoint: `10.0.0.<n>:80` on `node`, in the given state.
     fn ep(n: u8, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
@@ -202,6 +202,7 @@ mod tests {
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
             port: 80,
             algorithm: Algorithm::RoundRobin,
+            mode: PortMode::Connection,
             node_port: Some(30080),
             external_ips: Vec::new(),
             lb_ips: Vec::new(),

@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 
 use super::log_limit::LogLimit;
 
-use crate::model::{Algorithm, SessionAffinity};
+use crate::model::{Algorithm, PortMode, SessionAffinity};
 
 /// Most client IPs one Service port remembers for session affinity. When
 /// a new client finds the table full, expired entries go first, then the
@@ -36,11 +36,27 @@ use crate::model::{Algorithm, SessionAffinity};
 /// bytes with the hash table's slack, so a full table is about 1 MiB.
 pub const MAX_AFFINITY_CLIENTS: usize = 16384;
 
-/// One endpoint and the connections currently open to it through us.
+/// Peak-EWMA's guess of a response time not yet measured (Linkerd's
+/// default): a new endpoint is neither flooded nor starved before its
+/// first answer; the first measurement replaces the guess.
+const DEFAULT_RTT_NS: f64 = 30_000_000.0;
+
+/// Peak-EWMA's decay: a measurement loses weight with a time constant of
+/// 10 s (Linkerd's default), so a slow endpoint that recovered is tried
+/// again within tens of seconds even if nothing is sent to it.
+const DECAY_NS: f64 = 10_000_000_000.0;
+
+/// One endpoint and the connections (on request-mode ports, the
+/// requests) currently open to it through us.
 #[derive(Debug)]
 pub struct EndpointStats {
     pub addr: SocketAddr,
     active: AtomicUsize,
+    /// Peak-EWMA response time, ns, as `f64` bits; 0: not measured yet.
+    rtt: AtomicU64,
+    /// When `rtt` was last written, in ns since `born`.
+    rtt_at: AtomicU64,
+    born: Instant,
     /// Connect failures to this endpoint are logged once per interval.
     connect_log: LogLimit,
 }
@@ -50,12 +66,58 @@ impl EndpointStats {
         EndpointStats {
             addr,
             active: AtomicUsize::new(0),
+            rtt: AtomicU64::new(0),
+            rtt_at: AtomicU64::new(0),
+            born: Instant::now(),
             connect_log: LogLimit::default(),
         }
     }
 
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    fn since_born(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The response-time estimate at `now`, decayed since it was written
+    /// (an endpoint nothing is sent to drifts back toward being tried).
+    fn rtt_estimate(&self, now: Instant) -> f64 {
+        let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
+        if rtt == 0.0 {
+            return DEFAULT_RTT_NS;
+        }
+        let elapsed = self
+            .since_born(now)
+            .saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
+        rtt * (-elapsed / DECAY_NS).exp()
+    }
+
+    /// Peak-EWMA's cost: the response-time estimate times the work in
+    /// flight (plus the one being placed).
+    fn cost(&self, now: Instant) -> f64 {
+        self.rtt_estimate(now) * (self.active() + 1) as f64
+    }
+
+    /// Folds one response time in: a slower one than the estimate is taken
+    /// whole (the peak), a faster one moves the estimate by the weight of
+    /// the time since the last. Two concurrent writers may lose one
+    /// measurement; the estimate stays a measured value.
+    fn observe(&self, rtt: Duration, now: Instant) {
+        let sample = rtt.as_nanos() as f64;
+        let old = f64::from_bits(self.rtt.load(Ordering::Relaxed));
+        let at = self.since_born(now);
+        let next = if old == 0.0 || sample > old {
+            sample
+        } else {
+            let elapsed = at.saturating_sub(self.rtt_at.load(Ordering::Relaxed)) as f64;
+            let decay = (-elapsed / DECAY_NS).exp();
+            old * decay + sample * (1.0 - decay)
+        };
+        // Never 0: that means "not measured".
+        self.rtt.store(next.max(1.0).to_bits(), Ordering::Relaxed);
+        self.rtt_at.store(at, Ordering::Relaxed);
     }
 }
 
@@ -112,6 +174,11 @@ impl Lease {
     /// The rate limit of this endpoint's connect-failure lines.
     pub(crate) fn connect_log(&self) -> &LogLimit {
         &self.stats.connect_log
+    }
+
+    /// Tells peak-EWMA how long the endpoint took to answer.
+    pub fn observe(&self, rtt: Duration) {
+        self.stats.observe(rtt, Instant::now());
     }
 }
 
@@ -179,6 +246,8 @@ fn reap_interval_ms(timeout_ms: u64) -> u64 {
 pub struct Balancer {
     set: ArcSwap<EndpointSet>,
     algorithm: AtomicU8,
+    /// [`PortMode`], encoded.
+    mode: AtomicU8,
     /// `sessionAffinity: ClientIP`'s timeout in ms; 0: no affinity (the
     /// data path then takes no lock).
     affinity_timeout: AtomicU64,
@@ -216,6 +285,15 @@ fn encode(a: Algorithm) -> u8 {
     match a {
         Algorithm::RoundRobin => 0,
         Algorithm::LeastConnections => 1,
+        Algorithm::PeakEwma => 2,
+    }
+}
+
+fn encode_mode(m: PortMode) -> u8 {
+    match m {
+        PortMode::Connection => 0,
+        PortMode::Http1 => 1,
+        PortMode::Http2 => 2,
     }
 }
 
@@ -228,6 +306,7 @@ impl Balancer {
         Balancer {
             set: ArcSwap::from_pointee(EndpointSet::default()),
             algorithm: AtomicU8::new(encode(algorithm)),
+            mode: AtomicU8::new(0),
             affinity_timeout: AtomicU64::new(0),
             affinity: Mutex::new(Affinity::default()),
             affinity_clients: AtomicUsize::new(0),
@@ -243,8 +322,25 @@ impl Balancer {
     pub fn algorithm(&self) -> Algorithm {
         match self.algorithm.load(Ordering::Relaxed) {
             1 => Algorithm::LeastConnections,
+            2 => Algorithm::PeakEwma,
             _ => Algorithm::RoundRobin,
         }
+    }
+
+    /// Per connection or per request, as last published; read by the
+    /// accept loop for each new connection, so a change applies to the
+    /// connections that follow it.
+    pub fn mode(&self) -> PortMode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => PortMode::Http1,
+            2 => PortMode::Http2,
+            _ => PortMode::Connection,
+        }
+    }
+
+    /// Publishes the port's mode (control plane).
+    pub fn set_mode(&self, mode: PortMode) {
+        self.mode.store(encode_mode(mode), Ordering::Relaxed);
     }
 
     /// The rate limit of this Service port's "no endpoint accepted" lines.
@@ -453,12 +549,43 @@ impl Balancer {
             // min_by_key keeps the first minimum, and the scan starts at a
             // rotating offset: ties are broken fairly.
             Algorithm::LeastConnections => candidates().min_by_key(|e| e.active()),
+            Algorithm::PeakEwma => self.two_choices(eps, tried, start),
         }
         .unwrap_or(&eps[start]);
         chosen.active.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
             stats: Arc::clone(chosen),
         })
+    }
+
+    /// Power of two choices: two different endpoints not in `tried`, the
+    /// one of lower peak-EWMA cost. The first is `start`'s candidate (the
+    /// rotating position), the second a pseudo-random other one, so that
+    /// every pair comes up without a random-number generator per pick.
+    fn two_choices<'a>(
+        &self,
+        eps: &'a [Arc<EndpointStats>],
+        tried: &[SocketAddr],
+        start: usize,
+    ) -> Option<&'a Arc<EndpointStats>> {
+        let n = eps.len();
+        let open: Vec<usize> = (0..n)
+            .map(|i| (start + i) % n)
+            .filter(|i| !tried.contains(&eps[*i].addr))
+            .collect();
+        let first = *open.first()?;
+        if open.len() == 1 {
+            return Some(&eps[first]);
+        }
+        // A multiplicative hash of the rotating counter: another
+        // candidate, spread over the rest of `open`.
+        let mix = (start as u64 ^ self.generation.load(Ordering::Relaxed))
+            .wrapping_add(self.next.load(Ordering::Relaxed) as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let second = open[1 + (mix >> 33) as usize % (open.len() - 1)];
+        let now = Instant::now();
+        let (a, b) = (&eps[first], &eps[second]);
+        Some(if b.cost(now) < a.cost(now) { b } else { a })
     }
 }
 
@@ -485,6 +612,52 @@ mod tests {
         }
         assert_eq!(counts.len(), 3);
         assert!(counts.values().all(|c| *c == 10), "{counts:?}");
+    }
+
+    /// Peak-EWMA: an endpoint that answers in 50 ms while the others
+    /// answer in 1 ms gets a small share; round-robin gives it a third.
+    #[test]
+    fn peak_ewma_steers_around_a_slow_endpoint() {
+        let share_of_slow = |algorithm: Algorithm| {
+            let b = Balancer::new(algorithm);
+            b.update(&addrs(3), algorithm, SessionAffinity::None);
+            let slow = addrs(3)[1];
+            let mut to_slow = 0;
+            for _ in 0..300 {
+                let l = b.pick(CLIENT, &[]).unwrap();
+                if l.addr() == slow {
+                    to_slow += 1;
+                    l.observe(Duration::from_millis(50));
+                } else {
+                    l.observe(Duration::from_millis(1));
+                }
+            }
+            to_slow
+        };
+        let rr = share_of_slow(Algorithm::RoundRobin);
+        let ewma = share_of_slow(Algorithm::PeakEwma);
+        assert_eq!(rr, 100);
+        assert!(
+            ewma < 15,
+            "peak-ewma sent {ewma} of 300 to the slow endpoint"
+        );
+    }
+
+    /// Requests in flight weigh too: with equal response times, the
+    /// endpoint holding the most outstanding requests is avoided.
+    #[test]
+    fn peak_ewma_weighs_requests_in_flight() {
+        let b = Balancer::new(Algorithm::PeakEwma);
+        b.update(&addrs(2), Algorithm::PeakEwma, SessionAffinity::None);
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            held.push(b.pick(CLIENT, &[]).unwrap());
+        }
+        let on_first = held.iter().filter(|l| l.addr() == addrs(2)[0]).count();
+        assert!(
+            (8..=12).contains(&on_first),
+            "{on_first} of 20 on the first endpoint"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::errno::Errno;
+use tokio::net::TcpStream;
 use tracing::warn;
 
 use super::balancer::{Balancer, Lease};
@@ -129,6 +130,25 @@ where
     Err(ConnectError::AllFailed {
         attempts: tried.len(),
     })
+}
+
+/// A connection to `endpoint` from a socket marked `mark` (`SO_MARK`; 0:
+/// none). The NAT output chain passes marked packets untranslated, so the
+/// kernel translates a flow once, as with kube-proxy: an endpoint whose
+/// address and port are a Service destination (an externalIP equal to a
+/// node address, a hostNetwork backend on that port) is reached instead
+/// of this proxy's own listener, which would connect to itself again and
+/// again until the file descriptors run out.
+pub(super) async fn connect_marked(endpoint: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let socket = if endpoint.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if mark != 0 {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.connect(endpoint).await
 }
 
 #[cfg(test)]

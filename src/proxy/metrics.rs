@@ -27,6 +27,8 @@
 //! series follow the Services that exist (connections still open keep
 //! counting into a `ServicePortMetrics` nobody renders).
 
+pub mod http;
+
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::io;
@@ -534,6 +536,8 @@ impl Collector for PortSeries {
             per_port(|p| gauge(&p.affinity_clients)),
         )?;
 
+        http::encode(e, &ports)?;
+
         if self.per_endpoint {
             // (port, endpoint as text, connections, failures), sorted.
             let endpoints: Vec<(&PortLabels, String, EndpointCounts)> = ports
@@ -641,6 +645,9 @@ pub struct ServicePortMetrics {
     udp_active: AtomicI64,
     udp_expired: AtomicU64,
     affinity_clients: AtomicI64,
+    /// Request mode's counters, from the port's first request on (a
+    /// pointer's room before: most ports are never in request mode).
+    http: once_cell::race::OnceBox<http::HttpMetrics>,
     /// With `--metrics-per-endpoint`: the endpoints seen and their counts
     /// (a pointer's room without it).
     per_endpoint: Option<Box<Mutex<BTreeMap<SocketAddr, EndpointCounts>>>>,
@@ -668,6 +675,7 @@ impl ServicePortMetrics {
             udp_active: AtomicI64::new(0),
             udp_expired: AtomicU64::new(0),
             affinity_clients: AtomicI64::new(0),
+            http: once_cell::race::OnceBox::new(),
             per_endpoint: per_endpoint.then(|| Box::new(Mutex::new(BTreeMap::new()))),
         }
     }
@@ -691,6 +699,11 @@ impl ServicePortMetrics {
                 .collect(),
             None => Vec::new(),
         }
+    }
+
+    /// Request mode's counters of this port (allocated on first use).
+    pub fn http(&self) -> &http::HttpMetrics {
+        self.http.get_or_init(Box::default)
     }
 
     /// The listener accepted a connection.

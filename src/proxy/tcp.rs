@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -12,8 +12,9 @@ use tracing::{Instrument, debug, debug_span};
 use super::DataPathConfig;
 use super::accept::AcceptBackoff;
 use super::balancer::Balancer;
-use super::connect::{ConnectError, connect_with_failover};
+use super::connect::{ConnectError, connect_marked, connect_with_failover};
 use super::connections::Connections;
+use super::http::{self, HttpPort};
 use super::metrics::{FailReason, ListenerMetrics, ServicePortMetrics};
 use super::relay::{relay, reset};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
@@ -44,6 +45,8 @@ pub fn spawn(
         connections,
         share: ListenerMetrics::new(Arc::clone(&metrics)),
         metrics,
+        http: OnceLock::new(),
+        shutdown: stop.now.clone(),
     });
     Ok(tokio::spawn(
         accept_loop(listener, port, stop).instrument(span),
@@ -61,25 +64,26 @@ struct Port {
     metrics: Arc<ServicePortMetrics>,
     /// This listener's part of the port's shared gauges (affinity).
     share: ListenerMetrics,
+    /// Request mode's pool and settings, made at the first connection
+    /// served in request mode.
+    http: OnceLock<Arc<HttpPort>>,
+    /// The process is stopping: request-mode clients are asked to leave.
+    shutdown: CancellationToken,
 }
 
-/// A connection to `endpoint` from a socket marked `mark` (`SO_MARK`; 0:
-/// none). The NAT output chain passes marked packets untranslated, so the
-/// kernel translates a flow once, as with kube-proxy: an endpoint whose
-/// address and port are a Service destination (an externalIP equal to a
-/// node address, a hostNetwork backend on that port) is reached instead
-/// of this proxy's own listener, which would connect to itself again and
-/// again until the file descriptors run out.
-async fn connect_marked(endpoint: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let socket = if endpoint.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    if mark != 0 {
-        socket2::SockRef::from(&socket).set_mark(mark)?;
+impl Port {
+    fn http(&self) -> Arc<HttpPort> {
+        Arc::clone(self.http.get_or_init(|| {
+            Arc::new(HttpPort::new(
+                Arc::clone(&self.service),
+                Arc::clone(&self.balancer),
+                Arc::clone(&self.config),
+                Arc::clone(&self.metrics),
+                self.connections.cut_token().clone(),
+                self.connections.tracker().clone(),
+            ))
+        }))
     }
-    socket.connect(endpoint).await
 }
 
 async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
@@ -175,6 +179,13 @@ fn on_accepted(
     // debug level: at the default level the span costs nothing per
     // connection; warnings carry service and client themselves.
     let span = debug_span!("conn", client = %peer);
+    if port.config.http.enabled && port.balancer.mode().per_request() {
+        let flow = handle_request_mode(port.http(), client, peer, port.shutdown.clone());
+        port.connections
+            .tracker()
+            .spawn(flow.map(move |()| drop(admission)).instrument(span));
+        return None;
+    }
     let flow = handle_connection(
         client,
         peer,
@@ -191,6 +202,46 @@ fn on_accepted(
         .tracker()
         .spawn(flow.map(move |()| drop(admission)).instrument(span));
     None
+}
+
+/// A connection to a port in request mode: served as HTTP if its first
+/// bytes say so, else relayed as bytes like any other (nothing is lost:
+/// detection only peeks).
+async fn handle_request_mode(
+    http: Arc<HttpPort>,
+    client: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let metrics = Arc::clone(http.metrics());
+    let open = metrics.open();
+    let _ = client.set_nodelay(true);
+    let config = Arc::clone(http.config());
+    let cut = http.cut().clone();
+    let detected = tokio::select! {
+        d = http::detect(&client, config.http.detect_timeout) => d,
+        _ = cut.cancelled() => return,
+    };
+    match detected {
+        Ok(d @ (http::Detected::Http1 | http::Detected::Http2)) => {
+            http::serve(http, client, peer, d, shutdown, cut).await;
+        }
+        Ok(http::Detected::Other) | Err(_) => {
+            debug!("not HTTP; relaying as bytes");
+            // handle_connection counts it open itself.
+            drop(open);
+            handle_connection(
+                client,
+                peer,
+                Arc::clone(http.service()),
+                Arc::clone(http.balancer()),
+                config,
+                cut,
+                metrics.clone(),
+            )
+            .await;
+        }
+    }
 }
 
 /// Picks an endpoint, connects (failing over to the next endpoint on
@@ -311,6 +362,8 @@ mod tests {
             connections: Connections::new(),
             share: ListenerMetrics::new(Arc::clone(&metrics)),
             metrics,
+            http: OnceLock::new(),
+            shutdown: CancellationToken::new(),
         });
         let future = accept_loop(listener, port, Stop::default());
         let size = std::mem::size_of_val(&future);
@@ -371,6 +424,8 @@ mod tests {
             connections: Connections::new(),
             share: ListenerMetrics::new(m.service_port(&name)),
             metrics: m.service_port(&name),
+            http: OnceLock::new(),
+            shutdown: CancellationToken::new(),
         });
         let stop = Stop::default();
         let task = tokio::spawn(accept_loop(listener, port, stop.clone()));

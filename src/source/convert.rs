@@ -20,8 +20,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Algorithm, IpFamily, NodeInfo, ObjectKey, PortSpec, Protocol, ServiceInfo, SessionAffinity,
-    SliceEndpoint, SliceInfo, SlicePort,
+    Algorithm, BalanceOverride, IpFamily, NodeInfo, ObjectKey, PortSpec, Protocol, ServiceInfo,
+    SessionAffinity, SliceEndpoint, SliceInfo, SlicePort,
 };
 
 /// Label that hands a Service to another proxy (kube-proxy skips these).
@@ -35,6 +35,9 @@ pub const PROXY_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 /// Per-Service choice of balancing algorithm.
 pub const ANNOTATION_LB_ALGORITHM: &str = "kube-uproxy.io/lb-algorithm";
+/// Per-Service choice of per-request or per-connection balancing, over
+/// each port's `appProtocol`.
+pub const ANNOTATION_BALANCE: &str = "kube-uproxy.io/balance";
 /// Asks the EndpointSlice controller for topology hints (Kubernetes 1.27+).
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The older name of [`ANNOTATION_TOPOLOGY_MODE`].
@@ -254,6 +257,7 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
             protocol,
             port,
             node_port,
+            app_protocol: p.app_protocol.clone(),
         });
     }
 
@@ -361,12 +365,30 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
         },
     };
 
+    let balance = match annotation(meta, ANNOTATION_BALANCE) {
+        None => None,
+        Some(raw) => match raw.parse::<BalanceOverride>() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                notices.insert(
+                    0,
+                    Notice::new(
+                        format!("metadata.annotations[{ANNOTATION_BALANCE}]"),
+                        format!("{e}; each port's appProtocol decides"),
+                    ),
+                );
+                None
+            }
+        },
+    };
+
     Ok(Outcome::Accepted(Accepted {
         info: ServiceInfo {
             key,
             cluster_ips,
             ports,
             algorithm,
+            balance,
             external_ips,
             lb_ips,
             lb_source_ranges,

@@ -835,6 +835,7 @@ mod tests {
             protocol: ModelProtocol::Tcp,
             port,
             node_port: None,
+            app_protocol: None,
         };
         let services: Vec<ServiceInfo> = p.services.iter().map(|s| (**s).clone()).collect();
         assert_eq!(
@@ -857,6 +858,7 @@ mod tests {
                             protocol: ModelProtocol::Udp,
                             port: 53,
                             node_port: None,
+                            app_protocol: None,
                         },
                     ],
                     algorithm: None,

@@ -1,0 +1,169 @@
+//! The body of a response sent to a client: the endpoint's, streamed
+//! frame by frame (data and trailers, with hyper's back-pressure both
+//! ways, never buffered), or a short one of the proxy's own. It carries
+//! what the request holds until the response is over: the endpoint's
+//! lease (least-connections counts requests in flight), the HTTP/1.1
+//! connection that goes back to the pool at the end of the body, and the
+//! h2 stream's count.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+
+use super::super::balancer::Lease;
+use super::super::metrics::ServicePortMetrics;
+use super::super::metrics::http::Outcome;
+use super::pool::{Pool, StreamGuard};
+
+/// The body of a response to a client.
+pub struct ProxyBody {
+    kind: Kind,
+    done: Option<Done>,
+}
+
+enum Kind {
+    /// The proxy's own answer (an error), sent in one frame.
+    Full(Option<Bytes>),
+    /// The endpoint's answer.
+    Upstream(Incoming),
+}
+
+/// What a request holds until its response is over; counts the request
+/// out when it goes.
+pub struct Done {
+    pub metrics: Arc<ServicePortMetrics>,
+    pub outcome: Outcome,
+    /// A gRPC request: `grpc-status` is looked for in the trailers.
+    pub grpc: bool,
+    pub lease: Option<Lease>,
+    /// The HTTP/1.1 connection, back to the pool once the body has been
+    /// read to its end.
+    pub back: Option<(Arc<Pool>, SocketAddr, http1::SendRequest<Incoming>)>,
+    pub stream: Option<StreamGuard>,
+}
+
+impl Done {
+    /// The response was read to its end: the connection can carry
+    /// another request.
+    fn complete(&mut self) {
+        if let Some((pool, endpoint, send)) = self.back.take() {
+            pool.checkin(endpoint, send);
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        // A connection whose body was not read to the end is dropped
+        // with `back` (it closes: its next bytes are this response's).
+        self.metrics.http().ended(self.outcome);
+    }
+}
+
+impl ProxyBody {
+    /// The proxy's own body.
+    pub fn full(text: impl Into<Bytes>, done: Option<Done>) -> Self {
+        let text = text.into();
+        ProxyBody {
+            kind: Kind::Full((!text.is_empty()).then_some(text)),
+            done,
+        }
+    }
+
+    /// The endpoint's body, streamed.
+    pub fn upstream(body: Incoming, done: Done) -> Self {
+        let mut b = ProxyBody {
+            kind: Kind::Upstream(body),
+            done: Some(done),
+        };
+        // A body that is over before it starts (204, 304, HEAD) may never
+        // be polled: its connection is free now.
+        if b.kind_is_end() {
+            b.finish();
+        }
+        b
+    }
+
+    fn kind_is_end(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(d) = &mut self.done {
+            d.complete();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(body) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => this.finish(),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(d), Some(t)) = (&mut this.done, frame.trailers_ref())
+                            && d.grpc
+                            && let Some(s) = grpc_status(t)
+                        {
+                            d.outcome.grpc_status = Some(s);
+                        }
+                        if this.kind_is_end() {
+                            this.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        // Broken off: the connection goes with `done`.
+                        if let Some(d) = &mut this.done {
+                            d.back = None;
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kind_is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The `grpc-status` in `headers` (trailers, or the headers of a
+/// trailers-only answer).
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

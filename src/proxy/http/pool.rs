@@ -1,0 +1,265 @@
+//! Connections to a Service port's endpoints, kept for the requests that
+//! follow: HTTP/1.1 connections reused one request at a time (never
+//! pipelined), h2 connections shared by many streams.
+//!
+//! - HTTP/1.1: a connection goes back to the pool when its response body
+//!   has been read to the end (a response cut short closes it); one idle
+//!   longer than the idle timeout is closed rather than reused, before
+//!   common servers close theirs (Node.js and Apache after 5 s), which
+//!   would race with a request written at that moment.
+//! - h2: one connection per endpoint, another when each open one carries
+//!   [`H2_STREAMS_PER_CONNECTION`] streams (the usual
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS`; hyper does not show the peer's
+//!   value, and a request over the peer's limit would only wait). A
+//!   connection the endpoint sent GOAWAY on is not used again: the next
+//!   request opens a new one.
+//! - An endpoint that leaves the Service port's set takes no new request;
+//!   its idle connections close, and the ones carrying requests close
+//!   once those are done (dropping the last handle of an h2 connection
+//!   ends it with GOAWAY).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::super::balancer::EndpointSet;
+use super::super::connect::connect_marked;
+use super::super::metrics::ServicePortMetrics;
+
+/// Streams on one h2 connection before the next request opens another.
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// The protocol spoken to endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+/// A connection handed out for one request.
+pub enum Conn {
+    Http1 {
+        send: http1::SendRequest<Incoming>,
+    },
+    Http2 {
+        send: http2::SendRequest<Incoming>,
+        /// Counts the stream against its connection while held.
+        stream: StreamGuard,
+    },
+}
+
+/// One stream counted on an h2 connection.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct H2Conn {
+    send: http2::SendRequest<Incoming>,
+    streams: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// Idle HTTP/1.1 connections, most recently used last.
+    idle: Vec<(http1::SendRequest<Incoming>, Instant)>,
+    h2: Vec<H2Conn>,
+    /// Serialises opening h2 connections to this endpoint: the requests
+    /// that arrive while one is being opened share it instead of each
+    /// opening their own.
+    dialing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The upstream connections of one Service port's listener.
+pub struct Pool {
+    idle_timeout: Duration,
+    /// `SO_MARK` of the connections (see `connect_marked`).
+    mark: u32,
+    metrics: Arc<ServicePortMetrics>,
+    entries: Mutex<HashMap<SocketAddr, Entry>>,
+    /// The generation of the endpoint set last pruned against.
+    pruned: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(idle_timeout: Duration, mark: u32, metrics: Arc<ServicePortMetrics>) -> Self {
+        Pool {
+            idle_timeout,
+            mark,
+            metrics,
+            entries: Mutex::new(HashMap::new()),
+            pruned: AtomicU64::new(0),
+        }
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<SocketAddr, Entry>> {
+        // Held for short, non-panicking sections only.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the connections of endpoints no longer in `set` (their
+    /// requests in flight hold their own handles and finish). Cheap when
+    /// the set has not changed since the last call.
+    pub fn prune(&self, set: &EndpointSet) {
+        if self.pruned.swap(set.generation(), Ordering::Relaxed) == set.generation() {
+            return;
+        }
+        self.entries().retain(|addr, _| set.contains(*addr));
+    }
+
+    /// A connection to `endpoint` for one request: an idle or shared one
+    /// if there is one, else a new one (opened within `timeout`).
+    pub async fn checkout(
+        &self,
+        endpoint: SocketAddr,
+        proto: Proto,
+        timeout: Duration,
+    ) -> io::Result<Conn> {
+        match proto {
+            Proto::Http1 => {
+                if let Some(send) = self.idle_http1(endpoint) {
+                    return Ok(Conn::Http1 { send });
+                }
+                let stream = self.dial(endpoint, timeout).await?;
+                let send = self.start_http1(endpoint, stream, false).await?;
+                Ok(Conn::Http1 { send })
+            }
+            Proto::Http2 => {
+                if let Some(c) = self.shared_http2(endpoint) {
+                    return Ok(c);
+                }
+                let dialing = Arc::clone(&self.entries().entry(endpoint).or_default().dialing);
+                let _turn = dialing.lock().await;
+                // Opened by whoever had the turn before?
+                if let Some(c) = self.shared_http2(endpoint) {
+                    return Ok(c);
+                }
+                let stream = self.dial(endpoint, timeout).await?;
+                let send = self.start_http2(endpoint, stream).await?;
+                let streams = Arc::new(AtomicUsize::new(1));
+                self.entries().entry(endpoint).or_default().h2.push(H2Conn {
+                    send: send.clone(),
+                    streams: Arc::clone(&streams),
+                });
+                Ok(Conn::Http2 {
+                    send,
+                    stream: StreamGuard(streams),
+                })
+            }
+        }
+    }
+
+    /// Puts an HTTP/1.1 connection whose exchange is complete back.
+    pub fn checkin(&self, endpoint: SocketAddr, send: http1::SendRequest<Incoming>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut entries = self.entries();
+        // Only for an endpoint still in the pool: one pruned meanwhile
+        // has left the set.
+        if let Some(e) = entries.get_mut(&endpoint) {
+            e.idle.push((send, Instant::now()));
+        }
+    }
+
+    fn idle_http1(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+        let mut entries = self.entries();
+        // Made here, so that the connection opened next can come back
+        // (`checkin` keeps only endpoints the pool knows).
+        let entry = entries.entry(endpoint).or_default();
+        let now = Instant::now();
+        // Too old ones are closed (dropped) on the way.
+        while let Some((send, since)) = entry.idle.pop() {
+            if now.saturating_duration_since(since) < self.idle_timeout && !send.is_closed() {
+                return Some(send);
+            }
+        }
+        None
+    }
+
+    fn shared_http2(&self, endpoint: SocketAddr) -> Option<Conn> {
+        let mut entries = self.entries();
+        let entry = entries.get_mut(&endpoint)?;
+        // Closed ones (GOAWAY, endpoint gone) leave the list.
+        entry.h2.retain(|c| !c.send.is_closed());
+        let c = entry.h2.iter().find(|c| {
+            c.send.is_ready() && c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION
+        })?;
+        c.streams.fetch_add(1, Ordering::Relaxed);
+        Some(Conn::Http2 {
+            send: c.send.clone(),
+            stream: StreamGuard(Arc::clone(&c.streams)),
+        })
+    }
+
+    /// A TCP connection to `endpoint`, marked, without Nagle.
+    pub async fn dial(&self, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        let stream = tokio::time::timeout(timeout, connect_marked(endpoint, self.mark))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Starts HTTP/1.1 on `stream`; `upgrades`: the connection may be
+    /// taken over by a protocol upgrade (it is then never pooled).
+    pub async fn start_http1(
+        &self,
+        endpoint: SocketAddr,
+        stream: TcpStream,
+        upgrades: bool,
+    ) -> io::Result<http1::SendRequest<Incoming>> {
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let metrics = Arc::clone(&self.metrics);
+        metrics.http().upstream(endpoint, 1);
+        tokio::spawn(async move {
+            let r = if upgrades {
+                conn.with_upgrades().await
+            } else {
+                conn.await
+            };
+            if let Err(e) = r {
+                debug!(%endpoint, error = %e, "HTTP/1.1 connection to the endpoint ended");
+            }
+            metrics.http().upstream(endpoint, -1);
+        });
+        Ok(send)
+    }
+
+    async fn start_http2(
+        &self,
+        endpoint: SocketAddr,
+        stream: TcpStream,
+    ) -> io::Result<http2::SendRequest<Incoming>> {
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let metrics = Arc::clone(&self.metrics);
+        metrics.http().upstream(endpoint, 1);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%endpoint, error = %e, "h2 connection to the endpoint ended");
+            }
+            metrics.http().upstream(endpoint, -1);
+        });
+        Ok(send)
+    }
+}
