@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -32,7 +32,8 @@ use kube_uproxy::source::convert::ANNOTATION_LB_ALGORITHM;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uproxy_lab::e2e::http::{
-    grpc_client, grpc_server, http_server, run_bounded, wait_endpoints, wait_port_applied,
+    grpc_client, grpc_server, http_server, metric_sum, run_bounded, scrape, wait_endpoints,
+    wait_port_applied,
 };
 use uproxy_lab::e2e::{
     self, BACKEND_PORT, Backend, ProxyProcess, SVC_PORT, Testbed, VIP_A, VIP_B, backend_name,
@@ -553,6 +554,28 @@ fn curl_keepalive_requests_are_balanced_per_request() {
         },
     );
 
+    // Seen by operators: the 30 requests, by response class, and their
+    // durations; nothing for the port without appProtocol.
+    let samples = scrape(w.bed.node()).expect("scraping /metrics");
+    let requests = metric_sum(
+        &samples,
+        "kubeuproxy_http_requests_total",
+        &[("service", "lab-http"), ("code", "2xx")],
+    );
+    let durations = metric_sum(
+        &samples,
+        "kubeuproxy_http_request_duration_seconds_count",
+        &[("service", "lab-http")],
+    );
+    checks.expect(requests.0 == 30.0 && durations.0 == 30.0, || {
+        format!(
+            "/metrics after 30 GETs on lab-http: kubeuproxy_http_requests_total{{code=\"2xx\"}} \
+             {} ({} series), kubeuproxy_http_request_duration_seconds_count {} ({} series); \
+             expected 30 each",
+            requests.0, requests.1, durations.0, durations.1
+        )
+    });
+
     let t = curl_gets(client, dir, vip(VIP_B), 30);
     let (ok, failed) = curl_counts(&t);
     checks.expect(
@@ -565,6 +588,15 @@ fn curl_keepalive_requests_are_balanced_per_request() {
             )
         },
     );
+    let samples = scrape(w.bed.node()).expect("scraping /metrics");
+    let l4 = metric_sum(
+        &samples,
+        "kubeuproxy_http_requests_total",
+        &[("service", "lab-l4")],
+    );
+    checks.expect(l4.1 == 0, || {
+        format!("/metrics counts HTTP requests of lab-l4 (no appProtocol, L4): {l4:?}")
+    });
     checks.finish();
 }
 
@@ -709,32 +741,35 @@ fn upgrade_and_tunnel(ns: &Netns, addr: SocketAddr, len: usize) -> Result<String
         .ok_or_else(|| format!("not the tunnel's greeting: {greeting:?}"))?
         .to_string();
     let data = pseudo_random(len, len as u64);
+    // Written while read back, `len` bytes each way; then closed by the
+    // client (a WebSocket client does not half-close: no proxy needs to
+    // carry a half-close through the tunnel for this).
     let mut writer = s.try_clone().map_err(|e| e.to_string())?;
     let sent = data.clone();
-    let write = thread::spawn(move || {
-        let r = writer.write_all(&sent);
-        let _ = writer.shutdown(Shutdown::Write);
-        r
-    });
-    let mut back = Vec::new();
-    let read = s.read_to_end(&mut back);
+    let write = thread::spawn(move || writer.write_all(&sent));
+    let mut back = vec![0u8; len];
+    let mut got = 0;
+    let read = loop {
+        if got == len {
+            break Ok(());
+        }
+        match s.read(&mut back[got..]) {
+            Ok(0) => break Err("EOF".to_string()),
+            Ok(n) => got += n,
+            Err(e) => break Err(e.to_string()),
+        }
+    };
     let written = write
         .join()
         .map_err(|_| "the writer panicked".to_string())?;
     written.map_err(|e| format!("writing into the tunnel: {e}"))?;
-    read.map_err(|e| format!("reading from the tunnel after {} bytes: {e}", back.len()))?;
+    read.map_err(|e| format!("reading from the tunnel after {got} of {len} bytes: {e}"))?;
     if back != data {
         return Err(format!(
-            "the tunnel gave back {} bytes of {} sent, {}",
-            back.len(),
-            data.len(),
-            if data.starts_with(&back) {
-                "a prefix"
-            } else {
-                "different bytes"
-            }
+            "the tunnel gave back {len} bytes, different from those sent"
         ));
     }
+    e2e::close(s);
     Ok(backend)
 }
 
@@ -872,6 +907,15 @@ fn a_refusing_endpoint_fails_no_request() {
         format!(
             "60 gRPC calls on one channel to {target} (appProtocol: grpc): per backend {counts:?}; \
              expected both answering backends to get at least 15"
+        )
+    });
+    // The refused connects were retried on another endpoint, and counted.
+    let samples = scrape(w.bed.node()).expect("scraping /metrics");
+    let retries = metric_sum(&samples, "kubeuproxy_http_retries_total", &[]);
+    checks.expect(retries.0 >= 1.0, || {
+        format!(
+            "/metrics: kubeuproxy_http_retries_total {retries:?} after requests to a refusing \
+             endpoint"
         )
     });
     checks.finish();

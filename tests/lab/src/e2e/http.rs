@@ -370,3 +370,35 @@ pub fn wait_endpoints(proxy: &mut ProxyProcess, node: &Netns, service: &str, exp
         );
     }
 }
+
+/// `/metrics` of the proxy (read in `node`): every sample as (name with
+/// labels, as printed; value).
+pub fn scrape(node: &Netns) -> Result<Vec<(String, f64)>, String> {
+    let (status, body) = http_get(node, ADMIN, "/metrics")?;
+    if status != 200 {
+        return Err(format!("/metrics: {status} {body}"));
+    }
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+/// The sum of the samples named `name` whose labels include every `k="v"`
+/// of `labels` (0 when there is none), and how many there were.
+pub fn metric_sum(samples: &[(String, f64)], name: &str, labels: &[(&str, &str)]) -> (f64, usize) {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            let (n, l) = series.split_once('{').unwrap_or((series, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .fold((0.0, 0), |(sum, n), (_, v)| (sum + v, n + 1))
+}
