@@ -1,6 +1,7 @@
 //! End-to-end tests of per-request balancing (issue 20) with real
 //! third-party clients and servers: grpcio (PyPI) clients and servers,
-//! Debian's curl and socat, and a keep-alive HTTP/1.1 backend in Python.
+//! Debian's curl, nghttp (nghttp2-client) and socat, and a keep-alive
+//! HTTP/1.1 backend in Python.
 //!
 //! Each test builds a [`Testbed`] (client → node → three backends, each in
 //! its own network namespace), starts the peers of `tests/lab/py/` in the
@@ -15,7 +16,8 @@
 //! against a backend directly (no proxy in the way), so that a failure
 //! through the ClusterIP is the proxy's.
 //!
-//! These tests need root, `nft`, `python3` with grpcio, `curl` and `socat`;
+//! These tests need root, `nft`, `python3` with grpcio, `curl`, `nghttp`
+//! and `socat`;
 //! without root they print `SKIP ...` (or fail, if `CI` is set). Set
 //! `KU_E2E_SHOW_LOGS=1` (with `--nocapture`) to see the proxy's stderr of
 //! passing tests too.
@@ -42,6 +44,9 @@ use uproxy_lab::e2e::{
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, NsChild, backend_addr, peers};
 
+/// The Service annotation that forces request or connection balancing
+/// for all its ports (issue 20).
+const ANNOTATION_BALANCE: &str = "kube-uproxy.io/balance";
 /// A second backend port, for a second peer in the same backend namespace.
 const SECOND_PORT: u16 = 8081;
 /// Bound for one client program.
@@ -598,6 +603,155 @@ fn curl_keepalive_requests_are_balanced_per_request() {
         format!("/metrics counts HTTP requests of lab-l4 (no appProtocol, L4): {l4:?}")
     });
     checks.finish();
+}
+
+/// nghttp (nghttp2-client) speaking HTTP/2 with prior knowledge (the h2c
+/// preface) to an `appProtocol: http` port whose endpoints speak
+/// HTTP/1.1: 30 concurrent requests on its one connection are all answered
+/// and spread 10 ± 1. (Not curl: Debian 12's curl 7.88 fails the second
+/// request on a reused prior-knowledge connection with "Error in the HTTP2
+/// framing layer", even through nginx.)
+#[test]
+fn h2c_prior_knowledge_on_an_http_port_is_balanced() {
+    if !lab::require_root_and_nft("h2c_prior_knowledge_on_an_http_port_is_balanced") {
+        return;
+    }
+    let w = World::new(
+        "h2c",
+        &[Backend::None, Backend::None, Backend::None],
+        &[svc(
+            "lab-http",
+            VIP_A,
+            BACKEND_PORT,
+            Some("http"),
+            &[0, 1, 2],
+        )],
+        &[],
+        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
+    );
+    let (client, dir) = (w.client(), w.dir());
+    let url = format!("http://{}/r", vip(VIP_A));
+    // The bodies, one "backend<i>" line per answer, in completion order.
+    let ran = run_bounded(
+        client,
+        dir,
+        "nghttp",
+        "nghttp",
+        &["-m", "30", &url],
+        None,
+        CLIENT_TIMEOUT,
+    )
+    .expect("nghttp");
+    let text = ran.stdout_text();
+    let mut ok: BTreeMap<String, u64> = BTreeMap::new();
+    let mut other = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with("backend") {
+            *ok.entry(line.to_string()).or_insert(0) += 1;
+        } else {
+            other.push(line);
+        }
+    }
+    let mut checks = Checks::default();
+    checks.expect(
+        ran.status.success() && other.is_empty() && ok.values().sum::<u64>() == 30,
+        || {
+            format!(
+                "nghttp -m 30 {url} (h2c prior knowledge, appProtocol: http): exit {}, answers \
+                 {ok:?}, other output {other:?}, stderr {:?}; expected 30 answers",
+                ran.status, ran.stderr
+            )
+        },
+    );
+    checks.expect(spread_ok(&ok, &[0, 1, 2], 10, 1), || {
+        format!(
+            "30 requests on one h2c connection to {} (appProtocol: http, round-robin): per \
+             backend {ok:?}; expected 10 ± 1 each",
+            vip(VIP_A)
+        )
+    });
+    checks.finish();
+}
+
+/// The Service annotation `kube-uproxy.io/balance` forces the mode for all
+/// its ports: `request` balances a port without appProtocol per request
+/// (HTTP/1.1 toward the endpoints), `connection` keeps an `http` port's
+/// connections whole.
+#[test]
+fn balance_annotation_opts_ports_in_and_out() {
+    if !lab::require_root_and_nft("balance_annotation_opts_ports_in_and_out") {
+        return;
+    }
+    let w = World::new(
+        "balance-annotation",
+        &[Backend::None, Backend::None, Backend::None],
+        &[
+            svc("lab-opt-in", VIP_A, BACKEND_PORT, None, &[0, 1, 2])
+                .with_annotation(ANNOTATION_BALANCE, "request"),
+            svc("lab-opt-out", VIP_B, BACKEND_PORT, Some("http"), &[0, 1, 2])
+                .with_annotation(ANNOTATION_BALANCE, "connection"),
+        ],
+        &[],
+        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
+    );
+    let (client, dir) = (w.client(), w.dir());
+    let mut checks = Checks::default();
+    let t = curl_gets(client, dir, vip(VIP_A), 30);
+    let (ok, failed) = curl_counts(&t);
+    checks.expect(
+        failed.is_empty() && spread_ok(&ok, &[0, 1, 2], 10, 1),
+        || {
+            format!(
+                "30 GETs on one keep-alive connection to {} (no appProtocol, {ANNOTATION_BALANCE}: \
+             request): per backend {ok:?}, failed {failed:?}; expected 10 ± 1 each",
+                vip(VIP_A)
+            )
+        },
+    );
+    let t = curl_gets(client, dir, vip(VIP_B), 30);
+    let (ok, failed) = curl_counts(&t);
+    checks.expect(
+        failed.is_empty() && ok.len() == 1 && ok.values().sum::<u64>() == 30,
+        || {
+            format!(
+                "30 GETs on one connection to {} (appProtocol: http, {ANNOTATION_BALANCE}: \
+             connection): per backend {ok:?}, failed {failed:?}; expected all 30 on one backend",
+                vip(VIP_B)
+            )
+        },
+    );
+    checks.finish();
+}
+
+/// `--request-balancing=false` turns request mode off for the node: an
+/// `appProtocol: http` port keeps each connection on one endpoint.
+#[test]
+fn request_balancing_flag_off_keeps_connections_whole() {
+    if !lab::require_root_and_nft("request_balancing_flag_off_keeps_connections_whole") {
+        return;
+    }
+    let w = World::new(
+        "balance-off",
+        &[Backend::None, Backend::None, Backend::None],
+        &[svc(
+            "lab-http",
+            VIP_A,
+            BACKEND_PORT,
+            Some("http"),
+            &[0, 1, 2],
+        )],
+        &["--request-balancing=false"],
+        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
+    );
+    let (client, dir) = (w.client(), w.dir());
+    let t = curl_gets(client, dir, vip(VIP_A), 30);
+    let (ok, failed) = curl_counts(&t);
+    assert!(
+        failed.is_empty() && ok.len() == 1 && ok.values().sum::<u64>() == 30,
+        "30 GETs on one connection to {} (appProtocol: http, --request-balancing=false): per \
+         backend {ok:?}, failed {failed:?}; expected all 30 on one backend",
+        vip(VIP_A)
+    );
 }
 
 /// 20 MB uploads, chunked and with Content-Length, on one keep-alive
