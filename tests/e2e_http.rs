@@ -754,6 +754,46 @@ fn request_balancing_flag_off_keeps_connections_whole() {
     );
 }
 
+/// `sessionAffinity: ClientIP` on an `appProtocol: http` port: every
+/// request of the client goes to its endpoint, over one keep-alive
+/// connection and over several.
+#[test]
+fn client_ip_affinity_keeps_every_request_on_one_endpoint() {
+    if !lab::require_root_and_nft("client_ip_affinity_keeps_every_request_on_one_endpoint") {
+        return;
+    }
+    let w = World::new(
+        "affinity",
+        &[Backend::None, Backend::None, Backend::None],
+        &[
+            svc("lab-sticky", VIP_A, BACKEND_PORT, Some("http"), &[0, 1, 2])
+                .with_client_ip_affinity(300),
+        ],
+        &[],
+        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
+    );
+    let (client, dir) = (w.client(), w.dir());
+    let mut all: BTreeMap<String, u64> = BTreeMap::new();
+    let mut failed_all: BTreeMap<String, u64> = BTreeMap::new();
+    for _ in 0..3 {
+        let t = curl_gets(client, dir, vip(VIP_A), 10);
+        let (ok, failed) = curl_counts(&t);
+        for (k, v) in ok {
+            *all.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in failed {
+            *failed_all.entry(k).or_insert(0) += v;
+        }
+    }
+    assert!(
+        failed_all.is_empty() && all.len() == 1 && all.values().sum::<u64>() == 30,
+        "3 curl connections of 10 GETs each from one client to {} (appProtocol: http, \
+         sessionAffinity: ClientIP): per backend {all:?}, failed {failed_all:?}; expected all 30 \
+         on one backend",
+        vip(VIP_A)
+    );
+}
+
 /// 20 MB uploads, chunked and with Content-Length, on one keep-alive
 /// connection to an `appProtocol: http` port: each arrives intact (the
 /// backend's SHA-256 is the file's), and they are spread over the backends.
