@@ -13,7 +13,11 @@
 //!   to the whoami servers.
 //! - [`udp`]: backends answering over TCP and UDP, UDP clients, and the
 //!   reachability checks of the UDP, NodePort and external-address tests.
+//! - [`http`]: the Python gRPC and HTTP/1.1 peers of `tests/lab/py/`,
+//!   programs (curl, socat, grpcio clients) run bounded in a namespace, and
+//!   `/debug/services` read to wait for Service ports and endpoint changes.
 
+pub mod http;
 pub mod udp;
 
 use std::fs::{self, File};
@@ -92,9 +96,13 @@ pub enum Backend {
     Whoami,
     /// Answers the hex SHA-256 of everything read up to the half-close.
     Sha256,
+    /// No server: the test starts its own (e.g. the Python peers of
+    /// [`http`]), or none, for an endpoint that refuses connections.
+    None,
 }
 
 pub struct Testbed {
+    /// The servers started, in backend order ([`Backend::None`] has none).
     // Fields drop in this order: servers, runtime, lab (namespaces).
     pub servers: Vec<PeerHandle>,
     rt: tokio::runtime::Runtime,
@@ -114,6 +122,9 @@ impl Testbed {
             .expect("tokio runtime");
         let mut servers = Vec::new();
         for (i, backend) in backends.iter().enumerate() {
+            if matches!(backend, Backend::None) {
+                continue;
+            }
             let listener = lab.backends()[i]
                 .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
                 .expect("backend listener");
@@ -121,6 +132,7 @@ impl Testbed {
             let server = match backend {
                 Backend::Whoami => peers::whoami(listener, &backend_name(i)),
                 Backend::Sha256 => peers::sha256(listener),
+                Backend::None => continue,
             };
             servers.push(server.expect("starting a backend server"));
         }

@@ -167,6 +167,10 @@ pub struct PortManifest {
     pub target_port: u16,
     /// `nodePort` of the Service port (omitted when `None`).
     pub node_port: Option<u16>,
+    /// `appProtocol` of the Service port and of the slice's port (omitted
+    /// when `None`): what the port speaks (`http`, `grpc`,
+    /// `kubernetes.io/h2c`, ...), which chooses per-request balancing.
+    pub app_protocol: Option<String>,
 }
 
 /// One endpoint of the slice.
@@ -387,8 +391,12 @@ impl ServiceManifest {
         }
         for p in &self.ports {
             let mut first = "- ";
+            if let Some(app_protocol) = &p.app_protocol {
+                let _ = writeln!(out, "    - appProtocol: {}", scalar(app_protocol));
+                first = "  ";
+            }
             if !p.name.is_empty() {
-                let _ = writeln!(out, "    - name: {}", scalar(&p.name));
+                let _ = writeln!(out, "    {first}name: {}", scalar(&p.name));
                 first = "  ";
             }
             if let Some(node_port) = p.node_port {
@@ -529,9 +537,14 @@ impl ServiceManifest {
             out.push_str("  ports:\n");
         }
         for p in &self.ports {
+            let mut first = "- ";
+            if let Some(app_protocol) = &p.app_protocol {
+                let _ = writeln!(out, "  - appProtocol: {}", scalar(app_protocol));
+                first = "  ";
+            }
             let _ = write!(
                 out,
-                "  - name: {}\n    port: {}\n    protocol: {}\n",
+                "  {first}name: {}\n    port: {}\n    protocol: {}\n",
                 scalar(&p.name),
                 p.target_port,
                 p.protocol
@@ -549,6 +562,7 @@ impl PortManifest {
             port,
             target_port,
             node_port: None,
+            app_protocol: None,
         }
     }
 
@@ -563,6 +577,12 @@ impl PortManifest {
     /// The same port with a `nodePort`.
     pub fn with_node_port(mut self, node_port: u16) -> Self {
         self.node_port = Some(node_port);
+        self
+    }
+
+    /// The same port with an `appProtocol` (e.g. `http`, `grpc`).
+    pub fn with_app_protocol(mut self, app_protocol: impl Into<String>) -> Self {
+        self.app_protocol = Some(app_protocol.into());
         self
     }
 
@@ -1005,6 +1025,45 @@ mod tests {
             "apiVersion: v1\nitems: []\nkind: List\nmetadata:\n  resourceVersion: \"\"\n"
         );
         assert_eq!(parse_list(&[]), Parsed::default());
+    }
+
+    /// `appProtocol` is printed where kubectl prints it, in the Service's
+    /// port and the slice's, under the API's field name; the parser takes it.
+    #[test]
+    fn app_protocol_prints_as_kubectl() {
+        let s = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 10))
+            .with_port(PortManifest::tcp(80, 8080).with_app_protocol("grpc"))
+            .with_port(
+                PortManifest::tcp(81, 8081)
+                    .named("web")
+                    .with_app_protocol("kubernetes.io/h2c"),
+            )
+            .with_endpoints(vec![EndpointManifest::ready(Ipv4Addr::new(10, 200, 1, 10))]);
+        let yaml = list_yaml(std::slice::from_ref(&s));
+        assert!(
+            yaml.contains(
+                "    ports:\n    - appProtocol: grpc\n      port: 80\n      protocol: TCP\n      targetPort: 8080\n    - appProtocol: kubernetes.io/h2c\n      name: web\n      port: 81\n"
+            ),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("  ports:\n  - appProtocol: grpc\n    name: \"\"\n    port: 8080\n"),
+            "{yaml}"
+        );
+        let doc: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+        let svc: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(doc["items"][0].clone()).unwrap();
+        let ports = svc.spec.expect("spec").ports.expect("ports");
+        assert_eq!(ports[0].app_protocol.as_deref(), Some("grpc"));
+        assert_eq!(ports[1].app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_json::from_value(doc["items"][1].clone()).unwrap();
+        let slice_ports = slice.ports.expect("slice ports");
+        assert_eq!(
+            slice_ports[1].app_protocol.as_deref(),
+            Some("kubernetes.io/h2c")
+        );
+        assert_eq!(parse_list(&[s]).services.len(), 1);
     }
 
     /// A LoadBalancer Service with every field issue 9 reads: the text is
