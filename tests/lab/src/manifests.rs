@@ -167,6 +167,9 @@ pub struct PortManifest {
     pub target_port: u16,
     /// `nodePort` of the Service port (omitted when `None`).
     pub node_port: Option<u16>,
+    /// `appProtocol` of the Service port and of the slice's port (omitted
+    /// when `None`), e.g. `http` or `kubernetes.io/h2c`.
+    pub app_protocol: Option<String>,
 }
 
 /// One endpoint of the slice.
@@ -387,8 +390,12 @@ impl ServiceManifest {
         }
         for p in &self.ports {
             let mut first = "- ";
+            if let Some(ap) = &p.app_protocol {
+                let _ = writeln!(out, "    - appProtocol: {}", scalar(ap));
+                first = "  ";
+            }
             if !p.name.is_empty() {
-                let _ = writeln!(out, "    - name: {}", scalar(&p.name));
+                let _ = writeln!(out, "    {first}name: {}", scalar(&p.name));
                 first = "  ";
             }
             if let Some(node_port) = p.node_port {
@@ -529,9 +536,13 @@ impl ServiceManifest {
             out.push_str("  ports:\n");
         }
         for p in &self.ports {
+            if let Some(ap) = &p.app_protocol {
+                let _ = writeln!(out, "  - appProtocol: {}", scalar(ap));
+            }
             let _ = write!(
                 out,
-                "  - name: {}\n    port: {}\n    protocol: {}\n",
+                "  {}name: {}\n    port: {}\n    protocol: {}\n",
+                if p.app_protocol.is_some() { "  " } else { "- " },
                 scalar(&p.name),
                 p.target_port,
                 p.protocol
@@ -549,6 +560,7 @@ impl PortManifest {
             port,
             target_port,
             node_port: None,
+            app_protocol: None,
         }
     }
 
@@ -563,6 +575,12 @@ impl PortManifest {
     /// The same port with a `nodePort`.
     pub fn with_node_port(mut self, node_port: u16) -> Self {
         self.node_port = Some(node_port);
+        self
+    }
+
+    /// The same port with an `appProtocol`.
+    pub fn with_app_protocol(mut self, app_protocol: impl Into<String>) -> Self {
+        self.app_protocol = Some(app_protocol.into());
         self
     }
 
@@ -986,6 +1004,46 @@ mod tests {
         // A label handing the Service to another proxy: the parser sees it.
         let foreign = s.with_label("service.kubernetes.io/service-proxy-name", "other");
         assert!(parse_list(&[foreign]).services.is_empty());
+    }
+
+    #[test]
+    fn app_protocols_are_printed_on_the_service_and_slice_ports() {
+        let s = ServiceManifest::new("web", Ipv4Addr::new(10, 96, 0, 13))
+            .with_port(
+                PortManifest::tcp(80, 8080)
+                    .named("http")
+                    .with_app_protocol("http"),
+            )
+            .with_port(PortManifest::tcp(81, 8081).with_app_protocol("kubernetes.io/h2c"))
+            .with_port(PortManifest::tcp(82, 8082).named("l4"))
+            .with_endpoints(vec![EndpointManifest::ready(Ipv4Addr::new(10, 200, 1, 10))]);
+        let yaml = list_yaml(std::slice::from_ref(&s));
+        let doc: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+        let want = [
+            serde_json::json!("http"),
+            serde_json::json!("kubernetes.io/h2c"),
+            serde_json::Value::Null,
+        ];
+        for (item, target) in [(0, "port"), (1, "port")] {
+            let ports = doc["items"][item]["spec"]["ports"]
+                .as_array()
+                .or(doc["items"][item]["ports"].as_array())
+                .unwrap_or_else(|| panic!("no ports in item {item}:\n{yaml}"));
+            assert_eq!(ports.len(), 3, "{yaml}");
+            for (p, w) in ports.iter().zip(&want) {
+                assert_eq!(&p["appProtocol"], w, "{target} {p}:\n{yaml}");
+            }
+        }
+        assert_eq!(
+            doc["items"][0]["spec"]["ports"][0]["name"], "http",
+            "{yaml}"
+        );
+        assert_eq!(doc["items"][0]["spec"]["ports"][1]["port"], 81, "{yaml}");
+        assert_eq!(doc["items"][1]["ports"][1]["port"], 8081, "{yaml}");
+        // The product's parser takes the Service with its ports.
+        let p = parse_list(std::slice::from_ref(&s));
+        assert_eq!(p.services.len(), 1);
+        assert_eq!(p.services[0].ports.len(), 3);
     }
 
     #[test]
