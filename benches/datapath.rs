@@ -14,6 +14,9 @@
 //! for each data path in turn installs only that path in the node namespace,
 //! measures from the client namespace, and tears it down again, in
 //! interleaved rounds (A B C … A B C …, the order rotated every round).
+//! The HTTP phases (issue 20's per-request balancing: `http.rs`) do the
+//! same in a lab of their own with three backends running an h1/h2c
+//! server.
 //! See docs/performance.md for what each figure means.
 
 #[path = "datapath/clients.rs"]
