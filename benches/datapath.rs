@@ -100,6 +100,8 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
                      an earlier commit) as the path \"kube-uproxy baseline\"
                      (splice relay), interleaved with the others: before and
                      after in one run
+  --no-h2load        the h2c phase with hyper's h2 client even when h2load
+                     is installed
   --no-control       skip the control-plane measurements
   --no-memory        skip the idle-connection memory measurements
   --json PATH        also write the results as JSON
@@ -135,6 +137,7 @@ struct Opts {
     cc: Option<String>,
     baseline_bin: Option<PathBuf>,
     pin_proxies: Option<String>,
+    no_h2load: bool,
     args: Vec<String>,
 }
 
@@ -165,6 +168,7 @@ fn parse_args() -> Result<Opts, String> {
         cc: None,
         baseline_bin: None,
         pin_proxies: None,
+        no_h2load: false,
         args: args.clone(),
     };
     let mut it = args.into_iter();
@@ -197,6 +201,7 @@ fn parse_args() -> Result<Opts, String> {
                     .collect::<Result<_, _>>()?
             }
             "--no-control" => o.control = false,
+            "--no-h2load" => o.no_h2load = true,
             "--no-memory" => o.memory = false,
             "--json" => o.json = Some(PathBuf::from(val("--json")?)),
             "--docs" => o.docs = true,
@@ -308,6 +313,7 @@ fn run_http(
         workdir: workdir.to_path_buf(),
         bin: PathBuf::from(BIN),
         proxy_cpus: opts.pin_proxies.clone(),
+        h2load: !opts.no_h2load && sys::have("h2load"),
     };
     Ok(http::run(&lab, &plan))
 }

@@ -218,6 +218,8 @@ pub struct Plan {
     pub workdir: PathBuf,
     pub bin: PathBuf,
     pub proxy_cpus: Option<String>,
+    /// The h2c phase runs `h2load` (installed, and not `--no-h2load`).
+    pub h2load: bool,
 }
 
 /// Runs the HTTP phases on every path of `plan`, in interleaved rounds,
@@ -237,7 +239,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> HttpReport {
             None => runnable.push(*p),
         }
     }
-    let h2load = sys::have("h2load");
+    let h2load = plan.h2load;
     for round in 0..plan.rounds {
         let mut order = runnable.clone();
         if !order.is_empty() {
@@ -270,7 +272,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> HttpReport {
         h2c_client: if h2load {
             "h2load (nghttp2-client)".into()
         } else {
-            "hyper (h2load not installed)".into()
+            "hyper's h2 client".into()
         },
         idle_conns: plan.idle_conns,
         paths: accs.values().map(HttpAcc::summary).collect(),
