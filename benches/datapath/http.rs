@@ -1083,9 +1083,10 @@ impl HttpAcc {
             h2c: self.h2.summary(),
             fairness_h1: Spread::of(&self.fair_h1, HTTP_BACKENDS),
             fairness_h2c: Spread::of(&self.fair_h2, HTTP_BACKENDS),
-            slow: self
-                .slow
+            // In ALGORITHMS' order (round-robin first: the reference).
+            slow: ALGORITHMS
                 .iter()
+                .filter_map(|(algo, _)| self.slow.get(algo).map(|a| (algo, a)))
                 .filter_map(|(algo, a)| {
                     Some(SlowSummary {
                         algorithm: algo.to_string(),
