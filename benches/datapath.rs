@@ -14,12 +14,19 @@
 //! for each data path in turn installs only that path in the node namespace,
 //! measures from the client namespace, and tears it down again, in
 //! interleaved rounds (A B C … A B C …, the order rotated every round).
+//! The HTTP phases (issue 20's per-request balancing: `http.rs`) do the
+//! same in a lab of their own with three backends running an h1/h2c
+//! server.
 //! See docs/performance.md for what each figure means.
 
 #[path = "datapath/clients.rs"]
 mod clients;
 #[path = "datapath/control.rs"]
 mod control;
+#[path = "datapath/http.rs"]
+mod http;
+#[path = "datapath/http_clients.rs"]
+mod http_clients;
 #[path = "datapath/manifests.rs"]
 mod manifests;
 #[path = "datapath/measure.rs"]
@@ -60,7 +67,10 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
   --rounds N         interleaved rounds (full: 3)
   --secs S           seconds per measurement (full: 3)
   --paths a,b,...    subset of: direct iptables nftables splice copy nginx
-                     haproxy haproxy-splice
+                     haproxy haproxy-splice; for the HTTP phases: direct,
+                     splice or copy (kube-uproxy request mode and L4),
+                     haproxy (mode http), nginx (http), nghttpx (with
+                     either peer, when installed)
   --idle-conns N     idle connections for the memory figure (full: 10000)
   --scales a,b,...   Service counts for the control plane (full: 10,1000,10000;
                      mixed types: ClusterIP, TCP+UDP, NodePort, externalIPs,
@@ -75,12 +85,23 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
                      (hashed and timed transfers), udp (64 B datagrams
                      through the ClusterIP: one flow, fixed rate, 1 000
                      client ports; direct, iptables, nftables and
-                     kube-uproxy only); for profiling one phase
+                     kube-uproxy only); the HTTP phases (in a lab of
+                     their own with three backends; `http` selects all
+                     four): http1 (HTTP/1.1 keep-alive, several
+                     connections: req/s, p50/p99, proxy CPU per request,
+                     then memory per idle HTTP connection), h2c (one
+                     connection, 100 concurrent streams; h2load when
+                     installed), fairness (requests per endpoint from one
+                     client connection, h1 and h2c), slow (one endpoint of
+                     three 50 ms slower: p99 per balancing algorithm);
+                     for profiling one phase
   --baseline-bin PATH
                      also measure another kube-uproxy binary (e.g. a build of
                      an earlier commit) as the path \"kube-uproxy baseline\"
                      (splice relay), interleaved with the others: before and
                      after in one run
+  --no-h2load        the h2c phase with hyper's h2 client even when h2load
+                     is installed
   --no-control       skip the control-plane measurements
   --no-memory        skip the idle-connection memory measurements
   --json PATH        also write the results as JSON
@@ -116,6 +137,7 @@ struct Opts {
     cc: Option<String>,
     baseline_bin: Option<PathBuf>,
     pin_proxies: Option<String>,
+    no_h2load: bool,
     args: Vec<String>,
 }
 
@@ -146,6 +168,7 @@ fn parse_args() -> Result<Opts, String> {
         cc: None,
         baseline_bin: None,
         pin_proxies: None,
+        no_h2load: false,
         args: args.clone(),
     };
     let mut it = args.into_iter();
@@ -178,6 +201,7 @@ fn parse_args() -> Result<Opts, String> {
                     .collect::<Result<_, _>>()?
             }
             "--no-control" => o.control = false,
+            "--no-h2load" => o.no_h2load = true,
             "--no-memory" => o.memory = false,
             "--json" => o.json = Some(PathBuf::from(val("--json")?)),
             "--docs" => o.docs = true,
@@ -263,6 +287,40 @@ fn sysctls(lab: &Lab, cc: Option<&str>) {
         let _ = lab.node().output("sysctl", ["-q", "-w", s]);
     }
 }
+
+/// The HTTP phases: their lab (client → node → three backends with the
+/// HTTP servers), their paths in interleaved rounds, then the lab's
+/// removal.
+fn run_http(
+    opts: &Opts,
+    rt: &tokio::runtime::Runtime,
+    workdir: &Path,
+) -> Result<http::HttpReport, String> {
+    let lab = Lab::new("bench-http", http::HTTP_BACKENDS)
+        .map_err(|e| format!("building the HTTP lab: {e}"))?;
+    sysctls(&lab, opts.cc.as_deref());
+    let _servers =
+        servers::start_http(&lab, rt).map_err(|e| format!("HTTP backend servers: {e}"))?;
+    let plan = http::Plan {
+        rounds: opts.rounds,
+        secs: opts.secs,
+        phases: opts.phases.http,
+        idle_conns: opts.memory.then_some(opts.idle_conns.min(HTTP_IDLE_MAX)),
+        paths: http::ALL
+            .into_iter()
+            .filter(|p| p.selected_by(&opts.paths))
+            .collect(),
+        workdir: workdir.to_path_buf(),
+        bin: PathBuf::from(BIN),
+        proxy_cpus: opts.pin_proxies.clone(),
+        h2load: !opts.no_h2load && sys::have("h2load"),
+    };
+    Ok(http::run(&lab, &plan))
+}
+
+/// The most idle HTTP connections for the memory figure: each holds a
+/// client socket here and, through the L4 path, a backend connection.
+const HTTP_IDLE_MAX: usize = 5000;
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -390,8 +448,9 @@ fn run(opts: &Opts) -> Result<bool, String> {
         phases: opts.phases,
     };
 
-    // Interleaved rounds.
-    for round in 0..opts.rounds {
+    // Interleaved rounds (none when only HTTP phases were asked for).
+    let l4_rounds = if opts.phases.any_l4() { opts.rounds } else { 0 };
+    for round in 0..l4_rounds {
         let mut order = runnable.clone();
         if !order.is_empty() {
             let shift = round % order.len();
@@ -438,7 +497,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
     }
 
     // Memory with idle connections (proxies only).
-    if opts.memory {
+    if opts.memory && opts.phases.any_l4() {
         // HAProxy with splice-auto holds idle connections as HAProxy tcp
         // does (pipes only while splicing); once is enough.
         for k in runnable
@@ -476,6 +535,13 @@ fn run(opts: &Opts) -> Result<bool, String> {
             std::thread::sleep(Duration::from_millis(300));
         }
     }
+
+    // The HTTP phases, in a lab of their own (three backends).
+    let http = if opts.phases.http.any() {
+        Some(run_http(opts, &rt, &workdir)?)
+    } else {
+        None
+    };
 
     // Control plane.
     let control = if opts.control {
@@ -579,6 +645,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
         control: control.current,
         control_baseline: control.baseline,
         targets: vec![],
+        http,
         runtime_s: 0.0,
     };
     rep.targets = report::targets(&rep);
@@ -595,6 +662,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
                 failures.push(format!("{}: no numbers for {}", p.name, missing.join(", ")));
             }
             if opts.memory
+                && opts.phases.any_l4()
                 && (p.name == PathKind::UproxySplice.name()
                     || p.name == PathKind::UproxyCopy.name())
                 && p.memory.is_none()
@@ -607,6 +675,9 @@ fn run(opts: &Opts) -> Result<bool, String> {
                 ));
             }
         }
+    }
+    if let Some(h) = &rep.http {
+        failures.extend(h.failures(&opts.phases.http, opts.memory));
     }
     for c in &rep.control {
         if c.cold_start_s.is_none() || c.endpoint_change.from_write.is_none() {

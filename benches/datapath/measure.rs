@@ -51,6 +51,8 @@ pub struct Phases {
     pub bulk: bool,
     /// UDP request/response: one flow, fixed rate, many clients.
     pub udp: bool,
+    /// The HTTP phases (their own lab and paths: `http.rs`).
+    pub http: crate::http::HttpPhases,
 }
 
 impl Phases {
@@ -63,7 +65,24 @@ impl Phases {
             medium: true,
             bulk: true,
             udp: true,
+            http: crate::http::HttpPhases {
+                http1: true,
+                h2c: true,
+                fairness: true,
+                slow: true,
+            },
         }
+    }
+
+    /// Whether any phase of the L4 paths runs.
+    pub fn any_l4(&self) -> bool {
+        self.rr
+            || self.rate
+            || self.connect
+            || self.connect_fin
+            || self.medium
+            || self.bulk
+            || self.udp
     }
 
     pub fn parse(list: &str) -> Result<Phases, String> {
@@ -75,6 +94,7 @@ impl Phases {
             medium: false,
             bulk: false,
             udp: false,
+            http: crate::http::HttpPhases::default(),
         };
         for name in list.split(',') {
             match name {
@@ -85,9 +105,22 @@ impl Phases {
                 "medium" => p.medium = true,
                 "bulk" => p.bulk = true,
                 "udp" => p.udp = true,
+                "http1" => p.http.http1 = true,
+                "h2c" => p.http.h2c = true,
+                "fairness" => p.http.fairness = true,
+                "slow" => p.http.slow = true,
+                "http" => {
+                    p.http = crate::http::HttpPhases {
+                        http1: true,
+                        h2c: true,
+                        fairness: true,
+                        slow: true,
+                    }
+                }
                 other => {
                     return Err(format!(
-                        "--phases: unknown phase {other:?} (rr, rate, connect, connect-fin, medium, bulk, udp)"
+                        "--phases: unknown phase {other:?} (rr, rate, connect, connect-fin, medium, bulk, udp, \
+                         http1, h2c, fairness, slow, http)"
                     ));
                 }
             }

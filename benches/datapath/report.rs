@@ -26,7 +26,7 @@ pub struct Lat {
 }
 
 impl Lat {
-    fn of(h: &Histogram<u64>) -> Option<Lat> {
+    pub fn of(h: &Histogram<u64>) -> Option<Lat> {
         if h.is_empty() {
             return None;
         }
@@ -52,7 +52,7 @@ impl Lat {
     }
 }
 
-fn median(v: &[f64]) -> Option<f64> {
+pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -440,6 +440,8 @@ pub struct Report {
     /// `--baseline-bin`'s control-plane runs, interleaved with `control`.
     pub control_baseline: Vec<Scale>,
     pub targets: Vec<Target>,
+    /// The HTTP phases (`None`: not run).
+    pub http: Option<crate::http::HttpReport>,
     pub runtime_s: f64,
 }
 
@@ -1005,6 +1007,9 @@ pub fn tables(rep: &Report) -> String {
                 None => "not measured",
             }
         );
+    }
+    if let Some(h) = &rep.http {
+        o.push_str(&crate::http::tables(h));
     }
     let problems: Vec<String> = live
         .iter()

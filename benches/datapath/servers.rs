@@ -12,6 +12,16 @@
 //!   bytes, again until EOF; medium responses on keep-alive connections.
 //! - UDP echo (8053/udp): `uproxy_lab::peers::udp_echo`, sends every
 //!   datagram back to its source; the UDP request/response phases.
+//!
+//! The HTTP phases' backends ([`start_http`], in their own lab of three
+//! backends) answer every request with `200`, a small body and an
+//! `x-backend` header naming the backend, over HTTP/1.1 or h2c (prior
+//! knowledge, detected from the preface, as hyper-util's `auto` server
+//! does):
+//!
+//! - http (8090): at once.
+//! - http-slow (8091): the same, but backend [`SLOW_BACKEND`] waits
+//!   [`SLOW_DELAY`] before answering (the slow-endpoint phase).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -29,6 +39,16 @@ pub const SINK_PORT: u16 = 8081;
 pub const WHO_PORT: u16 = 8082;
 pub const SIZED_PORT: u16 = 8083;
 pub const UDP_ECHO_PORT: u16 = 8053;
+/// The HTTP backends' port (h1 and h2c).
+pub const HTTP_PORT: u16 = 8090;
+/// The same with one slow backend.
+pub const HTTP_SLOW_PORT: u16 = 8091;
+/// The backend that is slow on [`HTTP_SLOW_PORT`].
+pub const SLOW_BACKEND: usize = 2;
+/// Its added service time.
+pub const SLOW_DELAY: Duration = Duration::from_millis(50);
+/// The response header that names the backend.
+pub const BACKEND_HEADER: &str = "x-backend";
 /// The largest answer the sized server gives.
 pub const SIZED_MAX: usize = 4 << 20;
 
@@ -184,4 +204,93 @@ async fn sized(mut s: TcpStream) -> std::io::Result<()> {
             left -= n;
         }
     }
+}
+
+/// The HTTP backends of every backend namespace; dropping it stops them.
+pub struct HttpBackends {
+    cancel: CancellationToken,
+}
+
+impl Drop for HttpBackends {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The body every HTTP backend answers with: its name and a newline.
+pub fn http_body(name: &str) -> String {
+    format!("{name}\n")
+}
+
+/// Starts the HTTP servers ([`HTTP_PORT`], [`HTTP_SLOW_PORT`]) on every
+/// backend of `lab`.
+pub fn start_http(lab: &Lab, rt: &tokio::runtime::Runtime) -> Result<HttpBackends, LabError> {
+    let cancel = CancellationToken::new();
+    for (i, ns) in lab.backends().iter().enumerate() {
+        for (port, slow) in [(HTTP_PORT, false), (HTTP_SLOW_PORT, i == SLOW_BACKEND)] {
+            let l = ns.tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+            let _g = rt.enter();
+            l.set_nonblocking(true)
+                .map_err(|e| io_err("HTTP listener", e))?;
+            let l = TcpListener::from_std(l).map_err(|e| io_err("HTTP listener", e))?;
+            let delay = slow.then_some(SLOW_DELAY);
+            rt.spawn(http_accept_loop(l, backend_name(i), delay, cancel.clone()));
+        }
+    }
+    Ok(HttpBackends { cancel })
+}
+
+async fn http_accept_loop(
+    l: TcpListener,
+    name: String,
+    delay: Option<Duration>,
+    cancel: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let name: Arc<str> = name.into();
+    loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => r,
+        };
+        let Ok((s, _)) = r else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let name = name.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| http_answer(req, name.clone(), delay));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // More streams per connection than the h2c phase asks for.
+            builder.http2().max_concurrent_streams(1000);
+            let conn = builder.serve_connection(TokioIo::new(s), svc);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = conn => {}
+            }
+        });
+    }
+}
+
+async fn http_answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    name: Arc<str>,
+    delay: Option<Duration>,
+) -> Result<hyper::Response<http_body_util::Full<hyper::body::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    // Read the request body (none in the phases; a proxy might still send
+    // an empty DATA frame) so the stream ends cleanly.
+    let _ = req.into_body().collect().await;
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(
+        http_body(&name),
+    )));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&name) {
+        resp.headers_mut().insert(BACKEND_HEADER, v);
+    }
+    Ok(resp)
 }
