@@ -437,6 +437,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         default_algorithm: args.lb_algorithm,
         sync_period: args.sync_period,
         node,
+        request_balancing: args.request_balancing,
     };
     // kube-proxy's rule: health check node ports on the node's addresses
     // within --nodeport-addresses when given (found now, at start).

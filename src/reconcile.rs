@@ -72,6 +72,9 @@ pub struct ReconcilerConfig {
     /// This node: its name (`--hostname-override`) and zone. The zone
     /// given here (`--node-zone`) wins over the Node object's label.
     pub node: NodeTopology,
+    /// `--request-balancing`: false balances every port per connection,
+    /// whatever its `appProtocol`.
+    pub request_balancing: bool,
 }
 
 /// A listener of a Service port, in one family (see [`ListenerKey`]).
@@ -473,7 +476,12 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
     /// Reconciles one Service's ports: one listener per port and per
     /// family of the Service's ClusterIPs that this node serves.
     fn reconcile_service(&mut self, key: &ObjectKey) {
-        let desired = self.state.service_ports(key, self.config.default_algorithm);
+        let mut desired = self.state.service_ports(key, self.config.default_algorithm);
+        if !self.config.request_balancing {
+            for d in &mut desired {
+                d.mode = crate::model::PortMode::Connection;
+            }
+        }
         let served = self.rules.layout().families();
         let mut plans: Vec<(ServicePortSpec, PortPlan)> = Vec::new();
         // The health check's local endpoints, per family: see below.

@@ -20,7 +20,8 @@ use crate::rules::{Action, Destination, Key, ProxyPort};
 pub(super) enum Verdict {
     /// Relayed to the listener.
     Serve,
-    /// No usable endpoint anywhere: refused.
+    /// No usable endpoint anywhere: refused (in request mode served
+    /// instead: the listener answers 503 or gRPC UNAVAILABLE).
     Reject,
     /// Usable endpoints exist, but none on this node for a `Local` policy:
     /// dropped.
@@ -56,7 +57,11 @@ pub(super) struct PortPlan {
 pub(super) fn plan_port(spec: &ServicePortSpec, node: &NodeTopology, family: IpFamily) -> PortPlan {
     let sel = spec.select(family, node);
     let verdict = |set: &[SocketAddr]| {
-        if !sel.has_any {
+        if !sel.has_any && spec.mode.per_request() {
+            // In request mode the listener answers for the Service: 503,
+            // or gRPC UNAVAILABLE naming it, rather than a bare refusal.
+            Verdict::Serve
+        } else if !sel.has_any {
             Verdict::Reject
         } else if set.is_empty() {
             Verdict::Drop

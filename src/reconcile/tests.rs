@@ -145,6 +145,7 @@ fn reconciler_v6(
                 name: "node-a".into(),
                 zone: None,
             },
+            request_balancing: true,
         },
         RuleTable::new(fake.clone(), layout),
         listeners.clone(),
