@@ -48,6 +48,11 @@ pub struct PortReport {
     /// The local port its listener accepts on.
     pub proxy_port: u16,
     pub algorithm: String,
+    /// `connection` (each connection balanced, relayed as bytes) or
+    /// `request (HTTP/1.1)` / `request (h2c)` (each HTTP request
+    /// balanced).
+    #[serde(default)]
+    pub mode: String,
     /// `active`, or `closing` (removed; its listener closes once the
     /// rules no longer point at it).
     pub state: String,
@@ -78,7 +83,8 @@ pub struct EndpointReport {
     /// Whether new connections may go there (ready; or, when none is,
     /// serving and terminating).
     pub usable: bool,
-    /// Connections open to it through this proxy.
+    /// Connections open to it through this proxy; on a port in request
+    /// mode, the requests in flight to it.
     pub open_connections: usize,
 }
 
@@ -180,7 +186,11 @@ pub fn render_table(r: &ServicesReport) -> String {
             p.name(),
             ips,
             p.proxy_port.to_string(),
-            p.algorithm.clone(),
+            if p.mode.is_empty() || p.mode == "connection" {
+                p.algorithm.clone()
+            } else {
+                format!("{} per {}", p.algorithm, p.mode)
+            },
             rule,
             p.open_connections.to_string(),
             format!("{usable}/{} usable", p.endpoints.len()),
@@ -423,6 +433,7 @@ mod tests {
                     port: 80,
                     proxy_port: 20000,
                     algorithm: "least-connections".into(),
+                    mode: "request (h2c)".into(),
                     state: "active".into(),
                     rule: "redirect".into(),
                     rule_applied: true,
@@ -479,7 +490,7 @@ mod tests {
         for cell in [
             "10.96.0.10:80",
             "20000",
-            "least-connections",
+            "least-connections per request (h2c)",
             "redirect",
             "1/2 usable",
         ] {

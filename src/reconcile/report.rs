@@ -72,6 +72,7 @@ pub(super) fn port_report<N: Nft>(cx: &Context<'_, N>, port: PortView<'_>) -> Po
         port: spec.as_ref().map_or(0, |s| s.port),
         proxy_port: port.proxy_port,
         algorithm: port.balancer.algorithm().to_string(),
+        mode: port.balancer.mode().to_string(),
         state: match port.key.scope {
             TrafficScope::Internal => port.state.to_string(),
             TrafficScope::External => format!("{} (external traffic)", port.state),
