@@ -18,6 +18,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::count::Tally;
 use super::direction::{
     Activity, Failure, destination_failure, shutdown_write, source_failure, touch,
 };
@@ -45,12 +46,14 @@ fn splice_flags() -> SpliceFFlags {
 
 /// Moves `src` → `dst` through `pipe` until EOF on `src` (then half-closes
 /// `dst`) or until `src` has been quiet for [`QUIET`] with the pipe empty.
-/// The pipe is closed when the phase ends.
-pub async fn bulk_phase(
+/// The pipe is closed when the phase ends. Counts into `tally` as bytes
+/// are written (flushed when it drops, however the phase ends).
+pub(super) async fn bulk_phase(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: Pipe,
     activity: &Option<Arc<Activity>>,
+    mut tally: Tally,
 ) -> Result<PhaseEnd, Failure> {
     let mut moved = 0u64;
     let mut last_data = Instant::now();
@@ -104,6 +107,7 @@ pub async fn bulk_phase(
                 Ok(w) => {
                     pending -= w;
                     moved += w as u64;
+                    tally.add(w);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(destination_failure(e)),

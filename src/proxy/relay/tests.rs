@@ -1,4 +1,5 @@
 use super::copy::UNSENT_STEPS;
+use super::count::FLUSH_EVERY;
 use super::pipe::PIPE_SIZE;
 use super::*;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -29,6 +30,7 @@ async fn through_relay(mode: RelayMode, payload: Vec<u8>) -> (Vec<u8>, Transferr
             c,
             u,
             &CancellationToken::new(),
+            &RelayedBytes::default(),
         )
         .await
         .unwrap()
@@ -94,6 +96,7 @@ async fn small_messages_go_both_ways_in_order() {
             c,
             u,
             &CancellationToken::new(),
+            &RelayedBytes::default(),
         )
         .await
         .unwrap()
@@ -156,6 +159,7 @@ async fn upstream_reset_reaches_client_while_its_bulk_direction_is_idle() {
             c,
             u,
             &CancellationToken::new(),
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -196,7 +200,15 @@ async fn cut_resets_both_sides(mode: RelayMode) {
     let relay_task = tokio::spawn(async move {
         let (c, _) = proxy.accept().await.unwrap();
         let u = TcpStream::connect(server_addr).await.unwrap();
-        relay(mode.into(), &TcpOptions::default(), c, u, &relay_cut).await
+        relay(
+            mode.into(),
+            &TcpOptions::default(),
+            c,
+            u,
+            &relay_cut,
+            &RelayedBytes::default(),
+        )
+        .await
     });
     let mut client = TcpStream::connect(proxy_addr).await.unwrap();
     let (mut server_side, _) = server.accept().await.unwrap();
@@ -283,6 +295,7 @@ fn start_relay(
             f.proxy_client,
             f.proxy_upstream,
             &cut,
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -578,6 +591,7 @@ async fn a_flow_idle_for_the_idle_timeout_is_reset_and_a_busy_one_is_not() {
             f.proxy_client,
             f.proxy_upstream,
             &cut,
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -629,6 +643,7 @@ async fn a_long_lived_flow_gets_keepalive_on_its_upstream_and_a_young_one_not_ye
             f.proxy_client,
             f.proxy_upstream,
             &cut,
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -661,12 +676,14 @@ async fn the_relay_future_stays_small() {
     // to keep it there.
     let f = flow().await;
     let (tcp, cut) = (TcpOptions::default(), CancellationToken::new());
+    let bytes = RelayedBytes::default();
     let r = relay(
         RelayMode::Splice.into(),
         &tcp,
         f.proxy_client,
         f.proxy_upstream,
         &cut,
+        &bytes,
     );
     let size = std::mem::size_of_val(&r);
     assert!(size <= 1400, "the relay future grew to {size} bytes");
@@ -677,4 +694,142 @@ async fn empty_flow_ends_cleanly() {
     let (back, t) = through_relay(RelayMode::Splice, Vec::new()).await;
     assert!(back.is_empty());
     assert_eq!(t, Transferred::default());
+}
+
+/// Waits (at most `within`) until `bytes` holds `want` (to the endpoint,
+/// to the client); the last values seen otherwise.
+async fn counted(bytes: &RelayedBytes, want: (u64, u64), within: Duration) -> (u64, u64) {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        let got = (bytes.get(Way::ToEndpoint), bytes.get(Way::ToClient));
+        if got == want || tokio::time::Instant::now() >= end {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A long-lived flow: a bulk burst and small messages each way, then the
+/// flow stays open. What it moved must show in the port's counters
+/// within a few seconds, while it is still open.
+async fn an_open_flow_counts_its_bytes_as_they_move(mode: RelayMode) {
+    let f = flow().await;
+    let (mut client, mut server) = (f.client, f.server);
+    let bytes = Arc::new(RelayedBytes::default());
+    let counters = Arc::clone(&bytes);
+    let cut = CancellationToken::new();
+    let relay_cut = cut.clone();
+    let relay_task = tokio::spawn(async move {
+        relay(
+            mode.into(),
+            &TcpOptions::default(),
+            f.proxy_client,
+            f.proxy_upstream,
+            &relay_cut,
+            &counters,
+        )
+        .await
+    });
+    let burst = data(3 * 1024 * 1024 + 7);
+    let sent = burst.clone();
+    let mut got = vec![0u8; burst.len()];
+    let (w, r) = tokio::join!(client.write_all(&sent), server.read_exact(&mut got));
+    w.unwrap();
+    r.unwrap();
+    assert!(got == burst, "burst corrupted");
+    server.write_all(b"hello client").await.unwrap();
+    let mut b = [0u8; 12];
+    client.read_exact(&mut b).await.unwrap();
+    // A quiet second and more, then one small message each way: a trickle
+    // shows too, not only bulk.
+    tokio::time::sleep(FLUSH_EVERY + Duration::from_millis(300)).await;
+    client.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    server.read_exact(&mut b).await.unwrap();
+    server.write_all(b"pong").await.unwrap();
+    client.read_exact(&mut b).await.unwrap();
+    let want = (burst.len() as u64 + 4, 12 + 4);
+    let got = counted(&bytes, want, Duration::from_secs(3)).await;
+    assert_eq!(got, want, "bytes of the open flow not counted ({mode:?})");
+    assert!(!relay_task.is_finished(), "the flow ended");
+    cut.cancel();
+    let _ = relay_task.await;
+    assert_eq!(
+        counted(&bytes, want, Duration::ZERO).await,
+        want,
+        "counted twice at the end"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_flow_counts_its_bytes_as_they_move_in_splice_mode() {
+    an_open_flow_counts_its_bytes_as_they_move(RelayMode::Splice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_flow_counts_its_bytes_as_they_move_in_copy_mode() {
+    an_open_flow_counts_its_bytes_as_they_move(RelayMode::Copy).await;
+}
+
+/// A flow that ends with a reset (the server aborts it) still counts
+/// every byte it moved, bulk and small.
+async fn a_reset_flow_counts_its_bytes(mode: RelayMode) {
+    let f = flow().await;
+    let (mut client, mut server) = (f.client, f.server);
+    let bytes = Arc::new(RelayedBytes::default());
+    let counters = Arc::clone(&bytes);
+    let relay_task = tokio::spawn(async move {
+        relay(
+            mode.into(),
+            &TcpOptions::default(),
+            f.proxy_client,
+            f.proxy_upstream,
+            &CancellationToken::new(),
+            &counters,
+        )
+        .await
+    });
+    let up = data(2 * 1024 * 1024 + 3);
+    let down = data(1024 * 1024 + 5);
+    let mut got_up = vec![0u8; up.len()];
+    let (w, r) = tokio::join!(client.write_all(&up), server.read_exact(&mut got_up));
+    w.unwrap();
+    r.unwrap();
+    let mut got_down = vec![0u8; down.len()];
+    let (w, r) = tokio::join!(server.write_all(&down), client.read_exact(&mut got_down));
+    w.unwrap();
+    r.unwrap();
+    assert!(got_up == up && got_down == down, "payload corrupted");
+    client.write_all(b"last words").await.unwrap();
+    let mut b = [0u8; 10];
+    server.read_exact(&mut b).await.unwrap();
+    // The server aborts: the flow ends with an error.
+    socket2::SockRef::from(&server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(server);
+    let ended = tokio::time::timeout(Duration::from_secs(10), relay_task)
+        .await
+        .expect("the relay did not end after the reset")
+        .unwrap();
+    assert!(
+        ended.is_err(),
+        "a reset flow ended without error: {ended:?}"
+    );
+    let want = (up.len() as u64 + 10, down.len() as u64);
+    assert_eq!(
+        counted(&bytes, want, Duration::from_secs(1)).await,
+        want,
+        "bytes of the reset flow not counted ({mode:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flow_counts_its_bytes_in_splice_mode() {
+    a_reset_flow_counts_its_bytes(RelayMode::Splice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flow_counts_its_bytes_in_copy_mode() {
+    a_reset_flow_counts_its_bytes(RelayMode::Copy).await;
 }
