@@ -43,7 +43,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::relay::{RelayedBytes, Way};
+use super::relay::{RelayedBytes, SPLICE_PIPES, Way};
 use crate::model::{Protocol, ServicePortName};
 
 /// Relaxed everywhere: each atomic is a counter of its own, and a scrape
@@ -362,6 +362,9 @@ impl PortSeries {
 /// full stop to those of the metrics registered with it; a collector
 /// writes its own as they are.
 mod help {
+    pub const PIPES_IN_USE: &str = "Splice pipes held by bulk relay directions now (process-wide; at most --splice-pipes-max).";
+    pub const PIPES_MAX: &str = "The cap on splice pipes open at once (--splice-pipes-max).";
+    pub const PIPE_FALLBACKS: &str = "Times a bulk relay direction got no splice pipe (the cap was reached, or the kernel refused one) and copied instead.";
     pub const ACCEPTED: &str = "Client connections accepted by a Service port's listener.";
     pub const ACTIVE: &str = "Client connections open now (connecting or relaying).";
     pub const FAILED: &str =
@@ -426,6 +429,34 @@ impl Collector for PortSeries {
         let ports: Vec<Arc<ServicePortMetrics>> =
             self.held().keys().map(|h| Arc::clone(&h.0)).collect();
         let e = &mut encoder;
+        // The process's splice pipes (relay/pipe.rs): not per Service port.
+        for (name, help, sample) in [
+            (
+                "kubeuproxy_splice_pipes_in_use",
+                help::PIPES_IN_USE,
+                Sample::Gauge(i64::try_from(SPLICE_PIPES.in_use()).unwrap_or(i64::MAX)),
+            ),
+            (
+                "kubeuproxy_splice_pipes_max",
+                help::PIPES_MAX,
+                Sample::Gauge(i64::try_from(SPLICE_PIPES.max()).unwrap_or(i64::MAX)),
+            ),
+            (
+                "kubeuproxy_splice_pipe_fallbacks",
+                help::PIPE_FALLBACKS,
+                Sample::Counter(SPLICE_PIPES.fallbacks()),
+            ),
+        ] {
+            let metric_type = match sample {
+                Sample::Counter(_) => MetricType::Counter,
+                Sample::Gauge(_) => MetricType::Gauge,
+            };
+            let metric = e.encode_descriptor(name, help, None, metric_type)?;
+            match sample {
+                Sample::Counter(v) => ConstCounter::new(v).encode(metric)?,
+                Sample::Gauge(v) => ConstGauge::new(v).encode(metric)?,
+            }
+        }
         let per_port = |value: fn(&ServicePortMetrics) -> Sample| {
             ports.iter().map(move |p| {
                 (

@@ -8,12 +8,13 @@
 //!   (`relay/splice.rs`): socket → pipe → socket with splice(2), payload
 //!   never entering user space, in a task of its own so that the two
 //!   directions of a bulk flow can use two CPUs. When the source goes quiet the phase
-//!   ends, the pipe is closed, and the direction copies again. Small
+//!   ends, the pipe goes back to the process's pool, and the direction copies again. Small
 //!   request/response traffic never pays for a pipe (two file descriptors
 //!   and a few system calls; a splice costs more than copying a few
 //!   bytes); bulk traffic is not copied; an idle connection holds no buffer
 //!   and no pipe, whatever it carried before. If no pipe can be had
-//!   (`relay/pipe.rs`), the direction copies. The copy steps live in
+//!   (`relay/pipe.rs`: at most `--splice-pipes-max` exist, for the host's
+//!   pipe quota), the direction copies. The copy steps live in
 //!   `relay/copy.rs`; they and the bulk phases speak one per-direction
 //!   vocabulary (`relay/direction.rs`: how a direction fails, when it last
 //!   moved a byte, the half-close), so that neither imports this file.
@@ -61,7 +62,8 @@ use self::copy::{Step, copy_one_way, flush, poll_copy_step};
 use self::count::Tally;
 pub use self::count::{RelayedBytes, Way};
 use self::direction::{Activity, DirectionResult, Failure, destination_failure, shutdown_write};
-use self::pipe::Pipe;
+use self::pipe::NoPipe;
+pub use self::pipe::{DEFAULT_MAX as DEFAULT_SPLICE_PIPES_MAX, PIPES as SPLICE_PIPES, PipePool};
 use super::sys;
 use super::tcp_options::{LONG_LIVED, TcpOptions};
 
@@ -396,10 +398,14 @@ async fn hybrid_one_way(
         if !full || no_pipe_until.is_some_and(|t| Instant::now() < t) {
             continue;
         }
-        let pipe = match Pipe::new() {
+        let pipe = match pipe::PIPES.take() {
             Ok(p) => p,
             Err(e) => {
-                pipe::unavailable(&e);
+                // At the cap, copying is what the operator chose; the
+                // metric counts it. A pipe the kernel refuses is news.
+                if let NoPipe::Create(e) = &e {
+                    pipe::unavailable(e);
+                }
                 no_pipe_until = Some(Instant::now() + PIPE_RETRY);
                 continue;
             }

@@ -450,15 +450,22 @@ fn a_bulk_direction_that_goes_quiet_gives_its_pipe_back() {
         server.read_exact(&mut got[1024 * 1024..]).await.unwrap();
         assert!(got == burst, "burst corrupted");
         let mut cw = writer.await.unwrap();
-        // Quiet now: the pipe must go (bounded wait).
+        // Quiet now: the pipe must go back to the pool (bounded wait),
+        // which is all the pipes the process still has.
         let end = tokio::time::Instant::now() + Duration::from_secs(3);
-        while open_pipes() > before && tokio::time::Instant::now() < end {
+        while pipe::PIPES.in_use() > 0 && tokio::time::Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
-            open_pipes(),
-            before,
+            pipe::PIPES.in_use(),
+            0,
             "an idle connection still holds a pipe"
+        );
+        // Two fds per pipe.
+        assert_eq!(
+            open_pipes(),
+            before + 2 * pipe::PIPES.open(),
+            "pipes open beside the pool's"
         );
         // Still one working connection: small both ways, then bulk.
         cw.write_all(b"ping").await.unwrap();
@@ -832,4 +839,79 @@ async fn a_reset_flow_counts_its_bytes_in_splice_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_flow_counts_its_bytes_in_copy_mode() {
     a_reset_flow_counts_its_bytes(RelayMode::Copy).await;
+}
+
+#[test]
+fn with_the_pipe_cap_at_n_more_bulk_flows_all_arrive_intact_and_never_hold_more_pipes() {
+    // In a child process: the pool is the process's. Cap 2, six flows
+    // bulk both ways at once (12 bulk directions, rounds of them): every
+    // byte arrives in order, at most 2 pipes are ever held (or open), the
+    // rest copy (counted), and every pipe comes back.
+    use crate::proxy::test_support::{isolated, open_pipes, test_name};
+    if !isolated(&test_name(
+        module_path!(),
+        "with_the_pipe_cap_at_n_more_bulk_flows_all_arrive_intact_and_never_hold_more_pipes",
+    )) {
+        return;
+    }
+    const CAP: usize = 2;
+    pipe::PIPES.set_max(CAP);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let before = open_pipes();
+        let mut most_open = 0;
+        for round in 0..3 {
+            let mut flows = Vec::new();
+            // All connected first, then all started at once.
+            let go = Arc::new(tokio::sync::Barrier::new(CAP + 4));
+            for i in 0..CAP + 4 {
+                let f = flow().await;
+                let go = Arc::clone(&go);
+                // A payload of its own per flow and round: a pipe handed
+                // on with another flow's bytes in it would show.
+                let payload: Vec<u8> = data(4 * 1024 * 1024 + 17 * i + round)
+                    .into_iter()
+                    .map(|b| b ^ (i * 31 + round * 7) as u8)
+                    .collect();
+                flows.push(tokio::spawn(async move {
+                    go.wait().await;
+                    let (client, server, relay_task) = start_relay(RelayMode::Splice, f);
+                    reversed_round_trip(client, server, &payload).await;
+                    relay_task.await.unwrap().expect("the relay failed")
+                }));
+            }
+            let watch = async {
+                loop {
+                    most_open = most_open.max(open_pipes().saturating_sub(before));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            };
+            let all = async {
+                for f in flows {
+                    let t = f.await.unwrap();
+                    assert_eq!(t.client_to_upstream, t.upstream_to_client);
+                }
+            };
+            tokio::select! {
+                () = all => {}
+                () = watch => unreachable!(),
+            }
+        }
+        assert!(
+            (1..=CAP).contains(&pipe::PIPES.peak()),
+            "pipes held at once: {} (cap {CAP})",
+            pipe::PIPES.peak()
+        );
+        // Two fds per pipe.
+        assert!(
+            most_open <= 2 * CAP,
+            "{most_open} pipe fds open (cap {CAP} pipes)"
+        );
+        assert!(pipe::PIPES.fallbacks() > 0, "no direction had to copy");
+        assert_eq!(pipe::PIPES.in_use(), 0, "a pipe was not given back");
+    });
 }
