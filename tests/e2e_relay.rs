@@ -11,16 +11,18 @@
 //! fail, if `CI` is set).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, ProxyProcess, SVC_PORT, Testbed, VIP_A, VIP_B, connect, http_get,
     manifests, poll, read_line, vip, wait_nft_key,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
-use uproxy_lab::{self as lab, Netns, backend_addr};
+use uproxy_lab::{self as lab, Netns, backend_addr, peers};
 
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
 
@@ -161,4 +163,97 @@ fn relayed_bytes_of_a_connection_that_ends_with_a_reset_are_counted() {
     let sent = bulk.len() as u64 + 4;
     let want = (sent, greeting.len() as u64 + 1 + sent);
     wait_relayed(bed.node(), "web", want, "a reset connection");
+}
+
+/// Pipe fds the process `pid` holds now.
+fn pipe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The value of the unlabelled series `name` in `/metrics`.
+fn metric(node: &Netns, name: &str) -> Option<f64> {
+    let (_, body) = http_get(node, METRICS, "/metrics").ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn with_splice_pipes_max_2_concurrent_bulk_uploads_arrive_intact_and_hold_at_most_2_pipes() {
+    if !lab::require_root_and_nft(
+        "with_splice_pipes_max_2_concurrent_bulk_uploads_arrive_intact_and_hold_at_most_2_pipes",
+    ) {
+        return;
+    }
+    const CAP: usize = 2;
+    const FLOWS: usize = 6;
+    let bed = Testbed::new("relay", "pipe-cap", &[Backend::Sha256]);
+    let mut p = proxy_for(&bed, &[("sink", VIP_A)], &["--splice-pipes-max", "2"]);
+    let pid = p.child.id();
+    let before = pipe_fds(pid);
+    assert_eq!(
+        metric(bed.node(), "kubeuproxy_splice_pipes_max"),
+        Some(CAP as f64)
+    );
+    // Six uploads at once, each of its own bytes, each hashed by the
+    // backend (sha256 peer) and compared with the client's own hash.
+    let clients: Vec<_> = (0..FLOWS)
+        .map(|i| {
+            let mut s = connect(bed.client(), vip(VIP_A)).expect("connect to sink");
+            thread::spawn(move || {
+                let payload: Vec<u8> = data(24 * 1024 * 1024 + i)
+                    .into_iter()
+                    .map(|b| b ^ (i as u8).wrapping_mul(37))
+                    .collect();
+                s.write_all(&payload).expect("upload");
+                s.shutdown(Shutdown::Write).expect("half-close");
+                let mut reply = String::new();
+                s.read_to_string(&mut reply).expect("the backend's hash");
+                assert_eq!(
+                    reply.trim(),
+                    peers::hex(&Sha256::digest(&payload)),
+                    "upload {i} arrived altered"
+                );
+            })
+        })
+        .collect();
+    // Meanwhile: the proxy's pipe fds, sampled (bounded in time).
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !clients.iter().all(|c| c.is_finished()) && Instant::now() < deadline {
+        most = most.max(pipe_fds(pid).saturating_sub(before));
+        thread::sleep(Duration::from_millis(2));
+    }
+    for c in clients {
+        c.join().expect("an upload failed");
+    }
+    p.assert_running("the uploads");
+    // Two fds per pipe.
+    assert!(
+        most <= 2 * CAP,
+        "the proxy held {most} pipe fds (cap {CAP} pipes)"
+    );
+    assert!(most > 0, "no upload was spliced");
+    let fallbacks = metric(bed.node(), "kubeuproxy_splice_pipe_fallbacks_total").unwrap_or(0.0);
+    assert!(
+        fallbacks > 0.0,
+        "no bulk direction had to copy: {fallbacks}"
+    );
+    poll(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || match metric(bed.node(), "kubeuproxy_splice_pipes_in_use") {
+            Some(v) if v == 0.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .expect("pipes still in use after every upload ended");
 }
