@@ -251,7 +251,7 @@ fn with_splice_pipes_max_2_concurrent_bulk_uploads_arrive_intact_and_hold_at_mos
         Duration::from_secs(5),
         Duration::from_millis(50),
         || match metric(bed.node(), "kubeuproxy_splice_pipes_in_use") {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )
