@@ -104,6 +104,15 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value = "0", value_parser = |s: &str| MAX_CONNECTIONS.parse(s))]
     pub max_connections: usize,
 
+    /// Most splice pipes (1 MiB each) open at once, process-wide: bulk
+    /// relay directions beyond them copy instead. Each pipe counts 256
+    /// pages against root's shared fs.pipe-user-pages-soft for as long as
+    /// it exists; past that limit every root process on the host gets
+    /// small pipes. Unset: half of fs.pipe-user-pages-soft in 1 MiB pipes
+    /// (32 with the default 16384 pages; 64 when there is no soft limit).
+    #[arg(long, value_name = "N", value_parser = |s: &str| SPLICE_PIPES_MAX.parse(s))]
+    pub splice_pipes_max: Option<usize>,
+
     /// Changes to --manifests are seen at once through inotify; in addition
     /// every file is stat-ed this often, in case an event was missed.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = |s: &str| MANIFESTS_RESCAN_INTERVAL.parse(s))]
@@ -422,6 +431,28 @@ impl Args {
         }
     }
 
+    /// `--splice-pipes-max`, or its default from the host's pipe quota
+    /// (read under `--proc-sys-dir`).
+    pub fn splice_pipes_max(&self) -> usize {
+        self.splice_pipes_max.unwrap_or_else(|| {
+            // fs.* is not per namespace: /proc/sys has it in a container
+            // too, where --proc-sys-dir may hold net.ipv4 alone.
+            let soft = [
+                self.proc_sys_dir.as_path(),
+                std::path::Path::new("/proc/sys"),
+            ]
+            .iter()
+            .find_map(|dir| {
+                std::fs::read_to_string(dir.join("fs/pipe-user-pages-soft"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            });
+            default_splice_pipes_max(soft)
+        })
+    }
+
     /// How flows are relayed.
     pub fn relay(&self) -> RelayConfig {
         RelayConfig {
@@ -595,6 +626,29 @@ pub const MAX_CONNECTIONS: CountBounds = CountBounds {
     max: 1 << 24,
     zero_is_off: true,
 };
+/// At least one pipe (`--tcp-relay copy` is the way to splice none);
+/// 4096 pipes of 1 MiB are 4 GiB of pipe quota, far past any host's.
+pub const SPLICE_PIPES_MAX: CountBounds = CountBounds {
+    flag: "--splice-pipes-max",
+    min: 1,
+    max: 4096,
+    zero_is_off: false,
+};
+
+/// The default of `--splice-pipes-max` for a pipe quota of `soft_pages`
+/// (`fs.pipe-user-pages-soft`; `None`: unreadable): half of it in pipes of
+/// 256 pages, leaving the other half to the host's other root processes.
+/// 0 is no soft limit: 64, what the default quota holds whole.
+pub fn default_splice_pipes_max(soft_pages: Option<u64>) -> usize {
+    const PAGES_PER_PIPE: u64 = 256;
+    match soft_pages {
+        None => crate::proxy::relay::DEFAULT_SPLICE_PIPES_MAX,
+        Some(0) => 64,
+        Some(p) => usize::try_from(p / 2 / PAGES_PER_PIPE)
+            .unwrap_or(SPLICE_PIPES_MAX.max)
+            .clamp(SPLICE_PIPES_MAX.min, SPLICE_PIPES_MAX.max),
+    }
+}
 
 /// The kernel takes keepalive times in whole seconds, up to 32767.
 fn keepalive_seconds(s: &str, zero_ok: bool) -> Result<Duration, String> {
@@ -710,6 +764,7 @@ pub(crate) mod tests {
                 &["-1", "16777217"],
                 &["0", "1", "16777216"],
             ),
+            (SPLICE_PIPES_MAX, &["0", "-1", "4097", "x"], &["1", "4096"]),
         ] {
             for v in bad {
                 let e =
@@ -739,8 +794,32 @@ pub(crate) mod tests {
         ])
         .unwrap();
         assert_eq!(a.udp_max_flows, 1);
+        assert_eq!(
+            Args::try_parse_from(["kube-uproxy", "--splice-pipes-max", "3"])
+                .unwrap()
+                .splice_pipes_max(),
+            3
+        );
         assert_eq!(a.tcp_user_timeout, Some(Duration::ZERO));
         assert_eq!(a.manifests_rescan_interval, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_splice_pipe_cap_defaults_to_half_the_pipe_quota() {
+        // The kernel's default quota: 16384 pages, 64 pipes of 1 MiB.
+        assert_eq!(default_splice_pipes_max(Some(16384)), 32);
+        assert_eq!(default_splice_pipes_max(Some(1 << 20)), 2048);
+        assert_eq!(default_splice_pipes_max(Some(100)), 1);
+        assert_eq!(default_splice_pipes_max(Some(u64::MAX)), 4096);
+        assert_eq!(default_splice_pipes_max(Some(0)), 64);
+        assert_eq!(default_splice_pipes_max(None), 32);
+        let dir = std::env::temp_dir().join(format!("ku-pipes-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("fs")).unwrap();
+        std::fs::write(dir.join("fs/pipe-user-pages-soft"), "8192\n").unwrap();
+        let a =
+            Args::try_parse_from(["kube-uproxy", "--proc-sys-dir", dir.to_str().unwrap()]).unwrap();
+        assert_eq!(a.splice_pipes_max(), 16);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

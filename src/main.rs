@@ -371,6 +371,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
+    // Bounds the pipe quota the proxy takes from root's shared
+    // fs.pipe-user-pages-soft (docs/operations.md).
+    kube_uproxy::proxy::relay::SPLICE_PIPES.set_max(args.splice_pipes_max());
     let connections =
         Connections::with_limit((args.max_connections > 0).then_some(args.max_connections));
     let mut listeners = SocketListeners::new(

@@ -14,7 +14,7 @@
 //! | `hostnameOverride` | `--hostname-override` |
 //! | `nodePortAddresses` | `--nodeport-addresses` (CIDRs, or `[primary]`) |
 //! | `bindAddressIPv6` (kube-uproxy's own) | `--bind-address-ipv6` |
-//! | kube-uproxy's own: `manifests`, `manifestsRescanInterval`, `shutdownGrace`, `lbAlgorithm`, `tcpRelay`, `metricsPerEndpoint`, `healthzSocket`, `procSysDir` | the flag of the same name |
+//! | kube-uproxy's own: `manifests`, `manifestsRescanInterval`, `shutdownGrace`, `lbAlgorithm`, `tcpRelay`, `splicePipesMax`, `metricsPerEndpoint`, `healthzSocket`, `procSysDir` | the flag of the same name |
 //!
 //! A flag given on the command line wins over the file. A field that is
 //! not in this list is an error naming it: a typo must not silently leave
@@ -30,8 +30,8 @@ use serde::Deserialize;
 
 use crate::config::{
     Args, DurationBounds, HTTP_DETECT_TIMEOUT, HTTP_UPSTREAM_IDLE_TIMEOUT, LogFormat,
-    MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SYNC_PERIOD, ServeAddress, parse_bind_address,
-    parse_bind_address_v6, parse_nodeport_addresses,
+    MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SPLICE_PIPES_MAX, SYNC_PERIOD, ServeAddress,
+    parse_bind_address, parse_bind_address_v6, parse_nodeport_addresses,
 };
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
@@ -97,6 +97,7 @@ pub struct ConfigFile {
     pub shutdown_grace: Option<String>,
     pub lb_algorithm: Option<String>,
     pub tcp_relay: Option<String>,
+    pub splice_pipes_max: Option<i64>,
     pub metrics_per_endpoint: Option<bool>,
     pub request_balancing: Option<bool>,
     pub http_detect_timeout: Option<String>,
@@ -306,6 +307,16 @@ impl ConfigFile {
                 .transpose()?,
             args.tcp_relay
         );
+        // The flag's own bounds and words.
+        let pipes = self
+            .splice_pipes_max
+            .map(|n| {
+                SPLICE_PIPES_MAX
+                    .parse(&n.to_string())
+                    .map_err(|e| bad("splicePipesMax", e))
+            })
+            .transpose()?;
+        set!("splice_pipes_max", pipes.map(Some), args.splice_pipes_max);
         set!(
             "metrics_per_endpoint",
             self.metrics_per_endpoint,
@@ -395,6 +406,7 @@ shutdownGrace: 5s
 manifestsRescanInterval: 500ms
 lbAlgorithm: least-connections
 tcpRelay: copy
+splicePipesMax: 7
 metricsPerEndpoint: true
 healthzSocket: /run/kube-uproxy/healthz.sock
 procSysDir: /host/proc/sys
@@ -455,6 +467,7 @@ procSysDir: /host/proc/sys
             Some(Path::new("/run/kube-uproxy/healthz.sock"))
         );
         assert_eq!(a.proc_sys_dir, Path::new("/host/proc/sys"));
+        assert_eq!(a.splice_pipes_max, Some(7));
         // `manifests` conflicts with the kubeconfig above: its own file.
         let p = write(&d, "m.yaml", "manifests: /srv/cluster.yaml\n");
         let a = parse_args(["kube-uproxy", "--config", p.to_str().unwrap()]).unwrap();
@@ -521,6 +534,8 @@ procSysDir: /host/proc/sys
             ("metricsBindAddress: localhost\n", "metricsBindAddress"),
             ("lbAlgorithm: random\n", "lbAlgorithm"),
             ("tcpRelay: zerocopy\n", "tcpRelay"),
+            ("splicePipesMax: 0\n", "splicePipesMax"),
+            ("splicePipesMax: 4097\n", "splicePipesMax"),
             ("kind: KubeProxyConfiguration\n", "kind"),
         ] {
             let e = ConfigFile::parse(text, path)
@@ -631,7 +646,7 @@ procSysDir: /host/proc/sys
         .unwrap();
         let cmd = Args::command();
         let ids = ids.into_inner();
-        assert_eq!(ids.len(), 18, "{ids:?}");
+        assert_eq!(ids.len(), 19, "{ids:?}");
         for id in ids {
             assert!(
                 cmd.get_arguments().any(|a| a.get_id() == id.as_str()),

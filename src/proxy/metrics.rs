@@ -45,7 +45,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::relay::Transferred;
+use super::relay::{RelayedBytes, SPLICE_PIPES, Way};
 use crate::model::{Protocol, ServicePortName};
 
 /// Relaxed everywhere: each atomic is a counter of its own, and a scrape
@@ -364,11 +364,14 @@ impl PortSeries {
 /// full stop to those of the metrics registered with it; a collector
 /// writes its own as they are.
 mod help {
+    pub const PIPES_IN_USE: &str = "Splice pipes held by bulk relay directions now (process-wide; at most --splice-pipes-max).";
+    pub const PIPES_MAX: &str = "The cap on splice pipes open at once (--splice-pipes-max).";
+    pub const PIPE_FALLBACKS: &str = "Times a bulk relay direction got no splice pipe (the cap was reached, or the kernel refused one) and copied instead.";
     pub const ACCEPTED: &str = "Client connections accepted by a Service port's listener.";
     pub const ACTIVE: &str = "Client connections open now (connecting or relaying).";
     pub const FAILED: &str =
         "Client connections reset without reaching an endpoint, by the reason of the last attempt.";
-    pub const BYTES: &str = "Bytes relayed, by direction (to_endpoint, to_client), counted when a connection ends without error.";
+    pub const BYTES: &str = "Bytes relayed, by direction (to_endpoint, to_client), counted as they move (at least once a second while a connection carries traffic), whichever way the connection ends.";
     pub const CONNECT_DURATION: &str =
         "Time to establish the connection to the endpoint (successful attempts).";
     pub const RETRIES: &str =
@@ -428,6 +431,34 @@ impl Collector for PortSeries {
         let ports: Vec<Arc<ServicePortMetrics>> =
             self.held().keys().map(|h| Arc::clone(&h.0)).collect();
         let e = &mut encoder;
+        // The process's splice pipes (relay/pipe.rs): not per Service port.
+        for (name, help, sample) in [
+            (
+                "kubeuproxy_splice_pipes_in_use",
+                help::PIPES_IN_USE,
+                Sample::Gauge(i64::try_from(SPLICE_PIPES.in_use()).unwrap_or(i64::MAX)),
+            ),
+            (
+                "kubeuproxy_splice_pipes_max",
+                help::PIPES_MAX,
+                Sample::Gauge(i64::try_from(SPLICE_PIPES.max()).unwrap_or(i64::MAX)),
+            ),
+            (
+                "kubeuproxy_splice_pipe_fallbacks",
+                help::PIPE_FALLBACKS,
+                Sample::Counter(SPLICE_PIPES.fallbacks()),
+            ),
+        ] {
+            let metric_type = match sample {
+                Sample::Counter(_) => MetricType::Counter,
+                Sample::Gauge(_) => MetricType::Gauge,
+            };
+            let metric = e.encode_descriptor(name, help, None, metric_type)?;
+            match sample {
+                Sample::Counter(v) => ConstCounter::new(v).encode(metric)?,
+                Sample::Gauge(v) => ConstGauge::new(v).encode(metric)?,
+            }
+        }
         let per_port = |value: fn(&ServicePortMetrics) -> Sample| {
             ports.iter().map(move |p| {
                 (
@@ -477,17 +508,19 @@ impl Collector for PortSeries {
             help::BYTES,
             MetricType::Counter,
             ports.iter().flat_map(|p| {
-                [("to_endpoint", &p.to_endpoint), ("to_client", &p.to_client)].map(
-                    |(direction, bytes)| {
-                        (
-                            SeriesLabels {
-                                port: &p.labels,
-                                extra: Some(("direction", direction)),
-                            },
-                            counter(bytes),
-                        )
-                    },
-                )
+                [
+                    ("to_endpoint", Way::ToEndpoint),
+                    ("to_client", Way::ToClient),
+                ]
+                .map(|(direction, way)| {
+                    (
+                        SeriesLabels {
+                            port: &p.labels,
+                            extra: Some(("direction", direction)),
+                        },
+                        Sample::Counter(p.bytes.get(way)),
+                    )
+                })
             }),
         )?;
         if !ports.is_empty() {
@@ -638,8 +671,9 @@ pub struct ServicePortMetrics {
     active: AtomicI64,
     /// Indexed by [`FailReason`].
     failed: [AtomicU64; 6],
-    to_endpoint: AtomicU64,
-    to_client: AtomicU64,
+    /// Relayed bytes, counted into by each flow as bytes move (the relay
+    /// owns the type: it counts, this module renders).
+    bytes: RelayedBytes,
     connect_duration: ConnectHistogram,
     retries: AtomicU64,
     udp_active: AtomicI64,
@@ -668,8 +702,7 @@ impl ServicePortMetrics {
             accepted: AtomicU64::new(0),
             active: AtomicI64::new(0),
             failed: Default::default(),
-            to_endpoint: AtomicU64::new(0),
-            to_client: AtomicU64::new(0),
+            bytes: RelayedBytes::default(),
             connect_duration: ConnectHistogram::default(),
             retries: AtomicU64::new(0),
             udp_active: AtomicI64::new(0),
@@ -738,10 +771,10 @@ impl ServicePortMetrics {
         self.failed[reason.index()].fetch_add(1, RELAXED);
     }
 
-    /// A relay ended without error, having moved these bytes.
-    pub fn relayed(&self, t: &Transferred) {
-        self.to_endpoint.fetch_add(t.client_to_upstream, RELAXED);
-        self.to_client.fetch_add(t.upstream_to_client, RELAXED);
+    /// The relayed-bytes counters a flow of this port counts into while
+    /// it moves bytes (see `relay::relay`).
+    pub fn relayed_bytes(&self) -> &RelayedBytes {
+        &self.bytes
     }
 
     /// UDP (hook for the UDP data path): a flow for a new client address

@@ -8,12 +8,13 @@
 //!   (`relay/splice.rs`): socket → pipe → socket with splice(2), payload
 //!   never entering user space, in a task of its own so that the two
 //!   directions of a bulk flow can use two CPUs. When the source goes quiet the phase
-//!   ends, the pipe is closed, and the direction copies again. Small
+//!   ends, the pipe goes back to the process's pool, and the direction copies again. Small
 //!   request/response traffic never pays for a pipe (two file descriptors
 //!   and a few system calls; a splice costs more than copying a few
 //!   bytes); bulk traffic is not copied; an idle connection holds no buffer
 //!   and no pipe, whatever it carried before. If no pipe can be had
-//!   (`relay/pipe.rs`), the direction copies. The copy steps live in
+//!   (`relay/pipe.rs`: at most `--splice-pipes-max` exist, for the host's
+//!   pipe quota), the direction copies. The copy steps live in
 //!   `relay/copy.rs`; they and the bulk phases speak one per-direction
 //!   vocabulary (`relay/direction.rs`: how a direction fails, when it last
 //!   moved a byte, the half-close), so that neither imports this file.
@@ -38,6 +39,7 @@
 //! acknowledged. A flow cut from outside is reset at once.
 
 mod copy;
+mod count;
 mod direction;
 mod pipe;
 mod splice;
@@ -57,8 +59,11 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 use self::copy::{Step, copy_one_way, flush, poll_copy_step};
+use self::count::Tally;
+pub use self::count::{RelayedBytes, Way};
 use self::direction::{Activity, DirectionResult, Failure, destination_failure, shutdown_write};
-use self::pipe::Pipe;
+use self::pipe::NoPipe;
+pub use self::pipe::{DEFAULT_MAX as DEFAULT_SPLICE_PIPES_MAX, PIPES as SPLICE_PIPES, PipePool};
 use super::sys;
 use super::tcp_options::{LONG_LIVED, TcpOptions};
 
@@ -170,12 +175,17 @@ async fn watch(
 ///
 /// `tcp` (keepalive, user timeout) is set on the upstream socket once the
 /// flow has lived for [`LONG_LIVED`]: short flows never pay for it.
+///
+/// `bytes` (the Service port's counters) count the bytes as they move
+/// (`relay/count.rs`), whichever way the flow ends; the [`Transferred`]
+/// returned is for the flow's own log line.
 pub async fn relay(
     config: RelayConfig,
     tcp: &TcpOptions,
     client: TcpStream,
     upstream: TcpStream,
     cut: &CancellationToken,
+    bytes: &RelayedBytes,
 ) -> io::Result<Transferred> {
     let client = Arc::new(client);
     let upstream = Arc::new(upstream);
@@ -193,20 +203,32 @@ pub async fn relay(
             let a = pin!(hybrid_one_way(
                 Arc::clone(&client),
                 Arc::clone(&upstream),
-                activity.clone()
+                activity.clone(),
+                Tally::new(bytes, Way::ToEndpoint),
             ));
             let b = pin!(hybrid_one_way(
                 Arc::clone(&upstream),
                 Arc::clone(&client),
-                activity.clone()
+                activity.clone(),
+                Tally::new(bytes, Way::ToClient),
             ));
             both_ways(a, b, cut, timers.as_mut()).await
         }
         // Boxed: the comparison mode does not make every flow's task larger.
         RelayMode::Copy => {
             Box::pin(async {
-                let a = pin!(copy_one_way(&client, &upstream, &activity));
-                let b = pin!(copy_one_way(&upstream, &client, &activity));
+                let a = pin!(copy_one_way(
+                    &client,
+                    &upstream,
+                    &activity,
+                    Tally::new(bytes, Way::ToEndpoint)
+                ));
+                let b = pin!(copy_one_way(
+                    &upstream,
+                    &client,
+                    &activity,
+                    Tally::new(bytes, Way::ToClient)
+                ));
                 both_ways(a, b, cut, timers.as_mut()).await
             })
             .await
@@ -350,11 +372,13 @@ async fn reset_once_delivered(sockets: [&TcpStream; 2], dead: [bool; 2]) {
 
 /// Moves `src` → `dst` until EOF on `src`, then half-closes `dst`: by copy
 /// while the flow is small, in bulk phases (splice, a task of their own,
-/// aborted if this future is dropped) while it is large.
+/// aborted if this future is dropped) while it is large. Counts into
+/// `tally` as bytes move; a bulk phase counts into a tally of its own.
 async fn hybrid_one_way(
     src: Arc<TcpStream>,
     dst: Arc<TcpStream>,
     activity: Option<Arc<Activity>>,
+    mut tally: Tally,
 ) -> DirectionResult {
     let mut unsent = Vec::new();
     let mut total = 0u64;
@@ -369,21 +393,30 @@ async fn hybrid_one_way(
             return Ok(total);
         };
         total += n as u64;
+        tally.add(n);
         flush(&dst, &mut unsent).await?;
         if !full || no_pipe_until.is_some_and(|t| Instant::now() < t) {
             continue;
         }
-        let pipe = match Pipe::new() {
+        let pipe = match pipe::PIPES.take() {
             Ok(p) => p,
             Err(e) => {
-                pipe::unavailable(&e);
+                // At the cap, copying is what the operator chose; the
+                // metric counts it. A pipe the kernel refuses is news.
+                if let NoPipe::Create(e) = &e {
+                    pipe::unavailable(e);
+                }
                 no_pipe_until = Some(Instant::now() + PIPE_RETRY);
                 continue;
             }
         };
+        // What the copy steps moved shows before the phase, which may be
+        // long.
+        tally.flush();
         let (s, d, a) = (Arc::clone(&src), Arc::clone(&dst), activity.clone());
+        let phase_tally = tally.sibling();
         let phase = AbortOnDropHandle::new(tokio::spawn(async move {
-            splice::bulk_phase(&s, &d, pipe, &a).await
+            splice::bulk_phase(&s, &d, pipe, &a, phase_tally).await
         }));
         let end = phase
             .await

@@ -319,20 +319,27 @@ async fn handle_connection(
     };
     let endpoint = lease.addr();
     let _ = upstream.set_nodelay(true);
-    let result = relay(config.relay, &config.tcp, client, upstream, &cut).await;
+    // The bytes count into the port's counters as they move, whichever
+    // way the flow ends (relay/count.rs).
+    let result = relay(
+        config.relay,
+        &config.tcp,
+        client,
+        upstream,
+        &cut,
+        metrics.relayed_bytes(),
+    )
+    .await;
     // Least-connections stops counting the connection before it is logged
     // as closed: whoever reads the log never sees the counter lag behind.
     drop(lease);
     match result {
-        Ok(t) => {
-            metrics.relayed(&t);
-            debug!(
-                %endpoint,
-                sent = t.client_to_upstream,
-                received = t.upstream_to_client,
-                "connection closed"
-            )
-        }
+        Ok(t) => debug!(
+            %endpoint,
+            sent = t.client_to_upstream,
+            received = t.upstream_to_client,
+            "connection closed"
+        ),
         Err(e) => debug!(%endpoint, error = %e, "connection aborted"),
     }
 }

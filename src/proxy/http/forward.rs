@@ -453,13 +453,14 @@ async fn upgrade(
         let endpoint_side = hyper::upgrade::on(&mut resp);
         let config = Arc::clone(&port.config);
         let cut = port.cut.clone();
+        let metrics = Arc::clone(&port.metrics);
         port.tunnels.spawn(async move {
             // The lease counts the tunnel against its endpoint while open.
             let _lease = lease;
             let (Ok(c), Ok(e)) = (client_side.await, endpoint_side.await) else {
                 return;
             };
-            tunnel(c, e, &config, &cut).await;
+            tunnel(c, e, &config, &cut, metrics.relayed_bytes()).await;
         });
         return resp.map(|b| ProxyBody::upstream(b, done));
     }
@@ -474,6 +475,7 @@ async fn tunnel(
     endpoint: hyper::upgrade::Upgraded,
     config: &DataPathConfig,
     cut: &tokio_util::sync::CancellationToken,
+    bytes: &super::super::relay::RelayedBytes,
 ) {
     use tokio::io::copy_bidirectional;
     let c = match client.downcast::<TokioIo<TcpStream>>() {
@@ -500,7 +502,7 @@ async fn tunnel(
     {
         return;
     }
-    let _ = relay(config.relay, &config.tcp, client, upstream, cut).await;
+    let _ = relay(config.relay, &config.tcp, client, upstream, cut, bytes).await;
 }
 
 #[cfg(test)]

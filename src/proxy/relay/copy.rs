@@ -12,6 +12,7 @@ use nix::sys::socket::{MsgFlags, recv};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::count::Tally;
 use super::direction::{
     Activity, DirectionResult, Failure, destination_failure, shutdown_write, source_failure, touch,
 };
@@ -148,11 +149,13 @@ pub(super) async fn flush(dst: &TcpStream, unsent: &mut Vec<u8>) -> Result<(), F
 }
 
 /// `--tcp-relay copy`: moves `src` → `dst` through a buffer of its own
-/// until EOF on `src`, then half-closes `dst`.
+/// until EOF on `src`, then half-closes `dst`; counts into `tally` as
+/// bytes move.
 pub(super) async fn copy_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     activity: &Option<Arc<Activity>>,
+    mut tally: Tally,
 ) -> DirectionResult {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut total = 0u64;
@@ -167,5 +170,6 @@ pub(super) async fn copy_one_way(
         touch(activity);
         write_all(dst, &buf[..n]).await?;
         total += n as u64;
+        tally.add(n);
     }
 }

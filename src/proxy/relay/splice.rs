@@ -3,10 +3,10 @@
 //!
 //! Bulk is a phase, not a state for life: a keep-alive connection that once
 //! carried a large response goes back to small messages. When the source
-//! has sent nothing for [`QUIET`], the phase ends, its pipe is closed and
-//! the direction returns to the copy path; the next large burst starts a
-//! new phase. So an idle connection holds its two sockets and nothing else,
-//! whatever it carried before.
+//! has sent nothing for [`QUIET`], the phase ends, its pipe goes back to
+//! the process's pool (`pipe.rs`) and the direction returns to the copy
+//! path; the next large burst starts a new phase. So an idle connection
+//! holds its two sockets and nothing else, whatever it carried before.
 
 use std::os::fd::AsFd;
 use std::pin::pin;
@@ -18,10 +18,11 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::count::Tally;
 use super::direction::{
     Activity, Failure, destination_failure, shutdown_write, source_failure, touch,
 };
-use super::pipe::{PIPE_SIZE, Pipe};
+use super::pipe::{PIPE_SIZE, PooledPipe};
 
 /// How long the source of a bulk phase may send nothing before the phase
 /// ends and its pipe is given back. Long against the gaps inside one burst
@@ -45,12 +46,15 @@ fn splice_flags() -> SpliceFFlags {
 
 /// Moves `src` → `dst` through `pipe` until EOF on `src` (then half-closes
 /// `dst`) or until `src` has been quiet for [`QUIET`] with the pipe empty.
-/// The pipe is closed when the phase ends.
-pub async fn bulk_phase(
+/// The pipe goes back to its pool when the phase ends (and is closed
+/// there if the phase left bytes in it). Counts into `tally` as bytes
+/// are written (flushed when it drops, however the phase ends).
+pub(super) async fn bulk_phase(
     src: &TcpStream,
     dst: &TcpStream,
-    pipe: Pipe,
+    pipe: PooledPipe<'static>,
     activity: &Option<Arc<Activity>>,
+    mut tally: Tally,
 ) -> Result<PhaseEnd, Failure> {
     let mut moved = 0u64;
     let mut last_data = Instant::now();
@@ -104,6 +108,7 @@ pub async fn bulk_phase(
                 Ok(w) => {
                     pending -= w;
                     moved += w as u64;
+                    tally.add(w);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(destination_failure(e)),

@@ -1,4 +1,5 @@
 use super::copy::UNSENT_STEPS;
+use super::count::FLUSH_EVERY;
 use super::pipe::PIPE_SIZE;
 use super::*;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -29,6 +30,7 @@ async fn through_relay(mode: RelayMode, payload: Vec<u8>) -> (Vec<u8>, Transferr
             c,
             u,
             &CancellationToken::new(),
+            &RelayedBytes::default(),
         )
         .await
         .unwrap()
@@ -94,6 +96,7 @@ async fn small_messages_go_both_ways_in_order() {
             c,
             u,
             &CancellationToken::new(),
+            &RelayedBytes::default(),
         )
         .await
         .unwrap()
@@ -156,6 +159,7 @@ async fn upstream_reset_reaches_client_while_its_bulk_direction_is_idle() {
             c,
             u,
             &CancellationToken::new(),
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -196,7 +200,15 @@ async fn cut_resets_both_sides(mode: RelayMode) {
     let relay_task = tokio::spawn(async move {
         let (c, _) = proxy.accept().await.unwrap();
         let u = TcpStream::connect(server_addr).await.unwrap();
-        relay(mode.into(), &TcpOptions::default(), c, u, &relay_cut).await
+        relay(
+            mode.into(),
+            &TcpOptions::default(),
+            c,
+            u,
+            &relay_cut,
+            &RelayedBytes::default(),
+        )
+        .await
     });
     let mut client = TcpStream::connect(proxy_addr).await.unwrap();
     let (mut server_side, _) = server.accept().await.unwrap();
@@ -283,6 +295,7 @@ fn start_relay(
             f.proxy_client,
             f.proxy_upstream,
             &cut,
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -437,15 +450,22 @@ fn a_bulk_direction_that_goes_quiet_gives_its_pipe_back() {
         server.read_exact(&mut got[1024 * 1024..]).await.unwrap();
         assert!(got == burst, "burst corrupted");
         let mut cw = writer.await.unwrap();
-        // Quiet now: the pipe must go (bounded wait).
+        // Quiet now: the pipe must go back to the pool (bounded wait),
+        // which is all the pipes the process still has.
         let end = tokio::time::Instant::now() + Duration::from_secs(3);
-        while open_pipes() > before && tokio::time::Instant::now() < end {
+        while pipe::PIPES.in_use() > 0 && tokio::time::Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(
-            open_pipes(),
-            before,
+            pipe::PIPES.in_use(),
+            0,
             "an idle connection still holds a pipe"
+        );
+        // Two fds per pipe.
+        assert_eq!(
+            open_pipes(),
+            before + 2 * pipe::PIPES.open(),
+            "pipes open beside the pool's"
         );
         // Still one working connection: small both ways, then bulk.
         cw.write_all(b"ping").await.unwrap();
@@ -578,6 +598,7 @@ async fn a_flow_idle_for_the_idle_timeout_is_reset_and_a_busy_one_is_not() {
             f.proxy_client,
             f.proxy_upstream,
             &cut,
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -629,6 +650,7 @@ async fn a_long_lived_flow_gets_keepalive_on_its_upstream_and_a_young_one_not_ye
             f.proxy_client,
             f.proxy_upstream,
             &cut,
+            &RelayedBytes::default(),
         )
         .await
     });
@@ -661,12 +683,14 @@ async fn the_relay_future_stays_small() {
     // to keep it there.
     let f = flow().await;
     let (tcp, cut) = (TcpOptions::default(), CancellationToken::new());
+    let bytes = RelayedBytes::default();
     let r = relay(
         RelayMode::Splice.into(),
         &tcp,
         f.proxy_client,
         f.proxy_upstream,
         &cut,
+        &bytes,
     );
     let size = std::mem::size_of_val(&r);
     assert!(size <= 1400, "the relay future grew to {size} bytes");
@@ -677,4 +701,217 @@ async fn empty_flow_ends_cleanly() {
     let (back, t) = through_relay(RelayMode::Splice, Vec::new()).await;
     assert!(back.is_empty());
     assert_eq!(t, Transferred::default());
+}
+
+/// Waits (at most `within`) until `bytes` holds `want` (to the endpoint,
+/// to the client); the last values seen otherwise.
+async fn counted(bytes: &RelayedBytes, want: (u64, u64), within: Duration) -> (u64, u64) {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        let got = (bytes.get(Way::ToEndpoint), bytes.get(Way::ToClient));
+        if got == want || tokio::time::Instant::now() >= end {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A long-lived flow: a bulk burst and small messages each way, then the
+/// flow stays open. What it moved must show in the port's counters
+/// within a few seconds, while it is still open.
+async fn an_open_flow_counts_its_bytes_as_they_move(mode: RelayMode) {
+    let f = flow().await;
+    let (mut client, mut server) = (f.client, f.server);
+    let bytes = Arc::new(RelayedBytes::default());
+    let counters = Arc::clone(&bytes);
+    let cut = CancellationToken::new();
+    let relay_cut = cut.clone();
+    let relay_task = tokio::spawn(async move {
+        relay(
+            mode.into(),
+            &TcpOptions::default(),
+            f.proxy_client,
+            f.proxy_upstream,
+            &relay_cut,
+            &counters,
+        )
+        .await
+    });
+    let burst = data(3 * 1024 * 1024 + 7);
+    let sent = burst.clone();
+    let mut got = vec![0u8; burst.len()];
+    let (w, r) = tokio::join!(client.write_all(&sent), server.read_exact(&mut got));
+    w.unwrap();
+    r.unwrap();
+    assert!(got == burst, "burst corrupted");
+    server.write_all(b"hello client").await.unwrap();
+    let mut b = [0u8; 12];
+    client.read_exact(&mut b).await.unwrap();
+    // A quiet second and more, then one small message each way: a trickle
+    // shows too, not only bulk.
+    tokio::time::sleep(FLUSH_EVERY + Duration::from_millis(300)).await;
+    client.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    server.read_exact(&mut b).await.unwrap();
+    server.write_all(b"pong").await.unwrap();
+    client.read_exact(&mut b).await.unwrap();
+    let want = (burst.len() as u64 + 4, 12 + 4);
+    let got = counted(&bytes, want, Duration::from_secs(3)).await;
+    assert_eq!(got, want, "bytes of the open flow not counted ({mode:?})");
+    assert!(!relay_task.is_finished(), "the flow ended");
+    cut.cancel();
+    let _ = relay_task.await;
+    assert_eq!(
+        counted(&bytes, want, Duration::ZERO).await,
+        want,
+        "counted twice at the end"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_flow_counts_its_bytes_as_they_move_in_splice_mode() {
+    an_open_flow_counts_its_bytes_as_they_move(RelayMode::Splice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_flow_counts_its_bytes_as_they_move_in_copy_mode() {
+    an_open_flow_counts_its_bytes_as_they_move(RelayMode::Copy).await;
+}
+
+/// A flow that ends with a reset (the server aborts it) still counts
+/// every byte it moved, bulk and small.
+async fn a_reset_flow_counts_its_bytes(mode: RelayMode) {
+    let f = flow().await;
+    let (mut client, mut server) = (f.client, f.server);
+    let bytes = Arc::new(RelayedBytes::default());
+    let counters = Arc::clone(&bytes);
+    let relay_task = tokio::spawn(async move {
+        relay(
+            mode.into(),
+            &TcpOptions::default(),
+            f.proxy_client,
+            f.proxy_upstream,
+            &CancellationToken::new(),
+            &counters,
+        )
+        .await
+    });
+    let up = data(2 * 1024 * 1024 + 3);
+    let down = data(1024 * 1024 + 5);
+    let mut got_up = vec![0u8; up.len()];
+    let (w, r) = tokio::join!(client.write_all(&up), server.read_exact(&mut got_up));
+    w.unwrap();
+    r.unwrap();
+    let mut got_down = vec![0u8; down.len()];
+    let (w, r) = tokio::join!(server.write_all(&down), client.read_exact(&mut got_down));
+    w.unwrap();
+    r.unwrap();
+    assert!(got_up == up && got_down == down, "payload corrupted");
+    client.write_all(b"last words").await.unwrap();
+    let mut b = [0u8; 10];
+    server.read_exact(&mut b).await.unwrap();
+    // The server aborts: the flow ends with an error.
+    socket2::SockRef::from(&server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(server);
+    let ended = tokio::time::timeout(Duration::from_secs(10), relay_task)
+        .await
+        .expect("the relay did not end after the reset")
+        .unwrap();
+    assert!(
+        ended.is_err(),
+        "a reset flow ended without error: {ended:?}"
+    );
+    let want = (up.len() as u64 + 10, down.len() as u64);
+    assert_eq!(
+        counted(&bytes, want, Duration::from_secs(1)).await,
+        want,
+        "bytes of the reset flow not counted ({mode:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flow_counts_its_bytes_in_splice_mode() {
+    a_reset_flow_counts_its_bytes(RelayMode::Splice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flow_counts_its_bytes_in_copy_mode() {
+    a_reset_flow_counts_its_bytes(RelayMode::Copy).await;
+}
+
+#[test]
+fn with_the_pipe_cap_at_n_more_bulk_flows_all_arrive_intact_and_never_hold_more_pipes() {
+    // In a child process: the pool is the process's. Cap 2, six flows
+    // bulk both ways at once (12 bulk directions, rounds of them): every
+    // byte arrives in order, at most 2 pipes are ever held (or open), the
+    // rest copy (counted), and every pipe comes back.
+    use crate::proxy::test_support::{isolated, open_pipes, test_name};
+    if !isolated(&test_name(
+        module_path!(),
+        "with_the_pipe_cap_at_n_more_bulk_flows_all_arrive_intact_and_never_hold_more_pipes",
+    )) {
+        return;
+    }
+    const CAP: usize = 2;
+    pipe::PIPES.set_max(CAP);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let before = open_pipes();
+        let mut most_open = 0;
+        for round in 0..3 {
+            let mut flows = Vec::new();
+            // All connected first, then all started at once.
+            let go = Arc::new(tokio::sync::Barrier::new(CAP + 4));
+            for i in 0..CAP + 4 {
+                let f = flow().await;
+                let go = Arc::clone(&go);
+                // A payload of its own per flow and round: a pipe handed
+                // on with another flow's bytes in it would show.
+                let payload: Vec<u8> = data(4 * 1024 * 1024 + 17 * i + round)
+                    .into_iter()
+                    .map(|b| b ^ (i * 31 + round * 7) as u8)
+                    .collect();
+                flows.push(tokio::spawn(async move {
+                    go.wait().await;
+                    let (client, server, relay_task) = start_relay(RelayMode::Splice, f);
+                    reversed_round_trip(client, server, &payload).await;
+                    relay_task.await.unwrap().expect("the relay failed")
+                }));
+            }
+            let watch = async {
+                loop {
+                    most_open = most_open.max(open_pipes().saturating_sub(before));
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            };
+            let all = async {
+                for f in flows {
+                    let t = f.await.unwrap();
+                    assert_eq!(t.client_to_upstream, t.upstream_to_client);
+                }
+            };
+            tokio::select! {
+                () = all => {}
+                () = watch => unreachable!(),
+            }
+        }
+        assert!(
+            (1..=CAP).contains(&pipe::PIPES.peak()),
+            "pipes held at once: {} (cap {CAP})",
+            pipe::PIPES.peak()
+        );
+        // Two fds per pipe.
+        assert!(
+            most_open <= 2 * CAP,
+            "{most_open} pipe fds open (cap {CAP} pipes)"
+        );
+        assert!(pipe::PIPES.fallbacks() > 0, "no direction had to copy");
+        assert_eq!(pipe::PIPES.in_use(), 0, "a pipe was not given back");
+    });
 }
