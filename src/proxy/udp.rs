@@ -30,6 +30,15 @@
 //!   the table at a time; when none is idle, the new client's datagram is
 //!   dropped. A flood of client addresses can exhaust neither memory nor
 //!   file descriptors, nor push out a flow in use.
+//! - Every flow also holds a share of one process-wide [`FlowBudget`]
+//!   (`--udp-max-flows-total`), taken before its socket opens and given
+//!   back when it closes: per-port caps alone add up to 16 384 fds per
+//!   UDP Service port, and datagrams to many ports (spoofed sources cost
+//!   the sender nothing) would take every fd of the process, and with
+//!   them TCP accept and connect for every Service. When the budget is
+//!   spent, a new flow takes the place of an idle one of its own Service
+//!   port (the rule of a full table), or its datagram is dropped: a flood
+//!   on one port never closes another port's flows.
 //! - Datagrams are received into one 64 KiB buffer per worker thread, so a
 //!   datagram of any size (up to 65507 bytes) passes whole and an idle flow
 //!   holds no buffer.
@@ -39,7 +48,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -50,7 +59,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
-use super::metrics::{ListenerMetrics, ServicePortMetrics};
+use super::metrics::{ListenerMetrics, ServicePortMetrics, UdpRefusal};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::ServicePortName;
 
@@ -71,6 +80,8 @@ pub struct UdpConfig {
     pub timeout: Duration,
     /// Most flows per Service port.
     pub max_flows: usize,
+    /// Most flows of all Service ports together (one [`FlowBudget`]).
+    pub max_flows_total: usize,
     /// `SO_MARK` of the upstream sockets (see `DataPathConfig::upstream_mark`).
     pub mark: u32,
 }
@@ -80,8 +91,55 @@ impl Default for UdpConfig {
         UdpConfig {
             timeout: Duration::from_secs(30),
             max_flows: 16384,
+            max_flows_total: usize::MAX,
             mark: 0,
         }
+    }
+}
+
+/// The process's budget of UDP flows: one upstream socket (one fd) each,
+/// shared by every UDP listener, so that the UDP data path as a whole
+/// never takes the fds the TCP data path needs (`--udp-max-flows-total`).
+#[derive(Debug)]
+pub struct FlowBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl FlowBudget {
+    /// At most `max` flows open at once, over every UDP listener.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(FlowBudget {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// One flow's share, or `None` when the budget is spent. Taken before
+    /// the flow's socket opens; given back when the share drops.
+    fn reserve(self: &Arc<Self>) -> Option<FlowShare> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < self.max).then_some(u + 1)
+            })
+            .ok()
+            .map(|_| FlowShare(Arc::clone(self)))
+    }
+
+    /// Flows open now, over every listener.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// One flow's part of the [`FlowBudget`], given back when dropped, however
+/// the flow ends (expired, evicted, moved, its listener retired).
+#[derive(Debug)]
+struct FlowShare(Arc<FlowBudget>);
+
+impl Drop for FlowShare {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -128,6 +186,8 @@ struct Flow {
     checked: u64,
     /// The task relaying replies; aborted with the flow.
     _reader: AbortOnDropHandle<()>,
+    /// Its part of the process's budget, given back when the flow drops.
+    _share: FlowShare,
 }
 
 /// Starts serving `socket` (bound to the proxy address) until `stop` says
@@ -137,6 +197,7 @@ pub fn spawn(
     socket: StdUdpSocket,
     balancer: Arc<Balancer>,
     config: UdpConfig,
+    budget: Arc<FlowBudget>,
     stop: Stop,
     metrics: Arc<ServicePortMetrics>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
@@ -149,6 +210,7 @@ pub fn spawn(
         service,
         balancer,
         config,
+        budget,
         flows: HashMap::new(),
         epoch: Instant::now(),
         last_warning: None,
@@ -164,10 +226,12 @@ struct FlowTable {
     service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
     config: UdpConfig,
+    budget: Arc<FlowBudget>,
     flows: HashMap<SocketAddr, Flow>,
     epoch: Instant,
     last_warning: Option<Instant>,
-    /// Datagrams dropped for a full table since the last warning.
+    /// Datagrams dropped for a full table or a spent budget since the last
+    /// warning.
     dropped: u64,
     /// This listener's part of its Service port's gauges.
     metrics: ListenerMetrics,
@@ -283,12 +347,16 @@ impl FlowTable {
             avoid = Some(old.lease.addr());
         }
         if !self.flows.contains_key(&client) {
-            if self.flows.len() >= self.config.max_flows && !self.make_room(now) {
-                self.dropped += 1;
-                self.warn_full();
-                return;
-            }
-            match self.open(client, avoid) {
+            let share = match self.admit(now) {
+                Ok(share) => share,
+                Err(reason) => {
+                    self.metrics.udp_flow_refused(reason);
+                    self.dropped += 1;
+                    self.warn_full(reason);
+                    return;
+                }
+            };
+            match self.open(client, avoid, share) {
                 Ok(Some(flow)) => {
                     self.flows.insert(client, flow);
                     self.metrics.udp_flows(self.flows.len());
@@ -313,6 +381,26 @@ impl FlowTable {
         }
     }
 
+    /// Room and a budget share for one more flow: from this port's idle
+    /// flows if the table is full or the process's budget spent (never
+    /// from another port's), else the cap that refuses it.
+    fn admit(&mut self, now: u64) -> Result<FlowShare, UdpRefusal> {
+        if self.flows.len() >= self.config.max_flows && !self.make_room(now) {
+            return Err(UdpRefusal::MaxFlows);
+        }
+        if let Some(share) = self.budget.reserve() {
+            return Ok(share);
+        }
+        // Another port's listener may take the freed share first: then
+        // this datagram is dropped, the next one tries again.
+        if self.make_room(now)
+            && let Some(share) = self.budget.reserve()
+        {
+            return Ok(share);
+        }
+        Err(UdpRefusal::MaxFlowsTotal)
+    }
+
     /// Why a flow must move to another endpoint, if it must.
     fn why_replace(&self, flow: &Flow) -> Option<&'static str> {
         if flow.state.failed.load(Ordering::Relaxed) {
@@ -327,7 +415,12 @@ impl FlowTable {
 
     /// Picks an endpoint and opens a flow to it. `Ok(None)`: no endpoint
     /// (the rules refuse such traffic; this is the moment until they do).
-    fn open(&self, client: SocketAddr, avoid: Option<SocketAddr>) -> io::Result<Option<Flow>> {
+    fn open(
+        &self,
+        client: SocketAddr,
+        avoid: Option<SocketAddr>,
+        share: FlowShare,
+    ) -> io::Result<Option<Flow>> {
         let tried: Vec<SocketAddr> = avoid.into_iter().collect();
         let set = self.balancer.endpoints();
         let Some(lease) = self.balancer.pick(client.ip(), &tried) else {
@@ -367,6 +460,7 @@ impl FlowTable {
             lease,
             checked: set.generation(),
             _reader: AbortOnDropHandle::new(reader),
+            _share: share,
         }))
     }
 
@@ -410,15 +504,24 @@ impl FlowTable {
         true
     }
 
-    fn warn_full(&mut self) {
+    fn warn_full(&mut self, reason: UdpRefusal) {
         let due = self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY);
         if due {
-            warn!(
-                service_port = %self.service,
-                max_flows = self.config.max_flows,
-                dropped = self.dropped,
-                "UDP flow table full of active flows; datagrams of new clients dropped"
-            );
+            match reason {
+                UdpRefusal::MaxFlows => warn!(
+                    service_port = %self.service,
+                    max_flows = self.config.max_flows,
+                    dropped = self.dropped,
+                    "UDP flow table full of active flows; datagrams of new clients dropped"
+                ),
+                UdpRefusal::MaxFlowsTotal => warn!(
+                    service_port = %self.service,
+                    max_flows_total = self.config.max_flows_total,
+                    open_here = self.flows.len(),
+                    dropped = self.dropped,
+                    "the process's UDP flow budget (--udp-max-flows-total) is spent and this Service port has no idle flow to give up; datagrams of new clients dropped"
+                ),
+            }
             self.last_warning = Some(Instant::now());
             self.dropped = 0;
         }
@@ -526,6 +629,7 @@ mod tests {
             sock,
             Arc::clone(&balancer),
             config,
+            FlowBudget::new(config.max_flows_total),
             stop.clone(),
             metrics,
         )
@@ -693,6 +797,79 @@ mod tests {
         assert_eq!(balancer.affinity_clients(), 1);
         balancer.update(&[a, b], Algorithm::RoundRobin, SessionAffinity::None);
         assert_eq!(answered(proxy).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn one_budget_caps_the_flows_of_every_port_and_a_port_makes_room_from_its_own() {
+        let (ep, _server) = who_sent().await;
+        let budget = FlowBudget::new(2);
+        let config = UdpConfig {
+            max_flows_total: 2,
+            ..UdpConfig::default()
+        };
+        let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
+        balancer.update(&[ep], Algorithm::RoundRobin, SessionAffinity::None);
+        let series = Arc::new(crate::proxy::metrics::PortSeries::new(false));
+        let stop = Stop::default();
+        let mut ports = Vec::new();
+        for _ in 0..2 {
+            let sock = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+            ports.push(sock.local_addr().unwrap());
+            spawn(
+                name(),
+                sock,
+                Arc::clone(&balancer),
+                config,
+                Arc::clone(&budget),
+                stop.clone(),
+                series.service_port(&name()),
+            )
+            .unwrap();
+        }
+        let client = || UdpSocket::bind("127.0.0.1:0");
+        let (a, b) = (ports[0], ports[1]);
+        // One flow on each port: the budget is spent.
+        let ca = client().await.unwrap();
+        ca.connect(a).await.unwrap();
+        let _ = ask(&ca, b"a").await;
+        let cb = client().await.unwrap();
+        cb.connect(b).await.unwrap();
+        let _ = ask(&cb, b"b").await;
+        assert_eq!(budget.used(), 2);
+        // A newcomer on port b while both flows are in use: dropped.
+        let late = client().await.unwrap();
+        late.connect(b).await.unwrap();
+        late.send(b"late").await.unwrap();
+        let mut buf = [0u8; 256];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), late.recv(&mut buf))
+                .await
+                .is_err(),
+            "a third flow opened with a budget of two"
+        );
+        // Port a's flow stays in use; port b's falls idle: the newcomer
+        // takes its place, port a's flow is not touched.
+        let end = Instant::now() + IN_USE + Duration::from_millis(500);
+        while Instant::now() < end {
+            let _ = ask(&ca, b"busy").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mine = seen_by_endpoint(&ask(&ca, b"a again").await);
+        let _ = ask(&late, b"late again").await;
+        assert_eq!(budget.used(), 2);
+        assert_eq!(seen_by_endpoint(&ask(&ca, b"a still").await), mine);
+        let text = series.render();
+        assert!(
+            text.contains("reason=\"max_flows_total\"} 1"),
+            "the dropped datagram is not counted: {text}"
+        );
+        // Flows give their share back when their listener goes.
+        stop.now.cancel();
+        let end = Instant::now() + Duration::from_secs(5);
+        while budget.used() > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]

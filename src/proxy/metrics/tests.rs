@@ -273,12 +273,12 @@ fn service_ports_render_sorted_and_without_a_family_when_there_is_none() {
 
 /// The memory this module is about: one Service port's atomics and
 /// label offsets (the `Arc` adds 16 bytes, the label string its
-/// length).
+/// length). 312: 296 and the two UDP refusal counters.
 #[test]
 #[cfg(target_pointer_width = "64")]
 fn a_service_port_stays_small() {
     assert!(
-        std::mem::size_of::<ServicePortMetrics>() <= 296,
+        std::mem::size_of::<ServicePortMetrics>() <= 312,
         "{}",
         std::mem::size_of::<ServicePortMetrics>()
     );
