@@ -124,6 +124,8 @@ pub struct Args {
 
     /// Most UDP flows held at once, per Service port. When full, the flows
     /// idle longest make room; a flow in use is never pushed out.
+    /// Finished exchanges (one datagram, answered: a DNS query) make room
+    /// first, however recent.
     #[arg(long, value_name = "N", default_value = "16384", value_parser = |s: &str| UDP_MAX_FLOWS.parse(s))]
     pub udp_max_flows: usize,
 

@@ -14,6 +14,8 @@
 //!   ports, under an open-file limit of 1024, leaves TCP its fds: a TCP
 //!   Service keeps answering, and the UDP flows stay within the default
 //!   budget (a quarter of the limit).
+//! - A flood of one-shot clients (a DNS flood) that fills the table leaves
+//!   room for new clients: finished exchanges make room first.
 //! - A client moves to another endpoint when its endpoint leaves the slice
 //!   or answers ICMP port unreachable.
 //! - Replies come from the address the client sent to, on a node with two
@@ -692,6 +694,68 @@ fn a_flood_of_10000_client_ports_keeps_fds_bounded_and_a_client_in_use_answered(
         report.seen
     );
     assert_eq!(report.from, BTreeSet::from([to]), "answer sources");
+}
+
+#[test]
+fn new_clients_are_answered_during_a_flood_of_one_shot_clients_that_fills_the_table() {
+    if !lab::require_root_and_nft(
+        "new_clients_are_answered_during_a_flood_of_one_shot_clients_that_fills_the_table",
+    ) {
+        return;
+    }
+    // The DNS flood: 10 000 one-shot client ports over 3 s with
+    // --udp-max-flows 1000, each answered by the backend. The table fills
+    // with flows younger than a second; new clients must still get in.
+    const NEW_CLIENTS: usize = 10;
+    let bed = UdpBed::new("one-shot", 1);
+    let (mut proxy, _) = bed.start_proxy(
+        &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
+        &["--udp-max-flows", "1000"],
+    );
+    wait_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        VIP_A,
+        "udp",
+        SVC_PORT,
+    );
+    let to = SocketAddr::from((VIP_A, SVC_PORT));
+    first_answer(bed.client(), to, "before the flood");
+    let flooder = flood(
+        bed.client(),
+        to,
+        10_000..20_000,
+        100,
+        Duration::from_millis(30),
+    );
+    // Into the flood: the table is full by now.
+    thread::sleep(Duration::from_millis(600));
+    let mut lost = Vec::new();
+    for i in 0..NEW_CLIENTS {
+        // One query each, from a fresh port, as `dig +tries=1` would.
+        let socket = udp_client(bed.client());
+        let t0 = Instant::now();
+        if let Err(e) = ask(&socket, to, ANSWER_WAIT) {
+            lost.push(format!("client {i}: {e}"));
+        }
+        if let Some(rest) = Duration::from_millis(200).checked_sub(t0.elapsed()) {
+            thread::sleep(rest);
+        }
+    }
+    let still_flooding = !flooder.is_finished();
+    let flooded = flooder.join().expect("flood thread");
+    proxy.assert_running("after the flood");
+    eprintln!(
+        "one-shot flood: {flooded} client ports; {} of {NEW_CLIENTS} new clients answered (flood still running at the last one: {still_flooding})",
+        NEW_CLIENTS - lost.len()
+    );
+    assert_eq!(flooded, 10_000, "the flood itself fell short");
+    assert!(
+        lost.is_empty(),
+        "new clients not answered during a flood of one-shot clients: {lost:?}"
+    );
 }
 
 #[test]

@@ -25,11 +25,18 @@
 //!   socket, e.g. `EHOSTUNREACH`, but a full buffer), opens a new flow to
 //!   another endpoint, counted as a failed attempt and a retry. No conntrack entry ever needs
 //!   flushing: conntrack only knows the proxy, not the endpoint.
-//! - The table holds at most `max_flows`; when it is full, flows idle for
-//!   at least [`IN_USE`] make room, the longest idle first, a sixteenth of
-//!   the table at a time; when none is idle, the new client's datagram is
-//!   dropped. A flood of client addresses can exhaust neither memory nor
-//!   file descriptors, nor push out a flow in use.
+//! - The table holds at most `max_flows`; when it is full, room is made a
+//!   sixteenth of the table at a time: first from the *finished
+//!   exchanges*, flows whose one datagram was answered (a DNS query and
+//!   its answer), however recent, the longest idle first; then from the
+//!   flows idle for at least [`IN_USE`], the longest idle first. When there
+//!   is neither, the new client's datagram is dropped. As conntrack drops
+//!   its unassured entries first, a flood of one-shot clients (a DNS
+//!   flood) thus leaves room for new clients instead of filling the table
+//!   with flows that have nothing left to carry; a flow with a request
+//!   still unanswered, or with more than one request (a stream, "assured"
+//!   in conntrack's words) is never pushed out while in use. A flood of
+//!   client addresses can exhaust neither memory nor file descriptors.
 //! - Every flow also holds a share of one process-wide [`FlowBudget`]
 //!   (`--udp-max-flows-total`), taken before its socket opens and given
 //!   back when it closes: per-port caps alone add up to 16 384 fds per
@@ -143,6 +150,20 @@ impl Drop for FlowShare {
     }
 }
 
+/// A flow's upstream socket and its share of the [`FlowBudget`], shared by
+/// the flow and its reader task. The share goes back when the socket has
+/// closed (fields drop in order), not when the flow leaves the table: the
+/// aborted reader task still holds the socket until the runtime drops it,
+/// and a budget given back early would let a flood of short flows hold
+/// more fds than the budget. So a newcomer that evicts a flow while the
+/// budget is spent may lose its first datagram (the share is not back
+/// yet); its next one gets in.
+#[derive(Debug)]
+struct Upstream {
+    socket: UdpSocket,
+    _share: FlowShare,
+}
+
 /// What the reader task and the socket's task share about one flow.
 #[derive(Debug)]
 struct FlowState {
@@ -150,9 +171,31 @@ struct FlowState {
     last: AtomicU64,
     /// The endpoint answered with an ICMP error, or cannot be reached.
     failed: AtomicBool,
+    /// Datagrams sent to the endpoint (by the socket's task).
+    sent: AtomicU64,
+    /// Datagrams relayed back to the client (by the reader task).
+    replies: AtomicU64,
 }
 
 impl FlowState {
+    fn new(now: u64) -> Self {
+        FlowState {
+            last: AtomicU64::new(now),
+            failed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            replies: AtomicU64::new(0),
+        }
+    }
+
+    /// One request, answered: a finished exchange (a DNS query and its
+    /// answer) that the table may close first, even if recent, to make
+    /// room. A flow with more than one request is a stream (conntrack
+    /// calls it assured) and one whose request is unanswered is waiting:
+    /// both are kept while in use.
+    fn finished(&self) -> bool {
+        self.sent.load(Ordering::Relaxed) == 1 && self.replies.load(Ordering::Relaxed) >= 1
+    }
+
     /// Notes a failed send to the endpoint. Every error says the endpoint
     /// cannot be reached (a refusal from an earlier ICMP error, a host or
     /// network unreachable, a route gone), and the next datagram goes to
@@ -175,7 +218,7 @@ impl FlowState {
 
 /// One client's flow.
 struct Flow {
-    upstream: Arc<UdpSocket>,
+    upstream: Arc<Upstream>,
     state: Arc<FlowState>,
     /// Counts this flow against its endpoint (least-connections).
     lease: Lease,
@@ -186,8 +229,6 @@ struct Flow {
     checked: u64,
     /// The task relaying replies; aborted with the flow.
     _reader: AbortOnDropHandle<()>,
-    /// Its part of the process's budget, given back when the flow drops.
-    _share: FlowShare,
 }
 
 /// Starts serving `socket` (bound to the proxy address) until `stop` says
@@ -370,10 +411,11 @@ impl FlowTable {
         }
         if let Some(flow) = self.flows.get(&client) {
             flow.state.last.store(now, Ordering::Relaxed);
+            flow.state.sent.fetch_add(1, Ordering::Relaxed);
             // Straight to the kernel: tokio's `try_send` would report "would
             // block" until the reactor has seen a new socket writable, and
             // drop the first datagram of every flow.
-            let sent = socket2::SockRef::from(&*flow.upstream).send(data);
+            let sent = socket2::SockRef::from(&flow.upstream.socket).send(data);
             if let Err(e) = sent {
                 debug!(%client, endpoint = %flow.lease.addr(), error = %e, "datagram not sent upstream");
                 flow.state.send_failed(&e);
@@ -442,11 +484,11 @@ impl FlowTable {
         }
         sock.connect(endpoint)?;
         sock.set_nonblocking(true)?;
-        let upstream = Arc::new(UdpSocket::from_std(sock)?);
-        let state = Arc::new(FlowState {
-            last: AtomicU64::new(self.now_ms()),
-            failed: AtomicBool::new(false),
+        let upstream = Arc::new(Upstream {
+            socket: UdpSocket::from_std(sock)?,
+            _share: share,
         });
+        let state = Arc::new(FlowState::new(self.now_ms()));
         let reader = tokio::spawn(relay_replies(
             Arc::clone(&upstream),
             Arc::clone(&self.socket),
@@ -460,7 +502,6 @@ impl FlowTable {
             lease,
             checked: set.generation(),
             _reader: AbortOnDropHandle::new(reader),
-            _share: share,
         }))
     }
 
@@ -482,22 +523,33 @@ impl FlowTable {
         (!self.flows.is_empty()).then(|| timer(self.sweep_every()))
     }
 
-    /// Evicts the flows idle longest (a sixteenth of the table, at least
-    /// one), never one active within [`IN_USE`]. False if none could go.
+    /// Evicts a sixteenth of the table (at least one flow): the finished
+    /// exchanges first, then the flows idle for [`IN_USE`] or longer, the
+    /// longest idle first in each group; never a flow in use that is not
+    /// finished. False if none could go.
     fn make_room(&mut self, now: u64) -> bool {
         let in_use = IN_USE.as_millis() as u64;
-        let mut idle: Vec<(u64, SocketAddr)> = self
+        // (group, last activity): group 0 the finished, 1 the idle.
+        let mut candidates: Vec<((u8, u64), SocketAddr)> = self
             .flows
             .iter()
-            .map(|(c, f)| (f.state.last.load(Ordering::Relaxed), *c))
-            .filter(|(last, _)| now.saturating_sub(*last) >= in_use)
+            .filter_map(|(c, f)| {
+                let last = f.state.last.load(Ordering::Relaxed);
+                if f.state.finished() {
+                    Some(((0, last), *c))
+                } else if now.saturating_sub(last) >= in_use {
+                    Some(((1, last), *c))
+                } else {
+                    None
+                }
+            })
             .collect();
-        if idle.is_empty() {
+        if candidates.is_empty() {
             return false;
         }
-        let n = (self.config.max_flows / 16).clamp(1, idle.len());
-        idle.select_nth_unstable(n - 1);
-        for (_, c) in &idle[..n] {
+        let n = (self.config.max_flows / 16).clamp(1, candidates.len());
+        candidates.select_nth_unstable(n - 1);
+        for (_, c) in &candidates[..n] {
             self.flows.remove(c);
         }
         self.metrics.udp_flows(self.flows.len());
@@ -531,7 +583,7 @@ impl FlowTable {
 /// Relays the endpoint's datagrams back to the client, from the Service
 /// port's socket, until the flow is dropped.
 async fn relay_replies(
-    upstream: Arc<UdpSocket>,
+    upstream: Arc<Upstream>,
     socket: Arc<UdpSocket>,
     client: SocketAddr,
     state: Arc<FlowState>,
@@ -542,7 +594,7 @@ async fn relay_replies(
             DATAGRAM.with(|cell| {
                 let mut buf = cell.borrow_mut();
                 let mut rb = ReadBuf::new(&mut buf[..]);
-                match upstream.poll_recv(cx, &mut rb) {
+                match upstream.socket.poll_recv(cx, &mut rb) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {
@@ -554,6 +606,9 @@ async fn relay_replies(
                         {
                             debug!(%client, error = %e, "reply not sent");
                         }
+                        // After the send: a flow counted as answered may
+                        // be closed at once, its reply must be out.
+                        state.replies.fetch_add(1, Ordering::Relaxed);
                         Poll::Ready(Ok(()))
                     }
                 }
@@ -756,10 +811,7 @@ mod tests {
         // next datagram goes elsewhere (`a_flow_moves_when_its_endpoint_
         // leaves_or_refuses` shows the table acting on `failed`). A full
         // buffer drops the one datagram only.
-        let fresh = || FlowState {
-            last: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-        };
+        let fresh = || FlowState::new(0);
         for errno in [libc::EHOSTUNREACH, libc::ENETUNREACH, libc::ECONNREFUSED] {
             let state = fresh();
             state.send_failed(&io::Error::from_raw_os_error(errno));
@@ -828,13 +880,16 @@ mod tests {
         }
         let client = || UdpSocket::bind("127.0.0.1:0");
         let (a, b) = (ports[0], ports[1]);
-        // One flow on each port: the budget is spent.
+        // One flow on each port, each with two exchanges (streams, not
+        // finished exchanges): the budget is spent.
         let ca = client().await.unwrap();
         ca.connect(a).await.unwrap();
-        let _ = ask(&ca, b"a").await;
         let cb = client().await.unwrap();
         cb.connect(b).await.unwrap();
-        let _ = ask(&cb, b"b").await;
+        for _ in 0..2 {
+            let _ = ask(&ca, b"a").await;
+            let _ = ask(&cb, b"b").await;
+        }
         assert_eq!(budget.used(), 2);
         // A newcomer on port b while both flows are in use: dropped.
         let late = client().await.unwrap();
@@ -855,12 +910,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mine = seen_by_endpoint(&ask(&ca, b"a again").await);
-        let _ = ask(&late, b"late again").await;
+        // The evicted flow's share comes back once its socket has closed,
+        // a moment later: the first datagram may be dropped, not the next.
+        let mut answered = false;
+        for _ in 0..5 {
+            late.send(b"late again").await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(300), late.recv(&mut buf))
+                .await
+                .is_ok()
+            {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "the newcomer never took the idle flow's place");
         assert_eq!(budget.used(), 2);
         assert_eq!(seen_by_endpoint(&ask(&ca, b"a still").await), mine);
         let text = series.render();
         assert!(
-            text.contains("reason=\"max_flows_total\"} 1"),
+            !text.contains("reason=\"max_flows_total\"} 0"),
             "the dropped datagram is not counted: {text}"
         );
         // Flows give their share back when their listener goes.
@@ -870,6 +938,44 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_table_full_of_finished_exchanges_takes_new_clients_at_once() {
+        let (ep, _server) = who_sent().await;
+        let config = UdpConfig {
+            timeout: Duration::from_secs(60),
+            max_flows: 8,
+            ..UdpConfig::default()
+        };
+        let (proxy, _, _stop) = start(&[ep], config).await;
+        // Eight one-shot clients, each answered: the table is full of
+        // flows active within the last second, all finished.
+        let mut clients = Vec::new();
+        for i in 0..8u8 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.connect(proxy).await.unwrap();
+            let _ = ask(&c, &[i]).await;
+            clients.push(c);
+        }
+        // Newcomers are answered at once, long before any flow is idle for
+        // a second: each takes the place of a finished exchange.
+        let t0 = Instant::now();
+        for i in 0..20u8 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.connect(proxy).await.unwrap();
+            c.send(&[i]).await.unwrap();
+            let mut buf = [0u8; 256];
+            tokio::time::timeout(Duration::from_millis(300), c.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("newcomer {i} dropped by a table of finished exchanges"))
+                .unwrap();
+        }
+        assert!(
+            t0.elapsed() < IN_USE,
+            "too slow to tell: {:?}",
+            t0.elapsed()
+        );
     }
 
     #[tokio::test]
@@ -884,6 +990,9 @@ mod tests {
         let good = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         good.connect(proxy).await.unwrap();
         let mine = seen_by_endpoint(&ask(&good, b"hello").await);
+        // A second exchange: a stream, kept while in use (one answered
+        // datagram alone is a finished exchange, closed first for room).
+        assert_eq!(seen_by_endpoint(&ask(&good, b"again").await), mine);
         // A flood of 200 client ports, each sending one datagram.
         let mut flood = Vec::new();
         for _ in 0..200 {
