@@ -133,8 +133,19 @@ pub struct Args {
 
     /// Most UDP flows held at once, per Service port. When full, the flows
     /// idle longest make room; a flow in use is never pushed out.
+    /// Finished exchanges (one datagram, answered: a DNS query) make room
+    /// first, however recent.
     #[arg(long, value_name = "N", default_value = "16384", value_parser = |s: &str| UDP_MAX_FLOWS.parse(s))]
     pub udp_max_flows: usize,
+
+    /// Most UDP flows held at once by all Service ports together: each
+    /// holds a socket, and the fds they take are the TCP data path's too.
+    /// When it is reached, a new client takes the place of an idle flow of
+    /// its own Service port, else its datagram is dropped (and counted).
+    /// Default: a quarter of the open-file limit (after it is raised to
+    /// the hard limit), leaving the rest to TCP connections.
+    #[arg(long, value_name = "N", value_parser = |s: &str| UDP_MAX_FLOWS_TOTAL.parse(s))]
+    pub udp_max_flows_total: Option<usize>,
 
     /// The mark (`SO_MARK`) of the proxy's own connections and datagrams
     /// to endpoints (decimal, or `0x…`; not 0). The NAT output chain lets
@@ -619,6 +630,13 @@ pub const UDP_MAX_FLOWS: CountBounds = CountBounds {
     max: 1 << 20,
     zero_is_off: false,
 };
+/// One fd per flow: more than 2^24 cannot be open.
+pub const UDP_MAX_FLOWS_TOTAL: CountBounds = CountBounds {
+    flag: "--udp-max-flows-total",
+    min: 1,
+    max: 1 << 24,
+    zero_is_off: false,
+};
 /// Each connection holds 2 fds or more: more than 2^24 cannot be open.
 pub const MAX_CONNECTIONS: CountBounds = CountBounds {
     flag: "--max-connections",
@@ -765,6 +783,11 @@ pub(crate) mod tests {
                 &["0", "1", "16777216"],
             ),
             (SPLICE_PIPES_MAX, &["0", "-1", "4097", "x"], &["1", "4096"]),
+            (
+                UDP_MAX_FLOWS_TOTAL,
+                &["0", "-1", "16777217", "all"],
+                &["1", "16777216"],
+            ),
         ] {
             for v in bad {
                 let e =
@@ -799,6 +822,10 @@ pub(crate) mod tests {
                 .unwrap()
                 .splice_pipes_max(),
             3
+        );
+        assert_eq!(
+            a.udp_max_flows_total, None,
+            "default: a share of the fd limit"
         );
         assert_eq!(a.tcp_user_timeout, Some(Duration::ZERO));
         assert_eq!(a.manifests_rescan_interval, Duration::from_millis(100));

@@ -50,7 +50,9 @@ fn init_logging(verbose: u8, format: LogFormat) {
 /// Raises the open-file soft limit to the hard limit and says what it got:
 /// every proxied connection holds two sockets (and two more fds per
 /// direction in a bulk phase).
-fn raise_fd_limit(max_connections: usize) {
+///
+/// Returns the soft limit now, if known.
+fn raise_fd_limit(max_connections: usize) -> Option<u64> {
     match kube_uproxy::proxy::limit::raise_open_file_limit() {
         Ok(l) => {
             info!(
@@ -70,8 +72,12 @@ fn raise_fd_limit(max_connections: usize) {
                     "--max-connections is above what the open-file limit allows (2 fds per connection)"
                 );
             }
+            Some(l.now)
         }
-        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+        Err(e) => {
+            warn!(error = %e, "cannot raise the open-file limit");
+            None
+        }
     }
 }
 
@@ -194,7 +200,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
         return cleanup(&args.proc_sys_dir, args.bind_address_v6).await;
     }
-    raise_fd_limit(args.max_connections);
+    let open_file_limit = raise_fd_limit(args.max_connections);
+    let udp_max_flows_total =
+        kube_uproxy::proxy::limit::udp_flow_budget(args.udp_max_flows_total, open_file_limit);
+    info!(
+        udp_max_flows_total,
+        "UDP flows of all Service ports together: at most {udp_max_flows_total}"
+    );
     let missing = rules::host::missing_capabilities();
     if !missing.is_empty() {
         warn!(
@@ -384,6 +396,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             udp: UdpConfig {
                 timeout: args.udp_timeout,
                 max_flows: args.udp_max_flows.max(1),
+                max_flows_total: udp_max_flows_total,
                 mark: args.upstream_mark,
             },
             upstream_mark: args.upstream_mark,

@@ -10,6 +10,12 @@
 //!   count and memory bounded and does not disturb a client in use; a full
 //!   table of flows in use drops a newcomer, and lets it in once a flow
 //!   falls idle.
+//! - `--udp-max-flows-total`: a flood of client ports on four UDP Service
+//!   ports, under an open-file limit of 1024, leaves TCP its fds: a TCP
+//!   Service keeps answering, and the UDP flows stay within the default
+//!   budget (a quarter of the limit).
+//! - A flood of one-shot clients (a DNS flood) that fills the table leaves
+//!   room for new clients: finished exchanges make room first.
 //! - A client moves to another endpoint when its endpoint leaves the slice
 //!   or answers ICMP port unreachable.
 //! - Replies come from the address the client sent to, on a node with two
@@ -44,7 +50,8 @@ use uproxy_lab::e2e::udp::{
     ANSWER_WAIT, Answer, UdpBed, ask, ask_connected, ep, first_answer, udp_client, wait_key,
 };
 use uproxy_lab::e2e::{
-    BACKEND_PORT, READY_TIMEOUT, SVC_PORT, VIP_A, backend_name, manifests, poll, write_by_rename,
+    BACKEND_PORT, READY_TIMEOUT, SVC_PORT, VIP_A, VIP_B, VIP_C, VIP_D, backend_name, manifests,
+    poll, write_by_rename,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::peers::{self, MAX_UDP_PAYLOAD};
@@ -690,6 +697,68 @@ fn a_flood_of_10000_client_ports_keeps_fds_bounded_and_a_client_in_use_answered(
 }
 
 #[test]
+fn new_clients_are_answered_during_a_flood_of_one_shot_clients_that_fills_the_table() {
+    if !lab::require_root_and_nft(
+        "new_clients_are_answered_during_a_flood_of_one_shot_clients_that_fills_the_table",
+    ) {
+        return;
+    }
+    // The issue's DNS flood: 10 000 one-shot client ports over 3 s with
+    // --udp-max-flows 1000, each answered by the backend. The table fills
+    // with flows younger than a second; new clients must still get in.
+    const NEW_CLIENTS: usize = 10;
+    let bed = UdpBed::new("one-shot", 1);
+    let (mut proxy, _) = bed.start_proxy(
+        &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
+        &["--udp-max-flows", "1000"],
+    );
+    wait_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        VIP_A,
+        "udp",
+        SVC_PORT,
+    );
+    let to = SocketAddr::from((VIP_A, SVC_PORT));
+    first_answer(bed.client(), to, "before the flood");
+    let flooder = flood(
+        bed.client(),
+        to,
+        10_000..20_000,
+        100,
+        Duration::from_millis(30),
+    );
+    // Into the flood: the table is full by now.
+    thread::sleep(Duration::from_millis(600));
+    let mut lost = Vec::new();
+    for i in 0..NEW_CLIENTS {
+        // One query each, from a fresh port, as `dig +tries=1` would.
+        let socket = udp_client(bed.client());
+        let t0 = Instant::now();
+        if let Err(e) = ask(&socket, to, ANSWER_WAIT) {
+            lost.push(format!("client {i}: {e}"));
+        }
+        if let Some(rest) = Duration::from_millis(200).checked_sub(t0.elapsed()) {
+            thread::sleep(rest);
+        }
+    }
+    let still_flooding = !flooder.is_finished();
+    let flooded = flooder.join().expect("flood thread");
+    proxy.assert_running("after the flood");
+    eprintln!(
+        "one-shot flood: {flooded} client ports; {} of {NEW_CLIENTS} new clients answered (flood still running at the last one: {still_flooding})",
+        NEW_CLIENTS - lost.len()
+    );
+    assert_eq!(flooded, 10_000, "the flood itself fell short");
+    assert!(
+        lost.is_empty(),
+        "new clients not answered during a flood of one-shot clients: {lost:?}"
+    );
+}
+
+#[test]
 fn a_full_flow_table_drops_newcomers_keeps_flows_in_use_and_makes_room_from_idle_ones() {
     if !lab::require_root_and_nft(
         "a_full_flow_table_drops_newcomers_keeps_flows_in_use_and_makes_room_from_idle_ones",
@@ -1105,4 +1174,211 @@ fn udp_answers_come_from_the_service_address_on_a_node_with_two_addresses() {
             assert_eq!(b.name, backend_name(0), "{what}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// The process-wide flow budget.
+
+/// A whoami greeting over TCP from `ns` to `to`, each step bounded by
+/// `wait`: the backend's name, or what went wrong.
+fn tcp_hello(ns: &Netns, to: SocketAddr, wait: Duration) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut s = ns
+        .tcp_connect(to, wait)
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 256 {
+        match s.read(&mut byte) {
+            Ok(0) => return Err(format!("closed after {line:?}")),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("greeting: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).trim().to_string())
+}
+
+/// The sum of the samples of `name` whose labels contain `label`.
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_udp_flood_on_many_service_ports_cannot_take_the_fds_tcp_needs() {
+    if !lab::require_root_and_nft("a_udp_flood_on_many_service_ports_cannot_take_the_fds_tcp_needs")
+    {
+        return;
+    }
+    // An open-file limit of 1024 and no --udp-max-flows-total: the default
+    // budget is a quarter of it. Each UDP port's own cap (1000) would let
+    // four ports take every fd.
+    const OPEN_FILES: usize = 1024;
+    const BUDGET: usize = OPEN_FILES / 4;
+    const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+    let udp_vips = [VIP_A, VIP_B, VIP_C, VIP_D];
+    let bed = UdpBed::new("budget", 1);
+    let mut services: Vec<ServiceManifest> = udp_vips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| udp_svc(&format!("dns-{i}"), *ip, vec![ep(0)]))
+        .collect();
+    services.push(
+        ServiceManifest::new("web", TCP_VIP)
+            .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT))
+            .with_endpoints(vec![ep(0)]),
+    );
+    let path = bed.manifests_file();
+    fs::write(&path, manifests(&services)).expect("writing the manifests");
+    let limit = format!("--nofile={OPEN_FILES}:{OPEN_FILES}");
+    let mut proxy = uproxy_lab::e2e::ProxyProcess::start_under(
+        bed.node(),
+        &bed.dir,
+        "kube-uproxy",
+        &["prlimit", &limit],
+        "--manifests",
+        &path,
+        &["--udp-max-flows", "1000"],
+        &[],
+    );
+    proxy.show_on_failure("manifests", &path);
+    for ip in udp_vips {
+        wait_key(
+            &mut proxy,
+            bed.node(),
+            "map",
+            "service-ports",
+            ip,
+            "udp",
+            SVC_PORT,
+        );
+    }
+    wait_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        TCP_VIP,
+        "tcp",
+        SVC_PORT,
+    );
+    let tcp_to = SocketAddr::from((TCP_VIP, SVC_PORT));
+    for ip in udp_vips {
+        first_answer(
+            bed.client(),
+            SocketAddr::from((ip, SVC_PORT)),
+            "before the flood",
+        );
+    }
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        tcp_hello(bed.client(), tcp_to, Duration::from_secs(2)).map(|_| ())
+    })
+    .unwrap_or_else(|e| panic!("TCP before the flood: {e}"));
+    let pid = proxy.child.id();
+    let baseline = fd_count(pid);
+    assert!(baseline > 0, "cannot read /proc/{pid}/fd");
+
+    // 10 000 client ports (10000..20000), each sending one datagram to each
+    // of the four UDP Services: 40 000 flows wanted, 100 ports every 20 ms.
+    let targets: Vec<SocketAddr> = udp_vips
+        .iter()
+        .map(|ip| SocketAddr::from((*ip, SVC_PORT)))
+        .collect();
+    let ns = bed.client().clone();
+    let flooder = thread::spawn(move || {
+        ns.run(move || {
+            let mut sent = 0usize;
+            let ports: Vec<u16> = (10_000..20_000).collect();
+            for chunk in ports.chunks(100) {
+                let sockets: Vec<UdpSocket> = chunk
+                    .iter()
+                    .filter_map(|&p| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, p)).ok())
+                    .collect();
+                for s in &sockets {
+                    for to in &targets {
+                        if s.send_to(b"flood", to).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+                drop(sockets);
+                thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        })
+        .expect("flooding from the client namespace")
+    });
+    // TCP keeps being answered during the flood and a second after it.
+    let mut tcp_ok = 0usize;
+    let mut tcp_failed: Vec<String> = Vec::new();
+    let mut peak = baseline;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut flood_ended: Option<Instant> = None;
+    while Instant::now() < deadline {
+        if flood_ended.is_none() && flooder.is_finished() {
+            flood_ended = Some(Instant::now());
+        }
+        if flood_ended.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        peak = peak.max(fd_count(pid));
+        match tcp_hello(bed.client(), tcp_to, Duration::from_secs(2)) {
+            Ok(name) if name == backend_name(0) => tcp_ok += 1,
+            Ok(other) => tcp_failed.push(format!("answered by {other:?}")),
+            Err(e) => tcp_failed.push(e),
+        }
+        peak = peak.max(fd_count(pid));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let flooded = flooder.join().expect("flood thread");
+    proxy.assert_running("after the flood");
+    let metrics = uproxy_lab::e2e::http_get(
+        bed.node(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 10249)),
+        "/metrics",
+    )
+    .map(|(_, body)| body)
+    .unwrap_or_default();
+    let refused = metric_sum(
+        &metrics,
+        "kubeuproxy_udp_flows_refused_total",
+        "reason=\"max_flows_total\"",
+    );
+    let active = metric_sum(&metrics, "kubeuproxy_udp_flows_active", "protocol=\"UDP\"");
+    eprintln!(
+        "budget flood: {flooded} datagrams; fds {baseline} before, {peak} at most \
+         (open-file limit {OPEN_FILES}, budget {BUDGET}); TCP {tcp_ok} answered, {} failed; \
+         UDP flows active {active}, refused for the budget {refused}",
+        tcp_failed.len()
+    );
+    assert_eq!(flooded, 40_000, "the flood itself fell short");
+    assert!(
+        tcp_failed.is_empty(),
+        "TCP connections failed during a UDP flood ({tcp_ok} answered): {:?}",
+        &tcp_failed[..tcp_failed.len().min(5)]
+    );
+    assert!(tcp_ok >= 10, "too few TCP connections tried: {tcp_ok}");
+    assert!(
+        peak <= baseline + BUDGET + 64,
+        "the proxy had {peak} fds open during the flood (baseline {baseline}, \
+         UDP budget {BUDGET} of {OPEN_FILES})"
+    );
+    assert!(
+        active <= BUDGET as f64,
+        "{active} UDP flows open after the flood, budget {BUDGET}"
+    );
+    assert!(
+        refused > 0.0,
+        "no datagram counted as refused for the budget: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("udp_flows"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

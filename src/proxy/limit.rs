@@ -79,6 +79,28 @@ pub struct OpenFileLimit {
     pub hard: u64,
 }
 
+/// The share of the open-file limit the UDP flows of all Service ports may
+/// take by default: a quarter leaves three quarters to TCP connections (two
+/// fds each, two more per direction in a bulk phase), the admin servers
+/// and the process itself.
+pub const UDP_SHARE_OF_OPEN_FILES: u64 = 4;
+
+/// Without `--udp-max-flows-total` and an open-file limit to take a share
+/// of: the default per-port cap, as if there were one UDP Service port.
+const UDP_BUDGET_FALLBACK: usize = 16384;
+
+/// The process's UDP flow budget: `flag` if given, else a quarter of the
+/// open-file limit (`open_files`, after [`raise_open_file_limit`]).
+pub fn udp_flow_budget(flag: Option<usize>, open_files: Option<u64>) -> usize {
+    match (flag, open_files) {
+        (Some(n), _) => n.max(1),
+        (None, Some(limit)) => {
+            usize::try_from(limit / UDP_SHARE_OF_OPEN_FILES).map_or(usize::MAX, |n| n.max(1))
+        }
+        (None, None) => UDP_BUDGET_FALLBACK,
+    }
+}
+
 /// Raises the soft open-file limit to the hard limit.
 pub fn raise_open_file_limit() -> nix::Result<OpenFileLimit> {
     let (was, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
@@ -119,6 +141,16 @@ mod tests {
             Ok(r) => r.map(|_| s),
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
+    }
+
+    #[test]
+    fn the_udp_flow_budget_is_the_flag_else_a_quarter_of_the_open_file_limit() {
+        use crate::proxy::limit::udp_flow_budget;
+        assert_eq!(udp_flow_budget(Some(300), Some(1024)), 300);
+        assert_eq!(udp_flow_budget(None, Some(1024)), 256);
+        assert_eq!(udp_flow_budget(None, Some(1_048_576)), 262_144);
+        assert_eq!(udp_flow_budget(None, Some(2)), 1);
+        assert_eq!(udp_flow_budget(None, None), 16384);
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub struct SocketListeners {
     metrics: Arc<PortSeries>,
     /// Every listener's [`Stop::now`].
     shutdown: CancellationToken,
+    /// The UDP flows of every UDP listener (`--udp-max-flows-total`): one
+    /// budget for the process, so that no number of UDP Service ports
+    /// takes the fds the TCP data path needs.
+    udp_budget: Arc<udp::FlowBudget>,
 }
 
 impl SocketListeners {
@@ -96,6 +100,7 @@ impl SocketListeners {
         SocketListeners {
             ports,
             ports_v6: None,
+            udp_budget: udp::FlowBudget::new(config.udp.max_flows_total),
             config,
             connections,
             metrics: Arc::new(PortSeries::new(false)),
@@ -154,6 +159,7 @@ impl Listeners for SocketListeners {
                 socket.into(),
                 balancer,
                 self.config.udp,
+                Arc::clone(&self.udp_budget),
                 stop.clone(),
                 self.metrics.service_port(name),
             ),

@@ -204,6 +204,30 @@ impl FailReason {
     }
 }
 
+/// Why a new UDP client's datagram was dropped without a flow: which cap
+/// was reached, so that an operator knows which flag to raise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpRefusal {
+    /// The Service port's table (`--udp-max-flows`) is full of flows in
+    /// use.
+    MaxFlows = 0,
+    /// The process's budget (`--udp-max-flows-total`) is spent, and this
+    /// Service port has no idle flow to give up.
+    MaxFlowsTotal = 1,
+}
+
+impl UdpRefusal {
+    pub const ALL: [UdpRefusal; 2] = [UdpRefusal::MaxFlows, UdpRefusal::MaxFlowsTotal];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UdpRefusal::MaxFlows => "max_flows",
+            UdpRefusal::MaxFlowsTotal => "max_flows_total",
+        }
+    }
+}
+
 /// What identifies a Service port in [`PortSeries`]: a listener's
 /// [`ServicePortName`] finds the [`ServicePortMetrics`] holding the same
 /// labels, without a copy of the name as the key.
@@ -378,6 +402,7 @@ mod help {
         "Connect attempts after the first one of a connection (failover to another endpoint).";
     pub const UDP_ACTIVE: &str = "UDP flows (client address and port) open now.";
     pub const UDP_EXPIRED: &str = "UDP flows closed after their idle timeout.";
+    pub const UDP_REFUSED: &str = "Datagrams of new UDP clients dropped without a flow, by the cap that was reached (max_flows: the Service port's table; max_flows_total: the process's budget).";
     pub const AFFINITY_CLIENTS: &str = "Client IPs remembered for sessionAffinity: ClientIP (refreshed at each sweep, at least every 10 s).";
     pub const ENDPOINT_CONNECTIONS: &str =
         "Connections established to each endpoint (--metrics-per-endpoint).";
@@ -563,6 +588,23 @@ impl Collector for PortSeries {
         )?;
         encode_family(
             e,
+            "kubeuproxy_udp_flows_refused",
+            help::UDP_REFUSED,
+            MetricType::Counter,
+            ports.iter().flat_map(|p| {
+                UdpRefusal::ALL.iter().map(move |r| {
+                    (
+                        SeriesLabels {
+                            port: &p.labels,
+                            extra: Some(("reason", r.as_str())),
+                        },
+                        counter(&p.udp_refused[*r as usize]),
+                    )
+                })
+            }),
+        )?;
+        encode_family(
+            e,
             "kubeuproxy_session_affinity_clients",
             help::AFFINITY_CLIENTS,
             MetricType::Gauge,
@@ -678,6 +720,8 @@ pub struct ServicePortMetrics {
     retries: AtomicU64,
     udp_active: AtomicI64,
     udp_expired: AtomicU64,
+    /// Indexed by [`UdpRefusal`].
+    udp_refused: [AtomicU64; 2],
     affinity_clients: AtomicI64,
     /// Request mode's counters, from the port's first request on (a
     /// pointer's room before: most ports are never in request mode).
@@ -707,6 +751,7 @@ impl ServicePortMetrics {
             retries: AtomicU64::new(0),
             udp_active: AtomicI64::new(0),
             udp_expired: AtomicU64::new(0),
+            udp_refused: Default::default(),
             affinity_clients: AtomicI64::new(0),
             http: once_cell::race::OnceBox::new(),
             per_endpoint: per_endpoint.then(|| Box::new(Mutex::new(BTreeMap::new()))),
@@ -793,6 +838,11 @@ impl ServicePortMetrics {
     /// UDP: `n` flows closed for being idle for the timeout.
     pub fn udp_flows_expired(&self, n: usize) {
         self.udp_expired.fetch_add(n as u64, RELAXED);
+    }
+
+    /// UDP: a new client's datagram was dropped without a flow.
+    pub fn udp_flow_refused(&self, reason: UdpRefusal) {
+        self.udp_refused[reason as usize].fetch_add(1, RELAXED);
     }
 
     /// Connections open now.

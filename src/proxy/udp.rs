@@ -25,11 +25,27 @@
 //!   socket, e.g. `EHOSTUNREACH`, but a full buffer), opens a new flow to
 //!   another endpoint, counted as a failed attempt and a retry. No conntrack entry ever needs
 //!   flushing: conntrack only knows the proxy, not the endpoint.
-//! - The table holds at most `max_flows`; when it is full, flows idle for
-//!   at least [`IN_USE`] make room, the longest idle first, a sixteenth of
-//!   the table at a time; when none is idle, the new client's datagram is
-//!   dropped. A flood of client addresses can exhaust neither memory nor
-//!   file descriptors, nor push out a flow in use.
+//! - The table holds at most `max_flows`; when it is full, room is made a
+//!   sixteenth of the table at a time: first from the *finished
+//!   exchanges*, flows whose one datagram was answered (a DNS query and
+//!   its answer), however recent, the longest idle first; then from the
+//!   flows idle for at least [`IN_USE`], the longest idle first. When there
+//!   is neither, the new client's datagram is dropped. As conntrack drops
+//!   its unassured entries first, a flood of one-shot clients (a DNS
+//!   flood) thus leaves room for new clients instead of filling the table
+//!   with flows that have nothing left to carry; a flow with a request
+//!   still unanswered, or with more than one request (a stream, "assured"
+//!   in conntrack's words) is never pushed out while in use. A flood of
+//!   client addresses can exhaust neither memory nor file descriptors.
+//! - Every flow also holds a share of one process-wide [`FlowBudget`]
+//!   (`--udp-max-flows-total`), taken before its socket opens and given
+//!   back when it closes: per-port caps alone add up to 16 384 fds per
+//!   UDP Service port, and datagrams to many ports (spoofed sources cost
+//!   the sender nothing) would take every fd of the process, and with
+//!   them TCP accept and connect for every Service. When the budget is
+//!   spent, a new flow takes the place of an idle one of its own Service
+//!   port (the rule of a full table), or its datagram is dropped: a flood
+//!   on one port never closes another port's flows.
 //! - Datagrams are received into one 64 KiB buffer per worker thread, so a
 //!   datagram of any size (up to 65507 bytes) passes whole and an idle flow
 //!   holds no buffer.
@@ -39,7 +55,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -50,7 +66,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
-use super::metrics::{ListenerMetrics, ServicePortMetrics};
+use super::metrics::{ListenerMetrics, ServicePortMetrics, UdpRefusal};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::ServicePortName;
 
@@ -71,6 +87,8 @@ pub struct UdpConfig {
     pub timeout: Duration,
     /// Most flows per Service port.
     pub max_flows: usize,
+    /// Most flows of all Service ports together (one [`FlowBudget`]).
+    pub max_flows_total: usize,
     /// `SO_MARK` of the upstream sockets (see `DataPathConfig::upstream_mark`).
     pub mark: u32,
 }
@@ -80,9 +98,78 @@ impl Default for UdpConfig {
         UdpConfig {
             timeout: Duration::from_secs(30),
             max_flows: 16384,
+            max_flows_total: usize::MAX,
             mark: 0,
         }
     }
+}
+
+/// The process's budget of UDP flows: one upstream socket (one fd) each,
+/// shared by every UDP listener, so that the UDP data path as a whole
+/// never takes the fds the TCP data path needs (`--udp-max-flows-total`).
+#[derive(Debug)]
+pub struct FlowBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl FlowBudget {
+    /// At most `max` flows open at once, over every UDP listener.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(FlowBudget {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// One flow's share, or `None` when the budget is spent. Taken before
+    /// the flow's socket opens; given back when the share drops.
+    fn reserve(self: &Arc<Self>) -> Option<FlowShare> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u < self.max).then_some(u + 1)
+            })
+            .ok()
+            .map(|_| FlowShare(Arc::clone(self)))
+    }
+
+    /// Flows open now, over every listener.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// One flow's part of the [`FlowBudget`], given back when dropped, however
+/// the flow ends (expired, evicted, moved, its listener retired).
+#[derive(Debug)]
+struct FlowShare(Arc<FlowBudget>);
+
+impl Drop for FlowShare {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A flow's upstream socket and its share of the [`FlowBudget`], shared by
+/// the flow and its reader task. The share goes back when the socket has
+/// closed (fields drop in order), not when the flow leaves the table: the
+/// aborted reader task still holds the socket until the runtime drops it,
+/// and a budget given back early would let a flood of short flows hold
+/// more fds than the budget. So a newcomer that evicts a flow while the
+/// budget is spent may lose its first datagram (the share is not back
+/// yet); its next one gets in.
+#[derive(Debug)]
+struct Upstream {
+    socket: UdpSocket,
+    _shares: Shares,
+}
+
+/// A flow's share of its Service port's table (`--udp-max-flows`) and of
+/// the process's budget, both counted until its socket has closed.
+#[derive(Debug)]
+struct Shares {
+    _port: FlowShare,
+    _process: FlowShare,
 }
 
 /// What the reader task and the socket's task share about one flow.
@@ -92,9 +179,31 @@ struct FlowState {
     last: AtomicU64,
     /// The endpoint answered with an ICMP error, or cannot be reached.
     failed: AtomicBool,
+    /// Datagrams sent to the endpoint (by the socket's task).
+    sent: AtomicU64,
+    /// Datagrams relayed back to the client (by the reader task).
+    replies: AtomicU64,
 }
 
 impl FlowState {
+    fn new(now: u64) -> Self {
+        FlowState {
+            last: AtomicU64::new(now),
+            failed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            replies: AtomicU64::new(0),
+        }
+    }
+
+    /// One request, answered: a finished exchange (a DNS query and its
+    /// answer) that the table may close first, even if recent, to make
+    /// room. A flow with more than one request is a stream (conntrack
+    /// calls it assured) and one whose request is unanswered is waiting:
+    /// both are kept while in use.
+    fn finished(&self) -> bool {
+        self.sent.load(Ordering::Relaxed) == 1 && self.replies.load(Ordering::Relaxed) >= 1
+    }
+
     /// Notes a failed send to the endpoint. Every error says the endpoint
     /// cannot be reached (a refusal from an earlier ICMP error, a host or
     /// network unreachable, a route gone), and the next datagram goes to
@@ -117,7 +226,7 @@ impl FlowState {
 
 /// One client's flow.
 struct Flow {
-    upstream: Arc<UdpSocket>,
+    upstream: Arc<Upstream>,
     state: Arc<FlowState>,
     /// Counts this flow against its endpoint (least-connections).
     lease: Lease,
@@ -137,6 +246,7 @@ pub fn spawn(
     socket: StdUdpSocket,
     balancer: Arc<Balancer>,
     config: UdpConfig,
+    budget: Arc<FlowBudget>,
     stop: Stop,
     metrics: Arc<ServicePortMetrics>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
@@ -149,6 +259,8 @@ pub fn spawn(
         service,
         balancer,
         config,
+        port_sockets: FlowBudget::new(config.max_flows),
+        budget,
         flows: HashMap::new(),
         epoch: Instant::now(),
         last_warning: None,
@@ -164,10 +276,15 @@ struct FlowTable {
     service: Arc<ServicePortName>,
     balancer: Arc<Balancer>,
     config: UdpConfig,
+    budget: Arc<FlowBudget>,
+    /// The upstream sockets of this table still open: its flows, and
+    /// those that left the table but whose socket has not closed yet.
+    port_sockets: Arc<FlowBudget>,
     flows: HashMap<SocketAddr, Flow>,
     epoch: Instant,
     last_warning: Option<Instant>,
-    /// Datagrams dropped for a full table since the last warning.
+    /// Datagrams dropped for a full table or a spent budget since the last
+    /// warning.
     dropped: u64,
     /// This listener's part of its Service port's gauges.
     metrics: ListenerMetrics,
@@ -283,12 +400,16 @@ impl FlowTable {
             avoid = Some(old.lease.addr());
         }
         if !self.flows.contains_key(&client) {
-            if self.flows.len() >= self.config.max_flows && !self.make_room(now) {
-                self.dropped += 1;
-                self.warn_full();
-                return;
-            }
-            match self.open(client, avoid) {
+            let share = match self.admit(now) {
+                Ok(share) => share,
+                Err(reason) => {
+                    self.metrics.udp_flow_refused(reason);
+                    self.dropped += 1;
+                    self.warn_full(reason);
+                    return;
+                }
+            };
+            match self.open(client, avoid, share) {
                 Ok(Some(flow)) => {
                     self.flows.insert(client, flow);
                     self.metrics.udp_flows(self.flows.len());
@@ -302,15 +423,49 @@ impl FlowTable {
         }
         if let Some(flow) = self.flows.get(&client) {
             flow.state.last.store(now, Ordering::Relaxed);
+            flow.state.sent.fetch_add(1, Ordering::Relaxed);
             // Straight to the kernel: tokio's `try_send` would report "would
             // block" until the reactor has seen a new socket writable, and
             // drop the first datagram of every flow.
-            let sent = socket2::SockRef::from(&*flow.upstream).send(data);
+            let sent = socket2::SockRef::from(&flow.upstream.socket).send(data);
             if let Err(e) = sent {
                 debug!(%client, endpoint = %flow.lease.addr(), error = %e, "datagram not sent upstream");
                 flow.state.send_failed(&e);
             }
         }
+    }
+
+    /// Room and a budget share for one more flow: from this port's idle
+    /// flows if the table is full or the process's budget spent (never
+    /// from another port's), else the cap that refuses it.
+    ///
+    /// Both caps count sockets, not table entries: a flow that just left
+    /// the table holds its shares until its socket has closed, a moment
+    /// later, so the datagram that evicted it may be dropped (the next one
+    /// gets in) and a flood of short flows never holds more fds than the
+    /// caps.
+    fn admit(&mut self, now: u64) -> Result<Shares, UdpRefusal> {
+        if self.flows.len() >= self.config.max_flows && !self.make_room(now) {
+            return Err(UdpRefusal::MaxFlows);
+        }
+        let port = self.port_sockets.reserve().ok_or(UdpRefusal::MaxFlows)?;
+        if let Some(process) = self.budget.reserve() {
+            return Ok(Shares {
+                _port: port,
+                _process: process,
+            });
+        }
+        // Another port's listener may take the freed share first: then
+        // this datagram is dropped, the next one tries again.
+        if self.make_room(now)
+            && let Some(process) = self.budget.reserve()
+        {
+            return Ok(Shares {
+                _port: port,
+                _process: process,
+            });
+        }
+        Err(UdpRefusal::MaxFlowsTotal)
     }
 
     /// Why a flow must move to another endpoint, if it must.
@@ -327,7 +482,12 @@ impl FlowTable {
 
     /// Picks an endpoint and opens a flow to it. `Ok(None)`: no endpoint
     /// (the rules refuse such traffic; this is the moment until they do).
-    fn open(&self, client: SocketAddr, avoid: Option<SocketAddr>) -> io::Result<Option<Flow>> {
+    fn open(
+        &self,
+        client: SocketAddr,
+        avoid: Option<SocketAddr>,
+        share: Shares,
+    ) -> io::Result<Option<Flow>> {
         let tried: Vec<SocketAddr> = avoid.into_iter().collect();
         let set = self.balancer.endpoints();
         let Some(lease) = self.balancer.pick(client.ip(), &tried) else {
@@ -349,11 +509,11 @@ impl FlowTable {
         }
         sock.connect(endpoint)?;
         sock.set_nonblocking(true)?;
-        let upstream = Arc::new(UdpSocket::from_std(sock)?);
-        let state = Arc::new(FlowState {
-            last: AtomicU64::new(self.now_ms()),
-            failed: AtomicBool::new(false),
+        let upstream = Arc::new(Upstream {
+            socket: UdpSocket::from_std(sock)?,
+            _shares: share,
         });
+        let state = Arc::new(FlowState::new(self.now_ms()));
         let reader = tokio::spawn(relay_replies(
             Arc::clone(&upstream),
             Arc::clone(&self.socket),
@@ -388,37 +548,57 @@ impl FlowTable {
         (!self.flows.is_empty()).then(|| timer(self.sweep_every()))
     }
 
-    /// Evicts the flows idle longest (a sixteenth of the table, at least
-    /// one), never one active within [`IN_USE`]. False if none could go.
+    /// Evicts a sixteenth of the table (at least one flow): the finished
+    /// exchanges first, then the flows idle for [`IN_USE`] or longer, the
+    /// longest idle first in each group; never a flow in use that is not
+    /// finished. False if none could go.
     fn make_room(&mut self, now: u64) -> bool {
         let in_use = IN_USE.as_millis() as u64;
-        let mut idle: Vec<(u64, SocketAddr)> = self
+        // (group, last activity): group 0 the finished, 1 the idle.
+        let mut candidates: Vec<((u8, u64), SocketAddr)> = self
             .flows
             .iter()
-            .map(|(c, f)| (f.state.last.load(Ordering::Relaxed), *c))
-            .filter(|(last, _)| now.saturating_sub(*last) >= in_use)
+            .filter_map(|(c, f)| {
+                let last = f.state.last.load(Ordering::Relaxed);
+                if f.state.finished() {
+                    Some(((0, last), *c))
+                } else if now.saturating_sub(last) >= in_use {
+                    Some(((1, last), *c))
+                } else {
+                    None
+                }
+            })
             .collect();
-        if idle.is_empty() {
+        if candidates.is_empty() {
             return false;
         }
-        let n = (self.config.max_flows / 16).clamp(1, idle.len());
-        idle.select_nth_unstable(n - 1);
-        for (_, c) in &idle[..n] {
+        let n = (self.config.max_flows / 16).clamp(1, candidates.len());
+        candidates.select_nth_unstable(n - 1);
+        for (_, c) in &candidates[..n] {
             self.flows.remove(c);
         }
         self.metrics.udp_flows(self.flows.len());
         true
     }
 
-    fn warn_full(&mut self) {
+    fn warn_full(&mut self, reason: UdpRefusal) {
         let due = self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY);
         if due {
-            warn!(
-                service_port = %self.service,
-                max_flows = self.config.max_flows,
-                dropped = self.dropped,
-                "UDP flow table full of active flows; datagrams of new clients dropped"
-            );
+            match reason {
+                UdpRefusal::MaxFlows => warn!(
+                    service_port = %self.service,
+                    max_flows = self.config.max_flows,
+                    dropped = self.dropped,
+                    "UDP flow table full of active flows; datagrams of new clients dropped"
+                ),
+                UdpRefusal::MaxFlowsTotal => warn!(
+                    service_port = %self.service,
+                    max_flows_total = self.config.max_flows_total,
+                    open_here = self.flows.len(),
+                    dropped = self.dropped,
+                    "the process's UDP flow budget (--udp-max-flows-total) is spent and this Service port has no idle flow to give up; datagrams of new clients dropped"
+                ),
+            }
             self.last_warning = Some(Instant::now());
             self.dropped = 0;
         }
@@ -428,7 +608,7 @@ impl FlowTable {
 /// Relays the endpoint's datagrams back to the client, from the Service
 /// port's socket, until the flow is dropped.
 async fn relay_replies(
-    upstream: Arc<UdpSocket>,
+    upstream: Arc<Upstream>,
     socket: Arc<UdpSocket>,
     client: SocketAddr,
     state: Arc<FlowState>,
@@ -439,7 +619,7 @@ async fn relay_replies(
             DATAGRAM.with(|cell| {
                 let mut buf = cell.borrow_mut();
                 let mut rb = ReadBuf::new(&mut buf[..]);
-                match upstream.poll_recv(cx, &mut rb) {
+                match upstream.socket.poll_recv(cx, &mut rb) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {
@@ -451,6 +631,9 @@ async fn relay_replies(
                         {
                             debug!(%client, error = %e, "reply not sent");
                         }
+                        // After the send: a flow counted as answered may
+                        // be closed at once, its reply must be out.
+                        state.replies.fetch_add(1, Ordering::Relaxed);
                         Poll::Ready(Ok(()))
                     }
                 }
@@ -526,6 +709,7 @@ mod tests {
             sock,
             Arc::clone(&balancer),
             config,
+            FlowBudget::new(config.max_flows_total),
             stop.clone(),
             metrics,
         )
@@ -652,10 +836,7 @@ mod tests {
         // next datagram goes elsewhere (`a_flow_moves_when_its_endpoint_
         // leaves_or_refuses` shows the table acting on `failed`). A full
         // buffer drops the one datagram only.
-        let fresh = || FlowState {
-            last: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-        };
+        let fresh = || FlowState::new(0);
         for errno in [libc::EHOSTUNREACH, libc::ENETUNREACH, libc::ECONNREFUSED] {
             let state = fresh();
             state.send_failed(&io::Error::from_raw_os_error(errno));
@@ -696,6 +877,139 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_budget_caps_the_flows_of_every_port_and_a_port_makes_room_from_its_own() {
+        let (ep, _server) = who_sent().await;
+        let budget = FlowBudget::new(2);
+        let config = UdpConfig {
+            max_flows_total: 2,
+            ..UdpConfig::default()
+        };
+        let balancer = Arc::new(Balancer::new(Algorithm::RoundRobin));
+        balancer.update(&[ep], Algorithm::RoundRobin, SessionAffinity::None);
+        let series = Arc::new(crate::proxy::metrics::PortSeries::new(false));
+        let stop = Stop::default();
+        let mut ports = Vec::new();
+        for _ in 0..2 {
+            let sock = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+            ports.push(sock.local_addr().unwrap());
+            spawn(
+                name(),
+                sock,
+                Arc::clone(&balancer),
+                config,
+                Arc::clone(&budget),
+                stop.clone(),
+                series.service_port(&name()),
+            )
+            .unwrap();
+        }
+        let client = || UdpSocket::bind("127.0.0.1:0");
+        let (a, b) = (ports[0], ports[1]);
+        // One flow on each port, each with two exchanges (streams, not
+        // finished exchanges): the budget is spent.
+        let ca = client().await.unwrap();
+        ca.connect(a).await.unwrap();
+        let cb = client().await.unwrap();
+        cb.connect(b).await.unwrap();
+        for _ in 0..2 {
+            let _ = ask(&ca, b"a").await;
+            let _ = ask(&cb, b"b").await;
+        }
+        assert_eq!(budget.used(), 2);
+        // A newcomer on port b while both flows are in use: dropped.
+        let late = client().await.unwrap();
+        late.connect(b).await.unwrap();
+        late.send(b"late").await.unwrap();
+        let mut buf = [0u8; 256];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), late.recv(&mut buf))
+                .await
+                .is_err(),
+            "a third flow opened with a budget of two"
+        );
+        // Port a's flow stays in use; port b's falls idle: the newcomer
+        // takes its place, port a's flow is not touched.
+        let end = Instant::now() + IN_USE + Duration::from_millis(500);
+        while Instant::now() < end {
+            let _ = ask(&ca, b"busy").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mine = seen_by_endpoint(&ask(&ca, b"a again").await);
+        // The evicted flow's share comes back once its socket has closed,
+        // a moment later: the first datagram may be dropped, not the next.
+        let mut answered = false;
+        for _ in 0..5 {
+            late.send(b"late again").await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(300), late.recv(&mut buf))
+                .await
+                .is_ok()
+            {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "the newcomer never took the idle flow's place");
+        assert_eq!(budget.used(), 2);
+        assert_eq!(seen_by_endpoint(&ask(&ca, b"a still").await), mine);
+        let text = series.render();
+        assert!(
+            !text.contains("reason=\"max_flows_total\"} 0"),
+            "the dropped datagram is not counted: {text}"
+        );
+        // Flows give their share back when their listener goes.
+        stop.now.cancel();
+        let end = Instant::now() + Duration::from_secs(5);
+        while budget.used() > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_table_full_of_finished_exchanges_takes_new_clients_at_once() {
+        let (ep, _server) = who_sent().await;
+        let config = UdpConfig {
+            timeout: Duration::from_secs(60),
+            max_flows: 8,
+            ..UdpConfig::default()
+        };
+        let (proxy, _, _stop) = start(&[ep], config).await;
+        // Eight one-shot clients, each answered: the table is full of
+        // flows active within the last second, all finished.
+        let mut clients = Vec::new();
+        for i in 0..8u8 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.connect(proxy).await.unwrap();
+            let _ = ask(&c, &[i]).await;
+            clients.push(c);
+        }
+        // Newcomers are answered within 300 ms, long before any flow is
+        // idle for a second: each takes the place of a finished exchange
+        // (its first datagram may be dropped while the evicted flow's
+        // socket closes).
+        for i in 0..20u8 {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.connect(proxy).await.unwrap();
+            let mut answered = false;
+            for _ in 0..3 {
+                c.send(&[i]).await.unwrap();
+                let mut buf = [0u8; 256];
+                if tokio::time::timeout(Duration::from_millis(100), c.recv(&mut buf))
+                    .await
+                    .is_ok()
+                {
+                    answered = true;
+                    break;
+                }
+            }
+            assert!(
+                answered,
+                "newcomer {i} dropped by a table of finished exchanges"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_full_table_keeps_flows_in_use_and_drops_newcomers() {
         let (ep, _server) = who_sent().await;
         let config = UdpConfig {
@@ -707,6 +1021,9 @@ mod tests {
         let good = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         good.connect(proxy).await.unwrap();
         let mine = seen_by_endpoint(&ask(&good, b"hello").await);
+        // A second exchange: a stream, kept while in use (one answered
+        // datagram alone is a finished exchange, closed first for room).
+        assert_eq!(seen_by_endpoint(&ask(&good, b"again").await), mine);
         // A flood of 200 client ports, each sending one datagram.
         let mut flood = Vec::new();
         for _ in 0..200 {
