@@ -303,7 +303,15 @@ fn no_socket_is_leaked_however_connections_end() {
             .output("ss", ["-Htn", "state", "close-wait"])
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|e| e.to_string());
-        if now <= baseline && pipes <= baseline_pipes && close_wait.is_empty() {
+        // Sockets back to the baseline. Pipes may stay, idle in the
+        // process's pool (--splice-pipes-max) for the next bulk phase:
+        // these connections run one at a time, two directions each, so
+        // the pool needs a few pipes (two fds each); 8 pipes is ample,
+        // and a pipe leaked per connection would be hundreds.
+        let sockets_now = now.saturating_sub(pipes);
+        let sockets_before = baseline.saturating_sub(baseline_pipes);
+        if sockets_now <= sockets_before && pipes <= baseline_pipes + 2 * 8 && close_wait.is_empty()
+        {
             Ok(())
         } else {
             Err(format!(
