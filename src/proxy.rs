@@ -61,7 +61,7 @@ pub struct DataPathConfig {
     /// connects to itself. 0: unmarked (tests without `CAP_NET_ADMIN`).
     pub upstream_mark: u32,
     /// Request mode (ports balanced per HTTP request).
-    pub http: http::HttpConfig,
+    pub http: HttpConfig,
 }
 
 impl Default for DataPathConfig {
@@ -75,7 +75,41 @@ impl Default for DataPathConfig {
                 .collect(),
             udp: UdpConfig::default(),
             upstream_mark: 0,
-            http: http::HttpConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// Request mode's settings (shared by every port).
+#[derive(Clone, Copy, Debug)]
+pub struct HttpConfig {
+    /// `--request-balancing`: false serves every port per connection.
+    pub enabled: bool,
+    /// How long a new connection may stay silent before it is taken for a
+    /// server-speaks-first protocol and relayed as bytes
+    /// (`--http-detect-timeout`).
+    pub detect_timeout: Duration,
+    /// Idle HTTP/1.1 connections to endpoints are closed after this
+    /// (`--http-upstream-idle-timeout`).
+    pub upstream_idle_timeout: Duration,
+    /// A client must send a request's headers within this; also how long
+    /// an idle kept-alive HTTP/1.1 client connection is kept.
+    pub header_read_timeout: Duration,
+    /// Most bytes of a request's headers (HTTP/1.1 buffer, h2 header list).
+    pub max_header_bytes: usize,
+    /// Most concurrent streams on one h2 client connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            detect_timeout: Duration::from_secs(1),
+            upstream_idle_timeout: Duration::from_secs(4),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 256,
         }
     }
 }

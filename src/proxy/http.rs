@@ -26,119 +26,21 @@ mod body;
 mod detect;
 mod forward;
 mod pool;
+mod port;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 pub use detect::{Detected, detect};
-
-use super::DataPathConfig;
-use super::balancer::Balancer;
-use super::metrics::ServicePortMetrics;
-use crate::model::ServicePortName;
-
-/// Request mode's settings (shared by every port).
-#[derive(Clone, Copy, Debug)]
-pub struct HttpConfig {
-    /// `--request-balancing`: false serves every port per connection.
-    pub enabled: bool,
-    /// How long a new connection may stay silent before it is taken for a
-    /// server-speaks-first protocol and relayed as bytes
-    /// (`--http-detect-timeout`).
-    pub detect_timeout: Duration,
-    /// Idle HTTP/1.1 connections to endpoints are closed after this
-    /// (`--http-upstream-idle-timeout`).
-    pub upstream_idle_timeout: Duration,
-    /// A client must send a request's headers within this; also how long
-    /// an idle kept-alive HTTP/1.1 client connection is kept.
-    pub header_read_timeout: Duration,
-    /// Most bytes of a request's headers (HTTP/1.1 buffer, h2 header list).
-    pub max_header_bytes: usize,
-    /// Most concurrent streams on one h2 client connection.
-    pub max_concurrent_streams: u32,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            enabled: true,
-            detect_timeout: Duration::from_secs(1),
-            upstream_idle_timeout: Duration::from_secs(4),
-            header_read_timeout: Duration::from_secs(30),
-            max_header_bytes: 64 * 1024,
-            max_concurrent_streams: 256,
-        }
-    }
-}
-
-/// What the connections of one request-mode listener share: above all,
-/// the pool of connections to the endpoints.
-pub struct HttpPort {
-    service: Arc<ServicePortName>,
-    balancer: Arc<Balancer>,
-    config: Arc<DataPathConfig>,
-    metrics: Arc<ServicePortMetrics>,
-    pool: Arc<pool::Pool>,
-    /// `--max-connections`' cut (shutdown grace over): tunnels end too.
-    cut: CancellationToken,
-    /// Upgraded connections (tunnels), drained at shutdown like
-    /// connections.
-    tunnels: TaskTracker,
-}
-
-impl HttpPort {
-    pub fn new(
-        service: Arc<ServicePortName>,
-        balancer: Arc<Balancer>,
-        config: Arc<DataPathConfig>,
-        metrics: Arc<ServicePortMetrics>,
-        cut: CancellationToken,
-        tunnels: TaskTracker,
-    ) -> Self {
-        let pool = Arc::new(pool::Pool::new(
-            config.http.upstream_idle_timeout,
-            config.upstream_mark,
-            Arc::clone(&metrics),
-        ));
-        HttpPort {
-            service,
-            balancer,
-            config,
-            metrics,
-            pool,
-            cut,
-            tunnels,
-        }
-    }
-}
-
-impl HttpPort {
-    pub fn service(&self) -> &Arc<ServicePortName> {
-        &self.service
-    }
-    pub fn balancer(&self) -> &Arc<Balancer> {
-        &self.balancer
-    }
-    pub fn config(&self) -> &Arc<DataPathConfig> {
-        &self.config
-    }
-    pub fn metrics(&self) -> &Arc<ServicePortMetrics> {
-        &self.metrics
-    }
-    pub fn cut(&self) -> &CancellationToken {
-        &self.cut
-    }
-}
+pub use port::HttpPort;
 
 /// Serves the requests of one client connection that [`detect`] found
 /// to speak `detected` (HTTP/1.1 or h2), until the client closes it. When

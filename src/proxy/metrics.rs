@@ -27,6 +27,7 @@
 //! series follow the Services that exist (connections still open keep
 //! counting into a `ServicePortMetrics` nobody renders).
 
+mod histogram;
 pub mod http;
 
 use std::borrow::Borrow;
@@ -47,27 +48,13 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::relay::{RelayedBytes, SPLICE_PIPES, Way};
 use crate::model::{Protocol, ServicePortName};
+#[cfg(test)]
+use histogram::CONNECT_BOUNDS;
+use histogram::ConnectHistogram;
 
 /// Relaxed everywhere: each atomic is a counter of its own, and a scrape
 /// needs no order between them.
 const RELAXED: Ordering = Ordering::Relaxed;
-
-/// Finite buckets of the endpoint connect latency.
-const CONNECT_BUCKETS: usize = 16;
-
-/// Their upper bounds: 100 µs to about 3.3 s (the longest connect timeout
-/// is 2 s), `0.0001 * 2^i` — what `exponential_buckets(0.0001, 2.0, 16)`
-/// gives. An observation counts in the first bucket whose bound is at
-/// least its value, or in `+Inf` after them.
-const CONNECT_BOUNDS: [f64; CONNECT_BUCKETS] = {
-    let mut bounds = [0.0; CONNECT_BUCKETS];
-    let mut i = 0;
-    while i < CONNECT_BUCKETS {
-        bounds[i] = 0.0001 * (1u32 << i) as f64;
-        i += 1;
-    }
-    bounds
-};
 
 /// Labels of every per-Service-port series: `namespace`, `service`,
 /// `port_name` (empty for a single unnamed port) and `protocol`. The three
@@ -611,7 +598,7 @@ impl Collector for PortSeries {
             per_port(|p| gauge(&p.affinity_clients)),
         )?;
 
-        http::encode(e, &ports)?;
+        encode_http(e, &ports)?;
 
         if self.per_endpoint {
             // (port, endpoint as text, connections, failures), sorted.
@@ -655,44 +642,6 @@ impl Collector for PortSeries {
             )?;
         }
         Ok(())
-    }
-}
-
-/// The connect latency of a Service port: a count per bucket of
-/// [`CONNECT_BOUNDS`] and one for `+Inf` (not cumulative: the encoder adds
-/// them up), and the sum of the observed seconds as `f64` bits. The
-/// count is the sum of the buckets.
-#[derive(Debug, Default)]
-struct ConnectHistogram {
-    buckets: [AtomicU64; CONNECT_BUCKETS + 1],
-    sum: AtomicU64,
-}
-
-impl ConnectHistogram {
-    fn observe(&self, seconds: f64) {
-        // The first bound at least `seconds`; past the last one, +Inf.
-        let i = CONNECT_BOUNDS.partition_point(|bound| *bound < seconds);
-        if let Some(bucket) = self.buckets.get(i) {
-            bucket.fetch_add(1, RELAXED);
-        }
-        // The closure always answers, so the update cannot fail.
-        let _ = self.sum.fetch_update(RELAXED, RELAXED, |bits| {
-            Some((f64::from_bits(bits) + seconds).to_bits())
-        });
-    }
-
-    /// Sum, count and the buckets as `(upper bound, count)`.
-    fn snapshot(&self) -> (f64, u64, [(f64, u64); CONNECT_BUCKETS + 1]) {
-        let mut buckets = [(f64::INFINITY, 0); CONNECT_BUCKETS + 1];
-        let mut count = 0u64;
-        for (i, (bound, n)) in buckets.iter_mut().enumerate() {
-            if let Some(b) = CONNECT_BOUNDS.get(i) {
-                *bound = *b;
-            }
-            *n = self.buckets[i].load(RELAXED);
-            count = count.wrapping_add(*n);
-        }
-        (f64::from_bits(self.sum.load(RELAXED)), count, buckets)
     }
 }
 
@@ -918,3 +867,142 @@ impl Drop for ActiveGuard<'_> {
 
 #[cfg(test)]
 mod tests;
+
+// Request mode's families (ports that served a request).
+
+mod http_help {
+    pub const REQUESTS: &str = "HTTP requests served in request mode, by response class (code) and, for gRPC, grpc-status.";
+    pub const DURATION: &str =
+        "Time from a request's arrival to the endpoint's response headers (request mode).";
+    pub const RETRIES: &str = "Requests sent again to another endpoint, by reason; only requests that cannot have reached the first.";
+    pub const IN_FLIGHT: &str = "HTTP requests being served now (request mode).";
+    pub const UPSTREAM: &str =
+        "Connections open from the request-mode pool to each endpoint (HTTP/1.1 or h2).";
+}
+
+/// Writes the request-mode families of the ports that have served one.
+fn encode_http(
+    encoder: &mut DescriptorEncoder,
+    ports: &[std::sync::Arc<ServicePortMetrics>],
+) -> Result<(), std::fmt::Error> {
+    let http: Vec<(&PortLabels, &http::HttpMetrics)> = ports
+        .iter()
+        .filter_map(|p| p.http.get().map(|h| (&p.labels, h)))
+        .collect();
+    if http.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut family = encoder.encode_descriptor(
+            "kubeuproxy_http_requests",
+            http_help::REQUESTS,
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, h) in &http {
+            for ((class, grpc), n) in h.requests() {
+                let grpc = grpc.map(|g| g.to_string());
+                let series = SeriesLabels {
+                    port: labels,
+                    extra: Some(("code", class)),
+                };
+                let with_grpc = GrpcLabels {
+                    inner: series,
+                    grpc: grpc.as_deref(),
+                };
+                ConstCounter::new(n).encode(family.encode_family(&with_grpc)?)?;
+            }
+        }
+    }
+    {
+        let mut family = encoder.encode_descriptor(
+            "kubeuproxy_http_request_duration_seconds",
+            http_help::DURATION,
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, h) in &http {
+            let (sum, count, buckets) = h.duration().snapshot();
+            family
+                .encode_family(&SeriesLabels {
+                    port: labels,
+                    extra: None,
+                })?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+    }
+    {
+        let mut family = encoder.encode_descriptor(
+            "kubeuproxy_http_retries",
+            http_help::RETRIES,
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, h) in &http {
+            for r in http::RetryReason::ALL {
+                ConstCounter::new(h.retries(r)).encode(family.encode_family(&SeriesLabels {
+                    port: labels,
+                    extra: Some(("reason", r.as_str())),
+                })?)?;
+            }
+        }
+    }
+    {
+        let mut family = encoder.encode_descriptor(
+            "kubeuproxy_http_requests_in_flight",
+            http_help::IN_FLIGHT,
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, h) in &http {
+            ConstGauge::new(h.in_flight()).encode(family.encode_family(&SeriesLabels {
+                port: labels,
+                extra: None,
+            })?)?;
+        }
+    }
+    let upstream: Vec<(&PortLabels, String, i64)> = http
+        .iter()
+        .flat_map(|(labels, h)| {
+            h.upstream_connections()
+                .into_iter()
+                .map(|(ep, n)| (*labels, ep.to_string(), n))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if !upstream.is_empty() {
+        let mut family = encoder.encode_descriptor(
+            "kubeuproxy_http_upstream_connections",
+            http_help::UPSTREAM,
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, ep, n) in &upstream {
+            ConstGauge::new(*n).encode(family.encode_family(&SeriesLabels {
+                port: labels,
+                extra: Some(("endpoint", ep.as_str())),
+            })?)?;
+        }
+    }
+    Ok(())
+}
+
+/// A request series' labels: the port's, `code`, and `grpc_status` for
+/// gRPC requests.
+struct GrpcLabels<'a> {
+    inner: SeriesLabels<'a>,
+    grpc: Option<&'a str>,
+}
+
+impl prometheus_client::encoding::EncodeLabelSet for GrpcLabels<'_> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        self.inner.encode(encoder)?;
+        match self.grpc {
+            Some(g) => [("grpc_status", g)].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}

@@ -259,7 +259,12 @@ pub fn spawn(
         service,
         balancer,
         config,
-        port_sockets: FlowBudget::new(config.max_flows),
+        // One eviction batch (a sixteenth of the table) of slack: the
+        // sockets of flows just evicted close a moment after they leave
+        // the table, and the datagram that evicted them must not wait for
+        // that (a one-shot client sends one). Fds stay within 17/16 of
+        // the table.
+        port_sockets: FlowBudget::new(config.max_flows + config.max_flows / 16 + 1),
         budget,
         flows: HashMap::new(),
         epoch: Instant::now(),

@@ -19,9 +19,9 @@ use super::super::DataPathConfig;
 use super::super::balancer::Lease;
 use super::super::metrics::http::{Outcome, RetryReason};
 use super::super::relay::relay;
-use super::HttpPort;
 use super::body::{Done, ProxyBody, grpc_status};
 use super::pool::{Conn, Proto};
+use super::port::HttpPort;
 use crate::model::PortMode;
 
 /// Serves one request from `client`.

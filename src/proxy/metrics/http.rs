@@ -8,12 +8,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use std::sync::atomic::Ordering;
 
-use super::{ConnectHistogram, PortLabels, RELAXED, SeriesLabels, ServicePortMetrics};
+use super::histogram::ConnectHistogram;
+
+const RELAXED: Ordering = Ordering::Relaxed;
 
 /// Why a request was sent again, to another endpoint (only ever when it
 /// cannot have reached the first).
@@ -28,9 +27,9 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
-    const ALL: [RetryReason; 2] = [RetryReason::ConnectFailed, RetryReason::NotSent];
+    pub const ALL: [RetryReason; 2] = [RetryReason::ConnectFailed, RetryReason::NotSent];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             RetryReason::ConnectFailed => "connect_failed",
             RetryReason::NotSent => "not_sent",
@@ -122,146 +121,25 @@ impl HttpMetrics {
     }
 }
 
-pub(super) mod help {
-    pub const REQUESTS: &str = "HTTP requests served in request mode, by response class (code) and, for gRPC, grpc-status.";
-    pub const DURATION: &str =
-        "Time from a request's arrival to the endpoint's response headers (request mode).";
-    pub const RETRIES: &str = "Requests sent again to another endpoint, by reason; only requests that cannot have reached the first.";
-    pub const IN_FLIGHT: &str = "HTTP requests being served now (request mode).";
-    pub const UPSTREAM: &str =
-        "Connections open from the request-mode pool to each endpoint (HTTP/1.1 or h2).";
-}
+/// What a scrape reads of one port's request-mode counters.
+impl HttpMetrics {
+    /// Requests ended, by (response class, `grpc-status`), sorted.
+    pub fn requests(&self) -> Vec<((&'static str, Option<u8>), u64)> {
+        let r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().map(|(k, n)| (*k, *n)).collect()
+    }
 
-/// Writes the request-mode families of the ports that have served one.
-pub(super) fn encode(
-    encoder: &mut DescriptorEncoder,
-    ports: &[std::sync::Arc<ServicePortMetrics>],
-) -> Result<(), std::fmt::Error> {
-    let http: Vec<(&PortLabels, &HttpMetrics)> = ports
-        .iter()
-        .filter_map(|p| p.http.get().map(|h| (&p.labels, h)))
-        .collect();
-    if http.is_empty() {
-        return Ok(());
+    pub fn duration(&self) -> &ConnectHistogram {
+        &self.duration
     }
-    {
-        let mut family = encoder.encode_descriptor(
-            "kubeuproxy_http_requests",
-            help::REQUESTS,
-            None,
-            MetricType::Counter,
-        )?;
-        for (labels, h) in &http {
-            let requests = h.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for ((class, grpc), n) in requests {
-                let grpc = grpc.map(|g| g.to_string());
-                let series = SeriesLabels {
-                    port: labels,
-                    extra: Some(("code", class)),
-                };
-                let with_grpc = GrpcLabels {
-                    inner: series,
-                    grpc: grpc.as_deref(),
-                };
-                ConstCounter::new(n).encode(family.encode_family(&with_grpc)?)?;
-            }
-        }
-    }
-    {
-        let mut family = encoder.encode_descriptor(
-            "kubeuproxy_http_request_duration_seconds",
-            help::DURATION,
-            None,
-            MetricType::Histogram,
-        )?;
-        for (labels, h) in &http {
-            let (sum, count, buckets) = h.duration.snapshot();
-            family
-                .encode_family(&SeriesLabels {
-                    port: labels,
-                    extra: None,
-                })?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
-    }
-    {
-        let mut family = encoder.encode_descriptor(
-            "kubeuproxy_http_retries",
-            help::RETRIES,
-            None,
-            MetricType::Counter,
-        )?;
-        for (labels, h) in &http {
-            for r in RetryReason::ALL {
-                ConstCounter::new(h.retries[r.index()].load(RELAXED)).encode(
-                    family.encode_family(&SeriesLabels {
-                        port: labels,
-                        extra: Some(("reason", r.as_str())),
-                    })?,
-                )?;
-            }
-        }
-    }
-    {
-        let mut family = encoder.encode_descriptor(
-            "kubeuproxy_http_requests_in_flight",
-            help::IN_FLIGHT,
-            None,
-            MetricType::Gauge,
-        )?;
-        for (labels, h) in &http {
-            ConstGauge::new(h.in_flight.load(RELAXED)).encode(family.encode_family(
-                &SeriesLabels {
-                    port: labels,
-                    extra: None,
-                },
-            )?)?;
-        }
-    }
-    let upstream: Vec<(&PortLabels, String, i64)> = http
-        .iter()
-        .flat_map(|(labels, h)| {
-            h.upstream
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(ep, n)| (*labels, ep.to_string(), *n))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    if !upstream.is_empty() {
-        let mut family = encoder.encode_descriptor(
-            "kubeuproxy_http_upstream_connections",
-            help::UPSTREAM,
-            None,
-            MetricType::Gauge,
-        )?;
-        for (labels, ep, n) in &upstream {
-            ConstGauge::new(*n).encode(family.encode_family(&SeriesLabels {
-                port: labels,
-                extra: Some(("endpoint", ep.as_str())),
-            })?)?;
-        }
-    }
-    Ok(())
-}
 
-/// A request series' labels: the port's, `code`, and `grpc_status` for
-/// gRPC requests.
-struct GrpcLabels<'a> {
-    inner: SeriesLabels<'a>,
-    grpc: Option<&'a str>,
-}
+    pub fn retries(&self, reason: RetryReason) -> u64 {
+        self.retries[reason.index()].load(RELAXED)
+    }
 
-impl prometheus_client::encoding::EncodeLabelSet for GrpcLabels<'_> {
-    fn encode(
-        &self,
-        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        self.inner.encode(encoder)?;
-        match self.grpc {
-            Some(g) => [("grpc_status", g)].encode(encoder),
-            None => Ok(()),
-        }
+    /// Open pooled connections per endpoint, sorted.
+    pub fn upstream_connections(&self) -> Vec<(SocketAddr, i64)> {
+        let u = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
+        u.iter().map(|(ep, n)| (*ep, *n)).collect()
     }
 }

@@ -1,0 +1,71 @@
+//! What the connections of one request-mode listener share.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::super::DataPathConfig;
+use super::super::balancer::Balancer;
+use super::super::metrics::ServicePortMetrics;
+use super::pool;
+use crate::model::ServicePortName;
+
+/// What the connections of one request-mode listener share: above all,
+/// the pool of connections to the endpoints.
+pub struct HttpPort {
+    pub(super) service: Arc<ServicePortName>,
+    pub(super) balancer: Arc<Balancer>,
+    pub(super) config: Arc<DataPathConfig>,
+    pub(super) metrics: Arc<ServicePortMetrics>,
+    pub(super) pool: Arc<pool::Pool>,
+    /// `--max-connections`' cut (shutdown grace over): tunnels end too.
+    pub(super) cut: CancellationToken,
+    /// Upgraded connections (tunnels), drained at shutdown like
+    /// connections.
+    pub(super) tunnels: TaskTracker,
+}
+
+impl HttpPort {
+    pub fn new(
+        service: Arc<ServicePortName>,
+        balancer: Arc<Balancer>,
+        config: Arc<DataPathConfig>,
+        metrics: Arc<ServicePortMetrics>,
+        cut: CancellationToken,
+        tunnels: TaskTracker,
+    ) -> Self {
+        let pool = Arc::new(pool::Pool::new(
+            config.http.upstream_idle_timeout,
+            config.upstream_mark,
+            Arc::clone(&metrics),
+        ));
+        HttpPort {
+            service,
+            balancer,
+            config,
+            metrics,
+            pool,
+            cut,
+            tunnels,
+        }
+    }
+}
+
+impl HttpPort {
+    pub fn service(&self) -> &Arc<ServicePortName> {
+        &self.service
+    }
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
+    }
+    pub fn config(&self) -> &Arc<DataPathConfig> {
+        &self.config
+    }
+    pub fn metrics(&self) -> &Arc<ServicePortMetrics> {
+        &self.metrics
+    }
+    pub fn cut(&self) -> &CancellationToken {
+        &self.cut
+    }
+}
