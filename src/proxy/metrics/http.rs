@@ -55,24 +55,45 @@ pub struct Outcome {
     pub grpc_status: Option<u8>,
 }
 
+/// The response classes, in the order of [`HttpMetrics`]' counters.
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// gRPC status codes 0 ..= 16, then "other", then "not gRPC".
+const GRPC_SLOTS: usize = 19;
+
 impl Outcome {
-    fn class(self) -> &'static str {
+    fn class_index(self) -> usize {
         match self.status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
+            100..=599 => usize::from(self.status / 100) - 1,
+            _ => 5,
         }
+    }
+
+    fn grpc_index(self) -> usize {
+        match self.grpc_status {
+            Some(g) if g <= 16 => usize::from(g),
+            Some(_) => 17,
+            None => 18,
+        }
+    }
+}
+
+/// The `grpc_status` label of a counter slot; `None`: not gRPC.
+fn grpc_label(slot: usize) -> Option<u8> {
+    match slot {
+        0..=16 => u8::try_from(slot).ok(),
+        17 => Some(u8::MAX),
+        _ => None,
     }
 }
 
 /// The request-mode counters of one Service port.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
-    /// Requests ended, by outcome (few distinct values per port).
-    requests: Mutex<BTreeMap<(&'static str, Option<u8>), u64>>,
+    /// Requests ended, by response class and gRPC status: plain
+    /// atomics, so that requests on many threads never wait for one
+    /// another (the port's few hundred bytes exist only in request mode).
+    requests: [[AtomicU64; GRPC_SLOTS]; 6],
     /// Arrival of a request to the endpoint's response headers.
     duration: ConnectHistogram,
     /// Indexed by [`RetryReason`].
@@ -92,8 +113,7 @@ impl HttpMetrics {
     /// A request counted in by [`HttpMetrics::started`] ended so.
     pub fn ended(&self, outcome: Outcome) {
         self.in_flight.fetch_sub(1, RELAXED);
-        let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *r.entry((outcome.class(), outcome.grpc_status)).or_default() += 1;
+        self.requests[outcome.class_index()][outcome.grpc_index()].fetch_add(1, RELAXED);
     }
 
     /// The endpoint's response headers came this long after the request.
@@ -123,10 +143,19 @@ impl HttpMetrics {
 
 /// What a scrape reads of one port's request-mode counters.
 impl HttpMetrics {
-    /// Requests ended, by (response class, `grpc-status`), sorted.
+    /// Requests ended, by (response class, `grpc-status`; 255: a status
+    /// above 16), the outcomes seen at least once.
     pub fn requests(&self) -> Vec<((&'static str, Option<u8>), u64)> {
-        let r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        r.iter().map(|(k, n)| (*k, *n)).collect()
+        let mut out = Vec::new();
+        for (class, row) in CLASSES.iter().zip(&self.requests) {
+            for (slot, n) in row.iter().enumerate() {
+                let n = n.load(RELAXED);
+                if n > 0 {
+                    out.push(((*class, grpc_label(slot)), n));
+                }
+            }
+        }
+        out
     }
 
     pub fn duration(&self) -> &ConnectHistogram {
@@ -141,5 +170,41 @@ impl HttpMetrics {
     pub fn upstream_connections(&self) -> Vec<(SocketAddr, i64)> {
         let u = self.upstream.lock().unwrap_or_else(|e| e.into_inner());
         u.iter().map(|(ep, n)| (*ep, *n)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_class_and_grpc_status() {
+        let m = HttpMetrics::default();
+        let ended = |status, grpc_status| {
+            m.started();
+            m.ended(Outcome {
+                status,
+                grpc_status,
+            });
+        };
+        ended(200, None);
+        ended(204, None);
+        ended(503, None);
+        ended(200, Some(14));
+        ended(200, Some(0));
+        ended(0, None);
+        ended(200, Some(99));
+        assert_eq!(
+            m.requests(),
+            vec![
+                (("2xx", Some(0)), 1),
+                (("2xx", Some(14)), 1),
+                (("2xx", Some(255)), 1),
+                (("2xx", None), 2),
+                (("5xx", None), 1),
+                (("none", None), 1),
+            ]
+        );
+        assert_eq!(m.in_flight(), 0);
     }
 }
