@@ -580,6 +580,19 @@ fn curl_keepalive_requests_are_balanced_per_request() {
             requests.0, requests.1, durations.0, durations.1
         )
     });
+    // The pool: one kept-alive connection to each endpoint carried its ten
+    // requests, and stays open for the next ones.
+    let upstream = metric_sum(
+        &samples,
+        "kubeuproxy_http_upstream_connections",
+        &[("service", "lab-http")],
+    );
+    checks.expect(upstream == (3.0, 3), || {
+        format!(
+            "/metrics after 30 GETs on lab-http: kubeuproxy_http_upstream_connections sums to {} over {} endpoints; expected one pooled connection to each of the 3",
+            upstream.0, upstream.1
+        )
+    });
 
     let t = curl_gets(client, dir, vip(VIP_B), 30);
     let (ok, failed) = curl_counts(&t);
