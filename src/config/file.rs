@@ -31,7 +31,7 @@ use serde::Deserialize;
 use crate::config::{
     Args, DurationBounds, HTTP_DETECT_TIMEOUT, HTTP_UPSTREAM_IDLE_TIMEOUT, LogFormat,
     MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SPLICE_PIPES_MAX, SYNC_PERIOD, ServeAddress,
-    parse_bind_address, parse_bind_address_v6, parse_nodeport_addresses,
+    parse_bind_address, parse_bind_address_v6, parse_mark, parse_nodeport_addresses,
 };
 use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
@@ -100,10 +100,30 @@ pub struct ConfigFile {
     pub splice_pipes_max: Option<i64>,
     pub metrics_per_endpoint: Option<bool>,
     pub request_balancing: Option<bool>,
+    /// `--upstream-mark`: a number, or a string (`"0x2000"`) for hex.
+    pub upstream_mark: Option<MarkValue>,
     pub http_detect_timeout: Option<String>,
     pub http_upstream_idle_timeout: Option<String>,
     pub healthz_socket: Option<PathBuf>,
     pub proc_sys_dir: Option<PathBuf>,
+}
+
+/// `upstreamMark`: YAML gives `0x2000` unquoted as a number and quoted
+/// as a string; both mean the same mark.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum MarkValue {
+    Number(u64),
+    Text(String),
+}
+
+impl std::fmt::Display for MarkValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MarkValue::Number(n) => write!(f, "{n}"),
+            MarkValue::Text(t) => f.write_str(t),
+        }
+    }
 }
 
 /// kube-proxy's `clientConnection`, of which only the kubeconfig applies.
@@ -323,6 +343,14 @@ impl ConfigFile {
             args.metrics_per_endpoint
         );
         set!(
+            "upstream_mark",
+            self.upstream_mark
+                .as_ref()
+                .map(|m| parse_mark(&m.to_string()).map_err(|e| bad("upstreamMark", e)))
+                .transpose()?,
+            args.upstream_mark
+        );
+        set!(
             "request_balancing",
             self.request_balancing,
             args.request_balancing
@@ -410,6 +438,10 @@ splicePipesMax: 7
 metricsPerEndpoint: true
 healthzSocket: /run/kube-uproxy/healthz.sock
 procSysDir: /host/proc/sys
+upstreamMark: "0x4000"
+requestBalancing: false
+httpDetectTimeout: 2s
+httpUpstreamIdleTimeout: 9s
 "#;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -468,6 +500,10 @@ procSysDir: /host/proc/sys
         );
         assert_eq!(a.proc_sys_dir, Path::new("/host/proc/sys"));
         assert_eq!(a.splice_pipes_max, Some(7));
+        assert_eq!(a.upstream_mark, 0x4000);
+        assert!(!a.request_balancing);
+        assert_eq!(a.http_detect_timeout, Duration::from_secs(2));
+        assert_eq!(a.http_upstream_idle_timeout, Duration::from_secs(9));
         // `manifests` conflicts with the kubeconfig above: its own file.
         let p = write(&d, "m.yaml", "manifests: /srv/cluster.yaml\n");
         let a = parse_args(["kube-uproxy", "--config", p.to_str().unwrap()]).unwrap();
@@ -646,7 +682,7 @@ procSysDir: /host/proc/sys
         .unwrap();
         let cmd = Args::command();
         let ids = ids.into_inner();
-        assert_eq!(ids.len(), 19, "{ids:?}");
+        assert_eq!(ids.len(), 23, "{ids:?}");
         for id in ids {
             assert!(
                 cmd.get_arguments().any(|a| a.get_id() == id.as_str()),
