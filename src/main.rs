@@ -401,7 +401,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             upstream_mark: args.upstream_mark,
             http: HttpConfig {
-                enabled: args.request_balancing,
                 detect_timeout: args.http_detect_timeout,
                 upstream_idle_timeout: args.http_upstream_idle_timeout,
                 ..HttpConfig::default()

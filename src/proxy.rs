@@ -83,8 +83,6 @@ impl Default for DataPathConfig {
 /// Request mode's settings (shared by every port).
 #[derive(Clone, Copy, Debug)]
 pub struct HttpConfig {
-    /// `--request-balancing`: false serves every port per connection.
-    pub enabled: bool,
     /// How long a new connection may stay silent before it is taken for a
     /// server-speaks-first protocol and relayed as bytes
     /// (`--http-detect-timeout`).
@@ -104,7 +102,6 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            enabled: true,
             detect_timeout: Duration::from_secs(1),
             upstream_idle_timeout: Duration::from_secs(4),
             header_read_timeout: Duration::from_secs(30),

@@ -569,20 +569,24 @@ impl Balancer {
         start: usize,
     ) -> Option<&'a Arc<EndpointStats>> {
         let n = eps.len();
-        let open: Vec<usize> = (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|i| !tried.contains(&eps[*i].addr))
-            .collect();
-        let first = *open.first()?;
-        if open.len() == 1 {
+        // The endpoints not tried, from the rotating position (no
+        // allocation: this runs for every request).
+        let open = || {
+            (0..n)
+                .map(move |i| (start + i) % n)
+                .filter(|i| !tried.contains(&eps[*i].addr))
+        };
+        let first = open().next()?;
+        let count = open().count();
+        if count == 1 {
             return Some(&eps[first]);
         }
         // A multiplicative hash of the rotating counter: another
-        // candidate, spread over the rest of `open`.
+        // candidate, spread over the rest of the open ones.
         let mix = (start as u64 ^ self.generation.load(Ordering::Relaxed))
             .wrapping_add(self.next.load(Ordering::Relaxed) as u64)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let second = open[1 + (mix >> 33) as usize % (open.len() - 1)];
+        let second = open().nth(1 + (mix >> 33) as usize % (count - 1))?;
         let now = Instant::now();
         let (a, b) = (&eps[first], &eps[second]);
         Some(if b.cost(now) < a.cost(now) { b } else { a })

@@ -179,7 +179,8 @@ fn on_accepted(
     // debug level: at the default level the span costs nothing per
     // connection; warnings carry service and client themselves.
     let span = debug_span!("conn", client = %peer);
-    if port.config.http.enabled && port.balancer.mode().per_request() {
+    // (`--request-balancing=false` reaches here as every port's mode.)
+    if port.balancer.mode().per_request() {
         let flow = handle_request_mode(port.http(), client, peer, port.shutdown.clone());
         port.connections
             .tracker()

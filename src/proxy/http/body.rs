@@ -24,7 +24,7 @@ use super::pool::{Pool, StreamGuard};
 /// The body of a response to a client.
 pub struct ProxyBody {
     kind: Kind,
-    done: Option<Done>,
+    done: Done,
 }
 
 enum Kind {
@@ -68,7 +68,7 @@ impl Drop for Done {
 
 impl ProxyBody {
     /// The proxy's own body.
-    pub fn full(text: impl Into<Bytes>, done: Option<Done>) -> Self {
+    pub fn full(text: impl Into<Bytes>, done: Done) -> Self {
         let text = text.into();
         ProxyBody {
             kind: Kind::Full((!text.is_empty()).then_some(text)),
@@ -80,7 +80,7 @@ impl ProxyBody {
     pub fn upstream(body: Incoming, done: Done) -> Self {
         let mut b = ProxyBody {
             kind: Kind::Upstream(body),
-            done: Some(done),
+            done,
         };
         // A body that is over before it starts (204, 304, HEAD) may never
         // be polled: its connection is free now.
@@ -98,9 +98,7 @@ impl ProxyBody {
     }
 
     fn finish(&mut self) {
-        if let Some(d) = &mut self.done {
-            d.complete();
-        }
+        self.done.complete();
     }
 }
 
@@ -120,7 +118,8 @@ impl Body for ProxyBody {
                 match &polled {
                     Poll::Ready(None) => this.finish(),
                     Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(d), Some(t)) = (&mut this.done, frame.trailers_ref())
+                        let d = &mut this.done;
+                        if let Some(t) = frame.trailers_ref()
                             && d.grpc
                             && let Some(s) = grpc_status(t)
                         {
@@ -132,9 +131,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Err(_))) => {
                         // Broken off: the connection goes with `done`.
-                        if let Some(d) = &mut this.done {
-                            d.back = None;
-                        }
+                        this.done.back = None;
                     }
                     Poll::Pending => {}
                 }

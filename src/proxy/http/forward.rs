@@ -69,9 +69,7 @@ pub async fn handle(
         let conn = match port.pool.checkout(endpoint, proto, *timeout).await {
             Ok(c) => c,
             Err(e) => {
-                debug!(%endpoint, error = %e, "cannot connect to the endpoint; trying another");
-                port.metrics.attempt_failed(endpoint);
-                port.metrics.http().retry(RetryReason::ConnectFailed);
+                connect_failed(&port, endpoint, &e);
                 continue;
             }
         };
@@ -108,6 +106,15 @@ pub async fn handle(
         }
     }
     unavailable(&port, done, "no endpoint could be reached")
+}
+
+/// An attempt to reach `endpoint` failed before the request left: logged,
+/// counted against the endpoint, and counted as the reason of the retry
+/// that follows.
+fn connect_failed(port: &HttpPort, endpoint: SocketAddr, e: &std::io::Error) {
+    debug!(%endpoint, error = %e, "cannot connect to the endpoint; trying another");
+    port.metrics.attempt_failed(endpoint);
+    port.metrics.http().retry(RetryReason::ConnectFailed);
 }
 
 /// How sending one request went.
@@ -206,7 +213,7 @@ fn error_response(
             status: 200,
             grpc_status: Some(14),
         };
-        let mut r = Response::new(ProxyBody::full(Bytes::new(), Some(done)));
+        let mut r = Response::new(ProxyBody::full(Bytes::new(), done));
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -222,7 +229,7 @@ fn error_response(
             status: status.as_u16(),
             grpc_status: None,
         };
-        let mut r = Response::new(ProxyBody::full(format!("{message}\n"), Some(done)));
+        let mut r = Response::new(ProxyBody::full(format!("{message}\n"), done));
         *r.status_mut() = status;
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -414,9 +421,7 @@ async fn upgrade(
         let stream = match port.pool.dial(endpoint, *timeout).await {
             Ok(s) => s,
             Err(e) => {
-                debug!(%endpoint, error = %e, "cannot connect to the endpoint; trying another");
-                port.metrics.attempt_failed(endpoint);
-                port.metrics.http().retry(RetryReason::ConnectFailed);
+                connect_failed(&port, endpoint, &e);
                 continue;
             }
         };
