@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The per-message ledger (issue 21): what one proxy spends in the kernel's
+# interface per request on a kept-alive connection (phase rr) or per
+# connection (phase connect: accept, connect, first byte, RST close):
+# system calls by kind, epoll waits, futex calls (thread hand-offs and
+# wake-ups), context switches, and CPU time.
+#
+#   benches/tools/ledger.sh rr|connect PATH...   (as root, repo root)
+#   PATH: splice copy nginx haproxy haproxy-splice
+#
+# Runs the datapath harness for one path and one phase (--secs 8) and
+# counts with `perf stat` on the syscalls:sys_enter_* tracepoints of the
+# proxy's processes.
+# For rr, the proxy's whole life is counted and divided by the requests
+# the harness made (start-up and 50 warm-up requests are under 1 %); for
+# connect, 4 s of the rate part (4 client threads), divided by the proxy's
+# connect(2) calls in those 4 s (one per proxied connection). perf stat
+# counts in the kernel: it barely slows the proxy.
+# Prints one Markdown row per path, then the kinds that make up the total.
+set -euo pipefail
+phase=${1:?usage: ledger.sh rr|connect PATH...}
+shift
+[ $# -gt 0 ] || { echo "usage: ledger.sh rr|connect PATH..." >&2; exit 2; }
+case $phase in
+    rr) wait_s=1; field=rr ;;          # the proxy starts, then 8 s of ping-pong
+    connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects
+    *) echo "unknown phase $phase (rr or connect)" >&2; exit 2 ;;
+esac
+window=4
+# The kinds a proxy's message path uses; enabling all ~360 tracepoints
+# takes perf seconds, so these, and raw_syscalls for the total ("other").
+kinds="read write readv writev recvfrom sendto recvmsg sendmsg splice epoll_wait epoll_pwait
+    epoll_ctl futex accept4 connect socket setsockopt getsockopt getsockname getpeername close
+    shutdown ioctl fcntl clock_gettime getrandom sched_yield pipe2 mmap munmap madvise mprotect brk io_uring_enter
+    eventfd2 timerfd_settime clock_nanosleep rt_sigprocmask"
+events=task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter$(for k in $kinds; do printf ',syscalls:sys_enter_%s' "$k"; done)
+descendants() {
+    local c
+    for c in $(pgrep -P "$1" || true); do echo "$c"; descendants "$c"; done
+}
+rows=()
+for path in "$@"; do
+    out=$(mktemp)
+    cargo bench --bench datapath -- --paths "$path" --phases "$phase" --rounds 1 --secs 8 \
+        --no-control --no-memory --no-docs >"$out" 2>&1 &
+    bench=$!
+    # Wait for the harness to be built and the proxy to run.
+    for _ in $(seq 1 3000); do
+        case $path in
+            splice|copy) name=kube-uproxy ;;
+            nginx) name=nginx ;;
+            haproxy|haproxy-splice) name=haproxy ;;
+            *) echo "unknown path $path" >&2; kill $bench; exit 2 ;;
+        esac
+        # Only the harness's own proxy (other proxies may run on the machine).
+        pids=$(for p in $(descendants $bench); do
+            [ "$(cat /proc/$p/comm 2>/dev/null)" = "$name" ] && echo $p; done || true)
+        [ -n "$pids" ] && break
+        sleep 0.02
+    done
+    threads=$(for p in $pids; do ls /proc/"$p"/task; done 2>/dev/null | wc -l)
+    [ -n "$pids" ] || { echo "$path: proxy never started" >&2; exit 1; }
+    if [ "$phase" = rr ]; then
+        # The whole life of the proxy: start-up and 50 warm-up requests are
+        # well under 1 % of 8 s of requests; the count is the harness's own.
+        perf stat -e "$events" -x, -o "$out.perf" -p "$(echo $pids | tr ' ' ,)" &
+        perf_pid=$!
+        wait $bench || { echo "$path: harness failed" >&2; cat "$out" >&2; exit 1; }
+        wait $perf_pid || true
+        secs=8
+    else
+        sleep "$wait_s"
+        # Again: the harness may run short-lived helpers of the same name first.
+        pids=$(for p in $(descendants $bench); do
+            [ "$(cat /proc/$p/comm 2>/dev/null)" = "$name" ] && echo $p; done || true)
+        [ -n "$pids" ] || { echo "$path: proxy not running in the window" >&2; exit 1; }
+        perf stat -e "$events" -x, -o "$out.perf" -p "$(echo $pids | tr ' ' ,)" -- sleep $window
+        wait $bench || { echo "$path: harness failed" >&2; cat "$out" >&2; exit 1; }
+        secs=$window
+    fi
+    rate=$(sed -nE "s/^round .* $field +([0-9]+)( req)?\/s.*/\1/p" "$out" | head -1)
+    [ -n "$rate" ] || { echo "$path: no $field rate in the harness output" >&2; cat "$out" >&2; exit 1; }
+    n=$((rate * secs))
+    if [ "$phase" = connect ]; then
+        # Exact: every proxied connection is one connect(2) toward the
+        # endpoint, for each of the proxies (the harness's rate is the
+        # whole window's, not these 4 s).
+        n=$(awk -F, '$3 == "syscalls:sys_enter_connect" {print $1}' "$out.perf")
+        [ "${n:-0}" -gt 0 ] || { echo "$path: no connect(2) in the window" >&2; exit 1; }
+    fi
+    cpu_ms=$(awk -F, '$3 == "task-clock" {print $1}' "$out.perf")
+    cs=$(awk -F, '$3 == "context-switches" || $3 == "cs" {print $1}' "$out.perf")
+    migr=$(awk -F, '$3 == "cpu-migrations" {print $1}' "$out.perf")
+    # kind -> calls per message
+    per=$(awk -F, -v n="$n" '$1 ~ /^[0-9]+$/ && $3 == "raw_syscalls:sys_enter" { all = $1 }
+        $1 ~ /^[0-9]+$/ && $3 ~ /syscalls:sys_enter_/ && $1 > 0 {
+            k = $3; sub(/.*sys_enter_/, "", k); known += $1; printf "%s %.3f\n", k, $1 / n }
+        END { if (all > known) printf "other %.3f\n", (all - known) / n
+              printf "TOTAL %.3f\n", all / n }' "$out.perf" | sort -k2 -nr)
+    total=$(echo "$per" | awk '$1 == "TOTAL" {printf "%.2f", $2}')
+    per=$(echo "$per" | grep -v '^TOTAL')
+    epoll=$(echo "$per" | awk '$1 ~ /^epoll_(p?wait|pwait2)$/ {s += $2} END {printf "%.2f", s}')
+    futex=$(echo "$per" | awk '$1 == "futex" {s += $2} END {printf "%.2f", s}')
+    top=$(echo "$per" | awk '$2 >= 0.01 {printf "%s%s %.2f", sep, $1, $2; sep = ", "}')
+    rows+=("$(awk -v p="$path" -v r="$rate" -v cpu="$cpu_ms" -v cs="$cs" -v mg="$migr" \
+        -v n="$n" -v tot="$total" -v e="$epoll" -v f="$futex" -v th="$threads" -v top="$top" 'BEGIN {
+        printf "| %s | %d | %s | %s | %s | %.2f | %.3f | %.1f | %d | %s |",
+            p, r, tot, e, f, cs / n, mg / n, cpu * 1e3 / n, th, top }')")
+    rm -f "$out" "$out.perf"
+done
+unit=request; [ "$phase" = connect ] && unit=connection
+echo "phase $phase: per $unit, measured over ${window} s of the harness's ${field} window"
+echo
+echo "| path | rate /s | system calls | epoll waits | futex | context switches | CPU migrations | proxy CPU µs | threads | calls by kind |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
