@@ -104,6 +104,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value = "0", value_parser = |s: &str| MAX_CONNECTIONS.parse(s))]
     pub max_connections: usize,
 
+    /// Threads of the TCP data path, each with an event loop of its own
+    /// and a listener of its own on every TCP Service port (SO_REUSEPORT):
+    /// a flow lives on the thread that accepted it. Default: one per CPU.
+    /// 0: the TCP data path shares the main runtime's worker threads.
+    #[arg(long, value_name = "N")]
+    pub data_path_threads: Option<usize>,
+
     /// Most splice pipes (1 MiB each) open at once, process-wide: bulk
     /// relay directions beyond them copy instead. Each pipe counts 256
     /// pages against root's shared fs.pipe-user-pages-soft for as long as

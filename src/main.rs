@@ -20,6 +20,7 @@ use kube_uproxy::proxy::HttpConfig;
 use kube_uproxy::proxy::connections::Connections;
 use kube_uproxy::proxy::listeners::SocketListeners;
 use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
+use kube_uproxy::proxy::threads::DataPathThreads;
 use kube_uproxy::proxy::udp::UdpConfig;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig, Telemetry};
 use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
@@ -388,6 +389,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     kube_uproxy::proxy::relay::SPLICE_PIPES.set_max(args.splice_pipes_max());
     let connections =
         Connections::with_limit((args.max_connections > 0).then_some(args.max_connections));
+    // Arming a connect timeout must not wake the I/O driver (issue 21).
+    tokio::spawn(kube_uproxy::proxy::timer_floor());
     let mut listeners = SocketListeners::new(
         ports,
         Arc::new(DataPathConfig {
@@ -412,6 +415,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .with_metrics(metrics.service_ports());
     if let Some(p) = ports_v6 {
         listeners = listeners.with_ipv6(p);
+    }
+    let data_path_threads = args
+        .data_path_threads
+        .unwrap_or_else(DataPathThreads::default_count);
+    if data_path_threads > 0 {
+        let threads =
+            DataPathThreads::start(data_path_threads).context("starting the data-path threads")?;
+        listeners = listeners.with_data_path_threads(Arc::new(threads));
     }
     let nodeport_addresses = match &args.nodeport_addresses {
         None => None,

@@ -19,6 +19,7 @@
 mod accept;
 pub mod balancer;
 mod connect;
+pub use connect::{TIMER_FLOOR, timer_floor};
 pub mod connections;
 pub mod http;
 pub mod limit;
@@ -33,6 +34,7 @@ pub mod tcp;
 pub mod tcp_options;
 #[cfg(test)]
 mod test_support;
+pub mod threads;
 pub mod udp;
 
 use std::time::Duration;

@@ -52,6 +52,28 @@ pub fn is_local(e: &io::Error) -> bool {
 /// Rate limit of the local-error lines (process-wide: the cause is too).
 static LOCAL_LOG: LogLimit = LogLimit::new(LOG_INTERVAL);
 
+/// How far ahead the runtime's timer wheel always holds a deadline (see
+/// [`timer_floor`]); below the shortest default connect timeout (250 ms).
+pub const TIMER_FLOOR: Duration = Duration::from_millis(100);
+
+/// Keeps a deadline at most [`TIMER_FLOOR`] ahead in the runtime's timer
+/// wheel, for the life of the process.
+///
+/// Tokio wakes its I/O driver (an eventfd write, then one more
+/// `epoll_wait`) whenever a new timer is earlier than the wake-up the
+/// driver parked for. With an empty wheel that is every connect timeout:
+/// a system call pair and often a hop to another worker per connection
+/// (issue 21's ledger). With this deadline in place a connect timeout is
+/// never the earliest one, so arming it costs no system call. The price:
+/// the driver wakes ten times a second, idle or not.
+pub async fn timer_floor() {
+    let mut tick = tokio::time::interval(TIMER_FLOOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+    }
+}
+
 /// Picks an endpoint from `balancer` and connects to it with `connect`,
 /// one attempt per entry of `timeouts`, each on another endpoint while
 /// there is one. The lease counts the connection for least-connections

@@ -14,6 +14,7 @@ use super::connections::Connections;
 use super::metrics::PortSeries;
 use super::ports::{PortError, ProxyPortAllocator};
 use super::stop::Stop;
+use super::threads::DataPathThreads;
 use super::{DataPathConfig, tcp, udp};
 use crate::model::{IpFamily, ListenerKey, Protocol};
 
@@ -88,6 +89,10 @@ pub struct SocketListeners {
     /// budget for the process, so that no number of UDP Service ports
     /// takes the fds the TCP data path needs.
     udp_budget: Arc<udp::FlowBudget>,
+    /// Where TCP listeners accept: one listener per data-path thread on
+    /// each TCP Service port; `None`: one listener, on the runtime `open`
+    /// is called on.
+    threads: Option<Arc<DataPathThreads>>,
 }
 
 impl SocketListeners {
@@ -105,7 +110,14 @@ impl SocketListeners {
             connections,
             metrics: Arc::new(PortSeries::new(false)),
             shutdown: CancellationToken::new(),
+            threads: None,
         }
+    }
+
+    /// Accepts TCP connections on `threads`, a listener on each.
+    pub fn with_data_path_threads(mut self, threads: Arc<DataPathThreads>) -> Self {
+        self.threads = Some(threads);
+        self
     }
 
     /// Serves IPv6 Service ports too, with ports from `ports`.
@@ -126,6 +138,71 @@ impl SocketListeners {
     pub fn with_metrics(mut self, metrics: Arc<PortSeries>) -> Self {
         self.metrics = metrics;
         self
+    }
+}
+
+impl SocketListeners {
+    /// Starts the TCP listener(s) of `key` on `socket` (bound to `port`):
+    /// one per data-path thread when there are threads, the first on
+    /// `socket` and the others on sockets bound beside it.
+    fn start_tcp(
+        &mut self,
+        key: &ListenerKey,
+        socket: socket2::Socket,
+        port: u16,
+        balancer: Arc<Balancer>,
+        stop: &Stop,
+    ) -> std::io::Result<()> {
+        let name = Arc::new(key.port.clone());
+        let metrics = self.metrics.service_port(&key.port);
+        let Some(threads) = self.threads.clone() else {
+            let config = Arc::clone(&self.config);
+            let connections = self.connections.clone();
+            return tcp::spawn(
+                name,
+                socket.into(),
+                balancer,
+                config,
+                connections,
+                stop.clone(),
+                metrics,
+            )
+            .map(drop);
+        };
+        let mut sockets = vec![socket];
+        if let Ok(ports) = self.ports_of(key.family) {
+            for _ in 1..threads.handles().len() {
+                match ports.bind_more(key.port.protocol, port) {
+                    Ok(s) => sockets.push(s),
+                    Err(e) => {
+                        // Fewer listeners: fewer threads serve the port.
+                        warn!(service_port = %key.port, port, error = %e,
+                            "cannot open a listener for every data-path thread");
+                        break;
+                    }
+                }
+            }
+        }
+        for (i, (socket, handle)) in sockets.into_iter().zip(threads.handles()).enumerate() {
+            // The listener registers with, and its accept loop and flows
+            // run on, this thread's runtime.
+            let _on_thread = handle.enter();
+            let start = if i == 0 {
+                tcp::spawn
+            } else {
+                tcp::spawn_sibling
+            };
+            start(
+                Arc::clone(&name),
+                socket.into(),
+                Arc::clone(&balancer),
+                Arc::clone(&self.config),
+                self.connections.clone(),
+                stop.clone(),
+                Arc::clone(&metrics),
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -162,18 +239,13 @@ impl Listeners for SocketListeners {
                 Arc::clone(&self.udp_budget),
                 stop.clone(),
                 self.metrics.service_port(name),
-            ),
-            _ => tcp::spawn(
-                Arc::new(name.clone()),
-                socket.into(),
-                balancer,
-                Arc::clone(&self.config),
-                self.connections.clone(),
-                stop.clone(),
-                self.metrics.service_port(name),
-            ),
+            )
+            .map(drop),
+            _ => self.start_tcp(key, socket, port, balancer, &stop),
         };
         if let Err(source) = started {
+            // Listeners already started on other threads stop too.
+            stop.now.cancel();
             self.ports_of(key.family)?.release(name.protocol, port);
             self.metrics.release_service_port(name);
             return Err(ListenError::Start { port, source });

@@ -234,6 +234,14 @@ impl ProxyPortAllocator {
             .is_ok()
     }
 
+    /// One more socket on `port`, a port this allocator handed out and
+    /// still holds: bound beside the first with `SO_REUSEPORT` (a listener
+    /// per data-path thread, proxy/threads.rs). No bookkeeping: the port is
+    /// released once, with the first.
+    pub fn bind_more(&self, protocol: Protocol, port: u16) -> Result<Socket, PortError> {
+        self.bind_port(protocol, port).map(|(s, _)| s)
+    }
+
     fn bind_port(&self, protocol: Protocol, port: u16) -> Result<(Socket, u16), PortError> {
         let addr = SocketAddr::new(self.bind_ip, port);
         let err = |source| PortError::Bind {

@@ -326,18 +326,14 @@ pub fn reset(stream: &TcpStream) {
 /// it (an early answer must not be thrown away by the reset), or once the
 /// peer stopped acknowledging for [`DELIVERY_STALL`], at the latest after
 /// [`DELIVERY_LIMIT`]. A connection known dead (`dead`) has nothing left
-/// to deliver: no wait, no system call. Both sockets in one loop with one
+/// to deliver and nothing to reset: no wait, no system call. Both sockets in one loop with one
 /// timer: this is on the path of every failed flow.
 async fn reset_once_delivered(sockets: [&TcpStream; 2], dead: [bool; 2]) {
     let start = Instant::now();
-    let mut waiting = [false; 2];
-    for (i, socket) in sockets.iter().enumerate() {
-        if dead[i] {
-            reset(socket);
-        } else {
-            waiting[i] = true;
-        }
-    }
+    // A dead socket is in TCP_CLOSE already (the peer's RST, a timeout):
+    // its close sends nothing, so SO_LINGER on it would be a system call
+    // for nothing (one per RST-closed flow: issue 21's ledger).
+    let mut waiting = [!dead[0], !dead[1]];
     let mut queued = [usize::MAX; 2];
     let mut last_progress = [start; 2];
     let mut pause = Duration::from_millis(1);

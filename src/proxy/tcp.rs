@@ -32,6 +32,54 @@ pub fn spawn(
     stop: Stop,
     metrics: Arc<ServicePortMetrics>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
+    spawn_one(
+        service,
+        listener,
+        balancer,
+        config,
+        connections,
+        stop,
+        metrics,
+        true,
+    )
+}
+
+/// Another listener of a Service port that has one from [`spawn`]
+/// already (the same proxy port, on another data-path thread:
+/// threads.rs): the same, except that the first listener alone keeps the
+/// shared affinity table swept and its size reported.
+pub fn spawn_sibling(
+    service: Arc<ServicePortName>,
+    listener: std::net::TcpListener,
+    balancer: Arc<Balancer>,
+    config: Arc<DataPathConfig>,
+    connections: Connections,
+    stop: Stop,
+    metrics: Arc<ServicePortMetrics>,
+) -> io::Result<tokio::task::JoinHandle<()>> {
+    spawn_one(
+        service,
+        listener,
+        balancer,
+        config,
+        connections,
+        stop,
+        metrics,
+        false,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_one(
+    service: Arc<ServicePortName>,
+    listener: std::net::TcpListener,
+    balancer: Arc<Balancer>,
+    config: Arc<DataPathConfig>,
+    connections: Connections,
+    stop: Stop,
+    metrics: Arc<ServicePortMetrics>,
+    sweeps: bool,
+) -> io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     // Inherited by every accepted socket: the client side of each flow.
     config.tcp.apply_to_listener(&listener)?;
@@ -47,6 +95,7 @@ pub fn spawn(
         metrics,
         http: OnceLock::new(),
         shutdown: stop.now.clone(),
+        sweeps,
     });
     Ok(tokio::spawn(
         accept_loop(listener, port, stop).instrument(span),
@@ -69,6 +118,9 @@ struct Port {
     http: OnceLock<Arc<HttpPort>>,
     /// The process is stopping: request-mode clients are asked to leave.
     shutdown: CancellationToken,
+    /// This listener sweeps the balancer's affinity table (one listener
+    /// of those sharing a balancer does).
+    sweeps: bool,
 }
 
 impl Port {
@@ -115,7 +167,10 @@ async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
                 _ = timer(pause) => {}
             }
         }
-        if sweep.is_none() && port.balancer.session_affinity() != SessionAffinity::None {
+        if port.sweeps
+            && sweep.is_none()
+            && port.balancer.session_affinity() != SessionAffinity::None
+        {
             sweep = Some(timer(port.balancer.affinity_reap_interval()));
         }
     }
@@ -216,7 +271,6 @@ async fn handle_request_mode(
 ) {
     let metrics = Arc::clone(http.metrics());
     let open = metrics.open();
-    let _ = client.set_nodelay(true);
     let config = Arc::clone(http.config());
     let cut = http.cut().clone();
     let detected = tokio::select! {
@@ -257,7 +311,6 @@ async fn handle_connection(
     metrics: Arc<ServicePortMetrics>,
 ) {
     let _open = metrics.open();
-    let _ = client.set_nodelay(true);
     // Each attempt is timed and counted here; the failover itself (and its
     // rate-limited logging) is connect_with_failover's.
     let mut attempts = 0u32;
@@ -372,6 +425,7 @@ mod tests {
             metrics,
             http: OnceLock::new(),
             shutdown: CancellationToken::new(),
+            sweeps: true,
         });
         let future = accept_loop(listener, port, Stop::default());
         let size = std::mem::size_of_val(&future);
@@ -434,6 +488,7 @@ mod tests {
             metrics: m.service_port(&name),
             http: OnceLock::new(),
             shutdown: CancellationToken::new(),
+            sweeps: true,
         });
         let stop = Stop::default();
         let task = tokio::spawn(accept_loop(listener, port, stop.clone()));

@@ -52,11 +52,14 @@ impl TcpOptions {
         self.keepalive.is_some() || self.user_timeout.is_some()
     }
 
-    /// Keepalive on a listening socket: Linux copies it to every socket
-    /// the listener accepts, so the client side of a flow costs no system
-    /// call per connection.
+    /// Keepalive and `TCP_NODELAY` on a listening socket: Linux copies
+    /// both to every socket the listener accepts, so the client side of a
+    /// flow costs no system call per connection for them (the relay
+    /// forwards each message as it comes: Nagle would only delay it).
     pub fn apply_to_listener(&self, listener: &impl AsFd) -> io::Result<()> {
-        self.set_keepalive(SockRef::from(listener))
+        let s = SockRef::from(listener);
+        s.set_tcp_nodelay(true)?;
+        self.set_keepalive(s)
     }
 
     /// Keepalive and `TCP_USER_TIMEOUT` on an upstream socket.
@@ -116,6 +119,7 @@ mod tests {
             keepalive_of(SockRef::from(&accepted)),
             (true, Duration::from_secs(7), Duration::from_secs(3), 4)
         );
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not inherited");
     }
 
     #[test]
