@@ -36,19 +36,26 @@ pub struct Args {
     #[arg(long, value_name = "RANGE")]
     pub proxy_port_range: Option<PortRange>,
 
-    /// Node-local address every listener binds; Service traffic is DNATed
-    /// to it. When the node does not have it, the proxy adds it to `lo` (a
-    /// link-local /32 by default) and `--cleanup` removes it. A node's own
-    /// address works too.
+    /// The proxy address: the node-local IPv4 address every listener
+    /// binds; Service traffic is DNATed to it. When the node does not have
+    /// it, the proxy adds it to `lo` (a link-local /32 by default) and
+    /// `--cleanup` removes it. A node's own address works too.
     #[arg(long, value_name = "IPv4", default_value = "169.254.42.1", value_parser = parse_bind_address)]
-    pub bind_address: Ipv4Addr,
+    pub proxy_address: Ipv4Addr,
+
+    /// kube-proxy's flag, kept for compatibility: a specific address sets
+    /// --proxy-address; `0.0.0.0`, `::` or empty (kube-proxy's default,
+    /// which names no address) leave the default. kube-proxy's own
+    /// meaning (a hint for the node's primary IP) has no use here.
+    #[arg(long, value_name = "IP", value_parser = parse_bind_address_alias, conflicts_with = "proxy_address")]
+    pub bind_address: Option<BindAddressAlias>,
 
     /// The same for IPv6 Services: a /128 the proxy adds to `lo` unless
     /// the node has it (default: an address of the unique-local prefix
     /// fd6b:7570:7278::/48, "kuprx"). Unused when the node has IPv6
     /// disabled.
-    #[arg(long = "bind-address-ipv6", value_name = "IPv6", default_value = DEFAULT_BIND_ADDRESS_V6, value_parser = parse_bind_address_v6)]
-    pub bind_address_v6: Ipv6Addr,
+    #[arg(long = "proxy-address-ipv6", visible_alias = "bind-address-ipv6", value_name = "IPv6", default_value = DEFAULT_BIND_ADDRESS_V6, value_parser = parse_bind_address_v6)]
+    pub proxy_address_v6: Ipv6Addr,
 
     /// How often the kernel's rules are checked against what was applied,
     /// and rewritten if they drifted (a flush, a firewall reload).
@@ -190,15 +197,17 @@ pub struct Args {
     #[arg(long)]
     pub cleanup: bool,
 
-    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    /// Log verbosity, as kube-proxy's `--v` (klog levels): 0-3 info, 4-5
+    /// debug, 6 and more trace. `-v` alone is 4 and `-vv` 6, as before.
+    /// RUST_LOG, when set, overrides it.
+    #[arg(short = 'v', long = "v", value_name = "N", num_args = 0..=1, default_value = "0", default_missing_value = "4", value_parser = parse_verbosity)]
+    pub verbosity: u8,
 
-    /// Read settings from this YAML file: kube-proxy's
-    /// KubeProxyConfiguration field names where one exists (bindAddress,
-    /// healthzBindAddress, metricsBindAddress, portRange, syncPeriod, …)
-    /// and kube-uproxy's own beside them. Flags given on the command line
-    /// override the file; an unknown field is an error.
+    /// Read settings from this YAML file: kube-proxy's own
+    /// `KubeProxyConfiguration` (kubeproxy.config.k8s.io/v1alpha1, as
+    /// kubeadm writes it), kube-uproxy's `KubeUproxyConfiguration`
+    /// (kube-uproxy.io/v1alpha1: a field for every flag), or both as two
+    /// YAML documents. Flags given on the command line override the file.
     #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
 
@@ -239,7 +248,7 @@ pub struct Args {
 
     /// Label metrics by endpoint as well (connections and connect failures
     /// per endpoint). Off by default: endpoints come and go with pods.
-    #[arg(long)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", action = clap::ArgAction::Set)]
     pub metrics_per_endpoint: bool,
 
     /// Log line format on stderr.
@@ -261,6 +270,11 @@ pub struct Args {
 
     #[command(subcommand)]
     pub command: Option<Command>,
+
+    /// Fields of a kube-proxy config file that have no effect here, each
+    /// with the reason (logged once at start).
+    #[arg(skip)]
+    pub ignored_config_fields: Vec<String>,
 }
 
 impl Args {
@@ -481,8 +495,9 @@ impl Args {
 }
 
 /// The range a duration setting accepts. One definition per setting serves
-/// both its flag (as clap's value parser) and its field of the config file
-/// (`config::file`), so the two refuse the same values with the same words.
+/// its flag as clap's value parser, and so its field of the config file too
+/// (`config::file` hands every field to the flag's parser), so the two
+/// refuse the same values with the same words.
 /// Why bounds at all: `--sync-period 0s` turned the drift check into a
 /// loop of `nft` runs on one core, `--manifests-rescan-interval 0s`
 /// panicked in the timer, and a duration of centuries overflows the
@@ -491,8 +506,6 @@ impl Args {
 pub struct DurationBounds {
     /// The flag, named in every error (the file's errors name it too).
     pub flag: &'static str,
-    /// The config file's field for it, if the file has one.
-    pub field: Option<&'static str>,
     pub min: Duration,
     pub max: Duration,
     /// 0 is accepted as well, and means "off".
@@ -565,7 +578,6 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// once a second is a busy loop, not a check.
 pub const SYNC_PERIOD: DurationBounds = DurationBounds {
     flag: "--sync-period",
-    field: Some("syncPeriod"),
     min: SECOND,
     max: DAY,
     zero_is_off: false,
@@ -574,7 +586,6 @@ pub const SYNC_PERIOD: DurationBounds = DurationBounds {
 /// once, so below 100 ms this only burns a core.
 pub const MANIFESTS_RESCAN_INTERVAL: DurationBounds = DurationBounds {
     flag: "--manifests-rescan-interval",
-    field: Some("manifestsRescanInterval"),
     min: Duration::from_millis(100),
     max: HOUR,
     zero_is_off: false,
@@ -582,7 +593,6 @@ pub const MANIFESTS_RESCAN_INTERVAL: DurationBounds = DurationBounds {
 /// 0: open connections are reset at once on SIGTERM.
 pub const SHUTDOWN_GRACE: DurationBounds = DurationBounds {
     flag: "--shutdown-grace",
-    field: Some("shutdownGrace"),
     min: Duration::ZERO,
     max: DAY,
     zero_is_off: false,
@@ -591,7 +601,6 @@ pub const SHUTDOWN_GRACE: DurationBounds = DurationBounds {
 /// (kubernetes#14939): resolvers retry after a second or more.
 pub const UDP_TIMEOUT: DurationBounds = DurationBounds {
     flag: "--udp-timeout",
-    field: None,
     min: SECOND,
     max: DAY,
     zero_is_off: false,
@@ -599,7 +608,6 @@ pub const UDP_TIMEOUT: DurationBounds = DurationBounds {
 /// Below a second, a pause in any request/response protocol resets it.
 pub const TCP_IDLE_TIMEOUT: DurationBounds = DurationBounds {
     flag: "--tcp-idle-timeout",
-    field: None,
     min: SECOND,
     max: Duration::from_secs(30 * 24 * 3600),
     zero_is_off: true,
@@ -608,7 +616,6 @@ pub const TCP_IDLE_TIMEOUT: DurationBounds = DurationBounds {
 /// one retransmission drops the connection.
 pub const TCP_USER_TIMEOUT: DurationBounds = DurationBounds {
     flag: "--tcp-user-timeout",
-    field: None,
     min: SECOND,
     max: DAY,
     zero_is_off: true,
@@ -617,7 +624,6 @@ pub const TCP_USER_TIMEOUT: DurationBounds = DurationBounds {
 /// above 10 s a mislabelled server-first protocol waits too long.
 pub const HTTP_DETECT_TIMEOUT: DurationBounds = DurationBounds {
     flag: "--http-detect-timeout",
-    field: Some("httpDetectTimeout"),
     min: Duration::from_millis(100),
     max: Duration::from_secs(10),
     zero_is_off: false,
@@ -625,7 +631,6 @@ pub const HTTP_DETECT_TIMEOUT: DurationBounds = DurationBounds {
 /// At least a second, or nothing is ever reused between requests.
 pub const HTTP_UPSTREAM_IDLE_TIMEOUT: DurationBounds = DurationBounds {
     flag: "--http-upstream-idle-timeout",
-    field: Some("httpUpstreamIdleTimeout"),
     min: SECOND,
     max: HOUR,
     zero_is_off: false,
@@ -733,6 +738,57 @@ pub fn parse_bind_address(s: &str) -> Result<Ipv4Addr, String> {
         ));
     }
     Ok(a)
+}
+
+/// `--bind-address`: kube-proxy's flag name for what is
+/// `--proxy-address` here. `None`: the value names no address (kube-proxy's
+/// default `0.0.0.0`, `::`, or empty), so the proxy address keeps its
+/// default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindAddressAlias(pub Option<Ipv4Addr>);
+
+/// kube-proxy writes `0.0.0.0` for "unset" in every config it renders:
+/// taken as the default, not refused; any other value must be a proxy
+/// address.
+pub fn parse_bind_address_alias(s: &str) -> Result<BindAddressAlias, String> {
+    match s.trim() {
+        "" | "0.0.0.0" | "::" => Ok(BindAddressAlias(None)),
+        other => parse_bind_address(other).map(|a| BindAddressAlias(Some(a))),
+    }
+}
+
+/// kube-proxy's `--v`: a klog level. Also `v`, `vv`, … (what `-vv`,
+/// `-vvv` give clap): the old counted form, which meant trace.
+pub fn parse_verbosity(s: &str) -> Result<u8, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.chars().all(|c| c == 'v') {
+        return Ok(6);
+    }
+    t.parse::<u8>().map_err(|_| {
+        format!("{s:?} is not a verbosity level (a number: 0-3 info, 4-5 debug, 6 or more trace)")
+    })
+}
+
+/// The log level of a verbosity: klog's levels 0-3 are what an operator
+/// reads in normal operation (info), 4-5 are kube-proxy's debugging
+/// levels, 6 and more its request traces.
+pub fn log_level(verbosity: u8) -> &'static str {
+    match verbosity {
+        0..=3 => "info",
+        4..=5 => "debug",
+        _ => "trace",
+    }
+}
+
+impl Args {
+    /// The IPv4 proxy address: `--proxy-address`, or a specific address
+    /// given by kube-proxy's name `--bind-address`.
+    pub fn proxy_address(&self) -> Ipv4Addr {
+        match self.bind_address {
+            Some(BindAddressAlias(Some(a))) => a,
+            _ => self.proxy_address,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -877,9 +933,9 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(a.lb_algorithm, Algorithm::LeastConnections);
-        assert_eq!(a.verbose, 2);
+        assert_eq!(a.verbosity, 6, "-vv: trace, as before");
         assert_eq!(a.tcp_relay, RelayMode::Splice);
-        assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 42, 1));
+        assert_eq!(a.proxy_address(), Ipv4Addr::new(169, 254, 42, 1));
         assert_eq!(a.sync_period, Duration::from_secs(30));
         assert_eq!(a.shutdown_grace, Duration::from_secs(30));
         assert_eq!(a.udp_timeout, Duration::from_secs(30));
@@ -993,8 +1049,17 @@ pub(crate) mod tests {
             vec!["kube-uproxy", "--proxy-port-range", "9-1"],
             vec!["kube-uproxy", "--lb-algorithm", "random"],
             vec!["kube-uproxy", "--manifests", "a", "--kubeconfig", "b"],
-            vec!["kube-uproxy", "--bind-address", "0.0.0.0"],
+            vec!["kube-uproxy", "--proxy-address", "0.0.0.0"],
+            vec!["kube-uproxy", "--proxy-address", "127.0.0.1"],
             vec!["kube-uproxy", "--bind-address", "127.0.0.1"],
+            vec![
+                "kube-uproxy",
+                "--bind-address",
+                "10.0.0.1",
+                "--proxy-address",
+                "10.0.0.2",
+            ],
+            vec!["kube-uproxy", "--v", "loud"],
             vec!["kube-uproxy", "--sync-period", "soon"],
             vec!["kube-uproxy", "--nodeport-addresses", "10.0.0.0/33"],
             vec!["kube-uproxy", "--nodeport-addresses", ""],
@@ -1012,11 +1077,52 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn bind_address_is_kube_proxys_name_and_its_unspecified_value_means_default() {
+        for unset in ["0.0.0.0", "::", ""] {
+            let a = Args::try_parse_from(["kube-uproxy", "--bind-address", unset])
+                .unwrap_or_else(|e| panic!("--bind-address {unset:?}: {e}"));
+            assert_eq!(
+                a.proxy_address(),
+                Ipv4Addr::new(169, 254, 42, 1),
+                "{unset:?}"
+            );
+        }
+        let a = Args::try_parse_from(["kube-uproxy", "--bind-address", "169.254.7.7"]).unwrap();
+        assert_eq!(a.proxy_address(), Ipv4Addr::new(169, 254, 7, 7));
+        let a = Args::try_parse_from(["kube-uproxy", "--proxy-address", "169.254.7.8"]).unwrap();
+        assert_eq!(a.proxy_address(), Ipv4Addr::new(169, 254, 7, 8));
+        // The old name of the IPv6 one is an alias.
+        let a = Args::try_parse_from(["kube-uproxy", "--bind-address-ipv6", "fd00:7::1"]).unwrap();
+        assert_eq!(a.proxy_address_v6.to_string(), "fd00:7::1");
+    }
+
+    #[test]
+    fn v_is_kube_proxys_verbosity_level() {
+        for (argv, level) in [
+            (&["kube-uproxy"][..], 0),
+            (&["kube-uproxy", "--v=2"], 2),
+            (&["kube-uproxy", "--v", "4"], 4),
+            (&["kube-uproxy", "-v", "5"], 5),
+            (&["kube-uproxy", "-v=6"], 6),
+            (&["kube-uproxy", "-v"], 4),
+            (&["kube-uproxy", "-vv"], 6),
+            (&["kube-uproxy", "-v", "--proxy-port-range", "1-2"], 4),
+        ] {
+            let a = Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(a.verbosity, level, "{argv:?}");
+        }
+        assert_eq!(
+            [0, 2, 3, 4, 5, 6, 10].map(log_level),
+            ["info", "info", "info", "debug", "debug", "trace", "trace"]
+        );
+    }
+
+    #[test]
     fn the_ipv6_proxy_address_must_be_one_dnat_can_target() {
         let a = Args::try_parse_from(["kube-uproxy"]).unwrap();
-        assert_eq!(a.bind_address_v6.to_string(), DEFAULT_BIND_ADDRESS_V6);
+        assert_eq!(a.proxy_address_v6.to_string(), DEFAULT_BIND_ADDRESS_V6);
         let b = Args::try_parse_from(["kube-uproxy", "--bind-address-ipv6", "fd00:1::5"]).unwrap();
-        assert_eq!(b.bind_address_v6, "fd00:1::5".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(b.proxy_address_v6, "fd00:1::5".parse::<Ipv6Addr>().unwrap());
         for bad in [
             "::",
             "::1",

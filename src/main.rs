@@ -30,12 +30,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-fn init_logging(verbose: u8, format: LogFormat) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
+/// Logs to stderr at `--v`'s level, unless RUST_LOG says otherwise: it
+/// names levels per module, which a kube-proxy verbosity cannot.
+fn init_logging(verbosity: u8, format: LogFormat) {
+    let default = kube_uproxy::config::log_level(verbosity);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
@@ -97,7 +95,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(args.verbose, args.log_format);
+    init_logging(args.verbosity, args.log_format);
+    if !args.ignored_config_fields.is_empty() {
+        // Once, at start: what an operator's kube-proxy file asks that
+        // this proxy does not do, and why.
+        info!(
+            "config file: kube-proxy fields without effect here: {}",
+            args.ignored_config_fields.join("; ")
+        );
+    }
     match kube_uproxy::memory::allocator_state() {
         Some(a) if a.background_thread => tracing::debug!(
             narenas = a.narenas,
@@ -199,7 +205,7 @@ fn instance_id() -> u32 {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
-        return cleanup(&args.proc_sys_dir, args.bind_address_v6).await;
+        return cleanup(&args.proc_sys_dir, args.proxy_address_v6).await;
     }
     let open_file_limit = raise_fd_limit(args.max_connections);
     let udp_max_flows_total =
@@ -288,7 +294,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             warn!(reason = %why, "IPv6 is disabled on this node: IPv6 Services are not served");
             None
         }
-        None => Some(args.bind_address_v6),
+        None => Some(args.proxy_address_v6),
     };
     let mut nft = NftCommand;
     let mut earlier = HashMap::new();
@@ -309,7 +315,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let note = rules::host::prepare(
-        args.bind_address,
+        args.proxy_address(),
         bind_v6,
         earlier
             .get(&IpFamily::V4)
@@ -318,7 +324,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .context("preparing the node")?;
     let proxy_address_of = |family: IpFamily| match family {
-        IpFamily::V4 => Some(IpAddr::V4(args.bind_address)),
+        IpFamily::V4 => Some(IpAddr::V4(args.proxy_address())),
         IpFamily::V6 => bind_v6.map(IpAddr::V6),
     };
     let adopted: HashMap<Key, u16> = earlier
@@ -341,7 +347,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     };
-    let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.bind_address), port_range);
+    let mut ports = ProxyPortAllocator::new(IpAddr::V4(args.proxy_address()), port_range);
     let mut ports_v6 = bind_v6.map(|a| ProxyPortAllocator::new(IpAddr::V6(a), port_range));
     for (key, port) in &adopted {
         match (key.family(), &mut ports_v6) {
@@ -453,7 +459,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let layout = Layout {
-        proxy_address: args.bind_address,
+        proxy_address: args.proxy_address(),
         proxy_address_v6: bind_v6,
         nodeport_addresses,
         instance: Instance { id, note },
@@ -489,7 +495,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         source = if args.manifests.is_some() { "manifests" } else { "kubernetes" },
         algorithm = %args.lb_algorithm,
         relay = ?args.tcp_relay,
-        proxy_address = %args.bind_address,
+        proxy_address = %args.proxy_address(),
         proxy_address_v6 = ?bind_v6,
         "kube-uproxy starting"
     );

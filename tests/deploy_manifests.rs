@@ -165,7 +165,10 @@ fn the_containers_args_and_config_file_parse_and_name_what_the_pod_mounts() {
     let args = parse(&root, &strings(&pod.container["args"]));
     // The ConfigMap's file was read (not only the defaults).
     let file = ConfigFile::load(&root.0.join("etc/kube-uproxy/config.yaml")).expect("config.yaml");
-    assert_eq!(file.healthz_socket, args.healthz_socket);
+    assert_eq!(
+        file.value("healthzSocket").map(PathBuf::from),
+        args.healthz_socket
+    );
     assert_eq!(args.hostname_override.as_deref(), Some("node-a"));
     assert_eq!(
         args.healthz_address(),

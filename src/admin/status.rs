@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicesReport {
-    /// The address Service traffic is DNATed to (`--bind-address`).
+    /// The address Service traffic is DNATed to (`--proxy-address`).
     pub proxy_address: String,
     /// `/healthz`'s verdict, and why not when unhealthy.
     pub healthy: bool,

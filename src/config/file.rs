@@ -1,44 +1,162 @@
-//! `--config FILE`: the settings of the flags in a YAML file, with
-//! kube-proxy's `KubeProxyConfiguration` field names where one exists, so
-//! that an operator who knows kube-proxy's ConfigMap knows this one.
+//! `--config FILE`: the flags' settings in a YAML file, in two groups.
 //!
-//! | field | flag |
-//! |---|---|
-//! | `bindAddress` | `--bind-address` (the proxy address; kube-proxy's field names the node's IP, which is close in spirit: the address Service traffic goes to on this node) |
-//! | `healthzBindAddress` | `--healthz-bind-address` |
-//! | `metricsBindAddress` | `--metrics-bind-address` |
-//! | `portRange` | `--proxy-port-range` (the legacy userspace proxier's meaning of that field) |
-//! | `syncPeriod` | `--sync-period` |
-//! | `clientConnection.kubeconfig` | `--kubeconfig` |
-//! | `logging.format` | `--log-format` |
-//! | `hostnameOverride` | `--hostname-override` |
-//! | `nodePortAddresses` | `--nodeport-addresses` (CIDRs, or `[primary]`) |
-//! | `bindAddressIPv6` (kube-uproxy's own) | `--bind-address-ipv6` |
-//! | kube-uproxy's own: `manifests`, `manifestsRescanInterval`, `shutdownGrace`, `lbAlgorithm`, `tcpRelay`, `splicePipesMax`, `metricsPerEndpoint`, `healthzSocket`, `procSysDir` | the flag of the same name |
+//! - **kube-proxy's own file** (`apiVersion: kubeproxy.config.k8s.io/v1alpha1`,
+//!   `kind: KubeProxyConfiguration`), as kubeadm and other installers write
+//!   it, so that the file a cluster already has serves as it is. Each of
+//!   its fields is in [`KUBE_PROXY_FIELDS`]: the flag it sets, or why it is
+//!   ignored. Fields with a value and no effect here are logged once at
+//!   start; a field this version does not know is accepted the same way
+//!   (kube-proxy adds fields with its releases). As in kube-proxy, a zero
+//!   value (`""`, `0`, `0s`, `null`, `[]`) means "the default".
+//! - **kube-uproxy's own** (`apiVersion: kube-uproxy.io/v1alpha1`, `kind:
+//!   KubeUproxyConfiguration`, both optional): one field per flag, derived
+//!   from the flag itself so that no setting has two definitions: the
+//!   field is the flag's long name in camelCase (`--udp-max-flows` ↔
+//!   `udpMaxFlows`), except the names in [`FIELD_NAMES`] (kube-proxy's,
+//!   where it has one). Each value is handed to the flag's own parser, so
+//!   bounds and error words are the flag's. An unknown field is an error
+//!   naming it: a typo must not silently leave a default in force.
 //!
-//! A flag given on the command line wins over the file. A field that is
-//! not in this list is an error naming it: a typo must not silently leave
-//! a default in force. `apiVersion` and `kind` are optional; when present
-//! they must be `kube-uproxy.io/v1alpha1` and `KubeUproxyConfiguration`.
+//! Both may be in one file as two YAML documents (`---`); then a setting in
+//! kube-uproxy's document wins over kube-proxy's. A flag given on the
+//! command line wins over both (as do flags that conflict with a field:
+//! `--manifests` over `clientConnection.kubeconfig`).
 
-use std::ffi::OsString;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use clap::{ArgMatches, Command, CommandFactory, FromArgMatches};
 use serde::Deserialize;
+use serde_norway::Value;
 
-use crate::config::{
-    Args, DurationBounds, HTTP_DETECT_TIMEOUT, HTTP_UPSTREAM_IDLE_TIMEOUT, LogFormat,
-    MANIFESTS_RESCAN_INTERVAL, SHUTDOWN_GRACE, SPLICE_PIPES_MAX, SYNC_PERIOD, ServeAddress,
-    parse_bind_address, parse_bind_address_v6, parse_mark, parse_nodeport_addresses,
-};
-use crate::model::Algorithm;
-use crate::proxy::ports::PortRange;
-use crate::proxy::relay::RelayMode;
+use crate::config::Args;
 
 pub const API_VERSION: &str = "kube-uproxy.io/v1alpha1";
 pub const KIND: &str = "KubeUproxyConfiguration";
+pub const KUBE_PROXY_API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+pub const KUBE_PROXY_KIND: &str = "KubeProxyConfiguration";
+
+/// Flags (by id) that are not settings, and so have no field: the file
+/// itself, an action, and clap's own.
+pub const NOT_IN_FILE: &[&str] = &["config", "cleanup", "help", "version"];
+
+/// kube-uproxy's fields whose name is not their flag's long name in
+/// camelCase: kube-proxy's `KubeProxyConfiguration` names (nested ones
+/// with a dot), which the file had before the flag was renamed or since
+/// it began. Keyed by long name (or alias).
+pub const FIELD_NAMES: &[(&str, &str)] = &[
+    ("proxy-port-range", "portRange"),
+    ("kubeconfig", "clientConnection.kubeconfig"),
+    ("log-format", "logging.format"),
+    ("v", "logging.verbosity"),
+    ("nodeport-addresses", "nodePortAddresses"),
+    ("proxy-address-ipv6", "proxyAddressIPv6"),
+    ("bind-address-ipv6", "bindAddressIPv6"),
+];
+
+/// Flags (by id) for which an empty value is a setting, not "unset":
+/// empty turns the server off, as the flag's empty value does.
+pub const EMPTY_IS_A_VALUE: &[&str] = &["healthz_bind_address", "metrics_bind_address"];
+
+/// What kube-uproxy does with a field of kube-proxy's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeProxyUse {
+    /// Sets the flag of this id.
+    Flag(&'static str),
+    /// Sets `--sync-period` when kube-proxy's `mode` is this one (an empty
+    /// mode is kube-proxy's default on Linux, `iptables`).
+    SyncPeriodOf(&'static str),
+    /// Accepted and ignored, for this reason.
+    Ignored(&'static str),
+}
+
+const NOT_YET_DETECT_LOCAL: &str =
+    "local-traffic detection (--detect-local-mode, --cluster-cidr) is not in this build";
+const NOT_YET_CONNTRACK: &str = "the conntrack sysctls (--conntrack-*) are not set by this build";
+
+/// kube-proxy's `KubeProxyConfiguration` (v1alpha1), field by field. A
+/// path names a field or a whole section (`ipvs`); the longest that
+/// matches decides. One table, so that a field that gains a meaning here
+/// is one line to change.
+pub const KUBE_PROXY_FIELDS: &[(&str, KubeProxyUse)] = {
+    use KubeProxyUse::{Flag, Ignored, SyncPeriodOf};
+    &[
+        ("hostnameOverride", Flag("hostname_override")),
+        ("healthzBindAddress", Flag("healthz_bind_address")),
+        ("metricsBindAddress", Flag("metrics_bind_address")),
+        ("nodePortAddresses", Flag("nodeport_addresses")),
+        // "previously used to configure the userspace proxy": the legacy
+        // proxier's meaning, the listeners' ports, is this proxy's.
+        ("portRange", Flag("proxy_port_range")),
+        ("clientConnection.kubeconfig", Flag("kubeconfig")),
+        ("logging.format", Flag("log_format")),
+        ("logging.verbosity", Flag("verbosity")),
+        ("iptables.syncPeriod", SyncPeriodOf("iptables")),
+        ("nftables.syncPeriod", SyncPeriodOf("nftables")),
+        ("ipvs.syncPeriod", SyncPeriodOf("ipvs")),
+        ("clusterCIDR", Ignored(NOT_YET_DETECT_LOCAL)),
+        ("detectLocalMode", Ignored(NOT_YET_DETECT_LOCAL)),
+        ("detectLocal.bridgeInterface", Ignored(NOT_YET_DETECT_LOCAL)),
+        (
+            "detectLocal.interfaceNamePrefix",
+            Ignored(NOT_YET_DETECT_LOCAL),
+        ),
+        ("conntrack.maxPerCore", Ignored(NOT_YET_CONNTRACK)),
+        ("conntrack.min", Ignored(NOT_YET_CONNTRACK)),
+        (
+            "conntrack.tcpEstablishedTimeout",
+            Ignored(NOT_YET_CONNTRACK),
+        ),
+        ("conntrack.tcpCloseWaitTimeout", Ignored(NOT_YET_CONNTRACK)),
+        (
+            "conntrack",
+            Ignored("kube-proxy's UDP and liberal-TCP conntrack sysctls are not set here"),
+        ),
+        (
+            "bindAddress",
+            Ignored(
+                "kube-proxy's hint for the node's primary IP; kube-uproxy serves both families (its proxy address is proxyAddress in kube-uproxy.io/v1alpha1)",
+            ),
+        ),
+        (
+            "bindAddressHardFail",
+            Ignored("a listener that cannot bind is always an error here"),
+        ),
+        (
+            "clientConnection",
+            Ignored("kube-rs's client has no rate limiter or protobuf"),
+        ),
+        (
+            "configSyncPeriod",
+            Ignored("watches are not resynced on a period"),
+        ),
+        ("enableProfiling", Ignored("no pprof handlers")),
+        ("featureGates", Ignored("kube-proxy's feature gates")),
+        (
+            "iptables",
+            Ignored("no iptables rules: one nftables table, no masquerading"),
+        ),
+        (
+            "nftables",
+            Ignored("kube-proxy's NAT settings: kube-uproxy's table does no masquerading"),
+        ),
+        ("ipvs", Ignored("no IPVS")),
+        ("winkernel", Ignored("Windows only")),
+        ("windowsRunAsService", Ignored("Windows only")),
+        ("logging", Ignored("klog's buffering and per-file levels")),
+        (
+            "mode",
+            Ignored("kube-uproxy is its own mode (a userspace relay)"),
+        ),
+        (
+            "oomScoreAdj",
+            Ignored("left to the container runtime and the pod's priority"),
+        ),
+        ("showHiddenMetricsForVersion", Ignored("no hidden metrics")),
+    ]
+};
 
 /// The flags could not be put together.
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +166,6 @@ pub enum ArgsError {
     Clap(#[from] clap::Error),
     #[error(transparent)]
     File(#[from] ConfigFileError),
-    #[error(
-        "--manifests and --kubeconfig (or clientConnection.kubeconfig) cannot be used together"
-    )]
-    SourceConflict,
 }
 
 /// The config file could not be used.
@@ -68,81 +182,156 @@ pub enum ConfigFileError {
     #[error("{}: field `{field}`: {message}", path.display())]
     Value {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         message: String,
     },
 }
 
-/// The file's fields; every one optional (unset: the flag's default).
-#[derive(Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// One field of the file that sets a flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Setting {
+    /// As written in the file (`iptables.syncPeriod`).
+    field: String,
+    /// The flag's id.
+    id: String,
+    /// `--long=value`, checked by the flag's parser.
+    argument: OsString,
+    /// The value alone.
+    value: String,
+}
+
+/// A config file, checked against the flags: what it sets and what it
+/// ignores.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConfigFile {
-    pub api_version: Option<String>,
-    pub kind: Option<String>,
-    // kube-proxy's names.
-    pub bind_address: Option<String>,
-    #[serde(rename = "bindAddressIPv6")]
-    pub bind_address_v6: Option<String>,
-    pub healthz_bind_address: Option<String>,
-    pub metrics_bind_address: Option<String>,
-    pub hostname_override: Option<String>,
-    pub node_port_addresses: Option<Vec<String>>,
-    pub port_range: Option<String>,
-    pub sync_period: Option<String>,
-    pub client_connection: Option<ClientConnection>,
-    pub logging: Option<Logging>,
-    // kube-uproxy's own.
-    pub manifests: Option<PathBuf>,
-    pub manifests_rescan_interval: Option<String>,
-    pub shutdown_grace: Option<String>,
-    pub lb_algorithm: Option<String>,
-    pub tcp_relay: Option<String>,
-    pub splice_pipes_max: Option<i64>,
-    pub metrics_per_endpoint: Option<bool>,
-    pub request_balancing: Option<bool>,
-    /// `--upstream-mark`: a number, or a string (`"0x2000"`) for hex.
-    pub upstream_mark: Option<MarkValue>,
-    pub http_detect_timeout: Option<String>,
-    pub http_upstream_idle_timeout: Option<String>,
-    pub healthz_socket: Option<PathBuf>,
-    pub proc_sys_dir: Option<PathBuf>,
+    /// By flag id; kube-uproxy's document replaces kube-proxy's.
+    settings: BTreeMap<String, Setting>,
+    /// kube-proxy's fields with a value and no effect: "`field` (why)".
+    pub ignored: Vec<String>,
 }
 
-/// `upstreamMark`: YAML gives `0x2000` unquoted as a number and quoted
-/// as a string; both mean the same mark.
-#[derive(Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum MarkValue {
-    Number(u64),
-    Text(String),
+/// Which group a document is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    KubeProxy,
+    Own,
 }
 
-impl std::fmt::Display for MarkValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MarkValue::Number(n) => write!(f, "{n}"),
-            MarkValue::Text(t) => f.write_str(t),
+/// The file's field for the flag `long` (or its alias): [`FIELD_NAMES`],
+/// else `long` in camelCase.
+pub fn field_name(long: &str) -> String {
+    if let Some((_, f)) = FIELD_NAMES.iter().find(|(l, _)| *l == long) {
+        return (*f).to_string();
+    }
+    let mut out = String::with_capacity(long.len());
+    let mut upper = false;
+    for c in long.chars() {
+        if c == '-' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Every field of kube-uproxy's group and the id of its flag.
+pub fn own_fields(cmd: &Command) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        if NOT_IN_FILE.contains(&id) {
+            continue;
+        }
+        let Some(long) = arg.get_long() else { continue };
+        let names = std::iter::once(long).chain(arg.get_all_aliases().unwrap_or_default());
+        for name in names {
+            fields.insert(field_name(name), id.to_string());
+        }
+    }
+    fields
+}
+
+/// What kube-proxy's field `path` is used for: the longest entry of
+/// [`KUBE_PROXY_FIELDS`] that is `path` or a section holding it.
+pub fn kube_proxy_use(path: &str) -> Option<KubeProxyUse> {
+    KUBE_PROXY_FIELDS
+        .iter()
+        .filter(|(p, _)| {
+            path == *p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'.'))
+        })
+        .max_by_key(|(p, _)| p.len())
+        .map(|(_, u)| *u)
+}
+
+/// kube-proxy's zero values, which its defaulting replaces (kubeadm
+/// writes every field, most of them zero).
+fn is_zero(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => matches!(s.trim(), "" | "0" | "0s" | "0-0"),
+        Value::Sequence(s) => s.is_empty(),
+        Value::Mapping(m) => m.is_empty(),
+        Value::Tagged(_) => false,
+    }
+}
+
+/// A value as a flag takes it: scalars as written, lists comma-separated.
+/// `None`: null (unset).
+fn as_flag_value(v: &Value) -> Result<Option<String>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(b.to_string())),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Sequence(items) => {
+            let mut parts = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::Sequence(_) | Value::Mapping(_) | Value::Null | Value::Tagged(_) => {
+                        return Err("a list item must be a plain value".into());
+                    }
+                    other => parts.extend(as_flag_value(other)?),
+                }
+            }
+            Ok(Some(parts.join(",")))
+        }
+        Value::Mapping(_) => Err("a mapping where a value is wanted".into()),
+        Value::Tagged(_) => Err("a tagged value where a plain one is wanted".into()),
+    }
+}
+
+/// Runs the flag `id`'s own parser on `value`: `Ok` with the
+/// `--long=value` argument, or its error words.
+fn check_with_flag(cmd: &Command, id: &str, value: &str) -> Result<OsString, String> {
+    let Some(arg) = cmd.get_arguments().find(|a| a.get_id() == id) else {
+        return Err(format!("no flag {id}"));
+    };
+    let Some(long) = arg.get_long() else {
+        return Err(format!("flag {id} has no long name"));
+    };
+    let argument = OsString::from(format!("--{long}={value}"));
+    let bin = cmd.get_name().to_string();
+    match cmd
+        .clone()
+        .try_get_matches_from([OsString::from(bin), argument.clone()])
+    {
+        Ok(_) => Ok(argument),
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            Err(first.strip_prefix("error: ").unwrap_or(first).to_string())
         }
     }
 }
 
-/// kube-proxy's `clientConnection`, of which only the kubeconfig applies.
-#[derive(Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ClientConnection {
-    pub kubeconfig: Option<PathBuf>,
-}
-
-/// kube-proxy's `logging`, of which only the format applies.
-#[derive(Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Logging {
-    pub format: Option<LogFormat>,
-}
-
 impl ConfigFile {
-    /// Reads and parses `path` (not yet checked against the flags' rules:
-    /// that is [`ConfigFile::apply`]).
+    /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
             path: path.to_path_buf(),
@@ -151,545 +340,337 @@ impl ConfigFile {
         Self::parse(&text, path)
     }
 
-    /// Parses the YAML `text` read from `path`.
+    /// Parses and checks the YAML `text` read from `path`: every value
+    /// through its flag's parser.
     pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigFileError> {
-        let parse_err = |message: String| ConfigFileError::Parse {
-            path: path.to_path_buf(),
-            message,
-        };
-        if text.trim().is_empty() {
-            return Ok(ConfigFile::default());
+        let cmd = Args::command();
+        let mut file = ConfigFile::default();
+        let mut seen: Vec<Group> = Vec::new();
+        let mut docs = Vec::new();
+        for doc in serde_norway::Deserializer::from_str(text) {
+            let v = Value::deserialize(doc).map_err(|e| ConfigFileError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            docs.push(v);
         }
-        let de = serde_norway::Deserializer::from_str(text);
-        let file: ConfigFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let at = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if at.is_empty() || at == "." {
-                parse_err(inner)
-            } else {
-                parse_err(format!("at `{at}`: {inner}"))
-            }
-        })?;
-        let bad = |field, message: String| ConfigFileError::Value {
-            path: path.to_path_buf(),
-            field,
-            message,
-        };
-        if let Some(v) = &file.api_version
-            && v != API_VERSION
-        {
-            return Err(bad("apiVersion", format!("{v:?} is not {API_VERSION:?}")));
+        let mut own = BTreeMap::new();
+        let mut kube_proxy = BTreeMap::new();
+        for doc in docs {
+            file.document(&cmd, path, &doc, &mut seen, &mut own, &mut kube_proxy)?;
         }
-        if let Some(k) = &file.kind
-            && k != KIND
-        {
-            return Err(bad("kind", format!("{k:?} is not {KIND:?}")));
-        }
+        // kube-uproxy's own fields win over kube-proxy's.
+        file.settings = kube_proxy;
+        file.settings.extend(own);
         Ok(file)
     }
 
-    /// Sets every field the file has on `args`, except those whose flag
-    /// `given` says was on the command line. Values are checked as the
-    /// flags' are.
-    pub fn apply(
-        &self,
+    /// Reads one YAML document into `own` or `kube_proxy` (an empty one
+    /// into neither); `seen`: the groups of the documents before it.
+    fn document(
+        &mut self,
+        cmd: &Command,
         path: &Path,
-        args: &mut Args,
-        given: impl Fn(&str) -> bool,
+        doc: &Value,
+        seen: &mut Vec<Group>,
+        own: &mut BTreeMap<String, Setting>,
+        kube_proxy: &mut BTreeMap<String, Setting>,
     ) -> Result<(), ConfigFileError> {
-        let bad = |field, message: String| ConfigFileError::Value {
+        let bad = |field: &str, message: String| ConfigFileError::Value {
             path: path.to_path_buf(),
-            field,
+            field: field.to_string(),
             message,
         };
-        // The flag's own bounds, so the file refuses what the flag does.
-        let duration = |bounds: DurationBounds, s: &str| {
-            bounds
-                .parse(s)
-                .map_err(|e| bad(bounds.field.unwrap_or(bounds.flag), e))
+        let map = match doc {
+            Value::Null => return Ok(()),
+            Value::Mapping(m) => m,
+            _ => {
+                return Err(ConfigFileError::Parse {
+                    path: path.to_path_buf(),
+                    message: "the file must be a mapping of fields".into(),
+                });
+            }
         };
-        macro_rules! set {
-            ($flag:literal, $value:expr, $target:expr) => {
-                if let Some(v) = $value
-                    && !given($flag)
-                {
-                    $target = v;
-                }
-            };
+        let text = |key: &str| map.get(key).and_then(Value::as_str);
+        let group = match (text("apiVersion"), text("kind")) {
+            (Some(KUBE_PROXY_API_VERSION), Some(KUBE_PROXY_KIND)) => Group::KubeProxy,
+            (Some(v), _) if v != API_VERSION => {
+                return Err(bad(
+                    "apiVersion",
+                    format!("{v:?} is neither {API_VERSION:?} nor {KUBE_PROXY_API_VERSION:?}"),
+                ));
+            }
+            (_, Some(k)) if k != KIND => {
+                return Err(bad(
+                    "kind",
+                    format!(
+                        "{k:?} is not {KIND:?} (or {KUBE_PROXY_KIND:?} with apiVersion {KUBE_PROXY_API_VERSION:?})"
+                    ),
+                ));
+            }
+            _ => Group::Own,
+        };
+        if seen.contains(&group) {
+            return Err(ConfigFileError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "two {} documents: give each group once",
+                    match group {
+                        Group::KubeProxy => KUBE_PROXY_KIND,
+                        Group::Own => KIND,
+                    }
+                ),
+            });
         }
-        let bind = match self.bind_address.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(parse_bind_address(s).map_err(|e| bad("bindAddress", e))?),
-        };
-        set!("bind_address", bind, args.bind_address);
-        let bind_v6 = match self.bind_address_v6.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(parse_bind_address_v6(s).map_err(|e| bad("bindAddressIPv6", e))?),
-        };
-        set!("bind_address_v6", bind_v6, args.bind_address_v6);
-        let serve = |field, s: &Option<String>| {
-            s.as_deref()
-                .map(|s| ServeAddress::parse(s, 0).map_err(|e| bad(field, e)))
-                .transpose()
-        };
-        set!(
-            "healthz_bind_address",
-            serve("healthzBindAddress", &self.healthz_bind_address)?,
-            args.healthz_bind_address
-        );
-        set!(
-            "metrics_bind_address",
-            serve("metricsBindAddress", &self.metrics_bind_address)?,
-            args.metrics_bind_address
-        );
-        set!(
-            "hostname_override",
-            self.hostname_override
-                .clone()
-                .filter(|h| !h.trim().is_empty())
-                .map(Some),
-            args.hostname_override
-        );
-        let nodeports = match &self.node_port_addresses {
-            None => None,
-            Some(list) if list.is_empty() => Some(None),
-            Some(list) => Some(Some(
-                parse_nodeport_addresses(&list.join(","))
-                    .map_err(|e| bad("nodePortAddresses", e))?,
-            )),
-        };
-        set!("nodeport_addresses", nodeports, args.nodeport_addresses);
-        let range = match self.port_range.as_deref().map(str::trim) {
-            // kube-proxy writes "" (and the legacy "0-0") for "unset".
-            None | Some("") | Some("0-0") => None,
-            Some(s) => Some(Some(
-                s.parse::<PortRange>().map_err(|e| bad("portRange", e))?,
-            )),
-        };
-        set!("proxy_port_range", range, args.proxy_port_range);
-        let period = self
-            .sync_period
-            .as_deref()
-            .map(|s| duration(SYNC_PERIOD, s))
-            .transpose()?;
-        set!("sync_period", period, args.sync_period);
-        set!(
-            "kubeconfig",
-            self.client_connection
-                .as_ref()
-                .and_then(|c| c.kubeconfig.clone())
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(Some),
-            args.kubeconfig
-        );
-        set!(
-            "log_format",
-            self.logging.as_ref().and_then(|l| l.format),
-            args.log_format
-        );
-        set!(
-            "manifests",
-            self.manifests.clone().map(Some),
-            args.manifests
-        );
-        set!(
-            "manifests_rescan_interval",
-            self.manifests_rescan_interval
-                .as_deref()
-                .map(|s| duration(MANIFESTS_RESCAN_INTERVAL, s))
-                .transpose()?,
-            args.manifests_rescan_interval
-        );
-        set!(
-            "shutdown_grace",
-            self.shutdown_grace
-                .as_deref()
-                .map(|s| duration(SHUTDOWN_GRACE, s))
-                .transpose()?,
-            args.shutdown_grace
-        );
-        set!(
-            "lb_algorithm",
-            self.lb_algorithm
-                .as_deref()
-                .map(|s| s.parse::<Algorithm>().map_err(|e| bad("lbAlgorithm", e)))
-                .transpose()?,
-            args.lb_algorithm
-        );
-        set!(
-            "tcp_relay",
-            self.tcp_relay
-                .as_deref()
-                .map(|s| {
-                    <RelayMode as clap::ValueEnum>::from_str(s, false)
-                        .map_err(|e| bad("tcpRelay", e))
-                })
-                .transpose()?,
-            args.tcp_relay
-        );
-        // The flag's own bounds and words.
-        let pipes = self
-            .splice_pipes_max
-            .map(|n| {
-                SPLICE_PIPES_MAX
-                    .parse(&n.to_string())
-                    .map_err(|e| bad("splicePipesMax", e))
-            })
-            .transpose()?;
-        set!("splice_pipes_max", pipes.map(Some), args.splice_pipes_max);
-        set!(
-            "metrics_per_endpoint",
-            self.metrics_per_endpoint,
-            args.metrics_per_endpoint
-        );
-        set!(
-            "upstream_mark",
-            self.upstream_mark
-                .as_ref()
-                .map(|m| parse_mark(&m.to_string()).map_err(|e| bad("upstreamMark", e)))
-                .transpose()?,
-            args.upstream_mark
-        );
-        set!(
-            "request_balancing",
-            self.request_balancing,
-            args.request_balancing
-        );
-        set!(
-            "http_detect_timeout",
-            self.http_detect_timeout
-                .as_deref()
-                .map(|s| duration(HTTP_DETECT_TIMEOUT, s))
-                .transpose()?,
-            args.http_detect_timeout
-        );
-        set!(
-            "http_upstream_idle_timeout",
-            self.http_upstream_idle_timeout
-                .as_deref()
-                .map(|s| duration(HTTP_UPSTREAM_IDLE_TIMEOUT, s))
-                .transpose()?,
-            args.http_upstream_idle_timeout
-        );
-        set!(
-            "healthz_socket",
-            self.healthz_socket.clone().map(Some),
-            args.healthz_socket
-        );
-        set!("proc_sys_dir", self.proc_sys_dir.clone(), args.proc_sys_dir);
+        seen.push(group);
+        let mut fields = Vec::new();
+        flatten(map, "", &mut fields, &|p| match group {
+            // Sections are walked to their leaves, so that the log names
+            // the fields with a value, not a whole section of zeros.
+            Group::KubeProxy => KUBE_PROXY_FIELDS
+                .iter()
+                .any(|(f, u)| *f == p && !matches!(u, KubeProxyUse::Ignored(_))),
+            Group::Own => own_fields_cached(cmd).contains_key(p),
+        })
+        .map_err(|(field, message)| bad(&field, message))?;
+        match group {
+            Group::Own => {
+                let known = own_fields_cached(cmd);
+                for (field, value) in fields {
+                    if field == "apiVersion" || field == "kind" {
+                        continue;
+                    }
+                    let Some(id) = known.get(&field) else {
+                        return Err(ConfigFileError::Parse {
+                            path: path.to_path_buf(),
+                            message: format!(
+                                "unknown field `{field}` (the fields are the flags' names in camelCase; see docs/operations.md)"
+                            ),
+                        });
+                    };
+                    let Some(v) = as_flag_value(value).map_err(|e| bad(&field, e))? else {
+                        continue;
+                    };
+                    // Empty means unset (as in kube-proxy's files), but
+                    // where the flag gives it a meaning of its own.
+                    if v.trim().is_empty() && !EMPTY_IS_A_VALUE.contains(&id.as_str()) {
+                        continue;
+                    }
+                    let argument = check_with_flag(cmd, id, &v).map_err(|e| bad(&field, e))?;
+                    if let Some(other) = own.values().find(|s| s.id == *id) {
+                        return Err(bad(
+                            &field,
+                            format!("the same setting as `{}`: give one", other.field),
+                        ));
+                    }
+                    own.insert(
+                        id.clone(),
+                        Setting {
+                            field,
+                            id: id.clone(),
+                            argument,
+                            value: v,
+                        },
+                    );
+                }
+            }
+            Group::KubeProxy => {
+                let mode = match text("mode").map(str::trim) {
+                    None | Some("") => "iptables",
+                    Some(m) => m,
+                };
+                for (field, value) in fields {
+                    if field == "apiVersion" || field == "kind" {
+                        continue;
+                    }
+                    let id = match kube_proxy_use(&field) {
+                        Some(KubeProxyUse::Flag(id)) => id,
+                        Some(KubeProxyUse::SyncPeriodOf(m)) if m == mode => "sync_period",
+                        Some(KubeProxyUse::SyncPeriodOf(m)) => {
+                            if !is_zero(value) {
+                                self.ignored
+                                    .push(format!("`{field}` (for mode {m}; mode is {mode})"));
+                            }
+                            continue;
+                        }
+                        Some(KubeProxyUse::Ignored(why)) => {
+                            // `bindAddress: 0.0.0.0` is kubeadm's default:
+                            // nothing to say about it.
+                            let unspecified = matches!(value.as_str(), Some("0.0.0.0" | "::"));
+                            if !is_zero(value) && !unspecified {
+                                self.ignored.push(format!("`{field}` ({why})"));
+                            }
+                            continue;
+                        }
+                        None => {
+                            if !is_zero(value) {
+                                self.ignored.push(format!(
+                                    "`{field}` (unknown to this version of kube-uproxy)"
+                                ));
+                            }
+                            continue;
+                        }
+                    };
+                    // kube-proxy's defaulting: a zero value is the default.
+                    if is_zero(value) {
+                        continue;
+                    }
+                    let Some(v) = as_flag_value(value).map_err(|e| bad(&field, e))? else {
+                        continue;
+                    };
+                    let argument = check_with_flag(cmd, id, &v).map_err(|e| bad(&field, e))?;
+                    kube_proxy.insert(
+                        id.to_string(),
+                        Setting {
+                            field,
+                            id: id.to_string(),
+                            argument,
+                            value: v,
+                        },
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The value the file gives the field `field` (after the checks), if
+    /// it sets it.
+    pub fn value(&self, field: &str) -> Option<&str> {
+        self.settings
+            .values()
+            .find(|s| s.field == field)
+            .map(|s| s.value.as_str())
+    }
+
+    /// The fields that set a flag, as `(field, flag id)`.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.settings
+            .values()
+            .map(|s| (s.field.as_str(), s.id.as_str()))
+    }
+
+    /// The file's settings as command-line arguments, leaving out those
+    /// whose flag `given` says was on the command line, or a flag that
+    /// conflicts with theirs. Two fields of the file that conflict with
+    /// each other are an error.
+    pub fn arguments(
+        &self,
+        path: &Path,
+        cmd: &Command,
+        given: impl Fn(&str) -> bool,
+    ) -> Result<Vec<OsString>, ConfigFileError> {
+        let conflicts = |a: &str, b: &str| {
+            let find = |id: &str| cmd.get_arguments().find(|x| x.get_id() == id);
+            let (Some(x), Some(y)) = (find(a), find(b)) else {
+                return false;
+            };
+            cmd.get_arg_conflicts_with(x)
+                .iter()
+                .any(|c| c.get_id() == b)
+                || cmd
+                    .get_arg_conflicts_with(y)
+                    .iter()
+                    .any(|c| c.get_id() == a)
+        };
+        let given_ids: Vec<&str> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| given(id))
+            .collect();
+        let kept: Vec<&Setting> = self
+            .settings
+            .values()
+            .filter(|s| !given(&s.id) && !given_ids.iter().any(|g| conflicts(&s.id, g)))
+            .collect();
+        for (i, a) in kept.iter().enumerate() {
+            if let Some(b) = kept[i + 1..].iter().find(|b| conflicts(&a.id, &b.id)) {
+                return Err(ConfigFileError::Value {
+                    path: path.to_path_buf(),
+                    field: a.field.clone(),
+                    message: format!("cannot be used together with `{}`", b.field),
+                });
+            }
+        }
+        Ok(kept.iter().map(|s| s.argument.clone()).collect())
     }
 }
 
+/// The fields of kube-uproxy's group, computed once per process.
+fn own_fields_cached(cmd: &Command) -> &'static BTreeMap<String, String> {
+    static FIELDS: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| own_fields(cmd))
+}
+
+/// Every leaf of `map` as `(dotted path, value)`: a key that `is_field`
+/// names is a leaf whatever its value; other mappings are walked.
+fn flatten<'a>(
+    map: &'a serde_norway::Mapping,
+    prefix: &str,
+    out: &mut Vec<(String, &'a Value)>,
+    is_field: &dyn Fn(&str) -> bool,
+) -> Result<(), (String, String)> {
+    for (k, v) in map {
+        let Some(k) = k.as_str() else {
+            return Err((
+                prefix.to_string(),
+                format!("a key that is not a string: {k:?}"),
+            ));
+        };
+        let path = if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Mapping(m) if !is_field(&path) => flatten(m, &path, out, is_field)?,
+            _ => out.push((path, v)),
+        }
+    }
+    Ok(())
+}
+
 /// Parses the command line, then the `--config` file if one is given (the
-/// command line wins), and checks what only the whole can tell.
+/// command line wins).
 pub fn parse_args<I, T>(argv: I) -> Result<Args, ArgsError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = Args::command().try_get_matches_from(argv)?;
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let mut cmd = Args::command();
+    let matches = cmd.clone().try_get_matches_from(&argv)?;
+    let args = Args::from_arg_matches(&matches)?;
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    let file = ConfigFile::load(&path)?;
+    cmd.build();
+    let from_file = file.arguments(&path, &cmd, |id| given(&matches, id))?;
+    // The file's settings go first, so that the command line's come after
+    // them (its subcommand included); none is given twice.
+    let mut merged = Vec::with_capacity(argv.len() + from_file.len() + 1);
+    merged.push(
+        argv.first()
+            .cloned()
+            .unwrap_or_else(|| OsStr::new("kube-uproxy").to_os_string()),
+    );
+    merged.extend(from_file);
+    merged.extend(argv.iter().skip(1).cloned());
+    let matches = cmd.try_get_matches_from(merged)?;
     let mut args = Args::from_arg_matches(&matches)?;
-    if let Some(path) = args.config.clone() {
-        let file = ConfigFile::load(&path)?;
-        file.apply(&path, &mut args, |id| given(&matches, id))?;
-    }
-    if args.manifests.is_some() && args.kubeconfig.is_some() {
-        return Err(ArgsError::SourceConflict);
-    }
+    args.ignored_config_fields = file.ignored;
     Ok(args)
 }
 
-/// Whether the flag `id` was on the command line (not a default).
+/// Whether the flag `id` was on the command line (not a default), before
+/// or after a subcommand.
 fn given(matches: &ArgMatches, id: &str) -> bool {
-    matches.value_source(id) == Some(ValueSource::CommandLine)
+    let on = |m: &ArgMatches| {
+        m.ids().any(|i| i.as_str() == id) && m.value_source(id) == Some(ValueSource::CommandLine)
+    };
+    on(matches) || matches.subcommand().is_some_and(|(_, sub)| on(sub))
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use std::time::Duration;
-
-    use super::*;
-    use crate::config::LogFormat;
-
-    /// A file setting every field, each to a value other than its default.
-    const EVERY_FIELD: &str = r#"
-apiVersion: kube-uproxy.io/v1alpha1
-kind: KubeUproxyConfiguration
-bindAddress: 169.254.99.1
-bindAddressIPv6: fd00:99::1
-healthzBindAddress: 127.0.0.1:10266
-metricsBindAddress: 0.0.0.0:10259
-hostnameOverride: node-a
-nodePortAddresses: [10.0.0.0/8, 192.168.0.0/16]
-portRange: 30000-30999
-syncPeriod: 1m0s
-clientConnection:
-  kubeconfig: /etc/kube/config
-logging:
-  format: json
-shutdownGrace: 5s
-manifestsRescanInterval: 500ms
-lbAlgorithm: least-connections
-tcpRelay: copy
-splicePipesMax: 7
-metricsPerEndpoint: true
-healthzSocket: /run/kube-uproxy/healthz.sock
-procSysDir: /host/proc/sys
-upstreamMark: "0x4000"
-requestBalancing: false
-httpDetectTimeout: 2s
-httpUpstreamIdleTimeout: 9s
-"#;
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ku-config-{}-{tag}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    #[test]
-    fn every_field_of_the_file_reaches_its_setting() {
-        let d = tmpdir("every");
-        let p = write(&d, "c.yaml", EVERY_FIELD);
-        let a = parse_args(["kube-uproxy", "--config", p.to_str().unwrap()]).unwrap();
-        assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 99, 1));
-        assert_eq!(
-            a.bind_address_v6,
-            "fd00:99::1".parse::<std::net::Ipv6Addr>().unwrap()
-        );
-        assert_eq!(
-            a.healthz_address(),
-            Some("127.0.0.1:10266".parse().unwrap())
-        );
-        assert_eq!(a.metrics_address(), Some("0.0.0.0:10259".parse().unwrap()));
-        assert_eq!(a.hostname_override.as_deref(), Some("node-a"));
-        assert_eq!(
-            a.nodeport_addresses,
-            Some(crate::config::NodePortAddresses::Cidrs(vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "192.168.0.0/16".parse().unwrap()
-            ]))
-        );
-        assert_eq!(
-            a.proxy_port_range,
-            Some(PortRange {
-                begin: 30000,
-                end: 30999
-            })
-        );
-        assert_eq!(a.sync_period, Duration::from_secs(60));
-        assert_eq!(a.kubeconfig.as_deref(), Some(Path::new("/etc/kube/config")));
-        assert_eq!(a.log_format, LogFormat::Json);
-        assert_eq!(a.shutdown_grace, Duration::from_secs(5));
-        assert_eq!(a.manifests_rescan_interval, Duration::from_millis(500));
-        assert_eq!(a.lb_algorithm, Algorithm::LeastConnections);
-        assert_eq!(a.tcp_relay, RelayMode::Copy);
-        assert!(a.metrics_per_endpoint);
-        assert_eq!(
-            a.healthz_socket.as_deref(),
-            Some(Path::new("/run/kube-uproxy/healthz.sock"))
-        );
-        assert_eq!(a.proc_sys_dir, Path::new("/host/proc/sys"));
-        assert_eq!(a.splice_pipes_max, Some(7));
-        assert_eq!(a.upstream_mark, 0x4000);
-        assert!(!a.request_balancing);
-        assert_eq!(a.http_detect_timeout, Duration::from_secs(2));
-        assert_eq!(a.http_upstream_idle_timeout, Duration::from_secs(9));
-        // `manifests` conflicts with the kubeconfig above: its own file.
-        let p = write(&d, "m.yaml", "manifests: /srv/cluster.yaml\n");
-        let a = parse_args(["kube-uproxy", "--config", p.to_str().unwrap()]).unwrap();
-        assert_eq!(a.manifests.as_deref(), Some(Path::new("/srv/cluster.yaml")));
-        let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn flags_on_the_command_line_win_over_the_file() {
-        let d = tmpdir("flags");
-        let p = write(&d, "c.yaml", EVERY_FIELD);
-        let a = parse_args([
-            "kube-uproxy",
-            "--config",
-            p.to_str().unwrap(),
-            "--sync-period",
-            "7s",
-            "--bind-address",
-            "169.254.42.7",
-            "--bind-address-ipv6",
-            "fd00:42::7",
-            "--lb-algorithm",
-            "round-robin",
-            "--healthz-bind-address",
-            "",
-        ])
-        .unwrap();
-        assert_eq!(a.sync_period, Duration::from_secs(7));
-        assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 42, 7));
-        assert_eq!(a.bind_address_v6.to_string(), "fd00:42::7");
-        assert_eq!(a.lb_algorithm, Algorithm::RoundRobin);
-        assert_eq!(a.healthz_address(), None);
-        // Not given on the command line: from the file.
-        assert_eq!(a.tcp_relay, RelayMode::Copy);
-        let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn an_unknown_field_is_an_error_naming_it() {
-        let path = Path::new("c.yaml");
-        let e = ConfigFile::parse("syncPeriod: 30s\nsyncPeriodd: 1m\n", path).unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains("syncPeriodd"), "{msg}");
-        assert!(msg.starts_with("c.yaml:"), "{msg}");
-        let e = ConfigFile::parse("clientConnection:\n  qps: 5\n", path).unwrap_err();
-        let msg = e.to_string();
-        assert!(
-            msg.contains("qps") && msg.contains("clientConnection"),
-            "{msg}"
-        );
-        // kube-proxy fields that do not apply here are not silently taken.
-        let e = ConfigFile::parse("mode: iptables\n", path).unwrap_err();
-        assert!(e.to_string().contains("`mode`"), "{e}");
-    }
-
-    #[test]
-    fn bad_values_name_their_field() {
-        let path = Path::new("c.yaml");
-        for (text, field) in [
-            ("bindAddress: 0.0.0.0\n", "bindAddress"),
-            ("portRange: 9-1\n", "portRange"),
-            ("syncPeriod: soon\n", "syncPeriod"),
-            ("syncPeriod: 0s\n", "syncPeriod"),
-            ("metricsBindAddress: localhost\n", "metricsBindAddress"),
-            ("lbAlgorithm: random\n", "lbAlgorithm"),
-            ("tcpRelay: zerocopy\n", "tcpRelay"),
-            ("splicePipesMax: 0\n", "splicePipesMax"),
-            ("splicePipesMax: 4097\n", "splicePipesMax"),
-            ("kind: KubeProxyConfiguration\n", "kind"),
-        ] {
-            let e = ConfigFile::parse(text, path)
-                .and_then(|f| f.apply(path, &mut Args::parse_from(["kube-uproxy"]), |_| false))
-                .expect_err(text);
-            assert!(e.to_string().contains(field), "{text}: {e}");
-        }
-        // A type error names its field too.
-        let e = ConfigFile::parse("metricsPerEndpoint: maybe\n", path).unwrap_err();
-        assert!(e.to_string().contains("metricsPerEndpoint"), "{e}");
-    }
-
-    #[test]
-    fn the_file_refuses_what_the_flag_refuses_with_the_same_words() {
-        // `manifestsRescanInterval: 0s` panicked the timer; `syncPeriod`
-        // below a second spun a core on nft.
-        let path = Path::new("c.yaml");
-        for (bounds, bad, good) in crate::config::tests::DURATIONS {
-            let Some(field) = bounds.field else { continue };
-            for v in *bad {
-                let why = bounds.parse(v).expect_err(v);
-                let e = ConfigFile::parse(&format!("{field}: {v}\n"), path)
-                    .and_then(|f| f.apply(path, &mut Args::parse_from(["kube-uproxy"]), |_| false))
-                    .expect_err(&format!("{field}: {v} accepted"));
-                let msg = e.to_string();
-                assert!(
-                    msg.contains(field) && msg.contains(&why),
-                    "{field}: {v}: {msg}"
-                );
-                let flag =
-                    Args::try_parse_from(["kube-uproxy".into(), format!("{}={v}", bounds.flag)])
-                        .expect_err(v)
-                        .to_string();
-                assert!(flag.contains(&why), "{}: {v}: {flag}", bounds.flag);
-            }
-            for v in *good {
-                let mut a = Args::parse_from(["kube-uproxy"]);
-                ConfigFile::parse(&format!("{field}: {v}\n"), path)
-                    .and_then(|f| f.apply(path, &mut a, |_| false))
-                    .unwrap_or_else(|e| panic!("{field}: {v}: {e}"));
-                let want = humantime::parse_duration(v).unwrap();
-                let got = match field {
-                    "syncPeriod" => a.sync_period,
-                    "manifestsRescanInterval" => a.manifests_rescan_interval,
-                    "shutdownGrace" => a.shutdown_grace,
-                    other => panic!("no check for {other}"),
-                };
-                assert_eq!(got, want, "{field}: {v}");
-            }
-        }
-    }
-
-    #[test]
-    fn empty_values_mean_unset_as_in_kube_proxy() {
-        let path = Path::new("c.yaml");
-        let f = ConfigFile::parse(
-            "bindAddress: \"\"\nportRange: \"\"\nhostnameOverride: \"\"\n",
-            path,
-        )
-        .unwrap();
-        let mut a = Args::parse_from(["kube-uproxy"]);
-        f.apply(path, &mut a, |_| false).unwrap();
-        assert_eq!(a.bind_address, Ipv4Addr::new(169, 254, 42, 1));
-        assert_eq!(a.proxy_port_range, None);
-        assert_eq!(a.hostname_override, None);
-        assert_eq!(ConfigFile::parse("", path).unwrap(), ConfigFile::default());
-    }
-
-    #[test]
-    fn a_missing_file_and_a_source_conflict_are_errors() {
-        let e =
-            parse_args(["kube-uproxy", "--config", "/nonexistent/kube-uproxy.yaml"]).unwrap_err();
-        assert!(
-            e.to_string().contains("/nonexistent/kube-uproxy.yaml"),
-            "{e}"
-        );
-        let d = tmpdir("conflict");
-        let p = write(&d, "c.yaml", "clientConnection:\n  kubeconfig: /k\n");
-        let e = parse_args([
-            "kube-uproxy",
-            "--config",
-            p.to_str().unwrap(),
-            "--manifests",
-            "x.yaml",
-        ])
-        .unwrap_err();
-        assert!(matches!(e, ArgsError::SourceConflict), "{e}");
-        let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn every_flag_the_file_can_set_exists() {
-        // `given` is asked by flag id; a misspelt id would make the file
-        // win over the command line without a word.
-        let ids = std::cell::RefCell::new(Vec::new());
-        let f = ConfigFile::parse(EVERY_FIELD, Path::new("c.yaml")).unwrap();
-        let mut a = Args::parse_from(["kube-uproxy"]);
-        f.apply(Path::new("c.yaml"), &mut a, |id| {
-            ids.borrow_mut().push(id.to_string());
-            false
-        })
-        .unwrap();
-        let f = ConfigFile::parse("manifests: m.yaml\n", Path::new("c.yaml")).unwrap();
-        f.apply(Path::new("c.yaml"), &mut a, |id| {
-            ids.borrow_mut().push(id.to_string());
-            false
-        })
-        .unwrap();
-        let cmd = Args::command();
-        let ids = ids.into_inner();
-        assert_eq!(ids.len(), 23, "{ids:?}");
-        for id in ids {
-            assert!(
-                cmd.get_arguments().any(|a| a.get_id() == id.as_str()),
-                "no flag {id}"
-            );
-        }
-    }
-
-    use clap::Parser;
-}
+mod tests;

@@ -10,7 +10,7 @@
 //! - **The IPv6 proxy address**, the same for IPv6 Services, when the node
 //!   has IPv6 ([`ipv6_disabled`]): added to `lo` as a /128 with the flags
 //!   `nodad noprefixroute`. IPv6 addresses carry no label, so `--cleanup`
-//!   recognises ours by address (`--bind-address-ipv6`) and those flags
+//!   recognises ours by address (`--proxy-address-ipv6`) and those flags
 //!   together, a combination nobody configures on `lo` by hand.
 //! - **`net.ipv4.tcp_migrate_req=1`** (Linux 5.14+): when the old instance
 //!   closes a listener, connections queued on it move to the new instance's
