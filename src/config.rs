@@ -115,7 +115,7 @@ pub struct Args {
     /// and a listener of its own on every TCP Service port (SO_REUSEPORT):
     /// a flow lives on the thread that accepted it. Default: one per CPU.
     /// 0: the TCP data path shares the main runtime's worker threads.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = |s: &str| DATA_PATH_THREADS.parse(s))]
     pub data_path_threads: Option<usize>,
 
     /// Most splice pipes (1 MiB each) open at once, process-wide: bulk
@@ -656,6 +656,13 @@ pub const MAX_CONNECTIONS: CountBounds = CountBounds {
     max: 1 << 24,
     zero_is_off: true,
 };
+/// 0: the shared runtime; more threads than any node has cores is a typo.
+pub const DATA_PATH_THREADS: CountBounds = CountBounds {
+    flag: "--data-path-threads",
+    min: 1,
+    max: 1024,
+    zero_is_off: true,
+};
 /// At least one pipe (`--tcp-relay copy` is the way to splice none);
 /// 4096 pipes of 1 MiB are 4 GiB of pipe quota, far past any host's.
 pub const SPLICE_PIPES_MAX: CountBounds = CountBounds {
@@ -846,6 +853,7 @@ pub(crate) mod tests {
                 &["0", "1", "16777216"],
             ),
             (SPLICE_PIPES_MAX, &["0", "-1", "4097", "x"], &["1", "4096"]),
+            (DATA_PATH_THREADS, &["-1", "1025", "x"], &["0", "1", "1024"]),
             (
                 UDP_MAX_FLOWS_TOTAL,
                 &["0", "-1", "16777217", "all"],

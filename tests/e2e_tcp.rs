@@ -125,6 +125,15 @@ impl Env {
         self.proxy = Some(Proxy::start(&self.bed, yaml));
     }
 
+    fn start_proxy_with(&mut self, yaml: &str, extra: &[&str]) {
+        let (process, manifests) = self.bed.start_proxy(yaml, extra);
+        self.proxy = Some(Proxy {
+            process,
+            dir: self.bed.dir.clone(),
+            manifests,
+        });
+    }
+
     fn proxy(&mut self) -> &mut Proxy {
         self.proxy.as_mut().expect("proxy started")
     }
@@ -215,6 +224,40 @@ fn round_robin_alternates_between_two_backends() {
         (10, 10),
         "backend-side accept counts"
     );
+}
+
+/// `--data-path-threads 3`: three listening sockets share the Service
+/// port's proxy port (one per thread, SO_REUSEPORT), and connections the
+/// kernel spreads over them all reach the endpoints, still in
+/// round-robin order (one balancer for the port).
+#[test]
+fn every_data_path_thread_listens_on_the_proxy_port() {
+    if !lab::require_root_and_nft("every_data_path_thread_listens_on_the_proxy_port") {
+        return;
+    }
+    let mut env = Env::new("dpt", &[Backend::Whoami, Backend::Whoami]);
+    env.start_proxy_with(
+        &manifests(&[svc("web", VIP_A, vec![ep(0), ep(1)])]),
+        &["--data-path-threads", "3"],
+    );
+    env.wait_service(VIP_A, "waiting for the service to be programmed");
+    let port = e2e::proxy_port_of(env.node(), VIP_A).expect("the Service's proxy port");
+    let out = env
+        .node()
+        .output("ss", ["-Hltn", &format!("sport = :{port}")])
+        .expect("ss in the node namespace");
+    let listening = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(
+        listening,
+        3,
+        "one listening socket per data-path thread on proxy port {port}:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let seq: Vec<String> = (0..40)
+        .map(|i| who_or_panic(env.client(), vip(VIP_A), &format!("connection {i}")))
+        .collect();
+    let on = |b: usize| seq.iter().filter(|n| **n == backend_name(b)).count();
+    assert_eq!((on(0), on(1)), (20, 20), "{seq:?}");
 }
 
 // ---------------------------------------------------------------------------
