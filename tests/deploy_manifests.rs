@@ -557,6 +557,28 @@ fn the_grafana_dashboard_queries_only_series_the_proxy_serves() {
             }
         }
     }
+    // Only kube-uproxy's pods: the instance variable lists a family no
+    // other process serves, and every `process_*` query (every exporter has
+    // those) is joined with one.
+    for (place, expr) in &queries {
+        let ours = series_in(expr)
+            .iter()
+            .any(|(n, _)| n.starts_with("kubeuproxy_") || n.starts_with("kubeproxy_"));
+        if !ours {
+            problems.push(format!("{place}: not only kube-uproxy's series: {expr:?}"));
+        }
+    }
+    let instance = queries
+        .iter()
+        .find(|(place, _)| place == "variable String(\"instance\")")
+        .map(|(_, q)| q.clone())
+        .expect("an instance variable");
+    assert!(
+        series_in(&instance)
+            .iter()
+            .all(|(n, _)| n.starts_with("kubeuproxy_")),
+        "instance: {instance:?}"
+    );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     // The panels the operations guide promises are there.
     for family in [
@@ -896,5 +918,68 @@ fn the_kustomizations_and_their_components_build() {
     assert!(
         mounts.iter().all(|m| m["name"] != KUBE_PROXY_VOLUME),
         "{mounts:?}"
+    );
+}
+
+/// The optional PodMonitor (Prometheus Operator): it scrapes kube-uproxy's
+/// pods on the port the component binds /metrics to, keeps the per-Service
+/// `namespace`/`service` labels (honorLabels), and files the targets under
+/// kube-proxy's job, which kube-proxy's alerts and dashboards select.
+#[test]
+fn the_podmonitor_component_scrapes_where_the_proxy_serves() {
+    let overlay = Overlay::new("podmonitor", &["podmonitor"]);
+    let Some(docs) = kustomize(&overlay.0) else {
+        eprintln!("SKIP the_podmonitor_component_scrapes_where_the_proxy_serves: no kubectl");
+        return;
+    };
+    let ds = kind(&docs, "DaemonSet");
+    let args = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"]);
+    // The binary takes the arguments, kubeadm's kubeconfig still among them.
+    let pod = Pod::load();
+    let root = Root::new(&pod);
+    let parsed = parse(&root, &args);
+    assert!(parsed.kubeconfig.is_some(), "{args:?}");
+    let metrics = parsed.metrics_address().expect("metrics address");
+    assert!(metrics.ip().is_unspecified(), "{metrics}");
+
+    let pm = kind(&docs, "PodMonitor");
+    assert_eq!(pm["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    let selector = pm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    for (k, v) in selector {
+        assert_eq!(
+            &ds["spec"]["template"]["metadata"]["labels"][k], v,
+            "selects the pods"
+        );
+    }
+    let ep = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        ep["honorLabels"], true,
+        "per-Service namespace/service labels"
+    );
+    assert_eq!(ep["path"], "/metrics");
+    let relabel = |target: &str| {
+        ep["relabelings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["targetLabel"] == target)
+            .unwrap_or_else(|| panic!("no relabeling of {target}"))
+            .clone()
+    };
+    // No declared port to name: the pod's IP and the metrics port.
+    assert_eq!(
+        relabel("__address__")["sourceLabels"],
+        json!(["__meta_kubernetes_pod_ip"])
+    );
+    assert_eq!(
+        relabel("__address__")["replacement"],
+        format!("$1:{}", metrics.port())
+    );
+    assert_eq!(
+        relabel("job")["replacement"],
+        "kube-proxy",
+        "kube-proxy's alerts find it"
     );
 }
