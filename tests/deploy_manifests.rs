@@ -983,3 +983,97 @@ fn the_podmonitor_component_scrapes_where_the_proxy_serves() {
         "kube-proxy's alerts find it"
     );
 }
+
+/// The lines of `[section]` in a TOML file (to the next section), without
+/// comments.
+fn toml_section(text: &str, section: &str) -> Vec<String> {
+    text.lines()
+        .skip_while(|l| l.trim() != format!("[{section}]"))
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The image ships the `dist` profile's binary (release's code without
+/// its debug sections), built for the target platform from the builder's
+/// (amd64 and arm64), on a small base with the two programs the proxy
+/// runs (nft, ip). Docker cannot run here: this reads the Dockerfile.
+#[test]
+fn the_image_is_built_from_the_stripped_dist_profile_for_amd64_and_arm64() {
+    let cargo = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .expect("Cargo.toml");
+    let dist = toml_section(&cargo, "profile.dist");
+    assert!(
+        dist.contains(&r#"inherits = "release""#.to_string()),
+        "{dist:?}"
+    );
+    let strip = dist
+        .iter()
+        .find_map(|l| l.strip_prefix("strip = "))
+        .expect("[profile.dist] strips");
+    assert!(
+        [r#""debuginfo""#, r#""symbols""#, "true"].contains(&strip),
+        "{strip}"
+    );
+    assert!(
+        dist.iter().any(|l| l == "debug = false"),
+        "no debug sections to strip: {dist:?}"
+    );
+
+    let text = std::fs::read_to_string(deploy("Dockerfile")).expect("deploy/Dockerfile");
+    // Instructions, with continuation lines joined and comments dropped.
+    let joined = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("\\\n", " ");
+    let froms: Vec<&str> = joined.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "a build stage and a runtime: {froms:?}");
+    assert!(
+        froms[0].contains("--platform=$BUILDPLATFORM") && froms[0].contains(" AS build"),
+        "the build runs natively and cross-compiles: {}",
+        froms[0]
+    );
+    let runtime = froms[1].split_whitespace().nth(1).expect("runtime image");
+    assert!(
+        (runtime.starts_with("debian:") && runtime.ends_with("-slim"))
+            || runtime.starts_with("gcr.io/distroless/"),
+        "{runtime}"
+    );
+    let build = joined
+        .lines()
+        .find(|l| l.contains("cargo build"))
+        .expect("cargo build");
+    for part in [
+        "--profile dist",
+        "--locked",
+        "--bin kube-uproxy",
+        "--target",
+    ] {
+        assert!(build.contains(part), "{part}: {build}");
+    }
+    assert!(
+        build.contains("/dist/kube-uproxy"),
+        "the dist binary is shipped: {build}"
+    );
+    for arch in [
+        "amd64)",
+        "arm64)",
+        "aarch64-unknown-linux-gnu",
+        "x86_64-unknown-linux-gnu",
+    ] {
+        assert!(joined.contains(arch), "{arch}");
+    }
+    // The proxy runs nft and ip (src/rules).
+    assert!(
+        joined.contains("nftables") && joined.contains("iproute2"),
+        "nft and ip in the runtime image"
+    );
+    assert!(
+        joined.contains("KUBE_UPROXY_GIT_COMMIT"),
+        "the build info's commit"
+    );
+}
