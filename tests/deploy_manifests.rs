@@ -4,7 +4,13 @@
 //! settings name are the ones the pod mounts, the capabilities granted are
 //! exactly those the code needs, RBAC grants only list/watch on what
 //! the proxy reads, and the Grafana dashboard queries only series the
-//! proxy serves. No root, no cluster.
+//! proxy serves, of kube-uproxy's pods only. Also what an operator meets
+//! on the first day: a rolling update that can surge (no declared ports on
+//! the host-network pod), nothing to fill in on a kubeadm cluster (the API
+//! server from kubeadm's kube-proxy ConfigMap), the kustomize components
+//! (built with `kubectl kustomize` where kubectl is installed), and an
+//! image built from the stripped `dist` profile for amd64 and arm64. No
+//! root, no cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
