@@ -4,6 +4,7 @@
 //! (nftables redirects) and [`proxy`] (listeners, balancers, relays).
 
 pub mod admin;
+pub mod client_metrics;
 pub mod config;
 pub mod health;
 pub mod memory;

@@ -378,7 +378,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
         }
         None => {
-            let client = source::kube::client(args.kubeconfig.clone())
+            let client = source::kube::client(args.kubeconfig.clone(), metrics.api_client())
                 .await
                 .context("connecting to the Kubernetes API")?;
             let cancel = cancel.clone();

@@ -11,19 +11,31 @@
 //! ([`crate::proxy::metrics`]), and this registry only renders them,
 //! through the collector it registers ([`Metrics::service_ports`]). The
 //! dependency goes one way: the registry knows the data path's counters,
-//! the data path never the registry.
+//! the data path never the registry. The same for the API client's
+//! `rest_client_*` families ([`crate::client_metrics`]), which the source's
+//! client records into.
+//!
+//! The process's own (`process_*`, Prometheus' standard names, read from
+//! /proc/self at each scrape) and `kubernetes_build_info` are here because
+//! kube-proxy's dashboards and alerts read them: without them a dashboard
+//! written for kube-proxy shows nothing for CPU, memory or restarts.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::client_metrics::ApiClientMetrics;
 use crate::model::ServicePortName;
 use crate::proxy::metrics::PortSeries;
 
@@ -38,6 +50,42 @@ const IP_FAMILY: &str = "IPv4";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: &'static str,
+}
+
+/// kube-proxy's `kubernetes_build_info` labels (those that mean something
+/// for a Rust binary).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KubernetesBuildLabels {
+    git_version: String,
+    git_commit: String,
+    major: String,
+    minor: String,
+    platform: String,
+    compiler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    git_commit: String,
+}
+
+/// The commit the binary was built from, when the build said
+/// (`KUBE_UPROXY_GIT_COMMIT`, set by deploy/Dockerfile's `GIT_COMMIT`).
+pub const GIT_COMMIT: &str = match option_env!("KUBE_UPROXY_GIT_COMMIT") {
+    Some(c) if !c.is_empty() => c,
+    _ => "unknown",
+};
+
+/// `linux/amd64`, `linux/arm64`: Go's names, as kube-proxy's `platform`.
+fn platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    format!("{}/{arch}", std::env::consts::OS)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +138,8 @@ pub struct Metrics {
     livez: Family<CodeLabels, Counter>,
     open_fds: Gauge,
     max_fds: Gauge,
+    /// `rest_client_*`, recorded by the API client.
+    api_client: ApiClientMetrics,
     /// kube-proxy's `sync_proxy_rules_no_local_endpoints_total`, by
     /// `traffic_policy` (`internal`, `external`).
     no_local_endpoints: Family<PolicyLabels, Gauge>,
@@ -157,6 +207,7 @@ impl Metrics {
             livez: Family::default(),
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
+            api_client: ApiClientMetrics::default(),
             no_local_endpoints: no_local_endpoints.clone(),
             refused: Family::default(),
             refused_now: std::sync::Mutex::new(Vec::new()),
@@ -183,6 +234,7 @@ impl Metrics {
                 "Maximum number of open file descriptors (RLIMIT_NOFILE soft limit)",
                 m.max_fds.clone(),
             );
+            tail.register_collector(Box::new(ProcessCollector));
         }
 
         // kube-proxy's names, meanings and labels.
@@ -265,6 +317,48 @@ impl Metrics {
             m.livez.clone(),
         );
 
+        // The API client's, under client-go's names.
+        registry.register(
+            "rest_client_requests",
+            "Number of HTTP requests to the API server, partitioned by status code, method, and host",
+            m.api_client.requests.clone(),
+        );
+        registry.register(
+            "rest_client_request_duration_seconds",
+            "Request latency in seconds (until the response's head). Broken down by verb, and host",
+            m.api_client.duration.clone(),
+        );
+        // What was built: kube-proxy's name and labels, and our own.
+        let kubernetes_build = Family::<KubernetesBuildLabels, Gauge>::default();
+        let version = env!("CARGO_PKG_VERSION");
+        kubernetes_build
+            .get_or_create(&KubernetesBuildLabels {
+                git_version: format!("v{version}"),
+                git_commit: GIT_COMMIT.to_string(),
+                major: env!("CARGO_PKG_VERSION_MAJOR").to_string(),
+                minor: env!("CARGO_PKG_VERSION_MINOR").to_string(),
+                platform: platform(),
+                compiler: "rustc".to_string(),
+            })
+            .set(1);
+        registry.register(
+            "kubernetes_build_info",
+            "A metric with a constant '1' value labeled by major, minor, git version, git commit, compiler and platform from which kube-uproxy was built",
+            kubernetes_build,
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: version.to_string(),
+                git_commit: GIT_COMMIT.to_string(),
+            })
+            .set(1);
+        registry.register(
+            "kubeuproxy_build_info",
+            "A metric with a constant '1' value labeled by the version and git commit of kube-uproxy",
+            build,
+        );
+
         // The userspace proxy's own, per Service port.
         registry.register_collector(Box::new(Arc::clone(&m.ports)));
         Metrics { registry, ..m }
@@ -274,6 +368,12 @@ impl Metrics {
     /// handle from there (the data path never holds the whole registry).
     pub fn service_ports(&self) -> Arc<PortSeries> {
         Arc::clone(&self.ports)
+    }
+
+    /// The API client's families, for the layer on the client
+    /// ([`crate::client_metrics::ApiClientLayer`]).
+    pub fn api_client(&self) -> ApiClientMetrics {
+        self.api_client.clone()
     }
 
     /// Open connections of a Service port now, if it has a listener.
@@ -405,6 +505,97 @@ fn open_fds() -> Option<i64> {
     i64::try_from(n.saturating_sub(1)).ok()
 }
 
+/// The process's CPU time, memory and start time, read from /proc/self at
+/// each scrape, under the names of Prometheus' process collector (which
+/// kube-proxy, as every Go binary, exports).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// The kernel reports CPU times in USER_HZ ticks, which Linux fixes at 100
+/// for user space on every architecture (as Prometheus' procfs assumes).
+const USER_HZ: f64 = 100.0;
+
+/// What /proc/self tells about the process.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStat {
+    cpu_seconds: f64,
+    start_time_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+}
+
+impl ProcessStat {
+    /// From /proc/self/stat (`utime`, `stime`, `starttime`), /proc/stat
+    /// (`btime`) and /proc/self/status (`VmRSS`, `VmSize`); `None` where a
+    /// file cannot be read or parsed.
+    fn read() -> Option<ProcessStat> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        ProcessStat::parse(&stat, &boot, &status)
+    }
+
+    fn parse(stat: &str, boot: &str, status: &str) -> Option<ProcessStat> {
+        // After the command name (in parentheses, which may hold spaces):
+        // field 3 (state) onwards.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+        let btime: f64 = boot
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let kib = |key: &str| -> Option<u64> {
+            let v = status.lines().find_map(|l| l.strip_prefix(key))?;
+            v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        };
+        Some(ProcessStat {
+            cpu_seconds: (field(14)? + field(15)?) / USER_HZ,
+            start_time_seconds: btime + field(22)? / USER_HZ,
+            resident_bytes: kib("VmRSS:")? * 1024,
+            virtual_bytes: kib("VmSize:")? * 1024,
+        })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Nothing rather than zeros when /proc cannot be read.
+        let Some(p) = ProcessStat::read() else {
+            return Ok(());
+        };
+        let m = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(p.cpu_seconds).encode(m)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                p.virtual_bytes as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                p.start_time_seconds,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +637,91 @@ mod tests {
         assert!(text.contains("# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram"));
         assert!(sample(&text, "process_open_fds").is_some());
         assert!(!text.contains("kubeuproxy_endpoint_connections"));
+    }
+
+    /// What kube-proxy's dashboards and alerts read besides the
+    /// `kubeproxy_*` families: the process (CPU, memory, start time,
+    /// descriptors), the build, and the API client.
+    #[test]
+    fn process_build_and_api_client_families_are_rendered_with_their_types() {
+        let m = Metrics::new(false);
+        m.api_client()
+            .record("GET", "10.0.0.1:6443", "200", Duration::from_millis(3));
+        let text = m.render();
+        for (family, kind) in [
+            ("process_cpu_seconds_total", "counter"),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_virtual_memory_bytes", "gauge"),
+            ("process_start_time_seconds", "gauge"),
+            ("process_open_fds", "gauge"),
+            ("process_max_fds", "gauge"),
+            ("rest_client_requests_total", "counter"),
+            ("rest_client_request_duration_seconds", "histogram"),
+            ("kubernetes_build_info", "gauge"),
+            ("kubeuproxy_build_info", "gauge"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{family} {kind}: {text}"
+            );
+        }
+        let value = |series: &str| -> f64 {
+            sample(&text, series)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{series}: {text}"))
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let started = value("process_start_time_seconds");
+        assert!(
+            started <= now + 1.0 && started > now - 24.0 * 3600.0,
+            "{started} vs {now}"
+        );
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+        assert!(value("process_cpu_seconds_total") >= 0.0);
+        assert_eq!(
+            value("rest_client_requests_total{code=\"200\",method=\"GET\",host=\"10.0.0.1:6443\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(
+                "rest_client_request_duration_seconds_bucket{verb=\"GET\",host=\"10.0.0.1:6443\",le=\"0.005\"}"
+            ),
+            1.0,
+        );
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "kubeuproxy_build_info{{version=\"{version}\",git_commit=\"{GIT_COMMIT}\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("git_version=\"v{version}\"")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn proc_self_stat_is_read_in_user_hz_and_kib() {
+        // A command name with spaces and a parenthesis, as the kernel
+        // writes it.
+        let stat = "4242 (kube (u)proxy) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 123400 99999999 2000 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let boot = "cpu  1 2 3\nbtime 1700000000\nprocesses 9\n";
+        let status = "Name:\tkube-uproxy\nVmSize:\t  204800 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(
+            ProcessStat::parse(stat, boot, status),
+            Some(ProcessStat {
+                cpu_seconds: 3.0,
+                start_time_seconds: 1_700_001_234.0,
+                resident_bytes: 10 * 1024 * 1024,
+                virtual_bytes: 200 * 1024 * 1024,
+            })
+        );
+        assert_eq!(ProcessStat::parse("garbage", boot, status), None);
     }
 
     /// The per-port families of the data path's collector come after the

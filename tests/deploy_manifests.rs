@@ -4,7 +4,13 @@
 //! settings name are the ones the pod mounts, the capabilities granted are
 //! exactly those the code needs, RBAC grants only list/watch on what
 //! the proxy reads, and the Grafana dashboard queries only series the
-//! proxy serves. No root, no cluster.
+//! proxy serves, of kube-uproxy's pods only. Also what an operator meets
+//! on the first day: a rolling update that can surge (no declared ports on
+//! the host-network pod), nothing to fill in on a kubeadm cluster (the API
+//! server from kubeadm's kube-proxy ConfigMap), the kustomize components
+//! (built with `kubectl kustomize` where kubectl is installed), and an
+//! image built from the stripped `dist` profile for amd64 and arm64. No
+//! root, no cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,7 +22,53 @@ use kube_uproxy::metrics::Metrics;
 use kube_uproxy::model::{ObjectKey, Protocol, ServicePortName};
 use kube_uproxy::rules::host::REQUIRED_CAPABILITIES;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
+
+/// The DaemonSet's volume with kubeadm's kubeconfig for kube-proxy.
+const KUBE_PROXY_VOLUME: &str = "kube-proxy-kubeconfig";
+
+/// The control plane's address in [`KUBEADM_KUBE_PROXY_CONFIGMAP`] (a
+/// documentation address: nothing is sent to it).
+const KUBEADM_SERVER: &str = "https://192.0.2.10:6443";
+
+/// `kube-system/kube-proxy` as kubeadm renders it (its addon manifest,
+/// `KubeProxyConfigMap19`; `config.conf` abridged: only `kubeconfig.conf`
+/// is read here).
+const KUBEADM_KUBE_PROXY_CONFIGMAP: &str = r#"
+kind: ConfigMap
+apiVersion: v1
+metadata:
+  name: kube-proxy
+  namespace: kube-system
+  labels:
+    app: kube-proxy
+data:
+  kubeconfig.conf: |-
+    apiVersion: v1
+    kind: Config
+    clusters:
+    - cluster:
+        certificate-authority: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+        server: https://192.0.2.10:6443
+      name: default
+    contexts:
+    - context:
+        cluster: default
+        namespace: default
+        user: default
+      name: default
+    current-context: default
+    users:
+    - name: default
+      user:
+        tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token
+  config.conf: |-
+    apiVersion: kubeproxy.config.k8s.io/v1alpha1
+    kind: KubeProxyConfiguration
+    bindAddress: 0.0.0.0
+    clientConnection:
+      kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+"#;
 
 fn deploy(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -127,6 +179,28 @@ impl Root {
         for (name, text) in cm["data"].as_object().cloned().unwrap_or_default() {
             std::fs::write(dir.join(name), text.as_str().unwrap_or_default()).expect("writing");
         }
+        // kubeadm's kube-proxy ConfigMap, its items where the pod mounts them.
+        let volume = pod.volume(KUBE_PROXY_VOLUME);
+        assert_eq!(volume["configMap"]["name"], "kube-proxy", "{volume}");
+        let dir = root.join(
+            pod.mount_of(KUBE_PROXY_VOLUME)
+                .strip_prefix("/")
+                .unwrap_or(Path::new("")),
+        );
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let kubeadm: Value =
+            serde_norway::from_str(KUBEADM_KUBE_PROXY_CONFIGMAP).expect("kubeadm's");
+        for item in volume["configMap"]["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let key = item["key"].as_str().unwrap_or_default();
+            let text = kubeadm["data"][key]
+                .as_str()
+                .unwrap_or_else(|| panic!("kubeadm's kube-proxy ConfigMap has no key {key}"));
+            std::fs::write(dir.join(item["path"].as_str().unwrap_or(key)), text).expect("writing");
+        }
         Root(root)
     }
 
@@ -178,10 +252,11 @@ fn the_containers_args_and_config_file_parse_and_name_what_the_pod_mounts() {
         args.metrics_address(),
         Some("127.0.0.1:10249".parse().unwrap())
     );
-    assert!(
-        args.manifests.is_none() && args.kubeconfig.is_none(),
-        "in-cluster config"
-    );
+    assert!(args.manifests.is_none(), "the API, not a manifests file");
+    // The API server from kubeadm's kubeconfig for kube-proxy (see
+    // kubeadms_kubeconfig_for_kube_proxy_points_the_proxy_at_the_api_server).
+    let kubeconfig = args.kubeconfig.clone().expect("--kubeconfig");
+    assert!(kubeconfig.starts_with(&root.0), "{}", kubeconfig.display());
 
     // The health socket is on the pod's own emptyDir.
     let socket = args.healthz_socket.clone().expect("healthzSocket set");
@@ -491,6 +566,28 @@ fn the_grafana_dashboard_queries_only_series_the_proxy_serves() {
             }
         }
     }
+    // Only kube-uproxy's pods: the instance variable lists a family no
+    // other process serves, and every `process_*` query (every exporter has
+    // those) is joined with one.
+    for (place, expr) in &queries {
+        let ours = series_in(expr)
+            .iter()
+            .any(|(n, _)| n.starts_with("kubeuproxy_") || n.starts_with("kubeproxy_"));
+        if !ours {
+            problems.push(format!("{place}: not only kube-uproxy's series: {expr:?}"));
+        }
+    }
+    let instance = queries
+        .iter()
+        .find(|(place, _)| place == "variable String(\"instance\")")
+        .map(|(_, q)| q.clone())
+        .expect("an instance variable");
+    assert!(
+        series_in(&instance)
+            .iter()
+            .all(|(n, _)| n.starts_with("kubeuproxy_")),
+        "instance: {instance:?}"
+    );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     // The panels the operations guide promises are there.
     for family in [
@@ -512,4 +609,480 @@ fn the_grafana_dashboard_queries_only_series_the_proxy_serves() {
     ] {
         assert!(used.contains(family), "no panel shows {family}");
     }
+}
+
+/// Every YAML file under deploy/ (components too), relative to it.
+fn yaml_files() -> Vec<String> {
+    fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).expect("deploy/").flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            if e.path().is_dir() {
+                walk(&e.path(), &rel, out);
+            } else if name.ends_with(".yaml") {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&deploy(""), "", &mut out);
+    out.sort();
+    out
+}
+
+/// Whether a rolling update's `maxSurge` (a count or a percentage) lets a
+/// second pod start beside the old one.
+fn surges(max_surge: &Value) -> bool {
+    match max_surge {
+        Value::Number(n) => n.as_u64() != Some(0),
+        Value::String(s) => s.trim_end_matches('%').trim() != "0",
+        _ => false,
+    }
+}
+
+/// kubernetes/kubernetes#106417: on a hostNetwork pod, a declared
+/// containerPort is defaulted into a hostPort; the scheduler then never
+/// places the surge pod beside the old one (they would claim the same
+/// host port), and a `maxSurge` rolling update never proceeds.
+#[test]
+fn a_host_network_daemonset_that_surges_declares_no_ports() {
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for file in yaml_files() {
+        for ds in documents(&file)
+            .into_iter()
+            .filter(|d| d["kind"] == "DaemonSet")
+        {
+            let spec = &ds["spec"]["template"]["spec"];
+            let surge = &ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"];
+            if spec["hostNetwork"] != true || !surges(surge) {
+                continue;
+            }
+            checked += 1;
+            for list in ["containers", "initContainers", "ephemeralContainers"] {
+                for c in spec[list].as_array().into_iter().flatten() {
+                    let ports = c["ports"].as_array().cloned().unwrap_or_default();
+                    if !ports.is_empty() {
+                        problems.push(format!(
+                            "{file}: {} {:?} declares ports {ports:?} (hostNetwork, maxSurge {surge})",
+                            list, c["name"]
+                        ));
+                    }
+                }
+            }
+            // As kubeadm's kube-proxy: Linux nodes only.
+            if spec["nodeSelector"]["kubernetes.io/os"] != "linux" {
+                problems.push(format!(
+                    "{file}: no nodeSelector kubernetes.io/os: linux ({})",
+                    spec["nodeSelector"]
+                ));
+            }
+        }
+    }
+    assert!(
+        checked >= 1,
+        "no hostNetwork surge DaemonSet found in deploy/"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Words that stand for a value the operator must fill in.
+fn placeholder(s: &str) -> Option<String> {
+    // ALL-CAPS words joined by hyphens (API-SERVER-HOST, YOUR-REGISTRY).
+    for word in s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+        let parts: Vec<&str> = word.split('-').collect();
+        if parts.len() >= 2
+            && parts
+                .iter()
+                .all(|p| p.len() >= 2 && p.chars().all(|c| c.is_ascii_uppercase()))
+        {
+            return Some(word.to_string());
+        }
+    }
+    let lower = s.to_ascii_lowercase();
+    [
+        "changeme",
+        "change-me",
+        "replace-me",
+        "todo",
+        "fixme",
+        "example.com",
+        "registry.example",
+        "<",
+    ]
+    .into_iter()
+    .find(|w| lower.contains(w))
+    .map(String::from)
+}
+
+/// `kubectl apply -k deploy/` needs no hand edit: no value in deploy/ is a
+/// placeholder (comments may show examples).
+#[test]
+fn no_value_in_deploy_is_a_placeholder() {
+    fn strings<'a>(v: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
+        match v {
+            Value::String(s) => out.push((at, s)),
+            Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    strings(v, format!("{at}[{i}]"), out);
+                }
+            }
+            Value::Object(o) => {
+                for (k, v) in o {
+                    strings(v, format!("{at}.{k}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut problems = Vec::new();
+    for file in yaml_files() {
+        for doc in documents(&file) {
+            let mut found = Vec::new();
+            strings(&doc, String::new(), &mut found);
+            for (at, s) in found {
+                // Values that are files of their own (the config file):
+                // their lines, without comments.
+                for line in s.lines().map(|l| l.split('#').next().unwrap_or("")) {
+                    if let Some(p) = placeholder(line) {
+                        problems.push(format!("{file}: {at}: {p:?} in {line:?}"));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        placeholder("API-SERVER-HOST").as_deref(),
+        Some("API-SERVER-HOST")
+    );
+    assert_eq!(placeholder("--hostname-override=$(NODE_NAME)"), None);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// On a kubeadm cluster the proxy reads the API server's address where
+/// kube-proxy does: the `kube-proxy` ConfigMap's `kubeconfig.conf`
+/// (`server:`), with the pod's own ServiceAccount token and CA, mounted at
+/// kube-proxy's path. No address to fill in.
+#[test]
+fn kubeadms_kubeconfig_for_kube_proxy_points_the_proxy_at_the_api_server() {
+    let pod = Pod::load();
+    let root = Root::new(&pod);
+    let args = parse(&root, &strings(&pod.container["args"]));
+    let path = args.kubeconfig.clone().expect("--kubeconfig");
+    // The file is on the kube-proxy ConfigMap's volume, as its key, at
+    // kube-proxy's own path (its clientConnection.kubeconfig).
+    let in_pod = Path::new("/").join(path.strip_prefix(&root.0).expect("under the root"));
+    assert_eq!(in_pod, Path::new("/var/lib/kube-proxy/kubeconfig.conf"));
+    let volume = pod.volume_holding(&in_pod);
+    assert_eq!(volume["name"], KUBE_PROXY_VOLUME);
+    let kc = kube::config::Kubeconfig::read_from(&path).expect("kubeadm's kubeconfig.conf");
+    let cluster = kc.clusters[0].cluster.as_ref().expect("cluster");
+    assert_eq!(cluster.server.as_deref(), Some(KUBEADM_SERVER));
+    let user = kc.auth_infos[0].auth_info.as_ref().expect("user");
+    // The token and CA it names are the ones the kubelet mounts for the
+    // pod's ServiceAccount (kube-uproxy's: rbac.yaml).
+    assert_eq!(
+        user.token_file.as_deref(),
+        Some("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    );
+    assert_ne!(pod.spec["automountServiceAccountToken"], false);
+    let env = pod.container["env"].as_array().cloned().unwrap_or_default();
+    assert!(
+        env.iter().all(|e| e["name"] != "KUBERNETES_SERVICE_HOST"),
+        "no KUBERNETES_SERVICE_HOST to fill in: {env:?}"
+    );
+}
+
+/// `kubectl kustomize DIR`'s documents, or `None` without kubectl.
+fn kustomize(dir: &Path) -> Option<Vec<Value>> {
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("kubectl: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Some(
+        serde_norway::Deserializer::from_str(&text)
+            .map(|d| Value::deserialize(d).expect("kustomize's output"))
+            .filter(|v| !v.is_null())
+            .collect(),
+    )
+}
+
+/// An overlay of deploy/ in a scratch directory under target/ (kustomize
+/// wants relative paths), with `components` and the generated ConfigMap
+/// the apiserver-address component reads.
+struct Overlay(PathBuf);
+
+impl Overlay {
+    fn new(name: &str, components: &[&str]) -> Overlay {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("deploy-overlay-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("overlay dir");
+        // From target/tmp/<dir> back to the repository.
+        let up = "../../../deploy";
+        let mut k = format!("resources:\n  - {up}\ncomponents:\n");
+        for c in components {
+            k += &format!("  - {up}/components/{c}\n");
+        }
+        k += "configMapGenerator:\n  - name: kube-uproxy-apiserver\n    namespace: kube-system\n    literals: [host=192.0.2.10, port=6443]\n";
+        std::fs::write(dir.join("kustomization.yaml"), k).expect("overlay");
+        Overlay(dir)
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind}");
+    found[0]
+}
+
+/// The kustomizations build (with kubectl's kustomize, where kubectl is
+/// installed): the base as it is applied on a kubeadm cluster, and each
+/// component: the API server's address for other installers (in-cluster
+/// config with that address instead of kubeadm's kubeconfig).
+#[test]
+fn the_kustomizations_and_their_components_build() {
+    let Some(base) = kustomize(&deploy("")) else {
+        eprintln!("SKIP the_kustomizations_and_their_components_build: no kubectl");
+        return;
+    };
+    let ds = kind(&base, "DaemonSet");
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        strings(&container["args"])
+            .contains(&"--kubeconfig=/var/lib/kube-proxy/kubeconfig.conf".into())
+    );
+    assert!(
+        base.iter().all(|d| d["kind"] != "PodMonitor"),
+        "the PodMonitor is optional"
+    );
+
+    let overlay = Overlay::new("all", &["apiserver-address"]);
+    let docs = kustomize(&overlay.0).expect("kubectl");
+    let ds = kind(&docs, "DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    let args = strings(&container["args"]);
+    assert!(
+        args.iter().all(|a| !a.starts_with("--kubeconfig")),
+        "{args:?}"
+    );
+    // The binary takes them.
+    let pod = Pod::load();
+    let root = Root::new(&pod);
+    let parsed = parse(&root, &args);
+    assert!(parsed.kubeconfig.is_none());
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"]["host"] == "192.0.2.10")
+        .expect("the overlay's ConfigMap");
+    for (var, key) in [
+        ("KUBERNETES_SERVICE_HOST", "host"),
+        ("KUBERNETES_SERVICE_PORT", "port"),
+    ] {
+        let e = container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{var}"));
+        let r = &e["valueFrom"]["configMapKeyRef"];
+        assert_eq!(
+            (&r["name"], &r["key"]),
+            (&cm["metadata"]["name"], &json!(key)),
+            "{var}"
+        );
+    }
+    let volumes: Vec<&Value> = spec["volumes"].as_array().into_iter().flatten().collect();
+    assert!(
+        volumes.iter().all(|v| v["name"] != KUBE_PROXY_VOLUME),
+        "{volumes:?}"
+    );
+    let mounts: Vec<&Value> = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        mounts.iter().all(|m| m["name"] != KUBE_PROXY_VOLUME),
+        "{mounts:?}"
+    );
+}
+
+/// The optional PodMonitor (Prometheus Operator): it scrapes kube-uproxy's
+/// pods on the port the component binds /metrics to, keeps the per-Service
+/// `namespace`/`service` labels (honorLabels), and files the targets under
+/// kube-proxy's job, which kube-proxy's alerts and dashboards select.
+#[test]
+fn the_podmonitor_component_scrapes_where_the_proxy_serves() {
+    let overlay = Overlay::new("podmonitor", &["podmonitor"]);
+    let Some(docs) = kustomize(&overlay.0) else {
+        eprintln!("SKIP the_podmonitor_component_scrapes_where_the_proxy_serves: no kubectl");
+        return;
+    };
+    let ds = kind(&docs, "DaemonSet");
+    let args = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"]);
+    // The binary takes the arguments, kubeadm's kubeconfig still among them.
+    let pod = Pod::load();
+    let root = Root::new(&pod);
+    let parsed = parse(&root, &args);
+    assert!(parsed.kubeconfig.is_some(), "{args:?}");
+    let metrics = parsed.metrics_address().expect("metrics address");
+    assert!(metrics.ip().is_unspecified(), "{metrics}");
+
+    let pm = kind(&docs, "PodMonitor");
+    assert_eq!(pm["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    let selector = pm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    for (k, v) in selector {
+        assert_eq!(
+            &ds["spec"]["template"]["metadata"]["labels"][k], v,
+            "selects the pods"
+        );
+    }
+    let ep = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        ep["honorLabels"], true,
+        "per-Service namespace/service labels"
+    );
+    assert_eq!(ep["path"], "/metrics");
+    let relabel = |target: &str| {
+        ep["relabelings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["targetLabel"] == target)
+            .unwrap_or_else(|| panic!("no relabeling of {target}"))
+            .clone()
+    };
+    // No declared port to name: the pod's IP and the metrics port.
+    assert_eq!(
+        relabel("__address__")["sourceLabels"],
+        json!(["__meta_kubernetes_pod_ip"])
+    );
+    assert_eq!(
+        relabel("__address__")["replacement"],
+        format!("$1:{}", metrics.port())
+    );
+    assert_eq!(
+        relabel("job")["replacement"],
+        "kube-proxy",
+        "kube-proxy's alerts find it"
+    );
+}
+
+/// The lines of `[section]` in a TOML file (to the next section), without
+/// comments.
+fn toml_section(text: &str, section: &str) -> Vec<String> {
+    text.lines()
+        .skip_while(|l| l.trim() != format!("[{section}]"))
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The image ships the `dist` profile's binary (release's code without
+/// its debug sections), built for the target platform from the builder's
+/// (amd64 and arm64), on a small base with the two programs the proxy
+/// runs (nft, ip). Docker cannot run here: this reads the Dockerfile.
+#[test]
+fn the_image_is_built_from_the_stripped_dist_profile_for_amd64_and_arm64() {
+    let cargo = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .expect("Cargo.toml");
+    let dist = toml_section(&cargo, "profile.dist");
+    assert!(
+        dist.contains(&r#"inherits = "release""#.to_string()),
+        "{dist:?}"
+    );
+    let strip = dist
+        .iter()
+        .find_map(|l| l.strip_prefix("strip = "))
+        .expect("[profile.dist] strips");
+    assert!(
+        [r#""debuginfo""#, r#""symbols""#, "true"].contains(&strip),
+        "{strip}"
+    );
+    assert!(
+        dist.iter().any(|l| l == "debug = false"),
+        "no debug sections to strip: {dist:?}"
+    );
+
+    let text = std::fs::read_to_string(deploy("Dockerfile")).expect("deploy/Dockerfile");
+    // Instructions, with continuation lines joined and comments dropped.
+    let joined = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("\\\n", " ");
+    let froms: Vec<&str> = joined.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "a build stage and a runtime: {froms:?}");
+    assert!(
+        froms[0].contains("--platform=$BUILDPLATFORM") && froms[0].contains(" AS build"),
+        "the build runs natively and cross-compiles: {}",
+        froms[0]
+    );
+    let runtime = froms[1].split_whitespace().nth(1).expect("runtime image");
+    assert!(
+        (runtime.starts_with("debian:") && runtime.ends_with("-slim"))
+            || runtime.starts_with("gcr.io/distroless/"),
+        "{runtime}"
+    );
+    let build = joined
+        .lines()
+        .find(|l| l.contains("cargo build"))
+        .expect("cargo build");
+    for part in [
+        "--profile dist",
+        "--locked",
+        "--bin kube-uproxy",
+        "--target",
+    ] {
+        assert!(build.contains(part), "{part}: {build}");
+    }
+    assert!(
+        build.contains("/dist/kube-uproxy"),
+        "the dist binary is shipped: {build}"
+    );
+    for arch in [
+        "amd64)",
+        "arm64)",
+        "aarch64-unknown-linux-gnu",
+        "x86_64-unknown-linux-gnu",
+    ] {
+        assert!(joined.contains(arch), "{arch}");
+    }
+    // The proxy runs nft and ip (src/rules).
+    assert!(
+        joined.contains("nftables") && joined.contains("iproute2"),
+        "nft and ip in the runtime image"
+    );
+    assert!(
+        joined.contains("KUBE_UPROXY_GIT_COMMIT"),
+        "the build info's commit"
+    );
 }

@@ -837,3 +837,95 @@ fn the_nodes_autoscaler_taint_from_the_api_makes_healthz_not_eligible() {
         backend_name(0)
     );
 }
+
+// ---------------------------------------------------------------------------
+// 5. What kube-proxy's dashboards read besides its own families.
+
+/// `GET /metrics` on the node's own 127.0.0.1:10249: the body.
+fn scrape(node: &Netns) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10249));
+    let mut s = node
+        .tcp_connect(addr, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(format!("not a 200: {text:?}")),
+    }
+}
+
+/// The value of the series printed exactly as `series` (name and labels).
+fn value_of(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// kube-proxy's dashboards (kubernetes-mixin) read client-go's API client
+/// metrics and the process's: the proxy's requests to the (fake) API
+/// server are counted by code and timed, under the server's host:port,
+/// and the process's CPU, memory and start time are there.
+#[test]
+fn the_api_clients_requests_and_the_process_are_on_metrics() {
+    if !lab::require_root_and_nft("the_api_clients_requests_and_the_process_are_on_metrics") {
+        return;
+    }
+    let mut env = Env::new("kube-metrics", 1);
+    env.api.apply(service("web", VIP_A));
+    env.api.apply(slice("web", &[(0, true)]));
+    env.start_proxy();
+    env.wait_redirect(VIP_A, true, "web programmed");
+    env.wait_watching("every watcher watching", READY_TIMEOUT);
+    let host = env.api.addr().to_string();
+    let (lists, watches) = (env.api.list_requests(), env.api.watch_requests());
+    let mut body = String::new();
+    env.wait_until(
+        "the API client's requests on /metrics",
+        READY_TIMEOUT,
+        |env| {
+            body = scrape(env.node())?;
+            let ok = format!(
+                "rest_client_requests_total{{code=\"200\",method=\"GET\",host=\"{host}\"}}"
+            );
+            let timed = format!(
+                "rest_client_request_duration_seconds_count{{verb=\"GET\",host=\"{host}\"}}"
+            );
+            // At least the three watchers' lists (their watches too, once
+            // the double has answered their heads).
+            match (value_of(&body, &ok), value_of(&body, &timed)) {
+                (Some(n), Some(t)) if n >= 3.0 && t >= n => Ok(()),
+                other => Err(format!(
+                    "{other:?} ({lists} lists, {watches} watches served)"
+                )),
+            }
+        },
+    );
+    for family in [
+        "# TYPE rest_client_requests_total counter",
+        "# TYPE rest_client_request_duration_seconds histogram",
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
+        "# TYPE process_virtual_memory_bytes gauge",
+        "# TYPE process_start_time_seconds gauge",
+        "# TYPE kubernetes_build_info gauge",
+    ] {
+        assert!(body.contains(family), "{family}: {body}");
+    }
+    let rss = value_of(&body, "process_resident_memory_bytes").unwrap_or(0.0);
+    assert!(rss > 1e6, "resident memory {rss}");
+    let started = value_of(&body, "process_start_time_seconds").unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "started {started}, now {now}"
+    );
+}

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::convert::{Accepted, PROXY_LABEL_SELECTOR};
 use super::{NoticeLog, Update, UpdateSender, node_or_log, service_or_log, slice_or_log};
+use crate::client_metrics::{ApiClientLayer, ApiClientMetrics};
 use crate::model::ObjectKey;
 
 /// The API cannot be reached or configured.
@@ -44,8 +45,13 @@ pub enum KubeSourceError {
 }
 
 /// Builds a client from `--kubeconfig`, or infers one (in-cluster, then
-/// KUBECONFIG / ~/.kube/config) when no path is given.
-pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceError> {
+/// KUBECONFIG / ~/.kube/config) when no path is given. Every request it
+/// sends is counted and timed into `metrics` (client-go's
+/// `rest_client_*`, which kube-proxy's dashboards read).
+pub async fn client(
+    kubeconfig: Option<PathBuf>,
+    metrics: ApiClientMetrics,
+) -> Result<Client, KubeSourceError> {
     let config = match kubeconfig {
         Some(path) => {
             let kc =
@@ -59,7 +65,16 @@ pub async fn client(kubeconfig: Option<PathBuf>) -> Result<Client, KubeSourceErr
         }
         None => kube::Config::infer().await?,
     };
-    Ok(Client::try_from(config)?)
+    // client-go's `host` label: the server's host:port as the URL has it.
+    let host = config
+        .cluster_url
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default();
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(builder
+        .with_layer(&ApiClientLayer::new(metrics, host))
+        .build())
 }
 
 /// What the generic watch loop needs to know about a kind.
