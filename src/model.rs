@@ -199,6 +199,85 @@ impl fmt::Display for PortMode {
     }
 }
 
+/// The Service annotation `kube-uproxy.io/proxy-protocol`: a PROXY
+/// protocol header (HAProxy's `send-proxy`) written first on every
+/// connection to an endpoint, so that an endpoint that accepts it (an
+/// ingress controller, HAProxy, nginx, Envoy) learns the client's address
+/// and port, and the Service address the client connected to, which the
+/// relay's second connection otherwise hides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    /// The human-readable line (`PROXY TCP4 …\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl FromStr for ProxyProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" | "1" => Ok(ProxyProtocol::V1),
+            "v2" | "2" => Ok(ProxyProtocol::V2),
+            other => Err(format!(
+                "unknown PROXY protocol version {other:?} (want v1 or v2)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        })
+    }
+}
+
+/// The Service annotation `kube-uproxy.io/forwarded-headers`: on ports in
+/// request mode, `X-Forwarded-For` and `Forwarded` (RFC 7239) carry the
+/// client's address to the endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ForwardedHeaders {
+    /// Requests pass with the headers the client sent (kube-proxy's
+    /// behaviour: the proxy adds nothing).
+    #[default]
+    Off,
+    /// `true`: the proxy's headers replace any the client sent. A client
+    /// can write anything in them; an endpoint that trusts this hop must
+    /// not trust what came before it.
+    Replace,
+    /// `append`: the client's headers are trusted (it is itself a proxy,
+    /// such as a load balancer in front of the node) and the client's
+    /// address is appended to their chain.
+    Append,
+}
+
+impl FromStr for ForwardedHeaders {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "replace" => Ok(ForwardedHeaders::Replace),
+            "append" => Ok(ForwardedHeaders::Append),
+            "false" => Ok(ForwardedHeaders::Off),
+            other => Err(format!(
+                "unknown value {other:?} (want true, append or false)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ForwardedHeaders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardedHeaders::Off => "off",
+            ForwardedHeaders::Replace => "replace",
+            ForwardedHeaders::Append => "append",
+        })
+    }
+}
+
 /// `spec.sessionAffinity` of a Service, with its timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum SessionAffinity {
@@ -360,6 +439,11 @@ pub struct ServiceInfo {
     /// From the annotation `kube-uproxy.io/balance`; `None`: by each
     /// port's `appProtocol`.
     pub balance: Option<BalanceOverride>,
+    /// From the annotation `kube-uproxy.io/proxy-protocol`; `None`: no
+    /// header (as kube-proxy).
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// From the annotation `kube-uproxy.io/forwarded-headers`.
+    pub forwarded_headers: ForwardedHeaders,
     /// `spec.externalIPs`: caught like the ClusterIP.
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`, except those with `ipMode:
@@ -477,6 +561,12 @@ pub struct ServicePortSpec {
     pub algorithm: Algorithm,
     /// Per connection or per request ([`PortMode::of`]).
     pub mode: PortMode,
+    /// The PROXY protocol header sent first on each connection to an
+    /// endpoint (TCP ports only; a port with one is balanced per
+    /// connection: see [`ServicePortSpec::mode_of`]).
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// `X-Forwarded-For` and `Forwarded` on requests (request mode only).
+    pub forwarded_headers: ForwardedHeaders,
     /// The port on every node address, if the Service has one.
     pub node_port: Option<u16>,
     /// Addresses caught like the ClusterIP on `port`.
@@ -499,6 +589,21 @@ pub struct ServicePortSpec {
 }
 
 impl ServicePortSpec {
+    /// The mode of `port` of `svc`: [`PortMode::of`], except that a
+    /// Service asking for the PROXY protocol is balanced per connection.
+    /// The header describes one client's connection; in request mode one
+    /// pooled connection to an endpoint carries the requests of many
+    /// clients, and an endpoint that expects the header (it refuses
+    /// connections without one) could not be served at all by a pool
+    /// without it. The PROXY protocol is what the Service's endpoints
+    /// need to work; request mode is an optimisation: the first wins.
+    pub fn mode_of(svc: &ServiceInfo, port: &PortSpec) -> PortMode {
+        if svc.proxy_protocol.is_some() {
+            return PortMode::Connection;
+        }
+        PortMode::of(port.protocol, port.app_protocol.as_deref(), svc.balance)
+    }
+
     /// The port's endpoints of one address family, whatever their state.
     pub fn endpoints_of(&self, family: IpFamily) -> impl Iterator<Item = &Endpoint> {
         self.endpoints
@@ -663,7 +768,9 @@ impl ClusterState {
                 cluster_ips: svc.cluster_ips.clone(),
                 port: p.port,
                 algorithm: svc.algorithm.unwrap_or(default),
-                mode: PortMode::of(p.protocol, p.app_protocol.as_deref(), svc.balance),
+                mode: ServicePortSpec::mode_of(svc, p),
+                proxy_protocol: svc.proxy_protocol.filter(|_| p.protocol == Protocol::Tcp),
+                forwarded_headers: svc.forwarded_headers,
                 node_port: p.node_port,
                 external_ips: svc.external_ips.clone(),
                 lb_ips: svc.lb_ips.clone(),

@@ -26,6 +26,7 @@ pub mod limit;
 pub mod listeners;
 mod log_limit;
 pub mod metrics;
+mod origin;
 pub mod ports;
 pub mod relay;
 mod stop;

@@ -595,6 +595,14 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             debug!(listener = %plan.key, mode = %spec.mode, "balancing mode changed");
             port.balancer.set_mode(spec.mode);
         }
+        if port.balancer.proxy_protocol() != spec.proxy_protocol {
+            debug!(listener = %plan.key, proxy_protocol = ?spec.proxy_protocol, "PROXY protocol changed");
+            port.balancer.set_proxy_protocol(spec.proxy_protocol);
+        }
+        if port.balancer.forwarded_headers() != spec.forwarded_headers {
+            debug!(listener = %plan.key, forwarded_headers = %spec.forwarded_headers, "forwarded headers changed");
+            port.balancer.set_forwarded_headers(spec.forwarded_headers);
+        }
 
         for old in port
             .destinations
@@ -631,6 +639,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         let balancer = Arc::new(Balancer::new(spec.algorithm));
         balancer.update(endpoints, spec.algorithm, spec.session_affinity);
         balancer.set_mode(spec.mode);
+        balancer.set_proxy_protocol(spec.proxy_protocol);
+        balancer.set_forwarded_headers(spec.forwarded_headers);
         let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {

@@ -203,6 +203,8 @@ mod tests {
             port: 80,
             algorithm: Algorithm::RoundRobin,
             mode: PortMode::Connection,
+            proxy_protocol: None,
+            forwarded_headers: crate::model::ForwardedHeaders::Off,
             node_port: Some(30080),
             external_ips: Vec::new(),
             lb_ips: Vec::new(),

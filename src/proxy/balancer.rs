@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 
 use super::log_limit::LogLimit;
 
-use crate::model::{Algorithm, PortMode, SessionAffinity};
+use crate::model::{Algorithm, ForwardedHeaders, PortMode, ProxyProtocol, SessionAffinity};
 
 /// Most client IPs one Service port remembers for session affinity. When
 /// a new client finds the table full, expired entries go first, then the
@@ -248,6 +248,11 @@ pub struct Balancer {
     algorithm: AtomicU8,
     /// [`PortMode`], encoded.
     mode: AtomicU8,
+    /// The PROXY protocol header each connection to an endpoint starts
+    /// with: 0 none, 1 v1, 2 v2.
+    proxy_protocol: AtomicU8,
+    /// [`ForwardedHeaders`] of request mode: 0 off, 1 replace, 2 append.
+    forwarded: AtomicU8,
     /// `sessionAffinity: ClientIP`'s timeout in ms; 0: no affinity (the
     /// data path then takes no lock).
     affinity_timeout: AtomicU64,
@@ -307,6 +312,8 @@ impl Balancer {
             set: ArcSwap::from_pointee(EndpointSet::default()),
             algorithm: AtomicU8::new(encode(algorithm)),
             mode: AtomicU8::new(0),
+            proxy_protocol: AtomicU8::new(0),
+            forwarded: AtomicU8::new(0),
             affinity_timeout: AtomicU64::new(0),
             affinity: Mutex::new(Affinity::default()),
             affinity_clients: AtomicUsize::new(0),
@@ -341,6 +348,46 @@ impl Balancer {
     /// Publishes the port's mode (control plane).
     pub fn set_mode(&self, mode: PortMode) {
         self.mode.store(encode_mode(mode), Ordering::Relaxed);
+    }
+
+    /// The PROXY protocol header to send first on each new connection to
+    /// an endpoint, as last published; read at each accepted connection.
+    pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {
+        match self.proxy_protocol.load(Ordering::Relaxed) {
+            1 => Some(ProxyProtocol::V1),
+            2 => Some(ProxyProtocol::V2),
+            _ => None,
+        }
+    }
+
+    /// Publishes the port's PROXY protocol (control plane).
+    pub fn set_proxy_protocol(&self, version: Option<ProxyProtocol>) {
+        let v = match version {
+            None => 0,
+            Some(ProxyProtocol::V1) => 1,
+            Some(ProxyProtocol::V2) => 2,
+        };
+        self.proxy_protocol.store(v, Ordering::Relaxed);
+    }
+
+    /// The forwarded headers of request mode, as last published; read at
+    /// each request-mode connection.
+    pub fn forwarded_headers(&self) -> ForwardedHeaders {
+        match self.forwarded.load(Ordering::Relaxed) {
+            1 => ForwardedHeaders::Replace,
+            2 => ForwardedHeaders::Append,
+            _ => ForwardedHeaders::Off,
+        }
+    }
+
+    /// Publishes the port's forwarded headers (control plane).
+    pub fn set_forwarded_headers(&self, f: ForwardedHeaders) {
+        let v = match f {
+            ForwardedHeaders::Off => 0,
+            ForwardedHeaders::Replace => 1,
+            ForwardedHeaders::Append => 2,
+        };
+        self.forwarded.store(v, Ordering::Relaxed);
     }
 
     /// The rate limit of this Service port's "no endpoint accepted" lines.

@@ -25,6 +25,7 @@
 mod body;
 mod detect;
 mod forward;
+mod forwarded;
 mod pool;
 mod port;
 
@@ -38,6 +39,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use super::origin::original_destination;
+use crate::model::ForwardedHeaders;
 
 pub use detect::{Detected, detect};
 pub use port::HttpPort;
@@ -56,9 +60,19 @@ pub async fn serve(
     cut: CancellationToken,
 ) {
     let config = port.config.http;
+    // Built once per connection: the client and the address it connected
+    // to do not change from one request to the next.
+    let mode = port.balancer.forwarded_headers();
+    let forwarding = (mode != ForwardedHeaders::Off)
+        .then(|| forwarded::Forwarding::new(mode, peer, original_destination(&client)))
+        .flatten()
+        .map(Arc::new);
     let service = service_fn(move |req| {
         let port = Arc::clone(&port);
-        async move { Ok::<_, Infallible>(forward::handle(port, peer.ip(), req).await) }
+        let forwarding = forwarding.clone();
+        async move {
+            Ok::<_, Infallible>(forward::handle(port, peer.ip(), forwarding.as_deref(), req).await)
+        }
     });
     let io = TokioIo::new(client);
     // The same for both protocols; a macro because their connection

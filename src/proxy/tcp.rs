@@ -5,20 +5,22 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use super::DataPathConfig;
 use super::accept::AcceptBackoff;
-use super::balancer::Balancer;
+use super::balancer::{Balancer, Lease};
 use super::connect::{ConnectError, connect_marked, connect_with_failover};
 use super::connections::Connections;
 use super::http::{self, HttpPort};
 use super::metrics::{FailReason, ListenerMetrics, ServicePortMetrics};
+use super::origin::{Header, original_destination};
 use super::relay::{relay, reset};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
-use crate::model::{ServicePortName, SessionAffinity};
+use crate::model::{ProxyProtocol, ServicePortName, SessionAffinity};
 
 /// Starts accepting on `listener` until `stop` says so. Connections
 /// already accepted are not affected by `stop`: they run to their natural
@@ -347,7 +349,7 @@ async fn handle_connection(
             return;
         }
     };
-    let (lease, upstream) = match connected {
+    let (lease, mut upstream) = match connected {
         Ok(c) => c,
         Err(ConnectError::NoEndpoints) => {
             debug!("no endpoints; resetting client");
@@ -373,6 +375,48 @@ async fn handle_connection(
     };
     let endpoint = lease.addr();
     let _ = upstream.set_nodelay(true);
+    if let Some(version) = balancer.proxy_protocol() {
+        let sent = tokio::select! {
+            r = send_proxy_header(version, &client, peer, &mut upstream) => r,
+            _ = cut.cancelled() => Err(io::Error::other("cut")),
+        };
+        if let Err(e) = sent {
+            debug!(%endpoint, error = %e, "cannot send the PROXY protocol header; resetting both");
+            reset(&client);
+            reset(&upstream);
+            return;
+        }
+    }
+    finish(config, client, upstream, lease, &cut, &metrics).await;
+}
+
+/// Writes the PROXY protocol header of the connection `client` (from
+/// `peer`) on `upstream`, before any byte of the client's: the endpoint
+/// reads it first. A separate segment from the client's first bytes
+/// (holding it back for them would stall protocols where the server
+/// speaks first).
+async fn send_proxy_header(
+    version: ProxyProtocol,
+    client: &TcpStream,
+    peer: SocketAddr,
+    upstream: &mut TcpStream,
+) -> io::Result<()> {
+    let destination = original_destination(client)
+        .ok_or_else(|| io::Error::other("the client's socket has no local address"))?;
+    let header = Header::new(version, peer, destination);
+    upstream.write_all(header.as_bytes()).await
+}
+
+/// Relays a connected flow until both directions are done.
+async fn finish(
+    config: Arc<DataPathConfig>,
+    client: TcpStream,
+    upstream: TcpStream,
+    lease: Lease,
+    cut: &CancellationToken,
+    metrics: &ServicePortMetrics,
+) {
+    let endpoint = lease.addr();
     // The bytes count into the port's counters as they move, whichever
     // way the flow ends (relay/count.rs).
     let result = relay(
@@ -380,7 +424,7 @@ async fn handle_connection(
         &config.tcp,
         client,
         upstream,
-        &cut,
+        cut,
         metrics.relayed_bytes(),
     )
     .await;

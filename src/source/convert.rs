@@ -20,8 +20,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
-    Algorithm, BalanceOverride, IpFamily, NodeInfo, ObjectKey, PortSpec, Protocol, ServiceInfo,
-    SessionAffinity, SliceEndpoint, SliceInfo, SlicePort,
+    Algorithm, BalanceOverride, ForwardedHeaders, IpFamily, NodeInfo, ObjectKey, PortMode,
+    PortSpec, Protocol, ProxyProtocol, ServiceInfo, SessionAffinity, SliceEndpoint, SliceInfo,
+    SlicePort,
 };
 
 /// Label that hands a Service to another proxy (kube-proxy skips these).
@@ -38,6 +39,11 @@ pub const ANNOTATION_LB_ALGORITHM: &str = "kube-uproxy.io/lb-algorithm";
 /// Per-Service choice of per-request or per-connection balancing, over
 /// each port's `appProtocol`.
 pub const ANNOTATION_BALANCE: &str = "kube-uproxy.io/balance";
+/// Per-Service PROXY protocol header toward the endpoints: `v1` or `v2`.
+pub const ANNOTATION_PROXY_PROTOCOL: &str = "kube-uproxy.io/proxy-protocol";
+/// Per-Service `X-Forwarded-For` and `Forwarded` on requests of ports in
+/// request mode: `true` (replace the client's) or `append` (trust them).
+pub const ANNOTATION_FORWARDED_HEADERS: &str = "kube-uproxy.io/forwarded-headers";
 /// Asks the EndpointSlice controller for topology hints (Kubernetes 1.27+).
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The older name of [`ANNOTATION_TOPOLOGY_MODE`].
@@ -382,6 +388,8 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
         },
     };
 
+    let (proxy_protocol, forwarded_headers) = client_address(meta, &ports, balance, &mut notices);
+
     Ok(Outcome::Accepted(Accepted {
         info: ServiceInfo {
             key,
@@ -389,6 +397,8 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
             ports,
             algorithm,
             balance,
+            proxy_protocol,
+            forwarded_headers,
             external_ips,
             lb_ips,
             lb_source_ranges,
@@ -399,6 +409,84 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
         },
         notices,
     }))
+}
+
+/// The annotations that carry the client's address to the endpoints:
+/// `kube-uproxy.io/proxy-protocol` and `kube-uproxy.io/forwarded-headers`.
+/// A bad value is a notice and means "off" (the endpoints get what they
+/// get without the annotation); so is a part the Service's ports cannot
+/// have: no PROXY protocol over UDP (HAProxy and nginx accept it on TCP
+/// only), no request mode beside the PROXY protocol (see
+/// `ServicePortSpec::mode_of`), no headers without request mode.
+fn client_address(
+    meta: &ObjectMeta,
+    ports: &[PortSpec],
+    balance: Option<BalanceOverride>,
+    notices: &mut Vec<Notice>,
+) -> (Option<ProxyProtocol>, ForwardedHeaders) {
+    let pp_field = || format!("metadata.annotations[{ANNOTATION_PROXY_PROTOCOL}]");
+    let fh_field = || format!("metadata.annotations[{ANNOTATION_FORWARDED_HEADERS}]");
+    let proxy_protocol = match annotation(meta, ANNOTATION_PROXY_PROTOCOL) {
+        None => None,
+        Some(raw) => match raw.parse::<ProxyProtocol>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                notices.push(Notice::new(pp_field(), format!("{e}; no header is sent")));
+                None
+            }
+        },
+    };
+    let forwarded = match annotation(meta, ANNOTATION_FORWARDED_HEADERS) {
+        None => ForwardedHeaders::Off,
+        Some(raw) => match raw.parse::<ForwardedHeaders>() {
+            Ok(v) => v,
+            Err(e) => {
+                notices.push(Notice::new(fh_field(), format!("{e}; no header is added")));
+                ForwardedHeaders::Off
+            }
+        },
+    };
+    let per_request =
+        |p: &PortSpec| PortMode::of(p.protocol, p.app_protocol.as_deref(), balance).per_request();
+    if let Some(version) = proxy_protocol {
+        for (i, p) in ports.iter().enumerate() {
+            if p.protocol == Protocol::Udp {
+                notices.push(Notice::new(
+                    format!("spec.ports[{i}]"),
+                    format!(
+                        "the PROXY protocol ({version}) is not sent over UDP (endpoints accept it on TCP only); this port's datagrams go without it"
+                    ),
+                ));
+            } else if per_request(p) {
+                notices.push(Notice::new(
+                    format!("spec.ports[{i}]"),
+                    "balanced per connection, not per request: the PROXY protocol describes one client connection, and a pooled connection to an endpoint carries many clients' requests",
+                ));
+            }
+        }
+    }
+    let forwarded = if forwarded == ForwardedHeaders::Off {
+        forwarded
+    } else if proxy_protocol.is_some() {
+        notices.push(Notice::new(
+            fh_field(),
+            format!(
+                "ignored: with {ANNOTATION_PROXY_PROTOCOL} every port is balanced per connection, and headers are added in request mode only"
+            ),
+        ));
+        ForwardedHeaders::Off
+    } else if !ports.iter().any(per_request) {
+        notices.push(Notice::new(
+            fh_field(),
+            format!(
+                "ignored: headers are added on ports balanced per request only (appProtocol http, h2c or grpc, or {ANNOTATION_BALANCE}: request), and this Service has none"
+            ),
+        ));
+        ForwardedHeaders::Off
+    } else {
+        forwarded
+    };
+    (proxy_protocol, forwarded)
 }
 
 /// Parses `(field, address)` pairs; a bad address is a notice naming its

@@ -20,6 +20,7 @@ use super::super::balancer::Lease;
 use super::super::metrics::http::{Outcome, RetryReason};
 use super::super::relay::relay;
 use super::body::{Done, ProxyBody, grpc_status};
+use super::forwarded::Forwarding;
 use super::pool::{Conn, Proto};
 use super::port::HttpPort;
 use crate::model::PortMode;
@@ -28,8 +29,15 @@ use crate::model::PortMode;
 pub async fn handle(
     port: Arc<HttpPort>,
     client: IpAddr,
-    req: Request<Incoming>,
+    forwarding: Option<&Forwarding>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if let Some(f) = forwarding {
+        // h2 carries the host in the URI (`:authority`); a refcount, not
+        // a copy.
+        let authority = req.uri().authority().cloned();
+        f.apply(req.headers_mut(), authority.as_ref().map(|a| a.as_str()));
+    }
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
     port.metrics.http().started();
@@ -51,7 +59,6 @@ pub async fn handle(
         PortMode::Http2 => Proto::Http2,
         _ => Proto::Http1,
     };
-    let mut req = req;
     let client_version = req.version();
     prepare_request(&mut req, proto);
     let set = port.balancer.endpoints();

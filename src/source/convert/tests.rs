@@ -385,3 +385,91 @@ fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
         (a, b) => *a = b,
     }
 }
+
+/// A Service with these annotations and ports (`[name, protocol,
+/// appProtocol]`): its PROXY protocol, forwarded headers and the fields
+/// its notices name.
+fn client_address_of(
+    annotations: serde_json::Value,
+    ports: serde_json::Value,
+) -> (Option<ProxyProtocol>, ForwardedHeaders, Vec<String>) {
+    let a = service(&svc(json!({
+        "metadata": {"name": "web", "annotations": annotations},
+        "spec": {"clusterIP": "10.96.0.10", "ports": ports}
+    })))
+    .unwrap()
+    .accepted();
+    let fields = a.notices.iter().map(|n| n.field.clone()).collect();
+    (a.info.proxy_protocol, a.info.forwarded_headers, fields)
+}
+
+#[test]
+fn proxy_protocol_annotation_is_read_and_left_off_udp_and_request_mode() {
+    let pp = "metadata.annotations[kube-uproxy.io/proxy-protocol]";
+    let tcp = json!([{"name": "a", "port": 80}]);
+    assert_eq!(
+        client_address_of(json!({ANNOTATION_PROXY_PROTOCOL: "v2"}), tcp.clone()),
+        (Some(ProxyProtocol::V2), ForwardedHeaders::Off, vec![])
+    );
+    assert_eq!(
+        client_address_of(json!({ANNOTATION_PROXY_PROTOCOL: " V1 "}), tcp.clone()),
+        (Some(ProxyProtocol::V1), ForwardedHeaders::Off, vec![])
+    );
+    // A typo: no header, and a notice naming the Service's field.
+    assert_eq!(
+        client_address_of(json!({ANNOTATION_PROXY_PROTOCOL: "v3"}), tcp.clone()),
+        (None, ForwardedHeaders::Off, vec![pp.to_string()])
+    );
+    // UDP is proxied without it; an HTTP port goes per connection.
+    let (v, _, fields) = client_address_of(
+        json!({ANNOTATION_PROXY_PROTOCOL: "v1"}),
+        json!([{"name": "a", "port": 80, "appProtocol": "http"},
+               {"name": "b", "port": 53, "protocol": "UDP"}]),
+    );
+    assert_eq!(v, Some(ProxyProtocol::V1));
+    assert_eq!(fields, vec!["spec.ports[0]", "spec.ports[1]"]);
+}
+
+#[test]
+fn forwarded_headers_annotation_needs_a_port_in_request_mode() {
+    let fh = "metadata.annotations[kube-uproxy.io/forwarded-headers]";
+    let http = json!([{"name": "a", "port": 80, "appProtocol": "http"}]);
+    assert_eq!(
+        client_address_of(json!({ANNOTATION_FORWARDED_HEADERS: "true"}), http.clone()),
+        (None, ForwardedHeaders::Replace, vec![])
+    );
+    assert_eq!(
+        client_address_of(
+            json!({ANNOTATION_FORWARDED_HEADERS: "append"}),
+            http.clone()
+        ),
+        (None, ForwardedHeaders::Append, vec![])
+    );
+    assert_eq!(
+        client_address_of(json!({ANNOTATION_FORWARDED_HEADERS: "yes"}), http.clone()),
+        (None, ForwardedHeaders::Off, vec![fh.to_string()])
+    );
+    // No port in request mode: nothing to add them to.
+    assert_eq!(
+        client_address_of(
+            json!({ANNOTATION_FORWARDED_HEADERS: "true"}),
+            json!([{"name": "a", "port": 80}])
+        ),
+        (None, ForwardedHeaders::Off, vec![fh.to_string()])
+    );
+    // `balance: request` makes a port without appProtocol HTTP.
+    assert_eq!(
+        client_address_of(
+            json!({ANNOTATION_FORWARDED_HEADERS: "true", ANNOTATION_BALANCE: "request"}),
+            json!([{"name": "a", "port": 80}])
+        ),
+        (None, ForwardedHeaders::Replace, vec![])
+    );
+    // Beside the PROXY protocol every port is per connection.
+    let (_, f, fields) = client_address_of(
+        json!({ANNOTATION_FORWARDED_HEADERS: "true", ANNOTATION_PROXY_PROTOCOL: "v2"}),
+        http,
+    );
+    assert_eq!(f, ForwardedHeaders::Off);
+    assert_eq!(fields, vec!["spec.ports[0]".to_string(), fh.to_string()]);
+}

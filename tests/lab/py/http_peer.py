@@ -8,6 +8,9 @@ which backend gave it, in the body and in `X-Backend`:
   - GET (or HEAD) any path: 200, body "<name>\\n";
   - POST or PUT /sha256: reads the body (Content-Length or chunked), 200,
     body "<hex sha256 of the body> <name>\\n";
+  - GET /headers: 200, body "<name>\n" then one line per
+    `X-Forwarded-For` and `Forwarded` header received, `<name>: <value>`
+    (lower-case name), in the order received;
   - a request with `Connection: Upgrade` and `Upgrade: websocket`: 101,
     then the connection is a raw tunnel: the backend writes
     "tunnel <name>\\n", then echoes every byte until EOF.
@@ -99,6 +102,12 @@ def make_handler(name, delay):
             self.pause()
             if self.is_upgrade():
                 self.tunnel()
+            elif self.path == "/headers":
+                lines = [name]
+                for k, v in self.headers.items():
+                    if k.lower() in ("x-forwarded-for", "forwarded"):
+                        lines.append("%s: %s" % (k.lower(), v))
+                self.answer(200, ("\n".join(lines) + "\n").encode())
             else:
                 self.answer(200, body_name)
 

@@ -402,3 +402,87 @@ pub fn metric_sum(samples: &[(String, f64)], name: &str, labels: &[(&str, &str)]
         })
         .fold((0.0, 0), |(sum, n), (_, v)| (sum + v, n + 1))
 }
+
+/// nginx in `ns` on `addr` with `listen … proxy_protocol` (versions 1 and
+/// 2 both accepted), answering every request with what it parsed from the
+/// PROXY protocol header, one line:
+/// `<client addr> <client port> <server addr> <server port>`. A
+/// connection without a valid header is closed by nginx (its error log
+/// says why: `<dir>/<label>.error.log`). One process (`master_process
+/// off`), so that dropping the child stops it; probed from `probe`.
+///
+/// # Panics
+/// If nginx exits or does not listen within 20 s (with its error log).
+pub fn nginx_proxy_protocol(
+    ns: &Netns,
+    probe: &Netns,
+    dir: &Path,
+    label: &str,
+    addr: SocketAddr,
+) -> NsChild {
+    let root = dir.join(label);
+    std::fs::create_dir_all(&root).expect("creating nginx's directory");
+    let error_log = dir.join(format!("{label}.error.log"));
+    let listen = match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    let r = root.display();
+    let conf = format!(
+        "daemon off;\n\
+         master_process off;\n\
+         worker_processes 1;\n\
+         pid {r}/nginx.pid;\n\
+         error_log {e} info;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n\
+           access_log off;\n\
+           client_body_temp_path {r}/body;\n\
+           proxy_temp_path {r}/proxy;\n\
+           fastcgi_temp_path {r}/fastcgi;\n\
+           uwsgi_temp_path {r}/uwsgi;\n\
+           scgi_temp_path {r}/scgi;\n\
+           server {{\n\
+             listen {listen} proxy_protocol;\n\
+             location / {{\n\
+               default_type text/plain;\n\
+               return 200 \"$proxy_protocol_addr $proxy_protocol_port $proxy_protocol_server_addr $proxy_protocol_server_port\\n\";\n\
+             }}\n\
+           }}\n\
+         }}\n",
+        e = error_log.display(),
+    );
+    let conf_path = root.join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("writing nginx.conf");
+    let log = File::create(dir.join(format!("{label}.out"))).expect("creating nginx's output file");
+    let log2 = log.try_clone().expect("cloning the log file handle");
+    let mut cmd = ns.command("nginx");
+    cmd.arg("-p")
+        .arg(&root)
+        .arg("-e")
+        .arg(&error_log)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let mut child = ns.spawn(cmd).expect("spawning nginx");
+    let started = poll(SERVER_START_TIMEOUT, Duration::from_millis(50), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited ({status})"));
+        }
+        probe
+            .tcp_connect(addr, Duration::from_secs(1))
+            .map(drop)
+            .map_err(|e| format!("connect {addr}: {e}"))
+    });
+    if let Err(last) = started {
+        panic!(
+            "nginx {label} in {} did not start: {last}; error log:\n{}\noutput:\n{}",
+            ns.name(),
+            std::fs::read_to_string(&error_log).unwrap_or_default(),
+            std::fs::read_to_string(dir.join(format!("{label}.out"))).unwrap_or_default()
+        );
+    }
+    child
+}
