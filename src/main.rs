@@ -407,6 +407,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_flows: args.udp_max_flows.max(1),
                 max_flows_total: udp_max_flows_total,
                 mark: args.upstream_mark,
+                flush_conntrack: true,
             },
             upstream_mark: args.upstream_mark,
             http: HttpConfig {

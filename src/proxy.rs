@@ -10,7 +10,8 @@
 //! ([`metrics`]), which the process's registry renders. Dead peers are
 //! found by the socket options of [`tcp_options`]. Repeating warnings go
 //! through `log_limit.rs`; the few raw system calls live in `sys.rs`. A
-//! listener's task is told to end through [`Stop`] (`stop.rs`). The
+//! listener's task is told to end through [`Stop`] (`stop.rs`); a retired
+//! UDP listener's conntrack entries are flushed by [`conntrack`]. The
 //! control plane only talks to this module through
 //! [`listeners::Listeners`] (open, close) and
 //! [`balancer::Balancer::update`]; shutdown drains through
@@ -21,6 +22,7 @@ pub mod balancer;
 mod connect;
 pub use connect::{TIMER_FLOOR, timer_floor};
 pub mod connections;
+pub mod conntrack;
 pub mod http;
 pub mod limit;
 pub mod listeners;

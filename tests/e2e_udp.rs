@@ -20,6 +20,10 @@
 //!   or answers ICMP port unreachable.
 //! - Replies come from the address the client sent to, on a node with two
 //!   addresses.
+//! - A client that keeps its source port and keeps sending reaches the new
+//!   listener when its Service port's listener is retired (the port
+//!   renamed): the conntrack entry that DNATed it to the old proxy port is
+//!   flushed.
 //!
 //! The release binary runs in the node namespace of a [`Lab`] with real
 //! nftables rules and real sockets; clients run in the client, backend and
@@ -1378,6 +1382,137 @@ fn a_udp_flood_on_many_service_ports_cannot_take_the_fds_tcp_needs() {
         metrics
             .lines()
             .filter(|l| l.contains("udp_flows"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A retired listener's conntrack entries.
+
+/// The default IPv4 proxy address, which the listeners bind.
+const PROXY_ADDRESS: &str = "169.254.42.1";
+
+/// The UDP ports bound on the proxy address in `ns` (the proxy's
+/// listeners, in the node). `ss -u` alone prints no Netid column, so the
+/// local address is looked for by its address.
+fn udp_ports(ns: &Netns) -> BTreeSet<u16> {
+    let out = ns
+        .output("ss", ["-Hlnu"])
+        .unwrap_or_else(|e| panic!("ss -Hlnu in {}: {e}", ns.name()));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|field| {
+            let (ip, port) = field.rsplit_once(':')?;
+            (ip == PROXY_ADDRESS).then(|| port.parse().ok()).flatten()
+        })
+        .collect()
+}
+
+#[test]
+fn a_udp_client_that_keeps_its_source_port_reaches_the_new_listener_after_a_retirement() {
+    if !lab::require_root_and_nft(
+        "a_udp_client_that_keeps_its_source_port_reaches_the_new_listener_after_a_retirement",
+    ) {
+        return;
+    }
+    let bed = UdpBed::new("udp-ct", 1);
+    // A Service port is named by its name: renaming it retires its
+    // listener and opens another on a new proxy port, while the ClusterIP
+    // and port the client sends to stay the same.
+    let svc = |port_name: &str| {
+        ServiceManifest::new("dns", VIP_A)
+            .with_port(PortManifest::udp(SVC_PORT, BACKEND_PORT).named(port_name))
+            .with_endpoints(vec![ep(0)])
+    };
+    let (mut proxy, path) = bed.start_proxy(&manifests(&[svc("a")]), &[]);
+    wait_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        VIP_A,
+        "udp",
+        SVC_PORT,
+    );
+    let to = SocketAddr::from((VIP_A, SVC_PORT));
+    first_answer(bed.client(), to, "before the change");
+    let old_ports = udp_ports(bed.node());
+    // One socket: one source port for the whole test.
+    let socket = udp_client(bed.client());
+    let source = socket.local_addr().expect("client address");
+    let before = ask(&socket, to, ANSWER_WAIT).expect("the client, before the change");
+    assert_eq!(before.name, backend_name(0));
+
+    write_by_rename(&path, &manifests(&[svc("b")]));
+    // The client keeps sending every 100 ms (renewing its conntrack entry)
+    // until the old listener has closed and the new one is bound.
+    let mut new_ports = BTreeSet::new();
+    let mut sent = 0;
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        proxy.assert_running("after the rename");
+        let _ = socket.send_to(b"keep", to);
+        sent += 1;
+        new_ports = udp_ports(bed.node());
+        if !new_ports.is_empty() && new_ports.is_disjoint(&old_ports) {
+            Ok(())
+        } else {
+            Err(format!(
+                "UDP ports bound: {new_ports:?}, before: {old_ports:?}"
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("the listener was never replaced: {e}"));
+    eprintln!(
+        "listener moved from {old_ports:?} to {new_ports:?}; {sent} datagrams from {source} meanwhile"
+    );
+
+    // Same socket, same source port: answered again within a few seconds
+    // (its stale entry would otherwise live as long as it keeps sending).
+    let t0 = Instant::now();
+    let mut tries = 0;
+    let mut last = String::new();
+    let mut answered = None;
+    while t0.elapsed() < Duration::from_secs(5) && answered.is_none() {
+        tries += 1;
+        match ask(&socket, to, Duration::from_millis(300)) {
+            Ok(a) => answered = Some(a),
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let fresh = first_answer(bed.client(), to, "a fresh client after the change");
+    let Some(after) = answered else {
+        panic!(
+            "the client on {source} got no answer in {tries} tries over {:?} after its \
+             listener was retired (last: {last}); a fresh client was answered by {}",
+            t0.elapsed(),
+            fresh.name
+        );
+    };
+    eprintln!("answered again after {tries} tries ({:?})", t0.elapsed());
+    assert_eq!(after.name, backend_name(0));
+    assert_eq!(
+        after.from, to,
+        "the answer must come from the Service address"
+    );
+    assert_eq!(socket.local_addr().expect("client address"), source);
+
+    let metrics = uproxy_lab::e2e::http_get(
+        bed.node(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 10249)),
+        "/metrics",
+    )
+    .map(|(_, body)| body)
+    .unwrap_or_default();
+    let flushed = metric_sum(&metrics, "kubeuproxy_conntrack_flushed_total", "");
+    let errors = metric_sum(&metrics, "kubeuproxy_conntrack_flush_errors_total", "");
+    assert!(
+        flushed >= 1.0 && errors == 0.0,
+        "conntrack flushed {flushed}, errors {errors}:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("conntrack"))
             .collect::<Vec<_>>()
             .join("\n")
     );

@@ -46,6 +46,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use super::conntrack::CONNTRACK;
 use super::relay::{RelayedBytes, SPLICE_PIPES, Way};
 use crate::model::{Protocol, ServicePortName};
 #[cfg(test)]
@@ -378,6 +379,8 @@ mod help {
     pub const PIPES_IN_USE: &str = "Splice pipes held by bulk relay directions now (process-wide; at most --splice-pipes-max).";
     pub const PIPES_MAX: &str = "The cap on splice pipes open at once (--splice-pipes-max).";
     pub const PIPE_FALLBACKS: &str = "Times a bulk relay direction got no splice pipe (the cap was reached, or the kernel refused one) and copied instead.";
+    pub const CONNTRACK_FLUSHED: &str = "Conntrack entries deleted because they still sent UDP clients to a retired listener's proxy port.";
+    pub const CONNTRACK_FLUSH_ERRORS: &str = "Flushes of a retired UDP listener's conntrack entries that failed (a dump or a deletion the kernel refused).";
     pub const ACCEPTED: &str = "Client connections accepted by a Service port's listener.";
     pub const ACTIVE: &str = "Client connections open now (connecting or relaying).";
     pub const FAILED: &str =
@@ -459,6 +462,17 @@ impl Collector for PortSeries {
                 "kubeuproxy_splice_pipe_fallbacks",
                 help::PIPE_FALLBACKS,
                 Sample::Counter(SPLICE_PIPES.fallbacks()),
+            ),
+            // The conntrack flushes of retired UDP listeners (conntrack.rs).
+            (
+                "kubeuproxy_conntrack_flushed",
+                help::CONNTRACK_FLUSHED,
+                Sample::Counter(CONNTRACK.flushed()),
+            ),
+            (
+                "kubeuproxy_conntrack_flush_errors",
+                help::CONNTRACK_FLUSH_ERRORS,
+                Sample::Counter(CONNTRACK.errors()),
             ),
         ] {
             let metric_type = match sample {

@@ -23,8 +23,12 @@
 //!   with an ICMP error (seen as `ECONNREFUSED` on the upstream socket) or
 //!   cannot be reached (any other send or receive error on the upstream
 //!   socket, e.g. `EHOSTUNREACH`, but a full buffer), opens a new flow to
-//!   another endpoint, counted as a failed attempt and a retry. No conntrack entry ever needs
-//!   flushing: conntrack only knows the proxy, not the endpoint.
+//!   another endpoint, counted as a failed attempt and a retry. No conntrack entry needs
+//!   flushing for it: conntrack only knows the proxy, not the endpoint.
+//! - When the listener is retired (its Service port is gone or was
+//!   recreated), after its linger, the conntrack entries DNATed to its
+//!   port are flushed ([`super::conntrack`]), so that a client that keeps
+//!   its source port reaches the new listener.
 //! - The table holds at most `max_flows`; when it is full, room is made a
 //!   sixteenth of the table at a time: first from the *finished
 //!   exchanges*, flows whose one datagram was answered (a DNS query and
@@ -91,6 +95,11 @@ pub struct UdpConfig {
     pub max_flows_total: usize,
     /// `SO_MARK` of the upstream sockets (see `DataPathConfig::upstream_mark`).
     pub mark: u32,
+    /// Flush the conntrack entries that point at a retired listener
+    /// ([`super::conntrack`]). Off by default: unit tests must not touch
+    /// the conntrack table of the machine they run on (nor count a failure
+    /// per listener without `CAP_NET_ADMIN`); the binary turns it on.
+    pub flush_conntrack: bool,
 }
 
 impl Default for UdpConfig {
@@ -100,6 +109,7 @@ impl Default for UdpConfig {
             max_flows: 16384,
             max_flows_total: usize::MAX,
             mark: 0,
+            flush_conntrack: false,
         }
     }
 }
@@ -327,10 +337,25 @@ impl FlowTable {
         loop {
             tokio::select! {
                 _ = stop.now.cancelled() => return,
-                _ = &mut linger => return,
+                _ = &mut linger => break,
                 _ = fire(&mut expiry) => expiry = self.expire(),
                 r = self.receive() => self.received(r, &mut expiry, &mut affinity),
             }
+        }
+        // Closed, and the rules moved to another listener before the
+        // retirement began (the reconciler closes a listener only after the
+        // sync that took its rules away succeeded): conntrack entries that
+        // still DNAT a client to this port would hold a client that keeps
+        // its source port here, on a closed port, for as long as it sends.
+        // Flushed now, its next datagram follows the rules to the new
+        // listener. Not at shutdown: the next instance takes these ports.
+        let proxy = self.socket.local_addr();
+        let flush = self.config.flush_conntrack;
+        drop(self);
+        match proxy {
+            Ok(proxy) if flush => super::conntrack::CONNTRACK.retired(proxy),
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "no local address; conntrack not flushed"),
         }
     }
 
