@@ -677,7 +677,7 @@ fn differences(
 ) -> Vec<String> {
     let mut out = Vec::new();
     for (name, ..) in render::CHAINS {
-        let want = render::rules_in_chain(name);
+        let want = render::rules_in_chain(layout, family, name);
         match t.chains.get(name) {
             None => out.push(format!("chain {name} is missing")),
             Some(&n) if n != want => out.push(format!("chain {name} has {n} rules, not {want}")),
@@ -765,6 +765,7 @@ mod tests {
                 note: String::new(),
             },
             upstream_mark: 0x2000,
+            local_traffic: None,
         }
     }
 
