@@ -13,6 +13,7 @@ use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
 use crate::proxy::relay::{RelayConfig, RelayMode};
 use crate::proxy::tcp_options::{Keepalive, TcpOptions};
+use crate::rules::conntrack::ConntrackSettings;
 use crate::rules::render::LocalTraffic;
 
 /// A userspace L4 proxy for Kubernetes Services: nftables redirects
@@ -157,6 +158,31 @@ pub struct Args {
     /// any interface whose name begins with it is from a local pod.
     #[arg(long, value_name = "PREFIX", value_parser = parse_interface_name)]
     pub pod_interface_name_prefix: Option<String>,
+
+    /// Maximum number of NAT connections to track per CPU core
+    /// (kube-proxy's flag): net.netfilter.nf_conntrack_max is raised to
+    /// this times the node's CPUs, at least --conntrack-min, never
+    /// lowered. 0 to leave the limit as-is and ignore --conntrack-min.
+    /// Each proxied TCP flow holds two entries (client and endpoint legs).
+    #[arg(long, value_name = "N", default_value = "32768", value_parser = |s: &str| CONNTRACK_MAX_PER_CORE.parse(s))]
+    pub conntrack_max_per_core: usize,
+
+    /// Minimum number of conntrack entries to allocate, regardless of
+    /// --conntrack-max-per-core (kube-proxy's flag).
+    #[arg(long, value_name = "N", default_value = "131072", value_parser = |s: &str| CONNTRACK_MIN.parse(s))]
+    pub conntrack_min: usize,
+
+    /// Idle timeout for established TCP connections in conntrack
+    /// (net.netfilter.nf_conntrack_tcp_timeout_established; kube-proxy's
+    /// flag). 0 to leave as-is.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = |s: &str| CONNTRACK_TCP_TIMEOUT_ESTABLISHED.parse(s))]
+    pub conntrack_tcp_timeout_established: Duration,
+
+    /// NAT timeout for TCP connections in the CLOSE_WAIT state
+    /// (net.netfilter.nf_conntrack_tcp_timeout_close_wait; kube-proxy's
+    /// flag). 0 to leave as-is.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = |s: &str| CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT.parse(s))]
+    pub conntrack_tcp_timeout_close_wait: Duration,
 
     /// How long a UDP flow (one client address) keeps its upstream socket
     /// without a datagram in either direction. The legacy proxier's 250 ms
@@ -599,6 +625,16 @@ impl Args {
         }
     }
 
+    /// The conntrack sysctls as the flags ask them.
+    pub fn conntrack(&self) -> ConntrackSettings {
+        ConntrackSettings {
+            max_per_core: self.conntrack_max_per_core as u64,
+            min: self.conntrack_min as u64,
+            tcp_established: self.conntrack_tcp_timeout_established,
+            tcp_close_wait: self.conntrack_tcp_timeout_close_wait,
+        }
+    }
+
     /// How flows are relayed.
     pub fn relay(&self) -> RelayConfig {
         RelayConfig {
@@ -758,6 +794,38 @@ pub const HTTP_UPSTREAM_IDLE_TIMEOUT: DurationBounds = DurationBounds {
     max: HOUR,
     zero_is_off: false,
 };
+/// kube-proxy's `conntrack.tcpEstablishedTimeout`: the kernel takes whole
+/// seconds (a fraction is dropped); below a second every idle flow would
+/// lose its entry at once.
+pub const CONNTRACK_TCP_TIMEOUT_ESTABLISHED: DurationBounds = DurationBounds {
+    flag: "--conntrack-tcp-timeout-established",
+    field: None,
+    min: SECOND,
+    max: Duration::from_secs(365 * 24 * 3600),
+    zero_is_off: true,
+};
+/// kube-proxy's `conntrack.tcpCloseWaitTimeout`.
+pub const CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT: DurationBounds = DurationBounds {
+    flag: "--conntrack-tcp-timeout-close-wait",
+    field: None,
+    min: SECOND,
+    max: Duration::from_secs(365 * 24 * 3600),
+    zero_is_off: true,
+};
+/// kube-proxy's `conntrack.maxPerCore` (an int32 there).
+pub const CONNTRACK_MAX_PER_CORE: CountBounds = CountBounds {
+    flag: "--conntrack-max-per-core",
+    min: 1,
+    max: i32::MAX as usize,
+    zero_is_off: true,
+};
+/// kube-proxy's `conntrack.min` (an int32 there).
+pub const CONNTRACK_MIN: CountBounds = CountBounds {
+    flag: "--conntrack-min",
+    min: 0,
+    max: i32::MAX as usize,
+    zero_is_off: false,
+};
 /// 0 flows would drop every datagram; one per fd at most.
 pub const UDP_MAX_FLOWS: CountBounds = CountBounds {
     flag: "--udp-max-flows",
@@ -884,6 +952,16 @@ pub(crate) mod tests {
             &["0s", "1s", "30days"],
         ),
         (TCP_USER_TIMEOUT, &["1ms", "25h"], &["0s", "1s", "24h"]),
+        (
+            CONNTRACK_TCP_TIMEOUT_ESTABLISHED,
+            &["500ms", "366days"],
+            &["0s", "1s", "24h0m0s", "365days"],
+        ),
+        (
+            CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT,
+            &["500ms", "366days"],
+            &["0s", "1h0m0s"],
+        ),
     ];
 
     #[test]
@@ -918,6 +996,12 @@ pub(crate) mod tests {
                 &["0", "1", "16777216"],
             ),
             (SPLICE_PIPES_MAX, &["0", "-1", "4097", "x"], &["1", "4096"]),
+            (
+                CONNTRACK_MAX_PER_CORE,
+                &["-1", "2147483648", "x"],
+                &["0", "32768", "2147483647"],
+            ),
+            (CONNTRACK_MIN, &["-1", "2147483648"], &["0", "131072"]),
             (
                 UDP_MAX_FLOWS_TOTAL,
                 &["0", "-1", "16777217", "all"],
@@ -1049,6 +1133,16 @@ pub(crate) mod tests {
         );
         assert_eq!(a.tcp_options().user_timeout, Some(Duration::from_secs(90)));
         assert_eq!(a.relay().idle_timeout, None);
+        // kube-proxy's conntrack defaults.
+        assert_eq!(
+            a.conntrack(),
+            ConntrackSettings {
+                max_per_core: 32768,
+                min: 131072,
+                tcp_established: Duration::from_secs(86400),
+                tcp_close_wait: Duration::from_secs(3600),
+            }
+        );
     }
 
     #[test]

@@ -327,6 +327,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.proc_sys_dir,
     )
     .context("preparing the node")?;
+    rules::conntrack::apply_and_log(&args.conntrack(), &args.proc_sys_dir);
     let proxy_address_of = |family: IpFamily| match family {
         IpFamily::V4 => Some(IpAddr::V4(args.bind_address)),
         IpFamily::V6 => bind_v6.map(IpAddr::V6),

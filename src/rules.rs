@@ -21,6 +21,7 @@
 //! and every [`REFUSED_RETRY`].
 
 pub mod alive;
+pub mod conntrack;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
