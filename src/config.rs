@@ -13,6 +13,8 @@ use crate::model::Algorithm;
 use crate::proxy::ports::PortRange;
 use crate::proxy::relay::{RelayConfig, RelayMode};
 use crate::proxy::tcp_options::{Keepalive, TcpOptions};
+use crate::rules::conntrack::ConntrackSettings;
+use crate::rules::render::LocalTraffic;
 
 /// A userspace L4 proxy for Kubernetes Services: nftables redirects
 /// ClusterIP traffic to local listeners, and every connection is relayed to
@@ -138,6 +140,63 @@ pub struct Args {
     /// included (iptables mode's default).
     #[arg(long, value_name = "CIDRS|primary", value_parser = parse_nodeport_addresses)]
     pub nodeport_addresses: Option<NodePortAddresses>,
+
+    /// How traffic from this node's pods is told apart (kube-proxy's
+    /// flag): ClusterCIDR (sources in --cluster-cidr), BridgeInterface
+    /// (packets in on --pod-bridge-interface), InterfaceNamePrefix
+    /// (packets in on an interface named --pod-interface-name-prefix…),
+    /// or NodeCIDR (sources in the Node object's spec.podCIDRs; not
+    /// supported yet, refused at start). Pods calling an
+    /// externalTrafficPolicy: Local Service's LB IP, externalIP or node
+    /// port then reach its endpoints on every node, as with kube-proxy.
+    /// Default: ClusterCIDR when --cluster-cidr is given, else no
+    /// detection (pods count as external clients).
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub detect_local_mode: Option<DetectLocalMode>,
+
+    /// The CIDR range of the pods in the cluster (kube-proxy's flag): one,
+    /// or a comma-separated dual-stack pair (one per family). With
+    /// --detect-local-mode ClusterCIDR, traffic whose source is in it is
+    /// from a local pod; otherwise unused.
+    #[arg(long, value_name = "CIDRS", value_parser = parse_cluster_cidrs)]
+    pub cluster_cidr: Option<ClusterCidrs>,
+
+    /// A bridge interface name (kube-proxy's flag): with
+    /// --detect-local-mode BridgeInterface, traffic that comes in on it is
+    /// from a local pod.
+    #[arg(long, value_name = "NAME", value_parser = parse_interface_name)]
+    pub pod_bridge_interface: Option<String>,
+
+    /// An interface name prefix (kube-proxy's flag): with
+    /// --detect-local-mode InterfaceNamePrefix, traffic that comes in on
+    /// any interface whose name begins with it is from a local pod.
+    #[arg(long, value_name = "PREFIX", value_parser = parse_interface_name)]
+    pub pod_interface_name_prefix: Option<String>,
+
+    /// Maximum number of NAT connections to track per CPU core
+    /// (kube-proxy's flag): net.netfilter.nf_conntrack_max is raised to
+    /// this times the node's CPUs, at least --conntrack-min, never
+    /// lowered. 0 to leave the limit as-is and ignore --conntrack-min.
+    /// Each proxied TCP flow holds two entries (client and endpoint legs).
+    #[arg(long, value_name = "N", default_value = "32768", value_parser = |s: &str| CONNTRACK_MAX_PER_CORE.parse(s))]
+    pub conntrack_max_per_core: usize,
+
+    /// Minimum number of conntrack entries to allocate, regardless of
+    /// --conntrack-max-per-core (kube-proxy's flag).
+    #[arg(long, value_name = "N", default_value = "131072", value_parser = |s: &str| CONNTRACK_MIN.parse(s))]
+    pub conntrack_min: usize,
+
+    /// Idle timeout for established TCP connections in conntrack
+    /// (net.netfilter.nf_conntrack_tcp_timeout_established; kube-proxy's
+    /// flag). 0 to leave as-is.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = |s: &str| CONNTRACK_TCP_TIMEOUT_ESTABLISHED.parse(s))]
+    pub conntrack_tcp_timeout_established: Duration,
+
+    /// NAT timeout for TCP connections in the CLOSE_WAIT state
+    /// (net.netfilter.nf_conntrack_tcp_timeout_close_wait; kube-proxy's
+    /// flag). 0 to leave as-is.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = |s: &str| CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT.parse(s))]
+    pub conntrack_tcp_timeout_close_wait: Duration,
 
     /// How long a UDP flow (one client address) keeps its upstream socket
     /// without a datagram in either direction. The legacy proxier's 250 ms
@@ -408,6 +467,71 @@ pub enum NodePortAddresses {
     Primary,
 }
 
+/// `--detect-local-mode`: kube-proxy's `LocalMode` values, spelt as it
+/// spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    /// Sources within `--cluster-cidr`.
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    /// Sources within the Node object's `spec.podCIDRs`.
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    /// Packets that come in on `--pod-bridge-interface`.
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    /// Packets that come in on an interface named
+    /// `--pod-interface-name-prefix`….
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
+/// `--cluster-cidr`: at most one range per family, as kube-proxy takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterCidrs(pub Vec<ipnet::IpNet>);
+
+/// One CIDR, or a dual-stack pair (one per family); a range of one family
+/// twice is refused, as by kube-proxy (the detector matches one prefix per
+/// family).
+pub(crate) fn parse_cluster_cidrs(s: &str) -> Result<ClusterCidrs, String> {
+    let mut nets: Vec<ipnet::IpNet> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let net: ipnet::IpNet = part
+            .parse()
+            .map_err(|_| format!("{part:?} is not a CIDR"))?;
+        if nets
+            .iter()
+            .any(|n| n.addr().is_ipv4() == net.addr().is_ipv4())
+        {
+            return Err(format!(
+                "{s:?}: give one CIDR, or two of different families (a dual-stack pair)"
+            ));
+        }
+        nets.push(net.trunc());
+    }
+    if nets.is_empty() {
+        return Err("give one CIDR, or a dual-stack pair separated by a comma".into());
+    }
+    Ok(ClusterCidrs(nets))
+}
+
+/// An interface name or prefix as the kernel takes it: 1 to 15 bytes, no
+/// `/`, whitespace or nft wildcard.
+fn parse_interface_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && !s
+            .chars()
+            .any(|c| c == '/' || c == '*' || c == '\\' || c == '"' || c.is_whitespace());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not an interface name (1 to 15 characters, no '/', '*', quotes or spaces)"
+        ))
+    }
+}
+
 /// `--upstream-mark`: a number, `0x…` for hexadecimal, not 0 (the NAT
 /// rule passes packets whose mark has every bit of it, which a mark of 0
 /// would give every packet).
@@ -483,6 +607,53 @@ impl Args {
             });
             default_splice_pipes_max(soft)
         })
+    }
+
+    /// Local-traffic detection as the flags ask it (kube-proxy's rules):
+    /// `None` when there is none. Errors name the flag that is missing or
+    /// the mode that is not supported.
+    pub fn local_traffic(&self) -> Result<Option<LocalTraffic>, String> {
+        let mode = match self.detect_local_mode {
+            Some(m) => m,
+            // kube-proxy's default mode is ClusterCIDR, which detects
+            // nothing without a cluster CIDR.
+            None if self.cluster_cidr.is_some() => DetectLocalMode::ClusterCidr,
+            None => return Ok(None),
+        };
+        match mode {
+            DetectLocalMode::ClusterCidr => match &self.cluster_cidr {
+                Some(c) => Ok(Some(LocalTraffic::Sources(c.0.clone()))),
+                None => Err(
+                    "--detect-local-mode ClusterCIDR needs --cluster-cidr (the pods' range)"
+                        .into(),
+                ),
+            },
+            DetectLocalMode::NodeCidr => Err(
+                "--detect-local-mode NodeCIDR is not supported yet: give this node's pod range as --cluster-cidr with ClusterCIDR, or use BridgeInterface or InterfaceNamePrefix"
+                    .into(),
+            ),
+            DetectLocalMode::BridgeInterface => match &self.pod_bridge_interface {
+                Some(name) => Ok(Some(LocalTraffic::Bridge(name.clone()))),
+                None => Err("--detect-local-mode BridgeInterface needs --pod-bridge-interface".into()),
+            },
+            DetectLocalMode::InterfaceNamePrefix => match &self.pod_interface_name_prefix {
+                Some(p) => Ok(Some(LocalTraffic::InterfacePrefix(p.clone()))),
+                None => Err(
+                    "--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix"
+                        .into(),
+                ),
+            },
+        }
+    }
+
+    /// The conntrack sysctls as the flags ask them.
+    pub fn conntrack(&self) -> ConntrackSettings {
+        ConntrackSettings {
+            max_per_core: self.conntrack_max_per_core as u64,
+            min: self.conntrack_min as u64,
+            tcp_established: self.conntrack_tcp_timeout_established,
+            tcp_close_wait: self.conntrack_tcp_timeout_close_wait,
+        }
     }
 
     /// How flows are relayed.
@@ -633,6 +804,36 @@ pub const HTTP_UPSTREAM_IDLE_TIMEOUT: DurationBounds = DurationBounds {
     flag: "--http-upstream-idle-timeout",
     min: SECOND,
     max: HOUR,
+    zero_is_off: false,
+};
+/// kube-proxy's `conntrack.tcpEstablishedTimeout`: the kernel takes whole
+/// seconds (a fraction is dropped); below a second every idle flow would
+/// lose its entry at once.
+pub const CONNTRACK_TCP_TIMEOUT_ESTABLISHED: DurationBounds = DurationBounds {
+    flag: "--conntrack-tcp-timeout-established",
+    min: SECOND,
+    max: Duration::from_secs(365 * 24 * 3600),
+    zero_is_off: true,
+};
+/// kube-proxy's `conntrack.tcpCloseWaitTimeout`.
+pub const CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT: DurationBounds = DurationBounds {
+    flag: "--conntrack-tcp-timeout-close-wait",
+    min: SECOND,
+    max: Duration::from_secs(365 * 24 * 3600),
+    zero_is_off: true,
+};
+/// kube-proxy's `conntrack.maxPerCore` (an int32 there).
+pub const CONNTRACK_MAX_PER_CORE: CountBounds = CountBounds {
+    flag: "--conntrack-max-per-core",
+    min: 1,
+    max: i32::MAX as usize,
+    zero_is_off: true,
+};
+/// kube-proxy's `conntrack.min` (an int32 there).
+pub const CONNTRACK_MIN: CountBounds = CountBounds {
+    flag: "--conntrack-min",
+    min: 0,
+    max: i32::MAX as usize,
     zero_is_off: false,
 };
 /// 0 flows would drop every datagram; one per fd at most.
@@ -819,6 +1020,16 @@ pub(crate) mod tests {
             &["0s", "1s", "30days"],
         ),
         (TCP_USER_TIMEOUT, &["1ms", "25h"], &["0s", "1s", "24h"]),
+        (
+            CONNTRACK_TCP_TIMEOUT_ESTABLISHED,
+            &["500ms", "366days"],
+            &["0s", "1s", "24h0m0s", "365days"],
+        ),
+        (
+            CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT,
+            &["500ms", "366days"],
+            &["0s", "1h0m0s"],
+        ),
     ];
 
     #[test]
@@ -854,6 +1065,12 @@ pub(crate) mod tests {
             ),
             (SPLICE_PIPES_MAX, &["0", "-1", "4097", "x"], &["1", "4096"]),
             (DATA_PATH_THREADS, &["-1", "1025", "x"], &["0", "1", "1024"]),
+            (
+                CONNTRACK_MAX_PER_CORE,
+                &["-1", "2147483648", "x"],
+                &["0", "32768", "2147483647"],
+            ),
+            (CONNTRACK_MIN, &["-1", "2147483648"], &["0", "131072"]),
             (
                 UDP_MAX_FLOWS_TOTAL,
                 &["0", "-1", "16777217", "all"],
@@ -985,6 +1202,16 @@ pub(crate) mod tests {
         );
         assert_eq!(a.tcp_options().user_timeout, Some(Duration::from_secs(90)));
         assert_eq!(a.relay().idle_timeout, None);
+        // kube-proxy's conntrack defaults.
+        assert_eq!(
+            a.conntrack(),
+            ConntrackSettings {
+                max_per_core: 32768,
+                min: 131072,
+                tcp_established: Duration::from_secs(86400),
+                tcp_close_wait: Duration::from_secs(3600),
+            }
+        );
     }
 
     #[test]
@@ -1123,6 +1350,74 @@ pub(crate) mod tests {
             [0, 2, 3, 4, 5, 6, 10].map(log_level),
             ["info", "info", "info", "debug", "debug", "trace", "trace"]
         );
+    }
+
+    #[test]
+    fn local_traffic_detection_follows_kube_proxys_flags() {
+        let detector = |args: &[&str]| {
+            let mut v = vec!["kube-uproxy"];
+            v.extend_from_slice(args);
+            Args::try_parse_from(v).map(|a| a.local_traffic())
+        };
+        // No flag: no detection (kube-proxy's ClusterCIDR without a CIDR).
+        assert_eq!(detector(&[]).unwrap(), Ok(None));
+        // A cluster CIDR alone: ClusterCIDR, kube-proxy's default mode.
+        assert_eq!(
+            detector(&["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56"]).unwrap(),
+            Ok(Some(LocalTraffic::Sources(vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/56".parse().unwrap()
+            ])))
+        );
+        assert_eq!(
+            detector(&[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cni0"
+            ])
+            .unwrap(),
+            Ok(Some(LocalTraffic::Bridge("cni0".into())))
+        );
+        assert_eq!(
+            detector(&[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "veth",
+                "--cluster-cidr",
+                "10.244.0.0/16"
+            ])
+            .unwrap(),
+            Ok(Some(LocalTraffic::InterfacePrefix("veth".into())))
+        );
+        // A mode without what it needs, and NodeCIDR, are refused at start.
+        for args in [
+            &["--detect-local-mode", "ClusterCIDR"][..],
+            &["--detect-local-mode", "BridgeInterface"],
+            &["--detect-local-mode", "InterfaceNamePrefix"],
+            &[
+                "--detect-local-mode",
+                "NodeCIDR",
+                "--cluster-cidr",
+                "10.0.0.0/8",
+            ],
+        ] {
+            let e = detector(args).unwrap().unwrap_err();
+            assert!(e.contains("--"), "{args:?}: {e}");
+        }
+        // Bad values: two ranges of one family, not a CIDR, kube-proxy's
+        // mode names only, an interface name nft would misread.
+        for args in [
+            &["--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"][..],
+            &["--cluster-cidr", "pods"],
+            &["--cluster-cidr", ""],
+            &["--detect-local-mode", "clustercidr"],
+            &["--pod-interface-name-prefix", "veth*"],
+            &["--pod-bridge-interface", "a-name-of-16-chr"],
+        ] {
+            assert!(detector(args).is_err(), "{args:?} accepted");
+        }
     }
 
     #[test]

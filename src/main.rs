@@ -207,6 +207,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
         return cleanup(&args.proc_sys_dir, args.proxy_address_v6).await;
     }
+    let local_traffic = args
+        .local_traffic()
+        .map_err(|e| anyhow::anyhow!("local-traffic detection: {e}"))?;
+    match &local_traffic {
+        Some(d) => {
+            info!(detector = ?d, "traffic from this node's pods to externalTrafficPolicy: Local Services' external addresses and node ports goes to their cluster-wide endpoints")
+        }
+        None => info!(
+            "no local-traffic detection (--detect-local-mode, --cluster-cidr): pods are external clients of externalTrafficPolicy: Local Services"
+        ),
+    }
     let open_file_limit = raise_fd_limit(args.max_connections);
     let udp_max_flows_total =
         kube_uproxy::proxy::limit::udp_flow_budget(args.udp_max_flows_total, open_file_limit);
@@ -323,6 +334,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.proc_sys_dir,
     )
     .context("preparing the node")?;
+    rules::conntrack::apply_and_log(&args.conntrack(), &args.proc_sys_dir);
     let proxy_address_of = |family: IpFamily| match family {
         IpFamily::V4 => Some(IpAddr::V4(args.proxy_address())),
         IpFamily::V6 => bind_v6.map(IpAddr::V6),
@@ -465,6 +477,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nodeport_addresses,
         instance: Instance { id, note },
         upstream_mark: args.upstream_mark,
+        local_traffic,
     };
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,

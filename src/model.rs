@@ -380,6 +380,11 @@ pub enum TrafficScope {
     /// NodePort, externalIP and load-balancer traffic of a Service whose
     /// `externalTrafficPolicy` differs from its `internalTrafficPolicy`.
     External,
+    /// The same traffic from this node's pods (`--detect-local-mode`)
+    /// when both policies are `Local`: the cluster-wide endpoints, as
+    /// kube-proxy sends it (with `internalTrafficPolicy: Cluster` the
+    /// `Internal` listener takes it).
+    LocalPods,
 }
 
 impl fmt::Display for ListenerKey {
@@ -388,6 +393,13 @@ impl fmt::Display for ListenerKey {
             TrafficScope::Internal => write!(f, "{} {}", self.port, self.family),
             TrafficScope::External => {
                 write!(f, "{} {} (external traffic)", self.port, self.family)
+            }
+            TrafficScope::LocalPods => {
+                write!(
+                    f,
+                    "{} {} (external traffic from local pods)",
+                    self.port, self.family
+                )
             }
         }
     }

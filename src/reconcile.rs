@@ -490,7 +490,8 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         for spec in desired {
             for family in spec.families() {
                 if served.contains(&family) {
-                    let plan = plan_port(&spec, &self.node, family);
+                    let local_traffic = self.rules.layout().local_source(family).is_some();
+                    let plan = plan_port(&spec, &self.node, family, local_traffic);
                     *local_ready.entry(family).or_default() += plan.local_ready;
                     plans.push((spec.clone(), plan));
                 } else {

@@ -21,6 +21,7 @@
 //! and every [`REFUSED_RETRY`].
 
 pub mod alive;
+pub mod conntrack;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
@@ -677,7 +678,7 @@ fn differences(
 ) -> Vec<String> {
     let mut out = Vec::new();
     for (name, ..) in render::CHAINS {
-        let want = render::rules_in_chain(name);
+        let want = render::rules_in_chain(layout, family, name);
         match t.chains.get(name) {
             None => out.push(format!("chain {name} is missing")),
             Some(&n) if n != want => out.push(format!("chain {name} has {n} rules, not {want}")),
@@ -765,6 +766,7 @@ mod tests {
                 note: String::new(),
             },
             upstream_mark: 0x2000,
+            local_traffic: None,
         }
     }
 

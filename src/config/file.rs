@@ -72,10 +72,6 @@ pub enum KubeProxyUse {
     Ignored(&'static str),
 }
 
-const NOT_YET_DETECT_LOCAL: &str =
-    "local-traffic detection (--detect-local-mode, --cluster-cidr) is not in this build";
-const NOT_YET_CONNTRACK: &str = "the conntrack sysctls (--conntrack-*) are not set by this build";
-
 /// kube-proxy's `KubeProxyConfiguration` (v1alpha1), field by field. A
 /// path names a field or a whole section (`ipvs`); the longest that
 /// matches decides. One table, so that a field that gains a meaning here
@@ -96,20 +92,20 @@ pub const KUBE_PROXY_FIELDS: &[(&str, KubeProxyUse)] = {
         ("iptables.syncPeriod", SyncPeriodOf("iptables")),
         ("nftables.syncPeriod", SyncPeriodOf("nftables")),
         ("ipvs.syncPeriod", SyncPeriodOf("ipvs")),
-        ("clusterCIDR", Ignored(NOT_YET_DETECT_LOCAL)),
-        ("detectLocalMode", Ignored(NOT_YET_DETECT_LOCAL)),
-        ("detectLocal.bridgeInterface", Ignored(NOT_YET_DETECT_LOCAL)),
+        ("clusterCIDR", Flag("cluster_cidr")),
+        ("detectLocalMode", Flag("detect_local_mode")),
+        ("detectLocal.bridgeInterface", Flag("pod_bridge_interface")),
         (
             "detectLocal.interfaceNamePrefix",
-            Ignored(NOT_YET_DETECT_LOCAL),
+            Flag("pod_interface_name_prefix"),
         ),
-        ("conntrack.maxPerCore", Ignored(NOT_YET_CONNTRACK)),
-        ("conntrack.min", Ignored(NOT_YET_CONNTRACK)),
+        ("conntrack.maxPerCore", Flag("conntrack_max_per_core")),
+        ("conntrack.min", Flag("conntrack_min")),
         (
             "conntrack.tcpEstablishedTimeout",
-            Ignored(NOT_YET_CONNTRACK),
+            Flag("conntrack_tcp_timeout_established"),
         ),
-        ("conntrack.tcpCloseWaitTimeout", Ignored(NOT_YET_CONNTRACK)),
+        ("conntrack.tcpCloseWaitTimeout", Flag("conntrack_tcp_timeout_close_wait")),
         (
             "conntrack",
             Ignored("kube-proxy's UDP and liberal-TCP conntrack sysctls are not set here"),

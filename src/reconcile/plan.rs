@@ -54,7 +54,16 @@ pub(super) struct PortPlan {
 }
 
 /// Plans the listeners of one Service port in `family` on `node` (pure).
-pub(super) fn plan_port(spec: &ServicePortSpec, node: &NodeTopology, family: IpFamily) -> PortPlan {
+/// `local_traffic`: the table of `family` tells this node's pods apart
+/// (`--detect-local-mode`); then an `externalTrafficPolicy: Local` port's
+/// external keys get twins ([`Key::PodService`], [`Key::PodNodePort`])
+/// that send pods to the cluster-wide endpoints, as kube-proxy does.
+pub(super) fn plan_port(
+    spec: &ServicePortSpec,
+    node: &NodeTopology,
+    family: IpFamily,
+    local_traffic: bool,
+) -> PortPlan {
     let sel = spec.select(family, node);
     let verdict = |set: &[SocketAddr]| {
         if !sel.has_any && spec.mode.per_request() {
@@ -94,7 +103,41 @@ pub(super) fn plan_port(spec: &ServicePortSpec, node: &NodeTopology, family: IpF
             .map(|k| (*k, internal_verdict))
             .collect(),
     };
-    let mut listeners = Vec::with_capacity(2);
+    // kube-proxy: traffic from a local pod to an external destination of
+    // an `externalTrafficPolicy: Local` Service "is subject to neither
+    // form of traffic policy" (it stands for a client that went out to
+    // the load balancer and came back): cluster-wide endpoints. Only
+    // served twins: when the cluster has no usable endpoint, the external
+    // key itself is refused, which is the answer for pods too.
+    let pod_keys: Vec<Key> = if local_traffic && accessible && spec.external_local {
+        external_keys.iter().filter_map(pod_twin).collect()
+    } else {
+        Vec::new()
+    };
+    let mut pod_listener = None;
+    if !pod_keys.is_empty() && !spec.internal_local {
+        // The ClusterIP's listener already balances over the cluster.
+        if internal_verdict == Verdict::Serve {
+            internal_plan
+                .destinations
+                .extend(pod_keys.iter().map(|k| (*k, Verdict::Serve)));
+        }
+    } else if !pod_keys.is_empty() {
+        // Both policies Local: a listener of its own for the pods.
+        let cluster = sel.cluster.clone();
+        if verdict(&cluster) == Verdict::Serve {
+            pod_listener = Some(ListenerPlan {
+                key: ListenerKey {
+                    port: spec.name.clone(),
+                    family,
+                    scope: TrafficScope::LocalPods,
+                },
+                endpoints: cluster,
+                destinations: pod_keys.iter().map(|k| (*k, Verdict::Serve)).collect(),
+            });
+        }
+    }
+    let mut listeners = Vec::with_capacity(3);
     if separate {
         listeners.push(internal_plan);
         listeners.push(ListenerPlan {
@@ -117,11 +160,21 @@ pub(super) fn plan_port(spec: &ServicePortSpec, node: &NodeTopology, family: IpF
         );
         listeners.push(internal_plan);
     }
+    listeners.extend(pod_listener);
     PortPlan {
         listeners,
         local_ready: sel.local_ready,
         no_local_internal: spec.internal_local && internal_verdict == Verdict::Drop,
         no_local_external: accessible && spec.external_local && external_verdict == Verdict::Drop,
+    }
+}
+
+/// The key of pod traffic to the same external destination or node port.
+fn pod_twin(k: &Key) -> Option<Key> {
+    match k {
+        Key::Service(d) => Some(Key::PodService(*d)),
+        Key::NodePort(f, p) => Some(Key::PodNodePort(*f, *p)),
+        _ => None,
     }
 }
 
@@ -180,6 +233,8 @@ pub(super) fn destinations(spec: &ServicePortSpec, family: IpFamily) -> BTreeSet
 pub(super) fn action(key: &Key, verdict: Verdict, proxy_port: u16) -> Action {
     match (key, verdict) {
         (Key::Guarded(_) | Key::Allow(..), _) => Action::Member,
+        // Twins are planned only when served (see `plan_port`).
+        (Key::PodService(_) | Key::PodNodePort(..), _) => Action::Redirect(proxy_port),
         (_, Verdict::Serve) => Action::Redirect(proxy_port),
         (_, Verdict::Reject) => Action::Reject,
         (_, Verdict::Drop) => Action::Drop,

@@ -76,6 +76,9 @@ pub(super) fn port_report<N: Nft>(cx: &Context<'_, N>, port: PortView<'_>) -> Po
         state: match port.key.scope {
             TrafficScope::Internal => port.state.to_string(),
             TrafficScope::External => format!("{} (external traffic)", port.state),
+            TrafficScope::LocalPods => {
+                format!("{} (external traffic from local pods)", port.state)
+            }
         },
         rule: rule.to_string(),
         rule_applied,

@@ -136,6 +136,7 @@ fn reconciler_v6(
             note: String::new(),
         },
         upstream_mark: 0x2000,
+        local_traffic: None,
     };
     Reconciler::new(
         ReconcilerConfig {

@@ -19,10 +19,10 @@ use tokio::io::AsyncWriteExt;
 use ipnet::IpNet;
 
 use super::render::{
-    Action, Destination, Key, MAP_NODE_PORTS, MAP_SERVICE_PORTS, ProxyPort, SET_INSTANCE,
-    SET_LB_ALLOWED, SET_LB_GUARDED, SET_NO_ENDPOINT_NODEPORTS, SET_NO_ENDPOINTS,
-    SET_NO_LOCAL_ENDPOINT_NODEPORTS, SET_NO_LOCAL_ENDPOINTS, SET_NODEPORT_ADDRESSES,
-    SET_PROXY_PORTS, TABLE,
+    Action, Destination, Key, MAP_NODE_PORTS, MAP_POD_NODE_PORTS, MAP_POD_SERVICE_PORTS,
+    MAP_SERVICE_PORTS, ProxyPort, SET_INSTANCE, SET_LB_ALLOWED, SET_LB_GUARDED,
+    SET_NO_ENDPOINT_NODEPORTS, SET_NO_ENDPOINTS, SET_NO_LOCAL_ENDPOINT_NODEPORTS,
+    SET_NO_LOCAL_ENDPOINTS, SET_NODEPORT_ADDRESSES, SET_PROXY_PORTS, TABLE,
 };
 use crate::model::{IpFamily, Protocol};
 
@@ -291,6 +291,17 @@ pub(crate) fn parse_element(
             (Key::Service(parse_dest(&k)?), Action::Redirect(p))
         }
         SET_NO_ENDPOINTS => (Key::Service(parse_dest(elem_key(e))?), Action::Reject),
+        MAP_POD_SERVICE_PORTS => {
+            let (k, p) = map_value(e)?;
+            (Key::PodService(parse_dest(&k)?), Action::Redirect(p))
+        }
+        MAP_POD_NODE_PORTS => {
+            let (k, p) = map_value(e)?;
+            (
+                Key::PodNodePort(family, parse_port_key(&k)?),
+                Action::Redirect(p),
+            )
+        }
         MAP_NODE_PORTS => {
             let (k, p) = map_value(e)?;
             (

@@ -19,13 +19,15 @@
 //!   set lb-allowed             { ipv4_addr . inet_proto . inet_service . ipv4_addr }     (interval) their allowed sources
 //!   set proxy-ports            { inet_proto . inet_service }                             the listeners (guarded)
 //!   set nodeport-addresses     { ipv4_addr }  (interval; only with --nodeport-addresses)
+//!   map pod-service-ports      { ipv4_addr . inet_proto . inet_service : inet_service }  the same, from this node's pods (--detect-local-mode)
+//!   map pod-node-ports         { inet_proto . inet_service : inet_service }              the same for node ports
 //!   set instance               { mark; comment "…" }                                     the writer (see `Instance`)
 //!
 //!   chain filter-prerouting { filter prerouting -110: LB source ranges (drop) }
 //!   chain filter-input      { filter input -110: refusals and drops (Service, node port), proxy-port guard }
 //!   chain filter-forward    { filter forward -110: refusals and drops (Service) }
 //!   chain filter-output     { filter output -110: refusals and drops (Service, node port) }
-//!   chain nat-prerouting    { nat prerouting dstnat: DNAT Service, DNAT node port }
+//!   chain nat-prerouting    { nat prerouting dstnat: (with local-traffic detection: DNAT pod → Service, pod → node port,) DNAT Service, DNAT node port }
 //!   chain nat-output        { nat output -100: the proxy's own upstream packets (marked) pass, then the same }
 //! }
 //! ```
@@ -85,6 +87,13 @@ pub const SET_PROXY_PORTS: &str = "proxy-ports";
 pub const SET_NODEPORT_ADDRESSES: &str = "nodeport-addresses";
 /// One-element set naming the process that last wrote the whole table.
 pub const SET_INSTANCE: &str = "instance";
+/// Data map: destination → proxy port for traffic from this node's pods
+/// (`--detect-local-mode`): an `externalTrafficPolicy: Local` Service's
+/// externalIPs and LB IPs, sent to the listener of its cluster-wide
+/// endpoints.
+pub const MAP_POD_SERVICE_PORTS: &str = "pod-service-ports";
+/// The same for node ports.
+pub const MAP_POD_NODE_PORTS: &str = "pod-node-ports";
 
 /// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
 /// for the output hook by name in every build; -100 is its value).
@@ -129,9 +138,12 @@ pub const CHAINS: [(&str, NfChainType, NfHook, i32); 6] = [
     ("nat-output", NfChainType::NAT, NfHook::Output, PRIO_DSTNAT),
 ];
 
-/// How many rules each chain of [`CHAINS`] holds.
-pub fn rules_in_chain(name: &str) -> usize {
+/// How many rules each chain of [`CHAINS`] holds in the table of
+/// `family`.
+pub fn rules_in_chain(layout: &Layout, family: IpFamily, name: &str) -> usize {
     match name {
+        // With local-traffic detection, the two DNATs of pod traffic first.
+        "nat-prerouting" if layout.local_source(family).is_some() => 4,
         "filter-prerouting" => 1,
         // Refusals of Service destinations and of node ports (TCP reset,
         // ICMP for the rest), their drops, and the port guard.
@@ -162,6 +174,62 @@ pub struct Layout {
     /// The mark of the proxy's own upstream sockets (`--upstream-mark`,
     /// never 0): the NAT output chain lets such packets pass first.
     pub upstream_mark: u32,
+    /// How traffic from this node's pods is told apart
+    /// (`--detect-local-mode`); `None`: it is not, and pods are external
+    /// clients like any other.
+    pub local_traffic: Option<LocalTraffic>,
+}
+
+/// kube-proxy's local-traffic detectors (`--detect-local-mode`): which
+/// packets come from a pod of this node. Such traffic to an
+/// `externalTrafficPolicy: Local` Service's external addresses and node
+/// ports is sent to its cluster-wide endpoints, as kube-proxy does: an
+/// in-cluster client calling its own ingress's LB IP is served even on a
+/// node without a local endpoint (the policy keeps the client's source
+/// address for *external* clients, which a pod is not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalTraffic {
+    /// Sources within these ranges (`ClusterCIDR`: `--cluster-cidr`; one
+    /// per family at most). A family without one has no detection.
+    Sources(Vec<IpNet>),
+    /// Packets that come in on this interface (`BridgeInterface`).
+    Bridge(String),
+    /// Packets that come in on an interface whose name begins with this
+    /// (`InterfaceNamePrefix`).
+    InterfacePrefix(String),
+}
+
+impl LocalTraffic {
+    /// The match that selects local traffic in the table of `family`;
+    /// `None` when this detector says nothing about that family.
+    fn matches(&self, f: IpFamily) -> Option<Statement<'static>> {
+        let iifname = || {
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::Iifname,
+            }))
+        };
+        match self {
+            LocalTraffic::Sources(nets) => {
+                let net = nets.iter().find(|n| IpFamily::of(n.addr()) == f)?;
+                Some(matches(
+                    payload(net_proto(f), "saddr"),
+                    Operator::EQ,
+                    prefix(&net.trunc()),
+                ))
+            }
+            LocalTraffic::Bridge(name) => Some(matches(
+                iifname(),
+                Operator::EQ,
+                Expression::String(name.clone().into()),
+            )),
+            // nft's wildcard: a trailing `*` matches any suffix.
+            LocalTraffic::InterfacePrefix(p) => Some(matches(
+                iifname(),
+                Operator::EQ,
+                Expression::String(format!("{p}*").into()),
+            )),
+        }
+    }
 }
 
 impl Layout {
@@ -180,6 +248,11 @@ impl Layout {
             IpFamily::V4 => Some(IpAddr::V4(self.proxy_address)),
             IpFamily::V6 => self.proxy_address_v6.map(IpAddr::V6),
         }
+    }
+
+    /// The local-traffic match of `family`'s table, if it has one.
+    pub fn local_source(&self, family: IpFamily) -> Option<Statement<'static>> {
+        self.local_traffic.as_ref()?.matches(family)
     }
 
     /// `--nodeport-addresses` for one family's table, aggregated.
@@ -258,22 +331,29 @@ pub enum Key {
     Guarded(Destination),
     /// One allowed source range of a guarded destination (of its family).
     Allow(Destination, IpNet),
+    /// An externalIP or LB IP destination, for traffic from this node's
+    /// pods (`--detect-local-mode`).
+    PodService(Destination),
+    /// A node port, for traffic from this node's pods.
+    PodNodePort(IpFamily, ProxyPort),
 }
 
 impl Key {
     /// The family of the table the key lives in.
     pub fn family(&self) -> IpFamily {
         match self {
-            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => IpFamily::of(d.ip),
-            Key::NodePort(f, _) => *f,
+            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) | Key::PodService(d) => {
+                IpFamily::of(d.ip)
+            }
+            Key::NodePort(f, _) | Key::PodNodePort(f, _) => *f,
         }
     }
 
     /// The protocol of the traffic the key catches.
     pub fn protocol(&self) -> Protocol {
         match self {
-            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) => d.protocol,
-            Key::NodePort(_, p) => p.protocol,
+            Key::Service(d) | Key::Guarded(d) | Key::Allow(d, _) | Key::PodService(d) => d.protocol,
+            Key::NodePort(_, p) | Key::PodNodePort(_, p) => p.protocol,
         }
     }
 }
@@ -286,6 +366,9 @@ impl std::fmt::Display for Key {
             Key::NodePort(fam, p) => write!(f, "{fam} node port {p}"),
             Key::Guarded(d) => write!(f, "{d} (source ranges)"),
             Key::Allow(d, net) => write!(f, "{d} from {net}"),
+            Key::PodService(d) => write!(f, "{d} from this node's pods"),
+            Key::PodNodePort(IpFamily::V4, p) => write!(f, "node port {p} from this node's pods"),
+            Key::PodNodePort(fam, p) => write!(f, "{fam} node port {p} from this node's pods"),
         }
     }
 }
@@ -443,6 +526,25 @@ pub fn element_of(key: &Key, action: Action) -> (&'static str, Expression<'stati
             parts.push(prefix(net));
             (SET_LB_ALLOWED, concat(parts))
         }
+        // Only ever redirected: pod traffic the plan cannot serve keeps
+        // the verdict of the key it twins.
+        (Key::PodService(d), a) => (
+            MAP_POD_SERVICE_PORTS,
+            with_port(concat(dest_parts(d)), redirect_port(a)),
+        ),
+        (Key::PodNodePort(_, n), a) => (
+            MAP_POD_NODE_PORTS,
+            with_port(port_value(n), redirect_port(a)),
+        ),
+    }
+}
+
+/// The proxy port of a redirect (0 for any other action, which the plan
+/// never gives a pod key).
+fn redirect_port(a: Action) -> u16 {
+    match a {
+        Action::Redirect(p) => p,
+        _ => 0,
     }
 }
 
@@ -591,6 +693,30 @@ fn dnat_rules(
     node.push(tcp_or_udp());
     node.push(dnat(proxy, port_key_expr(), MAP_NODE_PORTS));
     [rule(f, chain, service), rule(f, chain, node)]
+}
+
+/// With local-traffic detection, the DNAT rules of pod traffic, placed
+/// before [`dnat_rules`] in `nat-prerouting`: a pod's packet to a key of
+/// `pod-service-ports` / `pod-node-ports` goes to the listener of the
+/// Service's cluster-wide endpoints; every other packet (keys not in those
+/// maps: the lookup fails and the rule does not match) goes on to the
+/// usual rules. The filter chains' drops see these packets already
+/// translated to the proxy address, so they never drop them.
+fn pod_dnat_rules(f: IpFamily, proxy: IpAddr, layout: &Layout) -> Vec<Rule<'static>> {
+    let Some(local) = layout.local_source(f) else {
+        return Vec::new();
+    };
+    let chain = "nat-prerouting";
+    let service = vec![
+        local.clone(),
+        tcp_or_udp(),
+        dnat(proxy, dest_key_expr(f), MAP_POD_SERVICE_PORTS),
+    ];
+    let mut node = node_address_matches(f, proxy, layout);
+    node.push(local);
+    node.push(tcp_or_udp());
+    node.push(dnat(proxy, port_key_expr(), MAP_POD_NODE_PORTS));
+    vec![rule(f, chain, service), rule(f, chain, node)]
 }
 
 /// A new flow to a Service port without endpoints is refused: TCP with a
@@ -878,6 +1004,24 @@ fn full_family(
         ),
         set_object(
             f,
+            MAP_POD_SERVICE_PORTS,
+            concat_type(dest_type(f)),
+            Some(SetType::InetService),
+            false,
+            take(MAP_POD_SERVICE_PORTS),
+            "externalIP / LB IP . protocol . port -> proxy port, from this node's pods".into(),
+        ),
+        set_object(
+            f,
+            MAP_POD_NODE_PORTS,
+            concat_type(PORT.to_vec()),
+            Some(SetType::InetService),
+            false,
+            take(MAP_POD_NODE_PORTS),
+            "protocol . node port -> proxy port, from this node's pods".into(),
+        ),
+        set_object(
+            f,
             SET_PROXY_PORTS,
             concat_type(PORT.to_vec()),
             None,
@@ -942,7 +1086,11 @@ fn full_family(
                 r.extend(dnat_rules(f, proxy, name, layout));
                 r
             }
-            _ => dnat_rules(f, proxy, name, layout).to_vec(),
+            _ => {
+                let mut r = pod_dnat_rules(f, proxy, layout);
+                r.extend(dnat_rules(f, proxy, name, layout));
+                r
+            }
         };
         for r in rules {
             batch.add(NfListObject::Rule(r));

@@ -5,6 +5,11 @@ use crate::reconcile::tests::{dual_stack, service, slice_on};
 
 /// The plan of the first port of `svc` in IPv4 on `node-a`, with `slice`.
 fn plan_of(svc: ServiceInfo, slice: SliceInfo) -> PortPlan {
+    plan_with(svc, slice, false)
+}
+
+/// The same, with local-traffic detection on or off.
+fn plan_with(svc: ServiceInfo, slice: SliceInfo, local_traffic: bool) -> PortPlan {
     let mut st = ClusterState::new();
     let key = svc.key.clone();
     st.apply_service(svc);
@@ -14,7 +19,7 @@ fn plan_of(svc: ServiceInfo, slice: SliceInfo) -> PortPlan {
         name: "node-a".into(),
         zone: None,
     };
-    plan_port(&spec, &node, IpFamily::V4)
+    plan_port(&spec, &node, IpFamily::V4, local_traffic)
 }
 
 fn dest(ip: &str) -> Key {
@@ -167,4 +172,84 @@ fn guards_are_members_whatever_the_verdict_and_other_keys_carry_it() {
         action(&node_port_v4(30080), Verdict::Drop, 31000),
         Action::Drop
     );
+}
+
+/// kube-proxy's local-traffic rule: a pod of this node calling an
+/// `externalTrafficPolicy: Local` Service's external destinations or node
+/// port goes to the cluster-wide endpoints; only with a detector.
+#[test]
+fn pods_reach_external_destinations_of_a_local_policy_through_cluster_endpoints() {
+    let mut svc = service("web", "10.96.0.10");
+    svc.ports[0].node_port = Some(30080);
+    svc.lb_ips = vec!["10.200.8.8".parse().unwrap()];
+    svc.external_local = true;
+    let remote = || slice_on("web", &[("10.1.0.2", "node-b", true)]);
+    let pod_lb = Key::PodService(Destination {
+        ip: "10.200.8.8".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        port: 80,
+    });
+    let pod_node_port = Key::PodNodePort(
+        IpFamily::V4,
+        ProxyPort {
+            protocol: Protocol::Tcp,
+            port: 30080,
+        },
+    );
+    // internalTrafficPolicy: Cluster: the ClusterIP's listener takes them.
+    let p = plan_with(svc.clone(), remote(), true);
+    let [internal, external] = &p.listeners[..] else {
+        panic!("two listeners: {:?}", p.listeners);
+    };
+    assert_eq!(
+        internal.destinations,
+        BTreeMap::from([
+            (dest("10.96.0.10"), Verdict::Serve),
+            (pod_lb, Verdict::Serve),
+            (pod_node_port, Verdict::Serve),
+        ])
+    );
+    // External clients: still dropped (no local endpoint).
+    assert_eq!(external.destinations[&dest("10.200.8.8")], Verdict::Drop);
+    assert_eq!(external.destinations[&node_port_v4(30080)], Verdict::Drop);
+    assert!(p.no_local_external);
+    // Without a detector, pods are external clients: no twins.
+    let p = plan_with(svc.clone(), remote(), false);
+    assert!(
+        p.listeners
+            .iter()
+            .flat_map(|l| l.destinations.keys())
+            .all(|k| !matches!(k, Key::PodService(_) | Key::PodNodePort(..)))
+    );
+    // No usable endpoint anywhere: no twins, the external keys refuse.
+    let p = plan_with(svc.clone(), slice_on("web", &[]), true);
+    assert_eq!(p.listeners.len(), 2);
+    assert!(!p.listeners[0].destinations.contains_key(&pod_lb));
+    assert_eq!(
+        p.listeners[1].destinations[&dest("10.200.8.8")],
+        Verdict::Reject
+    );
+    // Both policies Local: a third listener, with the cluster's endpoints.
+    svc.internal_local = true;
+    let p = plan_with(svc.clone(), remote(), true);
+    let [local, pods] = &p.listeners[..] else {
+        panic!("two listeners: {:?}", p.listeners);
+    };
+    assert_eq!(local.key.scope, TrafficScope::Internal);
+    assert!(local.endpoints.is_empty());
+    assert_eq!(pods.key.scope, TrafficScope::LocalPods);
+    assert_eq!(
+        pods.endpoints,
+        ["10.1.0.2:8080".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(
+        pods.destinations,
+        BTreeMap::from([(pod_lb, Verdict::Serve), (pod_node_port, Verdict::Serve)])
+    );
+    // A policy of Cluster for external traffic needs nothing of the kind.
+    svc.internal_local = false;
+    svc.external_local = false;
+    let p = plan_with(svc, remote(), true);
+    assert_eq!(p.listeners.len(), 1);
+    assert!(!p.listeners[0].destinations.contains_key(&pod_lb));
 }

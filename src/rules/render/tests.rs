@@ -52,6 +52,7 @@ fn full_replaces_the_table_and_holds_the_elements() {
             note: "a note".into(),
         },
         upstream_mark: 0x2000,
+        local_traffic: None,
     };
     let v = to_json(&full(&layout, &els, &ports));
     let cmds = v["nftables"].as_array().unwrap();
@@ -110,7 +111,11 @@ fn full_replaces_the_table_and_holds_the_elements() {
             .filter_map(|c| c["add"].get("rule"))
             .filter(|r| r["chain"] == name)
             .count();
-        assert_eq!(n, rules_in_chain(name), "rules in {name}");
+        assert_eq!(
+            n,
+            rules_in_chain(&layout, IpFamily::V4, name),
+            "rules in {name}"
+        );
     }
     // Service traffic is translated to the proxy address, not redirected.
     let dnat = cmds
@@ -213,6 +218,7 @@ fn dual_stack_layout() -> Layout {
             note: String::new(),
         },
         upstream_mark: 0x2000,
+        local_traffic: None,
     }
 }
 
@@ -331,7 +337,16 @@ fn each_family_gets_its_own_table_with_its_own_keys_in_one_batch() {
     for (name, ..) in CHAINS {
         for family in ["ip", "ip6"] {
             let n = rules(family).iter().filter(|r| r["chain"] == name).count();
-            assert_eq!(n, rules_in_chain(name), "{family} rules in {name}");
+            let fam = if family == "ip" {
+                IpFamily::V4
+            } else {
+                IpFamily::V6
+            };
+            assert_eq!(
+                n,
+                rules_in_chain(&dual_stack_layout(), fam, name),
+                "{family} rules in {name}"
+            );
         }
     }
     assert!(
@@ -393,4 +408,92 @@ fn delta_sends_each_element_to_its_familys_table() {
         json!([[{"concat": ["fd00:96::10", "tcp", 80]}, 20001]])
     );
     assert_eq!(cmds[3]["add"]["element"]["name"], SET_NO_ENDPOINT_NODEPORTS);
+}
+
+/// `--detect-local-mode`: two DNATs of pod traffic head `nat-prerouting`
+/// in each family the detector covers, and pod keys live in their own
+/// maps (read back as the same keys).
+#[test]
+fn local_traffic_detection_adds_the_pod_dnats_and_maps() {
+    let mut els = BTreeMap::new();
+    let pod_lb = Key::PodService(dest("10.200.8.8", 80));
+    let pod_np = Key::PodNodePort(
+        IpFamily::V4,
+        ProxyPort {
+            protocol: Protocol::Tcp,
+            port: 30080,
+        },
+    );
+    els.insert(pod_lb, Action::Redirect(20000));
+    els.insert(pod_np, Action::Redirect(20000));
+    let nat_prerouting = |layout: &Layout, family: &str| -> Vec<Value> {
+        let v = to_json(&full(layout, &els, &BTreeSet::new()));
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .filter(|r| r["chain"] == "nat-prerouting" && r["family"] == family)
+            .cloned()
+            .collect()
+    };
+    // ClusterCIDR with an IPv4 range only: the ip6 table detects nothing.
+    let mut layout = dual_stack_layout();
+    layout.local_traffic = Some(LocalTraffic::Sources(vec![
+        "10.244.0.0/16".parse().unwrap(),
+    ]));
+    let v4 = nat_prerouting(&layout, "ip");
+    assert_eq!(
+        v4.len(),
+        rules_in_chain(&layout, IpFamily::V4, "nat-prerouting")
+    );
+    assert_eq!(v4.len(), 4);
+    assert_eq!(
+        v4[0]["expr"][0]["match"],
+        json!({"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+               "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}})
+    );
+    assert_eq!(
+        v4[0]["expr"][2]["dnat"]["port"]["map"]["data"],
+        format!("@{MAP_POD_SERVICE_PORTS}")
+    );
+    assert_eq!(
+        v4[1]["expr"].as_array().unwrap().last().unwrap()["dnat"]["port"]["map"]["data"],
+        format!("@{MAP_POD_NODE_PORTS}")
+    );
+    assert_eq!(
+        nat_prerouting(&layout, "ip6").len(),
+        rules_in_chain(&layout, IpFamily::V6, "nat-prerouting")
+    );
+    assert_eq!(nat_prerouting(&layout, "ip6").len(), 2);
+    // Interface detectors cover both families; a prefix is nft's wildcard.
+    layout.local_traffic = Some(LocalTraffic::InterfacePrefix("cali".into()));
+    for family in ["ip", "ip6"] {
+        let r = nat_prerouting(&layout, family);
+        assert_eq!(r.len(), 4);
+        assert_eq!(
+            r[0]["expr"][0]["match"],
+            json!({"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "cali*"})
+        );
+    }
+    layout.local_traffic = Some(LocalTraffic::Bridge("cni0".into()));
+    assert_eq!(
+        nat_prerouting(&layout, "ip")[0]["expr"][0]["match"]["right"],
+        "cni0"
+    );
+    // The elements, and reading them back.
+    let v = to_json(&full(&layout, &els, &BTreeSet::new()));
+    let mut t = crate::rules::KernelTable::new(IpFamily::V4);
+    for c in v["nftables"].as_array().unwrap() {
+        if let Some(m) = c["add"].get("map").filter(|m| m["family"] == "ip") {
+            t.add_set_object(m).unwrap();
+        }
+    }
+    assert_eq!(
+        t.elements,
+        BTreeMap::from([
+            (pod_lb, Action::Redirect(20000)),
+            (pod_np, Action::Redirect(20000))
+        ])
+    );
 }
