@@ -183,6 +183,14 @@ pub struct Args {
     #[arg(long)]
     pub cleanup: bool,
 
+    /// Once this instance's rules are in the kernel (its first sync), remove
+    /// kube-proxy's: its nftables tables, its iptables chains (iptables-nft
+    /// and legacy, IPv4 and IPv6) and the jumps into them, and in IPVS mode
+    /// the kube-ipvs0 interface, its IPVS services and KUBE-* ipsets. For
+    /// taking a node over from kube-proxy without a gap (docs/operations.md).
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
+
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides it.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

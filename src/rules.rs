@@ -24,6 +24,7 @@ pub mod alive;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
+pub mod kube_proxy;
 pub mod nft;
 pub mod render;
 
