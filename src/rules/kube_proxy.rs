@@ -96,9 +96,8 @@ pub fn cleanup() -> Report {
     nftables_mode(&mut report);
     let mut tools = 0;
     for (save, restore, label) in IPTABLES {
-        match iptables_mode(save, restore, label, &mut report) {
-            Ok(()) => tools += 1,
-            Err(Missing) => {}
+        if iptables_mode(save, restore, label, &mut report).is_ok() {
+            tools += 1;
         }
     }
     if tools == 0 {
