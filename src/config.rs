@@ -262,6 +262,14 @@ pub struct Args {
     #[arg(short = 'v', long = "v", value_name = "N", num_args = 0..=1, default_value = "0", default_missing_value = "4", value_parser = parse_verbosity)]
     pub verbosity: u8,
 
+    /// Once this instance's rules are in the kernel (its first sync), remove
+    /// kube-proxy's: its nftables tables, its iptables chains (iptables-nft
+    /// and legacy, IPv4 and IPv6) and the jumps into them, and in IPVS mode
+    /// the kube-ipvs0 interface, its IPVS services and KUBE-* ipsets. For
+    /// taking a node over from kube-proxy without a gap (docs/operations.md).
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
+
     /// Read settings from this YAML file: kube-proxy's own
     /// `KubeProxyConfiguration` (kubeproxy.config.k8s.io/v1alpha1, as
     /// kubeadm writes it), kube-uproxy's `KubeUproxyConfiguration`

@@ -171,15 +171,51 @@ async fn probe_command(args: &Args, livez: bool) -> anyhow::Result<()> {
 }
 
 /// `--cleanup`: everything the proxy installed goes.
+///
+/// While the instance that wrote the rules still runs (its marker is held),
+/// only its rules go: they are replaced by a table without chains that
+/// names that instance as released ([`release`]). It stands down, keeps
+/// serving the connections it holds, and removes the rest itself when it
+/// stops. That is the way back to kube-proxy without a gap: kube-uproxy's
+/// nat chains run first (docs/rules.md), so kube-proxy's rules serve new
+/// connections only once kube-uproxy's are gone, and the listeners must
+/// still be there for the connections translated just before.
 async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> anyhow::Result<()> {
     let mut nft = NftCommand;
-    let note = match nft.read(IpFamily::V4).await {
-        Ok(t) => t.and_then(|t| t.note),
+    let table = match nft.read(IpFamily::V4).await {
+        Ok(t) => t,
         Err(e) => {
             warn!(error = %e, "cannot read the table before removing it");
             None
         }
     };
+    let note = table.as_ref().and_then(|t| t.note.clone());
+    let writer = table.as_ref().and_then(|t| {
+        t.instance
+            .map(|id| rules::Writer::new(id, t.note.as_deref()))
+    });
+    if let Some(writer) = writer
+        && writer.marker.is_some()
+        && writer.alive()
+    {
+        return release(&mut nft, &writer, note.as_deref().unwrap_or_default()).await;
+    }
+    if let Some(released) = note
+        .as_deref()
+        .and_then(|n| rules::alive::noted(n, rules::render::RELEASED_KEY))
+    {
+        let draining = rules::Writer {
+            id: 0,
+            marker: Some(released.clone()),
+        };
+        if draining.alive() {
+            info!(
+                instance = %released,
+                "the released instance still runs (its connections drain); it removes its proxy address and restores the sysctl when it stops"
+            );
+            return Ok(());
+        }
+    }
     nft.apply(&rules::render::delete_table(IpFamily::V4))
         .await
         .context("removing the kube-uproxy nftables table")?;
@@ -195,6 +231,85 @@ async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> 
     rules::host::cleanup(note.as_deref(), address_v6, proc_sys)
         .context("removing the proxy address")?;
     Ok(())
+}
+
+/// `--cleanup` while `writer` runs: its tables are replaced by ones without
+/// chains whose note keeps the sysctl's original value and names `writer`
+/// as released (`released=<its marker>`, no `alive=`: a writer that cannot
+/// be checked is taken to run, so `writer` never takes the rules back).
+async fn release(nft: &mut NftCommand, writer: &rules::Writer, note: &str) -> anyhow::Result<()> {
+    let marker = writer.marker.clone().unwrap_or_default();
+    let mut kept: Vec<&str> = note
+        .split(';')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && !kv.starts_with(rules::alive::NOTE_KEY))
+        .collect();
+    let released = format!("{}={marker}", rules::render::RELEASED_KEY);
+    kept.push(&released);
+    let families: &[IpFamily] = if rules::host::ipv6_disabled().is_some() {
+        &[IpFamily::V4]
+    } else {
+        &[IpFamily::V4, IpFamily::V6]
+    };
+    let instance = Instance {
+        id: instance_id(),
+        note: kept.join("; "),
+    };
+    nft.apply(&rules::render::released_table(families, &instance))
+        .await
+        .context("removing the running instance's rules")?;
+    info!(
+        writer = format_args!("{:08x}", writer.id),
+        "kube-uproxy instance {:08x} runs: its rules are removed, so new connections take the node's other Service rules (kube-proxy's, on the way back); it keeps serving the connections it holds. Stop it: once they have drained it removes its proxy address and restores the sysctl",
+        writer.id
+    );
+    Ok(())
+}
+
+/// Removes kube-proxy's rules once this instance's own are in the kernel
+/// (`--cleanup-kube-proxy`). Before that, kube-proxy's rules are what
+/// serves the node; after it, this instance's nat chains run first, so the
+/// removal changes nothing for new connections.
+async fn cleanup_kube_proxy(health: Arc<ProxyHealth>, cancel: CancellationToken) {
+    while !health.rules_installed() {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+    }
+    let report = match tokio::task::spawn_blocking(rules::kube_proxy::cleanup).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "removing kube-proxy's rules failed");
+            return;
+        }
+    };
+    if report.nothing_found() {
+        info!("--cleanup-kube-proxy: no kube-proxy rules on this node, nothing to remove");
+    }
+    for what in &report.removed {
+        info!("--cleanup-kube-proxy: removed kube-proxy's {what}");
+    }
+    for note in &report.notes {
+        info!("--cleanup-kube-proxy: {note}");
+    }
+    for e in &report.errors {
+        warn!(error = %e, "--cleanup-kube-proxy: a step failed; the others ran");
+    }
+}
+
+/// Whether the table names instance `id` as released by `--cleanup`.
+async fn released_by_cleanup(id: u32) -> bool {
+    let mut nft = NftCommand;
+    match nft.read(IpFamily::V4).await {
+        Ok(Some(t)) => {
+            t.note
+                .as_deref()
+                .and_then(|n| rules::alive::noted(n, rules::render::RELEASED_KEY))
+                == Some(rules::alive::marker_name(id))
+        }
+        _ => false,
+    }
 }
 
 /// A random id for this process's writes to the table.
@@ -294,6 +409,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 token.cancel();
             }
         });
+    }
+
+    if args.cleanup_kube_proxy {
+        tokio::spawn(cleanup_kube_proxy(Arc::clone(&health), cancel.clone()));
     }
 
     // What an earlier instance left: its proxy ports go back to the same
@@ -549,6 +668,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let drained = connections.drain(args.shutdown_grace, hurry).await;
     if drained.cut > 0 {
         warn!(cut = drained.cut, "connections still open were reset");
+    }
+    // Released by `--cleanup` while running (the way back): the rest of
+    // the cleanup is ours, now that no connection uses the proxy address.
+    if released_by_cleanup(id).await {
+        info!("released by --cleanup: removing the proxy address and the rest");
+        cleanup(&args.proc_sys_dir, args.bind_address_v6).await?;
+        info!("stopped and cleaned up");
+        return source_result;
     }
     info!("stopped; the rules stay in place (`kube-uproxy --cleanup` removes them)");
     source_result

@@ -25,6 +25,7 @@ pub mod conntrack;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
+pub mod kube_proxy;
 pub mod nft;
 pub mod render;
 

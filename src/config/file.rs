@@ -40,7 +40,7 @@ pub const KUBE_PROXY_KIND: &str = "KubeProxyConfiguration";
 
 /// Flags (by id) that are not settings, and so have no field: the file
 /// itself, an action, and clap's own.
-pub const NOT_IN_FILE: &[&str] = &["config", "cleanup", "help", "version"];
+pub const NOT_IN_FILE: &[&str] = &["config", "cleanup", "cleanup_kube_proxy", "help", "version"];
 
 /// kube-uproxy's fields whose name is not their flag's long name in
 /// camelCase: kube-proxy's `KubeProxyConfiguration` names (nested ones

@@ -134,6 +134,12 @@ impl ProxyHealth {
         s.last_updated = Some((now, wall));
     }
 
+    /// Whether a sync of rules has succeeded since start: this instance's
+    /// table is in the kernel (`--cleanup-kube-proxy` waits for it).
+    pub fn rules_installed(&self) -> bool {
+        self.state().last_updated.is_some()
+    }
+
     /// Whether the Node object allows traffic to this node.
     pub fn set_node_eligible(&self, eligible: bool) {
         self.state().node_ineligible = !eligible;

@@ -27,8 +27,8 @@
 //!   chain filter-input      { filter input -110: refusals and drops (Service, node port), proxy-port guard }
 //!   chain filter-forward    { filter forward -110: refusals and drops (Service) }
 //!   chain filter-output     { filter output -110: refusals and drops (Service, node port) }
-//!   chain nat-prerouting    { nat prerouting dstnat: (with local-traffic detection: DNAT pod → Service, pod → node port,) DNAT Service, DNAT node port }
-//!   chain nat-output        { nat output -100: the proxy's own upstream packets (marked) pass, then the same }
+//!   chain nat-prerouting    { nat prerouting -110: (with local-traffic detection: DNAT pod → Service, pod → node port,) DNAT Service, DNAT node port }
+//!   chain nat-output        { nat output -110: the proxy's own upstream packets (marked) pass, then the same }
 //! }
 //! ```
 //!
@@ -95,9 +95,18 @@ pub const MAP_POD_SERVICE_PORTS: &str = "pod-service-ports";
 /// The same for node ports.
 pub const MAP_POD_NODE_PORTS: &str = "pod-node-ports";
 
-/// Priority of the NAT output chain (nft 1.0.6 does not accept `dstnat`
-/// for the output hook by name in every build; -100 is its value).
-const PRIO_DSTNAT: i32 = -100;
+/// Priority of both NAT chains: `dstnat - 10`, ahead of every other DNAT
+/// at `dstnat` (-100): kube-proxy's nftables table, iptables' `nat` table
+/// (iptables-nft and legacy), Docker's. Nat chains of one hook run in
+/// priority order and the first to translate a new flow settles it (later
+/// ones are skipped); at equal priority the chain registered last would
+/// run first, so a kube-proxy restarted beside this table would take new
+/// connections back. With -110 the node's Service traffic goes to this
+/// table whenever it is there, whatever was installed before or after
+/// (docs/rules.md, "Beside kube-proxy's rules"; docs/operations.md,
+/// migration). Written as a number: nft 1.0.6 does not accept `dstnat - 10`
+/// for the output hook in every build.
+const PRIO_NAT: i32 = -110;
 /// Filter chains run before NAT (in prerouting and output) so a refused or
 /// dropped packet is never translated.
 const PRIO_FILTER: i32 = -110;
@@ -133,9 +142,9 @@ pub const CHAINS: [(&str, NfChainType, NfHook, i32); 6] = [
         "nat-prerouting",
         NfChainType::NAT,
         NfHook::Prerouting,
-        PRIO_DSTNAT,
+        PRIO_NAT,
     ),
-    ("nat-output", NfChainType::NAT, NfHook::Output, PRIO_DSTNAT),
+    ("nat-output", NfChainType::NAT, NfHook::Output, PRIO_NAT),
 ];
 
 /// How many rules each chain of [`CHAINS`] holds in the table of
@@ -1157,6 +1166,42 @@ pub fn delete_table(family: IpFamily) -> Nftables<'static> {
     let mut batch = Batch::new();
     batch.add(NfListObject::Table(table(family)));
     batch.delete(NfListObject::Table(table(family)));
+    batch.to_nftables()
+}
+
+/// The note's key naming the instance whose rules `--cleanup` released
+/// while it ran (its marker name, as `alive=` had it).
+pub const RELEASED_KEY: &str = "released";
+
+/// `--cleanup` while the writer runs: each family's table replaced by one
+/// that holds only the `instance` set, with `instance` as its writer
+/// (`note` without `alive=`: "taken to run", so the running instance stands
+/// down for good and never writes the rules again; it keeps its
+/// listeners, so the connections it holds go on). No chain: the node's
+/// Service traffic goes to whatever other rules it has (kube-proxy's, on
+/// the way back). One transaction for both families.
+pub fn released_table(families: &[IpFamily], instance: &Instance) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    for f in families {
+        batch.add(NfListObject::Table(table(*f)));
+        batch.delete(NfListObject::Table(table(*f)));
+        batch.add(NfListObject::Table(table(*f)));
+        batch.add(set_object(
+            *f,
+            SET_INSTANCE,
+            SetTypeValue::Single(SetType::Mark),
+            None,
+            false,
+            vec![Expression::Named(NamedExpression::Elem(Elem {
+                val: Box::new(Expression::Number(instance.id)),
+                timeout: None,
+                expires: None,
+                comment: Some(instance.note.clone().into()),
+                counter: None,
+            }))],
+            "released by --cleanup: no interception; the note names the instance released".into(),
+        ));
+    }
     batch.to_nftables()
 }
 
