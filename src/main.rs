@@ -164,7 +164,8 @@ async fn probe_command(args: &Args, livez: bool) -> anyhow::Result<()> {
 }
 
 /// `--cleanup`: everything the proxy installed goes.
-async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> anyhow::Result<()> {
+async fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let (proc_sys, address_v6) = (args.proc_sys_dir.as_path(), args.bind_address_v6);
     let mut nft = NftCommand;
     let note = match nft.read(IpFamily::V4).await {
         Ok(t) => t.and_then(|t| t.note),
@@ -187,6 +188,12 @@ async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> 
     }
     rules::host::cleanup(note.as_deref(), address_v6, proc_sys)
         .context("removing the proxy address")?;
+    rules::host::cleanup_preserve_route(
+        args.preserve_client_ip_mark,
+        args.upstream_mark,
+        args.preserve_client_ip_table,
+    )
+    .context("removing the policy route of preserve-client-ip")?;
     Ok(())
 }
 
@@ -198,8 +205,9 @@ fn instance_id() -> u32 {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
-        return cleanup(&args.proc_sys_dir, args.bind_address_v6).await;
+        return cleanup(&args).await;
     }
+    args.check_marks().map_err(anyhow::Error::msg)?;
     let open_file_limit = raise_fd_limit(args.max_connections);
     let udp_max_flows_total =
         kube_uproxy::proxy::limit::udp_flow_budget(args.udp_max_flows_total, open_file_limit);
@@ -316,6 +324,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.proc_sys_dir,
     )
     .context("preparing the node")?;
+    rules::host::prepare_preserve_route(
+        args.preserve_client_ip_mark,
+        args.upstream_mark,
+        args.preserve_client_ip_table,
+        bind_v6.is_some(),
+    )
+    .context("installing the policy route of preserve-client-ip")?;
     let proxy_address_of = |family: IpFamily| match family {
         IpFamily::V4 => Some(IpAddr::V4(args.bind_address)),
         IpFamily::V6 => bind_v6.map(IpAddr::V6),
@@ -400,6 +415,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 mark: args.upstream_mark,
             },
             upstream_mark: args.upstream_mark,
+            preserve_client_ip_mark: args.preserve_client_ip_mark,
             http: HttpConfig {
                 detect_timeout: args.http_detect_timeout,
                 upstream_idle_timeout: args.http_upstream_idle_timeout,
@@ -447,6 +463,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nodeport_addresses,
         instance: Instance { id, note },
         upstream_mark: args.upstream_mark,
+        preserve_client_ip_mark: args.preserve_client_ip_mark,
     };
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,

@@ -765,6 +765,7 @@ mod tests {
                 note: String::new(),
             },
             upstream_mark: 0x2000,
+            preserve_client_ip_mark: 0x1000,
         }
     }
 

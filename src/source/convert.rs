@@ -38,6 +38,10 @@ pub const ANNOTATION_LB_ALGORITHM: &str = "kube-uproxy.io/lb-algorithm";
 /// Per-Service choice of per-request or per-connection balancing, over
 /// each port's `appProtocol`.
 pub const ANNOTATION_BALANCE: &str = "kube-uproxy.io/balance";
+/// Per-Service choice of connecting to this node's endpoints from the
+/// client's own address (`"true"`) or from the proxy's (`"false"`), over
+/// the default the traffic policies give.
+pub const ANNOTATION_PRESERVE_CLIENT_IP: &str = "kube-uproxy.io/preserve-client-ip";
 /// Asks the EndpointSlice controller for topology hints (Kubernetes 1.27+).
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The older name of [`ANNOTATION_TOPOLOGY_MODE`].
@@ -382,6 +386,26 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
         },
     };
 
+    let preserve_client_ip = match annotation(meta, ANNOTATION_PRESERVE_CLIENT_IP) {
+        None => None,
+        Some(raw) => match raw.trim() {
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                notices.insert(
+                    0,
+                    Notice::new(
+                        format!("metadata.annotations[{ANNOTATION_PRESERVE_CLIENT_IP}]"),
+                        format!(
+                            "{other:?} is neither \"true\" nor \"false\"; the traffic policies decide"
+                        ),
+                    ),
+                );
+                None
+            }
+        },
+    };
+
     Ok(Outcome::Accepted(Accepted {
         info: ServiceInfo {
             key,
@@ -396,6 +420,7 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
             internal_local,
             external_local,
             health_check_node_port,
+            preserve_client_ip,
         },
         notices,
     }))
