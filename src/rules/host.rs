@@ -473,7 +473,8 @@ mod tests {
             {"priority":32766,"src":"all","table":"main"}]"#;
         assert_eq!(count_our_rules(json, 0x1000, 0x3000, 4242).unwrap(), 1);
         assert_eq!(count_our_rules(json, 0x1000, 0x3000, 4243).unwrap(), 0);
-        assert_eq!(count_our_rules(json, 0x200, 0xf00, 2004).unwrap(), 0);
+        // Another mask is another rule (Cilium's 0x200/0xf00 is not 0x200/0x200).
+        assert_eq!(count_our_rules(json, 0x200, 0x200, 2004).unwrap(), 0);
         assert!(count_our_rules("nope", 1, 1, 1).is_err());
     }
 
