@@ -230,6 +230,22 @@ pub struct Args {
     #[arg(long, value_name = "MARK", default_value = "0x2000", value_parser = parse_mark)]
     pub upstream_mark: u32,
 
+    /// The mark of the connections to this node's endpoints opened from
+    /// the client's own address (preserve-client-ip: `Local` traffic
+    /// policies, or the annotation `kube-uproxy.io/preserve-client-ip`).
+    /// Saved in their conntrack entries and given back to the endpoints'
+    /// replies, which the policy route `fwmark MARK lookup
+    /// --preserve-client-ip-table` delivers to the proxy. A bit of its
+    /// own: not one of --upstream-mark's, kube-proxy's (0x4000, 0x8000),
+    /// Calico's (0xffff0000) or Cilium's (0x0f00) (docs/rules.md).
+    #[arg(long, value_name = "MARK", default_value = "0x1000", value_parser = parse_mark)]
+    pub preserve_client_ip_mark: u32,
+
+    /// The routing table of preserve-client-ip's policy route (it holds
+    /// `local default dev lo`); `--cleanup` flushes it.
+    #[arg(long, value_name = "TABLE", default_value_t = 4242, value_parser = parse_route_table)]
+    pub preserve_client_ip_table: u32,
+
     /// Balance each HTTP request, not each connection, on the Service
     /// ports that ask for it by `appProtocol` (`http`, `kubernetes.io/h2c`,
     /// `grpc`, …) or by the annotation `kube-uproxy.io/balance: request`
@@ -554,6 +570,37 @@ pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
         return Err("the mark must not be 0: every packet would pass the NAT rules".into());
     }
     Ok(v)
+}
+
+/// `--preserve-client-ip-table`: a table number other than the kernel's
+/// own (0 unspec, 253 default, 254 main, 255 local).
+pub(crate) fn parse_route_table(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a routing table number: {e}"))?;
+    if matches!(v, 0 | 253 | 254 | 255) {
+        return Err(format!(
+            "table {v} is the kernel's own (unspec, default, main or local); pick another"
+        ));
+    }
+    Ok(v)
+}
+
+impl Args {
+    /// The mark flags together: preserve-client-ip's mark must not share a
+    /// bit with the upstream mark, or every connection to an endpoint
+    /// would have its replies routed to the proxy's sockets as if it came
+    /// from a client's address.
+    pub fn check_marks(&self) -> Result<(), String> {
+        if self.preserve_client_ip_mark & self.upstream_mark != 0 {
+            return Err(format!(
+                "--preserve-client-ip-mark {:#x} shares bits with --upstream-mark {:#x}",
+                self.preserve_client_ip_mark, self.upstream_mark
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
@@ -1173,6 +1220,20 @@ pub(crate) mod tests {
         assert_eq!(a.shutdown_grace, Duration::from_secs(30));
         assert_eq!(a.udp_timeout, Duration::from_secs(30));
         assert_eq!(a.upstream_mark, 0x2000);
+        assert_eq!(a.preserve_client_ip_mark, 0x1000);
+        assert_eq!(a.preserve_client_ip_table, 4242);
+        assert!(a.check_marks().is_ok());
+        assert!(
+            Args {
+                preserve_client_ip_mark: 0x3000,
+                ..a.clone()
+            }
+            .check_marks()
+            .is_err()
+        );
+        assert_eq!(parse_route_table("100"), Ok(100));
+        assert!(parse_route_table("254").is_err());
+        assert!(parse_route_table("x").is_err());
         assert_eq!(parse_mark("0x4000"), Ok(0x4000));
         assert_eq!(parse_mark("8192"), Ok(0x2000));
         assert!(parse_mark("0").is_err());

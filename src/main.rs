@@ -180,7 +180,8 @@ async fn probe_command(args: &Args, livez: bool) -> anyhow::Result<()> {
 /// nat chains run first (docs/rules.md), so kube-proxy's rules serve new
 /// connections only once kube-uproxy's are gone, and the listeners must
 /// still be there for the connections translated just before.
-async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> anyhow::Result<()> {
+async fn cleanup(args: &Args) -> anyhow::Result<()> {
+    let (proc_sys, address_v6) = (args.proc_sys_dir.as_path(), args.proxy_address_v6);
     let mut nft = NftCommand;
     let table = match nft.read(IpFamily::V4).await {
         Ok(t) => t,
@@ -230,6 +231,12 @@ async fn cleanup(proc_sys: &std::path::Path, address_v6: std::net::Ipv6Addr) -> 
     }
     rules::host::cleanup(note.as_deref(), address_v6, proc_sys)
         .context("removing the proxy address")?;
+    rules::host::cleanup_preserve_route(
+        args.preserve_client_ip_mark,
+        args.upstream_mark,
+        args.preserve_client_ip_table,
+    )
+    .context("removing the policy route of preserve-client-ip")?;
     Ok(())
 }
 
@@ -320,7 +327,7 @@ fn instance_id() -> u32 {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.cleanup {
-        return cleanup(&args.proc_sys_dir, args.proxy_address_v6).await;
+        return cleanup(&args).await;
     }
     let local_traffic = args
         .local_traffic()
@@ -333,6 +340,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "no local-traffic detection (--detect-local-mode, --cluster-cidr): pods are external clients of externalTrafficPolicy: Local Services"
         ),
     }
+    args.check_marks().map_err(anyhow::Error::msg)?;
     let open_file_limit = raise_fd_limit(args.max_connections);
     let udp_max_flows_total =
         kube_uproxy::proxy::limit::udp_flow_budget(args.udp_max_flows_total, open_file_limit);
@@ -454,6 +462,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .context("preparing the node")?;
     rules::conntrack::apply_and_log(&args.conntrack(), &args.proc_sys_dir);
+    rules::host::prepare_preserve_route(
+        args.preserve_client_ip_mark,
+        args.upstream_mark,
+        args.preserve_client_ip_table,
+        bind_v6.is_some(),
+    )
+    .context("installing the policy route of preserve-client-ip")?;
     let proxy_address_of = |family: IpFamily| match family {
         IpFamily::V4 => Some(IpAddr::V4(args.proxy_address())),
         IpFamily::V6 => bind_v6.map(IpAddr::V6),
@@ -541,6 +556,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 flush_conntrack: true,
             },
             upstream_mark: args.upstream_mark,
+            preserve_client_ip_mark: args.preserve_client_ip_mark,
             http: HttpConfig {
                 detect_timeout: args.http_detect_timeout,
                 upstream_idle_timeout: args.http_upstream_idle_timeout,
@@ -597,6 +613,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         instance: Instance { id, note },
         upstream_mark: args.upstream_mark,
         local_traffic,
+        preserve_client_ip_mark: args.preserve_client_ip_mark,
     };
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,
@@ -673,7 +690,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // the cleanup is ours, now that no connection uses the proxy address.
     if released_by_cleanup(id).await {
         info!("released by --cleanup: removing the proxy address and the rest");
-        cleanup(&args.proc_sys_dir, args.bind_address_v6).await?;
+        cleanup(&args).await?;
         info!("stopped and cleaned up");
         return source_result;
     }

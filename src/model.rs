@@ -475,6 +475,11 @@ pub struct ServiceInfo {
     pub external_local: bool,
     /// `spec.healthCheckNodePort`, served when `external_local`.
     pub health_check_node_port: Option<u16>,
+    /// From the annotation `kube-uproxy.io/preserve-client-ip`: `Some`
+    /// forces connections to this node's endpoints to come from the
+    /// client's own address (or never to); `None`: the `Local` traffic
+    /// policies decide ([`ServicePortSpec::preserve_client_ip`]).
+    pub preserve_client_ip: Option<bool>,
 }
 
 /// One endpoint of an EndpointSlice, with its conditions.
@@ -594,6 +599,12 @@ pub struct ServicePortSpec {
     /// `externalTrafficPolicy: Local` (and the Service is reachable from
     /// outside).
     pub external_local: bool,
+    /// The annotation `kube-uproxy.io/preserve-client-ip`, if set: whether
+    /// connections to this node's endpoints come from the client's own
+    /// address. `None`: on for the traffic a `Local` policy sends (there
+    /// every endpoint is local, so kube-proxy's promise of the client's
+    /// address can be kept), off for the rest.
+    pub preserve_client_ip: Option<bool>,
     /// Every endpoint the slices list for this port, whatever its state and
     /// family, each address once, sorted by address (so IPv4 ones come
     /// first). Comparing two of these tells whether anything changed.
@@ -790,6 +801,7 @@ impl ClusterState {
                 session_affinity: svc.session_affinity,
                 internal_local: svc.internal_local,
                 external_local: svc.external_local,
+                preserve_client_ip: svc.preserve_client_ip,
                 endpoints: slices
                     .map(|s| endpoints_for_port(s.values().map(|s| &**s), p))
                     .unwrap_or_default(),

@@ -65,6 +65,11 @@ pub struct DataPathConfig {
     /// NAT output chain passes them untranslated, so the proxy never
     /// connects to itself. 0: unmarked (tests without `CAP_NET_ADMIN`).
     pub upstream_mark: u32,
+    /// The mark (`SO_MARK`, besides `upstream_mark`) of the connections to
+    /// this node's endpoints opened from the client's own address
+    /// (`--preserve-client-ip-mark`): the endpoint's replies are routed
+    /// back to the proxy by it. 0: client addresses are never preserved.
+    pub preserve_client_ip_mark: u32,
     /// Request mode (ports balanced per HTTP request).
     pub http: HttpConfig,
 }
@@ -80,6 +85,7 @@ impl Default for DataPathConfig {
                 .collect(),
             udp: UdpConfig::default(),
             upstream_mark: 0,
+            preserve_client_ip_mark: 0,
             http: HttpConfig::default(),
         }
     }

@@ -569,7 +569,13 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         // Sorted: the plan's keys come from a BTreeMap.
         let destinations: Vec<Key> = plan.destinations.keys().copied().collect();
         if !self.active.contains_key(&plan.key) {
-            match self.start_listener(&plan.key, spec, &destinations, &plan.endpoints) {
+            match self.start_listener(
+                &plan.key,
+                spec,
+                &destinations,
+                &plan.endpoints,
+                &plan.transparent,
+            ) {
                 Ok(port) => {
                     self.active.insert(plan.key.clone(), port);
                 }
@@ -604,6 +610,10 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             debug!(listener = %plan.key, forwarded_headers = %spec.forwarded_headers, "forwarded headers changed");
             port.balancer.set_forwarded_headers(spec.forwarded_headers);
         }
+        if *port.balancer.transparent() != plan.transparent {
+            debug!(listener = %plan.key, endpoints = ?plan.transparent, "endpoints reached from the client's address changed");
+            port.balancer.set_transparent(&plan.transparent);
+        }
 
         for old in port
             .destinations
@@ -635,6 +645,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         spec: &ServicePortSpec,
         destinations: &[Key],
         endpoints: &[std::net::SocketAddr],
+        transparent: &[std::net::SocketAddr],
     ) -> Result<ActivePort, ListenerOutcome> {
         let adopt = destinations.iter().find_map(|d| self.adopted.remove(d));
         let balancer = Arc::new(Balancer::new(spec.algorithm));
@@ -642,6 +653,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
         balancer.set_mode(spec.mode);
         balancer.set_proxy_protocol(spec.proxy_protocol);
         balancer.set_forwarded_headers(spec.forwarded_headers);
+        balancer.set_transparent(transparent);
         let listener = match self.listeners.open(key, Arc::clone(&balancer), adopt) {
             Ok(l) => l,
             Err(ListenError::Unsupported(protocol)) => {

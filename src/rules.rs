@@ -768,6 +768,7 @@ mod tests {
             },
             upstream_mark: 0x2000,
             local_traffic: None,
+            preserve_client_ip_mark: 0x1000,
         }
     }
 

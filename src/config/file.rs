@@ -105,7 +105,10 @@ pub const KUBE_PROXY_FIELDS: &[(&str, KubeProxyUse)] = {
             "conntrack.tcpEstablishedTimeout",
             Flag("conntrack_tcp_timeout_established"),
         ),
-        ("conntrack.tcpCloseWaitTimeout", Flag("conntrack_tcp_timeout_close_wait")),
+        (
+            "conntrack.tcpCloseWaitTimeout",
+            Flag("conntrack_tcp_timeout_close_wait"),
+        ),
         (
             "conntrack",
             Ignored("kube-proxy's UDP and liberal-TCP conntrack sysctls are not set here"),

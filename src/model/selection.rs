@@ -212,6 +212,7 @@ mod tests {
             session_affinity: crate::model::SessionAffinity::None,
             internal_local: false,
             external_local: false,
+            preserve_client_ip: None,
             endpoints,
         }
     }

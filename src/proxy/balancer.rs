@@ -284,6 +284,11 @@ pub struct Balancer {
     /// interval for the Service port (a dead Service at 10 000 connections
     /// per second would write as many lines).
     failover_log: LogLimit,
+    /// The endpoints connected to from the client's own address (on this
+    /// node, for a port that preserves client IPs), as last published;
+    /// usually none. Apart from the set: it changes with the annotation
+    /// and the policies, not with the endpoints' counters.
+    transparent: ArcSwap<Vec<SocketAddr>>,
 }
 
 fn encode(a: Algorithm) -> u8 {
@@ -323,7 +328,26 @@ impl Balancer {
             generation: AtomicU64::new(0),
             departed: Mutex::new(HashMap::new()),
             failover_log: LogLimit::default(),
+            transparent: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// Publishes the endpoints to connect to from the client's own address
+    /// (control plane); connections already open are not touched.
+    pub fn set_transparent(&self, endpoints: &[SocketAddr]) {
+        self.transparent.store(Arc::new(endpoints.to_vec()));
+    }
+
+    /// The endpoints connected to from the client's own address.
+    pub fn transparent(&self) -> Arc<Vec<SocketAddr>> {
+        self.transparent.load_full()
+    }
+
+    /// Whether a connection to `endpoint` should come from the client's
+    /// own address (one atomic load; a scan of a list that is empty on
+    /// most ports and short on the rest).
+    pub fn is_transparent(&self, endpoint: SocketAddr) -> bool {
+        self.transparent.load().contains(&endpoint)
     }
 
     pub fn algorithm(&self) -> Algorithm {

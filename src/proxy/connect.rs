@@ -12,6 +12,14 @@
 //!
 //! The connect call itself is a parameter, so that these rules are tested
 //! without sockets.
+//!
+//! A connection to an endpoint on this node may come from the client's own
+//! address and port ([`connect_from_client`]: `IP_TRANSPARENT`, bound
+//! before the connect, marked so that the endpoint's replies are routed
+//! back to this socket, docs/rules.md), so that the endpoint sees its real
+//! client as it would behind kube-proxy. When that address cannot be taken
+//! the connection comes from the node's own address instead, as any
+//! other: never refused for it.
 
 use std::future::Future;
 use std::io;
@@ -173,6 +181,106 @@ pub(super) async fn connect_marked(endpoint: SocketAddr, mark: u32) -> io::Resul
     socket.connect(endpoint).await
 }
 
+/// Where a connection to an endpoint came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The client's own address and port.
+    Client,
+    /// The node's own address, as any other connection to an endpoint:
+    /// the client's could not be taken.
+    FellBack,
+}
+
+/// Rate limit of the fallback lines (process-wide: the cause, a missing
+/// capability or a port taken on the node, usually is too).
+static FALLBACK_LOG: LogLimit = LogLimit::new(LOG_INTERVAL);
+
+/// Whether a connection from `client` to `endpoint` can come from the
+/// client's own address at all: the same family, not a loopback client
+/// (its address means this node, and a packet from 127.0.0.1 may not leave
+/// it), and not the endpoint itself (a pod reaching its own Service: it
+/// would receive a packet from its own address and drop it as a martian;
+/// kube-proxy masquerades that hairpin too).
+pub(super) fn can_come_from_client(client: SocketAddr, endpoint: SocketAddr) -> bool {
+    client.is_ipv4() == endpoint.is_ipv4()
+        && !client.ip().is_loopback()
+        && client.ip() != endpoint.ip()
+}
+
+/// A connection to `endpoint` from `client`'s own address and port, marked
+/// `mark | preserve_mark`: the upstream mark lets it pass the NAT output
+/// chain untranslated (as [`connect_marked`]), the preserve mark is saved
+/// into the connection's conntrack mark, restored on the endpoint's
+/// replies, and routes them to this socket (the policy route of
+/// `rules::host`) instead of toward the client.
+///
+/// When the client's address cannot be taken — the bind is refused (its
+/// port is in use on this node, `IP_TRANSPARENT` needs `CAP_NET_ADMIN`), or
+/// the connect finds that four-tuple taken (a `TIME_WAIT` of an earlier
+/// connection from the same client port) — the connection comes from the
+/// node's own address ([`Source::FellBack`]), as every other connection
+/// to an endpoint: the client is never refused for
+/// it. Any other error is the endpoint's, and fails over as usual.
+pub(super) async fn connect_from_client(
+    endpoint: SocketAddr,
+    client: SocketAddr,
+    mark: u32,
+    preserve_mark: u32,
+) -> io::Result<(TcpStream, Source)> {
+    let refused = match transparent_socket(client, mark | preserve_mark) {
+        Ok(socket) => match socket.connect(endpoint).await {
+            Ok(stream) => return Ok((stream, Source::Client)),
+            Err(e) if is_address_clash(&e) => e,
+            Err(e) => return Err(e),
+        },
+        Err(e) => e,
+    };
+    if let Some(held_back) = FALLBACK_LOG.check() {
+        warn!(
+            %client,
+            %endpoint,
+            error = %refused,
+            held_back,
+            "cannot connect from the client's address; connecting from the node's address \
+             (kubeuproxy_preserve_client_ip_fallbacks_total)"
+        );
+    }
+    connect_marked(endpoint, mark)
+        .await
+        .map(|s| (s, Source::FellBack))
+}
+
+/// The socket of [`connect_from_client`], bound to `client`.
+/// `SO_REUSEADDR`: a `TIME_WAIT` left by an earlier connection from that
+/// client port does not refuse the bind (the connect checks the whole
+/// four-tuple).
+fn transparent_socket(client: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
+    let socket = if client.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    let sock = socket2::SockRef::from(&socket);
+    if client.is_ipv4() {
+        sock.set_ip_transparent_v4(true)?;
+    } else {
+        sock.set_ip_transparent_v6(true)?;
+    }
+    sock.set_mark(mark)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(client)?;
+    Ok(socket)
+}
+
+/// A connect error that says the client's address is taken here, not that
+/// the endpoint is unreachable.
+fn is_address_clash(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EADDRINUSE | Errno::EADDRNOTAVAIL)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +361,58 @@ mod tests {
                 "errno {errno} failed over"
             );
         }
+    }
+
+    #[test]
+    fn loopback_hairpin_and_mixed_family_clients_are_never_transparent() {
+        let ep = SocketAddr::from(([10, 0, 0, 1], 80));
+        assert!(can_come_from_client(client(), ep));
+        assert!(!can_come_from_client(
+            SocketAddr::from(([127, 0, 0, 1], 40000)),
+            ep
+        ));
+        assert!(!can_come_from_client(
+            SocketAddr::from(([10, 0, 0, 1], 40000)),
+            ep
+        ));
+        assert!(!can_come_from_client(
+            "[fd00::2]:40000".parse().unwrap(),
+            ep
+        ));
+    }
+
+    /// The client's port is held on this node (a socket bound to that
+    /// address and port): the connection comes from the proxy's address
+    /// instead, and is not refused. Needs CAP_NET_ADMIN (root) for
+    /// IP_TRANSPARENT and SO_MARK; the unit tests run as root in CI.
+    #[tokio::test]
+    async fn a_client_address_taken_on_the_node_falls_back_to_the_nodes_address() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: IP_TRANSPARENT and SO_MARK need root");
+            return;
+        }
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = server.local_addr().unwrap();
+        // The "client": 127.0.0.2 (routed to lo, so the reply comes back
+        // without a policy route) on a port held by another socket.
+        let holder = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let client = holder.local_addr().unwrap();
+        let (stream, source) = connect_from_client(endpoint, client, 0x2000, 0x1000)
+            .await
+            .expect("the connection is never refused for its source");
+        assert_eq!(source, Source::FellBack);
+        assert_ne!(stream.local_addr().unwrap(), client);
+        let (_, seen) = server.accept().unwrap();
+        assert_eq!(seen, stream.local_addr().unwrap());
+        // A free port of that address: the connection comes from it.
+        drop(holder);
+        let (stream, source) = connect_from_client(endpoint, client, 0x2000, 0x1000)
+            .await
+            .unwrap();
+        assert_eq!(source, Source::Client);
+        let (_, seen) = server.accept().unwrap();
+        assert_eq!(seen, client);
+        assert_eq!(stream.local_addr().unwrap(), client);
     }
 
     #[tokio::test]

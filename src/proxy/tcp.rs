@@ -13,7 +13,10 @@ use tracing::{Instrument, debug, debug_span};
 use super::DataPathConfig;
 use super::accept::AcceptBackoff;
 use super::balancer::{Balancer, Lease};
-use super::connect::{ConnectError, connect_marked, connect_with_failover};
+use super::connect::{
+    ConnectError, Source, can_come_from_client, connect_from_client, connect_marked,
+    connect_with_failover,
+};
 use super::connections::Connections;
 use super::http::{self, HttpPort};
 use super::metrics::{FailReason, ListenerMetrics, ServicePortMetrics};
@@ -320,16 +323,31 @@ async fn handle_connection(
     // task may move between threads).
     let last_error = std::sync::Mutex::new(FailReason::ConnectTimeout);
     let mark = config.upstream_mark;
+    let preserve_mark = config.preserve_client_ip_mark;
     let connect = |endpoint: SocketAddr| {
         attempts += 1;
         if attempts > 1 {
             metrics.retry();
         }
+        // From the client's own address: an endpoint on this node of a
+        // port that preserves client IPs (the reconciler's choice).
+        let from_client = preserve_mark != 0
+            && balancer.is_transparent(endpoint)
+            && can_come_from_client(peer, endpoint);
         let metrics = Arc::clone(&metrics);
         let last_error = &last_error;
         async move {
             let started = std::time::Instant::now();
-            let r = connect_marked(endpoint, mark).await;
+            let r = if from_client {
+                connect_from_client(endpoint, peer, mark, preserve_mark)
+                    .await
+                    .map(|(s, source)| {
+                        metrics.client_ip(source == Source::Client);
+                        s
+                    })
+            } else {
+                connect_marked(endpoint, mark).await
+            };
             match &r {
                 Ok(_) => metrics.connected(endpoint, started.elapsed()),
                 Err(e) => {

@@ -34,6 +34,29 @@ pub(super) struct ListenerPlan {
     pub(super) key: ListenerKey,
     pub(super) endpoints: Vec<SocketAddr>,
     pub(super) destinations: BTreeMap<Key, Verdict>,
+    /// The endpoints (of `endpoints`) connected to from the client's own
+    /// address: those on this node, when the listener preserves client
+    /// IPs ([`preserves_client_ip`]). Empty otherwise.
+    pub(super) transparent: Vec<SocketAddr>,
+}
+
+/// Whether a listener of `scope` connects to this node's endpoints from
+/// the client's own address. The annotation decides when set; otherwise
+/// the traffic a `Local` policy sends does: every endpoint it reaches is
+/// on this node, so kube-proxy's promise (the endpoint sees the client)
+/// can be kept, and an operator who chose `Local` chose it for that. A
+/// listener serving both kinds (`separate` false) has one policy for
+/// both, `internalTrafficPolicy`'s (they are equal, or the port is not
+/// reachable from outside).
+pub(super) fn preserves_client_ip(
+    spec: &ServicePortSpec,
+    scope: TrafficScope,
+    separate: bool,
+) -> bool {
+    spec.preserve_client_ip.unwrap_or(match scope {
+        TrafficScope::External if separate => spec.external_local,
+        _ => spec.internal_local,
+    })
 }
 
 /// What one Service port needs: one listener, or two when its external
@@ -91,12 +114,31 @@ pub(super) fn plan_port(
         Key::Guarded(_) | Key::Allow(..) => Verdict::Serve,
         _ => v,
     };
+    // This node's endpoints (whatever their state: the listener's own
+    // endpoints are the selection's choice).
+    let local: BTreeSet<SocketAddr> = spec
+        .endpoints_of(family)
+        .filter(|e| e.is_local(&node.name))
+        .map(|e| e.addr)
+        .collect();
+    let transparent = |scope: TrafficScope, endpoints: &[SocketAddr]| -> Vec<SocketAddr> {
+        if preserves_client_ip(spec, scope, separate) {
+            endpoints
+                .iter()
+                .copied()
+                .filter(|e| local.contains(e))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    };
     let mut internal_plan = ListenerPlan {
         key: ListenerKey {
             port: spec.name.clone(),
             family,
             scope: TrafficScope::Internal,
         },
+        transparent: transparent(TrafficScope::Internal, &internal),
         endpoints: internal,
         destinations: cluster_keys
             .iter()
@@ -132,6 +174,10 @@ pub(super) fn plan_port(
                     family,
                     scope: TrafficScope::LocalPods,
                 },
+                // A pod of this node: local endpoints see its address
+                // (both policies are Local, so preserve-client-ip is on
+                // unless the annotation says otherwise).
+                transparent: transparent(TrafficScope::LocalPods, &cluster),
                 endpoints: cluster,
                 destinations: pod_keys.iter().map(|k| (*k, Verdict::Serve)).collect(),
             });
@@ -146,6 +192,7 @@ pub(super) fn plan_port(
                 family,
                 scope: TrafficScope::External,
             },
+            transparent: transparent(TrafficScope::External, &external),
             endpoints: external,
             destinations: external_keys
                 .iter()

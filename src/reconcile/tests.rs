@@ -137,6 +137,7 @@ fn reconciler_v6(
         },
         upstream_mark: 0x2000,
         local_traffic: None,
+        preserve_client_ip_mark: 0x1000,
     };
     Reconciler::new(
         ReconcilerConfig {
@@ -589,7 +590,7 @@ fn node_port_v4(port: u16) -> Key {
     )
 }
 
-fn with_node_port(mut s: ServiceInfo) -> ServiceInfo {
+pub(super) fn with_node_port(mut s: ServiceInfo) -> ServiceInfo {
     s.ports[0].node_port = Some(30080);
     s
 }

@@ -17,6 +17,18 @@
 //!   listener in the same `SO_REUSEPORT` group instead of being reset. The
 //!   value found before is kept in the table's `instance` comment (the
 //!   note), so the last `--cleanup` restores it.
+//! - **The policy route of preserve-client-ip**: `ip rule add fwmark
+//!   M/(U|M) lookup T pref 100` and `ip route replace local default dev lo
+//!   table T` (both families; `--preserve-client-ip-mark` M,
+//!   `--upstream-mark` U, `--preserve-client-ip-table` T). A connection the proxy opens from a
+//!   client's own address gets replies addressed to that client; the
+//!   table's mark rules give them M, and this route delivers them locally,
+//!   to the proxy's socket, instead of forwarding them to the client (the
+//!   pattern of Envoy's original-src filter and HAProxy's `usesrc
+//!   clientip`). The mask takes U in because the proxy's transparent
+//!   sockets carry U|M themselves: their own packets must still be routed
+//!   to the endpoint. Only replies to those sockets carry M without U:
+//!   nothing else on the node is routed differently.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -44,8 +56,10 @@ const MIGRATE_PATH: &str = "net/ipv4/tcp_migrate_req";
 pub const REQUIRED_CAPABILITIES: &[(&str, u32, &str)] = &[(
     "NET_ADMIN",
     12,
-    "nft (the table), `ip addr add` (the proxy address on lo), writing net.ipv4.tcp_migrate_req, \
-     SO_MARK on the connections to endpoints (--upstream-mark)",
+    "nft (the table), `ip addr add` (the proxy address on lo), `ip rule` and `ip route` (the \
+     policy route of preserve-client-ip), writing net.ipv4.tcp_migrate_req, SO_MARK on the \
+     connections to endpoints (--upstream-mark), IP_TRANSPARENT on those opened from a \
+     client's address",
 )];
 
 /// The capabilities of [`REQUIRED_CAPABILITIES`] this process lacks
@@ -278,6 +292,97 @@ pub fn cleanup(note: Option<&str>, address_v6: Ipv6Addr, proc_sys: &Path) -> Res
     Ok(())
 }
 
+/// The priority of the preserve-client-ip rule: early, so that a CNI's
+/// rules that route a pod's address through a table of its own (AWS VPC
+/// CNI: `to <pod IP> lookup main` at 512) do not send the endpoint's reply
+/// to a client pod of this node before it reaches the proxy.
+pub const PRESERVE_RULE_PRIORITY: u32 = 100;
+
+/// The family switch of `ip` and the default route of each family.
+const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
+
+/// Installs the policy route of preserve-client-ip (see the module doc):
+/// for IPv4, and for IPv6 when `ipv6`. Idempotent: a rule already there
+/// (a restart) is not added twice, the route is replaced.
+pub fn prepare_preserve_route(
+    mark: u32,
+    upstream_mark: u32,
+    table: u32,
+    ipv6: bool,
+) -> Result<(), HostError> {
+    let mask = mark | upstream_mark;
+    let (fwmark, table_s) = (format!("{mark:#x}/{mask:#x}"), table.to_string());
+    for &(family, default) in FAMILIES.iter().take(if ipv6 { 2 } else { 1 }) {
+        ip(&[
+            family, "route", "replace", "local", default, "dev", "lo", "table", &table_s,
+        ])?;
+        if our_rules(family, mark, mask, table)? == 0 {
+            let pref = PRESERVE_RULE_PRIORITY.to_string();
+            ip(&[
+                family, "rule", "add", "fwmark", &fwmark, "lookup", &table_s, "pref", &pref,
+            ])?;
+        }
+    }
+    info!(
+        mark = format!("{mark:#x}"),
+        table, "policy route of preserve-client-ip in place"
+    );
+    Ok(())
+}
+
+/// Removes the policy route of preserve-client-ip, both families (an
+/// error of the IPv6 one is ignored when the node has no IPv6).
+pub fn cleanup_preserve_route(mark: u32, upstream_mark: u32, table: u32) -> Result<(), HostError> {
+    let mask = mark | upstream_mark;
+    let (fwmark, table_s) = (format!("{mark:#x}/{mask:#x}"), table.to_string());
+    for (family, _) in FAMILIES {
+        let r = (|| {
+            // Bounded: each round deletes one of ours.
+            for _ in 0..16 {
+                if our_rules(family, mark, mask, table)? == 0 {
+                    break;
+                }
+                ip(&[family, "rule", "del", "fwmark", &fwmark, "lookup", &table_s])?;
+            }
+            ip(&[family, "route", "flush", "table", &table_s])?;
+            Ok::<(), HostError>(())
+        })();
+        match r {
+            Ok(()) => info!(family, table, "policy route of preserve-client-ip removed"),
+            Err(e) if family == "-6" && ipv6_disabled().is_some() => {
+                info!(error = %e, "no IPv6 policy route removed (IPv6 is disabled)")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How many rules `ip <family> rule` lists that send packets whose mark
+/// is `mark` under `mask` to `table`.
+fn our_rules(family: &str, mark: u32, mask: u32, table: u32) -> Result<usize, HostError> {
+    let listing = ip(&["-j", family, "rule", "show"])?;
+    count_our_rules(&listing, mark, mask, table)
+}
+
+fn count_our_rules(json: &str, mark: u32, mask: u32, table: u32) -> Result<usize, HostError> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| HostError::Parse(e.to_string()))?;
+    let hex = |s: &serde_json::Value| {
+        s.as_str()
+            .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+    };
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| {
+            r["table"].as_str() == Some(table.to_string().as_str())
+                && hex(&r["fwmark"]) == Some(mark)
+                && r.get("fwmask").map_or(Some(u32::MAX), hex) == Some(mask)
+        })
+        .count())
+}
+
 /// `address`/128 if `ip -j addr show` output lists it with the flags the
 /// proxy adds it with (`nodad`, `noprefixroute`).
 fn our_ipv6_address(json: &str, address: Ipv6Addr) -> Result<Option<String>, HostError> {
@@ -357,6 +462,20 @@ mod tests {
         // even where a bind to it would succeed (ip_nonlocal_bind=1).
         assert!(is_local(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap());
         assert!(!is_local(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 77))).unwrap());
+    }
+
+    #[test]
+    fn finds_only_our_policy_rules() {
+        let json = r#"[{"priority":0,"src":"all","table":"local"},
+            {"priority":100,"src":"all","fwmark":"0x1000","fwmask":"0x3000","table":"4242"},
+            {"priority":100,"src":"all","fwmark":"0x1000","table":"4242"},
+            {"priority":9,"src":"all","fwmark":"0x200","fwmask":"0xf00","table":"2004"},
+            {"priority":32766,"src":"all","table":"main"}]"#;
+        assert_eq!(count_our_rules(json, 0x1000, 0x3000, 4242).unwrap(), 1);
+        assert_eq!(count_our_rules(json, 0x1000, 0x3000, 4243).unwrap(), 0);
+        // Another mask is another rule (Cilium's 0x200/0xf00 is not 0x200/0x200).
+        assert_eq!(count_our_rules(json, 0x200, 0x200, 2004).unwrap(), 0);
+        assert!(count_our_rules("nope", 1, 1, 1).is_err());
     }
 
     #[test]

@@ -23,10 +23,10 @@
 //!   map pod-node-ports         { inet_proto . inet_service : inet_service }              the same for node ports
 //!   set instance               { mark; comment "…" }                                     the writer (see `Instance`)
 //!
-//!   chain filter-prerouting { filter prerouting -110: LB source ranges (drop) }
+//!   chain filter-prerouting { filter prerouting -110: replies to preserve-client-ip connections get their mark back; LB source ranges (drop) }
 //!   chain filter-input      { filter input -110: refusals and drops (Service, node port), proxy-port guard }
 //!   chain filter-forward    { filter forward -110: refusals and drops (Service) }
-//!   chain filter-output     { filter output -110: refusals and drops (Service, node port) }
+//!   chain filter-output     { filter output -110: preserve-client-ip connections' mark saved in conntrack; refusals and drops (Service, node port) }
 //!   chain nat-prerouting    { nat prerouting -110: (with local-traffic detection: DNAT pod → Service, pod → node port,) DNAT Service, DNAT node port }
 //!   chain nat-output        { nat output -110: the proxy's own upstream packets (marked) pass, then the same }
 //! }
@@ -153,12 +153,14 @@ pub fn rules_in_chain(layout: &Layout, family: IpFamily, name: &str) -> usize {
     match name {
         // With local-traffic detection, the two DNATs of pod traffic first.
         "nat-prerouting" if layout.local_source(family).is_some() => 4,
-        "filter-prerouting" => 1,
+        // The preserve-client-ip mark restored, the source ranges.
+        "filter-prerouting" => 2,
         // Refusals of Service destinations and of node ports (TCP reset,
         // ICMP for the rest), their drops, and the port guard.
         "filter-input" => 7,
         "filter-forward" => 3,
-        "filter-output" => 6,
+        // The preserve-client-ip mark saved, then the refusals.
+        "filter-output" => 7,
         // The proxy's own upstream packets pass, then the two DNATs.
         "nat-output" => 3,
         _ => 2,
@@ -187,6 +189,11 @@ pub struct Layout {
     /// (`--detect-local-mode`); `None`: it is not, and pods are external
     /// clients like any other.
     pub local_traffic: Option<LocalTraffic>,
+    /// The mark of the proxy's connections opened from a client's own
+    /// address (`--preserve-client-ip-mark`, never 0): saved into their
+    /// conntrack mark on the way out, restored on the endpoint's replies,
+    /// which the policy route of `rules::host` then delivers to the proxy.
+    pub preserve_client_ip_mark: u32,
 }
 
 /// kube-proxy's local-traffic detectors (`--detect-local-mode`): which
@@ -674,6 +681,73 @@ fn own_upstream_passes(f: IpFamily, chain: &'static str, mark: u32) -> Rule<'sta
     )
 }
 
+fn meta_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark }))
+}
+
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "mark".into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+/// `left & mark == mark`
+fn has_mark(left: Expression<'static>, mark: u32) -> Statement<'static> {
+    matches(
+        Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+            left,
+            Expression::Number(mark),
+        ))),
+        Operator::EQ,
+        Expression::Number(mark),
+    )
+}
+
+/// `key set key | mark`: the mark's bits added, the others kept (a CNI's
+/// bits in the same mark stay as they were).
+fn add_mark(key: Expression<'static>, mark: u32) -> Statement<'static> {
+    Statement::Mangle(nftables::stmt::Mangle {
+        key: key.clone(),
+        value: Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::OR(vec![
+            key,
+            Expression::Number(mark),
+        ]))),
+    })
+}
+
+/// `meta mark & (U|M) == U|M ct mark set ct mark | M` (filter-output): a
+/// connection the proxy opens from a client's own address (socket mark
+/// U|M: the upstream mark and the preserve mark) keeps M in its conntrack
+/// entry, for [`preserve_mark_restored`].
+fn preserve_mark_saved(f: IpFamily, upstream: u32, mark: u32) -> Rule<'static> {
+    rule(
+        f,
+        "filter-output",
+        vec![
+            has_mark(meta_mark(), upstream | mark),
+            add_mark(ct_mark(), mark),
+        ],
+    )
+}
+
+/// `ct mark & M == M meta mark set meta mark | M` (filter-prerouting): the
+/// endpoint's replies to such a connection, addressed to the client, get
+/// M back before the routing decision, and the policy route (`fwmark
+/// M/(U|M) lookup <table>`, `local default dev lo` there) delivers them to
+/// the proxy's socket on this node instead of forwarding them to the
+/// client. The rule's mask takes U in: the socket's own packets carry U|M
+/// and so are routed by the main table, to the endpoint; only the replies
+/// carry M without U.
+fn preserve_mark_restored(f: IpFamily, mark: u32) -> Rule<'static> {
+    rule(
+        f,
+        "filter-prerouting",
+        vec![has_mark(ct_mark(), mark), add_mark(meta_mark(), mark)],
+    )
+}
+
 /// `… dnat ip to ADDR : <key> map @MAP`
 fn dnat(proxy_address: IpAddr, key: Expression<'static>, map: &str) -> Statement<'static> {
     Statement::DNAT(Some(NAT {
@@ -1077,7 +1151,10 @@ fn full_family(
     for (name, ty, hook, prio) in CHAINS {
         batch.add(NfListObject::Chain(base_chain(f, name, ty, hook, prio)));
         let rules: Vec<Rule<'static>> = match name {
-            "filter-prerouting" => vec![source_range_rule(f)],
+            "filter-prerouting" => vec![
+                preserve_mark_restored(f, layout.preserve_client_ip_mark),
+                source_range_rule(f),
+            ],
             "filter-input" => {
                 let mut r = service_refusals(f, name);
                 r.extend(node_port_refusals(f, proxy, name, layout));
@@ -1086,7 +1163,12 @@ fn full_family(
             }
             "filter-forward" => service_refusals(f, name),
             "filter-output" => {
-                let mut r = service_refusals(f, name);
+                let mut r = vec![preserve_mark_saved(
+                    f,
+                    layout.upstream_mark,
+                    layout.preserve_client_ip_mark,
+                )];
+                r.extend(service_refusals(f, name));
                 r.extend(node_port_refusals(f, proxy, name, layout));
                 r
             }

@@ -44,6 +44,10 @@ pub const ANNOTATION_PROXY_PROTOCOL: &str = "kube-uproxy.io/proxy-protocol";
 /// Per-Service `X-Forwarded-For` and `Forwarded` on requests of ports in
 /// request mode: `true` (replace the client's) or `append` (trust them).
 pub const ANNOTATION_FORWARDED_HEADERS: &str = "kube-uproxy.io/forwarded-headers";
+/// Per-Service choice of connecting to this node's endpoints from the
+/// client's own address (`"true"`) or from the proxy's (`"false"`), over
+/// the default the traffic policies give.
+pub const ANNOTATION_PRESERVE_CLIENT_IP: &str = "kube-uproxy.io/preserve-client-ip";
 /// Asks the EndpointSlice controller for topology hints (Kubernetes 1.27+).
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The older name of [`ANNOTATION_TOPOLOGY_MODE`].
@@ -389,6 +393,25 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
     };
 
     let (proxy_protocol, forwarded_headers) = client_address(meta, &ports, balance, &mut notices);
+    let preserve_client_ip = match annotation(meta, ANNOTATION_PRESERVE_CLIENT_IP) {
+        None => None,
+        Some(raw) => match raw.trim() {
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                notices.insert(
+                    0,
+                    Notice::new(
+                        format!("metadata.annotations[{ANNOTATION_PRESERVE_CLIENT_IP}]"),
+                        format!(
+                            "{other:?} is neither \"true\" nor \"false\"; the traffic policies decide"
+                        ),
+                    ),
+                );
+                None
+            }
+        },
+    };
 
     Ok(Outcome::Accepted(Accepted {
         info: ServiceInfo {
@@ -406,6 +429,7 @@ pub fn service(svc: &Service) -> Result<Outcome<ServiceInfo>, InvalidObject> {
             internal_local,
             external_local,
             health_check_node_port,
+            preserve_client_ip,
         },
         notices,
     }))

@@ -1,7 +1,7 @@
 use super::*;
 // The Service and slice builders of the reconciler's tests.
 use crate::model::{Algorithm, ClusterState, ObjectKey, Protocol, ServiceInfo, SliceInfo};
-use crate::reconcile::tests::{dual_stack, service, slice_on};
+use crate::reconcile::tests::{dual_stack, service, slice_on, with_node_port};
 
 /// The plan of the first port of `svc` in IPv4 on `node-a`, with `slice`.
 fn plan_of(svc: ServiceInfo, slice: SliceInfo) -> PortPlan {
@@ -252,4 +252,53 @@ fn pods_reach_external_destinations_of_a_local_policy_through_cluster_endpoints(
     let p = plan_with(svc, remote(), true);
     assert_eq!(p.listeners.len(), 1);
     assert!(!p.listeners[0].destinations.contains_key(&pod_lb));
+}
+
+#[test]
+fn client_ips_are_preserved_for_local_endpoints_of_local_policies_or_by_annotation() {
+    let eps = [("10.1.0.2", "node-a", true), ("10.1.0.3", "node-b", true)];
+    let local = "10.1.0.2:8080".parse::<SocketAddr>().unwrap();
+    let transparent = |svc: ServiceInfo| -> Vec<(TrafficScope, Vec<SocketAddr>)> {
+        plan_of(svc, slice_on("web", &eps))
+            .listeners
+            .into_iter()
+            .map(|l| (l.key.scope, l.transparent))
+            .collect()
+    };
+    let mut svc = with_node_port(service("web", "10.96.0.10"));
+    // Cluster policies: the endpoints see the proxy, as before.
+    assert_eq!(transparent(svc.clone()), [(TrafficScope::Internal, vec![])]);
+    // externalTrafficPolicy: Local: its listener (external traffic only)
+    // connects from the client's address; ClusterIP traffic does not.
+    svc.external_local = true;
+    assert_eq!(
+        transparent(svc.clone()),
+        [
+            (TrafficScope::Internal, vec![]),
+            (TrafficScope::External, vec![local])
+        ]
+    );
+    // Forced off.
+    svc.preserve_client_ip = Some(false);
+    assert_eq!(
+        transparent(svc.clone()),
+        [
+            (TrafficScope::Internal, vec![]),
+            (TrafficScope::External, vec![])
+        ]
+    );
+    // internalTrafficPolicy: Local too: one listener, preserved.
+    svc.preserve_client_ip = None;
+    svc.internal_local = true;
+    assert_eq!(
+        transparent(svc.clone()),
+        [(TrafficScope::Internal, vec![local])]
+    );
+    // Forced on for a Cluster Service: only the endpoint on this node is
+    // reached from the client's address (a remote one could not route the
+    // reply back here).
+    svc.internal_local = false;
+    svc.external_local = false;
+    svc.preserve_client_ip = Some(true);
+    assert_eq!(transparent(svc), [(TrafficScope::Internal, vec![local])]);
 }

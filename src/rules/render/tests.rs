@@ -53,6 +53,7 @@ fn full_replaces_the_table_and_holds_the_elements() {
         },
         upstream_mark: 0x2000,
         local_traffic: None,
+        preserve_client_ip_mark: 0x1000,
     };
     let v = to_json(&full(&layout, &els, &ports));
     let cmds = v["nftables"].as_array().unwrap();
@@ -141,6 +142,35 @@ fn full_replaces_the_table_and_holds_the_elements() {
     );
     assert_eq!(own["expr"][0]["match"]["right"], 0x2000);
     assert!(own["expr"][1].get("return").is_some());
+    // preserve-client-ip: the socket's mark is saved in conntrack on the
+    // way out (first in filter-output) and given back to the endpoint's
+    // replies before routing (first in filter-prerouting), other bits kept.
+    let first = |chain: &str| {
+        cmds.iter()
+            .filter_map(|c| c["add"].get("rule"))
+            .find(|r| r["chain"] == chain)
+            .unwrap()
+            .clone()
+    };
+    let saved = first("filter-output");
+    assert_eq!(
+        saved["expr"][0]["match"]["left"]["&"],
+        json!([{"meta": {"key": "mark"}}, 0x3000])
+    );
+    assert_eq!(saved["expr"][0]["match"]["right"], 0x3000);
+    assert_eq!(
+        saved["expr"][1]["mangle"],
+        json!({"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, 0x1000]}})
+    );
+    let restored = first("filter-prerouting");
+    assert_eq!(
+        restored["expr"][0]["match"]["left"]["&"],
+        json!([{"ct": {"key": "mark"}}, 0x1000])
+    );
+    assert_eq!(
+        restored["expr"][1]["mangle"],
+        json!({"key": {"meta": {"key": "mark"}}, "value": {"|": [{"meta": {"key": "mark"}}, 0x1000]}})
+    );
     // TCP is refused with a reset (not rate-limited), the rest by ICMP.
     let rejects: Vec<&Value> = cmds
         .iter()
@@ -219,6 +249,7 @@ fn dual_stack_layout() -> Layout {
         },
         upstream_mark: 0x2000,
         local_traffic: None,
+        preserve_client_ip_mark: 0x1000,
     }
 }
 

@@ -177,6 +177,34 @@ fn traffic_policies_and_health_check_port_are_read() {
 }
 
 #[test]
+fn the_preserve_client_ip_annotation_is_read_and_a_bad_value_is_a_notice() {
+    let with = |v: &str| {
+        service(&svc(json!({
+            "metadata": {"name": "web",
+                         "annotations": {"kube-uproxy.io/preserve-client-ip": v}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        })))
+        .unwrap()
+        .accepted()
+    };
+    assert_eq!(with("true").info.preserve_client_ip, Some(true));
+    assert_eq!(with("false").info.preserve_client_ip, Some(false));
+    let bad = with("yes");
+    assert_eq!(bad.info.preserve_client_ip, None);
+    assert_eq!(
+        bad.notices[0].field,
+        "metadata.annotations[kube-uproxy.io/preserve-client-ip]"
+    );
+    let none = service(&svc(json!({
+        "metadata": {"name": "web"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+    })))
+    .unwrap()
+    .accepted();
+    assert_eq!(none.info.preserve_client_ip, None);
+}
+
+#[test]
 fn endpoint_hints_and_nodes_are_read() {
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let slice: EndpointSlice = serde_json::from_value(json!({

@@ -182,6 +182,23 @@ pub fn whoami(listener: std::net::TcpListener, name: &str) -> io::Result<PeerHan
     })
 }
 
+/// Writes `"<name> <peer ip:port>\n"` on accept — the address the
+/// connection came from, as this server sees it — then echoes until the
+/// client closes.
+pub fn whoami_peer(listener: std::net::TcpListener, name: &str) -> io::Result<PeerHandle> {
+    let name: Arc<str> = name.into();
+    serve(listener, move |mut stream| {
+        let name = name.clone();
+        async move {
+            let peer = stream.peer_addr()?;
+            stream
+                .write_all(format!("{name} {peer}\n").as_bytes())
+                .await?;
+            echo_stream(&mut stream).await
+        }
+    })
+}
+
 /// Reads until EOF, then writes the hex SHA-256 of the data and `"\n"`.
 pub fn sha256(listener: std::net::TcpListener) -> io::Result<PeerHandle> {
     serve(listener, |mut stream| async move {

@@ -1,0 +1,457 @@
+//! End-to-end tests of preserve-client-ip: connections to endpoints on
+//! this node opened from the client's own address and port
+//! (`IP_TRANSPARENT`, the connmark rules and the policy route of
+//! docs/rules.md), so that the endpoint sees its real client.
+//!
+//! - `externalTrafficPolicy: Local` on a LoadBalancer Service: through its
+//!   node port and its LB IP, the endpoint (a "pod" of the node, on its
+//!   bridge) sees the client's address and port, the reply reaches the
+//!   client, for many connections from one address (held open together)
+//!   and from many addresses. ClusterIP traffic of the same Service
+//!   (`internalTrafficPolicy: Cluster`) still comes from the node's address.
+//! - The annotation `kube-uproxy.io/preserve-client-ip` forces it on (for
+//!   the endpoint on this node only) and off.
+//! - A client port already taken on the node: the connection comes from
+//!   the node's address instead, is served, and is counted.
+//! - `--cleanup` leaves no policy rule, route or table behind.
+//!
+//! Backends run [`whoami_peer`]: `"<name> <peer ip:port>"`, then echo.
+//! These tests need root and `nft`; without root they print `SKIP ...`
+//! (or fail, if `CI` is set).
+//!
+//! [`whoami_peer`]: uproxy_lab::peers::whoami_peer
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use uproxy_lab::e2e::http::{metric_sum, scrape};
+use uproxy_lab::e2e::udp::ep;
+use uproxy_lab::e2e::{
+    BACKEND_PORT, Backend, CONNECT_TIMEOUT, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT,
+    Testbed, VIP_A, VIP_B, backend_name, manifests, poll, read_line, wait_nft_key,
+};
+use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
+use uproxy_lab::peers::{self, PeerHandle};
+use uproxy_lab::{self as lab, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns};
+
+const NODE_PORT: u16 = 30080;
+const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+/// What an endpoint sees when the client's address is not kept: the
+/// node's own address toward it (the proxy's other connections to
+/// endpoints are not bound; the kernel picks the bridge's address).
+const NODE_ADDR: IpAddr = IpAddr::V4(NODE_BRIDGE_ADDR);
+const TABLE: &str = "4242";
+const ANNOTATION: &str = "kube-uproxy.io/preserve-client-ip";
+
+/// A lab with `n` backends running [`peers::whoami_peer`].
+fn bed(tag: &str, n: usize) -> (Testbed, Vec<PeerHandle>) {
+    let bed = Testbed::new("client-ip", tag, &vec![Backend::None; n]);
+    let servers = (0..n)
+        .map(|i| {
+            let listener = bed.lab.backends()[i]
+                .tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
+                .expect("backend listener");
+            let _guard = bed.runtime().enter();
+            peers::whoami_peer(listener, &backend_name(i)).expect("peer server")
+        })
+        .collect();
+    (bed, servers)
+}
+
+/// A LoadBalancer Service on `ip` with node port [`NODE_PORT`] and
+/// ingress [`LB_IP`]: backend 0 on this node (`node-1`), backend 1 on
+/// `node-2`.
+fn lb_svc(name: &str, ip: Ipv4Addr) -> ServiceManifest {
+    let remote = EndpointManifest {
+        node_name: Some("node-2".to_string()),
+        ..ep(1)
+    };
+    ServiceManifest::new(name, ip)
+        .with_type(ServiceType::LoadBalancer)
+        .with_port(
+            PortManifest::tcp(SVC_PORT, BACKEND_PORT)
+                .named("tcp")
+                .with_node_port(NODE_PORT),
+        )
+        .with_lb_ingress(LB_IP, None)
+        .with_endpoints(vec![ep(0), remote])
+}
+
+/// A connection from `ns` to `to`, from `from` (port 0: any).
+fn connect_from(ns: &Netns, from: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = ns
+        .run(move || -> std::io::Result<TcpStream> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&from.into())?;
+            s.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
+            Ok(s.into())
+        })
+        .map_err(std::io::Error::other)??;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+/// The greeting of a held connection: backend name and the address the
+/// backend saw; then one echo round trip (the reply path works both ways).
+fn greeting(s: &mut TcpStream, what: &str) -> (String, SocketAddr) {
+    let line = read_line(s).unwrap_or_else(|e| panic!("{what}: reading the greeting: {e}"));
+    let (name, peer) = line
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("{what}: greeting {line:?}"));
+    let peer = peer
+        .parse()
+        .unwrap_or_else(|e| panic!("{what}: peer in {line:?}: {e}"));
+    s.write_all(b"ping\n")
+        .unwrap_or_else(|e| panic!("{what}: write: {e}"));
+    assert_eq!(
+        read_line(s).unwrap_or_else(|e| panic!("{what}: echo: {e}")),
+        "ping",
+        "{what}: echo"
+    );
+    (name.to_string(), peer)
+}
+
+fn close(mut s: TcpStream) {
+    let _ = s.shutdown(Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+}
+
+/// Who answered a fresh connection from `from` to `to`, and the address
+/// it saw; the connection is closed.
+fn seen(
+    ns: &Netns,
+    from: SocketAddr,
+    to: SocketAddr,
+    what: &str,
+) -> (String, SocketAddr, SocketAddr) {
+    let mut s = connect_from(ns, from, to).unwrap_or_else(|e| panic!("{what}: connect {to}: {e}"));
+    let local = s.local_addr().expect("local address");
+    let (name, peer) = greeting(&mut s, what);
+    close(s);
+    (name, peer, local)
+}
+
+fn wait_rules(proxy: &mut ProxyProcess, node: &Netns, ip: Ipv4Addr) {
+    wait_nft_key(
+        proxy,
+        node,
+        "map",
+        "service-ports",
+        ip,
+        true,
+        "Service programmed",
+    );
+    wait_nft_key(
+        proxy,
+        node,
+        "map",
+        "service-ports",
+        LB_IP,
+        true,
+        "LB IP programmed",
+    );
+}
+
+fn any_port(ip: Ipv4Addr) -> SocketAddr {
+    SocketAddr::from((ip, 0))
+}
+
+#[test]
+fn external_traffic_policy_local_endpoints_see_the_clients_own_address() {
+    if !lab::require_root_and_nft(
+        "external_traffic_policy_local_endpoints_see_the_clients_own_address",
+    ) {
+        return;
+    }
+    let (bed, _servers) = bed("etp", 2);
+    // Eight more client addresses on the client link.
+    let extra: Vec<Ipv4Addr> = (10..18).map(|i| Ipv4Addr::new(10, 200, 0, i)).collect();
+    for a in &extra {
+        let out = bed
+            .client()
+            .output("ip", ["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .expect("ip addr add");
+        assert!(out.status.success(), "ip addr add {a}: {out:?}");
+    }
+    let svc = lb_svc("web", VIP_A).with_traffic_policies("Cluster", "Local");
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    let node_port = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT));
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+
+    // Many connections from one address, held open together.
+    for to in [node_port, lb] {
+        let mut held = Vec::new();
+        for i in 0..30 {
+            let what = format!("connection {i} to {to}");
+            let mut s = connect_from(bed.client(), any_port(CLIENT_ADDR), to)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let local = s.local_addr().expect("local address");
+            let (name, peer) = greeting(&mut s, &what);
+            assert_eq!(name, backend_name(0), "{what}: the local endpoint only");
+            assert_eq!(
+                peer, local,
+                "{what}: the endpoint saw another address than the client's"
+            );
+            held.push(s);
+        }
+        for (i, s) in held.iter_mut().enumerate() {
+            s.write_all(b"again\n").expect("write on a held connection");
+            assert_eq!(read_line(s).expect("echo"), "again", "held connection {i}");
+        }
+        held.into_iter().for_each(close);
+    }
+    // From many addresses.
+    for a in &extra {
+        for to in [node_port, lb] {
+            let what = format!("{a} -> {to}");
+            let (name, peer, local) = seen(bed.client(), any_port(*a), to, &what);
+            assert_eq!(name, backend_name(0), "{what}");
+            assert_eq!(peer, local, "{what}: the endpoint saw another address");
+        }
+    }
+    // ClusterIP traffic under internalTrafficPolicy: Cluster: the node's
+    // address, as before (the promise kube-proxy keeps is the Local one's).
+    for i in 0..6 {
+        let what = format!("ClusterIP connection {i}");
+        let (_, peer, _) = seen(
+            bed.client(),
+            any_port(CLIENT_ADDR),
+            SocketAddr::from((VIP_A, SVC_PORT)),
+            &what,
+        );
+        assert_eq!(peer.ip(), NODE_ADDR, "{what}");
+    }
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
+    assert_eq!(
+        preserved,
+        2.0 * 30.0 + 2.0 * extra.len() as f64,
+        "{samples:?}"
+    );
+    let (fallbacks, _) = metric_sum(
+        &samples,
+        "kubeuproxy_preserve_client_ip_fallbacks_total",
+        &[],
+    );
+    assert_eq!(fallbacks, 0.0);
+    proxy.assert_running("end");
+}
+
+#[test]
+fn the_annotation_forces_preserve_client_ip_on_for_local_endpoints_and_off() {
+    if !lab::require_root_and_nft(
+        "the_annotation_forces_preserve_client_ip_on_for_local_endpoints_and_off",
+    ) {
+        return;
+    }
+    let (bed, _servers) = bed("annotation", 2);
+    // Cluster policies, forced on: the endpoint on this node sees the
+    // client; the one on node-2 (a reply from there could not come back
+    // here) sees the node's address.
+    let on = lb_svc("on", VIP_A).with_annotation(ANNOTATION, "true");
+    // Local, forced off.
+    let off = ServiceManifest::new("off", VIP_B)
+        .with_port(PortManifest::tcp(SVC_PORT, BACKEND_PORT).named("tcp"))
+        .with_traffic_policies("Local", "Cluster")
+        .with_annotation(ANNOTATION, "false")
+        .with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) =
+        bed.start_proxy(&manifests(&[on, off]), &["--hostname-override", "node-1"]);
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    wait_nft_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        VIP_B,
+        true,
+        "off programmed",
+    );
+    let mut names = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let what = format!("ClusterIP of `on`, connection {i}");
+        let (name, peer, local) = seen(
+            bed.client(),
+            any_port(CLIENT_ADDR),
+            SocketAddr::from((VIP_A, SVC_PORT)),
+            &what,
+        );
+        if name == backend_name(0) {
+            assert_eq!(peer, local, "{what}: the endpoint on this node");
+        } else {
+            assert_eq!(peer.ip(), NODE_ADDR, "{what}: the endpoint on node-2");
+        }
+        names.insert(name);
+    }
+    assert_eq!(names.len(), 2, "both endpoints were used: {names:?}");
+    for i in 0..4 {
+        let what = format!("ClusterIP of `off` (internalTrafficPolicy: Local), connection {i}");
+        let (_, peer, _) = seen(
+            bed.client(),
+            any_port(CLIENT_ADDR),
+            SocketAddr::from((VIP_B, SVC_PORT)),
+            &what,
+        );
+        assert_eq!(peer.ip(), NODE_ADDR, "{what}");
+    }
+    proxy.assert_running("end");
+}
+
+#[test]
+fn a_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counted() {
+    if !lab::require_root_and_nft(
+        "a_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counted",
+    ) {
+        return;
+    }
+    let (bed, _servers) = bed("fallback", 1);
+    let svc = lb_svc("web", VIP_A)
+        .with_traffic_policies("Cluster", "Local")
+        .with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    let taken = SocketAddr::from((CLIENT_ADDR, 41_234));
+    // The node holds the client's address and port (a transparent socket
+    // bound to it, without SO_REUSEADDR): the proxy cannot take it.
+    let _holder = bed
+        .node()
+        .run(move || -> std::io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_ip_transparent_v4(true)?;
+            s.bind(&taken.into())?;
+            Ok(s)
+        })
+        .expect("entering the node")
+        .expect("holding the client's port on the node");
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    let (name, peer, _) = seen(bed.client(), taken, lb, "from the taken port");
+    assert_eq!(name, backend_name(0));
+    assert_eq!(
+        peer.ip(),
+        NODE_ADDR,
+        "the connection came from the node's address"
+    );
+    // Another port of the same client: its own address again.
+    let (_, peer, local) = seen(bed.client(), any_port(CLIENT_ADDR), lb, "from a free port");
+    assert_eq!(peer, local);
+    let counted = poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        let samples = scrape(bed.node())?;
+        let get = |n: &str| metric_sum(&samples, n, &[]).0;
+        let (f, p) = (
+            get("kubeuproxy_preserve_client_ip_fallbacks_total"),
+            get("kubeuproxy_client_ip_preserved_total"),
+        );
+        if (f, p) == (1.0, 1.0) {
+            Ok(())
+        } else {
+            Err(format!("fallbacks {f}, preserved {p}"))
+        }
+    });
+    counted.unwrap_or_else(|e| panic!("the fallback was not counted: {e}"));
+    proxy.assert_running("end");
+}
+
+/// `ip <family> rule show` and `ip <family> route show table <TABLE>` in
+/// the node.
+fn policy_route(node: &Netns, family: &str) -> (String, String) {
+    let text = |args: &[&str]| {
+        let out = node.output("ip", args).expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    (
+        text(&[family, "rule", "show"]),
+        text(&[family, "route", "show", "table", TABLE]),
+    )
+}
+
+#[test]
+fn cleanup_leaves_no_policy_rule_route_or_mark_rule_behind() {
+    if !lab::require_root_and_nft("cleanup_leaves_no_policy_rule_route_or_mark_rule_behind") {
+        return;
+    }
+    let (bed, _servers) = bed("cleanup", 1);
+    bed.lab.add_ipv6().expect("IPv6 in the lab");
+    let svc = lb_svc("web", VIP_A).with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    for family in ["-4", "-6"] {
+        let (rules, routes) = policy_route(bed.node(), family);
+        assert!(
+            rules.contains(&format!("lookup {TABLE}")) && rules.contains("fwmark 0x1000/0x3000"),
+            "{family}: no policy rule while running:\n{rules}"
+        );
+        assert!(
+            routes.contains("local default dev lo"),
+            "{family}: no local route:\n{routes}"
+        );
+    }
+    let ruleset = String::from_utf8_lossy(
+        &bed.node()
+            .output("nft", ["list", "ruleset"])
+            .expect("nft")
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        ruleset.contains("ct mark set ct mark | 0x00001000"),
+        "{ruleset}"
+    );
+    // A restart keeps one rule, not two.
+    proxy
+        .child
+        .terminate(Duration::from_secs(10))
+        .expect("stopping the proxy");
+    let (mut proxy, _) = bed.start_proxy(
+        &manifests(&[lb_svc("web", VIP_A).with_endpoints(vec![ep(0)])]),
+        &["--hostname-override", "node-1"],
+    );
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    let (rules, _) = policy_route(bed.node(), "-4");
+    assert_eq!(
+        rules.matches(&format!("lookup {TABLE}")).count(),
+        1,
+        "{rules}"
+    );
+    proxy
+        .child
+        .terminate(Duration::from_secs(10))
+        .expect("stopping the proxy");
+
+    let mut cleanup = ProxyProcess::start_plain(bed.node(), &bed.dir, "cleanup", &["--cleanup"]);
+    let status = cleanup
+        .child
+        .wait_timeout(Duration::from_secs(30))
+        .expect("waiting for --cleanup")
+        .expect("--cleanup did not finish");
+    assert!(status.success(), "--cleanup failed:\n{}", cleanup.stderr());
+    for family in ["-4", "-6"] {
+        let (rules, routes) = policy_route(bed.node(), family);
+        assert!(
+            !rules.contains(&format!("lookup {TABLE}")),
+            "{family}: a rule is left:\n{rules}"
+        );
+        assert!(
+            !rules.contains("0x1000"),
+            "{family}: a mark rule is left:\n{rules}"
+        );
+        assert!(
+            routes.trim().is_empty(),
+            "{family}: a route is left:\n{routes}"
+        );
+    }
+    let ruleset = String::from_utf8_lossy(
+        &bed.node()
+            .output("nft", ["list", "ruleset"])
+            .expect("nft")
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !ruleset.contains("kube-uproxy") && !ruleset.contains("0x00001000"),
+        "{ruleset}"
+    );
+}
