@@ -16,6 +16,27 @@ use kube_uproxy::config::file::{self, KUBE_PROXY_FIELDS, KubeProxyUse};
 /// still names it fails.
 const OTHER_TOOLS: &[(&str, &[&str])] = &[
     (
+        "kubectl (wait, label)",
+        &["--for", "--timeout", "--overwrite"],
+    ),
+    (
+        "docker build, buildx and run; binfmt",
+        &[
+            "--build-arg",
+            "--use",
+            "--platform",
+            "--push",
+            "--privileged",
+            "--install",
+        ],
+    ),
+    (
+        "cargo build (the image)",
+        &["--profile", "--bin", "--target"],
+    ),
+    ("kubeadm", &["--skip-phases"]),
+    ("iptables-restore", &["--noflush"]),
+    (
         "cargo and the test harness",
         &[
             "--release",

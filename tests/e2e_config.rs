@@ -46,7 +46,8 @@ fn kubeadms_kube_proxy_config_is_accepted_and_the_proxy_serves() {
     }
     let bed = Testbed::new("config", "kubeadm", &[Backend::Whoami]);
     // kubeadm's file with the two edits operators make most: metrics for
-    // Prometheus on every address, and the health port spelt out.
+    // Prometheus on every address, and the health port spelt out; and one
+    // field with no meaning here (IPVS's scheduler).
     let conf = KUBEADM
         .replace(
             "metricsBindAddress: \"\"",
@@ -55,7 +56,8 @@ fn kubeadms_kube_proxy_config_is_accepted_and_the_proxy_serves() {
         .replace(
             "healthzBindAddress: \"\"",
             "healthzBindAddress: 0.0.0.0:10256",
-        );
+        )
+        .replace("  scheduler: \"\"", "  scheduler: rr");
     let conf_path = bed.dir.join("config.conf");
     std::fs::write(&conf_path, &conf).expect("writing config.conf");
     let manifests = bed.manifests_file();
@@ -126,7 +128,12 @@ fn kubeadms_kube_proxy_config_is_accepted_and_the_proxy_serves() {
         .filter(|l| l.contains("kube-proxy fields without effect here"))
         .collect();
     assert_eq!(lines.len(), 1, "{log}");
-    assert!(lines[0].contains("`clusterCIDR`"), "{}", lines[0]);
+    assert!(lines[0].contains("`ipvs.scheduler`"), "{}", lines[0]);
+    // kubeadm's clusterCIDR is kube-proxy's local-traffic detection here.
+    assert!(
+        log.contains("10.244.0.0/16") && log.contains("goes to their cluster-wide endpoints"),
+        "{log}"
+    );
     proxy.assert_running("after the checks");
 }
 

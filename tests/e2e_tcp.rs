@@ -690,6 +690,12 @@ fn sigterm_keeps_the_table_and_cleanup_removes_it() {
   }
 }
 ";
+    // In place of this version's table (its chains' priorities differ, and
+    // nft does not change a chain's priority in place).
+    env.lab
+        .node()
+        .output("nft", ["delete", "table", "ip", "kube-uproxy"])
+        .expect("deleting the table to replace it by an older one");
     let rules_path = env.dir.join("leftover.nft");
     fs::write(&rules_path, rules).expect("writing the leftover rules");
     env.lab

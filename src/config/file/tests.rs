@@ -54,6 +54,17 @@ upstreamMark: "0x4000"
 requestBalancing: false
 httpDetectTimeout: 2s
 httpUpstreamIdleTimeout: 9s
+dataPathThreads: 3
+conntrackMaxPerCore: 1000
+conntrackMin: 2000
+conntrackTcpTimeoutEstablished: 2h
+conntrackTcpTimeoutCloseWait: 30m
+detectLocalMode: InterfaceNamePrefix
+clusterCidr: 10.244.0.0/16
+podBridgeInterface: cni0
+podInterfaceNamePrefix: cali
+preserveClientIpMark: "0x100"
+preserveClientIpTable: 4243
 "#;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -366,6 +377,8 @@ fn the_file_refuses_what_the_flag_refuses_with_the_same_words() {
                 "udpTimeout" => a.udp_timeout,
                 "tcpIdleTimeout" => a.tcp_idle_timeout,
                 "tcpUserTimeout" => a.tcp_user_timeout.unwrap_or_default(),
+                "conntrackTcpTimeoutEstablished" => a.conntrack_tcp_timeout_established,
+                "conntrackTcpTimeoutCloseWait" => a.conntrack_tcp_timeout_close_wait,
                 other => panic!("no check for {other}"),
             };
             assert_eq!(got, want, "{field}: {v}");
@@ -456,10 +469,13 @@ fn kubeadms_kube_proxy_config_is_accepted_as_rendered() {
     // Once in the log: what has a value and no effect, and why. Zeros
     // (and bindAddress 0.0.0.0) are not worth a word.
     let ignored = a.ignored_config_fields.join("; ");
-    assert_eq!(a.ignored_config_fields.len(), 1, "{ignored}");
-    assert!(
-        ignored.contains("`clusterCIDR` (local-traffic"),
-        "{ignored}"
+    assert!(a.ignored_config_fields.is_empty(), "{ignored}");
+    // clusterCIDR: kube-proxy's local-traffic detection, ClusterCIDR mode.
+    assert_eq!(
+        a.local_traffic(),
+        Ok(Some(crate::rules::render::LocalTraffic::Sources(vec![
+            "10.244.0.0/16".parse().unwrap()
+        ])))
     );
 }
 
