@@ -115,10 +115,11 @@ pub struct Args {
 
     /// Threads of the TCP data path, each with an event loop of its own
     /// and a listener of its own on every TCP Service port (SO_REUSEPORT):
-    /// a flow lives on the thread that accepted it. Default: one per CPU.
-    /// 0: the TCP data path shares the main runtime's worker threads.
-    #[arg(long, value_name = "N", value_parser = |s: &str| DATA_PATH_THREADS.parse(s))]
-    pub data_path_threads: Option<usize>,
+    /// a flow lives on the thread that accepted it. 0 (the default): the
+    /// TCP data path shares the main runtime's work-stealing workers,
+    /// measured faster on 2 CPUs (docs/performance.md, the ledger).
+    #[arg(long, value_name = "N", default_value = "0", value_parser = |s: &str| DATA_PATH_THREADS.parse(s))]
+    pub data_path_threads: usize,
 
     /// Most splice pipes (1 MiB each) open at once, process-wide: bulk
     /// relay directions beyond them copy instead. Each pipe counts 256

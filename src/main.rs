@@ -570,9 +570,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = ports_v6 {
         listeners = listeners.with_ipv6(p);
     }
-    let data_path_threads = args
-        .data_path_threads
-        .unwrap_or_else(DataPathThreads::default_count);
+    let data_path_threads = args.data_path_threads;
     if data_path_threads > 0 {
         let threads =
             DataPathThreads::start(data_path_threads).context("starting the data-path threads")?;

@@ -12,6 +12,13 @@
 //!
 //! The rest of the process (the control plane, UDP, the serving
 //! endpoints) stays on the main, multi-threaded runtime.
+//!
+//! Opt-in (`--data-path-threads N`): on the 2-CPU benchmark machine the
+//! shared work-stealing runtime accepted 7-17 % more connections per
+//! second, with request/response even (docs/performance.md, issue 21's
+//! ledger): with the client and servers on the same two CPUs, a thread
+//! that is descheduled holds up the connections the kernel gave its
+//! socket, where a work-stealing worker would take them.
 
 use std::io;
 use std::thread;
@@ -46,11 +53,6 @@ impl DataPathThreads {
     /// One handle per thread, in order.
     pub fn handles(&self) -> &[Handle] {
         &self.handles
-    }
-
-    /// The default count: one per CPU the process may run on.
-    pub fn default_count() -> usize {
-        thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
 
