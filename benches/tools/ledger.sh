@@ -16,14 +16,14 @@
 # connect, 4 s of the rate part (4 client threads), divided by the proxy's
 # connect(2) calls in those 4 s (one per proxied connection). perf stat
 # counts in the kernel: it barely slows the proxy.
-# Prints one Markdown row per path, then the kinds that make up the total.
+# Prints one Markdown row per path; its last column, the calls by kind.
 set -euo pipefail
 phase=${1:?usage: ledger.sh rr|connect PATH...}
 shift
 [ $# -gt 0 ] || { echo "usage: ledger.sh rr|connect PATH..." >&2; exit 2; }
 case $phase in
-    rr) wait_s=1; field=rr ;;          # the proxy starts, then 8 s of ping-pong
-    connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects
+    rr) field=rr ;;                    # counted over the proxy's whole life
+    connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects, then the window
     *) echo "unknown phase $phase (rr or connect)" >&2; exit 2 ;;
 esac
 window=4

@@ -187,12 +187,8 @@ impl SocketListeners {
             // The listener registers with, and its accept loop and flows
             // run on, this thread's runtime.
             let _on_thread = handle.enter();
-            let start = if i == 0 {
-                tcp::spawn
-            } else {
-                tcp::spawn_sibling
-            };
-            start(
+            // The first listener sweeps the shared affinity table.
+            tcp::spawn_one(
                 Arc::clone(&name),
                 socket.into(),
                 Arc::clone(&balancer),
@@ -200,6 +196,7 @@ impl SocketListeners {
                 self.connections.clone(),
                 stop.clone(),
                 Arc::clone(&metrics),
+                i == 0,
             )?;
         }
         Ok(())

@@ -49,33 +49,12 @@ pub fn spawn(
     )
 }
 
-/// Another listener of a Service port that has one from [`spawn`]
-/// already (the same proxy port, on another data-path thread:
-/// threads.rs): the same, except that the first listener alone keeps the
-/// shared affinity table swept and its size reported.
-pub fn spawn_sibling(
-    service: Arc<ServicePortName>,
-    listener: std::net::TcpListener,
-    balancer: Arc<Balancer>,
-    config: Arc<DataPathConfig>,
-    connections: Connections,
-    stop: Stop,
-    metrics: Arc<ServicePortMetrics>,
-) -> io::Result<tokio::task::JoinHandle<()>> {
-    spawn_one(
-        service,
-        listener,
-        balancer,
-        config,
-        connections,
-        stop,
-        metrics,
-        false,
-    )
-}
-
+/// [`spawn`] for one of several listeners sharing a Service port's
+/// balancer (the same proxy port on each data-path thread: threads.rs):
+/// only the one with `sweeps` keeps the shared affinity table swept and
+/// its size reported.
 #[allow(clippy::too_many_arguments)]
-fn spawn_one(
+pub fn spawn_one(
     service: Arc<ServicePortName>,
     listener: std::net::TcpListener,
     balancer: Arc<Balancer>,
