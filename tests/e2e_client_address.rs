@@ -33,10 +33,15 @@ fn remote(ip: impl Into<IpAddr>) -> EndpointManifest {
     EndpointManifest::ready(ip).on_node("node-2")
 }
 
-/// `GET /` from `ns` to `to` on a fresh connection: the client's own
-/// address (as its socket has it) and nginx's one-line answer (the
-/// addresses it parsed from the PROXY header).
-fn ask(ns: &Netns, to: SocketAddr) -> Result<(SocketAddr, String), String> {
+/// `GET path` with `extra` request header lines from `ns` to `to` on a
+/// fresh connection: the client's own address (as its socket has it) and
+/// the whole answer.
+fn get(
+    ns: &Netns,
+    to: SocketAddr,
+    path: &str,
+    extra: &str,
+) -> Result<(SocketAddr, String), String> {
     let mut s = ns
         .tcp_connect(to, Duration::from_secs(3))
         .map_err(|e| format!("connect {to}: {e}"))?;
@@ -45,12 +50,20 @@ fn ask(ns: &Netns, to: SocketAddr) -> Result<(SocketAddr, String), String> {
         .map_err(|e| e.to_string())?;
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: web\r\n{extra}Connection: close\r\n\r\n"
     )
     .map_err(|e| format!("write: {e}"))?;
     let mut text = String::new();
     s.read_to_string(&mut text)
         .map_err(|e| format!("read (after {text:?}): {e}"))?;
+    Ok((me, text))
+}
+
+/// `GET /` from `ns` to `to` on a fresh connection: the client's own
+/// address and nginx's one-line answer (the addresses it parsed from the
+/// PROXY header).
+fn ask(ns: &Netns, to: SocketAddr) -> Result<(SocketAddr, String), String> {
+    let (me, text) = get(ns, to, "/", "")?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.trim().to_string())
@@ -195,20 +208,7 @@ fn forwarded_seen(
     to: SocketAddr,
     extra: &str,
 ) -> Result<(SocketAddr, Vec<String>), String> {
-    let mut s = ns
-        .tcp_connect(to, Duration::from_secs(3))
-        .map_err(|e| format!("connect {to}: {e}"))?;
-    let me = s.local_addr().map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET /headers HTTP/1.1\r\nHost: web\r\n{extra}Connection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("write: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| format!("read (after {text:?}): {e}"))?;
+    let (me, text) = get(ns, to, "/headers", extra)?;
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| format!("no HTTP answer: {text:?}"))?;
