@@ -73,6 +73,26 @@ fn udp_svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> Servic
 // ---------------------------------------------------------------------------
 // DNS with dnsmasq and dig.
 
+/// Starts the proxy on `yaml` with `extra` flags and waits until the
+/// kernel maps `VIP_A`'s UDP Service port to its listener.
+fn start_serving_vip_a(
+    bed: &UdpBed,
+    yaml: &str,
+    extra: &[&str],
+) -> (uproxy_lab::e2e::ProxyProcess, std::path::PathBuf) {
+    let (mut proxy, path) = bed.start_proxy(yaml, extra);
+    wait_key(
+        &mut proxy,
+        bed.node(),
+        "map",
+        "service-ports",
+        VIP_A,
+        "udp",
+        SVC_PORT,
+    );
+    (proxy, path)
+}
+
 /// The TXT records of `big.test`: 10 strings of 243 characters, 2.5 KB in all.
 fn big_txt_records() -> Vec<String> {
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -291,18 +311,10 @@ fn udp_flows_keep_their_upstream_port_while_active_and_get_a_new_one_after_the_i
         return;
     }
     let bed = UdpBed::new("idle", 1);
-    let (mut proxy, _) = bed.start_proxy(
+    let (_proxy, _) = start_serving_vip_a(
+        &bed,
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-timeout", "1s"],
-    );
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
     );
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     let first = first_answer(bed.client(), to, "first datagram");
@@ -606,18 +618,10 @@ fn a_flood_of_10000_client_ports_keeps_fds_bounded_and_a_client_in_use_answered(
     }
     const MAX_FLOWS: usize = 1000;
     let bed = UdpBed::new("flood", 1);
-    let (mut proxy, _) = bed.start_proxy(
+    let (mut proxy, _) = start_serving_vip_a(
+        &bed,
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-max-flows", "1000"],
-    );
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
     );
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     first_answer(bed.client(), to, "before the flood");
@@ -712,18 +716,10 @@ fn new_clients_are_answered_during_a_flood_of_one_shot_clients_that_fills_the_ta
     // with flows younger than a second; new clients must still get in.
     const NEW_CLIENTS: usize = 10;
     let bed = UdpBed::new("one-shot", 1);
-    let (mut proxy, _) = bed.start_proxy(
+    let (mut proxy, _) = start_serving_vip_a(
+        &bed,
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-max-flows", "1000"],
-    );
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
     );
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     first_answer(bed.client(), to, "before the flood");
@@ -771,18 +767,10 @@ fn a_full_flow_table_drops_newcomers_keeps_flows_in_use_and_makes_room_from_idle
     }
     let bed = UdpBed::new("flow-cap", 1);
     // --udp-timeout stays 30 s: room is made by the cap, not by expiry.
-    let (mut proxy, _) = bed.start_proxy(
+    let (mut proxy, _) = start_serving_vip_a(
+        &bed,
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]),
         &["--udp-max-flows", "4"],
-    );
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
     );
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     // Four clients fill the table, each answered once before the next
@@ -865,16 +853,7 @@ fn a_udp_flow_is_kept_by_backend_traffic_alone_and_closed_after_silence_both_way
     let svc = ServiceManifest::new("stream", VIP_A)
         .with_port(PortManifest::udp(SVC_PORT, STREAM_PORT))
         .with_endpoints(vec![ep(0)]);
-    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--udp-timeout", "1s"]);
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
-    );
+    let (_proxy, _) = start_serving_vip_a(&bed, &manifests(&[svc]), &["--udp-timeout", "1s"]);
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     let client = udp_client(bed.client());
     let mut buf = vec![0u8; 2048];
@@ -1029,18 +1008,10 @@ fn a_udp_client_moves_to_another_endpoint_when_its_endpoint_leaves_the_slice() {
         return;
     }
     let bed = UdpBed::new("udp-leave", 2);
-    let (mut proxy, path) = bed.start_proxy(
+    let (_proxy, path) = start_serving_vip_a(
+        &bed,
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0), ep(1)])]),
         &[],
-    );
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
     );
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     first_answer(bed.client(), to, "before the change");
@@ -1085,18 +1056,10 @@ fn a_udp_client_moves_to_another_endpoint_when_its_endpoint_answers_port_unreach
         return;
     }
     let mut bed = UdpBed::new("udp-icmp", 2);
-    let (mut proxy, _) = bed.start_proxy(
+    let (_proxy, _) = start_serving_vip_a(
+        &bed,
         &manifests(&[udp_svc("dns", VIP_A, vec![ep(0), ep(1)])]),
         &[],
-    );
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
     );
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     first_answer(bed.client(), to, "before the stop");
@@ -1137,16 +1100,8 @@ fn udp_answers_come_from_the_service_address_on_a_node_with_two_addresses() {
         return;
     }
     let bed = UdpBed::new("udp-source", 2);
-    let (mut proxy, _) = bed.start_proxy(&manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]), &[]);
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
-    );
+    let (_proxy, _) =
+        start_serving_vip_a(&bed, &manifests(&[udp_svc("dns", VIP_A, vec![ep(0)])]), &[]);
     // The node really has two addresses (three with the proxy address).
     let addrs = bed
         .node()
@@ -1425,16 +1380,7 @@ fn a_udp_client_that_keeps_its_source_port_reaches_the_new_listener_after_a_reti
             .with_port(PortManifest::udp(SVC_PORT, BACKEND_PORT).named(port_name))
             .with_endpoints(vec![ep(0)])
     };
-    let (mut proxy, path) = bed.start_proxy(&manifests(&[svc("a")]), &[]);
-    wait_key(
-        &mut proxy,
-        bed.node(),
-        "map",
-        "service-ports",
-        VIP_A,
-        "udp",
-        SVC_PORT,
-    );
+    let (mut proxy, path) = start_serving_vip_a(&bed, &manifests(&[svc("a")]), &[]);
     let to = SocketAddr::from((VIP_A, SVC_PORT));
     first_answer(bed.client(), to, "before the change");
     let old_ports = udp_ports(bed.node());
