@@ -115,6 +115,18 @@ impl World {
         }
     }
 
+    /// Three backends with HTTP/1.1 peers on [`BACKEND_PORT`], then the
+    /// proxy on `services`.
+    fn http(tag: &str, services: &[ServiceManifest], extra: &[&str]) -> World {
+        World::new(
+            tag,
+            &[Backend::None, Backend::None, Backend::None],
+            services,
+            extra,
+            |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
+        )
+    }
+
     fn client(&self) -> &Netns {
         self.bed.client()
     }
@@ -161,6 +173,39 @@ impl Checks {
             self.0.join("\n- ")
         );
     }
+}
+
+/// 30 GETs by one curl on one keep-alive connection to `addr`, checked
+/// to be spread 10 ± 1 over the three backends (request mode,
+/// round-robin); `how` says what the port is, for the message.
+fn expect_30_spread(checks: &mut Checks, client: &Netns, dir: &Path, addr: SocketAddr, how: &str) {
+    let t = curl_gets(client, dir, addr, 30);
+    let (ok, failed) = curl_counts(&t);
+    checks.expect(
+        failed.is_empty() && spread_ok(&ok, &[0, 1, 2], 10, 1),
+        || {
+            format!(
+                "30 GETs on one keep-alive connection to {addr} ({how}): per backend {ok:?}, \
+                 failed {failed:?}; expected 10 ± 1 each"
+            )
+        },
+    );
+}
+
+/// 30 GETs by one curl on one keep-alive connection to `addr`, checked
+/// to all reach one backend (the connection balanced once, as L4).
+fn expect_30_on_one(checks: &mut Checks, client: &Netns, dir: &Path, addr: SocketAddr, how: &str) {
+    let t = curl_gets(client, dir, addr, 30);
+    let (ok, failed) = curl_counts(&t);
+    checks.expect(
+        failed.is_empty() && ok.len() == 1 && ok.values().sum::<u64>() == 30,
+        || {
+            format!(
+                "30 GETs on one connection to {addr} ({how}): per backend {ok:?}, failed \
+                 {failed:?}; expected all 30 on one backend"
+            )
+        },
+    );
 }
 
 /// Requests per backend, from JSON `{"backend0": n, ...}`.
@@ -507,15 +552,13 @@ fn curl_keepalive_requests_are_balanced_per_request() {
     if !lab::require_root_and_nft("curl_keepalive_requests_are_balanced_per_request") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "curl-spread",
-        &[Backend::None, Backend::None, Backend::None],
         &[
             svc("lab-http", VIP_A, BACKEND_PORT, Some("http"), &[0, 1, 2]),
             svc("lab-l4", VIP_B, BACKEND_PORT, None, &[0, 1, 2]),
         ],
         &[],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let (client, dir) = (w.client(), w.dir());
 
@@ -594,18 +637,7 @@ fn curl_keepalive_requests_are_balanced_per_request() {
         )
     });
 
-    let t = curl_gets(client, dir, vip(VIP_B), 30);
-    let (ok, failed) = curl_counts(&t);
-    checks.expect(
-        failed.is_empty() && ok.len() == 1 && ok.values().sum::<u64>() == 30,
-        || {
-            format!(
-                "30 GETs on one connection to {} (no appProtocol: L4): per backend {ok:?}, failed \
-             {failed:?}; expected all 30 on one backend",
-                vip(VIP_B)
-            )
-        },
-    );
+    expect_30_on_one(&mut checks, client, dir, vip(VIP_B), "no appProtocol: L4");
     let samples = scrape(w.bed.node()).expect("scraping /metrics");
     let l4 = metric_sum(
         &samples,
@@ -629,9 +661,8 @@ fn h2c_prior_knowledge_on_an_http_port_is_balanced() {
     if !lab::require_root_and_nft("h2c_prior_knowledge_on_an_http_port_is_balanced") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "h2c",
-        &[Backend::None, Backend::None, Backend::None],
         &[svc(
             "lab-http",
             VIP_A,
@@ -640,7 +671,6 @@ fn h2c_prior_knowledge_on_an_http_port_is_balanced() {
             &[0, 1, 2],
         )],
         &[],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let (client, dir) = (w.client(), w.dir());
     let url = format!("http://{}/r", vip(VIP_A));
@@ -695,9 +725,8 @@ fn balance_annotation_opts_ports_in_and_out() {
     if !lab::require_root_and_nft("balance_annotation_opts_ports_in_and_out") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "balance-annotation",
-        &[Backend::None, Backend::None, Backend::None],
         &[
             svc("lab-opt-in", VIP_A, BACKEND_PORT, None, &[0, 1, 2])
                 .with_annotation(ANNOTATION_BALANCE, "request"),
@@ -705,33 +734,22 @@ fn balance_annotation_opts_ports_in_and_out() {
                 .with_annotation(ANNOTATION_BALANCE, "connection"),
         ],
         &[],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let (client, dir) = (w.client(), w.dir());
     let mut checks = Checks::default();
-    let t = curl_gets(client, dir, vip(VIP_A), 30);
-    let (ok, failed) = curl_counts(&t);
-    checks.expect(
-        failed.is_empty() && spread_ok(&ok, &[0, 1, 2], 10, 1),
-        || {
-            format!(
-                "30 GETs on one keep-alive connection to {} (no appProtocol, {ANNOTATION_BALANCE}: \
-             request): per backend {ok:?}, failed {failed:?}; expected 10 ± 1 each",
-                vip(VIP_A)
-            )
-        },
+    expect_30_spread(
+        &mut checks,
+        client,
+        dir,
+        vip(VIP_A),
+        &format!("no appProtocol, {ANNOTATION_BALANCE}: request"),
     );
-    let t = curl_gets(client, dir, vip(VIP_B), 30);
-    let (ok, failed) = curl_counts(&t);
-    checks.expect(
-        failed.is_empty() && ok.len() == 1 && ok.values().sum::<u64>() == 30,
-        || {
-            format!(
-                "30 GETs on one connection to {} (appProtocol: http, {ANNOTATION_BALANCE}: \
-             connection): per backend {ok:?}, failed {failed:?}; expected all 30 on one backend",
-                vip(VIP_B)
-            )
-        },
+    expect_30_on_one(
+        &mut checks,
+        client,
+        dir,
+        vip(VIP_B),
+        &format!("appProtocol: http, {ANNOTATION_BALANCE}: connection"),
     );
     checks.finish();
 }
@@ -743,9 +761,8 @@ fn request_balancing_flag_off_keeps_connections_whole() {
     if !lab::require_root_and_nft("request_balancing_flag_off_keeps_connections_whole") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "balance-off",
-        &[Backend::None, Backend::None, Backend::None],
         &[svc(
             "lab-http",
             VIP_A,
@@ -754,17 +771,17 @@ fn request_balancing_flag_off_keeps_connections_whole() {
             &[0, 1, 2],
         )],
         &["--request-balancing=false"],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let (client, dir) = (w.client(), w.dir());
-    let t = curl_gets(client, dir, vip(VIP_A), 30);
-    let (ok, failed) = curl_counts(&t);
-    assert!(
-        failed.is_empty() && ok.len() == 1 && ok.values().sum::<u64>() == 30,
-        "30 GETs on one connection to {} (appProtocol: http, --request-balancing=false): per \
-         backend {ok:?}, failed {failed:?}; expected all 30 on one backend",
-        vip(VIP_A)
+    let mut checks = Checks::default();
+    expect_30_on_one(
+        &mut checks,
+        client,
+        dir,
+        vip(VIP_A),
+        "appProtocol: http, --request-balancing=false",
     );
+    checks.finish();
 }
 
 /// `sessionAffinity: ClientIP` on an `appProtocol: http` port: every
@@ -775,15 +792,13 @@ fn client_ip_affinity_keeps_every_request_on_one_endpoint() {
     if !lab::require_root_and_nft("client_ip_affinity_keeps_every_request_on_one_endpoint") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "affinity",
-        &[Backend::None, Backend::None, Backend::None],
         &[
             svc("lab-sticky", VIP_A, BACKEND_PORT, Some("http"), &[0, 1, 2])
                 .with_client_ip_affinity(300),
         ],
         &[],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let (client, dir) = (w.client(), w.dir());
     let mut all: BTreeMap<String, u64> = BTreeMap::new();
@@ -815,9 +830,8 @@ fn curl_uploads_arrive_intact_and_are_balanced() {
     if !lab::require_root_and_nft("curl_uploads_arrive_intact_and_are_balanced") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "curl-upload",
-        &[Backend::None, Backend::None, Backend::None],
         &[svc(
             "lab-upload",
             VIP_A,
@@ -826,7 +840,6 @@ fn curl_uploads_arrive_intact_and_are_balanced() {
             &[0, 1, 2],
         )],
         &[],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let (client, dir) = (w.client(), w.dir());
     let data = pseudo_random(20 * 1024 * 1024, 20);
@@ -988,9 +1001,8 @@ fn websocket_upgrade_is_answered_101_and_tunnelled() {
     if !lab::require_root_and_nft("websocket_upgrade_is_answered_101_and_tunnelled") {
         return;
     }
-    let w = World::new(
+    let w = World::http(
         "upgrade",
-        &[Backend::None, Backend::None, Backend::None],
         &[
             svc("lab-http", VIP_A, BACKEND_PORT, Some("http"), &[0, 1, 2]),
             svc(
@@ -1002,7 +1014,6 @@ fn websocket_upgrade_is_answered_101_and_tunnelled() {
             ),
         ],
         &[],
-        |bed| http_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
     );
     let client = w.client();
     let direct = upgrade_and_tunnel(
