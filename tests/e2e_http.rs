@@ -943,6 +943,9 @@ fn upgrade_and_tunnel(ns: &Netns, addr: SocketAddr, len: usize) -> Result<String
                 ));
             }
             Ok(_) => head.push(byte[0]),
+            // A signal to the test process (a read with a timeout is never
+            // restarted): read again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(format!(
                     "reading the answer: {e} after {:?}",
@@ -976,6 +979,7 @@ fn upgrade_and_tunnel(ns: &Netns, addr: SocketAddr, len: usize) -> Result<String
         match s.read(&mut back[got..]) {
             Ok(0) => break Err("EOF".to_string()),
             Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break Err(e.to_string()),
         }
     };

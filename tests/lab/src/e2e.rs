@@ -539,7 +539,13 @@ pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while buf.len() < 256 {
-        if s.read(&mut byte)? == 0 {
+        let n = match s.read(&mut byte) {
+            // A signal to the test process (a child exiting) is not the
+            // peer's doing: read again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
+        if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("EOF after {:?}", String::from_utf8_lossy(&buf)),

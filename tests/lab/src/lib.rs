@@ -957,7 +957,13 @@ mod tests {
             let mut buf = Vec::new();
             let mut byte = [0u8; 1];
             while buf.len() < 256 {
-                match s.read(&mut byte).expect("read greeting") {
+                let read = loop {
+                    match s.read(&mut byte) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        r => break r,
+                    }
+                };
+                match read.expect("read greeting") {
                     0 => break,
                     _ if byte[0] == b'\n' => break,
                     _ => buf.push(byte[0]),
