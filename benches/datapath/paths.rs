@@ -475,7 +475,8 @@ pub fn transparent_audit(ctx: &Ctx<'_>, a: &Active) -> Result<Option<String>, St
     if c.fallbacks > 0.0 {
         return Err(format!(
             "{} of {} upstream connections fell back to the node's address \
-             (kubeuproxy_preserve_client_ip_fallbacks_total)",
+             (kubeuproxy_preserve_client_ip_fallbacks_total; the proxy's log says why, \
+             e.g. a client port the node listens on)",
             c.fallbacks,
             c.preserved + c.fallbacks
         ));
