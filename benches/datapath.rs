@@ -67,7 +67,11 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
   --rounds N         interleaved rounds (full: 3)
   --secs S           seconds per measurement (full: 3)
   --paths a,b,...    subset of: direct iptables nftables splice copy nginx
-                     haproxy haproxy-splice; for the HTTP phases: direct,
+                     haproxy haproxy-splice (the default set), and
+                     transparent (kube-uproxy splice with
+                     preserve-client-ip on: upstream connections from the
+                     client's own address; TCP phases only; not in the
+                     default set); for the HTTP phases: direct,
                      splice or copy (kube-uproxy request mode and L4),
                      haproxy (mode http), nginx (http), nghttpx (with
                      either peer, when installed)
@@ -462,9 +466,16 @@ fn run(opts: &Opts) -> Result<bool, String> {
             let acc = accs.get_mut(&k).expect("acc");
             match paths::install(&ctx, k) {
                 Ok(mut a) => {
-                    let r = measure::round(&lab, &mut a, &plan);
+                    let mut r = measure::round(&lab, &mut a, &plan);
+                    let note = match paths::transparent_audit(&ctx, &a) {
+                        Ok(note) => note.map(|n| format!("\n    {n}")).unwrap_or_default(),
+                        Err(e) => {
+                            r.errors.push(e);
+                            String::new()
+                        }
+                    };
                     eprintln!(
-                        "udp {:>7} req/s  rr {:>7} req/s  p50 {:>6} µs  conn {:>6}/s  fin {:>6}/s  medium {:>6}/s {:>4} fds  1-way {:>6} Gbit/s  2-way {:>6} Gbit/s  ({:.1} s){}",
+                        "udp {:>7} req/s  rr {:>7} req/s  p50 {:>6} µs  conn {:>6}/s  fin {:>6}/s  medium {:>6}/s {:>4} fds  1-way {:>6} Gbit/s  2-way {:>6} Gbit/s  ({:.1} s){note}{}",
                         r.udp_rr.rate.map_or("-".into(), |v| format!("{v:.0}")),
                         r.ping_rate.map_or("-".into(), |v| format!("{v:.0}")),
                         r.ping.as_ref().map_or("-".into(), |h| format!(

@@ -78,6 +78,23 @@ pub fn list(services: &[Svc<'_>]) -> String {
     list_yaml(&services.iter().map(Svc::manifest).collect::<Vec<_>>())
 }
 
+/// The annotation that forces preserve-client-ip on or off (issue 23).
+const PRESERVE_CLIENT_IP: &str = "kube-uproxy.io/preserve-client-ip";
+
+/// [`list`] of one Service with preserve-client-ip forced on and every
+/// endpoint on `node`: the proxy, run as that node (`--hostname-override`),
+/// opens its connections to them from the client's own address. The
+/// annotation, not `internalTrafficPolicy: Local`: the traffic policies
+/// stay the other paths', so that where the upstream connections come
+/// from is the only difference.
+pub fn list_preserving_client_ip(svc: &Svc<'_>, node: &str) -> String {
+    let mut m = svc.manifest().with_annotation(PRESERVE_CLIENT_IP, "true");
+    for ep in m.endpoints.iter_mut().flatten() {
+        ep.node_name = Some(node.to_string());
+    }
+    list_yaml(&[m])
+}
+
 /// Ready endpoints at these addresses.
 pub fn ready(endpoints: &[Ipv4Addr]) -> Vec<EndpointManifest> {
     endpoints

@@ -4,12 +4,14 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File};
+use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use uproxy_lab::{Lab, NsChild, backend_addr};
+use uproxy_lab::e2e::http::{metric_sum, scrape};
+use uproxy_lab::{Lab, Netns, NsChild, backend_addr};
 
 use crate::clients;
 use crate::manifests::{self, Port, Svc};
@@ -52,6 +54,11 @@ pub enum PathKind {
     HaproxySplice,
     /// Another kube-uproxy binary (`--baseline-bin`), splice relay.
     UproxyBaseline,
+    /// kube-uproxy splice with preserve-client-ip on (issue 23): the
+    /// upstream connections come from the client's own address
+    /// (`IP_TRANSPARENT`, the connmark and the policy route). The
+    /// `UproxySplice` path is the same with it off.
+    UproxyTransparent,
 }
 
 pub const ALL: [PathKind; 8] = [
@@ -77,6 +84,7 @@ impl PathKind {
             PathKind::Haproxy => "haproxy tcp",
             PathKind::HaproxySplice => "haproxy splice",
             PathKind::UproxyBaseline => "kube-uproxy baseline",
+            PathKind::UproxyTransparent => "kube-uproxy transparent",
         }
     }
 
@@ -94,11 +102,15 @@ impl PathKind {
             "haproxy" | "haproxy-tcp" => PathKind::Haproxy,
             "haproxy-splice" | "haproxy-splice-auto" => PathKind::HaproxySplice,
             "baseline" | "kube-uproxy-baseline" => PathKind::UproxyBaseline,
+            "transparent" | "kube-uproxy-transparent" | "uproxy-transparent" => {
+                PathKind::UproxyTransparent
+            }
             _ => return None,
         })
     }
 
-    /// Core paths must produce numbers; peers are optional.
+    /// Core paths must produce numbers; peers are optional. (The
+    /// transparent path runs only when asked for, and then must too.)
     pub fn core(self) -> bool {
         !matches!(
             self,
@@ -116,6 +128,7 @@ impl PathKind {
             PathKind::UproxySplice
                 | PathKind::UproxyCopy
                 | PathKind::UproxyBaseline
+                | PathKind::UproxyTransparent
                 | PathKind::Nginx
                 | PathKind::Haproxy
                 | PathKind::HaproxySplice
@@ -123,7 +136,8 @@ impl PathKind {
     }
 
     /// Whether the path carries the benchmark Service's UDP port (the peer
-    /// proxies are set up for TCP only).
+    /// proxies are set up for TCP only; preserve-client-ip is TCP only, so
+    /// the transparent path's UDP would be the splice path's again).
     pub fn carries_udp(self) -> bool {
         matches!(
             self,
@@ -305,7 +319,10 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                 log: None,
             }
         }
-        PathKind::UproxySplice | PathKind::UproxyCopy | PathKind::UproxyBaseline => {
+        PathKind::UproxySplice
+        | PathKind::UproxyCopy
+        | PathKind::UproxyBaseline
+        | PathKind::UproxyTransparent => {
             let (mode, bin, dirname) = match kind {
                 PathKind::UproxyCopy => ("copy", &ctx.bin, "uproxy-copy"),
                 PathKind::UproxyBaseline => (
@@ -315,6 +332,7 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
                         .ok_or("the baseline path needs --baseline-bin")?,
                     "uproxy-baseline",
                 ),
+                PathKind::UproxyTransparent => ("splice", &ctx.bin, "uproxy-transparent"),
                 _ => ("splice", &ctx.bin, "uproxy-splice"),
             };
             let dir = ctx.workdir.join(dirname);
@@ -322,31 +340,36 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
             let manifests = dir.join("manifests.yaml");
             let eps = ctx.endpoints();
             let ports: Vec<Port> = all_ports().collect();
-            fs::write(
-                &manifests,
-                manifests::list(&[Svc {
-                    name: "bench".into(),
-                    ip: VIP,
-                    ports: &ports,
-                    endpoints: &eps,
-                    generation: 0,
-                }]),
-            )
-            .map_err(|e| e.to_string())?;
+            let svc = Svc {
+                name: "bench".into(),
+                ip: VIP,
+                ports: &ports,
+                endpoints: &eps,
+                generation: 0,
+            };
+            let transparent = kind == PathKind::UproxyTransparent;
+            let text = if transparent {
+                manifests::list_preserving_client_ip(&svc, TRANSPARENT_NODE)
+            } else {
+                manifests::list(&[svc])
+            };
+            fs::write(&manifests, text).map_err(|e| e.to_string())?;
             let log = dir.join("kube-uproxy.log");
-            let child = spawn_logged(
-                ctx,
-                bin,
-                &[
-                    OsStr::new("--manifests"),
-                    manifests.as_os_str(),
-                    OsStr::new("--proxy-port-range"),
-                    OsStr::new("20000-20999"),
-                    OsStr::new("--tcp-relay"),
-                    OsStr::new(mode),
-                ],
-                &log,
-            )?;
+            let mut args = vec![
+                OsStr::new("--manifests"),
+                manifests.as_os_str(),
+                OsStr::new("--proxy-port-range"),
+                OsStr::new("20000-20999"),
+                OsStr::new("--tcp-relay"),
+                OsStr::new(mode),
+            ];
+            if transparent {
+                args.extend([
+                    OsStr::new("--hostname-override"),
+                    OsStr::new(TRANSPARENT_NODE),
+                ]);
+            }
+            let child = spawn_logged(ctx, bin, &args, &log)?;
             let mut a = Active {
                 kind,
                 targets: Targets::vip(),
@@ -408,7 +431,124 @@ pub fn install(ctx: &Ctx<'_>, kind: PathKind) -> Result<Active, String> {
         }
     };
     wait_answers(ctx, &mut active)?;
+    if kind == PathKind::UproxyTransparent {
+        confirm_transparent(ctx, &mut active)?;
+    }
     Ok(active)
+}
+
+/// The node the transparent path's proxy runs as (`--hostname-override`)
+/// and its endpoints are on (`nodeName`).
+const TRANSPARENT_NODE: &str = "bench-node";
+
+/// The proxy's preserve-client-ip counters, process-wide since its start
+/// (so per round: each round starts the proxy afresh).
+#[derive(Clone, Copy, Debug)]
+struct Transparent {
+    /// `kubeuproxy_client_ip_preserved_total`: upstream connections opened
+    /// from the client's own address.
+    preserved: f64,
+    /// `kubeuproxy_preserve_client_ip_fallbacks_total`: those that came
+    /// from the node's address instead.
+    fallbacks: f64,
+}
+
+/// Reads [`Transparent`] from the proxy's `/metrics` in the node.
+fn transparent_counts(ctx: &Ctx<'_>) -> Result<Transparent, String> {
+    let samples = scrape(ctx.lab.node())?;
+    let get = |name: &str| metric_sum(&samples, name, &[]).0;
+    Ok(Transparent {
+        preserved: get("kubeuproxy_client_ip_preserved_total"),
+        fallbacks: get("kubeuproxy_preserve_client_ip_fallbacks_total"),
+    })
+}
+
+/// After a round of the transparent path: how many connections came from
+/// the client's address (`Ok`, a note for the round's line), or an error
+/// for the report when any fell back to the node's address (the round's
+/// figures then mix the two). `Ok(None)` for every other path.
+pub fn transparent_audit(ctx: &Ctx<'_>, a: &Active) -> Result<Option<String>, String> {
+    if a.kind != PathKind::UproxyTransparent {
+        return Ok(None);
+    }
+    let c = transparent_counts(ctx).map_err(|e| format!("preserve-client-ip counters: {e}"))?;
+    if c.fallbacks > 0.0 {
+        return Err(format!(
+            "{} of {} upstream connections fell back to the node's address \
+             (kubeuproxy_preserve_client_ip_fallbacks_total; the proxy's log says why, \
+             e.g. a client port the node listens on)",
+            c.fallbacks,
+            c.preserved + c.fallbacks
+        ));
+    }
+    Ok(Some(format!(
+        "{} upstream connections from the client's address, none fell back",
+        c.preserved
+    )))
+}
+
+/// Confirms, before the transparent path is measured, that its upstream
+/// connections really come from the client's own address: the echo
+/// backend sees the client's address and port as its peer, and the proxy
+/// counted the connection as preserved, none as a fallback. A path that
+/// silently fell back would otherwise be measured as "transparent" while
+/// doing what the splice path does.
+fn confirm_transparent(ctx: &Ctx<'_>, a: &mut Active) -> Result<(), String> {
+    let target = a.targets.echo;
+    let fail = |what: String| format!("{}: {what}; log:\n{}", a.kind.name(), a.log_tail());
+    let mut s = ctx
+        .lab
+        .client()
+        .tcp_connect(target, READY_TIMEOUT)
+        .map_err(|e| fail(format!("connect {target}: {e}")))?;
+    let mut echoed = [0u8; 1];
+    s.set_read_timeout(Some(READY_TIMEOUT))
+        .and_then(|()| s.write_all(b"x"))
+        .and_then(|()| s.read_exact(&mut echoed))
+        .map_err(|e| fail(format!("echo through {target}: {e}")))?;
+    let client = s
+        .local_addr()
+        .map_err(|e| fail(format!("local address: {e}")))?;
+    // The connection is held open while the backends are asked.
+    let peers: Vec<SocketAddr> = ctx
+        .lab
+        .backends()
+        .iter()
+        .flat_map(|ns| established_peers(ns, ECHO_PORT))
+        .collect();
+    let counts = transparent_counts(ctx).map_err(|e| fail(format!("/metrics: {e}")))?;
+    drop(s);
+    if !peers.contains(&client) {
+        return Err(fail(format!(
+            "the echo backends' peers are {peers:?}, not the client's {client}: \
+             the upstream connection did not come from the client's address"
+        )));
+    }
+    if counts.preserved < 1.0 || counts.fallbacks > 0.0 {
+        return Err(fail(format!(
+            "the proxy counted {} connections preserved and {} fallbacks",
+            counts.preserved, counts.fallbacks
+        )));
+    }
+    Ok(())
+}
+
+/// The peer addresses of the established TCP connections on local port
+/// `port` in `ns` (`ss`; none if it cannot be run).
+fn established_peers(ns: &Netns, port: u16) -> Vec<SocketAddr> {
+    let Ok(out) = ns.output("ss", ["-Htn", "state", "established"]) else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // Recv-Q Send-Q Local:Port Peer:Port (no state column).
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let local: SocketAddr = cols.get(2)?.parse().ok()?;
+            let peer: SocketAddr = cols.get(3)?.parse().ok()?;
+            (local.port() == port).then_some(peer)
+        })
+        .collect()
 }
 
 /// Stops the path's process (SIGTERM, then SIGKILL) and flushes the rules.

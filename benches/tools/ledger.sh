@@ -6,7 +6,7 @@
 # wake-ups), context switches, and CPU time.
 #
 #   benches/tools/ledger.sh rr|connect PATH...   (as root, repo root)
-#   PATH: splice copy nginx haproxy haproxy-splice
+#   PATH: splice copy transparent nginx haproxy haproxy-splice
 #
 # Runs the datapath harness for one path and one phase (--secs 8) and
 # counts with `perf stat` on the syscalls:sys_enter_* tracepoints of the
@@ -30,7 +30,7 @@ window=4
 # The kinds a proxy's message path uses; enabling all ~360 tracepoints
 # takes perf seconds, so these, and raw_syscalls for the total ("other").
 kinds="read write readv writev recvfrom sendto recvmsg sendmsg splice epoll_wait epoll_pwait
-    epoll_ctl futex accept4 connect socket setsockopt getsockopt getsockname getpeername close
+    epoll_ctl futex accept4 connect bind socket setsockopt getsockopt getsockname getpeername close
     shutdown ioctl fcntl clock_gettime getrandom sched_yield pipe2 mmap munmap madvise mprotect brk io_uring_enter
     eventfd2 timerfd_settime clock_nanosleep rt_sigprocmask"
 events=task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter$(for k in $kinds; do printf ',syscalls:sys_enter_%s' "$k"; done)
@@ -47,7 +47,7 @@ for path in "$@"; do
     # Wait for the harness to be built and the proxy to run.
     for _ in $(seq 1 3000); do
         case $path in
-            splice|copy) name=kube-uproxy ;;
+            splice|copy|transparent) name=kube-uproxy ;;
             nginx) name=nginx ;;
             haproxy|haproxy-splice) name=haproxy ;;
             *) echo "unknown path $path" >&2; kill $bench; exit 2 ;;
