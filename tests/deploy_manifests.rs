@@ -330,10 +330,24 @@ fn the_pod_has_exactly_the_capabilities_the_code_needs() {
         "root: nft and ip inherit the capabilities"
     );
     let add: BTreeSet<String> = strings(&sc["capabilities"]["add"]).into_iter().collect();
-    let needed: BTreeSet<String> = REQUIRED_CAPABILITIES
+    let mut needed: BTreeSet<String> = REQUIRED_CAPABILITIES
         .iter()
         .map(|(name, ..)| name.to_string())
         .collect();
+    let cleans_kube_proxy = strings(&pod.container["args"])
+        .iter()
+        .any(|a| a == "--cleanup-kube-proxy");
+    if cleans_kube_proxy {
+        // iptables-legacy, for kube-proxy's rules on legacy-iptables nodes,
+        // opens a raw socket (tests/image_rootfs.rs runs the cleanup with
+        // exactly these capabilities).
+        needed.insert("NET_RAW".into());
+        // And takes the node's lock (the root filesystem is read-only).
+        assert_eq!(pod.mount_of("xtables-lock"), Path::new("/run/xtables.lock"));
+        let lock = pod.volume("xtables-lock");
+        assert_eq!(lock["hostPath"]["path"], "/run/xtables.lock");
+        assert_eq!(lock["hostPath"]["type"], "FileOrCreate");
+    }
     assert_eq!(add, needed);
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(sc["readOnlyRootFilesystem"], true);

@@ -13,8 +13,9 @@
 //!    names resolve through the tree's own /etc (glibc's built-in lookups,
 //!    no libnss modules); and the tree packed as the image layer is
 //!    (`tar | gzip -9`) stays under 30 MB;
-//! 2. run the proxy itself from the tree in a namespace lab, with
-//!    `--cleanup-kube-proxy` on a node holding kube-proxy's rules of the
+//! 2. run the proxy itself from the tree in a namespace lab, as the
+//!    DaemonSet runs it (its capabilities only, its read-only root with
+//!    its mounts), with `--cleanup-kube-proxy` on a node holding kube-proxy's rules of the
 //!    nftables mode and of the iptables mode with both iptables backends:
 //!    it serves a ClusterIP, removes kube-proxy's rules (each step's tool
 //!    from the tree); stopped, `kube-uproxy --cleanup` from the tree
@@ -418,8 +419,89 @@ fn iptables_chains(node: &Netns, save: &str) -> Vec<String> {
         .collect()
 }
 
-/// kube-uproxy, run from the image's tree with `--cleanup-kube-proxy` on
-/// a node with kube-proxy's rules of every mode the test machine can hold
+/// What deploy/daemonset.yaml's container gets that the test reproduces
+/// around the tree.
+struct PodShape {
+    /// Its capabilities (`capabilities.add` after `drop: [ALL]`), by
+    /// capsh's names.
+    caps: Vec<String>,
+    /// `readOnlyRootFilesystem`.
+    read_only_root: bool,
+    /// The container's mount paths under /run (writable: emptyDir or
+    /// hostPath).
+    run_mounts: Vec<String>,
+}
+
+impl PodShape {
+    fn load() -> PodShape {
+        let path = image::repo().join("deploy/daemonset.yaml");
+        let text = fs::read_to_string(&path).expect("deploy/daemonset.yaml");
+        let ds: serde_json::Value = serde_norway::from_str(&text).expect("the DaemonSet's YAML");
+        let container = &ds["spec"]["template"]["spec"]["containers"][0];
+        let sc = &container["securityContext"];
+        let list = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(list(&sc["capabilities"]["drop"]), ["ALL"]);
+        let caps = list(&sc["capabilities"]["add"])
+            .iter()
+            .map(|c| format!("cap_{}", c.to_ascii_lowercase()))
+            .collect();
+        let run_mounts = container["volumeMounts"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m["readOnly"] != true)
+                    .filter_map(|m| m["mountPath"].as_str())
+                    .filter(|p| p.starts_with("/run/"))
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        PodShape {
+            caps,
+            read_only_root: sc["readOnlyRootFilesystem"] == true,
+            run_mounts,
+        }
+    }
+
+    /// Shapes the tree's /run as the pod has it: its mounts there (a
+    /// directory for an emptyDir, a file for a file's hostPath such as
+    /// iptables' lock, as `type: FileOrCreate` makes it), and, with a
+    /// read-only root filesystem, nothing else writable: the proxy, root
+    /// without CAP_DAC_OVERRIDE, cannot create files in a mode 0555
+    /// directory.
+    fn shape_run(&self, root: &Path) {
+        let run = root.join("run");
+        for mount in &self.run_mounts {
+            let at = root.join(mount.trim_start_matches('/'));
+            if Path::new(mount).extension().is_some() {
+                fs::write(&at, "").expect("a file mount under /run");
+            } else {
+                fs::create_dir_all(&at).expect("a directory mount under /run");
+            }
+        }
+        if self.read_only_root {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&run, fs::Permissions::from_mode(0o555)).expect("chmod /run");
+        }
+    }
+
+    fn caps(&self) -> Vec<&str> {
+        self.caps.iter().map(String::as_str).collect()
+    }
+}
+
+/// kube-uproxy, run from the image's tree as deploy/daemonset.yaml runs
+/// it (its capabilities only, its read-only root filesystem with its
+/// mounts under /run: [`PodShape`]) with `--cleanup-kube-proxy` on a node
+/// with kube-proxy's rules of every mode the test machine can hold
 /// (nftables; iptables with both backends, IPv4 and IPv6): it serves,
 /// every rule of kube-proxy's goes (the kubelet's KUBE-FIREWALL stays) with
 /// no step failing; it stops cleanly, and `--cleanup` removes its own.
@@ -473,7 +555,10 @@ fn the_proxy_runs_from_the_image_tree_and_removes_kube_proxys_rules() {
     )
     .expect("writing the manifests file");
 
-    let mut cmd = tree_command(Some(node), &tree.root, None, "kube-uproxy");
+    let pod = PodShape::load();
+    pod.shape_run(&tree.root);
+    let caps = pod.caps();
+    let mut cmd = tree_command(Some(node), &tree.root, Some(&caps), "kube-uproxy");
     cmd.args([
         "--manifests",
         "/manifests.yaml",
@@ -529,9 +614,14 @@ fn the_proxy_runs_from_the_image_tree_and_removes_kube_proxys_rules() {
         logged.is_ok(),
         "the removal is logged, with iptables-legacy's part"
     );
+    let log = proxy.stderr();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("a step failed"))
+        .collect();
     assert!(
-        !proxy.stderr().contains("a step failed"),
-        "no step of the cleanup failed"
+        failed.is_empty(),
+        "no step of the cleanup failed, with the pod's capabilities {caps:?}: {failed:#?}"
     );
     assert_eq!(
         who(bed.client(), vip(VIP_A)).expect("the ClusterIP after the cleanup"),
@@ -549,7 +639,8 @@ fn the_proxy_runs_from_the_image_tree_and_removes_kube_proxys_rules() {
     // Its rules stay when it stops (so that a restart keeps the node
     // served); `kube-uproxy --cleanup`, from the tree too, removes them and
     // its address on lo.
-    let mut cmd = tree_command(Some(node), &tree.root, None, "kube-uproxy");
+    // (`kubectl exec` runs it with the container's capabilities.)
+    let mut cmd = tree_command(Some(node), &tree.root, Some(&caps), "kube-uproxy");
     cmd.arg("--cleanup");
     let out = run(cmd, None);
     assert!(
