@@ -330,10 +330,24 @@ fn the_pod_has_exactly_the_capabilities_the_code_needs() {
         "root: nft and ip inherit the capabilities"
     );
     let add: BTreeSet<String> = strings(&sc["capabilities"]["add"]).into_iter().collect();
-    let needed: BTreeSet<String> = REQUIRED_CAPABILITIES
+    let mut needed: BTreeSet<String> = REQUIRED_CAPABILITIES
         .iter()
         .map(|(name, ..)| name.to_string())
         .collect();
+    let cleans_kube_proxy = strings(&pod.container["args"])
+        .iter()
+        .any(|a| a == "--cleanup-kube-proxy");
+    if cleans_kube_proxy {
+        // iptables-legacy, for kube-proxy's rules on legacy-iptables nodes,
+        // opens a raw socket (tests/image_rootfs.rs runs the cleanup with
+        // exactly these capabilities).
+        needed.insert("NET_RAW".into());
+        // And takes the node's lock (the root filesystem is read-only).
+        assert_eq!(pod.mount_of("xtables-lock"), Path::new("/run/xtables.lock"));
+        let lock = pod.volume("xtables-lock");
+        assert_eq!(lock["hostPath"]["path"], "/run/xtables.lock");
+        assert_eq!(lock["hostPath"]["type"], "FileOrCreate");
+    }
     assert_eq!(add, needed);
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -1011,8 +1025,11 @@ fn toml_section(text: &str, section: &str) -> Vec<String> {
 
 /// The image ships the `dist` profile's binary (release's code without
 /// its debug sections), built for the target platform from the builder's
-/// (amd64 and arm64), on a small base with the two programs the proxy
-/// runs (nft, ip). Docker cannot run here: this reads the Dockerfile.
+/// (amd64 and arm64), on an empty base with only the files
+/// deploy/image-rootfs.sh assembles on the target's Debian 12 (the
+/// programs the proxy runs and what they load: tests/image_rootfs.rs runs
+/// them from that tree and measures it). Docker cannot run here: this
+/// reads the Dockerfile.
 #[test]
 fn the_image_is_built_from_the_stripped_dist_profile_for_amd64_and_arm64() {
     let cargo = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
@@ -1044,16 +1061,53 @@ fn the_image_is_built_from_the_stripped_dist_profile_for_amd64_and_arm64() {
         .join("\n")
         .replace("\\\n", " ");
     let froms: Vec<&str> = joined.lines().filter(|l| l.starts_with("FROM ")).collect();
-    assert_eq!(froms.len(), 2, "a build stage and a runtime: {froms:?}");
+    assert_eq!(
+        froms.len(),
+        3,
+        "a build stage, the tree's and the runtime: {froms:?}"
+    );
     assert!(
         froms[0].contains("--platform=$BUILDPLATFORM") && froms[0].contains(" AS build"),
         "the build runs natively and cross-compiles: {}",
         froms[0]
     );
-    let runtime = froms[1].split_whitespace().nth(1).expect("runtime image");
+    // The tree is assembled on the target platform's Debian 12: the
+    // release tests/image_rootfs.rs checks the script on.
+    assert_eq!(froms[1], "FROM debian:bookworm-slim AS rootfs");
+    assert_eq!(froms[2], "FROM scratch", "nothing but the tree");
+    let stages: Vec<&str> = joined.split("\nFROM ").collect();
+    let (tree_stage, runtime) = (stages[stages.len() - 2], stages[stages.len() - 1]);
+    // What deploy/image-rootfs.sh copies from, and runs it.
+    let install = tree_stage
+        .lines()
+        .find(|l| l.contains("apt-get install"))
+        .expect("the tree's stage installs the packages");
+    for package in [
+        "nftables", "iproute2", "iptables", "ipset", "ipvsadm", "netbase",
+    ] {
+        assert!(
+            install.split_whitespace().any(|w| w == package),
+            "{package}: {install}"
+        );
+    }
     assert!(
-        (runtime.starts_with("debian:") && runtime.ends_with("-slim"))
-            || runtime.starts_with("gcr.io/distroless/"),
+        tree_stage.contains("COPY deploy/image-rootfs.sh ")
+            && tree_stage.contains("COPY --from=build /kube-uproxy ")
+            && tree_stage.contains("image-rootfs.sh /rootfs /kube-uproxy"),
+        "the tree's stage runs deploy/image-rootfs.sh on the built binary: {tree_stage}"
+    );
+    assert!(
+        runtime.contains("COPY --from=rootfs /rootfs/ /"),
+        "the runtime is the tree: {runtime}"
+    );
+    // The proxy runs nft and ip by name: the PATH must reach /usr/sbin.
+    let path = runtime
+        .lines()
+        .find_map(|l| l.strip_prefix("ENV PATH="))
+        .expect("the runtime sets PATH");
+    assert!(path.split(':').any(|d| d == "/usr/sbin"), "{path}");
+    assert!(
+        runtime.contains(r#"ENTRYPOINT ["/usr/local/bin/kube-uproxy"]"#),
         "{runtime}"
     );
     let build = joined
@@ -1080,11 +1134,6 @@ fn the_image_is_built_from_the_stripped_dist_profile_for_amd64_and_arm64() {
     ] {
         assert!(joined.contains(arch), "{arch}");
     }
-    // The proxy runs nft and ip (src/rules).
-    assert!(
-        joined.contains("nftables") && joined.contains("iproute2"),
-        "nft and ip in the runtime image"
-    );
     assert!(
         joined.contains("KUBE_UPROXY_GIT_COMMIT"),
         "the build info's commit"

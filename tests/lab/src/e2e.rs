@@ -11,6 +11,8 @@
 //! - Waiting for keys of the nft sets/maps of docs/rules.md, and polling.
 //! - Client helpers: blocking std sockets created in a namespace, speaking
 //!   to the whoami servers.
+//! - [`image`]: programs run from the container image's file tree
+//!   (deploy/image-rootfs.sh) as a pod runs them.
 //! - [`udp`]: backends answering over TCP and UDP, UDP clients, and the
 //!   reachability checks of the UDP, NodePort and external-address tests.
 //! - [`http`]: the Python gRPC and HTTP/1.1 peers of `tests/lab/py/`,
@@ -18,6 +20,7 @@
 //!   `/debug/services` read to wait for Service ports and endpoint changes.
 
 pub mod http;
+pub mod image;
 pub mod udp;
 
 use std::fs::{self, File};
@@ -298,9 +301,6 @@ impl ProxyProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> ProxyProcess {
-        let stderr = dir.join(format!("{name}.stderr"));
-        let log = File::create(&stderr).expect("creating the proxy log file");
-        let log2 = log.try_clone().expect("cloning the log file handle");
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = node.command(program);
@@ -309,11 +309,7 @@ impl ProxyProcess {
             }
             None => node.command(bin()),
         };
-        cmd.args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log2)
-            .stderr(log);
+        cmd.args(args).envs(env.iter().copied());
         for var in [
             "HTTPS_PROXY",
             "https_proxy",
@@ -325,6 +321,22 @@ impl ProxyProcess {
         ] {
             cmd.env_remove(var);
         }
+        Self::launch(node, dir, name, cmd)
+    }
+
+    /// Starts `cmd` (from [`Netns::command`] of `node`, running the proxy
+    /// some way: e.g. [`image::tree_command`]) with stdin closed and its
+    /// output in `<dir>/<name>.stderr`.
+    pub fn launch(
+        node: &Netns,
+        dir: &Path,
+        name: &str,
+        mut cmd: std::process::Command,
+    ) -> ProxyProcess {
+        let stderr = dir.join(format!("{name}.stderr"));
+        let log = File::create(&stderr).expect("creating the proxy log file");
+        let log2 = log.try_clone().expect("cloning the log file handle");
+        cmd.stdin(Stdio::null()).stdout(log2).stderr(log);
         let child = node
             .spawn(cmd)
             .expect("spawning kube-uproxy in the node namespace");
