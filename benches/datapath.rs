@@ -73,8 +73,9 @@ cargo bench --bench datapath -- [OPTIONS]   (as root)
                      client's own address; TCP phases only; not in the
                      default set); for the HTTP phases: direct,
                      splice or copy (kube-uproxy request mode and L4),
-                     haproxy (mode http), nginx (http), nghttpx (with
-                     either peer, when installed)
+                     baseline (--baseline-bin's request mode), haproxy
+                     (mode http), nginx (http), nghttpx (with either
+                     peer, when installed)
   --idle-conns N     idle connections for the memory figure (full: 10000)
   --scales a,b,...   Service counts for the control plane (full: 10,1000,10000;
                      mixed types: ClusterIP, TCP+UDP, NodePort, externalIPs,
@@ -316,6 +317,7 @@ fn run_http(
             .collect(),
         workdir: workdir.to_path_buf(),
         bin: PathBuf::from(BIN),
+        baseline_bin: opts.baseline_bin.clone(),
         proxy_cpus: opts.pin_proxies.clone(),
         h2load: !opts.no_h2load && sys::have("h2load"),
     };

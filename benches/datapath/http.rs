@@ -81,15 +81,19 @@ pub const SLOW_CONNS: usize = 16;
 pub enum HttpPath {
     Direct,
     UproxyRequest,
+    /// `--baseline-bin`'s binary on the request-mode port: before and
+    /// after for request mode in one interleaved run.
+    UproxyBaselineRequest,
     UproxyL4,
     Haproxy,
     Nginx,
     Nghttpx,
 }
 
-pub const ALL: [HttpPath; 6] = [
+pub const ALL: [HttpPath; 7] = [
     HttpPath::Direct,
     HttpPath::UproxyRequest,
+    HttpPath::UproxyBaselineRequest,
     HttpPath::UproxyL4,
     HttpPath::Haproxy,
     HttpPath::Nginx,
@@ -101,6 +105,7 @@ impl HttpPath {
         match self {
             HttpPath::Direct => "direct",
             HttpPath::UproxyRequest => "kube-uproxy request",
+            HttpPath::UproxyBaselineRequest => "kube-uproxy baseline request",
             HttpPath::UproxyL4 => "kube-uproxy L4",
             HttpPath::Haproxy => "haproxy http",
             HttpPath::Nginx => "nginx http",
@@ -141,6 +146,7 @@ impl HttpPath {
             HttpPath::UproxyRequest | HttpPath::UproxyL4 => {
                 matches!(k, K::UproxySplice | K::UproxyCopy)
             }
+            HttpPath::UproxyBaselineRequest => *k == K::UproxyBaseline,
             HttpPath::Haproxy => matches!(k, K::Haproxy | K::HaproxySplice),
             HttpPath::Nginx => *k == K::Nginx,
             HttpPath::Nghttpx => matches!(k, K::Nginx | K::Haproxy | K::HaproxySplice),
@@ -217,6 +223,8 @@ pub struct Plan {
     pub paths: Vec<HttpPath>,
     pub workdir: PathBuf,
     pub bin: PathBuf,
+    /// `--baseline-bin`: the binary of "kube-uproxy baseline request".
+    pub baseline_bin: Option<PathBuf>,
     pub proxy_cpus: Option<String>,
     /// The h2c phase runs `h2load` (installed, and not `--no-h2load`).
     pub h2load: bool,
@@ -628,14 +636,21 @@ fn install(lab: &Lab, plan: &Plan, path: HttpPath) -> Result<Active, String> {
                 log: None,
             }
         }
-        HttpPath::UproxyRequest | HttpPath::UproxyL4 => {
+        HttpPath::UproxyRequest | HttpPath::UproxyL4 | HttpPath::UproxyBaselineRequest => {
+            let bin = match path {
+                HttpPath::UproxyBaselineRequest => plan
+                    .baseline_bin
+                    .as_ref()
+                    .ok_or("the baseline path needs --baseline-bin")?,
+                _ => &plan.bin,
+            };
             let m = dir.join("manifests.yaml");
             fs::write(&m, manifests(lab)).map_err(|e| e.to_string())?;
             let log = dir.join("kube-uproxy.log");
             let child = spawn_logged(
                 lab,
                 plan,
-                &plan.bin,
+                bin,
                 &[
                     OsStr::new("--manifests"),
                     m.as_os_str(),
@@ -644,7 +659,7 @@ fn install(lab: &Lab, plan: &Plan, path: HttpPath) -> Result<Active, String> {
                 ],
                 &log,
             )?;
-            let targets = if path == HttpPath::UproxyRequest {
+            let targets = if path != HttpPath::UproxyL4 {
                 Targets {
                     h1: vip(PORT_H1),
                     h2: vip(PORT_H2),
@@ -1207,7 +1222,10 @@ impl HttpAcc {
             name: self.path.name().into(),
             core: self.path.core(),
             process: self.path.has_process(),
-            request_mode_slow: self.path == HttpPath::UproxyRequest,
+            request_mode_slow: matches!(
+                self.path,
+                HttpPath::UproxyRequest | HttpPath::UproxyBaselineRequest
+            ),
             spread_applies: self.path != HttpPath::Direct,
             skipped: self.skipped.clone(),
             rounds: self.rounds,
