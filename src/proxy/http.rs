@@ -26,6 +26,7 @@ mod body;
 mod detect;
 mod forward;
 mod forwarded;
+mod local;
 mod pool;
 mod port;
 
@@ -35,7 +36,7 @@ use std::sync::Arc;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -76,9 +77,10 @@ pub async fn serve(
     });
     let io = TokioIo::new(client);
     // The same for both protocols; a macro because their connection
-    // types share method names, not a trait.
+    // types share method names, not a trait (`|c| …`: how to ask the
+    // connection to finish gracefully).
     macro_rules! drive {
-        ($conn:expr) => {{
+        ($conn:expr, |$c:ident| $shutdown:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -89,7 +91,8 @@ pub async fn serve(
             let result = match result {
                 Some(r) => r,
                 None => {
-                    conn.as_mut().graceful_shutdown();
+                    let $c = conn.as_mut();
+                    $shutdown;
                     tokio::select! {
                         r = conn.as_mut() => r,
                         _ = cut.cancelled() => return,
@@ -102,20 +105,27 @@ pub async fn serve(
         }};
     }
     match detected {
-        Detected::Http2 => drive!(
-            http2::Builder::new(TokioExecutor::new())
+        Detected::Http2 => {
+            // The streams run in this task, not a task each (local.rs).
+            let executor = local::ConnExecutor::default();
+            let conn = http2::Builder::new(executor.clone())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(config.max_concurrent_streams)
                 .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-                .serve_connection(io, service)
-        ),
+                .serve_connection(io, service);
+            drive!(local::WithStreams::new(conn, &executor), |c| c
+                .get_mut()
+                .conn()
+                .graceful_shutdown())
+        }
         _ => drive!(
             http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(config.header_read_timeout)
                 .max_buf_size(config.max_header_bytes.max(8192))
                 .serve_connection(io, service)
-                .with_upgrades()
+                .with_upgrades(),
+            |c| c.graceful_shutdown()
         ),
     }
 }

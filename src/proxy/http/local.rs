@@ -1,0 +1,172 @@
+//! The streams of one h2 client connection, run inside that connection's
+//! own task instead of a task each.
+//!
+//! hyper's h2 server hands every request (stream) to an executor. With
+//! tokio's, each stream is a task of its own, which the work-stealing
+//! runtime moves to whichever worker is idle: the streams of one
+//! connection then run on several threads at once and contend for the
+//! connection's shared state (h2 keeps its streams behind one lock), and
+//! every hand-over wakes a thread. Measured with h2load (100 streams on
+//! one connection), a stream cost about 40 % more CPU that way than with
+//! the connection and its streams on one thread (docs/performance.md).
+//! Here the executor only queues the stream; [`WithStreams`] polls the
+//! queued streams and the connection together, as one task, so that a
+//! connection and all its work stay on one worker at a time, as an
+//! nginx or HAProxy connection stays on its worker. HTTP/1.1 has no
+//! streams: one request at a time runs inside the connection already.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
+
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Streams handed over by hyper, waiting to be polled by the task.
+#[derive(Default)]
+struct Queue {
+    new: Mutex<Vec<Stream>>,
+    /// The connection's task, woken when a stream is queued.
+    task: AtomicWaker,
+}
+
+/// hyper's executor for one connection: queues each stream for that
+/// connection's [`WithStreams`].
+#[derive(Clone, Default)]
+pub struct ConnExecutor(Arc<Queue>);
+
+impl<F> hyper::rt::Executor<F> for ConnExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0
+            .new
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::pin(fut));
+        self.0.task.wake();
+    }
+}
+
+/// A connection future together with the streams its executor was given:
+/// ready when the connection is done and its last stream has finished.
+pub struct WithStreams<C: Future> {
+    conn: Pin<Box<C>>,
+    done: Option<C::Output>,
+    streams: FuturesUnordered<Stream>,
+    queue: Arc<Queue>,
+}
+
+impl<C: Future> WithStreams<C> {
+    pub fn new(conn: C, executor: &ConnExecutor) -> Self {
+        WithStreams {
+            conn: Box::pin(conn),
+            done: None,
+            streams: FuturesUnordered::new(),
+            queue: Arc::clone(&executor.0),
+        }
+    }
+
+    /// The connection itself (to ask it to shut down gracefully).
+    pub fn conn(&mut self) -> Pin<&mut C> {
+        self.conn.as_mut()
+    }
+
+    fn take_new(&mut self) {
+        let mut new = self.queue.new.lock().unwrap_or_else(|e| e.into_inner());
+        self.streams.extend(new.drain(..));
+    }
+
+    fn has_new(&self) -> bool {
+        !self
+            .queue
+            .new
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+}
+
+impl<C: Future> Unpin for WithStreams<C> {}
+
+impl<C: Future> Future for WithStreams<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        this.queue.task.register(cx.waker());
+        loop {
+            this.take_new();
+            // Finished streams leave the set; a pending one has
+            // registered `cx`'s waker through the set.
+            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            if this.done.is_none()
+                && let Poll::Ready(r) = this.conn.as_mut().poll(cx)
+            {
+                this.done = Some(r);
+            }
+            // Again if the connection handed over new streams meanwhile.
+            if !this.has_new() {
+                break;
+            }
+        }
+        if this.streams.is_empty()
+            && let Some(r) = this.done.take()
+        {
+            return Poll::Ready(r);
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Executor;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Streams queued before and while the connection runs are all run,
+    /// and the whole is done only when the connection and every stream
+    /// are.
+    #[tokio::test]
+    async fn every_stream_runs_and_the_connection_waits_for_them() {
+        let exec = ConnExecutor::default();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let conn = {
+            let exec = exec.clone();
+            let ran = Arc::clone(&ran);
+            async move {
+                for _ in 0..3 {
+                    let ran = Arc::clone(&ran);
+                    exec.execute(async move {
+                        tokio::task::yield_now().await;
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    });
+                    tokio::task::yield_now().await;
+                }
+                // A stream that outlives the connection's own future.
+                let ran = Arc::clone(&ran);
+                exec.execute(async move {
+                    let _ = rx.await;
+                    ran.fetch_add(1, Ordering::SeqCst);
+                });
+                7
+            }
+        };
+        let mut all = tokio::spawn(WithStreams::new(conn, &exec));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            futures::poll!(&mut all).is_pending(),
+            "done before its last stream"
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
+        tx.send(()).unwrap();
+        assert_eq!(all.await.unwrap(), 7);
+        assert_eq!(ran.load(Ordering::SeqCst), 4);
+    }
+}
