@@ -6,14 +6,13 @@
 //! runtime moves to whichever worker is idle: the streams of one
 //! connection then run on several threads at once and contend for the
 //! connection's shared state (h2 keeps its streams behind one lock), and
-//! every hand-over wakes a thread. Measured with h2load (100 streams on
-//! one connection), a stream cost about 40 % more CPU that way than with
-//! the connection and its streams on one thread (docs/performance.md).
-//! Here the executor only queues the stream; [`WithStreams`] polls the
+//! every hand-over wakes a thread. Here the executor only queues the
+//! stream; [`WithStreams`] polls the
 //! queued streams and the connection together, as one task, so that a
 //! connection and all its work stay on one worker at a time, as an
-//! nginx or HAProxy connection stays on its worker. HTTP/1.1 has no
-//! streams: one request at a time runs inside the connection already.
+//! nginx or HAProxy connection stays on its worker (docs/performance.md,
+//! "Request mode: where a stream's CPU goes"). HTTP/1.1 has no streams:
+//! one request at a time runs inside the connection already.
 
 use std::future::Future;
 use std::pin::Pin;
