@@ -743,6 +743,7 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
         key: ObjectKey::new("", "node-a"),
         zone: Some("z2".into()),
         eligible: false,
+        ..NodeInfo::default()
     }]));
     r.sync().await;
     assert_eq!(
@@ -756,6 +757,7 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
         key: ObjectKey::new("", "node-b"),
         zone: Some("z1".into()),
         eligible: true,
+        ..NodeInfo::default()
     }));
     r.sync().await;
     assert!(!r.node_eligible);
@@ -764,6 +766,7 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
         key: ObjectKey::new("", "node-a"),
         zone: Some("z2".into()),
         eligible: true,
+        ..NodeInfo::default()
     }));
     assert!(r.node_eligible);
     r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
