@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use uproxy_lab::e2e::udp::{assert_tcp_dropped, tcp_greeting};
 use uproxy_lab::e2e::{
-    BACKEND_PORT, Backend, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, backend_name, manifests, poll,
+    BACKEND_PORT, Backend, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, backend_name, http_get,
+    manifests, poll, write_by_rename,
 };
 use uproxy_lab::manifests::{
     EndpointManifest, IpMode, PortManifest, ServiceManifest, ServiceType, node_with_addresses_yaml,
@@ -176,4 +177,80 @@ fn pods_found_by_the_node_objects_pod_cidr_reach_remote_endpoints() {
         ],
         Some(&node),
     );
+}
+
+/// NodeCIDR before the Node has a pod range: as kube-proxy, nothing is
+/// programmed (so no pod is taken for an external client), the wait is
+/// logged and /healthz answers 503; once the Node has one, the rules are
+/// written and the pod reaches the remote endpoint.
+#[test]
+fn node_cidr_writes_no_rule_until_the_node_has_a_pod_range() {
+    if !lab::require_root_and_nft("node_cidr_writes_no_rule_until_the_node_has_a_pod_range") {
+        return;
+    }
+    let mut bed = Testbed::new("local-traffic", "nodewait", &[Backend::Whoami]);
+    bed.lab.route_node_by_default().expect("node default route");
+    let pod = bed
+        .lab
+        .add_routed_pod("pod", POD_ADDR)
+        .expect("adding a pod to the node");
+    let svc = manifests(&[lb_service("Cluster", "Local")]);
+    // The Node first without a pod range (not yet allocated).
+    let without = node_with_addresses_yaml(NODE, &[("InternalIP", "10.200.0.1")], &[]);
+    let (mut proxy, path) = bed.start_proxy(
+        &(svc.clone() + "---\n" + &without),
+        &[
+            "--hostname-override",
+            NODE,
+            "--detect-local-mode",
+            "NodeCIDR",
+        ],
+    );
+    poll(READY_TIMEOUT, Duration::from_millis(50), || {
+        proxy.assert_running("the proxy waits for the Node's podCIDRs");
+        proxy
+            .stderr()
+            .contains("waiting for this node's Node object and its spec.podCIDRs")
+            .then_some(())
+            .ok_or_else(|| "the wait is not logged".to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let node = bed.node().clone();
+    assert!(
+        node.nft_keys("map", "ip", "kube-uproxy", "service-ports")
+            .is_err(),
+        "a table was written before the Node had a pod range"
+    );
+    let healthz = SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
+    match http_get(&node, healthz, "/healthz") {
+        Ok((503, _)) => {}
+        other => panic!("/healthz while waiting: {other:?}"),
+    }
+
+    write_by_rename(
+        &path,
+        &(svc
+            + "---\n"
+            + &node_with_addresses_yaml(NODE, &[("InternalIP", "10.200.0.1")], &[NODE_POD_CIDR])),
+    );
+    poll(READY_TIMEOUT, Duration::from_millis(50), || {
+        proxy.assert_running("the proxy starts");
+        let keys = node
+            .nft_keys("map", "ip", "kube-uproxy", "pod-service-ports")
+            .map_err(|e| e.to_string())?;
+        (!keys.is_empty())
+            .then_some(())
+            .ok_or_else(|| "pod-service-ports is empty".to_string())
+    })
+    .unwrap_or_else(|e| panic!("the pods' LB IP key never appeared: {e}"));
+    assert_eq!(
+        tcp_greeting(&pod, SocketAddr::from((LB_IP, SVC_PORT)), "pod -> LB IP"),
+        backend_name(0)
+    );
+    assert_tcp_dropped(
+        bed.client(),
+        SocketAddr::from((LB_IP, SVC_PORT)),
+        "external client -> LB IP",
+    );
+    proxy.assert_running("end");
 }
