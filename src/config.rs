@@ -135,9 +135,11 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = |s: &str| MANIFESTS_RESCAN_INTERVAL.parse(s))]
     pub manifests_rescan_interval: Duration,
 
-    /// Which node addresses NodePort traffic is caught on: comma-separated
-    /// CIDRs, or `primary` (the addresses of the interface holding the
-    /// default route). Unset: every address of the node, 127.0.0.1
+    /// Which node addresses NodePort traffic is caught on (kube-proxy's
+    /// flag): comma-separated CIDRs (a family with none of its own is
+    /// caught on all its addresses), or `primary` alone (the Node object's
+    /// primary IP of each family; the default route's interface until the
+    /// Node is known). Unset: every address of the node, 127.0.0.1
     /// included (iptables mode's default).
     #[arg(long, value_name = "CIDRS|primary", value_parser = parse_nodeport_addresses)]
     pub nodeport_addresses: Option<NodePortAddresses>,
@@ -146,8 +148,9 @@ pub struct Args {
     /// flag): ClusterCIDR (sources in --cluster-cidr), BridgeInterface
     /// (packets in on --pod-bridge-interface), InterfaceNamePrefix
     /// (packets in on an interface named --pod-interface-name-prefix…),
-    /// or NodeCIDR (sources in the Node object's spec.podCIDRs; not
-    /// supported yet, refused at start). Pods calling an
+    /// or NodeCIDR (sources in the Node object's spec.podCIDRs; no rule
+    /// is written until the Node has them, as kube-proxy waits for
+    /// them). Pods calling an
     /// externalTrafficPolicy: Local Service's LB IP, externalIP or node
     /// port then reach its endpoints on every node, as with kube-proxy.
     /// Default: ClusterCIDR when --cluster-cidr is given, else no
@@ -483,12 +486,17 @@ fn with_default_port(a: ServeAddress, port: u16) -> Option<SocketAddr> {
     })
 }
 
-/// `--nodeport-addresses`.
+/// `--nodeport-addresses`, with kube-proxy's meaning.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodePortAddresses {
-    /// The node's addresses within these ranges.
+    /// The node's addresses within these ranges; a family with no range
+    /// here (or with `0.0.0.0/0` / `::/0`) serves its node ports on every
+    /// address of that family.
     Cidrs(Vec<ipnet::IpNet>),
-    /// The addresses of the interface holding the default route.
+    /// The Node object's primary IP of each family (the first
+    /// `InternalIP`, else `ExternalIP`, of `status.addresses`); until the
+    /// Node is known, the addresses of the interface holding the default
+    /// route.
     Primary,
 }
 
@@ -604,16 +612,31 @@ impl Args {
     }
 }
 
+/// kube-proxy's `nodePortAddresses` as its validation takes it: CIDRs of
+/// either family, or the one keyword `primary`, alone (kube-proxy refuses
+/// `primary` beside CIDRs, and has no other keyword).
 pub(crate) fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, String> {
-    if s.trim() == "primary" {
+    let parts: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.contains(&NODEPORT_PRIMARY) {
+        if parts.len() != 1 {
+            return Err(format!(
+                "{s:?}: can't use both `primary` and CIDRs (as kube-proxy refuses it): give `primary` alone, or CIDRs"
+            ));
+        }
         return Ok(NodePortAddresses::Primary);
     }
     let mut nets = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in parts {
         nets.push(
             part.parse::<ipnet::IpNet>()
                 .map_err(|_| {
-                    format!("{part:?} is not a CIDR (want CIDRs separated by commas, or `primary`)")
+                    format!(
+                        "{part:?} is neither a CIDR nor `primary` (kube-proxy's only keyword; want CIDRs separated by commas, or `primary`)"
+                    )
                 })?
                 .trunc(),
         );
@@ -623,6 +646,9 @@ pub(crate) fn parse_nodeport_addresses(s: &str) -> Result<NodePortAddresses, Str
     }
     Ok(NodePortAddresses::Cidrs(nets))
 }
+
+/// `--nodeport-addresses primary`.
+const NODEPORT_PRIMARY: &str = "primary";
 
 impl Args {
     /// Keepalive and user timeout, as the flags say.
@@ -680,17 +706,16 @@ impl Args {
             DetectLocalMode::ClusterCidr => match &self.cluster_cidr {
                 Some(c) => Ok(Some(LocalTraffic::Sources(c.0.clone()))),
                 None => Err(
-                    "--detect-local-mode ClusterCIDR needs --cluster-cidr (the pods' range)"
-                        .into(),
+                    "--detect-local-mode ClusterCIDR needs --cluster-cidr (the pods' range)".into(),
                 ),
             },
-            DetectLocalMode::NodeCidr => Err(
-                "--detect-local-mode NodeCIDR is not supported yet: give this node's pod range as --cluster-cidr with ClusterCIDR, or use BridgeInterface or InterfaceNamePrefix"
-                    .into(),
-            ),
+            // The ranges come from the Node object; none until it is known.
+            DetectLocalMode::NodeCidr => Ok(Some(LocalTraffic::NodePodCidrs(Vec::new()))),
             DetectLocalMode::BridgeInterface => match &self.pod_bridge_interface {
                 Some(name) => Ok(Some(LocalTraffic::Bridge(name.clone()))),
-                None => Err("--detect-local-mode BridgeInterface needs --pod-bridge-interface".into()),
+                None => {
+                    Err("--detect-local-mode BridgeInterface needs --pod-bridge-interface".into())
+                }
             },
             DetectLocalMode::InterfaceNamePrefix => match &self.pod_interface_name_prefix {
                 Some(p) => Ok(Some(LocalTraffic::InterfacePrefix(p.clone()))),
@@ -1241,6 +1266,18 @@ pub(crate) mod tests {
         assert!(parse_mark("0x").is_err());
         assert!(parse_mark("mark").is_err());
         assert_eq!(a.nodeport_addresses, None);
+        // The errors say what kube-proxy accepts.
+        let mixed = parse_nodeport_addresses("primary, 10.0.0.0/8").unwrap_err();
+        assert!(mixed.contains("both `primary` and CIDRs"), "{mixed}");
+        let all = parse_nodeport_addresses("all").unwrap_err();
+        assert!(
+            all.contains("\"all\" is neither a CIDR nor `primary`"),
+            "{all}"
+        );
+        assert_eq!(
+            parse_nodeport_addresses(" primary "),
+            Ok(NodePortAddresses::Primary)
+        );
         let b = Args::try_parse_from([
             "kube-uproxy",
             "--nodeport-addresses",
@@ -1368,6 +1405,12 @@ pub(crate) mod tests {
             vec!["kube-uproxy", "--sync-period", "soon"],
             vec!["kube-uproxy", "--nodeport-addresses", "10.0.0.0/33"],
             vec!["kube-uproxy", "--nodeport-addresses", ""],
+            // kube-proxy refuses `primary` beside CIDRs, and has no other
+            // keyword.
+            vec!["kube-uproxy", "--nodeport-addresses", "primary,10.0.0.0/8"],
+            vec!["kube-uproxy", "--nodeport-addresses", "10.0.0.0/8,primary"],
+            vec!["kube-uproxy", "--nodeport-addresses", "localhost"],
+            vec!["kube-uproxy", "--nodeport-addresses", "all"],
             vec!["kube-uproxy", "--udp-max-flows", "-1"],
             vec!["kube-uproxy", "--tcp-keepalive-time", "500ms"],
             vec!["kube-uproxy", "--tcp-keepalive-interval", "0"],
@@ -1461,17 +1504,23 @@ pub(crate) mod tests {
             .unwrap(),
             Ok(Some(LocalTraffic::InterfacePrefix("veth".into())))
         );
-        // A mode without what it needs, and NodeCIDR, are refused at start.
+        // NodeCIDR: the ranges are the Node object's, none known at start
+        // (--cluster-cidr plays no part).
+        assert_eq!(
+            detector(&[
+                "--detect-local-mode",
+                "NodeCIDR",
+                "--cluster-cidr",
+                "10.0.0.0/8"
+            ])
+            .unwrap(),
+            Ok(Some(LocalTraffic::NodePodCidrs(Vec::new())))
+        );
+        // A mode without what it needs is refused at start.
         for args in [
             &["--detect-local-mode", "ClusterCIDR"][..],
             &["--detect-local-mode", "BridgeInterface"],
             &["--detect-local-mode", "InterfaceNamePrefix"],
-            &[
-                "--detect-local-mode",
-                "NodeCIDR",
-                "--cluster-cidr",
-                "10.0.0.0/8",
-            ],
         ] {
             let e = detector(args).unwrap().unwrap_err();
             assert!(e.contains("--"), "{args:?}: {e}");

@@ -23,6 +23,7 @@ use kube_uproxy::proxy::ports::{self, ProxyPortAllocator};
 use kube_uproxy::proxy::threads::DataPathThreads;
 use kube_uproxy::proxy::udp::UdpConfig;
 use kube_uproxy::reconcile::{Reconciler, ReconcilerConfig, Telemetry};
+use kube_uproxy::rules::render::LocalTraffic;
 use kube_uproxy::rules::{self, Instance, Key, Layout, Nft, NftCommand, RuleTable};
 use kube_uproxy::serve;
 use kube_uproxy::source;
@@ -333,6 +334,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .local_traffic()
         .map_err(|e| anyhow::anyhow!("local-traffic detection: {e}"))?;
     match &local_traffic {
+        Some(LocalTraffic::NodePodCidrs(_)) => info!(
+            "--detect-local-mode NodeCIDR: traffic from the pod ranges of this node's Node object (spec.podCIDRs) to externalTrafficPolicy: Local Services' external addresses and node ports goes to their cluster-wide endpoints; no rule is written until the Node has them"
+        ),
         Some(d) => {
             info!(detector = ?d, "traffic from this node's pods to externalTrafficPolicy: Local Services' external addresses and node ports goes to their cluster-wide endpoints")
         }
@@ -580,9 +584,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
         Some(NodePortAddresses::Cidrs(nets)) => Some(nets.clone()),
         Some(NodePortAddresses::Primary) => {
+            // kube-proxy reads the Node's primary IPs before it starts;
+            // here the Node comes through the source, later. Until then,
+            // the interface of the default route stands in for it.
             let primary = rules::host::primary_addresses()
                 .context("finding the primary addresses for --nodeport-addresses")?;
-            info!(addresses = ?primary, "node ports served on the primary addresses");
+            info!(addresses = ?primary, "--nodeport-addresses primary: node ports served on the default route's interface addresses until this node's Node object gives its primary IPs");
             Some(primary.into_iter().map(ipnet::IpNet::from).collect())
         }
     };
@@ -618,17 +625,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sync_period: args.sync_period,
         node,
         request_balancing: args.request_balancing,
+        nodeport_primary: matches!(args.nodeport_addresses, Some(NodePortAddresses::Primary)),
     };
     // kube-proxy's rule: health check node ports on the node's addresses
     // within --nodeport-addresses when given (found now, at start).
     let health_check_addresses = match &layout.nodeport_addresses {
         None => None,
-        Some(nets) => {
+        Some(_) => {
             let on_node = rules::host::node_addresses()
                 .context("listing the node's addresses for the health check node ports")?;
+            // Per family, as the rules: a family without a CIDR of its
+            // own is served on all its addresses.
             let within: Vec<std::net::IpAddr> = on_node
                 .into_iter()
-                .filter(|a| nets.iter().any(|n| n.contains(a)))
+                .filter(|a| {
+                    let family = IpFamily::of(*a);
+                    layout
+                        .nodeport_addresses_of(family)
+                        .is_none_or(|nets| nets.iter().any(|n| n.contains(a)))
+                })
                 .collect();
             info!(addresses = ?within, "health check node ports served on these addresses");
             Some(within)

@@ -425,6 +425,30 @@ pub struct NodeInfo {
     /// Not being deleted and without the `ToBeDeletedByClusterAutoscaler`
     /// taint: kube-proxy's "eligible" for `/healthz`.
     pub eligible: bool,
+    /// `status.addresses` of type `InternalIP`, in their order: with
+    /// the `ExternalIP`s, where `--nodeport-addresses primary` finds the
+    /// node's primary IPs ([`NodeInfo::primary_ips`]).
+    pub internal_ips: Vec<IpAddr>,
+    /// `status.addresses` of type `ExternalIP`, in their order.
+    pub external_ips: Vec<IpAddr>,
+    /// `spec.podCIDRs` (else `spec.podCIDR`): the pods of this node, which
+    /// `--detect-local-mode NodeCIDR` tells apart by source address.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl NodeInfo {
+    /// The node's primary IP of each family it has one of, primary family
+    /// first: kube-proxy's `utilnode.GetNodeHostIPs` (the first
+    /// `InternalIP`, else the first `ExternalIP`; then the first address of
+    /// the other family in the same order). Empty when the Node lists none.
+    pub fn primary_ips(&self) -> Vec<IpAddr> {
+        let mut all = self.internal_ips.iter().chain(&self.external_ips);
+        let Some(first) = all.next() else {
+            return Vec::new();
+        };
+        let other = all.find(|ip| ip.is_ipv4() != first.is_ipv4());
+        std::iter::once(*first).chain(other.copied()).collect()
+    }
 }
 
 /// One port of a Service, as declared in `spec.ports`.

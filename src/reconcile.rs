@@ -44,11 +44,12 @@ use tracing::{debug, error, info, warn};
 use crate::admin::status::ServicesReport;
 use crate::health::ServiceHealthServers;
 use crate::model::{
-    Algorithm, ClusterState, IpFamily, ListenerKey, NodeTopology, ObjectKey, Protocol,
+    Algorithm, ClusterState, IpFamily, ListenerKey, NodeInfo, NodeTopology, ObjectKey, Protocol,
     ServicePortName, ServicePortSpec, TrafficScope,
 };
 use crate::proxy::balancer::Balancer;
 use crate::proxy::listeners::{ListenError, Listener, Listeners};
+use crate::rules::render::LocalTraffic;
 use crate::rules::{Key, Nft, ProxyPort, RuleTable, SyncKind, Verified};
 use crate::source::Update;
 
@@ -75,6 +76,10 @@ pub struct ReconcilerConfig {
     /// `--request-balancing`: false balances every port per connection,
     /// whatever its `appProtocol`.
     pub request_balancing: bool,
+    /// `--nodeport-addresses primary`: node ports are caught on the Node
+    /// object's primary IPs, and follow them when they change (until the
+    /// Node is known, on what the layout was started with).
+    pub nodeport_primary: bool,
 }
 
 /// A listener of a Service port, in one family (see [`ListenerKey`]).
@@ -167,6 +172,8 @@ pub struct Reconciler<N: Nft, L: Listeners> {
     slices_synced: bool,
     /// Set after the first sync of rules succeeded.
     first_sync_done: bool,
+    /// Whether the wait for the Node's pod ranges (NodeCIDR) was logged.
+    node_wait_logged: bool,
     /// Metrics, health and status reports (`with_telemetry`).
     observer: observe::Observer,
 }
@@ -200,6 +207,7 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             services_synced: false,
             slices_synced: false,
             first_sync_done: false,
+            node_wait_logged: false,
             observer: observe::Observer::default(),
         }
     }
@@ -278,9 +286,13 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
                 // Not listed: not seen (yet), which counts as eligible.
                 let mine = all.into_iter().find(|n| *n.key.name == *self.node.name);
                 let eligible = mine.as_ref().is_none_or(|n| n.eligible);
+                if let Some(n) = &mine {
+                    self.apply_node_layout(n);
+                }
                 self.apply_node(mine.and_then(|n| n.zone), eligible);
             }
             Update::NodeApplied(n) if *n.key.name == *self.node.name => {
+                self.apply_node_layout(&n);
                 self.apply_node(n.zone, n.eligible)
             }
             Update::NodeApplied(_) => {}
@@ -307,6 +319,65 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             let all = self.state.all_service_keys();
             self.pending_keys.extend(all);
         }
+    }
+
+    /// What the Node object decides of the rules: the node-port addresses
+    /// of `--nodeport-addresses primary` and the pod ranges of
+    /// `--detect-local-mode NodeCIDR`. A Node that lists none keeps what
+    /// was known (kube-proxy keeps what it started with). A change rewrites
+    /// the whole table and plans every Service again (a family that gains
+    /// local-traffic detection gains the pods' keys).
+    fn apply_node_layout(&mut self, node: &NodeInfo) {
+        let primary = self.config.nodeport_primary.then(|| node.primary_ips());
+        let changed = self.rules.update_layout(|layout| {
+            if let Some(ips) = primary.filter(|ips| !ips.is_empty()) {
+                // kube-proxy: each family's primary IP, as a /32 or /128,
+                // unless loopback (a family without one: all addresses).
+                let nets = ips
+                    .iter()
+                    .filter(|ip| !ip.is_loopback())
+                    .map(|ip| ipnet::IpNet::from(*ip))
+                    .collect();
+                layout.nodeport_addresses = Some(nets);
+            }
+            if let Some(LocalTraffic::NodePodCidrs(nets)) = &mut layout.local_traffic
+                && !node.pod_cidrs.is_empty()
+            {
+                // One range per family, the first (kube-proxy's detector).
+                let mut first: Vec<ipnet::IpNet> = Vec::new();
+                for n in &node.pod_cidrs {
+                    if !first
+                        .iter()
+                        .any(|f| f.addr().is_ipv4() == n.addr().is_ipv4())
+                    {
+                        first.push(*n);
+                    }
+                }
+                *nets = first;
+            }
+        });
+        if changed {
+            let layout = self.rules.layout();
+            info!(
+                node = %self.node.name,
+                nodeport_addresses = ?layout.nodeport_addresses,
+                local_traffic = ?layout.local_traffic,
+                "the Node object changed the rules' node addresses or pod ranges; writing the whole table"
+            );
+            let all = self.state.all_service_keys();
+            self.pending_keys.extend(all);
+        }
+    }
+
+    /// Whether the rules can be written: not while `--detect-local-mode
+    /// NodeCIDR` waits for the Node's pod ranges, as kube-proxy waits for
+    /// them before it programs anything (a pod would otherwise be taken for
+    /// an external client).
+    fn node_ready(&self) -> bool {
+        !matches!(
+            &self.rules.layout().local_traffic,
+            Some(LocalTraffic::NodePodCidrs(nets)) if nets.is_empty()
+        )
     }
 
     /// Serves the health check node ports from now on.
@@ -406,6 +477,16 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
 
     /// Brings listeners, balancers and rules in line with the state.
     pub async fn sync(&mut self) {
+        if !self.node_ready() {
+            if !self.node_wait_logged {
+                self.node_wait_logged = true;
+                warn!(
+                    node = %self.node.name,
+                    "--detect-local-mode NodeCIDR: waiting for this node's Node object and its spec.podCIDRs before writing any rule (as kube-proxy waits for them); /healthz stays unhealthy meanwhile"
+                );
+            }
+            return;
+        }
         let started = std::time::Instant::now();
         let mut dirty = self.state.take_dirty();
         dirty.append(&mut self.pending_keys);

@@ -266,6 +266,20 @@ impl<N: Nft> RuleTable<N> {
         &self.layout
     }
 
+    /// Changes the layout (what the Node object decides: the node-port
+    /// addresses of `primary`, the pod ranges of NodeCIDR). A change is
+    /// written by the next sync as a whole table, in one transaction, so
+    /// no packet meets half of it; returns whether anything changed.
+    pub fn update_layout(&mut self, change: impl FnOnce(&mut Layout)) -> bool {
+        let before = self.layout.clone();
+        change(&mut self.layout);
+        if self.layout == before {
+            return false;
+        }
+        self.applied = None;
+        true
+    }
+
     pub fn is_superseded(&self) -> bool {
         self.superseded.is_some()
     }
@@ -988,6 +1002,53 @@ mod tests {
         );
         assert_eq!(kernel(&fake, 80), Some(Action::Redirect(20000)));
         assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+    }
+
+    /// kube-proxy's `NewNodePortAddresses`: a family without a CIDR of its
+    /// own, or with its zero CIDR, catches node ports on all its
+    /// addresses (no `nodeport-addresses` set in its table).
+    #[tokio::test]
+    async fn a_family_without_nodeport_cidrs_of_its_own_serves_every_address() {
+        let fake = FakeNft::default();
+        let mut l = layout();
+        l.proxy_address_v6 = Some("fd6b:7570:7278::1".parse().unwrap());
+        l.nodeport_addresses = Some(vec!["10.200.0.0/24".parse().unwrap()]);
+        let mut t = RuleTable::new(fake.clone(), l);
+        t.claim(dest(80), &owner("a"), Action::Redirect(20000));
+        t.sync().await.unwrap();
+        let ip = fake.table_of(IpFamily::V4).unwrap();
+        assert_eq!(
+            ip.nodeport_addresses,
+            Some(vec!["10.200.0.0/24".parse().unwrap()])
+        );
+        assert_eq!(
+            fake.table_of(IpFamily::V6).unwrap().nodeport_addresses,
+            None
+        );
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+
+        // The layout follows the Node (`primary`): the next sync writes
+        // the whole table with the new set; an unchanged one writes nothing.
+        assert!(t.update_layout(|l| {
+            l.nodeport_addresses = Some(vec![
+                "0.0.0.0/0".parse().unwrap(),
+                "fd00:200::1/128".parse().unwrap(),
+            ])
+        }));
+        assert!(t.has_pending());
+        assert!(matches!(t.sync().await.unwrap().0, SyncKind::Full { .. }));
+        assert_eq!(
+            fake.table_of(IpFamily::V4).unwrap().nodeport_addresses,
+            None
+        );
+        assert_eq!(
+            fake.table_of(IpFamily::V6).unwrap().nodeport_addresses,
+            Some(vec!["fd00:200::1/128".parse().unwrap()])
+        );
+        assert_eq!(kernel(&fake, 80), Some(Action::Redirect(20000)));
+        assert_eq!(t.verify().await.unwrap(), Verified::Intact);
+        assert!(!t.update_layout(|_| {}));
+        assert!(!t.has_pending());
     }
 
     #[tokio::test]

@@ -77,10 +77,11 @@ pub fn slice_or_log(slice: &EndpointSlice) -> Option<Accepted<SliceInfo>> {
     }
 }
 
-/// Converts a Node, logging why it is invalid.
-pub fn node_or_log(node: &Node) -> Option<NodeInfo> {
+/// Converts a Node, logging why it is invalid; see [`service_or_log`]
+/// for its notices.
+pub fn node_or_log(node: &Node) -> Option<Accepted<NodeInfo>> {
     match convert::node(node) {
-        Ok(info) => Some(info),
+        Ok(accepted) => Some(accepted),
         Err(e) => {
             warn!(kind = e.kind, object = %e.object, field = %e.field, "invalid object skipped: {}", e.message);
             None

@@ -1,8 +1,9 @@
 //! End-to-end tests of NodePort Services.
 //!
 //! - NodePort over TCP and UDP on every node address and 127.0.0.1, without
-//!   a socket on the node port; `--nodeport-addresses` (CIDRs or `primary`)
-//!   narrows it.
+//!   a socket on the node port; `--nodeport-addresses` (CIDRs or `primary`:
+//!   the Node object's primary IP, the default route's interface until the
+//!   Node is known) narrows it, and follows the Node's address.
 //! - `externalTrafficPolicy: Local` sends UDP node-port flows to the
 //!   node's own endpoints only.
 //! - Hairpin: a backend reaches its own Service, through its ClusterIP and
@@ -22,16 +23,24 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use uproxy_lab::e2e::udp::{
     ANSWER_WAIT, NODE_PORT_TCP, NODE_PORT_UDP, UdpBed, ask_connected, assert_tcp_not_proxied,
     assert_udp_not_proxied, ep, first_answer, listed_ports, tcp_greeting, udp_client, wait_tcp_udp,
 };
-use uproxy_lab::e2e::{BACKEND_PORT, SVC_PORT, VIP_A, VIP_B, backend_name, manifests};
-use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
+use uproxy_lab::e2e::{
+    BACKEND_PORT, READY_TIMEOUT, SVC_PORT, VIP_A, VIP_B, backend_name, close, hold, manifests,
+    poll, write_by_rename,
+};
+use uproxy_lab::manifests::{
+    EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_with_addresses_yaml,
+};
 use uproxy_lab::{self as lab, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR};
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// The proxy's node name (`--hostname-override`), and its Node object's.
+const NODE: &str = "node-1";
 
 /// A NodePort Service: 80/TCP on node port 30080, 80/UDP on 30081.
 fn node_port_svc(name: &str, ip: Ipv4Addr, endpoints: Vec<EndpointManifest>) -> ServiceManifest {
@@ -202,6 +211,89 @@ fn nodeport_addresses_primary_means_the_addresses_of_the_default_route_interface
         assert_tcp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_TCP)), what);
         assert_udp_not_proxied(ns, SocketAddr::from((node_addr, NODE_PORT_UDP)), what);
     }
+}
+
+/// `primary` with the Node object known (kube-proxy's meaning): node ports
+/// are caught on the Node's first `InternalIP`, here the bridge address
+/// 10.200.1.1, and not on eth0's 10.200.0.1, which holds the default
+/// route (the stand-in until the Node is known); when the Node's address
+/// changes, the rules follow it.
+#[test]
+fn nodeport_addresses_primary_is_the_node_objects_internal_ip_and_follows_it() {
+    if !lab::require_root_and_nft(
+        "nodeport_addresses_primary_is_the_node_objects_internal_ip_and_follows_it",
+    ) {
+        return;
+    }
+    let bed = UdpBed::new("nodeport-node-ip", 2);
+    bed.lab.route_node_by_default().expect("node default route");
+    let svc = manifests(&[node_port_svc("np", VIP_B, vec![ep(0)])]);
+    let with_node = |internal_ip: &str| {
+        svc.clone()
+            + "---\n"
+            + &node_with_addresses_yaml(
+                NODE,
+                &[
+                    ("InternalIP", internal_ip),
+                    ("ExternalIP", "203.0.113.7"),
+                    ("Hostname", NODE),
+                ],
+                &[],
+            )
+    };
+    let (mut proxy, path) = bed.start_proxy(
+        &with_node(&NODE_BRIDGE_ADDR.to_string()),
+        &[
+            "--hostname-override",
+            NODE,
+            "--nodeport-addresses",
+            "primary",
+        ],
+    );
+    wait_tcp_udp(&mut proxy, bed.node(), VIP_B);
+    let pod = bed.backend(1).clone();
+    let on_bridge = SocketAddr::from((NODE_BRIDGE_ADDR, NODE_PORT_TCP));
+    let on_uplink = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_TCP));
+    assert_eq!(
+        tcp_greeting(&pod, on_bridge, "pod -> 10.200.1.1 (the Node's InternalIP)"),
+        backend_name(0)
+    );
+    assert_tcp_not_proxied(
+        bed.client(),
+        on_uplink,
+        "client -> 10.200.0.1 (default route, not the Node's address)",
+    );
+    assert_tcp_not_proxied(
+        bed.node(),
+        SocketAddr::from((LOCALHOST, NODE_PORT_TCP)),
+        "node -> 127.0.0.1",
+    );
+
+    // The Node's InternalIP becomes eth0's: the node port moves with it.
+    write_by_rename(&path, &with_node(&NODE_CLIENT_ADDR.to_string()));
+    assert_eq!(
+        tcp_greeting(
+            bed.client(),
+            on_uplink,
+            "client -> 10.200.0.1 (the Node's new InternalIP)"
+        ),
+        backend_name(0)
+    );
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        match hold(&pod, on_bridge) {
+            Ok((s, name)) => {
+                close(s);
+                Err(format!("{on_bridge} still proxied (answered by {name})"))
+            }
+            Err(_) => Ok(()),
+        }
+    })
+    .unwrap_or_else(|e| panic!("the node port stayed on the Node's old address: {e}"));
+    proxy.assert_running("end");
+    assert!(
+        !proxy.stderr().contains("differs from what was applied"),
+        "the drift check found the table other than written"
+    );
 }
 
 #[test]

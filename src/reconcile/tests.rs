@@ -148,6 +148,7 @@ fn reconciler_v6(
                 zone: None,
             },
             request_balancing: true,
+            nodeport_primary: false,
         },
         RuleTable::new(fake.clone(), layout),
         listeners.clone(),
@@ -743,6 +744,7 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
         key: ObjectKey::new("", "node-a"),
         zone: Some("z2".into()),
         eligible: false,
+        ..NodeInfo::default()
     }]));
     r.sync().await;
     assert_eq!(
@@ -756,6 +758,7 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
         key: ObjectKey::new("", "node-b"),
         zone: Some("z1".into()),
         eligible: true,
+        ..NodeInfo::default()
     }));
     r.sync().await;
     assert!(!r.node_eligible);
@@ -764,6 +767,7 @@ async fn a_node_object_sets_the_zone_and_eligibility() {
         key: ObjectKey::new("", "node-a"),
         zone: Some("z2".into()),
         eligible: true,
+        ..NodeInfo::default()
     }));
     assert!(r.node_eligible);
     r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
@@ -797,4 +801,100 @@ async fn a_dual_stack_health_check_counts_local_endpoints_once_per_family() {
         r.health_checks.get(&ObjectKey::new("default", "web")),
         Some(&(32000, 1))
     );
+}
+
+/// `--nodeport-addresses primary` and `--detect-local-mode NodeCIDR`
+/// follow this node's Node object: nothing is written before its pod
+/// ranges are known (as kube-proxy waits for them), then the table holds
+/// its primary IPs; a change of them rewrites it; a Node that lists none
+/// keeps what was known.
+#[tokio::test]
+async fn node_cidr_waits_for_the_node_and_primary_follows_its_addresses() {
+    let (fake, listeners) = (FakeNft::default(), FakeListeners::default());
+    let mut r = reconciler(&fake, &listeners, HashMap::new());
+    r.config.nodeport_primary = true;
+    r.rules.update_layout(|l| {
+        // What main starts with: the default route's interface.
+        l.nodeport_addresses = Some(vec!["192.168.0.9/32".parse().unwrap()]);
+        l.local_traffic = Some(LocalTraffic::NodePodCidrs(Vec::new()));
+    });
+    load(
+        &mut r,
+        vec![service("web", "10.96.0.10")],
+        vec![slice("web", "10.1.0.1")],
+    )
+    .await;
+    assert!(
+        fake.table().is_none(),
+        "rules written before the Node's podCIDRs"
+    );
+    assert!(!r.first_sync_done);
+    // Another node's object changes nothing.
+    let other = NodeInfo {
+        key: ObjectKey::new("", "node-b"),
+        pod_cidrs: vec!["10.244.9.0/24".parse().unwrap()],
+        ..NodeInfo::default()
+    };
+    r.receive(Update::NodeApplied(other));
+    r.sync().await;
+    assert!(fake.table().is_none());
+
+    let mine = NodeInfo {
+        key: ObjectKey::new("", "node-a"),
+        eligible: true,
+        internal_ips: vec!["127.0.0.1".parse().unwrap(), "fd00::7".parse().unwrap()],
+        external_ips: vec!["203.0.113.7".parse().unwrap()],
+        pod_cidrs: vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.2.0/24".parse().unwrap(),
+            "fd00:244::/64".parse().unwrap(),
+        ],
+        ..NodeInfo::default()
+    };
+    r.receive(Update::Nodes(vec![mine.clone()]));
+    r.sync().await;
+    assert!(r.first_sync_done);
+    assert!(kernel_port(&fake, "10.96.0.10").is_some());
+    // The first range of each family; a loopback primary IP is left out
+    // (kube-proxy: that family then serves every address).
+    let layout = r.rules.layout();
+    assert_eq!(
+        layout.local_traffic,
+        Some(LocalTraffic::NodePodCidrs(vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:244::/64".parse().unwrap()
+        ]))
+    );
+    assert_eq!(
+        layout.nodeport_addresses,
+        Some(vec!["fd00::7/128".parse().unwrap()])
+    );
+    assert_eq!(fake.table().unwrap().nodeport_addresses, None);
+
+    // The Node's InternalIP changes: the table follows.
+    let moved = NodeInfo {
+        internal_ips: vec!["192.168.7.7".parse().unwrap()],
+        ..mine.clone()
+    };
+    r.receive(Update::NodeApplied(moved));
+    r.sync().await;
+    assert_eq!(
+        fake.table().unwrap().nodeport_addresses,
+        Some(vec!["192.168.7.7/32".parse().unwrap()])
+    );
+    // A Node without addresses or ranges (or deleted) keeps what was known.
+    r.receive(Update::NodeApplied(NodeInfo {
+        key: ObjectKey::new("", "node-a"),
+        ..NodeInfo::default()
+    }));
+    r.receive(Update::NodeDeleted(ObjectKey::new("", "node-a")));
+    r.sync().await;
+    assert_eq!(
+        fake.table().unwrap().nodeport_addresses,
+        Some(vec!["192.168.7.7/32".parse().unwrap()])
+    );
+    assert!(matches!(
+        &r.rules.layout().local_traffic,
+        Some(LocalTraffic::NodePodCidrs(n)) if n.len() == 2
+    ));
 }

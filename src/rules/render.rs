@@ -167,7 +167,10 @@ pub fn rules_in_chain(layout: &Layout, family: IpFamily, name: &str) -> usize {
     }
 }
 
-/// What is fixed for the life of a process.
+/// The table's settings: fixed for the life of a process but for what
+/// the Node object decides (`--nodeport-addresses primary`, the pod ranges
+/// of `--detect-local-mode NodeCIDR`), which [`crate::rules::RuleTable::update_layout`]
+/// changes with a full sync.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// The node-local address every IPv4 listener binds and IPv4 Service
@@ -178,7 +181,8 @@ pub struct Layout {
     pub proxy_address_v6: Option<Ipv6Addr>,
     /// The node addresses node ports are served on, both families
     /// together; `None`: all of them (127.0.0.1 and ::1 included). A
-    /// family with no CIDR in the list serves its node ports nowhere.
+    /// family with no CIDR in the list, or with its zero CIDR, is served
+    /// on all its addresses: kube-proxy's `NewNodePortAddresses`.
     pub nodeport_addresses: Option<Vec<IpNet>>,
     /// The writer of the table.
     pub instance: Instance,
@@ -213,6 +217,12 @@ pub enum LocalTraffic {
     /// Packets that come in on an interface whose name begins with this
     /// (`InterfaceNamePrefix`).
     InterfacePrefix(String),
+    /// Sources within this node's pod ranges (`NodeCIDR`: the Node
+    /// object's `spec.podCIDRs`, one per family at most); empty until the
+    /// Node is known, and no rule is written meanwhile (the reconciler
+    /// waits, as kube-proxy waits for them), so no pod is taken for an
+    /// external client.
+    NodePodCidrs(Vec<IpNet>),
 }
 
 impl LocalTraffic {
@@ -225,7 +235,7 @@ impl LocalTraffic {
             }))
         };
         match self {
-            LocalTraffic::Sources(nets) => {
+            LocalTraffic::Sources(nets) | LocalTraffic::NodePodCidrs(nets) => {
                 let net = nets.iter().find(|n| IpFamily::of(n.addr()) == f)?;
                 Some(matches(
                     payload(net_proto(f), "saddr"),
@@ -271,21 +281,26 @@ impl Layout {
         self.local_traffic.as_ref()?.matches(family)
     }
 
-    /// `--nodeport-addresses` for one family's table, aggregated.
+    /// `--nodeport-addresses` for one family's table, aggregated; `None`
+    /// when that family's node ports are caught on all its addresses (no
+    /// CIDR of the family, or its zero CIDR: kube-proxy's "match all").
     ///
     /// `nodeport-addresses` is an interval set, and nft refuses a set
     /// whose intervals overlap ("conflicting intervals specified"), which
     /// would leave the node without a table: `10.0.0.0/8,10.1.0.0/16` is
     /// a valid flag all the same, so it goes in as `10.0.0.0/8`.
     pub fn nodeport_addresses_of(&self, family: IpFamily) -> Option<Vec<IpNet>> {
-        self.nodeport_addresses.as_ref().map(|nets| {
-            let mine: Vec<IpNet> = nets
-                .iter()
-                .filter(|n| IpFamily::of(n.addr()) == family)
-                .map(IpNet::trunc)
-                .collect();
-            IpNet::aggregate(&mine)
-        })
+        let mine: Vec<IpNet> = self
+            .nodeport_addresses
+            .as_ref()?
+            .iter()
+            .filter(|n| IpFamily::of(n.addr()) == family)
+            .map(IpNet::trunc)
+            .collect();
+        if mine.is_empty() || mine.iter().any(|n| n.prefix_len() == 0) {
+            return None;
+        }
+        Some(IpNet::aggregate(&mine))
     }
 }
 
@@ -646,7 +661,7 @@ fn node_address_matches(f: IpFamily, proxy: IpAddr, layout: &Layout) -> Vec<Stat
             Expression::String(proxy.to_string().into()),
         ),
     ];
-    if layout.nodeport_addresses.is_some() {
+    if layout.nodeport_addresses_of(f).is_some() {
         out.push(matches(
             payload(net_proto(f), "daddr"),
             Operator::EQ,

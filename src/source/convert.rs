@@ -773,8 +773,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Outcome<SliceInfo>, Inval
 
 /// Converts a Node: its zone and whether it is eligible for traffic
 /// (kube-proxy's `/healthz` rule: not being deleted, no
-/// `ToBeDeletedByClusterAutoscaler` taint).
-pub fn node(node: &Node) -> Result<NodeInfo, InvalidObject> {
+/// `ToBeDeletedByClusterAutoscaler` taint), its `InternalIP` and
+/// `ExternalIP` addresses (`--nodeport-addresses primary`) and its pod
+/// ranges (`--detect-local-mode NodeCIDR`). A bad address or range is a
+/// notice naming its field and is left out: the rest of the Node is used.
+pub fn node(node: &Node) -> Result<Accepted<NodeInfo>, InvalidObject> {
     const KIND: &str = "Node";
     let meta = &node.metadata;
     let name = meta
@@ -793,15 +796,61 @@ pub fn node(node: &Node) -> Result<NodeInfo, InvalidObject> {
         .and_then(|l| l.get(LABEL_ZONE))
         .filter(|z| !z.is_empty())
         .cloned();
-    let tainted = node
-        .spec
-        .as_ref()
+    let spec = node.spec.as_ref();
+    let tainted = spec
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED));
-    Ok(NodeInfo {
-        key: ObjectKey::new("", name),
-        zone,
-        eligible: meta.deletion_timestamp.is_none() && !tainted,
+    let mut notices = Vec::new();
+    let (mut internal_ips, mut external_ips) = (Vec::new(), Vec::new());
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref());
+    for (i, a) in addresses.unwrap_or_default().iter().enumerate() {
+        let list = match a.type_.as_str() {
+            "InternalIP" => &mut internal_ips,
+            "ExternalIP" => &mut external_ips,
+            // Hostname, InternalDNS, ExternalDNS: no use here.
+            _ => continue,
+        };
+        match a.address.trim().parse::<IpAddr>() {
+            Ok(ip) => list.push(ip),
+            Err(_) => notices.push(Notice::new(
+                format!("status.addresses[{i}].address"),
+                format!("invalid IP address {:?}; left out", a.address),
+            )),
+        }
+    }
+    // The API server keeps `podCIDR` equal to `podCIDRs[0]`; an object
+    // written by hand may have only the older field.
+    let (field, ranges): (&str, Vec<&str>) = match spec {
+        Some(s) if s.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty()) => (
+            "spec.podCIDRs",
+            s.pod_cidrs.iter().flatten().map(String::as_str).collect(),
+        ),
+        Some(s) => ("spec.podCIDR", s.pod_cidr.as_deref().into_iter().collect()),
+        None => ("spec.podCIDRs", Vec::new()),
+    };
+    let mut pod_cidrs = Vec::new();
+    for (i, raw) in ranges.iter().enumerate() {
+        match raw.trim().parse::<ipnet::IpNet>() {
+            Ok(net) => pod_cidrs.push(net.trunc()),
+            Err(_) => {
+                let at = match field {
+                    "spec.podCIDR" => field.to_string(),
+                    _ => format!("{field}[{i}]"),
+                };
+                notices.push(Notice::new(at, format!("invalid CIDR {raw:?}; left out")));
+            }
+        }
+    }
+    Ok(Accepted {
+        info: NodeInfo {
+            key: ObjectKey::new("", name),
+            zone,
+            eligible: meta.deletion_timestamp.is_none() && !tainted,
+            internal_ips,
+            external_ips,
+            pod_cidrs,
+        },
+        notices,
     })
 }
 

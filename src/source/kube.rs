@@ -135,10 +135,7 @@ impl Watched for Node {
     const KIND: &'static str = "Node";
     const NAMESPACED: bool = false;
     fn convert(&self) -> Option<Accepted<Self::Info>> {
-        node_or_log(self).map(|info| Accepted {
-            info,
-            notices: Vec::new(),
-        })
+        node_or_log(self)
     }
     fn key(info: &Self::Info) -> &ObjectKey {
         &info.key

@@ -57,6 +57,8 @@ pub struct Parsed {
     pub service_notices: BTreeMap<ObjectKey, Vec<Notice>>,
     /// The same for the EndpointSlices.
     pub slice_notices: BTreeMap<ObjectKey, Vec<Notice>>,
+    /// The same for the Nodes.
+    pub node_notices: BTreeMap<ObjectKey, Vec<Notice>>,
 }
 
 /// Parses one file's text. Fails only when the text is not YAML at all;
@@ -148,9 +150,13 @@ fn collect(doc: Value, origin: &Path, out: &mut Parsed) {
         }
         "Node" => {
             if let Some(node) = deserialize::<Node>(doc, origin, kind)
-                && let Some(info) = node_or_log(&node)
+                && let Some(accepted) = node_or_log(&node)
             {
-                out.nodes.push(info);
+                if !accepted.notices.is_empty() {
+                    out.node_notices
+                        .insert(accepted.info.key.clone(), accepted.notices);
+                }
+                out.nodes.push(accepted.info);
             }
         }
         "" if doc.is_null() => {} // an empty document, e.g. a trailing `---`
@@ -329,6 +335,7 @@ struct ManifestWatcher {
     /// Notices logged once per Service, not at each re-read of its file.
     service_notices: NoticeLog,
     slice_notices: NoticeLog,
+    node_notices: NoticeLog,
 }
 
 impl ManifestWatcher {
@@ -345,6 +352,7 @@ impl ManifestWatcher {
             owned: BTreeMap::new(),
             service_notices: NoticeLog::new("Service"),
             slice_notices: NoticeLog::new("EndpointSlice"),
+            node_notices: NoticeLog::new("Node"),
         }
     }
 
@@ -435,6 +443,9 @@ impl ManifestWatcher {
         for (k, _) in delta.slices.iter().filter(|(_, v)| v.is_none()) {
             self.slice_notices.forget(k);
         }
+        for (k, _) in delta.nodes.iter().filter(|(_, v)| v.is_none()) {
+            self.node_notices.forget(k);
+        }
         delta
     }
 
@@ -499,6 +510,11 @@ impl ManifestWatcher {
             let notices = parsed.slice_notices.get(&s.key);
             self.slice_notices
                 .log(&s.key, notices.map(Vec::as_slice).unwrap_or_default());
+        }
+        for n in &parsed.nodes {
+            let notices = parsed.node_notices.get(&n.key);
+            self.node_notices
+                .log(&n.key, notices.map(Vec::as_slice).unwrap_or_default());
         }
     }
 

@@ -225,16 +225,76 @@ fn endpoint_hints_and_nodes_are_read() {
         "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
     }))
     .unwrap();
-    let info = node(&n).unwrap();
+    let info = node(&n).unwrap().info;
     assert_eq!(info.zone.as_deref(), Some("z1"));
     assert!(!info.eligible);
     let n: Node = serde_json::from_value(json!({
         "metadata": {"name": "node-a", "deletionTimestamp": "2026-01-01T00:00:00Z"}
     }))
     .unwrap();
-    assert!(!node(&n).unwrap().eligible);
+    assert!(!node(&n).unwrap().info.eligible);
     let n: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"}})).unwrap();
-    assert!(node(&n).unwrap().eligible);
+    assert!(node(&n).unwrap().info.eligible);
+}
+
+#[test]
+fn node_addresses_and_pod_cidrs_are_read_and_a_bad_entry_is_a_notice() {
+    let n: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-a"},
+        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.7/24", "fd00:244:1::/64", "nonsense"]},
+        "status": {"addresses": [
+            {"type": "Hostname", "address": "node-a"},
+            {"type": "ExternalIP", "address": "203.0.113.7"},
+            {"type": "InternalIP", "address": "192.168.1.10"},
+            {"type": "InternalIP", "address": "192.168.1.999"},
+            {"type": "InternalIP", "address": "fd00::10"},
+            {"type": "InternalIP", "address": "192.168.2.10"}
+        ]}
+    }))
+    .unwrap();
+    let a = node(&n).unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        a.info.internal_ips,
+        [ip("192.168.1.10"), ip("fd00::10"), ip("192.168.2.10")]
+    );
+    assert_eq!(a.info.external_ips, [ip("203.0.113.7")]);
+    // Truncated to the network, as kube-proxy parses a CIDR.
+    assert_eq!(
+        a.info.pod_cidrs,
+        [
+            "10.244.1.0/24".parse::<ipnet::IpNet>().unwrap(),
+            "fd00:244:1::/64".parse().unwrap()
+        ]
+    );
+    let fields: Vec<&str> = a.notices.iter().map(|n| n.field.as_str()).collect();
+    assert_eq!(fields, ["status.addresses[3].address", "spec.podCIDRs[2]"]);
+    assert!(a.notices[1].message.contains("nonsense"), "{:?}", a.notices);
+    // kube-proxy's GetNodeHostIPs: the first InternalIP, then the first of
+    // the other family.
+    assert_eq!(a.info.primary_ips(), [ip("192.168.1.10"), ip("fd00::10")]);
+
+    // Only the older podCIDR, and ExternalIPs only: the first of them.
+    let n: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-b"},
+        "spec": {"podCIDR": "10.244.2.0/24"},
+        "status": {"addresses": [{"type": "ExternalIP", "address": "203.0.113.8"}]}
+    }))
+    .unwrap();
+    let b = node(&n).unwrap();
+    assert!(b.notices.is_empty(), "{:?}", b.notices);
+    assert_eq!(
+        b.info.pod_cidrs,
+        ["10.244.2.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    assert_eq!(b.info.primary_ips(), [ip("203.0.113.8")]);
+    let n: Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-c"}, "spec": {"podCIDR": "10.244.3.0/33"}
+    }))
+    .unwrap();
+    let c = node(&n).unwrap();
+    assert!(c.info.pod_cidrs.is_empty() && c.info.primary_ips().is_empty());
+    assert_eq!(c.notices[0].field, "spec.podCIDR");
 }
 
 #[test]

@@ -653,6 +653,43 @@ pub fn node_yaml(name: &str, zone: Option<&str>, to_be_deleted: bool) -> String 
     out
 }
 
+/// A Node object named `name` as the API server shows it, with
+/// `status.addresses` (`(type, address)`: `InternalIP`, `ExternalIP`,
+/// `Hostname`, in this order) and `spec.podCIDR` / `spec.podCIDRs` (the
+/// first range in both, as the API server keeps them): one YAML document,
+/// to append to a manifests stream after `---`.
+pub fn node_with_addresses_yaml(
+    name: &str,
+    addresses: &[(&str, &str)],
+    pod_cidrs: &[&str],
+) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  labels:\n    kubernetes.io/hostname: {name}\n  name: {name}\n",
+        name = scalar(name)
+    );
+    if let Some(first) = pod_cidrs.first() {
+        let _ = writeln!(out, "spec:\n  podCIDR: {}", cidr_scalar(first));
+        push_list(
+            &mut out,
+            "  ",
+            "podCIDRs",
+            pod_cidrs.iter().map(|c| cidr_scalar(c)),
+        );
+    }
+    if !addresses.is_empty() {
+        out.push_str("status:\n  addresses:\n");
+        for (ty, address) in addresses {
+            let _ = writeln!(
+                out,
+                "  - address: {}\n    type: {}",
+                scalar(address),
+                scalar(ty)
+            );
+        }
+    }
+    out
+}
+
 /// The name of the EndpointSlice of Service `service`: `<service>-x7k2p`.
 pub fn slice_name(service: &str) -> String {
     format!("{service}-x7k2p")
