@@ -553,6 +553,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_flows: args.udp_max_flows.max(1),
                 max_flows_total: udp_max_flows_total,
                 mark: args.upstream_mark,
+                preserve_client_ip_mark: args.preserve_client_ip_mark,
                 flush_conntrack: true,
             },
             upstream_mark: args.upstream_mark,

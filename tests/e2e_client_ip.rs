@@ -14,6 +14,14 @@
 //! - A client port already taken on the node: the connection comes from
 //!   the node's address instead, is served, and is counted.
 //! - `--cleanup` leaves no policy rule, route or table behind.
+//! - UDP: the same through a node port and an LB IP of an
+//!   `externalTrafficPolicy: Local` Service: each flow's datagrams reach
+//!   the endpoint from the client's own address and port (several ports
+//!   of one address, held together, and several addresses), its answers
+//!   reach the client from the address it sent to (the Service port's
+//!   socket still answers, the upstream socket takes the endpoint's
+//!   replies only); a client port held on the node falls back to the
+//!   node's address, is answered, and is counted.
 //!
 //! Backends run [`whoami_peer`]: `"<name> <peer ip:port>"`, then echo.
 //! These tests need root and `nft`; without root they print `SKIP ...`
@@ -26,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use uproxy_lab::e2e::http::{metric_sum, scrape};
-use uproxy_lab::e2e::udp::ep;
+use uproxy_lab::e2e::udp::{ANSWER_WAIT, NODE_PORT_UDP, UdpBed, ask, ep, first_answer, wait_key};
 use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, CONNECT_TIMEOUT, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT,
     Testbed, VIP_A, VIP_B, backend_name, manifests, poll, read_line, wait_nft_key,
@@ -82,7 +90,8 @@ fn lb_svc(name: &str, ip: Ipv4Addr) -> ServiceManifest {
 fn connect_from(ns: &Netns, from: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let s = ns
         .run(move || -> std::io::Result<TcpStream> {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            let domain = socket2::Domain::for_address(from);
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
             s.bind(&from.into())?;
             s.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
             Ok(s.into())
@@ -455,3 +464,172 @@ fn cleanup_leaves_no_policy_rule_route_or_mark_rule_behind() {
         "{ruleset}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// UDP.
+
+/// A LoadBalancer Service on `ip` with one UDP port (node port
+/// [`NODE_PORT_UDP`], ingress [`LB_IP`]), `externalTrafficPolicy: Local`:
+/// backend 0 on this node, backend 1 on `node-2`.
+fn udp_lb_svc(name: &str, ip: Ipv4Addr) -> ServiceManifest {
+    let remote = EndpointManifest {
+        node_name: Some("node-2".to_string()),
+        ..ep(1)
+    };
+    ServiceManifest::new(name, ip)
+        .with_type(ServiceType::LoadBalancer)
+        .with_port(
+            PortManifest::udp(SVC_PORT, BACKEND_PORT)
+                .named("udp")
+                .with_node_port(NODE_PORT_UDP),
+        )
+        .with_lb_ingress(LB_IP, None)
+        .with_traffic_policies("Cluster", "Local")
+        .with_endpoints(vec![ep(0), remote])
+}
+
+/// A UDP socket of the client bound to `addr` (port 0: any).
+fn udp_from(ns: &Netns, addr: SocketAddr) -> std::net::UdpSocket {
+    ns.udp_socket(addr)
+        .unwrap_or_else(|e| panic!("UDP socket on {addr}: {e}"))
+}
+
+/// Asks from `socket` to `to`: the answer must come from backend 0 (the
+/// endpoint on this node), from `to` (the address the client sent to),
+/// and the endpoint must have seen `expect_seen`.
+fn udp_round(socket: &std::net::UdpSocket, to: SocketAddr, expect_seen: SocketAddr, what: &str) {
+    let a = ask(socket, to, ANSWER_WAIT).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(a.name, backend_name(0), "{what}: the local endpoint only");
+    assert_eq!(a.from, to, "{what}: the answer came from another address");
+    assert_eq!(a.seen, expect_seen, "{what}: what the endpoint saw");
+}
+
+fn wait_udp_rules(proxy: &mut ProxyProcess, node: &Netns, ip: Ipv4Addr) {
+    wait_key(proxy, node, "map", "service-ports", ip, "udp", SVC_PORT);
+    wait_key(proxy, node, "map", "service-ports", LB_IP, "udp", SVC_PORT);
+}
+
+#[test]
+fn udp_flows_to_local_endpoints_come_from_the_clients_own_address() {
+    if !lab::require_root_and_nft("udp_flows_to_local_endpoints_come_from_the_clients_own_address")
+    {
+        return;
+    }
+    let bed = UdpBed::new("client-ip", 2);
+    let extra: Vec<Ipv4Addr> = (10..14).map(|i| Ipv4Addr::new(10, 200, 0, i)).collect();
+    for a in &extra {
+        let out = bed
+            .client()
+            .output("ip", ["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .expect("ip addr add");
+        assert!(out.status.success(), "ip addr add {a}: {out:?}");
+    }
+    let svc = udp_lb_svc("dns", VIP_A);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_udp_rules(&mut proxy, bed.node(), VIP_A);
+    let node_port = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    let mut flows = 0;
+    for to in [node_port, lb] {
+        // Served (the node port's rules may land a moment after the map's).
+        let first = first_answer(bed.client(), to, &format!("first answer from {to}"));
+        flows += 1;
+        assert_eq!(first.name, backend_name(0));
+        assert_eq!(first.seen.ip(), IpAddr::V4(CLIENT_ADDR), "{first:?}");
+        // Several ports of one address, flows open together, two rounds.
+        let sockets: Vec<_> = (0..10)
+            .map(|_| udp_from(bed.client(), any_port(CLIENT_ADDR)))
+            .collect();
+        flows += sockets.len();
+        for round in 0..2 {
+            for (i, s) in sockets.iter().enumerate() {
+                let local = s.local_addr().expect("local address");
+                udp_round(s, to, local, &format!("round {round}, port {i} -> {to}"));
+            }
+        }
+        // From other addresses.
+        for a in &extra {
+            let s = udp_from(bed.client(), any_port(*a));
+            flows += 1;
+            let local = s.local_addr().expect("local address");
+            udp_round(&s, to, local, &format!("{a} -> {to}"));
+        }
+    }
+    // ClusterIP traffic under internalTrafficPolicy: Cluster: the node's
+    // address, as before.
+    let s = udp_from(bed.client(), any_port(CLIENT_ADDR));
+    for i in 0..4 {
+        let a = ask(&s, SocketAddr::from((VIP_A, SVC_PORT)), ANSWER_WAIT)
+            .unwrap_or_else(|e| panic!("ClusterIP datagram {i}: {e}"));
+        assert_eq!(a.seen.ip(), NODE_ADDR, "ClusterIP {i}: {a:?}");
+    }
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
+    assert_eq!(preserved, flows as f64, "{samples:?}");
+    let (fallbacks, _) = metric_sum(
+        &samples,
+        "kubeuproxy_preserve_client_ip_fallbacks_total",
+        &[],
+    );
+    assert_eq!(fallbacks, 0.0);
+    proxy.assert_running("end");
+}
+
+#[test]
+fn a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counted() {
+    if !lab::require_root_and_nft(
+        "a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counted",
+    ) {
+        return;
+    }
+    let bed = UdpBed::new("client-ip-fallback", 1);
+    let svc = udp_lb_svc("dns", VIP_A).with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_udp_rules(&mut proxy, bed.node(), VIP_A);
+    let taken = SocketAddr::from((CLIENT_ADDR, 41_235));
+    // The node holds the client's address and port (a transparent UDP
+    // socket bound to it, without SO_REUSEADDR): the proxy cannot take it.
+    let _holder = bed
+        .node()
+        .run(move || -> std::io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            s.set_ip_transparent_v4(true)?;
+            s.bind(&taken.into())?;
+            Ok(s)
+        })
+        .expect("entering the node")
+        .expect("holding the client's port on the node");
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    let s = udp_from(bed.client(), taken);
+    for i in 0..3 {
+        let a =
+            ask(&s, lb, ANSWER_WAIT).unwrap_or_else(|e| panic!("from the taken port, {i}: {e}"));
+        assert_eq!(a.name, backend_name(0));
+        assert_eq!(a.from, lb);
+        assert_eq!(
+            a.seen.ip(),
+            NODE_ADDR,
+            "datagram {i} came from the node's address"
+        );
+    }
+    // Another port of the same client: its own address again.
+    let free = udp_from(bed.client(), any_port(CLIENT_ADDR));
+    let local = free.local_addr().expect("local address");
+    udp_round(&free, lb, local, "from a free port");
+    let counted = poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        let samples = scrape(bed.node())?;
+        let get = |n: &str| metric_sum(&samples, n, &[]).0;
+        let (f, p) = (
+            get("kubeuproxy_preserve_client_ip_fallbacks_total"),
+            get("kubeuproxy_client_ip_preserved_total"),
+        );
+        if (f, p) == (1.0, 1.0) {
+            Ok(())
+        } else {
+            Err(format!("fallbacks {f}, preserved {p}"))
+        }
+    });
+    counted.unwrap_or_else(|e| panic!("the fallback was not counted: {e}"));
+    proxy.assert_running("end");
+}
+
