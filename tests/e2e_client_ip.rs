@@ -22,6 +22,9 @@
 //!   socket still answers, the upstream socket takes the endpoint's
 //!   replies only); a client port held on the node falls back to the
 //!   node's address, is answered, and is counted.
+//! - IPv6, TCP and UDP: through an IPv6 node port and LB IP of an
+//!   `externalTrafficPolicy: Local` Service, the endpoint sees the client's
+//!   own IPv6 address and port and the reply reaches the client.
 //!
 //! Backends run [`whoami_peer`]: `"<name> <peer ip:port>"`, then echo.
 //! These tests need root and `nft`; without root they print `SKIP ...`
@@ -30,7 +33,7 @@
 //! [`whoami_peer`]: uproxy_lab::peers::whoami_peer
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use uproxy_lab::e2e::http::{metric_sum, scrape};
@@ -41,7 +44,10 @@ use uproxy_lab::e2e::{
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
 use uproxy_lab::peers::{self, PeerHandle};
-use uproxy_lab::{self as lab, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns};
+use uproxy_lab::{
+    self as lab, CLIENT_ADDR, CLIENT_ADDR_V6, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR,
+    NODE_CLIENT_ADDR_V6, Netns, backend_addr_v6,
+};
 
 const NODE_PORT: u16 = 30080;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -633,3 +639,124 @@ fn a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_co
     proxy.assert_running("end");
 }
 
+// ---------------------------------------------------------------------------
+// IPv6.
+
+/// An IPv6 ClusterIP, within the lab's IPv6 ClusterIP range.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// An IPv6 load-balancer IP (routed to the node by the client's default
+/// route).
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x8, 0, 0, 0, 0, 0, 0x9);
+
+/// Tries `f` until it succeeds, at most [`READY_TIMEOUT`] (the IPv6 rules
+/// and the node ports may land a moment after the proxy starts).
+fn until_served<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let mut out = None;
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        out = Some(f()?);
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{what}: not served within {READY_TIMEOUT:?}: {e}"));
+    out.expect("set on success")
+}
+
+#[test]
+fn ipv6_endpoints_on_this_node_see_the_clients_own_address_over_tcp_and_udp() {
+    if !lab::require_root_and_nft(
+        "ipv6_endpoints_on_this_node_see_the_clients_own_address_over_tcp_and_udp",
+    ) {
+        return;
+    }
+    let bed = Testbed::new("client-ip", "v6", &[Backend::None, Backend::None]);
+    bed.lab.add_ipv6().expect("IPv6 in the lab");
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let ns = &bed.lab.backends()[i];
+        let addr = SocketAddr::from((backend_addr_v6(i), BACKEND_PORT));
+        let tcp = ns.tcp_listener(addr).expect("IPv6 backend listener");
+        let udp = ns.udp_socket(addr).expect("IPv6 backend UDP socket");
+        let _guard = bed.runtime().enter();
+        servers.push(peers::whoami_peer(tcp, &backend_name(i)).expect("IPv6 whoami"));
+        servers.push(peers::udp_whoami(udp, &backend_name(i)).expect("IPv6 UDP whoami"));
+    }
+    let local = EndpointManifest {
+        node_name: Some("node-1".to_string()),
+        ..EndpointManifest::ready(backend_addr_v6(0))
+    };
+    let remote = EndpointManifest {
+        node_name: Some("node-2".to_string()),
+        ..EndpointManifest::ready(backend_addr_v6(1))
+    };
+    let svc = ServiceManifest::new("web6", VIP6)
+        .with_type(ServiceType::LoadBalancer)
+        .with_port(
+            PortManifest::tcp(SVC_PORT, BACKEND_PORT)
+                .named("tcp")
+                .with_node_port(NODE_PORT),
+        )
+        .with_port(
+            PortManifest::udp(SVC_PORT, BACKEND_PORT)
+                .named("udp")
+                .with_node_port(NODE_PORT_UDP),
+        )
+        .with_lb_ingress(LB_IP6, None)
+        .with_traffic_policies("Cluster", "Local")
+        .with_endpoints(vec![local, remote]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    let client_any = SocketAddr::from((CLIENT_ADDR_V6, 0));
+    let mut flows = 0;
+    for (ip, port) in [
+        (IpAddr::V6(NODE_CLIENT_ADDR_V6), NODE_PORT),
+        (IpAddr::V6(LB_IP6), SVC_PORT),
+    ] {
+        let to = SocketAddr::new(ip, port);
+        until_served(&format!("TCP {to}"), || {
+            let mut s = connect_from(bed.client(), client_any, to).map_err(|e| e.to_string())?;
+            let line = read_line(&mut s).map_err(|e| e.to_string())?;
+            close(s);
+            Ok(line)
+        });
+        flows += 1;
+        for i in 0..8 {
+            let what = format!("TCP connection {i} to {to}");
+            let (name, peer, local) = seen(bed.client(), client_any, to, &what);
+            assert_eq!(name, backend_name(0), "{what}: the local endpoint only");
+            assert_eq!(peer, local, "{what}: the endpoint saw another address");
+            flows += 1;
+        }
+    }
+    for (ip, port) in [
+        (IpAddr::V6(NODE_CLIENT_ADDR_V6), NODE_PORT_UDP),
+        (IpAddr::V6(LB_IP6), SVC_PORT),
+    ] {
+        let to = SocketAddr::new(ip, port);
+        let first = udp_from(bed.client(), client_any);
+        until_served(&format!("UDP {to}"), || {
+            ask(&first, to, Duration::from_millis(400)).map_err(|e| e.to_string())
+        });
+        flows += 1;
+        let sockets: Vec<_> = (0..6).map(|_| udp_from(bed.client(), client_any)).collect();
+        flows += sockets.len();
+        for round in 0..2 {
+            for (i, s) in sockets.iter().enumerate() {
+                let local = s.local_addr().expect("local address");
+                udp_round(
+                    s,
+                    to,
+                    local,
+                    &format!("UDP round {round}, port {i} -> {to}"),
+                );
+            }
+        }
+    }
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let (fallbacks, _) = metric_sum(
+        &samples,
+        "kubeuproxy_preserve_client_ip_fallbacks_total",
+        &[],
+    );
+    assert_eq!(fallbacks, 0.0, "{samples:?}");
+    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
+    assert_eq!(preserved, flows as f64, "{samples:?}");
+    proxy.assert_running("end");
+}
