@@ -757,6 +757,83 @@ fn ipv6_endpoints_on_this_node_see_the_clients_own_address_over_tcp_and_udp() {
     );
     assert_eq!(fallbacks, 0.0, "{samples:?}");
     let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
-    assert_eq!(preserved, flows as f64, "{samples:?}");
+    // At least: an attempt of `until_served` may reach the proxy and
+    // still fail (the node port's rules landing a moment later).
+    assert!(preserved >= flows as f64, "{flows} flows: {samples:?}");
+    proxy.assert_running("end");
+}
+
+// ---------------------------------------------------------------------------
+// The node-wide switch.
+
+#[test]
+fn preserve_client_ip_off_gives_the_nodes_address_and_installs_no_policy_route() {
+    if !lab::require_root_and_nft(
+        "preserve_client_ip_off_gives_the_nodes_address_and_installs_no_policy_route",
+    ) {
+        return;
+    }
+    let (bed, _servers) = bed("off", 1);
+    let udp = bed.lab.backends()[0]
+        .udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
+        .expect("backend UDP socket");
+    let _udp_server = {
+        let _guard = bed.runtime().enter();
+        peers::udp_whoami(udp, &backend_name(0)).expect("UDP whoami")
+    };
+    // Local and annotated "true": on by every Service-level rule.
+    let svc = lb_svc("web", VIP_A)
+        .with_port(
+            PortManifest::udp(SVC_PORT, BACKEND_PORT)
+                .named("udp")
+                .with_node_port(NODE_PORT_UDP),
+        )
+        .with_traffic_policies("Local", "Local")
+        .with_annotation(ANNOTATION, "true")
+        .with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) = bed.start_proxy(
+        &manifests(&[svc]),
+        &[
+            "--hostname-override",
+            "node-1",
+            "--preserve-client-ip",
+            "off",
+        ],
+    );
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    wait_udp_rules(&mut proxy, bed.node(), VIP_A);
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    for i in 0..4 {
+        let what = format!("TCP connection {i}");
+        let (name, peer, _) = seen(bed.client(), any_port(CLIENT_ADDR), lb, &what);
+        assert_eq!(name, backend_name(0), "{what}");
+        assert_eq!(peer.ip(), NODE_ADDR, "{what}: the node's address");
+    }
+    let s = udp_from(bed.client(), any_port(CLIENT_ADDR));
+    for i in 0..3 {
+        let a = ask(&s, lb, ANSWER_WAIT).unwrap_or_else(|e| panic!("UDP {i}: {e}"));
+        assert_eq!(a.from, lb, "UDP {i}");
+        assert_eq!(a.seen.ip(), NODE_ADDR, "UDP {i}: the node's address");
+    }
+    let ip = |args: &[&str]| {
+        let out = bed.node().output("ip", args).expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rules = ip(&["-4", "rule", "show"]);
+    assert!(!rules.contains(&format!("lookup {TABLE}")), "{rules}");
+    let routes = ip(&["-4", "route", "show", "table", "all"]);
+    assert!(!routes.contains(&format!("table {TABLE}")), "{routes}");
+    let ruleset = String::from_utf8_lossy(
+        &bed.node()
+            .output("nft", ["list", "ruleset"])
+            .expect("nft")
+            .stdout,
+    )
+    .into_owned();
+    assert!(!ruleset.contains("0x00001000"), "{ruleset}");
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let get = |n: &str| metric_sum(&samples, n, &[]).0;
+    assert_eq!(get("kubeuproxy_client_ip_preserved_total"), 0.0);
+    assert_eq!(get("kubeuproxy_preserve_client_ip_fallbacks_total"), 0.0);
     proxy.assert_running("end");
 }
