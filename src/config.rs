@@ -234,6 +234,16 @@ pub struct Args {
     #[arg(long, value_name = "MARK", default_value = "0x2000", value_parser = parse_mark)]
     pub upstream_mark: u32,
 
+    /// Whether this node ever connects to its endpoints from the client's
+    /// own address (preserve-client-ip). `auto`: as each Service asks (a
+    /// `Local` traffic policy, or the annotation
+    /// `kube-uproxy.io/preserve-client-ip`). `off`: never, whatever the
+    /// Services say, and neither the policy route nor the mark rules are
+    /// installed (those of an earlier instance are removed): for a node
+    /// whose CNI or policy routing conflicts with them (docs/rules.md).
+    #[arg(long, value_name = "MODE", value_enum, default_value = "auto")]
+    pub preserve_client_ip: PreserveClientIp,
+
     /// The mark of the connections to this node's endpoints opened from
     /// the client's own address (preserve-client-ip: `Local` traffic
     /// policies, or the annotation `kube-uproxy.io/preserve-client-ip`).
@@ -500,6 +510,15 @@ pub enum NodePortAddresses {
     Primary,
 }
 
+/// `--preserve-client-ip`: the node-wide switch of preserve-client-ip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PreserveClientIp {
+    /// As each Service asks.
+    Auto,
+    /// Never on this node.
+    Off,
+}
+
 /// `--detect-local-mode`: kube-proxy's `LocalMode` values, spelt as it
 /// spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -597,6 +616,16 @@ pub(crate) fn parse_route_table(s: &str) -> Result<u32, String> {
 }
 
 impl Args {
+    /// The preserve-client-ip mark the data path and the rules use: 0
+    /// (never, no mark rules) with `--preserve-client-ip off`, so that the
+    /// switch is one value where it matters, not a check at each use.
+    pub fn preserve_mark_in_use(&self) -> u32 {
+        match self.preserve_client_ip {
+            PreserveClientIp::Auto => self.preserve_client_ip_mark,
+            PreserveClientIp::Off => 0,
+        }
+    }
+
     /// The mark flags together: preserve-client-ip's mark must not share a
     /// bit with the upstream mark, or every connection to an endpoint
     /// would have its replies routed to the proxy's sockets as if it came

@@ -466,13 +466,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .context("preparing the node")?;
     rules::conntrack::apply_and_log(&args.conntrack(), &args.proc_sys_dir);
-    rules::host::prepare_preserve_route(
+    if args.preserve_mark_in_use() != 0 {
+        rules::host::prepare_preserve_route(
+            args.preserve_client_ip_mark,
+            args.upstream_mark,
+            args.preserve_client_ip_table,
+            bind_v6.is_some(),
+        )
+        .context("installing the policy route of preserve-client-ip")?;
+    } else if let Err(e) = rules::host::cleanup_preserve_route(
         args.preserve_client_ip_mark,
         args.upstream_mark,
         args.preserve_client_ip_table,
-        bind_v6.is_some(),
-    )
-    .context("installing the policy route of preserve-client-ip")?;
+    ) {
+        // --preserve-client-ip off: an earlier instance's route goes.
+        // Not fatal: nothing here uses it, and --cleanup removes it too.
+        // Usually there is none (`ip route flush` of a table that does
+        // not exist fails), hence info, not a warning.
+        info!(error = %e, "no earlier policy route of preserve-client-ip removed");
+    }
     let proxy_address_of = |family: IpFamily| match family {
         IpFamily::V4 => Some(IpAddr::V4(args.proxy_address())),
         IpFamily::V6 => bind_v6.map(IpAddr::V6),
@@ -557,10 +569,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_flows: args.udp_max_flows.max(1),
                 max_flows_total: udp_max_flows_total,
                 mark: args.upstream_mark,
+                preserve_client_ip_mark: args.preserve_mark_in_use(),
                 flush_conntrack: true,
             },
             upstream_mark: args.upstream_mark,
-            preserve_client_ip_mark: args.preserve_client_ip_mark,
+            preserve_client_ip_mark: args.preserve_mark_in_use(),
             http: HttpConfig {
                 detect_timeout: args.http_detect_timeout,
                 upstream_idle_timeout: args.http_upstream_idle_timeout,
@@ -618,7 +631,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         instance: Instance { id, note },
         upstream_mark: args.upstream_mark,
         local_traffic,
-        preserve_client_ip_mark: args.preserve_client_ip_mark,
+        preserve_client_ip_mark: args.preserve_mark_in_use(),
     };
     let config = ReconcilerConfig {
         default_algorithm: args.lb_algorithm,

@@ -14,6 +14,17 @@
 //! - A client port already taken on the node: the connection comes from
 //!   the node's address instead, is served, and is counted.
 //! - `--cleanup` leaves no policy rule, route or table behind.
+//! - UDP: the same through a node port and an LB IP of an
+//!   `externalTrafficPolicy: Local` Service: each flow's datagrams reach
+//!   the endpoint from the client's own address and port (several ports
+//!   of one address, held together, and several addresses), its answers
+//!   reach the client from the address it sent to (the Service port's
+//!   socket still answers, the upstream socket takes the endpoint's
+//!   replies only); a client port held on the node falls back to the
+//!   node's address, is answered, and is counted.
+//! - IPv6, TCP and UDP: through an IPv6 node port and LB IP of an
+//!   `externalTrafficPolicy: Local` Service, the endpoint sees the client's
+//!   own IPv6 address and port and the reply reaches the client.
 //!
 //! Backends run [`whoami_peer`]: `"<name> <peer ip:port>"`, then echo.
 //! These tests need root and `nft`; without root they print `SKIP ...`
@@ -22,18 +33,21 @@
 //! [`whoami_peer`]: uproxy_lab::peers::whoami_peer
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use uproxy_lab::e2e::http::{metric_sum, scrape};
-use uproxy_lab::e2e::udp::ep;
+use uproxy_lab::e2e::udp::{ANSWER_WAIT, NODE_PORT_UDP, UdpBed, ask, ep, first_answer, wait_key};
 use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, CONNECT_TIMEOUT, IO_TIMEOUT, ProxyProcess, READY_TIMEOUT, SVC_PORT,
     Testbed, VIP_A, VIP_B, backend_name, manifests, poll, read_line, wait_nft_key,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
 use uproxy_lab::peers::{self, PeerHandle};
-use uproxy_lab::{self as lab, CLIENT_ADDR, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR, Netns};
+use uproxy_lab::{
+    self as lab, CLIENT_ADDR, CLIENT_ADDR_V6, NODE_BRIDGE_ADDR, NODE_CLIENT_ADDR,
+    NODE_CLIENT_ADDR_V6, Netns, backend_addr_v6,
+};
 
 const NODE_PORT: u16 = 30080;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -82,7 +96,8 @@ fn lb_svc(name: &str, ip: Ipv4Addr) -> ServiceManifest {
 fn connect_from(ns: &Netns, from: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let s = ns
         .run(move || -> std::io::Result<TcpStream> {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            let domain = socket2::Domain::for_address(from);
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
             s.bind(&from.into())?;
             s.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
             Ok(s.into())
@@ -454,4 +469,371 @@ fn cleanup_leaves_no_policy_rule_route_or_mark_rule_behind() {
         !ruleset.contains("kube-uproxy") && !ruleset.contains("0x00001000"),
         "{ruleset}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// UDP.
+
+/// A LoadBalancer Service on `ip` with one UDP port (node port
+/// [`NODE_PORT_UDP`], ingress [`LB_IP`]), `externalTrafficPolicy: Local`:
+/// backend 0 on this node, backend 1 on `node-2`.
+fn udp_lb_svc(name: &str, ip: Ipv4Addr) -> ServiceManifest {
+    let remote = EndpointManifest {
+        node_name: Some("node-2".to_string()),
+        ..ep(1)
+    };
+    ServiceManifest::new(name, ip)
+        .with_type(ServiceType::LoadBalancer)
+        .with_port(
+            PortManifest::udp(SVC_PORT, BACKEND_PORT)
+                .named("udp")
+                .with_node_port(NODE_PORT_UDP),
+        )
+        .with_lb_ingress(LB_IP, None)
+        .with_traffic_policies("Cluster", "Local")
+        .with_endpoints(vec![ep(0), remote])
+}
+
+/// A UDP socket of the client bound to `addr` (port 0: any).
+fn udp_from(ns: &Netns, addr: SocketAddr) -> std::net::UdpSocket {
+    ns.udp_socket(addr)
+        .unwrap_or_else(|e| panic!("UDP socket on {addr}: {e}"))
+}
+
+/// Asks from `socket` to `to`: the answer must come from backend 0 (the
+/// endpoint on this node), from `to` (the address the client sent to),
+/// and the endpoint must have seen `expect_seen`.
+fn udp_round(socket: &std::net::UdpSocket, to: SocketAddr, expect_seen: SocketAddr, what: &str) {
+    let a = ask(socket, to, ANSWER_WAIT).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(a.name, backend_name(0), "{what}: the local endpoint only");
+    assert_eq!(a.from, to, "{what}: the answer came from another address");
+    assert_eq!(a.seen, expect_seen, "{what}: what the endpoint saw");
+}
+
+fn wait_udp_rules(proxy: &mut ProxyProcess, node: &Netns, ip: Ipv4Addr) {
+    wait_key(proxy, node, "map", "service-ports", ip, "udp", SVC_PORT);
+    wait_key(proxy, node, "map", "service-ports", LB_IP, "udp", SVC_PORT);
+}
+
+#[test]
+fn udp_flows_to_local_endpoints_come_from_the_clients_own_address() {
+    if !lab::require_root_and_nft("udp_flows_to_local_endpoints_come_from_the_clients_own_address")
+    {
+        return;
+    }
+    let bed = UdpBed::new("client-ip", 2);
+    let extra: Vec<Ipv4Addr> = (10..14).map(|i| Ipv4Addr::new(10, 200, 0, i)).collect();
+    for a in &extra {
+        let out = bed
+            .client()
+            .output("ip", ["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .expect("ip addr add");
+        assert!(out.status.success(), "ip addr add {a}: {out:?}");
+    }
+    let svc = udp_lb_svc("dns", VIP_A);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_udp_rules(&mut proxy, bed.node(), VIP_A);
+    let node_port = SocketAddr::from((NODE_CLIENT_ADDR, NODE_PORT_UDP));
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    let mut flows = 0;
+    for to in [node_port, lb] {
+        // Served (the node port's rules may land a moment after the map's).
+        let first = first_answer(bed.client(), to, &format!("first answer from {to}"));
+        flows += 1;
+        assert_eq!(first.name, backend_name(0));
+        assert_eq!(first.seen.ip(), IpAddr::V4(CLIENT_ADDR), "{first:?}");
+        // Several ports of one address, flows open together, two rounds.
+        let sockets: Vec<_> = (0..10)
+            .map(|_| udp_from(bed.client(), any_port(CLIENT_ADDR)))
+            .collect();
+        flows += sockets.len();
+        for round in 0..2 {
+            for (i, s) in sockets.iter().enumerate() {
+                let local = s.local_addr().expect("local address");
+                udp_round(s, to, local, &format!("round {round}, port {i} -> {to}"));
+            }
+        }
+        // From other addresses.
+        for a in &extra {
+            let s = udp_from(bed.client(), any_port(*a));
+            flows += 1;
+            let local = s.local_addr().expect("local address");
+            udp_round(&s, to, local, &format!("{a} -> {to}"));
+        }
+    }
+    // ClusterIP traffic under internalTrafficPolicy: Cluster: the node's
+    // address, as before.
+    let s = udp_from(bed.client(), any_port(CLIENT_ADDR));
+    for i in 0..4 {
+        let a = ask(&s, SocketAddr::from((VIP_A, SVC_PORT)), ANSWER_WAIT)
+            .unwrap_or_else(|e| panic!("ClusterIP datagram {i}: {e}"));
+        assert_eq!(a.seen.ip(), NODE_ADDR, "ClusterIP {i}: {a:?}");
+    }
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
+    assert_eq!(preserved, flows as f64, "{samples:?}");
+    let (fallbacks, _) = metric_sum(
+        &samples,
+        "kubeuproxy_preserve_client_ip_fallbacks_total",
+        &[],
+    );
+    assert_eq!(fallbacks, 0.0);
+    proxy.assert_running("end");
+}
+
+#[test]
+fn a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counted() {
+    if !lab::require_root_and_nft(
+        "a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counted",
+    ) {
+        return;
+    }
+    let bed = UdpBed::new("client-ip-fallback", 1);
+    let svc = udp_lb_svc("dns", VIP_A).with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    wait_udp_rules(&mut proxy, bed.node(), VIP_A);
+    let taken = SocketAddr::from((CLIENT_ADDR, 41_235));
+    // The node holds the client's address and port (a transparent UDP
+    // socket bound to it, without SO_REUSEADDR): the proxy cannot take it.
+    let _holder = bed
+        .node()
+        .run(move || -> std::io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            s.set_ip_transparent_v4(true)?;
+            s.bind(&taken.into())?;
+            Ok(s)
+        })
+        .expect("entering the node")
+        .expect("holding the client's port on the node");
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    let s = udp_from(bed.client(), taken);
+    for i in 0..3 {
+        let a =
+            ask(&s, lb, ANSWER_WAIT).unwrap_or_else(|e| panic!("from the taken port, {i}: {e}"));
+        assert_eq!(a.name, backend_name(0));
+        assert_eq!(a.from, lb);
+        assert_eq!(
+            a.seen.ip(),
+            NODE_ADDR,
+            "datagram {i} came from the node's address"
+        );
+    }
+    // Another port of the same client: its own address again.
+    let free = udp_from(bed.client(), any_port(CLIENT_ADDR));
+    let local = free.local_addr().expect("local address");
+    udp_round(&free, lb, local, "from a free port");
+    let counted = poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        let samples = scrape(bed.node())?;
+        let get = |n: &str| metric_sum(&samples, n, &[]).0;
+        let (f, p) = (
+            get("kubeuproxy_preserve_client_ip_fallbacks_total"),
+            get("kubeuproxy_client_ip_preserved_total"),
+        );
+        if (f, p) == (1.0, 1.0) {
+            Ok(())
+        } else {
+            Err(format!("fallbacks {f}, preserved {p}"))
+        }
+    });
+    counted.unwrap_or_else(|e| panic!("the fallback was not counted: {e}"));
+    proxy.assert_running("end");
+}
+
+// ---------------------------------------------------------------------------
+// IPv6.
+
+/// An IPv6 ClusterIP, within the lab's IPv6 ClusterIP range.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// An IPv6 load-balancer IP (routed to the node by the client's default
+/// route).
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x8, 0, 0, 0, 0, 0, 0x9);
+
+/// Tries `f` until it succeeds, at most [`READY_TIMEOUT`] (the IPv6 rules
+/// and the node ports may land a moment after the proxy starts).
+fn until_served<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let mut out = None;
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        out = Some(f()?);
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{what}: not served within {READY_TIMEOUT:?}: {e}"));
+    out.expect("set on success")
+}
+
+#[test]
+fn ipv6_endpoints_on_this_node_see_the_clients_own_address_over_tcp_and_udp() {
+    if !lab::require_root_and_nft(
+        "ipv6_endpoints_on_this_node_see_the_clients_own_address_over_tcp_and_udp",
+    ) {
+        return;
+    }
+    let bed = Testbed::new("client-ip", "v6", &[Backend::None, Backend::None]);
+    bed.lab.add_ipv6().expect("IPv6 in the lab");
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let ns = &bed.lab.backends()[i];
+        let addr = SocketAddr::from((backend_addr_v6(i), BACKEND_PORT));
+        let tcp = ns.tcp_listener(addr).expect("IPv6 backend listener");
+        let udp = ns.udp_socket(addr).expect("IPv6 backend UDP socket");
+        let _guard = bed.runtime().enter();
+        servers.push(peers::whoami_peer(tcp, &backend_name(i)).expect("IPv6 whoami"));
+        servers.push(peers::udp_whoami(udp, &backend_name(i)).expect("IPv6 UDP whoami"));
+    }
+    let local = EndpointManifest {
+        node_name: Some("node-1".to_string()),
+        ..EndpointManifest::ready(backend_addr_v6(0))
+    };
+    let remote = EndpointManifest {
+        node_name: Some("node-2".to_string()),
+        ..EndpointManifest::ready(backend_addr_v6(1))
+    };
+    let svc = ServiceManifest::new("web6", VIP6)
+        .with_type(ServiceType::LoadBalancer)
+        .with_port(
+            PortManifest::tcp(SVC_PORT, BACKEND_PORT)
+                .named("tcp")
+                .with_node_port(NODE_PORT),
+        )
+        .with_port(
+            PortManifest::udp(SVC_PORT, BACKEND_PORT)
+                .named("udp")
+                .with_node_port(NODE_PORT_UDP),
+        )
+        .with_lb_ingress(LB_IP6, None)
+        .with_traffic_policies("Cluster", "Local")
+        .with_endpoints(vec![local, remote]);
+    let (mut proxy, _) = bed.start_proxy(&manifests(&[svc]), &["--hostname-override", "node-1"]);
+    let client_any = SocketAddr::from((CLIENT_ADDR_V6, 0));
+    let mut flows = 0;
+    for (ip, port) in [
+        (IpAddr::V6(NODE_CLIENT_ADDR_V6), NODE_PORT),
+        (IpAddr::V6(LB_IP6), SVC_PORT),
+    ] {
+        let to = SocketAddr::new(ip, port);
+        until_served(&format!("TCP {to}"), || {
+            let mut s = connect_from(bed.client(), client_any, to).map_err(|e| e.to_string())?;
+            let line = read_line(&mut s).map_err(|e| e.to_string())?;
+            close(s);
+            Ok(line)
+        });
+        flows += 1;
+        for i in 0..8 {
+            let what = format!("TCP connection {i} to {to}");
+            let (name, peer, local) = seen(bed.client(), client_any, to, &what);
+            assert_eq!(name, backend_name(0), "{what}: the local endpoint only");
+            assert_eq!(peer, local, "{what}: the endpoint saw another address");
+            flows += 1;
+        }
+    }
+    for (ip, port) in [
+        (IpAddr::V6(NODE_CLIENT_ADDR_V6), NODE_PORT_UDP),
+        (IpAddr::V6(LB_IP6), SVC_PORT),
+    ] {
+        let to = SocketAddr::new(ip, port);
+        let first = udp_from(bed.client(), client_any);
+        until_served(&format!("UDP {to}"), || {
+            ask(&first, to, Duration::from_millis(400)).map_err(|e| e.to_string())
+        });
+        flows += 1;
+        let sockets: Vec<_> = (0..6).map(|_| udp_from(bed.client(), client_any)).collect();
+        flows += sockets.len();
+        for round in 0..2 {
+            for (i, s) in sockets.iter().enumerate() {
+                let local = s.local_addr().expect("local address");
+                udp_round(
+                    s,
+                    to,
+                    local,
+                    &format!("UDP round {round}, port {i} -> {to}"),
+                );
+            }
+        }
+    }
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let (fallbacks, _) = metric_sum(
+        &samples,
+        "kubeuproxy_preserve_client_ip_fallbacks_total",
+        &[],
+    );
+    assert_eq!(fallbacks, 0.0, "{samples:?}");
+    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
+    // At least: an attempt of `until_served` may reach the proxy and
+    // still fail (the node port's rules landing a moment later).
+    assert!(preserved >= flows as f64, "{flows} flows: {samples:?}");
+    proxy.assert_running("end");
+}
+
+// ---------------------------------------------------------------------------
+// The node-wide switch.
+
+#[test]
+fn preserve_client_ip_off_gives_the_nodes_address_and_installs_no_policy_route() {
+    if !lab::require_root_and_nft(
+        "preserve_client_ip_off_gives_the_nodes_address_and_installs_no_policy_route",
+    ) {
+        return;
+    }
+    let (bed, _servers) = bed("off", 1);
+    let udp = bed.lab.backends()[0]
+        .udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
+        .expect("backend UDP socket");
+    let _udp_server = {
+        let _guard = bed.runtime().enter();
+        peers::udp_whoami(udp, &backend_name(0)).expect("UDP whoami")
+    };
+    // Local and annotated "true": on by every Service-level rule.
+    let svc = lb_svc("web", VIP_A)
+        .with_port(
+            PortManifest::udp(SVC_PORT, BACKEND_PORT)
+                .named("udp")
+                .with_node_port(NODE_PORT_UDP),
+        )
+        .with_traffic_policies("Local", "Local")
+        .with_annotation(ANNOTATION, "true")
+        .with_endpoints(vec![ep(0)]);
+    let (mut proxy, _) = bed.start_proxy(
+        &manifests(&[svc]),
+        &[
+            "--hostname-override",
+            "node-1",
+            "--preserve-client-ip",
+            "off",
+        ],
+    );
+    wait_rules(&mut proxy, bed.node(), VIP_A);
+    wait_udp_rules(&mut proxy, bed.node(), VIP_A);
+    let lb = SocketAddr::from((LB_IP, SVC_PORT));
+    for i in 0..4 {
+        let what = format!("TCP connection {i}");
+        let (name, peer, _) = seen(bed.client(), any_port(CLIENT_ADDR), lb, &what);
+        assert_eq!(name, backend_name(0), "{what}");
+        assert_eq!(peer.ip(), NODE_ADDR, "{what}: the node's address");
+    }
+    let s = udp_from(bed.client(), any_port(CLIENT_ADDR));
+    for i in 0..3 {
+        let a = ask(&s, lb, ANSWER_WAIT).unwrap_or_else(|e| panic!("UDP {i}: {e}"));
+        assert_eq!(a.from, lb, "UDP {i}");
+        assert_eq!(a.seen.ip(), NODE_ADDR, "UDP {i}: the node's address");
+    }
+    let ip = |args: &[&str]| {
+        let out = bed.node().output("ip", args).expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rules = ip(&["-4", "rule", "show"]);
+    assert!(!rules.contains(&format!("lookup {TABLE}")), "{rules}");
+    let routes = ip(&["-4", "route", "show", "table", "all"]);
+    assert!(!routes.contains(&format!("table {TABLE}")), "{routes}");
+    let ruleset = String::from_utf8_lossy(
+        &bed.node()
+            .output("nft", ["list", "ruleset"])
+            .expect("nft")
+            .stdout,
+    )
+    .into_owned();
+    assert!(!ruleset.contains("0x00001000"), "{ruleset}");
+    let samples = scrape(bed.node()).expect("scraping /metrics");
+    let get = |n: &str| metric_sum(&samples, n, &[]).0;
+    assert_eq!(get("kubeuproxy_client_ip_preserved_total"), 0.0);
+    assert_eq!(get("kubeuproxy_preserve_client_ip_fallbacks_total"), 0.0);
+    proxy.assert_running("end");
 }

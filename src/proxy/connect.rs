@@ -235,19 +235,25 @@ pub(super) async fn connect_from_client(
         },
         Err(e) => e,
     };
+    log_fallback(client, endpoint, &refused);
+    connect_marked(endpoint, mark)
+        .await
+        .map(|s| (s, Source::FellBack))
+}
+
+/// Logs (rate-limited, process-wide) that a connection or UDP flow from
+/// `client` to `endpoint` comes from the node's address, and why.
+pub(super) fn log_fallback(client: SocketAddr, endpoint: SocketAddr, error: &io::Error) {
     if let Some(held_back) = FALLBACK_LOG.check() {
         warn!(
             %client,
             %endpoint,
-            error = %refused,
+            %error,
             held_back,
             "cannot connect from the client's address; connecting from the node's address \
              (kubeuproxy_preserve_client_ip_fallbacks_total)"
         );
     }
-    connect_marked(endpoint, mark)
-        .await
-        .map(|s| (s, Source::FellBack))
 }
 
 /// The socket of [`connect_from_client`], bound to `client`.

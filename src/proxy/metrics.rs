@@ -396,8 +396,8 @@ mod help {
         "Time to establish the connection to the endpoint (successful attempts).";
     pub const RETRIES: &str =
         "Connect attempts after the first one of a connection (failover to another endpoint).";
-    pub const CLIENT_IP_PRESERVED: &str = "Connections to endpoints on this node opened from the client's own address (preserve-client-ip).";
-    pub const CLIENT_IP_FALLBACKS: &str = "Connections that should have come from the client's address and came from the node's address instead (the address was taken on the node, or refused).";
+    pub const CLIENT_IP_PRESERVED: &str = "Connections and UDP flows to endpoints on this node opened from the client's own address (preserve-client-ip).";
+    pub const CLIENT_IP_FALLBACKS: &str = "Connections and UDP flows that should have come from the client's address and came from the node's address instead (the address was taken on the node, or refused).";
     pub const UDP_ACTIVE: &str = "UDP flows (client address and port) open now.";
     pub const UDP_EXPIRED: &str = "UDP flows closed after their idle timeout.";
     pub const UDP_REFUSED: &str = "Datagrams of new UDP clients dropped without a flow, by the cap that was reached (max_flows: the Service port's table; max_flows_total: the process's budget).";
@@ -793,8 +793,8 @@ impl ServicePortMetrics {
         self.retries.fetch_add(1, RELAXED);
     }
 
-    /// A connection to an endpoint came from the client's own address
-    /// (`preserved`), or from the node's because the client's could not
+    /// A connection or UDP flow to an endpoint came from the client's own
+    /// address (`preserved`), or from the node's because the client's could not
     /// be taken. Counted for the process, not per Service port: the
     /// causes of a fallback (a capability, ports taken on the node) are
     /// the node's, and 16 bytes more per Service port is 160 kB at

@@ -53,6 +53,19 @@
 //! - Datagrams are received into one 64 KiB buffer per worker thread, so a
 //!   datagram of any size (up to 65507 bytes) passes whole and an idle flow
 //!   holds no buffer.
+//! - preserve-client-ip: a flow to an endpoint on this node of a port that
+//!   preserves client IPs ([`Balancer::is_transparent`]) binds its upstream
+//!   socket to the client's own address and port (`IP_TRANSPARENT`,
+//!   marked with the upstream and the preserve mark), as a TCP connection
+//!   does ([`super::connect::connect_from_client`]): the endpoint sees its
+//!   real client, and its replies, addressed to the client, are routed
+//!   back to that socket by the same connmark rules and policy route
+//!   (docs/rules.md). The socket is connected to the endpoint, so it
+//!   receives nothing else; the client is still answered from the Service
+//!   port's socket. When the client's address cannot be taken (its port is
+//!   held on this node, or another flow of this process already goes from
+//!   it to the same endpoint) the flow comes from the node's address
+//!   instead, counted as a fallback, and works as any other.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -70,6 +83,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
+use super::connect::{can_come_from_client, log_fallback};
 use super::metrics::{ListenerMetrics, ServicePortMetrics, UdpRefusal};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::ServicePortName;
@@ -95,6 +109,11 @@ pub struct UdpConfig {
     pub max_flows_total: usize,
     /// `SO_MARK` of the upstream sockets (see `DataPathConfig::upstream_mark`).
     pub mark: u32,
+    /// The preserve-client-ip mark (`--preserve-client-ip-mark`), added to
+    /// `mark` on an upstream socket bound to the client's own address: the
+    /// endpoint's replies are routed back to it by that mark. 0: client
+    /// addresses are never preserved.
+    pub preserve_client_ip_mark: u32,
     /// Flush the conntrack entries that point at a retired listener
     /// ([`super::conntrack`]). Off by default: unit tests must not touch
     /// the conntrack table of the machine they run on (nor count a failure
@@ -109,6 +128,7 @@ impl Default for UdpConfig {
             max_flows: 16384,
             max_flows_total: usize::MAX,
             mark: 0,
+            preserve_client_ip_mark: 0,
             flush_conntrack: false,
         }
     }
@@ -171,7 +191,46 @@ impl Drop for FlowShare {
 #[derive(Debug)]
 struct Upstream {
     socket: UdpSocket,
+    /// The client address and endpoint this flow's socket holds, when it
+    /// is bound to the client's address; released after the socket has
+    /// closed (declared after it).
+    _claim: Option<TupleClaim>,
     _shares: Shares,
+}
+
+/// The (client, endpoint) pairs of the upstream sockets bound to a
+/// client's own address, process-wide. Two such sockets may share a
+/// client address and port (`SO_REUSEADDR`: the same client talking to
+/// two endpoints, or a flow that moved while its old socket closes), but
+/// not toward one endpoint: UDP connect does not refuse a four-tuple
+/// already taken, and the endpoint's replies would reach either socket.
+/// A B-tree: its `new` is `const`.
+static TRANSPARENT_FLOWS: std::sync::Mutex<std::collections::BTreeSet<(SocketAddr, SocketAddr)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// One pair of [`TRANSPARENT_FLOWS`], given back when dropped.
+#[derive(Debug)]
+struct TupleClaim(SocketAddr, SocketAddr);
+
+impl TupleClaim {
+    /// The pair, or `None` when another flow holds it.
+    fn take(client: SocketAddr, endpoint: SocketAddr) -> Option<TupleClaim> {
+        let mut held = TRANSPARENT_FLOWS.lock().unwrap_or_else(|p| p.into_inner());
+        // Built only when inserted: a claim dropped here would lock the
+        // set again (a deadlock) and give back the other flow's pair.
+        if held.insert((client, endpoint)) {
+            Some(TupleClaim(client, endpoint))
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for TupleClaim {
+    fn drop(&mut self) {
+        let mut held = TRANSPARENT_FLOWS.lock().unwrap_or_else(|p| p.into_inner());
+        held.remove(&(self.0, self.1));
+    }
 }
 
 /// A flow's share of its Service port's table (`--udp-max-flows`) and of
@@ -524,23 +583,32 @@ impl FlowTable {
             return Ok(None);
         };
         let endpoint = lease.addr();
-        let local: SocketAddr = if endpoint.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        // From the client's own address: an endpoint on this node of a
+        // port that preserves client IPs (the reconciler's choice).
+        let preserve = self.config.preserve_client_ip_mark;
+        let from_client = preserve != 0
+            && self.balancer.is_transparent(endpoint)
+            && can_come_from_client(client, endpoint);
+        let (sock, claim) = if from_client {
+            match client_socket(client, endpoint, self.config.mark | preserve) {
+                Ok((sock, claim)) => {
+                    self.metrics.client_ip(true);
+                    (sock, Some(claim))
+                }
+                Err(e) => {
+                    log_fallback(client, endpoint, &e);
+                    let sock = node_socket(endpoint, self.config.mark)?;
+                    self.metrics.client_ip(false);
+                    (sock, None)
+                }
+            }
         } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            (node_socket(endpoint, self.config.mark)?, None)
         };
-        let sock = StdUdpSocket::bind(local)?;
-        // Before connect: the route is chosen then, with the mark. Marked,
-        // the datagrams pass the NAT output chain untranslated: an
-        // endpoint that is itself a Service destination is not looped
-        // back into this proxy.
-        if self.config.mark != 0 {
-            socket2::SockRef::from(&sock).set_mark(self.config.mark)?;
-        }
-        sock.connect(endpoint)?;
         sock.set_nonblocking(true)?;
         let upstream = Arc::new(Upstream {
             socket: UdpSocket::from_std(sock)?,
+            _claim: claim,
             _shares: share,
         });
         let state = Arc::new(FlowState::new(self.now_ms()));
@@ -633,6 +701,62 @@ impl FlowTable {
             self.dropped = 0;
         }
     }
+}
+
+/// A flow's upstream socket from the node's own address, connected to
+/// `endpoint` and marked `mark` (0: unmarked).
+fn node_socket(endpoint: SocketAddr, mark: u32) -> io::Result<StdUdpSocket> {
+    let local: SocketAddr = if endpoint.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = StdUdpSocket::bind(local)?;
+    // Before connect: the route is chosen then, with the mark. Marked,
+    // the datagrams pass the NAT output chain untranslated: an endpoint
+    // that is itself a Service destination is not looped back into this
+    // proxy.
+    if mark != 0 {
+        socket2::SockRef::from(&sock).set_mark(mark)?;
+    }
+    sock.connect(endpoint)?;
+    Ok(sock)
+}
+
+/// A flow's upstream socket bound to `client`'s own address and port and
+/// connected to `endpoint`, marked `mark` (the upstream and the preserve
+/// mark: it passes the NAT output chain untranslated, and its conntrack
+/// entry keeps the preserve mark, which routes the endpoint's replies back
+/// here). `SO_REUSEADDR`: other flows of the same client port toward other
+/// endpoints may hold the same address ([`TRANSPARENT_FLOWS`] keeps two
+/// off one endpoint); a socket of the node on that port without it
+/// refuses the bind (`EADDRINUSE`), and the flow falls back.
+fn client_socket(
+    client: SocketAddr,
+    endpoint: SocketAddr,
+    mark: u32,
+) -> io::Result<(StdUdpSocket, TupleClaim)> {
+    let claim = TupleClaim::take(client, endpoint).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another flow goes from this client address to this endpoint",
+        )
+    })?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(client),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if client.is_ipv4() {
+        sock.set_ip_transparent_v4(true)?;
+    } else {
+        sock.set_ip_transparent_v6(true)?;
+    }
+    sock.set_mark(mark)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&client.into())?;
+    sock.connect(&endpoint.into())?;
+    Ok((sock.into(), claim))
 }
 
 /// Relays the endpoint's datagrams back to the client, from the Service
@@ -858,6 +982,25 @@ mod tests {
                 "round {round}: the flow stayed on an endpoint that left"
             );
         }
+    }
+
+    #[test]
+    fn one_client_address_toward_one_endpoint_is_held_by_one_flow_at_a_time() {
+        // UDP connect does not refuse a four-tuple already taken: two
+        // sockets bound to one client address and connected to one
+        // endpoint would split its replies. The second flow falls back.
+        let client: SocketAddr = "10.200.0.2:5353".parse().unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.1.0.9:53".parse().unwrap(),
+            "10.1.0.10:53".parse().unwrap(),
+        );
+        let first = TupleClaim::take(client, a).expect("free");
+        assert!(TupleClaim::take(client, a).is_none(), "taken twice");
+        // The same client port toward another endpoint is another tuple.
+        let other = TupleClaim::take(client, b).expect("another endpoint");
+        drop(first);
+        assert!(TupleClaim::take(client, a).is_some(), "not given back");
+        drop(other);
     }
 
     #[test]

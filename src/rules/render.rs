@@ -194,9 +194,10 @@ pub struct Layout {
     /// clients like any other.
     pub local_traffic: Option<LocalTraffic>,
     /// The mark of the proxy's connections opened from a client's own
-    /// address (`--preserve-client-ip-mark`, never 0): saved into their
-    /// conntrack mark on the way out, restored on the endpoint's replies,
-    /// which the policy route of `rules::host` then delivers to the proxy.
+    /// address (`--preserve-client-ip-mark`): saved into their conntrack
+    /// mark on the way out, restored on the endpoint's replies, which the
+    /// policy route of `rules::host` then delivers to the proxy. 0
+    /// (`--preserve-client-ip off`): no such connections, no mark rules.
     pub preserve_client_ip_mark: u32,
 }
 
@@ -1166,10 +1167,14 @@ fn full_family(
     for (name, ty, hook, prio) in CHAINS {
         batch.add(NfListObject::Chain(base_chain(f, name, ty, hook, prio)));
         let rules: Vec<Rule<'static>> = match name {
-            "filter-prerouting" => vec![
-                preserve_mark_restored(f, layout.preserve_client_ip_mark),
-                source_range_rule(f),
-            ],
+            "filter-prerouting" => {
+                let mut r = Vec::new();
+                if layout.preserve_client_ip_mark != 0 {
+                    r.push(preserve_mark_restored(f, layout.preserve_client_ip_mark));
+                }
+                r.push(source_range_rule(f));
+                r
+            }
             "filter-input" => {
                 let mut r = service_refusals(f, name);
                 r.extend(node_port_refusals(f, proxy, name, layout));
@@ -1178,11 +1183,14 @@ fn full_family(
             }
             "filter-forward" => service_refusals(f, name),
             "filter-output" => {
-                let mut r = vec![preserve_mark_saved(
-                    f,
-                    layout.upstream_mark,
-                    layout.preserve_client_ip_mark,
-                )];
+                let mut r = Vec::new();
+                if layout.preserve_client_ip_mark != 0 {
+                    r.push(preserve_mark_saved(
+                        f,
+                        layout.upstream_mark,
+                        layout.preserve_client_ip_mark,
+                    ));
+                }
                 r.extend(service_refusals(f, name));
                 r.extend(node_port_refusals(f, proxy, name, layout));
                 r

@@ -63,6 +63,7 @@ detectLocalMode: InterfaceNamePrefix
 clusterCidr: 10.244.0.0/16
 podBridgeInterface: cni0
 podInterfaceNamePrefix: cali
+preserveClientIp: "off"
 preserveClientIpMark: "0x100"
 preserveClientIpTable: 4243
 "#;
