@@ -481,9 +481,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ) {
         // --preserve-client-ip off: an earlier instance's route goes.
         // Not fatal: nothing here uses it, and --cleanup removes it too.
-        // Usually there is none (`ip route flush` of a table that does
-        // not exist fails), hence info, not a warning.
-        info!(error = %e, "no earlier policy route of preserve-client-ip removed");
+        warn!(error = %e, "cannot remove an earlier policy route of preserve-client-ip");
     }
     let proxy_address_of = |family: IpFamily| match family {
         IpFamily::V4 => Some(IpAddr::V4(args.proxy_address())),

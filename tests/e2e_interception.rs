@@ -615,6 +615,30 @@ fn sigterm_keeps_the_rules_resets_what_outlives_the_grace_and_cleanup_removes_ev
     }
 }
 
+/// `--cleanup` on a node where kube-uproxy never ran (a rollback script
+/// run on every node, or twice): it succeeds and says nothing failed,
+/// although no table, address or policy route (preserve-client-ip's
+/// routing table was never made) is there to remove.
+#[test]
+fn cleanup_on_a_node_where_the_proxy_never_ran_succeeds() {
+    if !lab::require_root_and_nft("cleanup_on_a_node_where_the_proxy_never_ran_succeeds") {
+        return;
+    }
+    let bed = Testbed::new("intercept", "cleanup-fresh", &[]);
+    let out = bed
+        .node()
+        .output(bin(), ["--cleanup"])
+        .expect("running --cleanup");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("ERROR"),
+        "--cleanup on a fresh node: exit {}, stderr:\n{stderr}",
+        out.status
+    );
+    assert!(!table_exists(bed.node()));
+    assert!(!lo_has_proxy_address(bed.node()));
+}
+
 #[test]
 fn a_service_renamed_in_the_manifests_keeps_its_cluster_ip_answering() {
     if !lab::require_root_and_nft(

@@ -344,8 +344,12 @@ pub fn cleanup_preserve_route(mark: u32, upstream_mark: u32, table: u32) -> Resu
                 }
                 ip(&[family, "rule", "del", "fwmark", &fwmark, "lookup", &table_s])?;
             }
-            ip(&[family, "route", "flush", "table", &table_s])?;
-            Ok::<(), HostError>(())
+            match ip(&[family, "route", "flush", "table", &table_s]) {
+                // A table never filled (no instance with preserve-client-ip
+                // ran here): nothing to remove.
+                Err(HostError::Command { stderr, .. }) if table_missing(&stderr) => Ok(()),
+                r => r.map(drop),
+            }
         })();
         match r {
             Ok(()) => info!(family, table, "policy route of preserve-client-ip removed"),
@@ -356,6 +360,13 @@ pub fn cleanup_preserve_route(mark: u32, upstream_mark: u32, table: u32) -> Resu
         }
     }
     Ok(())
+}
+
+/// Whether `ip route flush table N`'s complaint says table N does not
+/// exist ("FIB table does not exist"): the kernel makes a table when
+/// the first route goes in.
+fn table_missing(stderr: &str) -> bool {
+    stderr.contains("table does not exist")
 }
 
 /// How many rules `ip <family> rule` lists that send packets whose mark
