@@ -121,6 +121,18 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value = "0", value_parser = |s: &str| DATA_PATH_THREADS.parse(s))]
     pub data_path_threads: usize,
 
+    /// Threads that serve request mode's client connections (ports
+    /// balanced per HTTP request), each with an event loop and upstream
+    /// connection pools of its own: an accepted HTTP connection is handed
+    /// to one of them for good, so a connection, its streams and the
+    /// upstream connections its requests use run on one thread. Default:
+    /// one per CPU. 0: request mode runs on the main runtime's
+    /// work-stealing workers (measured slower: docs/performance.md).
+    /// Unused with --data-path-threads (each of those threads serves the
+    /// connections it accepts).
+    #[arg(long, value_name = "N", value_parser = |s: &str| HTTP_THREADS.parse(s))]
+    pub http_threads: Option<usize>,
+
     /// Most splice pipes (1 MiB each) open at once, process-wide: bulk
     /// relay directions beyond them copy instead. Each pipe counts 256
     /// pages against root's shared fs.pipe-user-pages-soft for as long as
@@ -974,6 +986,12 @@ pub const DATA_PATH_THREADS: CountBounds = CountBounds {
     max: 1024,
     zero_is_off: true,
 };
+pub const HTTP_THREADS: CountBounds = CountBounds {
+    flag: "--http-threads",
+    min: 1,
+    max: 1024,
+    zero_is_off: true,
+};
 /// At least one pipe (`--tcp-relay copy` is the way to splice none);
 /// 4096 pipes of 1 MiB are 4 GiB of pipe quota, far past any host's.
 pub const SPLICE_PIPES_MAX: CountBounds = CountBounds {
@@ -1175,6 +1193,7 @@ pub(crate) mod tests {
             ),
             (SPLICE_PIPES_MAX, &["0", "-1", "4097", "x"], &["1", "4096"]),
             (DATA_PATH_THREADS, &["-1", "1025", "x"], &["0", "1", "1024"]),
+            (HTTP_THREADS, &["-1", "1025", "x"], &["0", "1", "1024"]),
             (
                 CONNTRACK_MAX_PER_CORE,
                 &["-1", "2147483648", "x"],

@@ -557,6 +557,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Connections::with_limit((args.max_connections > 0).then_some(args.max_connections));
     // Arming a connect timeout must not wake the I/O driver (issue 21).
     tokio::spawn(kube_uproxy::proxy::timer_floor());
+    // Request mode's threads (`--http-threads`, default one per CPU); the
+    // data-path threads serve their own connections instead.
+    let http_threads = match (args.data_path_threads, args.http_threads) {
+        (0, n) => {
+            let n = n.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            (n > 0)
+                .then(|| DataPathThreads::start_named(n, "http"))
+                .transpose()
+                .context("starting the HTTP threads")?
+                .map(Arc::new)
+        }
+        _ => None,
+    };
     let mut listeners = SocketListeners::new(
         ports,
         Arc::new(DataPathConfig {
@@ -577,6 +592,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 upstream_idle_timeout: args.http_upstream_idle_timeout,
                 ..HttpConfig::default()
             },
+            http_threads,
             ..DataPathConfig::default()
         }),
         connections.clone(),

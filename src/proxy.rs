@@ -40,6 +40,7 @@ mod test_support;
 pub mod threads;
 pub mod udp;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use relay::RelayConfig;
@@ -72,6 +73,10 @@ pub struct DataPathConfig {
     pub preserve_client_ip_mark: u32,
     /// Request mode (ports balanced per HTTP request).
     pub http: HttpConfig,
+    /// Where request mode's client connections are served
+    /// (`--http-threads`): each accepted HTTP connection is handed to one
+    /// of these threads for good. `None`: where it was accepted.
+    pub http_threads: Option<Arc<threads::DataPathThreads>>,
 }
 
 impl Default for DataPathConfig {
@@ -87,6 +92,7 @@ impl Default for DataPathConfig {
             upstream_mark: 0,
             preserve_client_ip_mark: 0,
             http: HttpConfig::default(),
+            http_threads: None,
         }
     }
 }

@@ -716,6 +716,37 @@ fn h2c_prior_knowledge_on_an_http_port_is_balanced() {
     checks.finish();
 }
 
+/// `--http-threads 0`: request mode served on the main runtime (not
+/// handed to HTTP threads) balances the same way.
+#[test]
+fn without_http_threads_keepalive_requests_are_balanced_per_request() {
+    if !lab::require_root_and_nft(
+        "without_http_threads_keepalive_requests_are_balanced_per_request",
+    ) {
+        return;
+    }
+    let w = World::http(
+        "no-http-threads",
+        &[svc(
+            "lab-http",
+            VIP_A,
+            BACKEND_PORT,
+            Some("http"),
+            &[0, 1, 2],
+        )],
+        &["--http-threads", "0"],
+    );
+    let mut checks = Checks::default();
+    expect_30_spread(
+        &mut checks,
+        w.client(),
+        w.dir(),
+        vip(VIP_A),
+        "appProtocol: http, --http-threads 0",
+    );
+    checks.finish();
+}
+
 /// The Service annotation `kube-uproxy.io/balance` forces the mode for all
 /// its ports: `request` balances a port without appProtocol per request
 /// (HTTP/1.1 toward the endpoints), `connection` keeps an `http` port's

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
@@ -97,9 +98,10 @@ struct Port {
     metrics: Arc<ServicePortMetrics>,
     /// This listener's part of the port's shared gauges (affinity).
     share: ListenerMetrics,
-    /// Request mode's pool and settings, made at the first connection
-    /// served in request mode.
-    http: OnceLock<Arc<HttpPort>>,
+    /// Request mode's pools and settings, made at the first connection
+    /// served in request mode: one per `--http-threads` thread (a pool
+    /// is used by one thread only), else one.
+    http: OnceLock<Box<[Arc<HttpPort>]>>,
     /// The process is stopping: request-mode clients are asked to leave.
     shutdown: CancellationToken,
     /// This listener sweeps the balancer's affinity table (one listener
@@ -108,19 +110,35 @@ struct Port {
 }
 
 impl Port {
-    fn http(&self) -> Arc<HttpPort> {
-        Arc::clone(self.http.get_or_init(|| {
-            Arc::new(HttpPort::new(
-                Arc::clone(&self.service),
-                Arc::clone(&self.balancer),
-                Arc::clone(&self.config),
-                Arc::clone(&self.metrics),
-                self.connections.cut_token().clone(),
-                self.connections.tracker().clone(),
-            ))
-        }))
+    /// Request mode's state for thread `i` of `--http-threads` (0 without
+    /// them).
+    fn http(&self, i: usize) -> Arc<HttpPort> {
+        let all = self.http.get_or_init(|| {
+            let n = self
+                .config
+                .http_threads
+                .as_ref()
+                .map_or(1, |t| t.handles().len());
+            (0..n)
+                .map(|_| {
+                    Arc::new(HttpPort::new(
+                        Arc::clone(&self.service),
+                        Arc::clone(&self.balancer),
+                        Arc::clone(&self.config),
+                        Arc::clone(&self.metrics),
+                        self.connections.cut_token().clone(),
+                        self.connections.tracker().clone(),
+                    ))
+                })
+                .collect()
+        });
+        Arc::clone(&all[i % all.len()])
     }
 }
+
+/// The `--http-threads` thread the next request-mode connection goes to
+/// (round-robin over every port's connections).
+static NEXT_HTTP_THREAD: AtomicUsize = AtomicUsize::new(0);
 
 async fn accept_loop(listener: TcpListener, port: Box<Port>, stop: Stop) {
     let mut backoff = AcceptBackoff::default();
@@ -220,10 +238,36 @@ fn on_accepted(
     let span = debug_span!("conn", client = %peer);
     // (`--request-balancing=false` reaches here as every port's mode.)
     if port.balancer.mode().per_request() {
-        let flow = handle_request_mode(port.http(), client, peer, port.shutdown.clone());
-        port.connections
-            .tracker()
-            .spawn(flow.map(move |()| drop(admission)).instrument(span));
+        let Some(threads) = port.config.http_threads.as_ref() else {
+            let flow = handle_request_mode(port.http(0), client, peer, port.shutdown.clone());
+            port.connections
+                .tracker()
+                .spawn(flow.map(move |()| drop(admission)).instrument(span));
+            return None;
+        };
+        // Handed to an HTTP thread for good: the socket leaves this
+        // runtime's poller for that thread's.
+        let i = NEXT_HTTP_THREAD.fetch_add(1, Ordering::Relaxed) % threads.handles().len();
+        let client = match client.into_std() {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "cannot hand the connection to an HTTP thread");
+                port.metrics.failed(FailReason::LocalError);
+                return None;
+            }
+        };
+        let (http, shutdown) = (port.http(i), port.shutdown.clone());
+        let flow = async move {
+            match TcpStream::from_std(client) {
+                Ok(client) => handle_request_mode(http, client, peer, shutdown).await,
+                Err(e) => debug!(error = %e, "cannot take the connection on an HTTP thread"),
+            }
+        };
+        threads.handles()[i].spawn(
+            port.connections
+                .tracker()
+                .track_future(flow.map(move |()| drop(admission)).instrument(span)),
+        );
         return None;
     }
     let flow = handle_connection(

@@ -36,12 +36,17 @@ pub struct DataPathThreads {
 impl DataPathThreads {
     /// Starts `n` threads (at least one), named `data-path-<i>`.
     pub fn start(n: usize) -> io::Result<Self> {
+        Self::start_named(n, "data-path")
+    }
+
+    /// Starts `n` threads (at least one), named `<name>-<i>`.
+    pub fn start_named(n: usize, name: &str) -> io::Result<Self> {
         let mut handles = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let runtime = Builder::new_current_thread().enable_all().build()?;
             handles.push(runtime.handle().clone());
             thread::Builder::new()
-                .name(format!("data-path-{i}"))
+                .name(format!("{name}-{i}"))
                 // The runtime runs the tasks spawned on its handle while it
                 // blocks on this future, which never ends; arming a connect
                 // timeout then never wakes this thread's driver.

@@ -55,6 +55,7 @@ requestBalancing: false
 httpDetectTimeout: 2s
 httpUpstreamIdleTimeout: 9s
 dataPathThreads: 3
+httpThreads: 5
 conntrackMaxPerCore: 1000
 conntrackMin: 2000
 conntrackTcpTimeoutEstablished: 2h
