@@ -13,6 +13,10 @@
 //! The rest of the process (the control plane, UDP, the serving
 //! endpoints) stays on the main, multi-threaded runtime.
 //!
+//! Request mode uses the same kind of threads (`--http-threads`, named
+//! `http-<i>`) even without `--data-path-threads`: tcp.rs hands each
+//! accepted request-mode connection to one of them.
+//!
 //! Opt-in (`--data-path-threads N`): on the 2-CPU benchmark machine the
 //! shared work-stealing runtime accepted 7-17 % more connections per
 //! second, with request/response even (docs/performance.md, issue 21's
