@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use uproxy_lab::e2e::{
     self, BACKEND_PORT, Backend, ProxyProcess, SVC_PORT, Testbed, VIP_A, assert_echo, bin, close,
-    hold, poll, vip, wait_nft_key, who,
+    hold, kube_proxy, poll, vip, wait_nft_key, who,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, backend_addr};
@@ -49,124 +49,6 @@ const LOOP_TIME: Duration = Duration::from_secs(150);
 const LOOP_MAX: usize = 30_000;
 /// Bound for one phase change to be seen by the loop.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// kube-proxy in nftables mode, as its proxier writes the table (names
-/// and structure; one Service, one endpoint: backend 0).
-fn kube_proxy_nftables() -> String {
-    let ep = backend_addr(0);
-    format!(
-        r#"table ip kube-proxy {{
-	comment "rules for kube-proxy"
-	map no-endpoint-services {{
-		type ipv4_addr . inet_proto . inet_service : verdict
-		comment "vmap to drop or reject packets to services with no endpoints"
-	}}
-	chain service-endpoints-check {{
-		ip daddr . meta l4proto . th dport vmap @no-endpoint-services
-	}}
-	chain filter-input {{
-		type filter hook input priority -110; policy accept;
-		ct state new jump service-endpoints-check
-	}}
-	chain filter-forward {{
-		type filter hook forward priority -110; policy accept;
-		ct state new jump service-endpoints-check
-	}}
-	chain filter-output {{
-		type filter hook output priority -110; policy accept;
-		ct state new jump service-endpoints-check
-	}}
-	chain mark-for-masquerade {{
-		meta mark set meta mark | 0x4000
-	}}
-	chain masquerading {{
-		meta mark & 0x4000 == 0 return
-		meta mark set meta mark ^ 0x4000
-		masquerade fully-random
-	}}
-	chain endpoint-5OJB2KTY-default/svc-a/tcp/http__{ep}/{BACKEND_PORT} {{
-		ip saddr {ep} jump mark-for-masquerade
-		meta l4proto tcp dnat to {ep}:{BACKEND_PORT}
-	}}
-	chain service-ULMVA6XW-default/svc-a/tcp/http {{
-		ip daddr {VIP_A} tcp dport {SVC_PORT} ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-		numgen random mod 1 vmap {{ 0 : goto endpoint-5OJB2KTY-default/svc-a/tcp/http__{ep}/{BACKEND_PORT} }}
-	}}
-	map service-ips {{
-		type ipv4_addr . inet_proto . inet_service : verdict
-		comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
-		elements = {{ {VIP_A} . tcp . {SVC_PORT} : goto service-ULMVA6XW-default/svc-a/tcp/http }}
-	}}
-	chain services {{
-		ip daddr . meta l4proto . th dport vmap @service-ips
-	}}
-	chain nat-prerouting {{
-		type nat hook prerouting priority dstnat; policy accept;
-		jump services
-	}}
-	chain nat-output {{
-		type nat hook output priority -100; policy accept;
-		jump services
-	}}
-	chain nat-postrouting {{
-		type nat hook postrouting priority srcnat; policy accept;
-		jump masquerading
-	}}
-}}
-"#
-    )
-}
-
-/// kube-proxy in iptables mode (`iptables-restore --noflush` input, as its
-/// proxier writes it), with the kubelet's KUBE-FIREWALL beside it.
-fn kube_proxy_iptables() -> String {
-    let ep = backend_addr(0);
-    format!(
-        r#"*nat
-:KUBE-SERVICES - [0:0]
-:KUBE-NODEPORTS - [0:0]
-:KUBE-POSTROUTING - [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-SVC-ULMVA6XWGHKZ4A3N - [0:0]
-:KUBE-SEP-5OJB2KTYQ3DLF7XA - [0:0]
--A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
--A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
--A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
--A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
--A KUBE-SERVICES -d {VIP_A}/32 -p tcp -m comment --comment "default/svc-a:http cluster IP" -m tcp --dport {SVC_PORT} -j KUBE-SVC-ULMVA6XWGHKZ4A3N
--A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
--A KUBE-SVC-ULMVA6XWGHKZ4A3N ! -s 10.244.0.0/16 -d {VIP_A}/32 -p tcp -m comment --comment "default/svc-a:http cluster IP" -m tcp --dport {SVC_PORT} -j KUBE-MARK-MASQ
--A KUBE-SVC-ULMVA6XWGHKZ4A3N -m comment --comment "default/svc-a:http -> {ep}:{BACKEND_PORT}" -j KUBE-SEP-5OJB2KTYQ3DLF7XA
--A KUBE-SEP-5OJB2KTYQ3DLF7XA -s {ep}/32 -m comment --comment "default/svc-a:http" -j KUBE-MARK-MASQ
--A KUBE-SEP-5OJB2KTYQ3DLF7XA -p tcp -m comment --comment "default/svc-a:http" -m tcp -j DNAT --to-destination {ep}:{BACKEND_PORT}
-COMMIT
-*filter
-:KUBE-SERVICES - [0:0]
-:KUBE-EXTERNAL-SERVICES - [0:0]
-:KUBE-FORWARD - [0:0]
-:KUBE-NODEPORTS - [0:0]
-:KUBE-PROXY-FIREWALL - [0:0]
-:KUBE-FIREWALL - [0:0]
--A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
--A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS
--A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES
--A INPUT -j KUBE-FIREWALL
--A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
--A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
--A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
--A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
--A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
--A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
--A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
-COMMIT
-"#
-    )
-}
 
 /// kube-proxy's mode, as the test installs and checks it.
 #[derive(Clone, Copy)]
@@ -184,8 +66,8 @@ impl Mode {
         };
         let path = bed.dir.join(file);
         let text = match self {
-            Mode::Nftables => kube_proxy_nftables(),
-            Mode::Iptables => kube_proxy_iptables(),
+            Mode::Nftables => kube_proxy::nftables(),
+            Mode::Iptables => kube_proxy::iptables(),
         };
         fs::write(&path, text).expect("writing kube-proxy's rules");
         let arg = match self {

@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use uproxy_lab::e2e::image::{self, Tree, tree_command};
 use uproxy_lab::e2e::{
-    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, bin, poll, vip,
-    who,
+    BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, bin, kube_proxy,
+    poll, vip, who,
 };
 use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest};
 use uproxy_lab::{self as lab, Netns, backend_addr};
@@ -103,61 +103,6 @@ fn behaviour(out: &Output) -> (Option<i32>, String, String) {
     (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
-/// kube-proxy's iptables mode (`iptables-restore` input as its proxier
-/// writes it, abridged: one Service, one endpoint), with the kubelet's
-/// KUBE-FIREWALL, which its cleanup leaves. Every match and target module
-/// kube-proxy's rules use: comment, tcp, mark, MARK, MASQUERADE, DNAT,
-/// statistic, recent (session affinity), addrtype, conntrack, REJECT.
-fn kube_proxy_iptables() -> String {
-    let ep = backend_addr(0);
-    format!(
-        r#"*nat
-:KUBE-SERVICES - [0:0]
-:KUBE-NODEPORTS - [0:0]
-:KUBE-POSTROUTING - [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-SVC-ULMVA6XWGHKZ4A3N - [0:0]
-:KUBE-SEP-5OJB2KTYQ3DLF7XA - [0:0]
--A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
--A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
--A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
--A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
--A KUBE-SERVICES -d {VIP_A}/32 -p tcp -m comment --comment "default/svc-a:http cluster IP" -m tcp --dport {SVC_PORT} -j KUBE-SVC-ULMVA6XWGHKZ4A3N
--A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
--A KUBE-SVC-ULMVA6XWGHKZ4A3N ! -s 10.244.0.0/16 -d {VIP_A}/32 -p tcp -m comment --comment "default/svc-a:http cluster IP" -m tcp --dport {SVC_PORT} -j KUBE-MARK-MASQ
--A KUBE-SVC-ULMVA6XWGHKZ4A3N -m comment --comment "default/svc-a:http -> {ep}:{BACKEND_PORT}" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-5OJB2KTYQ3DLF7XA --mask 255.255.255.255 --rsource -j KUBE-SEP-5OJB2KTYQ3DLF7XA
--A KUBE-SVC-ULMVA6XWGHKZ4A3N -m comment --comment "default/svc-a:http -> {ep}:{BACKEND_PORT}" -m statistic --mode random --probability 1.00000000000 -j KUBE-SEP-5OJB2KTYQ3DLF7XA
--A KUBE-SEP-5OJB2KTYQ3DLF7XA -s {ep}/32 -m comment --comment "default/svc-a:http" -j KUBE-MARK-MASQ
--A KUBE-SEP-5OJB2KTYQ3DLF7XA -p tcp -m comment --comment "default/svc-a:http" -m recent --set --name KUBE-SEP-5OJB2KTYQ3DLF7XA --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination {ep}:{BACKEND_PORT}
-COMMIT
-*filter
-:KUBE-SERVICES - [0:0]
-:KUBE-EXTERNAL-SERVICES - [0:0]
-:KUBE-FORWARD - [0:0]
-:KUBE-NODEPORTS - [0:0]
-:KUBE-PROXY-FIREWALL - [0:0]
-:KUBE-FIREWALL - [0:0]
--A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
--A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS
--A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES
--A INPUT -j KUBE-FIREWALL
--A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
--A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
--A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A KUBE-SERVICES -d 10.96.0.99/32 -p tcp -m comment --comment "default/svc-gone:http has no endpoints" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable
--A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
--A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
--A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
--A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
-COMMIT
-"#
-    )
-}
-
 /// The same for IPv6 (ip6tables), abridged further.
 const KUBE_PROXY_IP6TABLES: &str = r#"*nat
 :KUBE-SERVICES - [0:0]
@@ -173,37 +118,6 @@ COMMIT
 -A KUBE-SERVICES -d fd00:96::99/128 -p tcp -m tcp --dport 80 -j REJECT --reject-with icmp6-port-unreachable
 COMMIT
 "#;
-
-/// kube-proxy's nftables mode, abridged (its table and hooks; the
-/// migration tests use a fuller copy).
-fn kube_proxy_nftables() -> String {
-    let ep = backend_addr(0);
-    format!(
-        r#"table ip kube-proxy {{
-	comment "rules for kube-proxy"
-	chain endpoint-5OJB2KTY-default/svc-a/tcp/http__{ep}/{BACKEND_PORT} {{
-		meta l4proto tcp dnat to {ep}:{BACKEND_PORT}
-	}}
-	map service-ips {{
-		type ipv4_addr . inet_proto . inet_service : verdict
-		comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
-		elements = {{ {VIP_A} . tcp . {SVC_PORT} : goto endpoint-5OJB2KTY-default/svc-a/tcp/http__{ep}/{BACKEND_PORT} }}
-	}}
-	chain services {{
-		ip daddr . meta l4proto . th dport vmap @service-ips
-	}}
-	chain nat-prerouting {{
-		type nat hook prerouting priority dstnat; policy accept;
-		jump services
-	}}
-	chain nat-output {{
-		type nat hook output priority -100; policy accept;
-		jump services
-	}}
-}}
-"#
-    )
-}
 
 /// An nft script that uses protocol and service names (/etc/protocols,
 /// /etc/services); `--echo` prints what it made.
@@ -309,7 +223,7 @@ fn every_program_the_proxy_runs_runs_from_the_image_tree_and_the_layer_is_under_
         mb(IMAGE_LIMIT_BYTES)
     );
 
-    let v4 = kube_proxy_iptables();
+    let v4 = kube_proxy::iptables();
     same_as_host(&tree, "kube-uproxy", &["--version"], None);
     // The proxy's rules and its address on lo (src/rules).
     same_as_host(&tree, "nft", &["--version"], None);
@@ -518,10 +432,10 @@ fn the_proxy_runs_from_the_image_tree_and_removes_kube_proxys_rules() {
 
     // kube-proxy's rules, with this machine's tools.
     let nft_rules = bed.dir.join("kube-proxy.nft");
-    fs::write(&nft_rules, kube_proxy_nftables()).expect("writing kube-proxy's nft rules");
+    fs::write(&nft_rules, kube_proxy::nftables()).expect("writing kube-proxy's nft rules");
     node.output("nft", ["-f", &*nft_rules.to_string_lossy()])
         .expect("installing kube-proxy's nftables rules");
-    let v4 = kube_proxy_iptables();
+    let v4 = kube_proxy::iptables();
     for backend in ["nft", "legacy"] {
         for (tool, rules) in [
             (format!("iptables-{backend}-restore"), v4.as_str()),

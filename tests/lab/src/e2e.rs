@@ -21,6 +21,7 @@
 
 pub mod http;
 pub mod image;
+pub mod kube_proxy;
 pub mod udp;
 
 use std::fs::{self, File};
