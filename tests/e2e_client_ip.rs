@@ -332,16 +332,7 @@ fn a_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counte
     let taken = SocketAddr::from((CLIENT_ADDR, 41_234));
     // The node holds the client's address and port (a transparent socket
     // bound to it, without SO_REUSEADDR): the proxy cannot take it.
-    let _holder = bed
-        .node()
-        .run(move || -> std::io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            s.set_ip_transparent_v4(true)?;
-            s.bind(&taken.into())?;
-            Ok(s)
-        })
-        .expect("entering the node")
-        .expect("holding the client's port on the node");
+    let _holder = hold_on_node(bed.node(), taken, socket2::Type::STREAM);
     let lb = SocketAddr::from((LB_IP, SVC_PORT));
     let (name, peer, _) = seen(bed.client(), taken, lb, "from the taken port");
     assert_eq!(name, backend_name(0));
@@ -595,16 +586,7 @@ fn a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_co
     let taken = SocketAddr::from((CLIENT_ADDR, 41_235));
     // The node holds the client's address and port (a transparent UDP
     // socket bound to it, without SO_REUSEADDR): the proxy cannot take it.
-    let _holder = bed
-        .node()
-        .run(move || -> std::io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-            s.set_ip_transparent_v4(true)?;
-            s.bind(&taken.into())?;
-            Ok(s)
-        })
-        .expect("entering the node")
-        .expect("holding the client's port on the node");
+    let _holder = hold_on_node(bed.node(), taken, socket2::Type::DGRAM);
     let lb = SocketAddr::from((LB_IP, SVC_PORT));
     let s = udp_from(bed.client(), taken);
     for i in 0..3 {
@@ -836,4 +818,18 @@ fn preserve_client_ip_off_gives_the_nodes_address_and_installs_no_policy_route()
     assert_eq!(get("kubeuproxy_client_ip_preserved_total"), 0.0);
     assert_eq!(get("kubeuproxy_preserve_client_ip_fallbacks_total"), 0.0);
     proxy.assert_running("end");
+}
+
+/// A socket of type `ty` on the node bound to `addr`, a client's address
+/// and port (transparent, without SO_REUSEADDR), so that the proxy cannot
+/// take it; held until dropped.
+fn hold_on_node(node: &Netns, addr: SocketAddr, ty: socket2::Type) -> socket2::Socket {
+    node.run(move || -> std::io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, ty, None)?;
+        s.set_ip_transparent_v4(true)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    })
+    .expect("entering the node")
+    .expect("holding the client's port on the node")
 }
