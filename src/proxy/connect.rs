@@ -266,16 +266,26 @@ fn transparent_socket(client: SocketAddr, mark: u32) -> io::Result<tokio::net::T
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
-    let sock = socket2::SockRef::from(&socket);
+    bind_transparent(socket2::SockRef::from(&socket), client, mark)?;
+    Ok(socket)
+}
+
+/// Binds `sock` (TCP or UDP) to `client`, an address of another host:
+/// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` allow it, `SO_MARK` `mark`, and
+/// `SO_REUSEADDR` (each caller says why it needs it).
+pub(super) fn bind_transparent(
+    sock: socket2::SockRef<'_>,
+    client: SocketAddr,
+    mark: u32,
+) -> io::Result<()> {
     if client.is_ipv4() {
         sock.set_ip_transparent_v4(true)?;
     } else {
         sock.set_ip_transparent_v6(true)?;
     }
     sock.set_mark(mark)?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(client)?;
-    Ok(socket)
+    sock.set_reuse_address(true)?;
+    sock.bind(&client.into())
 }
 
 /// A connect error that says the client's address is taken here, not that

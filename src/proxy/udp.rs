@@ -83,7 +83,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::balancer::{Balancer, Lease};
-use super::connect::{can_come_from_client, log_fallback};
+use super::connect::{bind_transparent, can_come_from_client, log_fallback};
 use super::metrics::{ListenerMetrics, ServicePortMetrics, UdpRefusal};
 use super::stop::{RETIRE_LINGER, Stop, Timer, fire, timer};
 use crate::model::ServicePortName;
@@ -747,14 +747,7 @@ fn client_socket(
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    if client.is_ipv4() {
-        sock.set_ip_transparent_v4(true)?;
-    } else {
-        sock.set_ip_transparent_v6(true)?;
-    }
-    sock.set_mark(mark)?;
-    sock.set_reuse_address(true)?;
-    sock.bind(&client.into())?;
+    bind_transparent(socket2::SockRef::from(&sock), client, mark)?;
     sock.connect(&endpoint.into())?;
     Ok((sock.into(), claim))
 }
