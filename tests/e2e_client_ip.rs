@@ -240,18 +240,8 @@ fn external_traffic_policy_local_endpoints_see_the_clients_own_address() {
         );
         assert_eq!(peer.ip(), NODE_ADDR, "{what}");
     }
-    let samples = scrape(bed.node()).expect("scraping /metrics");
-    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
-    assert_eq!(
-        preserved,
-        2.0 * 30.0 + 2.0 * extra.len() as f64,
-        "{samples:?}"
-    );
-    let (fallbacks, _) = metric_sum(
-        &samples,
-        "kubeuproxy_preserve_client_ip_fallbacks_total",
-        &[],
-    );
+    let (preserved, fallbacks) = preserve_counts(bed.node()).expect("scraping /metrics");
+    assert_eq!(preserved, 2.0 * 30.0 + 2.0 * extra.len() as f64);
     assert_eq!(fallbacks, 0.0);
     proxy.assert_running("end");
 }
@@ -344,20 +334,7 @@ fn a_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_counte
     // Another port of the same client: its own address again.
     let (_, peer, local) = seen(bed.client(), any_port(CLIENT_ADDR), lb, "from a free port");
     assert_eq!(peer, local);
-    let counted = poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        let samples = scrape(bed.node())?;
-        let get = |n: &str| metric_sum(&samples, n, &[]).0;
-        let (f, p) = (
-            get("kubeuproxy_preserve_client_ip_fallbacks_total"),
-            get("kubeuproxy_client_ip_preserved_total"),
-        );
-        if (f, p) == (1.0, 1.0) {
-            Ok(())
-        } else {
-            Err(format!("fallbacks {f}, preserved {p}"))
-        }
-    });
-    counted.unwrap_or_else(|e| panic!("the fallback was not counted: {e}"));
+    wait_one_fallback_one_preserved(bed.node());
     proxy.assert_running("end");
 }
 
@@ -560,14 +537,8 @@ fn udp_flows_to_local_endpoints_come_from_the_clients_own_address() {
             .unwrap_or_else(|e| panic!("ClusterIP datagram {i}: {e}"));
         assert_eq!(a.seen.ip(), NODE_ADDR, "ClusterIP {i}: {a:?}");
     }
-    let samples = scrape(bed.node()).expect("scraping /metrics");
-    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
-    assert_eq!(preserved, flows as f64, "{samples:?}");
-    let (fallbacks, _) = metric_sum(
-        &samples,
-        "kubeuproxy_preserve_client_ip_fallbacks_total",
-        &[],
-    );
+    let (preserved, fallbacks) = preserve_counts(bed.node()).expect("scraping /metrics");
+    assert_eq!(preserved, flows as f64);
     assert_eq!(fallbacks, 0.0);
     proxy.assert_running("end");
 }
@@ -604,20 +575,7 @@ fn a_udp_client_port_taken_on_the_node_falls_back_to_the_nodes_address_and_is_co
     let free = udp_from(bed.client(), any_port(CLIENT_ADDR));
     let local = free.local_addr().expect("local address");
     udp_round(&free, lb, local, "from a free port");
-    let counted = poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        let samples = scrape(bed.node())?;
-        let get = |n: &str| metric_sum(&samples, n, &[]).0;
-        let (f, p) = (
-            get("kubeuproxy_preserve_client_ip_fallbacks_total"),
-            get("kubeuproxy_client_ip_preserved_total"),
-        );
-        if (f, p) == (1.0, 1.0) {
-            Ok(())
-        } else {
-            Err(format!("fallbacks {f}, preserved {p}"))
-        }
-    });
-    counted.unwrap_or_else(|e| panic!("the fallback was not counted: {e}"));
+    wait_one_fallback_one_preserved(bed.node());
     proxy.assert_running("end");
 }
 
@@ -731,17 +689,14 @@ fn ipv6_endpoints_on_this_node_see_the_clients_own_address_over_tcp_and_udp() {
             }
         }
     }
-    let samples = scrape(bed.node()).expect("scraping /metrics");
-    let (fallbacks, _) = metric_sum(
-        &samples,
-        "kubeuproxy_preserve_client_ip_fallbacks_total",
-        &[],
-    );
-    assert_eq!(fallbacks, 0.0, "{samples:?}");
-    let (preserved, _) = metric_sum(&samples, "kubeuproxy_client_ip_preserved_total", &[]);
+    let (preserved, fallbacks) = preserve_counts(bed.node()).expect("scraping /metrics");
+    assert_eq!(fallbacks, 0.0);
     // At least: an attempt of `until_served` may reach the proxy and
     // still fail (the node port's rules landing a moment later).
-    assert!(preserved >= flows as f64, "{flows} flows: {samples:?}");
+    assert!(
+        preserved >= flows as f64,
+        "{flows} flows: {preserved} preserved"
+    );
     proxy.assert_running("end");
 }
 
@@ -813,10 +768,9 @@ fn preserve_client_ip_off_gives_the_nodes_address_and_installs_no_policy_route()
     )
     .into_owned();
     assert!(!ruleset.contains("0x00001000"), "{ruleset}");
-    let samples = scrape(bed.node()).expect("scraping /metrics");
-    let get = |n: &str| metric_sum(&samples, n, &[]).0;
-    assert_eq!(get("kubeuproxy_client_ip_preserved_total"), 0.0);
-    assert_eq!(get("kubeuproxy_preserve_client_ip_fallbacks_total"), 0.0);
+    let (preserved, fallbacks) = preserve_counts(bed.node()).expect("scraping /metrics");
+    assert_eq!(preserved, 0.0);
+    assert_eq!(fallbacks, 0.0);
     proxy.assert_running("end");
 }
 
@@ -832,4 +786,29 @@ fn hold_on_node(node: &Netns, addr: SocketAddr, ty: socket2::Type) -> socket2::S
     })
     .expect("entering the node")
     .expect("holding the client's port on the node")
+}
+
+/// The node's `kubeuproxy_client_ip_preserved_total` and
+/// `kubeuproxy_preserve_client_ip_fallbacks_total`.
+fn preserve_counts(node: &Netns) -> Result<(f64, f64), String> {
+    let samples = scrape(node)?;
+    let get = |n: &str| metric_sum(&samples, n, &[]).0;
+    Ok((
+        get("kubeuproxy_client_ip_preserved_total"),
+        get("kubeuproxy_preserve_client_ip_fallbacks_total"),
+    ))
+}
+
+/// Waits until the node counts one connection (or flow) from the client's
+/// address and one fallback: the fallback tests' one of each.
+fn wait_one_fallback_one_preserved(node: &Netns) {
+    let counted = poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        let (p, f) = preserve_counts(node)?;
+        if (f, p) == (1.0, 1.0) {
+            Ok(())
+        } else {
+            Err(format!("fallbacks {f}, preserved {p}"))
+        }
+    });
+    counted.unwrap_or_else(|e| panic!("the fallback was not counted: {e}"));
 }

@@ -84,38 +84,15 @@ impl Mode {
     /// What of kube-proxy's rules is on `node`, in words; empty when none.
     fn leftovers(self, node: &Netns) -> Vec<String> {
         match self {
-            Mode::Nftables => {
-                let out = node
-                    .output("nft", ["list", "tables"])
-                    .expect("nft list tables");
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter(|l| l.contains("kube-proxy"))
-                    .map(str::to_string)
-                    .collect()
-            }
-            Mode::Iptables => iptables_chains(node)
-                .into_iter()
-                .filter(|c| {
-                    c.starts_with("KUBE-")
-                        && !matches!(c.as_str(), "KUBE-FIREWALL" | "KUBE-MARK-MASQ")
-                })
-                .collect(),
+            Mode::Nftables => kube_proxy::nft_tables_left(node),
+            Mode::Iptables => kube_proxy::chains_left(node, "iptables-nft-save"),
         }
     }
 }
 
 /// The chains `iptables-nft-save` lists on `node`.
 fn iptables_chains(node: &Netns) -> Vec<String> {
-    let out = node
-        .output("iptables-nft-save", [] as [&str; 0])
-        .expect("iptables-nft-save");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
+    kube_proxy::iptables_chains(node, "iptables-nft-save")
 }
 
 fn lo_has_proxy_address(node: &Netns) -> bool {

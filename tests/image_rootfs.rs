@@ -290,16 +290,7 @@ fn every_program_the_proxy_runs_runs_from_the_image_tree_and_the_layer_is_under_
 /// What of kube-proxy's rules is on `node`, in words; empty when none.
 /// Read with this machine's tools, not the tree's.
 fn kube_proxy_leftovers(node: &Netns) -> Vec<String> {
-    let mut left = Vec::new();
-    let tables = node
-        .output("nft", ["list", "tables"])
-        .expect("nft list tables");
-    left.extend(
-        String::from_utf8_lossy(&tables.stdout)
-            .lines()
-            .filter(|l| l.contains("kube-proxy"))
-            .map(str::to_string),
-    );
+    let mut left = kube_proxy::nft_tables_left(node);
     for save in [
         "iptables-nft-save",
         "ip6tables-nft-save",
@@ -307,30 +298,12 @@ fn kube_proxy_leftovers(node: &Netns) -> Vec<String> {
         "ip6tables-legacy-save",
     ] {
         left.extend(
-            iptables_chains(node, save)
+            kube_proxy::chains_left(node, save)
                 .into_iter()
-                // The kubelet's chains stay (as with `kube-proxy --cleanup`).
-                .filter(|c| {
-                    c.starts_with("KUBE-")
-                        && !matches!(c.as_str(), "KUBE-FIREWALL" | "KUBE-MARK-MASQ")
-                })
                 .map(|c| format!("{save}: {c}")),
         );
     }
     left
-}
-
-/// The chains `save` (an iptables-save tool) lists on `node`.
-fn iptables_chains(node: &Netns, save: &str) -> Vec<String> {
-    let out = node
-        .output(save, [] as [&str; 0])
-        .unwrap_or_else(|e| panic!("{save}: {e}"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
 }
 
 /// What deploy/daemonset.yaml's container gets that the test reproduces
@@ -508,7 +481,7 @@ fn the_proxy_runs_from_the_image_tree_and_removes_kube_proxys_rules() {
     }
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
         assert!(
-            iptables_chains(node, save)
+            kube_proxy::iptables_chains(node, save)
                 .iter()
                 .any(|c| c == "KUBE-FIREWALL"),
             "the kubelet's KUBE-FIREWALL stays ({save})"

@@ -1,9 +1,47 @@
 //! kube-proxy's rules as its proxiers write them (one Service, one
-//! endpoint: backend 0), for the tests of the migration from kube-proxy
-//! and of `--cleanup-kube-proxy` (e2e_migration, image_rootfs).
+//! endpoint: backend 0), and what is left of them on a node, for the
+//! tests of the migration from kube-proxy and of `--cleanup-kube-proxy`
+//! (e2e_migration, image_rootfs).
 
 use super::{BACKEND_PORT, SVC_PORT, VIP_A};
-use crate::backend_addr;
+use crate::{Netns, backend_addr};
+
+/// kube-proxy's nftables tables on `node` (`nft list tables` lines).
+pub fn nft_tables_left(node: &Netns) -> Vec<String> {
+    let out = node
+        .output("nft", ["list", "tables"])
+        .expect("nft list tables");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("kube-proxy"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// kube-proxy's chains that `save` (an iptables-save tool) lists on
+/// `node`; the kubelet's (`KUBE-FIREWALL`, `KUBE-MARK-MASQ`) stay after
+/// a cleanup, as after `kube-proxy --cleanup`, and are not counted.
+pub fn chains_left(node: &Netns, save: &str) -> Vec<String> {
+    iptables_chains(node, save)
+        .into_iter()
+        .filter(|c| {
+            c.starts_with("KUBE-") && !matches!(c.as_str(), "KUBE-FIREWALL" | "KUBE-MARK-MASQ")
+        })
+        .collect()
+}
+
+/// The chains `save` (an iptables-save tool) lists on `node`.
+pub fn iptables_chains(node: &Netns, save: &str) -> Vec<String> {
+    let out = node
+        .output(save, [] as [&str; 0])
+        .unwrap_or_else(|e| panic!("{save}: {e}"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
 
 /// kube-proxy in nftables mode, as its proxier writes the table (names
 /// and structure; one Service, one endpoint: backend 0).
