@@ -5,8 +5,10 @@
 # system calls by kind, epoll waits, futex calls (thread hand-offs and
 # wake-ups), context switches, and CPU time.
 #
-#   benches/tools/ledger.sh rr|connect PATH...   (as root, repo root)
-#   PATH: splice copy transparent nginx haproxy haproxy-splice
+#   benches/tools/ledger.sh rr|udp|connect PATH...   (as root, repo root)
+#   PATH: splice copy transparent nginx haproxy haproxy-splice baseline
+#   (baseline: another kube-uproxy build, BASELINE_BIN=/path/to/kube-uproxy,
+#   with the splice relay: before and after a change)
 #
 # Runs the datapath harness for one path and one phase (--secs 8) and
 # counts with `perf stat` on the syscalls:sys_enter_* tracepoints of the
@@ -14,22 +16,25 @@
 # For rr, the proxy's whole life is counted and divided by the requests
 # the harness made (start-up and 50 warm-up requests are under 1 %); for
 # connect, 4 s of the rate part (4 client threads), divided by the proxy's
-# connect(2) calls in those 4 s (one per proxied connection). perf stat
+# connect(2) calls in those 4 s (one per proxied connection); for udp, 4 s
+# of one flow's request/response, divided by half the datagrams the proxy
+# sent in them (one each way per request). perf stat
 # counts in the kernel: it barely slows the proxy.
 # Prints one Markdown row per path; its last column, the calls by kind.
 set -euo pipefail
-phase=${1:?usage: ledger.sh rr|connect PATH...}
+phase=${1:?usage: ledger.sh rr|udp|connect PATH...}
 shift
-[ $# -gt 0 ] || { echo "usage: ledger.sh rr|connect PATH..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: ledger.sh rr|udp|connect PATH..." >&2; exit 2; }
 case $phase in
     rr) field=rr ;;                    # counted over the proxy's whole life
+    udp) wait_s=2; field=udp ;;        # 4 s inside the 8 s of one flow's request/response
     connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects, then the window
-    *) echo "unknown phase $phase (rr or connect)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (rr, udp or connect)" >&2; exit 2 ;;
 esac
 window=4
 # The kinds a proxy's message path uses; enabling all ~360 tracepoints
 # takes perf seconds, so these, and raw_syscalls for the total ("other").
-kinds="read write readv writev recvfrom sendto recvmsg sendmsg splice epoll_wait epoll_pwait
+kinds="read write readv writev recvfrom sendto recvmsg recvmmsg sendmsg sendmmsg splice epoll_wait epoll_pwait
     epoll_ctl futex accept4 connect bind socket setsockopt getsockopt getsockname getpeername close
     shutdown ioctl fcntl clock_gettime getrandom sched_yield pipe2 mmap munmap madvise mprotect brk io_uring_enter
     eventfd2 timerfd_settime clock_nanosleep rt_sigprocmask"
@@ -41,13 +46,15 @@ descendants() {
 rows=()
 for path in "$@"; do
     out=$(mktemp)
+    extra=()
+    [ "$path" = baseline ] && extra=(--baseline-bin "${BASELINE_BIN:?baseline needs BASELINE_BIN=/path/to/kube-uproxy}")
     cargo bench --bench datapath -- --paths "$path" --phases "$phase" --rounds 1 --secs 8 \
-        --no-control --no-memory --no-docs >"$out" 2>&1 &
+        --no-control --no-memory --no-docs "${extra[@]}" >"$out" 2>&1 &
     bench=$!
     # Wait for the harness to be built and the proxy to run.
     for _ in $(seq 1 3000); do
         case $path in
-            splice|copy|transparent) name=kube-uproxy ;;
+            splice|copy|transparent|baseline) name=kube-uproxy ;;
             nginx) name=nginx ;;
             haproxy|haproxy-splice) name=haproxy ;;
             *) echo "unknown path $path" >&2; kill $bench; exit 2 ;;
@@ -87,6 +94,14 @@ for path in "$@"; do
         # whole window's, not these 4 s).
         n=$(awk -F, '$3 == "syscalls:sys_enter_connect" {print $1}' "$out.perf")
         [ "${n:-0}" -gt 0 ] || { echo "$path: no connect(2) in the window" >&2; exit 1; }
+    elif [ "$phase" = udp ]; then
+        # Exact for one flow: each request is two datagrams sent, one
+        # toward the endpoint and its answer toward the client (the
+        # phase's later parts, a fixed rate and 1000 clients, come after
+        # the window).
+        s=$(awk -F, '$3 ~ /syscalls:sys_enter_(sendto|sendmsg|write)$/ && $1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$out.perf")
+        n=$((s / 2))
+        [ "$n" -gt 0 ] || { echo "$path: no datagram sent in the window" >&2; exit 1; }
     fi
     cpu_ms=$(awk -F, '$3 == "task-clock" {print $1}' "$out.perf")
     cs=$(awk -F, '$3 == "context-switches" || $3 == "cs" {print $1}' "$out.perf")
