@@ -1,18 +1,22 @@
-//! The streams of one h2 client connection, run inside that connection's
-//! own task instead of a task each.
+//! The streams of one h2 connection, run inside that connection's own
+//! task instead of a task each.
 //!
-//! hyper's h2 server hands every request (stream) to an executor. With
-//! tokio's, each stream is a task of its own, which the work-stealing
-//! runtime moves to whichever worker is idle: the streams of one
-//! connection then run on several threads at once and contend for the
-//! connection's shared state (h2 keeps its streams behind one lock), and
-//! every hand-over wakes a thread. Here the executor only queues the
-//! stream; [`WithStreams`] polls the
-//! queued streams and the connection together, as one task, so that a
-//! connection and all its work stay on one worker at a time, as an
-//! nginx or HAProxy connection stays on its worker (docs/performance.md,
-//! "Request mode: where a stream's CPU goes"). HTTP/1.1 has no streams:
-//! one request at a time runs inside the connection already.
+//! hyper hands an h2 connection's work to an executor: on the server side
+//! every request (stream); on the client side the connection's frame I/O,
+//! its request dispatch, and a future per request waiting for the
+//! response. With tokio's executor, each is a task of its own: the
+//! work-stealing runtime moves them to whichever worker is idle, the
+//! streams of one connection then run on several threads at once and
+//! contend for the connection's shared state (h2 keeps its streams behind
+//! one lock), every hand-over wakes a task, and every request spawns one.
+//! Here the executor only queues the future; [`WithStreams`] polls the
+//! queued futures and the connection together, as one task, so that a
+//! connection and all its work stay on one thread at a time, as an nginx
+//! or HAProxy connection stays on its worker (docs/performance.md,
+//! "Request mode: where a stream's CPU goes"). Used for the client
+//! connections request mode serves and for its h2 connections to the
+//! endpoints ([`super::pool`]). HTTP/1.1 has no streams: one request at
+//! a time runs inside the connection already.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,7 +28,7 @@ use futures::task::AtomicWaker;
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Streams handed over by hyper, waiting to be polled by the task.
+/// Futures handed over by hyper, waiting to be polled by the task.
 #[derive(Default)]
 struct Queue {
     new: Mutex<Vec<Stream>>,
@@ -32,7 +36,7 @@ struct Queue {
     task: AtomicWaker,
 }
 
-/// hyper's executor for one connection: queues each stream for that
+/// hyper's executor for one connection: queues each future for that
 /// connection's [`WithStreams`].
 #[derive(Clone, Default)]
 pub struct ConnExecutor(Arc<Queue>);

@@ -27,13 +27,14 @@ use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::super::balancer::EndpointSet;
 use super::super::connect::connect_marked;
 use super::super::metrics::ServicePortMetrics;
+use super::local::{ConnExecutor, WithStreams};
 
 /// Streams on one h2 connection before the next request opens another.
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
@@ -247,7 +248,11 @@ impl Pool {
         endpoint: SocketAddr,
         stream: TcpStream,
     ) -> io::Result<http2::SendRequest<Incoming>> {
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        // hyper runs an h2 client connection as two futures (the frames'
+        // I/O and the requests' dispatch) and one more per request (its
+        // response); all of them run in this connection's one task.
+        let exec = ConnExecutor::default();
+        let (send, conn) = http2::Builder::new(exec.clone())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
@@ -255,7 +260,7 @@ impl Pool {
         let metrics = Arc::clone(&self.metrics);
         metrics.http().upstream(endpoint, 1);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = WithStreams::new(conn, &exec).await {
                 debug!(%endpoint, error = %e, "h2 connection to the endpoint ended");
             }
             metrics.http().upstream(endpoint, -1);
