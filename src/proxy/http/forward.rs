@@ -301,6 +301,12 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection` header names, and the usual ones. `te: trailers` stays
 /// in a request (gRPC needs it at h2 endpoints); any other `te` goes.
 fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
+    // Most messages carry none of them (an h2 message never does): one
+    // pass over the names, compared by their standard-header tags, instead
+    // of a hashed lookup for each name removed below.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -335,10 +341,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
     }
 }
 
+/// A header [`strip_hop_by_hop`] may remove or rewrite (`Connection`
+/// itself, the usual hop-by-hop headers and `te`); a name the
+/// `Connection` header lists is found through `Connection`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Rewrites a client's request for the endpoint's protocol: hop-by-hop
 /// headers out, the version set, `Host` kept as the client sent it (an
 /// h2 client's `:authority` becomes `Host` toward HTTP/1.1).
-fn prepare_request(req: &mut Request<Incoming>, proto: Proto) {
+fn prepare_request<B>(req: &mut Request<B>, proto: Proto) {
     strip_hop_by_hop(req.headers_mut(), true);
     match proto {
         Proto::Http1 => {
@@ -349,14 +367,20 @@ fn prepare_request(req: &mut Request<Incoming>, proto: Proto) {
                 req.headers_mut().insert(header::HOST, v);
             }
             *req.version_mut() = Version::HTTP_11;
-            // Origin form: the path and query only.
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into());
-            if let Ok(u) = pq.parse::<Uri>() {
-                *req.uri_mut() = u;
+            // Origin form: the path and query only (an HTTP/1.1 client's
+            // request mostly is already; an h2 client's carries its
+            // scheme and authority).
+            if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(
+                    req.uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                if let Ok(u) = Uri::from_parts(parts) {
+                    *req.uri_mut() = u;
+                }
             }
         }
         Proto::Http2 => {
@@ -539,6 +563,50 @@ mod tests {
         assert_eq!(h.get("x-end").unwrap(), "kept");
         assert!(h.get("x-hop").is_none() && h.get("keep-alive").is_none());
         assert!(h.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_stripped() {
+        for (name, value) in [
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            h.insert("x-end", HeaderValue::from_static("kept"));
+            strip_hop_by_hop(&mut h, true);
+            assert!(h.get(name).is_none(), "{name} kept");
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
+    }
+
+    #[test]
+    fn an_h2_clients_request_goes_to_http1_in_origin_form_with_its_host() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://web.default:8080/a/b?c=d")
+            .body(())
+            .unwrap();
+        prepare_request(&mut req, Proto::Http1);
+        assert_eq!(req.uri(), "/a/b?c=d");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers()[header::HOST], "web.default:8080");
+        // Already in origin form: left as it is, Host too.
+        let mut req = Request::builder()
+            .uri("/x?y")
+            .header(header::HOST, "web")
+            .body(())
+            .unwrap();
+        prepare_request(&mut req, Proto::Http1);
+        assert_eq!(req.uri(), "/x?y");
+        assert_eq!(req.headers()[header::HOST], "web");
     }
 
     #[test]
