@@ -53,7 +53,7 @@ pub async fn handle(
         stream: None,
     };
     if is_upgrade(&req) {
-        return upgrade(port, client, req, done, started).await;
+        return Box::pin(upgrade(port, client, req, done, started)).await;
     }
     let proto = match port.balancer.mode() {
         PortMode::Http2 => Proto::Http2,

@@ -129,19 +129,35 @@ impl Pool {
         proto: Proto,
         timeout: Duration,
     ) -> io::Result<Conn> {
+        let pooled = match proto {
+            Proto::Http1 => self.idle_http1(endpoint).map(|send| Conn::Http1 { send }),
+            Proto::Http2 => self.shared_http2(endpoint),
+        };
+        match pooled {
+            Some(c) => Ok(c),
+            // Boxed: dialing and the protocol's handshake are large
+            // futures, which every request's future would otherwise
+            // carry (and copy) for the rare request that opens a
+            // connection.
+            None => Box::pin(self.open(endpoint, proto, timeout)).await,
+        }
+    }
+
+    /// A new connection to `endpoint` (HTTP/1.1), or the h2 connection
+    /// another request opened meanwhile.
+    async fn open(
+        &self,
+        endpoint: SocketAddr,
+        proto: Proto,
+        timeout: Duration,
+    ) -> io::Result<Conn> {
         match proto {
             Proto::Http1 => {
-                if let Some(send) = self.idle_http1(endpoint) {
-                    return Ok(Conn::Http1 { send });
-                }
                 let stream = self.dial(endpoint, timeout).await?;
                 let send = self.start_http1(endpoint, stream, false).await?;
                 Ok(Conn::Http1 { send })
             }
             Proto::Http2 => {
-                if let Some(c) = self.shared_http2(endpoint) {
-                    return Ok(c);
-                }
                 let dialing = Arc::clone(&self.entries().entry(endpoint).or_default().dialing);
                 let _turn = dialing.lock().await;
                 // Opened by whoever had the turn before?
