@@ -10,7 +10,8 @@
 #   (baseline: another kube-uproxy build, BASELINE_BIN=/path/to/kube-uproxy,
 #   with the splice relay: before and after a change)
 #
-# Runs the datapath harness for one path and one phase (--secs 8) and
+# Runs the datapath harness for one path and one phase (--secs 8; 10 for
+# the HTTP phases) and
 # counts with `perf stat` on the syscalls:sys_enter_* tracepoints of the
 # proxy's processes.
 # For rr, the proxy's whole life is counted and divided by the requests
@@ -18,18 +19,24 @@
 # connect, 4 s of the rate part (4 client threads), divided by the proxy's
 # connect(2) calls in those 4 s (one per proxied connection); for udp, 4 s
 # of one flow's request/response, divided by half the datagrams the proxy
-# sent in them (one each way per request). perf stat
+# sent in them (one each way per request); for http1 and h2c (request
+# mode, issue 20), 4 s inside the phase's 10 s, divided by the phase's
+# rate × 4 s. perf stat
 # counts in the kernel: it barely slows the proxy.
 # Prints one Markdown row per path; its last column, the calls by kind.
 set -euo pipefail
-phase=${1:?usage: ledger.sh rr|udp|connect PATH...}
+usage="usage: ledger.sh rr|udp|connect PATH... | ledger.sh http1|h2c request|baseline|haproxy|nginx..."
+phase=${1:?$usage}
 shift
-[ $# -gt 0 ] || { echo "usage: ledger.sh rr|udp|connect PATH..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+run_secs=8
 case $phase in
     rr) field=rr ;;                    # counted over the proxy's whole life
     udp) wait_s=2; field=udp ;;        # 4 s inside the 8 s of one flow's request/response
     connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects, then the window
-    *) echo "unknown phase $phase (rr, udp or connect)" >&2; exit 2 ;;
+    http1) wait_s=4; field=h1; run_secs=10 ;;   # the HTTP lab's start-up and warm-up, then the window
+    h2c) wait_s=4; field=h2c; run_secs=10 ;;
+    *) echo "unknown phase $phase (rr, udp, connect, http1 or h2c)" >&2; exit 2 ;;
 esac
 window=4
 # The kinds a proxy's message path uses; enabling all ~360 tracepoints
@@ -47,14 +54,18 @@ rows=()
 for path in "$@"; do
     out=$(mktemp)
     extra=()
+    paths=$path
     [ "$path" = baseline ] && extra=(--baseline-bin "${BASELINE_BIN:?baseline needs BASELINE_BIN=/path/to/kube-uproxy}")
-    cargo bench --bench datapath -- --paths "$path" --phases "$phase" --rounds 1 --secs 8 \
+    # Request mode alone (the splice path would run the L4 port in the
+    # same process too): this build as the harness's baseline binary.
+    [ "$path" = request ] && { paths=baseline; extra=(--baseline-bin "$PWD/target/release/kube-uproxy"); }
+    cargo bench --bench datapath -- --paths "$paths" --phases "$phase" --rounds 1 --secs "$run_secs" \
         --no-control --no-memory --no-docs "${extra[@]}" >"$out" 2>&1 &
     bench=$!
     # Wait for the harness to be built and the proxy to run.
     for _ in $(seq 1 3000); do
         case $path in
-            splice|copy|transparent|baseline) name=kube-uproxy ;;
+            splice|copy|transparent|baseline|request) name=kube-uproxy ;;
             nginx) name=nginx ;;
             haproxy|haproxy-splice) name=haproxy ;;
             *) echo "unknown path $path" >&2; kill $bench; exit 2 ;;
@@ -74,7 +85,7 @@ for path in "$@"; do
         perf_pid=$!
         wait $bench || { echo "$path: harness failed" >&2; cat "$out" >&2; exit 1; }
         wait $perf_pid || true
-        secs=8
+        secs=$run_secs
     else
         sleep "$wait_s"
         # Again: the harness may run short-lived helpers of the same name first.
@@ -85,7 +96,7 @@ for path in "$@"; do
         wait $bench || { echo "$path: harness failed" >&2; cat "$out" >&2; exit 1; }
         secs=$window
     fi
-    rate=$(sed -nE "s/^round .* $field +([0-9]+)( req)?\/s.*/\1/p" "$out" | head -1)
+    rate=$(sed -nE "s/^(http )?round .* $field +([0-9]+)( req)?\/s.*/\2/p" "$out" | head -1)
     [ -n "$rate" ] || { echo "$path: no $field rate in the harness output" >&2; cat "$out" >&2; exit 1; }
     n=$((rate * secs))
     if [ "$phase" = connect ]; then
