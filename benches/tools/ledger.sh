@@ -7,6 +7,8 @@
 #
 #   benches/tools/ledger.sh rr|udp|connect PATH...   (as root, repo root)
 #   PATH: splice copy transparent nginx haproxy haproxy-splice baseline
+#   benches/tools/ledger.sh http1|h2c PATH...
+#   PATH: request (this build's request mode) baseline haproxy nginx
 #   (baseline: another kube-uproxy build, BASELINE_BIN=/path/to/kube-uproxy,
 #   with the splice relay: before and after a change)
 #
