@@ -538,6 +538,36 @@ fn grpc_calls_in_flight_survive_an_endpoint_leaving() {
              {after:?}; expected backend1 and backend2 75 ± 5 each, backend0 none"
         )
     });
+    // Its calls done, the proxy's pooled h2 connection to backend0 closes
+    // (GOAWAY, then FIN): the endpoint is not held open by a connection
+    // nobody will use again.
+    let backend0 = w.bed.lab.backend(0).expect("backend0's namespace").clone();
+    let open = e2e::poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        let out = backend0
+            .output(
+                "ss",
+                [
+                    "-Htn",
+                    "state",
+                    "established",
+                    &format!("sport = :{BACKEND_PORT}"),
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+        let lines = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if lines.is_empty() {
+            Ok(())
+        } else {
+            Err(lines)
+        }
+    });
+    checks.expect(open.is_ok(), || {
+        format!(
+            "10 s after its last call, backend0 (gone from the EndpointSlice) still has \
+             connections from the proxy: {}",
+            open.as_ref().err().map_or("", String::as_str)
+        )
+    });
     checks.finish();
 }
 

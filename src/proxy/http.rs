@@ -113,10 +113,12 @@ pub async fn serve(
                 .max_concurrent_streams(config.max_concurrent_streams)
                 .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(io, service);
-            drive!(local::WithStreams::new(conn, &executor), |c| c
-                .get_mut()
-                .conn()
-                .graceful_shutdown())
+            drive!(
+                local::WithStreams::new(conn, &executor),
+                |c| if let Some(conn) = c.get_mut().conn() {
+                    conn.graceful_shutdown()
+                }
+            )
         }
         _ => drive!(
             http1::Builder::new()

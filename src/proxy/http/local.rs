@@ -57,8 +57,13 @@ where
 
 /// A connection future together with the streams its executor was given:
 /// ready when the connection is done and its last stream has finished.
+/// The connection future is dropped as soon as it is done: hyper's h2
+/// client ends the connection's frame I/O (one of the queued futures,
+/// which then sends GOAWAY and closes) only when its dispatch future is
+/// dropped, not when it returns.
 pub struct WithStreams<C: Future> {
-    conn: Pin<Box<C>>,
+    /// `None` once done.
+    conn: Option<Pin<Box<C>>>,
     done: Option<C::Output>,
     streams: FuturesUnordered<Stream>,
     queue: Arc<Queue>,
@@ -67,16 +72,17 @@ pub struct WithStreams<C: Future> {
 impl<C: Future> WithStreams<C> {
     pub fn new(conn: C, executor: &ConnExecutor) -> Self {
         WithStreams {
-            conn: Box::pin(conn),
+            conn: Some(Box::pin(conn)),
             done: None,
             streams: FuturesUnordered::new(),
             queue: Arc::clone(&executor.0),
         }
     }
 
-    /// The connection itself (to ask it to shut down gracefully).
-    pub fn conn(&mut self) -> Pin<&mut C> {
-        self.conn.as_mut()
+    /// The connection itself (to ask it to shut down gracefully), while
+    /// it runs.
+    pub fn conn(&mut self) -> Option<Pin<&mut C>> {
+        self.conn.as_mut().map(|c| c.as_mut())
     }
 
     fn take_new(&mut self) {
@@ -107,10 +113,11 @@ impl<C: Future> Future for WithStreams<C> {
             // Finished streams leave the set; a pending one has
             // registered `cx`'s waker through the set.
             while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
-            if this.done.is_none()
-                && let Poll::Ready(r) = this.conn.as_mut().poll(cx)
+            if let Some(conn) = this.conn.as_mut()
+                && let Poll::Ready(r) = conn.as_mut().poll(cx)
             {
                 this.done = Some(r);
+                this.conn = None;
             }
             // Again if the connection handed over new streams meanwhile.
             if !this.has_new() {
@@ -171,5 +178,39 @@ mod tests {
         tx.send(()).unwrap();
         assert_eq!(all.await.unwrap(), 7);
         assert_eq!(ran.load(Ordering::SeqCst), 4);
+    }
+
+    /// A stream that waits for the connection future to be dropped (as
+    /// hyper's h2 client's frame I/O waits for its dispatch future) ends:
+    /// the connection future is dropped when it is done, not kept until
+    /// every stream has finished.
+    #[tokio::test]
+    async fn a_done_connection_is_dropped_before_its_streams_end() {
+        let exec = ConnExecutor::default();
+        let (held, mut dropped) = tokio::sync::mpsc::channel::<()>(1);
+        exec.execute(async move {
+            // Ends when every sender is gone.
+            let _ = dropped.recv().await;
+        });
+        // Done at its second poll, holding the sender until it is
+        // dropped (as hyper's dispatch future holds its handles).
+        struct Holds<T>(Option<T>, bool);
+        impl<T: Unpin> Future for Holds<T> {
+            type Output = u32;
+            fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+                if self.1 {
+                    return Poll::Ready(5);
+                }
+                self.1 = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+        let conn = Holds(Some(held), false);
+        let all = tokio::spawn(WithStreams::new(conn, &exec));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), all)
+            .await
+            .expect("the connection's future was kept after it was done");
+        assert_eq!(r.unwrap(), 5);
     }
 }
