@@ -555,11 +555,7 @@ fn grpc_calls_in_flight_survive_an_endpoint_leaving() {
             )
             .map_err(|e| e.to_string())?;
         let lines = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if lines.is_empty() {
-            Ok(())
-        } else {
-            Err(lines)
-        }
+        if lines.is_empty() { Ok(()) } else { Err(lines) }
     });
     checks.expect(open.is_ok(), || {
         format!(

@@ -36,7 +36,7 @@ case $phase in
     rr) field=rr ;;                    # counted over the proxy's whole life
     udp) wait_s=2; field=udp ;;        # 4 s inside the 8 s of one flow's request/response
     connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects, then the window
-    http1) wait_s=4; field=h1; run_secs=10 ;;   # the HTTP lab's start-up and warm-up, then the window
+    http1) wait_s=4; field=h1; run_secs=10 ;;   # past the HTTP lab's start-up, then the window
     h2c) wait_s=4; field=h2c; run_secs=10 ;;
     *) echo "unknown phase $phase (rr, udp, connect, http1 or h2c)" >&2; exit 2 ;;
 esac
@@ -57,7 +57,16 @@ for path in "$@"; do
     out=$(mktemp)
     extra=()
     paths=$path
-    [ "$path" = baseline ] && extra=(--baseline-bin "${BASELINE_BIN:?baseline needs BASELINE_BIN=/path/to/kube-uproxy}")
+    if [ "$path" = baseline ]; then
+        extra=(--baseline-bin "${BASELINE_BIN:?baseline needs BASELINE_BIN=/path/to/kube-uproxy}")
+        # The proxy is found by its process name.
+        [ "$(basename "$BASELINE_BIN")" = kube-uproxy ] ||
+            { echo "BASELINE_BIN must be a file named kube-uproxy (copy it to a directory of its own)" >&2; exit 2; }
+    fi
+    case $path:$phase in
+        request:http1|request:h2c|*:http1|*:h2c) ;;
+        request:*) echo "request is a path of the HTTP phases (http1, h2c)" >&2; exit 2 ;;
+    esac
     # Request mode alone (the splice path would run the L4 port in the
     # same process too): this build as the harness's baseline binary.
     [ "$path" = request ] && { paths=baseline; extra=(--baseline-bin "$PWD/target/release/kube-uproxy"); }
@@ -108,11 +117,12 @@ for path in "$@"; do
         n=$(awk -F, '$3 == "syscalls:sys_enter_connect" {print $1}' "$out.perf")
         [ "${n:-0}" -gt 0 ] || { echo "$path: no connect(2) in the window" >&2; exit 1; }
     elif [ "$phase" = udp ]; then
-        # Exact for one flow: each request is two datagrams sent, one
+        # Exact for one flow: each request is two datagrams sent (sendto;
+        # not write, which includes tokio's wake-ups of its reactor), one
         # toward the endpoint and its answer toward the client (the
         # phase's later parts, a fixed rate and 1000 clients, come after
         # the window).
-        s=$(awk -F, '$3 ~ /syscalls:sys_enter_(sendto|sendmsg|write)$/ && $1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$out.perf")
+        s=$(awk -F, '$3 ~ /syscalls:sys_enter_(sendto|sendmsg)$/ && $1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$out.perf")
         n=$((s / 2))
         [ "$n" -gt 0 ] || { echo "$path: no datagram sent in the window" >&2; exit 1; }
     fi

@@ -88,8 +88,11 @@ pub const DATAGRAMS_PER_CALL: usize = 2;
 /// Receives up to [`DATAGRAMS_PER_CALL`] datagrams in one `recvmmsg(2)`,
 /// without waiting, one into each buffer; for each, its length and
 /// sender. Fewer than asked for means the socket's queue was empty when
-/// the call returned: a reader of an edge-triggered socket may then wait
-/// for the next edge without another call that would only say `EAGAIN`.
+/// the call returned, or that an error (an ICMP error on a connected
+/// socket) stopped the batch and is kept for the next call, which the
+/// error's own wake-up brings: either way a reader of an edge-triggered
+/// socket may wait for the next edge without another call that would
+/// only say `EAGAIN`.
 /// `Err(WouldBlock)` when no datagram is queued.
 pub fn recv_datagrams(
     socket: &impl AsFd,

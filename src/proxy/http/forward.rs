@@ -301,7 +301,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection` header names, and the usual ones. `te: trailers` stays
 /// in a request (gRPC needs it at h2 endpoints); any other `te` goes.
 fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
-    // Most messages carry none of them (an h2 message never does): one
+    // Most messages carry none of them (an h2 message at most a gRPC
+    // call's `te: trailers`): one
     // pass over the names, compared by their standard-header tags, instead
     // of a hashed lookup for each name removed below.
     if !headers.keys().any(is_hop_by_hop) {
