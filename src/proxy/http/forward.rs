@@ -320,13 +320,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
             headers.remove(n);
         }
     }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
     let trailers = request
@@ -342,16 +336,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, request: bool) {
     }
 }
 
+/// The hop-by-hop headers every message loses (besides those its
+/// `Connection` header names, and `te` but for `trailers`).
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// A header [`strip_hop_by_hop`] may remove or rewrite (`Connection`
 /// itself, the usual hop-by-hop headers and `te`); a name the
 /// `Connection` header lists is found through `Connection`.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    name == header::TE || HOP_BY_HOP.contains(name)
 }
 
 /// Rewrites a client's request for the endpoint's protocol: hop-by-hop
