@@ -541,9 +541,23 @@ fn grpc_calls_in_flight_survive_an_endpoint_leaving() {
     // Its calls done, the proxy's pooled h2 connection to backend0 closes
     // (GOAWAY, then FIN): the endpoint is not held open by a connection
     // nobody will use again.
-    let backend0 = w.bed.lab.backend(0).expect("backend0's namespace").clone();
-    let open = e2e::poll(Duration::from_secs(10), Duration::from_millis(100), || {
-        let out = backend0
+    let open = no_connection_within(&w, 0, Duration::from_secs(10));
+    checks.expect(open.is_ok(), || {
+        format!(
+            "10 s after its last call, backend0 (gone from the EndpointSlice) still has \
+             connections from the proxy: {}",
+            open.as_ref().err().map_or("", String::as_str)
+        )
+    });
+    checks.finish();
+}
+
+/// Waits up to `timeout` for backend `i` to have no established TCP
+/// connection on [`BACKEND_PORT`]; else what `ss` still lists.
+fn no_connection_within(w: &World, i: usize, timeout: Duration) -> Result<(), String> {
+    let ns = w.bed.lab.backend(i).expect("the backend's namespace");
+    e2e::poll(timeout, Duration::from_millis(100), || {
+        let out = ns
             .output(
                 "ss",
                 [
@@ -556,15 +570,59 @@ fn grpc_calls_in_flight_survive_an_endpoint_leaving() {
             .map_err(|e| e.to_string())?;
         let lines = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if lines.is_empty() { Ok(()) } else { Err(lines) }
-    });
-    checks.expect(open.is_ok(), || {
-        format!(
-            "10 s after its last call, backend0 (gone from the EndpointSlice) still has \
-             connections from the proxy: {}",
-            open.as_ref().err().map_or("", String::as_str)
-        )
-    });
-    checks.finish();
+    })
+}
+
+/// An endpoint that leaves while the proxy holds pooled h2 connections to
+/// it (one per HTTP thread that served a call) has them closed at once,
+/// not at the next request on each thread's pool: no request follows
+/// here.
+#[test]
+fn pooled_connections_to_an_endpoint_that_left_close_without_another_request() {
+    if !lab::require_root_and_nft(
+        "pooled_connections_to_an_endpoint_that_left_close_without_another_request",
+    ) {
+        return;
+    }
+    let service =
+        |backends: &[usize]| svc("lab-prune", VIP_A, BACKEND_PORT, Some("grpc"), backends);
+    let mut w = World::new(
+        "grpc-prune",
+        &[Backend::None, Backend::None, Backend::None],
+        &[service(&[0, 1, 2])],
+        &[],
+        |bed| grpc_servers(bed, &[0, 1, 2], BACKEND_PORT, &[]),
+    );
+    let target = vip(VIP_A).to_string();
+    let r = grpc_client(
+        w.client(),
+        w.dir(),
+        &["who", "--target", &target, "--calls", "30"],
+        CLIENT_TIMEOUT,
+    )
+    .expect("grpc client, 30 calls");
+    let counts = json_counts(&r["counts"]);
+    assert!(
+        count_of(&counts, 0) > 0,
+        "30 calls, none on backend0: {counts:?}"
+    );
+    assert!(
+        no_connection_within(&w, 0, Duration::from_millis(200)).is_err(),
+        "the proxy keeps no connection to backend0 after its calls: nothing to close"
+    );
+    write_by_rename(&w.manifests, &manifests(&[service(&[1, 2])]));
+    let expected: Vec<String> = [1, 2]
+        .iter()
+        .map(|&i| SocketAddr::from((backend_addr(i), BACKEND_PORT)).to_string())
+        .collect();
+    wait_endpoints(&mut w.proxy, w.bed.node(), "lab-prune", &expected);
+    let open = no_connection_within(&w, 0, Duration::from_secs(10));
+    assert!(
+        open.is_ok(),
+        "10 s after backend0 left the EndpointSlice, with no request since, it still has \
+         connections from the proxy: {}",
+        open.as_ref().err().map_or("", String::as_str)
+    );
 }
 
 // ---------------------------------------------------------------------------

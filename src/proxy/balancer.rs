@@ -245,6 +245,10 @@ fn reap_interval_ms(timeout_ms: u64) -> u64 {
 #[derive(Debug)]
 pub struct Balancer {
     set: ArcSwap<EndpointSet>,
+    /// Woken at every new endpoint set, for those that hold something per
+    /// endpoint (request mode's pools close their connections to the
+    /// endpoints that left).
+    changed: tokio::sync::Notify,
     algorithm: AtomicU8,
     /// [`PortMode`], encoded.
     mode: AtomicU8,
@@ -315,6 +319,7 @@ impl Balancer {
         let start = RandomState::new().hash_one(std::process::id()) as usize;
         Balancer {
             set: ArcSwap::from_pointee(EndpointSet::default()),
+            changed: tokio::sync::Notify::new(),
             algorithm: AtomicU8::new(encode(algorithm)),
             mode: AtomicU8::new(0),
             proxy_protocol: AtomicU8::new(0),
@@ -419,6 +424,13 @@ impl Balancer {
         &self.failover_log
     }
 
+    /// Notified after every [`Balancer::update`]: create the `Notified`
+    /// (and `enable` it) before reading [`Balancer::endpoints`], so that
+    /// an update in between is not missed.
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
+
     pub fn endpoints(&self) -> Arc<EndpointSet> {
         self.set.load_full()
     }
@@ -505,6 +517,7 @@ impl Balancer {
             endpoints,
             generation,
         }));
+        self.changed.notify_waiters();
         if timeout_ms == 0 {
             sticky.clients = HashMap::new();
         } else {

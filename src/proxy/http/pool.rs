@@ -14,9 +14,10 @@
 //!   connection the endpoint sent GOAWAY on is not used again: the next
 //!   request opens a new one.
 //! - An endpoint that leaves the Service port's set takes no new request;
-//!   its idle connections close, and the ones carrying requests close
-//!   once those are done (dropping the last handle of an h2 connection
-//!   ends it with GOAWAY).
+//!   its idle connections close at once (the port's pools watch the
+//!   balancer: [`super::port::HttpPort`]), and the ones carrying requests
+//!   close once those are done (dropping the last handle of an h2
+//!   connection ends it with GOAWAY).
 
 use std::collections::HashMap;
 use std::io;

@@ -1,8 +1,8 @@
 //! What the connections of one request-mode listener share.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use super::super::DataPathConfig;
@@ -24,6 +24,8 @@ pub struct HttpPort {
     /// Upgraded connections (tunnels), drained at shutdown like
     /// connections.
     pub(super) tunnels: TaskTracker,
+    /// Stops [`prune_on_change`] with this port.
+    _pruning: DropGuard,
 }
 
 impl HttpPort {
@@ -40,6 +42,12 @@ impl HttpPort {
             config.upstream_mark,
             Arc::clone(&metrics),
         ));
+        let pruning = CancellationToken::new();
+        tokio::spawn(prune_on_change(
+            Arc::clone(&balancer),
+            Arc::downgrade(&pool),
+            pruning.clone(),
+        ));
         HttpPort {
             service,
             balancer,
@@ -48,6 +56,27 @@ impl HttpPort {
             pool,
             cut,
             tunnels,
+            _pruning: pruning.drop_guard(),
+        }
+    }
+}
+
+/// Closes the pool's connections to an endpoint as soon as it leaves the
+/// set, instead of at the pool's next request: the pool of an HTTP thread
+/// that gets no more requests on this port would keep them open.
+/// Connections carrying requests close when those are done.
+async fn prune_on_change(balancer: Arc<Balancer>, pool: Weak<pool::Pool>, stop: CancellationToken) {
+    loop {
+        let changed = balancer.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        match pool.upgrade() {
+            Some(pool) => pool.prune(&balancer.endpoints()),
+            None => return,
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = stop.cancelled() => return,
         }
     }
 }
