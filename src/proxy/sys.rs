@@ -3,7 +3,6 @@
 //! reason it is sound.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -153,35 +152,14 @@ fn socket_addr(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<So
     let len = len as usize;
     match libc::c_int::from(name.ss_family) {
         libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
-            let mut sin = MaybeUninit::<libc::sockaddr_in>::uninit();
-            // SAFETY: the kernel wrote an AF_INET address of at least
-            // `sockaddr_in`'s size to `name`, which is larger still; the
-            // bytes are copied to a `sockaddr_in` of their own (no
-            // alignment or aliasing assumed), all of it initialized.
-            let sin = unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (name as *const libc::sockaddr_storage).cast::<u8>(),
-                    sin.as_mut_ptr().cast::<u8>(),
-                    size_of::<libc::sockaddr_in>(),
-                );
-                sin.assume_init()
-            };
+            let sin: libc::sockaddr_in = read_as(name);
             Some(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
                 u16::from_be(sin.sin_port),
             )))
         }
         libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
-            let mut sin6 = MaybeUninit::<libc::sockaddr_in6>::uninit();
-            // SAFETY: as above, for an AF_INET6 address and `sockaddr_in6`.
-            let sin6 = unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (name as *const libc::sockaddr_storage).cast::<u8>(),
-                    sin6.as_mut_ptr().cast::<u8>(),
-                    size_of::<libc::sockaddr_in6>(),
-                );
-                sin6.assume_init()
-            };
+            let sin6: libc::sockaddr_in6 = read_as(name);
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
@@ -192,6 +170,22 @@ fn socket_addr(name: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<So
         _ => None,
     }
 }
+
+/// The first bytes of `name` as a `sockaddr_in` or `sockaddr_in6`.
+fn read_as<T: SockaddrIn>(name: &libc::sockaddr_storage) -> T {
+    const { assert!(size_of::<T>() <= size_of::<libc::sockaddr_storage>()) };
+    // SAFETY: `T` is `sockaddr_in` or `sockaddr_in6` (the sealed trait
+    // below), plain integers for which every bit pattern is valid, and no
+    // larger than `sockaddr_storage` (checked at compile time): the read
+    // stays inside `name`, a live, initialized value; `read_unaligned`
+    // assumes no alignment.
+    unsafe { std::ptr::read_unaligned((name as *const libc::sockaddr_storage).cast::<T>()) }
+}
+
+/// The socket address types [`read_as`] may read.
+trait SockaddrIn: Copy {}
+impl SockaddrIn for libc::sockaddr_in {}
+impl SockaddrIn for libc::sockaddr_in6 {}
 
 #[cfg(test)]
 mod tests {
