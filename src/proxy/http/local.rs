@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -32,8 +33,13 @@ type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 #[derive(Default)]
 struct Queue {
     new: Mutex<Vec<Stream>>,
-    /// The connection's task, woken when a stream is queued.
+    /// The connection's task, woken when a stream is queued while it is
+    /// not being polled.
     task: AtomicWaker,
+    /// The task is being polled and will look for new futures before it
+    /// returns: hyper queues them from inside that poll, and waking the
+    /// task then would only poll it once more for nothing.
+    polling: AtomicBool,
 }
 
 /// hyper's executor for one connection: queues each future for that
@@ -51,7 +57,11 @@ where
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Box::pin(fut));
-        self.0.task.wake();
+        // After the push: a poll that has just ended either sees the
+        // future under the lock or has cleared `polling` before it.
+        if !self.0.polling.load(Ordering::SeqCst) {
+            self.0.task.wake();
+        }
     }
 }
 
@@ -108,6 +118,7 @@ impl<C: Future> Future for WithStreams<C> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = self.get_mut();
         this.queue.task.register(cx.waker());
+        this.queue.polling.store(true, Ordering::SeqCst);
         loop {
             this.take_new();
             // Finished streams leave the set; a pending one has
@@ -123,6 +134,11 @@ impl<C: Future> Future for WithStreams<C> {
             if !this.has_new() {
                 break;
             }
+        }
+        this.queue.polling.store(false, Ordering::SeqCst);
+        // Queued from another thread between the last look and now.
+        if this.has_new() {
+            cx.waker().wake_by_ref();
         }
         if this.streams.is_empty()
             && let Some(r) = this.done.take()
@@ -178,6 +194,34 @@ mod tests {
         tx.send(()).unwrap();
         assert_eq!(all.await.unwrap(), 7);
         assert_eq!(ran.load(Ordering::SeqCst), 4);
+    }
+
+    /// A future queued from another thread while the task waits is run:
+    /// the task is woken when it is not being polled.
+    #[tokio::test]
+    async fn a_stream_queued_from_another_thread_while_idle_runs() {
+        let exec = ConnExecutor::default();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ran_tx, ran_rx) = tokio::sync::oneshot::channel::<()>();
+        let conn = async move {
+            let _ = done_rx.await;
+        };
+        let all = tokio::spawn(WithStreams::new(conn, &exec));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let from = exec.clone();
+        std::thread::spawn(move || {
+            from.execute(async move {
+                let _ = ran_tx.send(());
+            })
+        })
+        .join()
+        .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), ran_rx)
+            .await
+            .expect("a future queued while the task was idle never ran")
+            .unwrap();
+        done_tx.send(()).unwrap();
+        all.await.unwrap();
     }
 
     /// A stream that waits for the connection future to be dropped (as
