@@ -23,6 +23,7 @@ use kube_uproxy::model::{ObjectKey, Protocol, ServicePortName};
 use kube_uproxy::rules::host::REQUIRED_CAPABILITIES;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use uproxy_lab::json_strings as strings;
 
 /// The DaemonSet's volume with kubeadm's kubeconfig for kube-proxy.
 const KUBE_PROXY_VOLUME: &str = "kube-proxy-kubeconfig";
@@ -92,16 +93,6 @@ fn one(file: &str, kind: &str) -> Value {
         .collect();
     assert_eq!(docs.len(), 1, "{file}: one {kind}");
     docs.into_iter().next().unwrap_or_default()
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The pod: its container, its volumes' mount paths by volume name.

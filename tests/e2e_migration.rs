@@ -212,18 +212,7 @@ fn migrate_and_back(mode: Mode, tag: &str) {
             Some(&mut proxy),
             "new connections go to kube-uproxy",
         );
-        let removed = poll(PHASE_TIMEOUT, Duration::from_millis(50), || {
-            let left = mode.leftovers(bed.node());
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("{left:?}"))
-            }
-        });
-        if let Err(left) = removed {
-            proxy.assert_running("--cleanup-kube-proxy");
-            panic!("kube-proxy's rules are still there: {left}");
-        }
+        kube_proxy::wait_removed(&mut proxy, PHASE_TIMEOUT, || mode.leftovers(bed.node()));
         if let Mode::Iptables = mode {
             let chains = iptables_chains(bed.node());
             assert!(

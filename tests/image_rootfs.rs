@@ -326,15 +326,7 @@ impl PodShape {
         let ds: serde_json::Value = serde_norway::from_str(&text).expect("the DaemonSet's YAML");
         let container = &ds["spec"]["template"]["spec"]["containers"][0];
         let sc = &container["securityContext"];
-        let list = |v: &serde_json::Value| -> Vec<String> {
-            v.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let list = uproxy_lab::json_strings;
         assert_eq!(list(&sc["capabilities"]["drop"]), ["ALL"]);
         let caps = list(&sc["capabilities"]["add"])
             .iter()
@@ -467,18 +459,7 @@ fn the_proxy_runs_from_the_image_tree_and_removes_kube_proxys_rules() {
         panic!("the ClusterIP was never served: {last}");
     }
 
-    let removed = poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        let left = kube_proxy_leftovers(node);
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{left:?}"))
-        }
-    });
-    if let Err(left) = removed {
-        proxy.assert_running("--cleanup-kube-proxy");
-        panic!("kube-proxy's rules are still there: {left}");
-    }
+    kube_proxy::wait_removed(&mut proxy, READY_TIMEOUT, || kube_proxy_leftovers(node));
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
         assert!(
             kube_proxy::iptables_chains(node, save)

@@ -172,6 +172,18 @@ impl LabError {
     }
 }
 
+/// The strings of a JSON array (none if `v` is not an array; entries
+/// that are not strings left out).
+pub fn json_strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Returns true if this process can build labs (root, `ip` and `nft` found).
 ///
 /// Otherwise: if the environment variable `CI` is set, panics with the reason

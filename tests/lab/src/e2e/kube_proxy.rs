@@ -3,7 +3,9 @@
 //! tests of the migration from kube-proxy and of `--cleanup-kube-proxy`
 //! (e2e_migration, image_rootfs).
 
-use super::{BACKEND_PORT, SVC_PORT, VIP_A};
+use std::time::Duration;
+
+use super::{BACKEND_PORT, ProxyProcess, SVC_PORT, VIP_A, poll};
 use crate::{Netns, backend_addr};
 
 /// kube-proxy's nftables tables on `node` (`nft list tables` lines).
@@ -41,6 +43,28 @@ pub fn iptables_chains(node: &Netns, save: &str) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect()
+}
+
+/// Waits up to `timeout` for `leftovers` to find none of kube-proxy's
+/// rules; panics naming those still there (after checking that `proxy`,
+/// which was to remove them, still runs).
+pub fn wait_removed(
+    proxy: &mut ProxyProcess,
+    timeout: Duration,
+    mut leftovers: impl FnMut() -> Vec<String>,
+) {
+    let removed = poll(timeout, Duration::from_millis(50), || {
+        let left = leftovers();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+    if let Err(left) = removed {
+        proxy.assert_running("--cleanup-kube-proxy");
+        panic!("kube-proxy's rules are still there: {left}");
+    }
 }
 
 /// kube-proxy in nftables mode, as its proxier writes the table (names
