@@ -61,6 +61,10 @@ pub async fn handle(
     };
     let client_version = req.version();
     prepare_request(&mut req, proto);
+    // Pools are pruned at each new set (port.rs); again here (a
+    // generation compare when nothing changed) for the connection a
+    // request that picked an endpoint just before it left opened after
+    // that prune.
     let set = port.balancer.endpoints();
     port.pool.prune(&set);
     drop(set);
