@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The per-message ledger (issue 21): what one proxy spends in the kernel's
 # interface per request on a kept-alive connection (phase rr) or per
-# connection (phase connect: accept, connect, first byte, RST close):
+# connection (phase connect: accept, connect, first byte, RST close;
+# connect-fin: the same with FIN closes):
 # system calls by kind, epoll waits, futex calls (thread hand-offs and
 # wake-ups), context switches, and CPU time.
 #
-#   benches/tools/ledger.sh rr|udp|connect PATH...   (as root, repo root)
+#   benches/tools/ledger.sh rr|udp|connect|connect-fin PATH...   (as root, repo root)
 #   PATH: splice copy transparent nginx haproxy haproxy-splice baseline
 #   benches/tools/ledger.sh http1|h2c PATH...
 #   PATH: request (this build's request mode) baseline haproxy nginx
@@ -27,7 +28,7 @@
 # counts in the kernel: it barely slows the proxy.
 # Prints one Markdown row per path; its last column, the calls by kind.
 set -euo pipefail
-usage="usage: ledger.sh rr|udp|connect PATH... | ledger.sh http1|h2c request|baseline|haproxy|nginx..."
+usage="usage: ledger.sh rr|udp|connect|connect-fin PATH... | ledger.sh http1|h2c request|baseline|haproxy|nginx..."
 phase=${1:?$usage}
 shift
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
@@ -36,9 +37,10 @@ case $phase in
     rr) field=rr ;;                    # counted over the proxy's whole life
     udp) wait_s=2; field=udp ;;        # 4 s inside the 8 s of one flow's request/response
     connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects, then the window
+    connect-fin) wait_s=12; field=fin ;;   # the same with FIN closes
     http1) wait_s=4; field=h1; run_secs=10 ;;   # past the HTTP lab's start-up, then the window
     h2c) wait_s=4; field=h2c; run_secs=10 ;;
-    *) echo "unknown phase $phase (rr, udp, connect, http1 or h2c)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (rr, udp, connect, connect-fin, http1 or h2c)" >&2; exit 2 ;;
 esac
 window=4
 # The kinds a proxy's message path uses; enabling all ~360 tracepoints
@@ -110,7 +112,7 @@ for path in "$@"; do
     rate=$(sed -nE "s/^(http )?round .* $field +([0-9]+)( req)?\/s.*/\2/p" "$out" | head -1)
     [ -n "$rate" ] || { echo "$path: no $field rate in the harness output" >&2; cat "$out" >&2; exit 1; }
     n=$((rate * secs))
-    if [ "$phase" = connect ]; then
+    if [ "$phase" = connect ] || [ "$phase" = connect-fin ]; then
         # Exact: every proxied connection is one connect(2) toward the
         # endpoint, for each of the proxies (the harness's rate is the
         # whole window's, not these 4 s).
@@ -146,7 +148,7 @@ for path in "$@"; do
             p, r, tot, e, f, cs / n, mg / n, cpu * 1e3 / n, th, top }')")
     rm -f "$out" "$out.perf"
 done
-unit=request; [ "$phase" = connect ] && unit=connection
+unit=request; case $phase in connect*) unit=connection ;; esac
 echo "phase $phase: per $unit, measured over ${window} s of the harness's ${field} window"
 echo
 echo "| path | rate /s | system calls | epoll waits | futex | context switches | CPU migrations | proxy CPU µs | threads | calls by kind |"
