@@ -655,27 +655,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nodeport_primary: matches!(args.nodeport_addresses, Some(NodePortAddresses::Primary)),
     };
     // kube-proxy's rule: health check node ports on the node's addresses
-    // within --nodeport-addresses when given (found now, at start).
-    let health_check_addresses = match &layout.nodeport_addresses {
-        None => None,
-        Some(_) => {
-            let on_node = rules::host::node_addresses()
-                .context("listing the node's addresses for the health check node ports")?;
-            // Per family, as the rules: a family without a CIDR of its
-            // own is served on all its addresses.
-            let within: Vec<std::net::IpAddr> = on_node
-                .into_iter()
-                .filter(|a| {
-                    let family = IpFamily::of(*a);
-                    layout
-                        .nodeport_addresses_of(family)
-                        .is_none_or(|nets| nets.iter().any(|n| n.contains(a)))
-                })
-                .collect();
-            info!(addresses = ?within, "health check node ports served on these addresses");
-            Some(within)
-        }
-    };
+    // within --nodeport-addresses when given (with `primary`, followed by
+    // the reconciler once the Node is known).
+    let health_check_addresses = rules::host::health_check_addresses(&layout)
+        .context("listing the node's addresses for the health check node ports")?;
+    if let Some(within) = &health_check_addresses {
+        info!(addresses = ?within, "health check node ports served on these addresses");
+    }
     let service_health = ServiceHealthServers::new(
         Arc::clone(&health),
         admin_stop.clone(),

@@ -10,7 +10,8 @@
 //!   Service and `/healthz` (default `0.0.0.0:10256`) answer an IPv6 load
 //!   balancer as well as an IPv4 one; with `--nodeport-addresses` the
 //!   health check node port listens only on the node's addresses within
-//!   those CIDRs.
+//!   those CIDRs; with `--nodeport-addresses primary`, on the Node
+//!   object's primary IP, and it follows that IP when it changes.
 //! - An endpoint whose address and port are themselves a Service
 //!   destination (an externalIP equal to a node address, a hostNetwork
 //!   backend on that port) is reached once, not looped back into the
@@ -23,9 +24,11 @@ use std::time::Duration;
 
 use uproxy_lab::e2e::{
     self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    VIP_C, http_get, poll, vip, wait_nft_key, who, who_or_panic,
+    VIP_C, http_get, poll, vip, wait_nft_key, who, who_or_panic, write_by_rename,
 };
-use uproxy_lab::manifests::{EndpointManifest, PortManifest, ServiceManifest, ServiceType};
+use uproxy_lab::manifests::{
+    EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_with_addresses_yaml,
+};
 use uproxy_lab::peers;
 use uproxy_lab::{
     self as lab, NODE_BRIDGE_ADDR, NODE_BRIDGE_ADDR_V6, NODE_CLIENT_ADDR, NODE_CLIENT_ADDR_V6,
@@ -209,6 +212,79 @@ fn health_checks_listen_only_on_the_nodeport_addresses_when_given() {
             "{to} is outside --nodeport-addresses: {got:?}"
         );
     }
+}
+
+/// Polls until a connection to `addr` from `ns` is refused: nothing
+/// listens there (any more).
+fn wait_refused(proxy: &mut ProxyProcess, ns: &Netns, addr: SocketAddr, what: &str) {
+    poll(READY_TIMEOUT, Duration::from_millis(100), || {
+        proxy.assert_running(what);
+        match http_get(ns, addr, "/") {
+            Err(e) if e.contains("refused") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{what}: {addr} still answers: {e}"));
+}
+
+/// `--nodeport-addresses primary`: until the Node object is known the
+/// default route's interface stands in for its primary IP; then the
+/// health check node port listens on the Node's `InternalIP` (here the
+/// bridge address, not the default route's), as the node port rules do
+/// and as kube-proxy binds it, and it moves when that address changes.
+/// A load balancer that checks the node's address would otherwise find
+/// nothing there and take the node out.
+#[test]
+fn health_checks_with_nodeport_addresses_primary_follow_the_nodes_internal_ip() {
+    if !lab::require_root_and_nft(
+        "health_checks_with_nodeport_addresses_primary_follow_the_nodes_internal_ip",
+    ) {
+        return;
+    }
+    let bed = Testbed::new("node", "hc-primary", &[Backend::Whoami]);
+    bed.lab.route_node_by_default().expect("node default route");
+    let with_node = |internal_ip: Ipv4Addr| {
+        e2e::manifests(&[local_service()])
+            + "---\n"
+            + &node_with_addresses_yaml(
+                NODE_NAME,
+                &[
+                    ("InternalIP", &internal_ip.to_string()),
+                    ("Hostname", NODE_NAME),
+                ],
+                &[],
+            )
+    };
+    let (mut proxy, path) = bed.start_proxy(
+        &with_node(NODE_BRIDGE_ADDR),
+        &[
+            "--hostname-override",
+            NODE_NAME,
+            "--nodeport-addresses",
+            "primary",
+        ],
+    );
+    let on_bridge = SocketAddr::from((NODE_BRIDGE_ADDR, HEALTH_CHECK_PORT));
+    let on_uplink = SocketAddr::from((NODE_CLIENT_ADDR, HEALTH_CHECK_PORT));
+    let body = wait_200(&mut proxy, bed.client(), on_bridge, "/");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    wait_refused(
+        &mut proxy,
+        bed.client(),
+        on_uplink,
+        "the default route's address is not the Node's",
+    );
+
+    // The Node's InternalIP becomes the default route's address.
+    write_by_rename(&path, &with_node(NODE_CLIENT_ADDR));
+    wait_200(&mut proxy, bed.client(), on_uplink, "/");
+    wait_refused(
+        &mut proxy,
+        bed.client(),
+        on_bridge,
+        "the Node's old InternalIP",
+    );
+    proxy.assert_running("end");
 }
 
 /// The proxy's open file descriptors.

@@ -17,7 +17,8 @@
 //! every few seconds. Where, as kube-proxy does: on every address of both
 //! families (an IPv6 load balancer checks over IPv6), or, with
 //! `--nodeport-addresses`, on the node's addresses within those CIDRs
-//! only (found at start).
+//! only (found at start; with `primary`, found again when the Node's
+//! primary IPs change, [`ServiceHealthServers::set_addresses`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -47,10 +48,15 @@ pub struct ServiceHealthServers {
     proxy: Arc<ProxyHealth>,
     /// Stops every server (shutdown).
     cancel: CancellationToken,
-    servers: Mutex<HashMap<ObjectKey, Server>>,
+    served: Mutex<Served>,
     /// All the ports' connections together (they are reachable from
     /// outside the node, one port per Service): see crate::serve.
     cap: serve::ConnectionCap,
+}
+
+/// The servers and where they listen, changed together.
+struct Served {
+    servers: HashMap<ObjectKey, Server>,
     /// Where each port is bound: the IPv4 wildcard (served on both
     /// families, see [`crate::serve`]), or the node's addresses within
     /// `--nodeport-addresses`.
@@ -73,20 +79,44 @@ impl ServiceHealthServers {
         cancel: CancellationToken,
         addresses: Option<Vec<IpAddr>>,
     ) -> Arc<Self> {
-        let addresses = addresses.unwrap_or_else(|| vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]);
         Arc::new(ServiceHealthServers {
             proxy,
             cancel,
-            servers: Mutex::new(HashMap::new()),
+            served: Mutex::new(Served {
+                servers: HashMap::new(),
+                addresses: listen_on(addresses),
+            }),
             cap: serve::ConnectionCap::new(serve::MAX_HEALTH_CHECK_CONNECTIONS),
-            addresses,
         })
+    }
+
+    /// Every port moves to `addresses` (as in [`Self::new`]) if they are
+    /// not where it listens already: `--nodeport-addresses primary` when
+    /// the Node's primary IPs become known or change. Must run inside a
+    /// tokio runtime.
+    pub fn set_addresses(&self, addresses: Option<Vec<IpAddr>>) {
+        let addresses = listen_on(addresses);
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        if served.addresses == addresses {
+            return;
+        }
+        info!(
+            ?addresses,
+            "health check node ports move to these addresses"
+        );
+        served.addresses = addresses;
+        let Served { servers, addresses } = &mut *served;
+        for (service, server) in servers.iter_mut() {
+            server.stop.cancel();
+            server.stop = self.spawn(service, server.port, &server.local_endpoints, addresses);
+        }
     }
 
     /// `service` needs a health check on this port with this many local
     /// endpoints (`None`: none any more). Must run inside a tokio runtime.
     pub fn set(&self, service: &ObjectKey, want: Option<(u16, usize)>) {
-        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let Served { servers, addresses } = &mut *served;
         match (servers.get(service), want) {
             (Some(s), Some((port, n))) if s.port == port => {
                 s.local_endpoints.store(n, Ordering::Relaxed);
@@ -103,22 +133,7 @@ impl ServiceHealthServers {
             return;
         };
         let local_endpoints = Arc::new(AtomicUsize::new(n));
-        let stop = self.cancel.child_token();
-        let state = HandlerState {
-            service: service.clone(),
-            local_endpoints: Arc::clone(&local_endpoints),
-            proxy: Arc::clone(&self.proxy),
-        };
-        let router = Router::new().fallback(answer).with_state(state);
-        for ip in &self.addresses {
-            serve::spawn_tcp_within(
-                "health-check-node-port",
-                SocketAddr::new(*ip, port),
-                router.clone(),
-                stop.clone(),
-                Some(self.cap.clone()),
-            );
-        }
+        let stop = self.spawn(service, port, &local_endpoints, addresses);
         servers.insert(
             service.clone(),
             Server {
@@ -128,6 +143,42 @@ impl ServiceHealthServers {
             },
         );
     }
+}
+
+impl ServiceHealthServers {
+    /// Serves `service`'s health check on `port` of each of `addresses`;
+    /// the token that stops it.
+    fn spawn(
+        &self,
+        service: &ObjectKey,
+        port: u16,
+        local_endpoints: &Arc<AtomicUsize>,
+        addresses: &[IpAddr],
+    ) -> CancellationToken {
+        let stop = self.cancel.child_token();
+        let state = HandlerState {
+            service: service.clone(),
+            local_endpoints: Arc::clone(local_endpoints),
+            proxy: Arc::clone(&self.proxy),
+        };
+        let router = Router::new().fallback(answer).with_state(state);
+        for ip in addresses {
+            serve::spawn_tcp_within(
+                "health-check-node-port",
+                SocketAddr::new(*ip, port),
+                router.clone(),
+                stop.clone(),
+                Some(self.cap.clone()),
+            );
+        }
+        stop
+    }
+}
+
+/// Where the ports listen: `addresses`, or the IPv4 wildcard for every
+/// address of both families.
+fn listen_on(addresses: Option<Vec<IpAddr>>) -> Vec<IpAddr> {
+    addresses.unwrap_or_else(|| vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)])
 }
 
 /// kube-proxy's body for a Service's health check.

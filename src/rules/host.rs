@@ -37,6 +37,9 @@ use std::process::{Command, Stdio};
 
 use tracing::{info, warn};
 
+use super::render::Layout;
+use crate::model::IpFamily;
+
 /// The label of the address we add to `lo` (at most 15 characters, and it
 /// must start with the interface name).
 pub const ADDRESS_LABEL: &str = "lo:kube-uproxy";
@@ -126,6 +129,26 @@ fn ip(args: &[&str]) -> Result<String, HostError> {
 fn is_local(address: IpAddr) -> Result<bool, HostError> {
     let listed = node_addresses().map_err(|source| HostError::Address { address, source })?;
     Ok(listed.contains(&address))
+}
+
+/// Where the health check node ports listen, by kube-proxy's rule: with
+/// `--nodeport-addresses` (`layout`'s, the Node's primary IPs for
+/// `primary` once the Node is known), the node's addresses within it, per
+/// family (a family without a CIDR of its own: all its addresses); without
+/// it, `None`: every address.
+pub fn health_check_addresses(layout: &Layout) -> Result<Option<Vec<IpAddr>>, io::Error> {
+    if layout.nodeport_addresses.is_none() {
+        return Ok(None);
+    }
+    let within = node_addresses()?
+        .into_iter()
+        .filter(|a| {
+            layout
+                .nodeport_addresses_of(IpFamily::of(*a))
+                .is_none_or(|nets| nets.iter().any(|n| n.contains(a)))
+        })
+        .collect();
+    Ok(Some(within))
 }
 
 /// Every address of this node's interfaces, both families, as the kernel
