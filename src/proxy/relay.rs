@@ -24,7 +24,9 @@
 //!
 //! In both, an EOF on one side becomes a half-close (`shutdown(SHUT_WR)`)
 //! on the other, and the opposite direction keeps running until it ends
-//! too. How a failure ends the flow (`Failure`):
+//! too; with `splice`, the second EOF of a flow read by the copy steps
+//! is passed on by the close of both sockets instead, which sends the
+//! same FIN. How a failure ends the flow (`Failure`):
 //! - an error *reading* a socket ends both directions: that peer is gone,
 //!   and so is whatever the other direction still had to send it;
 //! - an error *writing* a socket because its peer went away (reset, broken
@@ -376,12 +378,14 @@ async fn reset_once_delivered(sockets: [&TcpStream; 2], dead: [bool; 2]) {
 /// aborted if this future is dropped) while it is large. Counts into
 /// `tally` as bytes move; a bulk phase counts into a tally of its own.
 ///
-/// `one_ended` is shared by the flow's two directions. The second to
-/// read EOF does not half-close: the flow is then done, [`relay`] returns
-/// and drops both sockets, and each one's close sends the FIN a
-/// `shutdown` would (neither has unread bytes: each direction read its
-/// source to EOF). One system call less per FIN-closed flow (issue 21's
-/// ledger: nginx half-closes once too).
+/// `one_ended` is shared by the flow's two directions: set once one has
+/// half-closed its destination. The second to read EOF in the copy steps
+/// does not half-close: the flow is then done, [`relay`] returns and
+/// drops both sockets, and each one's close sends the FIN a `shutdown`
+/// would (neither has unread bytes: each direction read its source to
+/// EOF). One system call less per FIN-closed flow (issue 21's ledger:
+/// nginx half-closes once too). A bulk phase that reads EOF half-closes
+/// itself.
 async fn hybrid_one_way(
     src: Arc<TcpStream>,
     dst: Arc<TcpStream>,
@@ -398,8 +402,11 @@ async fn hybrid_one_way(
                 .await?;
         let Step::Moved { n, full } = step else {
             flush(&dst, &mut unsent).await?;
-            if !one_ended.swap(true, Ordering::AcqRel) {
+            // Nothing is awaited between the load and the store: the two
+            // directions run in one task, so the flag means "a FIN went".
+            if !one_ended.load(Ordering::Relaxed) {
                 shutdown_write(&dst).map_err(destination_failure)?;
+                one_ended.store(true, Ordering::Relaxed);
             }
             return Ok(total);
         };
@@ -435,7 +442,7 @@ async fn hybrid_one_way(
         total += end.moved;
         if end.eof {
             // The phase half-closed `dst` itself.
-            one_ended.store(true, Ordering::Release);
+            one_ended.store(true, Ordering::Relaxed);
             return Ok(total);
         }
     }
