@@ -366,18 +366,21 @@ impl<N: Nft, L: Listeners> Reconciler<N, L> {
             );
             let all = self.state.all_service_keys();
             self.pending_keys.extend(all);
-            // The health check node ports follow the node-port addresses
-            // (kube-proxy binds them on the Node's primary IPs too).
-            if self.config.nodeport_primary
-                && let Some(servers) = &self.health_servers
-            {
-                match crate::rules::host::health_check_addresses(layout) {
-                    Ok(addresses) => servers.set_addresses(addresses),
-                    Err(e) => warn!(
-                        error = %e,
-                        "cannot list the node's addresses; the health check node ports stay where they are"
-                    ),
-                }
+        }
+        // The health check node ports follow the node-port addresses
+        // (kube-proxy binds them on the Node's primary IPs too); at each
+        // event of the Node, not only when the rules change: a primary IP
+        // may come up on an interface after the Node lists it, and a
+        // failed listing is tried again.
+        if self.config.nodeport_primary
+            && let Some(servers) = &self.health_servers
+        {
+            match crate::rules::host::health_check_addresses(self.rules.layout()) {
+                Ok(addresses) => servers.set_addresses(addresses),
+                Err(e) => warn!(
+                    error = %e,
+                    "cannot list the node's addresses; the health check node ports stay where they are"
+                ),
             }
         }
     }

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use uproxy_lab::e2e::{
     self, BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
-    VIP_C, http_get, poll, vip, wait_nft_key, who, who_or_panic, write_by_rename,
+    VIP_C, http_get, poll, vip, wait_http_refused, wait_nft_key, who, who_or_panic,
+    write_by_rename,
 };
 use uproxy_lab::manifests::{
     EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_with_addresses_yaml,
@@ -206,25 +207,9 @@ fn health_checks_listen_only_on_the_nodeport_addresses_when_given() {
         IpAddr::from(NODE_BRIDGE_ADDR_V6),
     ] {
         let to = SocketAddr::new(other, HEALTH_CHECK_PORT);
-        let got = http_get(bed.client(), to, "/");
-        assert!(
-            got.as_ref().is_err_and(|e| e.contains("refused")),
-            "{to} is outside --nodeport-addresses: {got:?}"
-        );
+        wait_http_refused(bed.client(), to)
+            .unwrap_or_else(|e| panic!("{to} is outside --nodeport-addresses: {e}"));
     }
-}
-
-/// Polls until a connection to `addr` from `ns` is refused: nothing
-/// listens there (any more).
-fn wait_refused(proxy: &mut ProxyProcess, ns: &Netns, addr: SocketAddr, what: &str) {
-    poll(READY_TIMEOUT, Duration::from_millis(100), || {
-        proxy.assert_running(what);
-        match http_get(ns, addr, "/") {
-            Err(e) if e.contains("refused") => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .unwrap_or_else(|e| panic!("{what}: {addr} still answers: {e}"));
 }
 
 /// `--nodeport-addresses primary`: until the Node object is known the
@@ -268,22 +253,14 @@ fn health_checks_with_nodeport_addresses_primary_follow_the_nodes_internal_ip() 
     let on_uplink = SocketAddr::from((NODE_CLIENT_ADDR, HEALTH_CHECK_PORT));
     let body = wait_200(&mut proxy, bed.client(), on_bridge, "/");
     assert!(body.contains("\"localEndpoints\": 1"), "{body}");
-    wait_refused(
-        &mut proxy,
-        bed.client(),
-        on_uplink,
-        "the default route's address is not the Node's",
-    );
+    wait_http_refused(bed.client(), on_uplink)
+        .unwrap_or_else(|e| panic!("{on_uplink}, not the Node's address, answers: {e}"));
 
     // The Node's InternalIP becomes the default route's address.
     write_by_rename(&path, &with_node(NODE_CLIENT_ADDR));
     wait_200(&mut proxy, bed.client(), on_uplink, "/");
-    wait_refused(
-        &mut proxy,
-        bed.client(),
-        on_bridge,
-        "the Node's old InternalIP",
-    );
+    wait_http_refused(bed.client(), on_bridge)
+        .unwrap_or_else(|e| panic!("{on_bridge}, the Node's old InternalIP, answers: {e}"));
     proxy.assert_running("end");
 }
 

@@ -32,7 +32,7 @@ use serde_json::Value;
 use uproxy_lab::e2e::{
     BACKEND_PORT, Backend, ProxyProcess, READY_TIMEOUT, SVC_PORT, Testbed, VIP_A, VIP_B,
     assert_echo, backend_name, bin, close, hold, http_get, manifests, poll, read_line, vip,
-    wait_nft_key, write_by_rename,
+    wait_http_refused, wait_nft_key, write_by_rename,
 };
 use uproxy_lab::manifests::{
     EndpointManifest, PortManifest, ServiceManifest, ServiceType, node_yaml,
@@ -357,17 +357,9 @@ fn external_traffic_policy_local_and_the_health_check_node_port() {
         &set(&[&b(0), &b(1)]),
         "policy Cluster",
     );
-    poll(
-        READY_TIMEOUT,
-        Duration::from_millis(100),
-        || match http_get(
-            bed.client(),
-            SocketAddr::from((NODE_CLIENT_ADDR, HEALTH_CHECK_PORT)),
-            "/",
-        ) {
-            Err(e) if e.contains("refused") => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
+    wait_http_refused(
+        bed.client(),
+        SocketAddr::from((NODE_CLIENT_ADDR, HEALTH_CHECK_PORT)),
     )
     .unwrap_or_else(|e| panic!("the health check port stays open under policy Cluster: {e}"));
 }

@@ -40,7 +40,16 @@ struct Server {
     port: u16,
     /// Read by the handler at each request; written by the reconciler.
     local_endpoints: Arc<AtomicUsize>,
-    stop: CancellationToken,
+    /// What stops the server on each address it listens on.
+    on: Vec<(IpAddr, CancellationToken)>,
+}
+
+impl Server {
+    fn stop(&self) {
+        for (_, stop) in &self.on {
+            stop.cancel();
+        }
+    }
 }
 
 /// The health check node ports being served, by Service.
@@ -104,12 +113,24 @@ impl ServiceHealthServers {
             ?addresses,
             "health check node ports move to these addresses"
         );
-        served.addresses = addresses;
-        let Served { servers, addresses } = &mut *served;
-        for (service, server) in servers.iter_mut() {
-            server.stop.cancel();
-            server.stop = self.spawn(service, server.port, &server.local_endpoints, addresses);
+        // Only the addresses that change: a port stays open, without a
+        // gap, on an address in both sets.
+        for (service, server) in &mut served.servers {
+            server.on.retain(|(ip, stop)| {
+                let keep = addresses.contains(ip);
+                if !keep {
+                    stop.cancel();
+                }
+                keep
+            });
+            for ip in &addresses {
+                if !server.on.iter().any(|(on, _)| on == ip) {
+                    let stop = self.spawn(service, server.port, &server.local_endpoints, *ip);
+                    server.on.push((*ip, stop));
+                }
+            }
         }
+        served.addresses = addresses;
     }
 
     /// `service` needs a health check on this port with this many local
@@ -127,33 +148,34 @@ impl ServiceHealthServers {
         }
         if let Some(old) = servers.remove(service) {
             info!(service = %service, port = old.port, "health check node port closed");
-            old.stop.cancel();
+            old.stop();
         }
         let Some((port, n)) = want else {
             return;
         };
         let local_endpoints = Arc::new(AtomicUsize::new(n));
-        let stop = self.spawn(service, port, &local_endpoints, addresses);
+        let on = addresses
+            .iter()
+            .map(|ip| (*ip, self.spawn(service, port, &local_endpoints, *ip)))
+            .collect();
         servers.insert(
             service.clone(),
             Server {
                 port,
                 local_endpoints,
-                stop,
+                on,
             },
         );
     }
-}
 
-impl ServiceHealthServers {
-    /// Serves `service`'s health check on `port` of each of `addresses`;
-    /// the token that stops it.
+    /// Serves `service`'s health check on `ip`:`port`; the token that
+    /// stops it.
     fn spawn(
         &self,
         service: &ObjectKey,
         port: u16,
         local_endpoints: &Arc<AtomicUsize>,
-        addresses: &[IpAddr],
+        ip: IpAddr,
     ) -> CancellationToken {
         let stop = self.cancel.child_token();
         let state = HandlerState {
@@ -162,23 +184,25 @@ impl ServiceHealthServers {
             proxy: Arc::clone(&self.proxy),
         };
         let router = Router::new().fallback(answer).with_state(state);
-        for ip in addresses {
-            serve::spawn_tcp_within(
-                "health-check-node-port",
-                SocketAddr::new(*ip, port),
-                router.clone(),
-                stop.clone(),
-                Some(self.cap.clone()),
-            );
-        }
+        serve::spawn_tcp_within(
+            "health-check-node-port",
+            SocketAddr::new(ip, port),
+            router,
+            stop.clone(),
+            Some(self.cap.clone()),
+        );
         stop
     }
 }
 
-/// Where the ports listen: `addresses`, or the IPv4 wildcard for every
-/// address of both families.
+/// Where the ports listen: `addresses` (sorted, once each: compared with
+/// the last set), or the IPv4 wildcard for every address of both
+/// families.
 fn listen_on(addresses: Option<Vec<IpAddr>>) -> Vec<IpAddr> {
-    addresses.unwrap_or_else(|| vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)])
+    let mut addresses = addresses.unwrap_or_else(|| vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]);
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
 }
 
 /// kube-proxy's body for a Service's health check.
@@ -199,6 +223,101 @@ async fn answer(State(s): State<HandlerState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const V4_1: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    const V4_2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+    /// One `GET /` on `stream`: the status, or `None` when the server
+    /// closed the connection (or said nothing within 2 s).
+    async fn get(stream: &mut TcpStream) -> Option<u16> {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: lb\r\n\r\n")
+            .await
+            .ok()?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())?;
+            if got.len() >= end + 4 + length {
+                return text.get(9..12)?.parse().ok();
+            }
+        }
+    }
+
+    /// Polls for up to 5 s until `ip:port` answers `GET /` (`true`; 503
+    /// here: the proxy has not synced) or refuses connections (`false`);
+    /// whether it did.
+    async fn becomes(ip: IpAddr, port: u16, answers: bool) -> bool {
+        for _ in 0..100 {
+            let now = match TcpStream::connect((ip, port)).await {
+                Ok(mut s) => get(&mut s).await.is_some(),
+                Err(_) => false,
+            };
+            if now == answers {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// `--nodeport-addresses primary`: the ports move to the Node's new
+    /// addresses, close on the ones it left, and stay open (their kept
+    /// connections too) on the ones it kept.
+    #[tokio::test]
+    async fn a_port_moves_with_the_addresses_and_stays_where_they_stay() {
+        let port = std::net::TcpListener::bind((V4_1, 0))
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let servers = ServiceHealthServers::new(
+            Arc::new(ProxyHealth::new(Duration::from_secs(30))),
+            CancellationToken::new(),
+            Some(vec![V4_1]),
+        );
+        let web = ObjectKey::new("default", "web");
+        servers.set(&web, Some((port, 1)));
+        assert!(becomes(V4_1, port, true).await, "127.0.0.1 never answered");
+
+        // A load balancer's kept connection to the address that stays.
+        servers.set_addresses(Some(vec![V4_2, V4_1]));
+        assert!(becomes(V4_2, port, true).await, "127.0.0.2 never answered");
+        let mut kept = TcpStream::connect((V4_2, port)).await.unwrap();
+        assert_eq!(get(&mut kept).await, Some(503));
+
+        servers.set_addresses(Some(vec![V4_2]));
+        assert!(becomes(V4_1, port, false).await, "127.0.0.1 still answers");
+        assert_eq!(
+            get(&mut kept).await,
+            Some(503),
+            "the port on 127.0.0.2 was restarted, closing its connections"
+        );
+        // The same set in another order changes nothing.
+        servers.set_addresses(Some(vec![V4_2, V4_2]));
+        assert_eq!(get(&mut kept).await, Some(503));
+    }
 
     #[test]
     fn the_body_is_kube_proxys_json() {

@@ -605,6 +605,20 @@ pub fn assert_echo(s: &mut TcpStream, msg: &str, what: &str) {
     assert_eq!(back, msg, "{what}: echo mismatch");
 }
 
+/// Polls `GET /` on `addr` from `ns` every 100 ms until the connection
+/// is refused (nothing listens there, or no longer), for up to
+/// [`READY_TIMEOUT`]; otherwise what the last try got.
+pub fn wait_http_refused(ns: &Netns, addr: SocketAddr) -> Result<(), String> {
+    poll(
+        READY_TIMEOUT,
+        Duration::from_millis(100),
+        || match http_get(ns, addr, "/") {
+            Err(e) if e.contains("refused") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+}
+
 /// `GET path` on `addr` from `ns` on a fresh connection (`Connection:
 /// close`): the status and the body.
 pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
