@@ -274,6 +274,13 @@ fn sysctls(lab: &Lab, cc: Option<&str>) {
         // error at once (control-plane timing), not after rate limiting.
         "net.ipv4.icmp_ratelimit=0",
         "net.ipv4.icmp_msgs_per_sec=1000000",
+        // A UDP flow's conntrack entry must not outlive its path: the next
+        // path's clients take source ports from the same range (1 000 at a
+        // time), and an entry the last path's NAT left would send their
+        // datagrams where that path's proxy listened (refused) or straight
+        // to a backend. Every UDP phase's flows send far more often.
+        "net.netfilter.nf_conntrack_udp_timeout=2",
+        "net.netfilter.nf_conntrack_udp_timeout_stream=2",
     ];
     for ns in [lab.client(), lab.node()]
         .into_iter()

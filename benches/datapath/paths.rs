@@ -135,8 +135,8 @@ impl PathKind {
         )
     }
 
-    /// Whether the path carries the benchmark Service's UDP port (the peer
-    /// proxies are set up for TCP only; preserve-client-ip is TCP only, so
+    /// Whether the path carries the benchmark Service's UDP port (nginx
+    /// relays UDP, HAProxy does not; preserve-client-ip is TCP only, so
     /// the transparent path's UDP would be the splice path's again).
     pub fn carries_udp(self) -> bool {
         matches!(
@@ -147,6 +147,7 @@ impl PathKind {
                 | PathKind::UproxySplice
                 | PathKind::UproxyCopy
                 | PathKind::UproxyBaseline
+                | PathKind::Nginx
         )
     }
 
@@ -869,10 +870,16 @@ pub fn nftables_rules(endpoints: &[Ipv4Addr]) -> String {
 /// The redirect the peer proxies sit behind: the same data-map shape as
 /// kube-uproxy's own table (ClusterIP . proto . port → local port).
 fn redirect_rules() -> String {
-    let elems: Vec<String> = PORTS
+    let mut elems: Vec<String> = PORTS
         .iter()
         .map(|p| format!("{VIP} . tcp . {} : {}", p.port, PEER_PORT_BASE + p.port))
         .collect();
+    // nginx relays UDP too (HAProxy does not: nothing listens there).
+    elems.push(format!(
+        "{VIP} . udp . {} : {}",
+        UDP_PORT.port,
+        PEER_PORT_BASE + UDP_PORT.port
+    ));
     format!(
         "table ip bench-redirect {{
   map service-ports {{
@@ -907,6 +914,19 @@ fn nginx_conf(dir: &Path, endpoints: &[Ipv4Addr]) -> String {
             p.name
         );
     }
+    // UDP: a session per client address and port, as kube-uproxy's flows
+    // (no `proxy_responses`: a request/response flow keeps its upstream
+    // socket); `reuseport` keeps a client's datagrams on one worker.
+    let _ = writeln!(stream, "  upstream {} {{", UDP_PORT.name);
+    for ep in endpoints {
+        let _ = writeln!(stream, "    server {ep}:{};", UDP_PORT.target);
+    }
+    let _ = writeln!(
+        stream,
+        "  }}\n  server {{\n    listen {} udp reuseport;\n    proxy_pass {};\n    proxy_timeout 30s;\n  }}",
+        PEER_PORT_BASE + UDP_PORT.port,
+        UDP_PORT.name
+    );
     format!(
         "load_module {NGINX_STREAM_MODULE};
 user root;
