@@ -428,7 +428,17 @@ fn metrics_count_real_traffic() {
         true,
         "empty got an endpoint",
     );
-    let changed = Scrape::take(bed.node());
+    // The kernel holds the key as soon as nft commits; the sync's metrics
+    // are recorded once `nft` has returned, a moment later.
+    let mut changed = Scrape::take(bed.node());
+    let programmed = "kubeproxy_network_programming_duration_seconds_count";
+    let start = Instant::now();
+    while changed.get(programmed, &[]) == after.get(programmed, &[])
+        && start.elapsed() < Duration::from_secs(10)
+    {
+        thread::sleep(Duration::from_millis(50));
+        changed = Scrape::take(bed.node());
+    }
     let delta = |name: &str| changed.get(name, &[]) - after.get(name, &[]);
     assert_eq!(
         delta("kubeproxy_sync_proxy_rules_endpoint_changes_total"),
