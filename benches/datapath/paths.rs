@@ -902,31 +902,23 @@ fn redirect_rules() -> String {
 
 fn nginx_conf(dir: &Path, endpoints: &[Ipv4Addr]) -> String {
     let mut stream = String::new();
-    for p in &PORTS {
+    // UDP: a session per client address and port, as kube-uproxy's flows
+    // (no `proxy_responses`: a request/response flow keeps its upstream
+    // socket); `reuseport` keeps a client's datagrams on one worker.
+    let tcp = PORTS.iter().map(|p| (p, "", "proxy_half_close on;"));
+    let udp = [(&UDP_PORT, " udp reuseport", "proxy_timeout 30s;")];
+    for (p, listen, option) in tcp.chain(udp) {
         let _ = writeln!(stream, "  upstream {} {{", p.name);
         for ep in endpoints {
             let _ = writeln!(stream, "    server {ep}:{};", p.target);
         }
         let _ = writeln!(
             stream,
-            "  }}\n  server {{\n    listen {};\n    proxy_pass {};\n    proxy_half_close on;\n  }}",
+            "  }}\n  server {{\n    listen {}{listen};\n    proxy_pass {};\n    {option}\n  }}",
             PEER_PORT_BASE + p.port,
             p.name
         );
     }
-    // UDP: a session per client address and port, as kube-uproxy's flows
-    // (no `proxy_responses`: a request/response flow keeps its upstream
-    // socket); `reuseport` keeps a client's datagrams on one worker.
-    let _ = writeln!(stream, "  upstream {} {{", UDP_PORT.name);
-    for ep in endpoints {
-        let _ = writeln!(stream, "    server {ep}:{};", UDP_PORT.target);
-    }
-    let _ = writeln!(
-        stream,
-        "  }}\n  server {{\n    listen {} udp reuseport;\n    proxy_pass {};\n    proxy_timeout 30s;\n  }}",
-        PEER_PORT_BASE + UDP_PORT.port,
-        UDP_PORT.name
-    );
     format!(
         "load_module {NGINX_STREAM_MODULE};
 user root;
