@@ -27,6 +27,10 @@
 # rate × 4 s. perf stat
 # counts in the kernel: it barely slows the proxy.
 # Prints one Markdown row per path; its last column, the calls by kind.
+# Outside rr, a second table: around the proxy over the same 4 s, the CPU
+# of the harness (the clients and servers), the machine's idle time and
+# the TCP segments of the client namespace, per request or connection
+# (the phase's rate × 4 s).
 set -euo pipefail
 usage="usage: ledger.sh rr|udp|connect|connect-fin PATH... | ledger.sh http1|h2c request|baseline|haproxy|nginx..."
 phase=${1:?$usage}
@@ -36,8 +40,8 @@ run_secs=8
 case $phase in
     rr) field=rr ;;                    # counted over the proxy's whole life
     udp) wait_s=2; field=udp ;;        # 4 s inside the 8 s of one flow's request/response
-    connect) wait_s=12; field=conn ;;  # start-up, 8 s of sequential connects, then the window
-    connect-fin) wait_s=12; field=fin ;;   # the same with FIN closes
+    connect) wait_s=11; field=conn ;;  # start-up, 8 s of sequential connects, then the window (ending 1 s before the phase does)
+    connect-fin) wait_s=11; field=fin ;;   # the same with FIN closes
     http1) wait_s=4; field=h1; run_secs=10 ;;   # past the HTTP lab's start-up, then the window
     h2c) wait_s=4; field=h2c; run_secs=10 ;;
     *) echo "unknown phase $phase (rr, udp, connect, connect-fin, http1 or h2c)" >&2; exit 2 ;;
@@ -54,6 +58,18 @@ descendants() {
     local c
     for c in $(pgrep -P "$1" || true); do echo "$c"; descendants "$c"; done
 }
+# The machine around the proxy, for the second table (not for rr, which
+# counts the proxy's whole life): CPU ticks of the harness (its threads
+# are the clients and the servers), the machine's idle ticks, and the TCP
+# segments out and in of the lab's client namespace. (The proxy's own CPU
+# is perf's count: its process may end right as the window does.)
+machine() {
+    local ns
+    ns=$(ip netns list | awk '{print $1}' | grep -E "^ku-$1-.*-client$" | head -1)
+    echo "$(awk '{print $14 + $15}' /proc/"$1"/stat) $(awk '/^cpu /{print $5; exit}' /proc/stat) \
+        $(ip netns exec "$ns" awk '/^Tcp:/{n++} n == 2 && /^Tcp:/{print $12, $11; exit}' /proc/net/snmp)"
+}
+split_rows=()
 rows=()
 for path in "$@"; do
     out=$(mktemp)
@@ -105,7 +121,14 @@ for path in "$@"; do
         pids=$(for p in $(descendants $bench); do
             [ "$(cat /proc/$p/comm 2>/dev/null)" = "$name" ] && echo $p; done || true)
         [ -n "$pids" ] || { echo "$path: proxy not running in the window" >&2; exit 1; }
+        harness=$(for p in $(descendants $bench); do
+            [[ "$(cat /proc/$p/comm 2>/dev/null)" == datapath-* ]] && echo $p; done | head -1 || true)
+        # Its own clock, not perf's: perf takes a moment to set up its
+        # tracepoints, and the phase ends soon after the window.
+        { machine "$harness"; sleep $window; machine "$harness"; } >"$out.split" &
+        split_pid=$!
         perf stat -e "$events" -x, -o "$out.perf" -p "$(echo $pids | tr ' ' ,)" -- sleep $window
+        wait $split_pid || true
         wait $bench || { echo "$path: harness failed" >&2; cat "$out" >&2; exit 1; }
         secs=$window
     fi
@@ -146,7 +169,18 @@ for path in "$@"; do
         -v n="$n" -v tot="$total" -v e="$epoll" -v f="$futex" -v th="$threads" -v top="$top" 'BEGIN {
         printf "| %s | %d | %s | %s | %s | %.2f | %.3f | %.1f | %d | %s |",
             p, r, tot, e, f, cs / n, mg / n, cpu * 1e3 / n, th, top }')")
-    rm -f "$out" "$out.perf"
+    if [ "$phase" != rr ]; then
+        # ticks are 1/100 s (USER_HZ); idle as a share of one CPU.
+        # Per the phase's rate × the window (the perf count's n is of
+        # perf's own window).
+        split_rows+=("$(tr '\n' ' ' <"$out.split" | awk -v p="$path" -v r="$rate" -v w="$window" -v cpu="$cpu_ms" -v n="$n" '
+            NF != 8 { printf "| %s | (the lab ended inside the window) | | | | |", p; exit }
+            { m = r * w
+              printf "| %s | %.1f | %.1f | %.0f %% | %.2f | %.2f |", p,
+                ($5 - $1) * 1e4 / m, cpu * 1e3 / n, ($6 - $2) / w,
+                ($7 - $3) / m, ($8 - $4) / m }')")
+    fi
+    rm -f "$out" "$out.perf" "$out.split"
 done
 unit=request; case $phase in connect*) unit=connection ;; esac
 echo "phase $phase: per $unit, measured over ${window} s of the harness's ${field} window"
@@ -154,3 +188,11 @@ echo
 echo "| path | rate /s | system calls | epoll waits | futex | context switches | CPU migrations | proxy CPU µs | threads | calls by kind |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+if [ ${#split_rows[@]} -gt 0 ]; then
+    echo
+    echo "Around the proxy, over the same ${window} s: CPU per $unit of the harness (the clients and servers) and of the proxy, by /proc/PID/stat; the machine's idle time (a share of one CPU); TCP segments the client namespace sent and received per $unit."
+    echo
+    echo "| path | harness CPU µs | proxy CPU µs | machine idle | client segments out | client segments in |"
+    echo "|---|---|---|---|---|---|"
+    printf '%s\n' "${split_rows[@]}"
+fi
