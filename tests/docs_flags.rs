@@ -69,6 +69,7 @@ const OTHER_TOOLS: &[(&str, &[&str])] = &[
         ],
     ),
     ("nft", &["--check"]),
+    ("perf record", &["--call-graph"]),
     (
         "kubectl",
         &[
