@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use nix::libc;
 
@@ -77,6 +77,34 @@ pub fn register_udp(
     // owns until it is dropped, and `as_raw_fd` always returns it.
     let fd = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE)
+    };
+    Ok(fd?)
+}
+
+/// An epoll instance as tokio sees it: one descriptor, readable while the
+/// epoll has events to report.
+pub struct NestedEpoll(pub nix::sys::epoll::Epoll);
+
+impl AsRawFd for NestedEpoll {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.0.as_raw_fd()
+    }
+}
+
+/// `epoll` registered with the current runtime's reactor for reading: the
+/// in-kernel relay's per-flow epoll, which reports only what it was
+/// asked for (a FIN, errors) and not the wake-up of every message.
+pub fn register_epoll(
+    epoll: nix::sys::epoll::Epoll,
+) -> io::Result<tokio::io::unix::AsyncFd<NestedEpoll>> {
+    // SAFETY: an `Epoll` owns its descriptor (an `OwnedFd`): it stays open
+    // and the same for as long as the `NestedEpoll` lives, which the
+    // `AsyncFd` owns until it is dropped, and `as_raw_fd` always returns it.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            NestedEpoll(epoll),
+            tokio::io::Interest::READABLE,
+        )
     };
     Ok(fd?)
 }
@@ -186,6 +214,263 @@ fn read_as<T: SockaddrIn>(name: &libc::sockaddr_storage) -> T {
 trait SockaddrIn: Copy {}
 impl SockaddrIn for libc::sockaddr_in {}
 impl SockaddrIn for libc::sockaddr_in6 {}
+
+/// What the in-kernel relay (`relay/sockmap.rs`) reads of a TCP socket:
+/// from `TCP_INFO`, the bytes received in order (the FIN counts one) and
+/// acknowledged by the peer (the SYN may count one), whether the FIN came,
+/// and the milliseconds since data last came in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounts {
+    pub received: u64,
+    /// The peer's FIN came (the state is one that follows it).
+    pub fin_received: bool,
+    pub acked: u64,
+    pub since_data_ms: u32,
+}
+
+/// [`TcpCounts`] of `socket`.
+pub fn tcp_counts(socket: &impl AsFd) -> io::Result<TcpCounts> {
+    let fd = socket.as_fd();
+    // SAFETY: all-zero bytes are a valid `tcp_info` (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is valid for the call (borrowed from `socket`); the
+    // kernel copies at most `len` bytes (the struct's size) to the
+    // pointer, which points to `info`, a live, writable `tcp_info`, and
+    // writes `len`, which points to a live socklen_t.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Kernels before 4.1 (bytes_acked) and 4.1 (bytes_received) stop short.
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    if (len as usize) < end {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TCP_INFO without tcpi_bytes_received (kernel before 4.1)",
+        ));
+    }
+    // TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING of `tcp_states.h`.
+    let fin_received = matches!(info.tcpi_state, 6 | 8 | 9 | 11);
+    Ok(TcpCounts {
+        received: info.tcpi_bytes_received,
+        fin_received,
+        acked: info.tcpi_bytes_acked,
+        since_data_ms: info.tcpi_last_data_recv,
+    })
+}
+
+/// Bytes received on a TCP socket and not read yet (`FIONREAD`,
+/// `SIOCINQ`), the FIN not counted.
+pub fn unread_bytes(socket: &impl AsFd) -> io::Result<usize> {
+    let fd = socket.as_fd();
+    let mut unread: libc::c_int = 0;
+    // SAFETY: `fd` is valid for the call (borrowed from `socket`), and
+    // FIONREAD writes exactly one c_int to the pointer, which points to
+    // `unread`, a live, aligned, writable c_int.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut unread) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(unread).unwrap_or(0))
+}
+
+/// Sets `SO_RCVLOWAT` to 1 (its default): on TCP the kernel then checks
+/// at once whether the socket has bytes to signal, and calls its
+/// data-ready hook if so. The in-kernel relay uses it to hand the verdict
+/// program the bytes that arrived before the socket joined the map.
+pub fn recheck_readable(socket: &impl AsFd) -> io::Result<()> {
+    let fd = socket.as_fd();
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is valid for the call (borrowed from `socket`); the
+    // kernel reads `size_of::<c_int>()` bytes from the pointer, which
+    // points to `one`, a live c_int.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// The bpf(2) commands and constants of <linux/bpf.h> the in-kernel relay
+// uses.
+const BPF_MAP_CREATE: libc::c_int = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
+const BPF_PROG_LOAD: libc::c_int = 5;
+const BPF_PROG_ATTACH: libc::c_int = 8;
+const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+const BPF_PROG_TYPE_SK_SKB: u32 = 14;
+const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
+/// `BPF_NOEXIST`: an update that fails if the key is there already.
+const BPF_NOEXIST: u64 = 1;
+
+/// `union bpf_attr` for BPF_MAP_CREATE (its first fields; the kernel
+/// takes a shorter attr as zeros beyond it).
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_*_ELEM.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for BPF_PROG_LOAD, up to `kern_version`.
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+}
+
+/// `union bpf_attr` for BPF_PROG_ATTACH.
+#[repr(C)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+/// bpf(2) with `attr` (one of the structs above, each a prefix of
+/// `union bpf_attr`); its result as a descriptor or a count.
+fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, writable `#[repr(C)]` struct laid out as
+    // the start of `union bpf_attr` for `cmd`, and the size passed is its
+    // own: the kernel reads (and for some commands writes) only that
+    // many bytes. Every pointer inside it (keys, values, instructions,
+    // the license, the log) is set by the callers below to live memory
+    // of the size the command implies, which outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut T).cast::<libc::c_void>(),
+            size_of::<T>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// A descriptor the kernel just returned, owned from now on.
+fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::other("descriptor out of range"))?;
+    // SAFETY: `fd` was returned by a successful bpf(2) that created it for
+    // this process; nothing else owns or closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A `BPF_MAP_TYPE_SOCKHASH` with 8-byte keys and `max_entries` sockets.
+pub fn sockhash_create(max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_SOCKHASH,
+        key_size: 8,
+        value_size: 8,
+        max_entries,
+        map_flags: 0,
+    };
+    owned(bpf(BPF_MAP_CREATE, &mut attr)?)
+}
+
+/// Puts `socket` in the sockhash `map` under `key` (a new key only).
+pub fn sockhash_insert(map: &impl AsFd, key: u64, socket: &impl AsFd) -> io::Result<()> {
+    let value = u64::try_from(socket.as_fd().as_raw_fd()).unwrap_or(u64::MAX);
+    let mut attr = MapElemAttr {
+        map_fd: map.as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: (&raw const key) as u64,
+        value: (&raw const value) as u64,
+        flags: BPF_NOEXIST,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// Takes `key` out of `map`.
+pub fn sockhash_remove(map: &impl AsFd, key: u64) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: (&raw const key) as u64,
+        value: 0,
+        flags: 0,
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
+}
+
+/// Loads `insns` as a `BPF_PROG_TYPE_SK_SKB` program (GPL: its helpers
+/// require it). On refusal, the verifier's log is in the error.
+pub fn sk_skb_load(insns: &[u64]) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 16 * 1024];
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SK_SKB,
+        insn_cnt: u32::try_from(insns.len()).map_err(io::Error::other)?,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+    };
+    match bpf(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => owned(fd),
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            Err(io::Error::new(
+                e.kind(),
+                format!("{e}; verifier: {}", text.trim()),
+            ))
+        }
+    }
+}
+
+/// Attaches `prog` to the sockhash `map` as its stream verdict: every
+/// socket put in `map` runs it on the bytes it receives.
+pub fn attach_stream_verdict(map: &impl AsFd, prog: &impl AsFd) -> io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: map.as_fd().as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_fd().as_raw_fd() as u32,
+        attach_type: BPF_SK_SKB_STREAM_VERDICT,
+        attach_flags: 0,
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
 
 #[cfg(test)]
 mod tests {
