@@ -317,7 +317,6 @@ const BPF_PROG_LOAD: libc::c_int = 5;
 const BPF_PROG_ATTACH: libc::c_int = 8;
 const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
 const BPF_PROG_TYPE_SK_SKB: u32 = 14;
-const BPF_SK_SKB_STREAM_PARSER: u32 = 4;
 const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
 /// `BPF_NOEXIST`: an update that fails if the key is there already.
 const BPF_NOEXIST: u64 = 1;
@@ -343,9 +342,7 @@ struct MapElemAttr {
     flags: u64,
 }
 
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `prog_flags`: every byte
-/// named, none left to padding (the kernel refuses a nonzero byte it does
-/// not expect).
+/// `union bpf_attr` for BPF_PROG_LOAD, up to `kern_version`.
 #[repr(C)]
 struct ProgLoadAttr {
     prog_type: u32,
@@ -356,7 +353,6 @@ struct ProgLoadAttr {
     log_size: u32,
     log_buf: u64,
     kern_version: u32,
-    prog_flags: u32,
 }
 
 /// `union bpf_attr` for BPF_PROG_ATTACH.
@@ -367,12 +363,6 @@ struct ProgAttachAttr {
     attach_type: u32,
     attach_flags: u32,
 }
-
-// No padding in any of them: each size is the sum of its fields.
-const _: () = assert!(size_of::<MapCreateAttr>() == 20);
-const _: () = assert!(size_of::<MapElemAttr>() == 32);
-const _: () = assert!(size_of::<ProgLoadAttr>() == 48);
-const _: () = assert!(size_of::<ProgAttachAttr>() == 16);
 
 /// bpf(2) with `attr` (one of the structs above, each a prefix of
 /// `union bpf_attr`); its result as a descriptor or a count.
@@ -456,7 +446,6 @@ pub fn sk_skb_load(insns: &[u64]) -> io::Result<OwnedFd> {
         log_size: log.len() as u32,
         log_buf: log.as_mut_ptr() as u64,
         kern_version: 0,
-        prog_flags: 0,
     };
     match bpf(BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => owned(fd),
@@ -469,17 +458,6 @@ pub fn sk_skb_load(insns: &[u64]) -> io::Result<OwnedFd> {
             ))
         }
     }
-}
-
-/// Attaches `prog` to the sockhash `map` as its stream parser.
-pub fn attach_stream_parser(map: &impl AsFd, prog: &impl AsFd) -> io::Result<()> {
-    let mut attr = ProgAttachAttr {
-        target_fd: map.as_fd().as_raw_fd() as u32,
-        attach_bpf_fd: prog.as_fd().as_raw_fd() as u32,
-        attach_type: BPF_SK_SKB_STREAM_PARSER,
-        attach_flags: 0,
-    };
-    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
 }
 
 /// Attaches `prog` to the sockhash `map` as its stream verdict: every

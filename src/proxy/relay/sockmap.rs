@@ -1,14 +1,12 @@
 //! `--tcp-relay sockmap`: the kernel moves a flow's bytes from one socket
 //! to the other, and the proxy only watches the flow's ends.
 //!
-//! Two sockhash maps and two small BPF programs (a stream parser of 2
-//! instructions and a stream verdict of 11, written out below: no
-//! compiler needed):
+//! Two sockhash maps and one small BPF program (a stream verdict, 11
+//! instructions, written out below: no compiler needed):
 //! - `targets` holds, under each socket's cookie (`SO_COOKIE`), the
 //!   *other* socket of its flow; no program runs on it;
 //! - `armed` holds every relayed socket under its own cookie, and runs the
-//!   parser and the verdict on the bytes each one receives. The parser
-//!   takes each skb whole. The verdict looks up the socket's
+//!   verdict on the bytes each one receives: it looks up the socket's
 //!   cookie in `targets` and redirects the bytes to that socket's send
 //!   side (`bpf_sk_redirect_hash`). The kernel sends them from a worker
 //!   of its own; the proxy is not woken per message.
@@ -47,9 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::count::{RelayedBytes, Tally, Way};
-use super::{
-    DELIVERY_STALL, Ending, RelayConfig, Transferred, cut_error, reset, reset_once_delivered,
-};
+use super::{Ending, RelayConfig, Transferred, cut_error, reset, reset_once_delivered};
 use crate::proxy::sys::{self, NestedEpoll};
 use crate::proxy::tcp_options::TcpOptions;
 
@@ -63,9 +59,8 @@ const MAX_SOCKETS: u32 = 65_536;
 struct Maps {
     targets: OwnedFd,
     armed: OwnedFd,
-    /// The parser and the verdict, attached to `armed`; kept open for the
-    /// process's life.
-    _programs: [OwnedFd; 2],
+    /// Attached to `armed`; kept open for the process's life.
+    _verdict: OwnedFd,
 }
 
 /// Why the in-kernel relay cannot run on this host.
@@ -95,13 +90,11 @@ fn load() -> Result<Maps, SockmapError> {
     let armed = sys::sockhash_create(MAX_SOCKETS).map_err(step("create a sockhash map"))?;
     let verdict = sys::sk_skb_load(&verdict_program(targets.as_raw_fd()))
         .map_err(step("load the stream verdict program"))?;
-    let parser = sys::sk_skb_load(&PARSER_PROGRAM).map_err(step("load the stream parser"))?;
-    sys::attach_stream_parser(&armed, &parser).map_err(step("attach the stream parser"))?;
     sys::attach_stream_verdict(&armed, &verdict).map_err(step("attach the stream verdict"))?;
     Ok(Maps {
         targets,
         armed,
-        _programs: [parser, verdict],
+        _verdict: verdict,
     })
 }
 
@@ -112,13 +105,6 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
         | ((off as u16 as u64) << 16)
         | ((imm as u32 as u64) << 32)
 }
-
-/// The stream parser: every skb is a message of its own
-/// (`return skb->len`).
-const PARSER_PROGRAM: [u64; 2] = [
-    insn(0x61, 0, 1, 0, 0), // r0 = *(u32 *)(r1 + 0): the skb's len
-    insn(0x95, 0, 0, 0, 0), // return r0
-];
 
 /// The stream verdict, for a sockhash whose descriptor is `targets`:
 /// `return bpf_sk_redirect_hash(skb, targets, &bpf_get_socket_cookie(skb), 0)`.
@@ -190,13 +176,11 @@ pub(super) async fn relay(
     };
     // Step 3 comes first while tokio still has both sockets (a refusal
     // leaves them as they were), then step 2.
-    if let Err(e) = sys::sockhash_insert(&maps.armed, cookies[0], &client) {
+    if sys::sockhash_insert(&maps.armed, cookies[0], &client).is_err() {
         untarget();
-        debug!(error = %e, "the client socket could not be armed: relayed in user space");
         return Err((client, upstream));
     }
-    if let Err(e) = sys::sockhash_insert(&maps.armed, cookies[1], &upstream) {
-        debug!(error = %e, "the upstream socket could not be armed");
+    if sys::sockhash_insert(&maps.armed, cookies[1], &upstream).is_err() {
         // The client's verdict may have passed bytes on already: they go
         // out before the user-space relay writes any.
         let _ = sys::sockhash_remove(&maps.armed, cookies[0]);
@@ -218,7 +202,6 @@ pub(super) async fn relay(
             }
         }
         untarget();
-        debug!("the upstream socket could not be armed: relayed in user space");
         return Err((client, upstream));
     }
     Ok(in_kernel(config, tcp, client, upstream, queued_at_start, cut, bytes).await)
@@ -266,15 +249,6 @@ async fn in_kernel(
             upstream_to_client: moved[1],
         }),
         Ending::Failed { error, dead } => {
-            // What a socket's verdict took before it died (an early answer
-            // and the server's reset behind it) still goes to the other
-            // one before that is reset.
-            for i in 0..2 {
-                let j = 1 - i;
-                if dead[i] && !dead[j] {
-                    wait_drained(&sockets[i], &sockets[j], queued_at_start[j], eof[i]).await;
-                }
-            }
             reset_once_delivered([&sockets[0], &sockets[1]], dead).await;
             Err(error)
         }
@@ -317,18 +291,6 @@ fn consumed(socket: &impl AsFd, fin: bool) -> io::Result<u64> {
 fn drained(src: &impl AsFd, dst: &impl AsFd, dst_at_start: u64, fin: bool) -> io::Result<bool> {
     let taken = consumed(src, fin)?;
     Ok(queued(dst)?.saturating_sub(dst_at_start) >= taken)
-}
-
-/// Waits until [`drained`], at most [`DELIVERY_STALL`].
-async fn wait_drained(src: &impl AsFd, dst: &impl AsFd, dst_at_start: u64, fin: bool) {
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    while matches!(drained(src, dst, dst_at_start, fin), Ok(false))
-        && start.elapsed() < DELIVERY_STALL
-    {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
 }
 
 /// The flow's life after the hand-over: EOFs become half-closes, an
