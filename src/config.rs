@@ -74,8 +74,7 @@ pub struct Args {
     #[arg(long, value_name = "ALGORITHM", default_value = "round-robin")]
     pub lb_algorithm: Algorithm,
 
-    /// How TCP payload is moved: splice (zero-copy), copy (user space) or
-    /// sockmap (in the kernel, a BPF stream verdict per socket).
+    /// How TCP payload is moved: splice (zero-copy) or copy (user space).
     #[arg(long, value_enum, default_value = "splice")]
     pub tcp_relay: RelayMode,
 

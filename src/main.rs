@@ -667,10 +667,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_stop.clone(),
         health_check_addresses,
     );
-    if args.tcp_relay == kube_uproxy::proxy::relay::RelayMode::Sockmap {
-        // Before any listener: a host that cannot run it says so at start.
-        kube_uproxy::proxy::relay::sockmap_ready()?;
-    }
     info!(
         source = if args.manifests.is_some() { "manifests" } else { "kubernetes" },
         algorithm = %args.lb_algorithm,

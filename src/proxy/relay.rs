@@ -44,14 +44,12 @@ mod copy;
 mod count;
 mod direction;
 mod pipe;
-mod sockmap;
 mod splice;
 #[cfg(test)]
 mod tests;
 
 use std::future::Future;
 use std::io;
-use std::os::fd::AsFd;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,7 +67,6 @@ pub use self::count::{RelayedBytes, Way};
 use self::direction::{Activity, DirectionResult, Failure, destination_failure, shutdown_write};
 use self::pipe::NoPipe;
 pub use self::pipe::{DEFAULT_MAX as DEFAULT_SPLICE_PIPES_MAX, PIPES as SPLICE_PIPES, PipePool};
-pub use self::sockmap::{SockmapError, ready as sockmap_ready};
 use super::sys;
 use super::tcp_options::{LONG_LIVED, TcpOptions};
 
@@ -80,10 +77,6 @@ pub enum RelayMode {
     Splice,
     /// A user-space copy loop.
     Copy,
-    /// In the kernel: a sockmap and a BPF stream verdict redirect each
-    /// socket's bytes to the other (relay/sockmap.rs); the splice relay
-    /// when a flow cannot be handed over.
-    Sockmap,
 }
 
 /// How a flow is relayed.
@@ -197,15 +190,6 @@ pub async fn relay(
     cut: &CancellationToken,
     bytes: &RelayedBytes,
 ) -> io::Result<Transferred> {
-    let (client, upstream) = if config.mode == RelayMode::Sockmap {
-        // Boxed: the other modes' flows do not carry its state.
-        match Box::pin(sockmap::relay(config, tcp, client, upstream, cut, bytes)).await {
-            Ok(result) => return result,
-            Err(given_back) => given_back,
-        }
-    } else {
-        (client, upstream)
-    };
     let client = Arc::new(client);
     let upstream = Arc::new(upstream);
     let activity = config.idle_timeout.map(|_| Arc::new(Activity::new()));
@@ -220,7 +204,7 @@ pub async fn relay(
     // Set by the first direction to end with EOF: see hybrid_one_way.
     let one_ended = AtomicBool::new(false);
     let ending = match config.mode {
-        RelayMode::Splice | RelayMode::Sockmap => {
+        RelayMode::Splice => {
             let a = pin!(hybrid_one_way(
                 Arc::clone(&client),
                 Arc::clone(&upstream),
@@ -340,7 +324,7 @@ fn cut_error() -> io::Error {
 }
 
 /// Makes the close of `stream` send RST instead of FIN.
-pub fn reset(stream: &impl AsFd) {
+pub fn reset(stream: &TcpStream) {
     // Best effort: the socket may already be dead.
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
@@ -351,7 +335,7 @@ pub fn reset(stream: &impl AsFd) {
 /// [`DELIVERY_LIMIT`]. A connection known dead (`dead`) has nothing left
 /// to deliver and nothing to reset: no wait, no system call. Both sockets in one loop with one
 /// timer: this is on the path of every failed flow.
-async fn reset_once_delivered<S: AsFd>(sockets: [&S; 2], dead: [bool; 2]) {
+async fn reset_once_delivered(sockets: [&TcpStream; 2], dead: [bool; 2]) {
     let start = Instant::now();
     // A dead socket is in TCP_CLOSE already (the peer's RST, a timeout):
     // its close sends nothing, so SO_LINGER on it would be a system call

@@ -93,109 +93,6 @@ async fn copy_keeps_half_close_and_every_byte() {
     assert!(back == want, "payload corrupted through copy");
 }
 
-/// `--tcp-relay sockmap`: the kernel moves the bytes; the proxy passes on
-/// each FIN only once every byte before it is on its way (the server
-/// answers only after its EOF, the client reads to the answer's EOF).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sockmap_keeps_half_close_and_every_byte() {
-    for len in [0, 1, 100, 3 * 1024 * 1024 + 7] {
-        let payload = data(len);
-        let (back, t) = tokio::time::timeout(
-            Duration::from_secs(20),
-            through_relay(RelayMode::Sockmap, payload.clone()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{len} bytes: a FIN was never passed on"));
-        let mut want = payload.clone();
-        want.reverse();
-        assert!(back == want, "{len} bytes: corrupted through the sockmap");
-        assert_eq!(t.client_to_upstream, len as u64);
-        assert_eq!(t.upstream_to_client, len as u64);
-    }
-}
-
-/// Request and answer, many times on one flow, through the in-kernel
-/// relay: the first request may be in the socket before the flow is
-/// handed over (it is passed on all the same), and every answer comes
-/// back whole and in order.
-/// The client's FIN comes while the kernel still holds bytes for a server
-/// that does not read yet: the half-close waits for them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sockmap_passes_a_fin_on_only_after_the_bytes_before_it() {
-    let f = flow().await;
-    let (mut client, mut server, relay_task) = start_relay(RelayMode::Sockmap, f);
-    let payload = data(8 * 1024 * 1024 + 5);
-    let sent = payload.clone();
-    let upload = tokio::spawn(async move {
-        client.write_all(&sent).await.unwrap();
-        client.shutdown().await.unwrap();
-        client
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), server.read_to_end(&mut got))
-        .await
-        .expect("the client's FIN was never passed on")
-        .unwrap();
-    assert_eq!(got.len(), payload.len());
-    assert!(got == payload, "the upload was corrupted");
-    drop(server);
-    drop(upload.await.unwrap());
-    let t = tokio::time::timeout(Duration::from_secs(5), relay_task)
-        .await
-        .expect("the relay did not end")
-        .unwrap()
-        .unwrap();
-    assert_eq!(t.client_to_upstream, payload.len() as u64);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sockmap_carries_request_and_answer_in_order() {
-    let mut f = flow().await;
-    f.client.write_all(b"first!").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let (mut client, mut server, relay_task) = start_relay(RelayMode::Sockmap, f);
-    let mut first = [0u8; 6];
-    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut first))
-        .await
-        .expect("the bytes sent before the hand-over were never passed on")
-        .unwrap();
-    assert_eq!(&first, b"first!");
-    let within = Duration::from_secs(5);
-    for i in 0..2000u32 {
-        let request = format!("request {i:06}");
-        client.write_all(request.as_bytes()).await.unwrap();
-        let mut got = vec![0u8; request.len()];
-        tokio::time::timeout(within, server.read_exact(&mut got))
-            .await
-            .unwrap_or_else(|_| panic!("request {i} never arrived"))
-            .unwrap();
-        assert_eq!(got, request.as_bytes());
-        let answer = format!("answer {i:06} {}", "x".repeat(i as usize % 3000));
-        server.write_all(answer.as_bytes()).await.unwrap();
-        let mut got = vec![0u8; answer.len()];
-        tokio::time::timeout(within, client.read_exact(&mut got))
-            .await
-            .unwrap_or_else(|_| panic!("answer {i} never arrived"))
-            .unwrap();
-        assert!(got == answer.as_bytes(), "answer {i} corrupted");
-    }
-    drop(client);
-    let mut rest = Vec::new();
-    tokio::time::timeout(within, server.read_to_end(&mut rest))
-        .await
-        .expect("the client's close was never passed on")
-        .unwrap();
-    assert!(rest.is_empty());
-    drop(server);
-    let t = tokio::time::timeout(within, relay_task)
-        .await
-        .expect("the relay did not end")
-        .unwrap()
-        .unwrap();
-    assert_eq!(t.client_to_upstream, 6 + 2000 * 14);
-}
-
 #[tokio::test]
 async fn small_messages_go_both_ways_in_order() {
     // Many small writes in both directions at once: the copy phase. The
@@ -370,11 +267,6 @@ async fn cut_resets_both_sides_in_splice_mode() {
 #[tokio::test]
 async fn cut_resets_both_sides_in_copy_mode() {
     cut_resets_both_sides(RelayMode::Copy).await;
-}
-
-#[tokio::test]
-async fn cut_resets_both_sides_in_sockmap_mode() {
-    cut_resets_both_sides(RelayMode::Sockmap).await;
 }
 
 /// The four sockets of one flow on loopback: the client's, the proxy's
@@ -701,11 +593,6 @@ async fn an_early_answer_reaches_the_client_in_splice_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_reaches_the_client_in_copy_mode() {
     an_early_answer_reaches_the_client(RelayMode::Copy).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_early_answer_reaches_the_client_in_sockmap_mode() {
-    an_early_answer_reaches_the_client(RelayMode::Sockmap).await;
 }
 
 /// Reads from `s` until something happens, at most `within`.
