@@ -223,47 +223,42 @@ async fn answer(State(s): State<HandlerState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::http1::{self, SendRequest};
+    use hyper_util::rt::TokioIo;
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
     const V4_1: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
     const V4_2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
-    /// One `GET /` on `stream`: the status, or `None` when the server
+    /// An HTTP/1.1 connection to `ip:port` (hyper's client), kept open for
+    /// more requests; `None` if it cannot be opened.
+    async fn connect(ip: IpAddr, port: u16) -> Option<SendRequest<Empty<Bytes>>> {
+        let stream = TcpStream::connect((ip, port)).await.ok()?;
+        let (send, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(conn);
+        Some(send)
+    }
+
+    /// One `GET /` on `conn`: the status, or `None` when the server
     /// closed the connection (or said nothing within 2 s).
-    async fn get(stream: &mut TcpStream) -> Option<u16> {
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: lb\r\n\r\n")
-            .await
+    async fn get(conn: &mut SendRequest<Empty<Bytes>>) -> Option<u16> {
+        let request = hyper::Request::get("/")
+            .header(hyper::header::HOST, "lb")
+            .body(Empty::new())
             .ok()?;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            got.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&got);
-            let Some(end) = text.find("\r\n\r\n") else {
-                continue;
-            };
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())?;
-            if got.len() >= end + 4 + length {
-                return text.get(9..12)?.parse().ok();
-            }
-        }
+        tokio::time::timeout(Duration::from_secs(2), async {
+            conn.ready().await.ok()?;
+            let response = conn.send_request(request).await.ok()?;
+            let status = response.status().as_u16();
+            // Read to its end: the connection then takes the next request.
+            response.into_body().collect().await.ok()?;
+            Some(status)
+        })
+        .await
+        .ok()?
     }
 
     /// Polls for up to 5 s until `ip:port` answers `GET /` (`true`; 503
@@ -271,9 +266,9 @@ mod tests {
     /// whether it did.
     async fn becomes(ip: IpAddr, port: u16, answers: bool) -> bool {
         for _ in 0..100 {
-            let now = match TcpStream::connect((ip, port)).await {
-                Ok(mut s) => get(&mut s).await.is_some(),
-                Err(_) => false,
+            let now = match connect(ip, port).await {
+                Some(mut c) => get(&mut c).await.is_some(),
+                None => false,
             };
             if now == answers {
                 return true;
@@ -304,7 +299,7 @@ mod tests {
         // A load balancer's kept connection to the address that stays.
         servers.set_addresses(Some(vec![V4_2, V4_1]));
         assert!(becomes(V4_2, port, true).await, "127.0.0.2 never answered");
-        let mut kept = TcpStream::connect((V4_2, port)).await.unwrap();
+        let mut kept = connect(V4_2, port).await.expect("connect to 127.0.0.2");
         assert_eq!(get(&mut kept).await, Some(503));
 
         servers.set_addresses(Some(vec![V4_2]));
