@@ -212,10 +212,10 @@ fn health_checks_listen_only_on_the_nodeport_addresses_when_given() {
     }
 }
 
-/// `--nodeport-addresses primary`: until the Node object is known the
-/// default route's interface stands in for its primary IP; then the
-/// health check node port listens on the Node's `InternalIP` (here the
-/// bridge address, not the default route's), as the node port rules do
+/// `--nodeport-addresses primary` with the Node object in the manifests
+/// from the start: the health check node port listens on the Node's
+/// `InternalIP` (here the bridge address, not the default route's, which
+/// stands in only until the Node is known), as the node port rules do
 /// and as kube-proxy binds it, and it moves when that address changes.
 /// A load balancer that checks the node's address would otherwise find
 /// nothing there and take the node out.
