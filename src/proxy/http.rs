@@ -26,6 +26,7 @@ mod body;
 mod detect;
 mod forward;
 mod forwarded;
+mod h2_upstream;
 mod local;
 mod pool;
 mod port;

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -21,6 +21,9 @@ use super::super::metrics::ServicePortMetrics;
 use super::super::metrics::http::Outcome;
 use super::pool::{Pool, StreamGuard};
 
+/// What a body that breaks off reports (hyper's or h2's error).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body of a response to a client.
 pub struct ProxyBody {
     kind: Kind,
@@ -30,8 +33,20 @@ pub struct ProxyBody {
 enum Kind {
     /// The proxy's own answer (an error), sent in one frame.
     Full(Option<Bytes>),
-    /// The endpoint's answer.
+    /// The endpoint's answer over HTTP/1.1.
     Upstream(Incoming),
+    /// The endpoint's answer over h2: its stream; `data_done` once its
+    /// data is over (the trailers may follow).
+    H2 {
+        recv: h2::RecvStream,
+        data_done: bool,
+    },
+}
+
+/// An endpoint's response body, as it came.
+pub enum UpstreamBody {
+    Http1(Incoming),
+    H2(h2::RecvStream),
 }
 
 /// What a request holds until its response is over; counts the request
@@ -77,11 +92,15 @@ impl ProxyBody {
     }
 
     /// The endpoint's body, streamed.
-    pub fn upstream(body: Incoming, done: Done) -> Self {
-        let mut b = ProxyBody {
-            kind: Kind::Upstream(body),
-            done,
+    pub fn upstream(body: UpstreamBody, done: Done) -> Self {
+        let kind = match body {
+            UpstreamBody::Http1(b) => Kind::Upstream(b),
+            UpstreamBody::H2(recv) => Kind::H2 {
+                recv,
+                data_done: false,
+            },
         };
+        let mut b = ProxyBody { kind, done };
         // A body that is over before it starts (204, 304, HEAD) may never
         // be polled: its connection is free now.
         if b.kind_is_end() {
@@ -94,6 +113,7 @@ impl ProxyBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(b) => b.is_end_stream(),
+            Kind::H2 { recv, .. } => recv.is_end_stream(),
         }
     }
 
@@ -104,7 +124,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -114,27 +134,13 @@ impl Body for ProxyBody {
         match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(body) => {
-                let polled = Pin::new(body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) => this.finish(),
-                    Poll::Ready(Some(Ok(frame))) => {
-                        let d = &mut this.done;
-                        if let Some(t) = frame.trailers_ref()
-                            && d.grpc
-                            && let Some(s) = grpc_status(t)
-                        {
-                            d.outcome.grpc_status = Some(s);
-                        }
-                        if this.kind_is_end() {
-                            this.finish();
-                        }
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        // Broken off: the connection goes with `done`.
-                        this.done.back = None;
-                    }
-                    Poll::Pending => {}
-                }
+                let polled = Pin::new(body).poll_frame(cx).map_err(BoxError::from);
+                this.after(&polled);
+                polled
+            }
+            Kind::H2 { recv, data_done } => {
+                let polled = poll_h2(recv, data_done, cx);
+                this.after(&polled);
                 polled
             }
         }
@@ -149,7 +155,60 @@ impl Body for ProxyBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(b) => b.size_hint(),
+            // The stream's `content-length` passes on as a header.
+            Kind::H2 { .. } => SizeHint::default(),
         }
+    }
+}
+
+impl ProxyBody {
+    /// Bookkeeping after each poll of the endpoint's body: the gRPC
+    /// status of its trailers, and its end.
+    fn after(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, BoxError>>>) {
+        match polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(frame))) => {
+                let d = &mut self.done;
+                if let Some(t) = frame.trailers_ref()
+                    && d.grpc
+                    && let Some(s) = grpc_status(t)
+                {
+                    d.outcome.grpc_status = Some(s);
+                }
+                if self.kind_is_end() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // Broken off: the connection goes with `done`.
+                self.done.back = None;
+            }
+            Poll::Pending => {}
+        }
+    }
+}
+
+/// The next frame of an endpoint's h2 stream: its data (the window
+/// given back as it is passed on), then its trailers.
+fn poll_h2(
+    recv: &mut h2::RecvStream,
+    data_done: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if !*data_done {
+        match ready!(recv.poll_data(cx)) {
+            Some(Ok(data)) => {
+                let _ = recv.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => *data_done = true,
+        }
+    }
+    match ready!(recv.poll_trailers(cx)) {
+        Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+        Ok(None) => Poll::Ready(None),
+        Err(e) => Poll::Ready(Some(Err(e.into()))),
     }
 }
 

@@ -19,8 +19,9 @@ use super::super::DataPathConfig;
 use super::super::balancer::Lease;
 use super::super::metrics::http::{Outcome, RetryReason};
 use super::super::relay::relay;
-use super::body::{Done, ProxyBody, grpc_status};
+use super::body::{BoxError, Done, ProxyBody, UpstreamBody, grpc_status};
 use super::forwarded::Forwarding;
+use super::h2_upstream::{self, H2Sent};
 use super::pool::{Conn, Proto};
 use super::port::HttpPort;
 use crate::model::PortMode;
@@ -133,7 +134,7 @@ enum Sent {
     /// The endpoint answered; an HTTP/1.1 connection to put back at the
     /// end of the body, or the h2 stream's count.
     Answered(
-        Response<Incoming>,
+        Response<UpstreamBody>,
         Option<hyper::client::conn::http1::SendRequest<Incoming>>,
         Option<super::pool::StreamGuard>,
     ),
@@ -141,7 +142,7 @@ enum Sent {
     /// refused before a byte of it was written. Safe to send elsewhere.
     Unsent(Request<Incoming>),
     /// Sent (maybe in part): never sent again.
-    Failed(hyper::Error),
+    Failed(BoxError),
 }
 
 async fn send(conn: Conn, req: Request<Incoming>) -> Sent {
@@ -153,35 +154,27 @@ async fn send(conn: Conn, req: Request<Incoming>) -> Sent {
                 return Sent::Unsent(req);
             }
             match send.try_send_request(req).await {
-                Ok(resp) => Sent::Answered(resp, Some(send), None),
+                Ok(resp) => Sent::Answered(resp.map(UpstreamBody::Http1), Some(send), None),
                 Err(mut e) => match e.take_message() {
                     Some(req) => Sent::Unsent(req),
-                    None => Sent::Failed(e.into_error()),
+                    None => Sent::Failed(e.into_error().into()),
                 },
             }
         }
-        Conn::Http2 { mut send, stream } => {
-            if send.ready().await.is_err() {
-                return Sent::Unsent(req);
+        Conn::Http2 { send, stream } => match h2_upstream::send(send, req).await {
+            H2Sent::Answered(resp) => {
+                Sent::Answered(resp.map(UpstreamBody::H2), None, Some(stream))
             }
-            match send.try_send_request(req).await {
-                Ok(resp) => Sent::Answered(resp, None, Some(stream)),
-                Err(mut e) => match e.take_message() {
-                    Some(req) => Sent::Unsent(req),
-                    None => {
-                        let err = e.into_error();
-                        Sent::Failed(err)
-                    }
-                },
-            }
-        }
+            H2Sent::Unsent(req) => Sent::Unsent(req),
+            H2Sent::Failed(e) => Sent::Failed(e),
+        },
     }
 }
 
 /// The endpoint's response, on its way to the client.
 fn respond(
     port: &Arc<HttpPort>,
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     mut done: Done,
     lease: Lease,
     back: Option<(
@@ -488,7 +481,7 @@ async fn upgrade(
         if !agreed {
             strip_hop_by_hop(resp.headers_mut(), false);
             done.lease = Some(lease);
-            return resp.map(|b| ProxyBody::upstream(b, done));
+            return resp.map(|b| ProxyBody::upstream(UpstreamBody::Http1(b), done));
         }
         let endpoint_side = hyper::upgrade::on(&mut resp);
         let config = Arc::clone(&port.config);
@@ -502,7 +495,7 @@ async fn upgrade(
             };
             tunnel(c, e, &config, &cut, metrics.relayed_bytes()).await;
         });
-        return resp.map(|b| ProxyBody::upstream(b, done));
+        return resp.map(|b| ProxyBody::upstream(UpstreamBody::Http1(b), done));
     }
     unavailable(&port, done, "no endpoint could be reached")
 }

@@ -2,9 +2,7 @@
 //! task instead of a task each.
 //!
 //! hyper hands an h2 connection's work to an executor: on the server side
-//! every request (stream); on the client side the connection's frame I/O,
-//! its request dispatch, and a future per request waiting for the
-//! response. With tokio's executor, each is a task of its own: the
+//! every request (stream). With tokio's executor, each is a task of its own: the
 //! work-stealing runtime moves them to whichever worker is idle, the
 //! streams of one connection then run on several threads at once and
 //! contend for the connection's shared state (h2 keeps its streams behind
@@ -13,10 +11,11 @@
 //! queued futures and the connection together, as one task, so that a
 //! connection and all its work stay on one thread at a time, as an nginx
 //! or HAProxy connection stays on its worker (docs/performance.md,
-//! "Request mode: where a stream's CPU goes"). Used for the client
-//! connections request mode serves and for its h2 connections to the
-//! endpoints ([`super::pool`]). HTTP/1.1 has no streams: one request at
-//! a time runs inside the connection already.
+//! "Request mode: where a stream's CPU goes"). Used for the h2 client
+//! connections request mode serves; its h2 connections to the endpoints
+//! need none ([`super::h2_upstream`]: each request waits on its stream
+//! itself). HTTP/1.1 has no streams: one request at a time runs inside
+//! the connection already.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -67,10 +66,10 @@ where
 
 /// A connection future together with the streams its executor was given:
 /// ready when the connection is done and its last stream has finished.
-/// The connection future is dropped as soon as it is done: hyper's h2
-/// client ends the connection's frame I/O (one of the queued futures,
-/// which then sends GOAWAY and closes) only when its dispatch future is
-/// dropped, not when it returns.
+/// The connection future is dropped as soon as it is done, not when its
+/// last stream is: a queued future may wait for what the connection
+/// holds to be let go of (as hyper's h2 client, used here before,
+/// closed its frame I/O only once its dispatch future was dropped).
 pub struct WithStreams<C: Future> {
     /// `None` once done.
     conn: Option<Pin<Box<C>>>,
@@ -225,7 +224,7 @@ mod tests {
     }
 
     /// A stream that waits for the connection future to be dropped (as
-    /// hyper's h2 client's frame I/O waits for its dispatch future) ends:
+    /// hyper's h2 client's frame I/O waited for its dispatch future) ends:
     /// the connection future is dropped when it is done, not kept until
     /// every stream has finished.
     #[tokio::test]

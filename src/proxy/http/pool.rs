@@ -7,12 +7,12 @@
 //!   longer than the idle timeout is closed rather than reused, before
 //!   common servers close theirs (Node.js and Apache after 5 s), which
 //!   would race with a request written at that moment.
-//! - h2: one connection per endpoint, another when each open one carries
-//!   [`H2_STREAMS_PER_CONNECTION`] streams (the usual
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS`; hyper does not show the peer's
-//!   value, and a request over the peer's limit would only wait). A
-//!   connection the endpoint sent GOAWAY on is not used again: the next
-//!   request opens a new one.
+//! - h2 (the h2 crate's client: [`super::h2_upstream`]): one connection
+//!   per endpoint, another when each open one carries as many streams as
+//!   the endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS` allows, at most
+//!   [`H2_STREAMS_PER_CONNECTION`] (a request over the endpoint's limit
+//!   would only wait). A connection the endpoint sent GOAWAY on is not
+//!   used again: the next request opens a new one.
 //! - An endpoint that leaves the Service port's set takes no new request;
 //!   its idle connections close at once (the port's pools watch the
 //!   balancer: [`super::port::HttpPort`]), and the ones carrying requests
@@ -24,21 +24,34 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::super::balancer::EndpointSet;
 use super::super::connect::connect_marked;
 use super::super::metrics::ServicePortMetrics;
-use super::local::{ConnExecutor, WithStreams};
 
-/// Streams on one h2 connection before the next request opens another.
+/// Streams on one h2 connection before the next request opens another,
+/// when the endpoint allows more.
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// hyper's defaults for its h2 client, kept: the windows a stream and a
+/// connection open to the endpoint (2 MiB and 5 MiB: bulk transfers are
+/// not held back by the 64 KiB of the protocol's default), and the most
+/// it buffers to send (1 MiB).
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const H2_SEND_BUFFER: usize = 1024 * 1024;
+
+/// A handle on an h2 connection to an endpoint: opens streams on it.
+pub type H2Send = h2::client::SendRequest<Bytes>;
 
 /// The protocol spoken to endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +66,7 @@ pub enum Conn {
         send: http1::SendRequest<Incoming>,
     },
     Http2 {
-        send: http2::SendRequest<Incoming>,
+        send: H2Send,
         /// Counts the stream against its connection while held.
         stream: StreamGuard,
     },
@@ -70,8 +83,26 @@ impl Drop for StreamGuard {
 }
 
 struct H2Conn {
-    send: http2::SendRequest<Incoming>,
+    send: H2Send,
     streams: Arc<AtomicUsize>,
+}
+
+impl H2Conn {
+    /// New streams can be opened: no GOAWAY received, no error, not
+    /// closed.
+    fn usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(self.send.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Room for one more stream.
+    fn has_room(&self) -> bool {
+        let limit = self
+            .send
+            .current_max_send_streams()
+            .clamp(1, H2_STREAMS_PER_CONNECTION);
+        self.streams.load(Ordering::Relaxed) < limit
+    }
 }
 
 #[derive(Default)]
@@ -212,10 +243,8 @@ impl Pool {
         let mut entries = self.entries();
         let entry = entries.get_mut(&endpoint)?;
         // Closed ones (GOAWAY, endpoint gone) leave the list.
-        entry.h2.retain(|c| !c.send.is_closed());
-        let c = entry.h2.iter().find(|c| {
-            c.send.is_ready() && c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION
-        })?;
+        entry.h2.retain_mut(H2Conn::usable);
+        let c = entry.h2.iter().find(|c| c.has_room())?;
         c.streams.fetch_add(1, Ordering::Relaxed);
         Some(Conn::Http2 {
             send: c.send.clone(),
@@ -260,28 +289,122 @@ impl Pool {
         Ok(send)
     }
 
-    async fn start_http2(
-        &self,
-        endpoint: SocketAddr,
-        stream: TcpStream,
-    ) -> io::Result<http2::SendRequest<Incoming>> {
-        // hyper runs an h2 client connection as two futures (the frames'
-        // I/O and the requests' dispatch) and one more per request (its
-        // response); all of them run in this connection's one task.
-        let exec = ConnExecutor::default();
-        let (send, conn) = http2::Builder::new(exec.clone())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
+    async fn start_http2(&self, endpoint: SocketAddr, stream: TcpStream) -> io::Result<H2Send> {
+        let (send, conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buffer_size(H2_SEND_BUFFER)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(io::Error::other)?;
         let metrics = Arc::clone(&self.metrics);
         metrics.http().upstream(endpoint, 1);
+        // The connection's frames, read and written in this one task;
+        // it ends (GOAWAY) once the pool and every request have let go of
+        // it.
         tokio::spawn(async move {
-            if let Err(e) = WithStreams::new(conn, &exec).await {
+            if let Err(e) = conn.await {
                 debug!(%endpoint, error = %e, "h2 connection to the endpoint ended");
             }
             metrics.http().upstream(endpoint, -1);
         });
         Ok(send)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ObjectKey, Protocol, ServicePortName};
+    use crate::proxy::metrics::PortSeries;
+    use tokio::net::TcpListener;
+
+    fn pool() -> Pool {
+        let name = ServicePortName {
+            service: ObjectKey::new("default", "web"),
+            port: "grpc".into(),
+            protocol: Protocol::Tcp,
+        };
+        let metrics = PortSeries::new(false).service_port(&name);
+        Pool::new(Duration::from_secs(4), 0, metrics)
+    }
+
+    /// An h2 endpoint on loopback that allows `streams` at a time on a
+    /// connection; counts the connections it accepted.
+    async fn endpoint(streams: u32) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut conn = h2::server::Builder::new()
+                        .max_concurrent_streams(streams)
+                        .handshake::<_, Bytes>(s)
+                        .await
+                        .unwrap();
+                    // Streams are accepted and never answered: they stay open.
+                    let mut held = Vec::new();
+                    while let Some(Ok(stream)) = conn.accept().await {
+                        held.push(stream);
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Opens one stream on a checked-out h2 connection and keeps it open.
+    async fn open_stream(pool: &Pool, ep: SocketAddr) -> (h2::client::ResponseFuture, StreamGuard) {
+        let Conn::Http2 { send, stream } = pool
+            .checkout(ep, Proto::Http2, Duration::from_secs(5))
+            .await
+            .unwrap()
+        else {
+            panic!("not h2");
+        };
+        let mut send = send.ready().await.unwrap();
+        let req = http::Request::get(format!("http://{ep}/"))
+            .body(())
+            .unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        (resp, stream)
+    }
+
+    /// Requests share one h2 connection until it carries as many streams
+    /// as the endpoint's SETTINGS_MAX_CONCURRENT_STREAMS allows; the next
+    /// opens a second connection instead of waiting.
+    #[tokio::test]
+    async fn a_second_h2_connection_opens_at_the_endpoints_stream_limit() {
+        let (ep, accepted) = endpoint(2).await;
+        let pool = pool();
+        let mut held = Vec::new();
+        held.push(open_stream(&pool, ep).await);
+        // The endpoint's SETTINGS arrive with the handshake's first
+        // exchange: let them be read.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.push(open_stream(&pool, ep).await);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "two streams, one connection"
+        );
+        held.push(open_stream(&pool, ep).await);
+        // Dialled; let the endpoint's accept loop see it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the third stream did not get a connection of its own"
+        );
+        // A stream that ends makes room on the first connection again.
+        drop(held.remove(0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.push(open_stream(&pool, ep).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

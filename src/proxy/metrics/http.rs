@@ -21,8 +21,8 @@ pub enum RetryReason {
     /// The connection to the endpoint could not be opened.
     ConnectFailed,
     /// A kept-alive connection was found closed before a byte of the
-    /// request was written, or the endpoint refused the stream (h2
-    /// `REFUSED_STREAM`, a stream above a GOAWAY's last id).
+    /// request was written, or the endpoint refused the stream of a
+    /// request without a body (h2 `REFUSED_STREAM`).
     NotSent,
 }
 
