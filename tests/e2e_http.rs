@@ -419,6 +419,68 @@ fn grpc_calls_on_one_channel_are_balanced_per_call() {
     checks.finish();
 }
 
+/// Endpoints that send GOAWAY on every connection once it is 300 ms old
+/// (gRPC's `max_connection_age`, as operators set it): the proxy opens
+/// new connections to them and no call fails, over 300 calls paced over
+/// about two seconds, still spread evenly.
+#[test]
+fn grpc_endpoints_going_away_cost_no_call() {
+    if !lab::require_root_and_nft("grpc_endpoints_going_away_cost_no_call") {
+        return;
+    }
+    let w = World::new(
+        "grpc-goaway",
+        &[Backend::None, Backend::None, Backend::None],
+        &[svc(
+            "lab-goaway",
+            VIP_A,
+            BACKEND_PORT,
+            Some("grpc"),
+            &[0, 1, 2],
+        )],
+        &[],
+        |bed| grpc_servers(bed, &[0, 1, 2], BACKEND_PORT, &["--max-age-ms", "300"]),
+    );
+    let target = vip(VIP_A).to_string();
+    let r = grpc_client(
+        w.client(),
+        w.dir(),
+        &[
+            "peers",
+            "--target",
+            &target,
+            "--calls",
+            "300",
+            "--pace-ms",
+            "6",
+        ],
+        CLIENT_TIMEOUT,
+    )
+    .expect("grpc client, 300 paced calls");
+    let counts = json_counts(&r["counts"]);
+    let errors = json_counts(&r["errors"]);
+    let mut checks = Checks::default();
+    checks.expect(errors.is_empty(), || {
+        format!(
+            "endpoints sending GOAWAY every 300 ms: failures by status {errors:?} (first: {})",
+            r["first_error"]
+        )
+    });
+    checks.expect(spread_ok(&counts, &[0, 1, 2], 100, 5), || {
+        format!("calls per backend {counts:?}; expected 100 ± 5 each")
+    });
+    // Each endpoint saw more than one connection from the proxy: the
+    // GOAWAYs happened and were followed by new connections.
+    let connections = r["connections"].as_u64().unwrap_or(0);
+    checks.expect(connections >= 6, || {
+        format!(
+            "the calls came over {connections} connection(s) from the proxy; expected at least \
+             two per endpoint after their GOAWAYs"
+        )
+    });
+    checks.finish();
+}
+
 /// Slow calls in flight on one channel when an endpoint leaves the
 /// EndpointSlice complete OK; afterwards no call goes to it and none fails.
 #[test]

@@ -6,14 +6,20 @@ handlers whose (de)serializers are the identity, so every message is raw
 bytes (UTF-8 text here).
 
 Server (one per backend namespace):
-    grpc_peer.py serve --name backend0 --port 8080 [--delay-ms 0]
+    grpc_peer.py serve --name backend0 --port 8080 [--delay-ms 0] [--max-age-ms 0]
   - /lab.Echo/Who     unary: answers the backend's name;
+  - /lab.Echo/Peer    unary: answers the name and the address the call
+                      came from ("backend0 ipv4:10.0.0.1:40000"): one
+                      address per connection;
   - /lab.Echo/Slow    unary: sleeps the request's milliseconds, then
                       answers the name (calls kept in flight on purpose);
   - /lab.Echo/Fail    unary: aborts with INVALID_ARGUMENT "bad thing";
   - /lab.Echo/Count   server stream: the request is n, answers
                       "<name> 0" .. "<name> n-1".
   With --delay-ms every call first sleeps that long (a slow endpoint).
+  With --max-age-ms gRPC's server sends GOAWAY on each connection once it
+  is that old (grpc.max_connection_age_ms, as operators set to spread
+  long-lived channels), and closes it 5 s later at the latest.
 
 Clients (one process, ONE channel, i.e. one HTTP/2 connection, per run);
 each prints one JSON object on stdout:
@@ -24,6 +30,10 @@ each prints one JSON object on stdout:
     grpc_peer.py count   --target IP:PORT --n N
         {"received": n, "in_order": bool, "first_bad": str|null,
          "code": "OK", "details": ""}
+    grpc_peer.py peers   --target IP:PORT --calls N --pace-ms MS
+        N Peer calls, one every MS:
+        {"counts": {name: n}, "errors": {code: n}, "first_error": str,
+         "connections": number of addresses the calls came from}
     grpc_peer.py unavailable --target IP:PORT
         {"code": name, "code_value": int, "details": str}
     grpc_peer.py drain   --target IP:PORT --slow N --slow-ms MS
@@ -71,6 +81,10 @@ def serve(args):
         time.sleep(ms / 1000.0)
         return name
 
+    def peer(request, context):
+        pause()
+        return name + b" " + context.peer().encode()
+
     def fail(request, context):
         pause()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing")
@@ -84,11 +98,15 @@ def serve(args):
     handlers = {
         "Who": grpc.unary_unary_rpc_method_handler(who, IDENT, IDENT),
         "Slow": grpc.unary_unary_rpc_method_handler(slow, IDENT, IDENT),
+        "Peer": grpc.unary_unary_rpc_method_handler(peer, IDENT, IDENT),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, IDENT, IDENT),
         "Count": grpc.unary_stream_rpc_method_handler(count, IDENT, IDENT),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                         options=[("grpc.so_reuseport", 0)])
+    options = [("grpc.so_reuseport", 0)]
+    if args.max_age_ms:
+        options += [("grpc.max_connection_age_ms", args.max_age_ms),
+                    ("grpc.max_connection_age_grace_ms", 5000)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_insecure_port("0.0.0.0:%d" % args.port)
     server.start()
@@ -136,6 +154,19 @@ def who_calls(ch, n):
 def cmd_who(args):
     with channel(args.target) as ch:
         out = who_calls(ch, args.calls)
+    print(json.dumps(out))
+
+
+def cmd_peers(args):
+    results = []
+    with channel(args.target) as ch:
+        peer = ch.unary_unary("/lab.Echo/Peer", request_serializer=IDENT, response_deserializer=IDENT)
+        for _ in range(args.calls):
+            results.append(call(peer, b"", 10))
+            time.sleep(args.pace_ms / 1000.0)
+    addresses = {r.decode() for r in results if not isinstance(r, grpc.RpcError)}
+    out = tally([r if isinstance(r, grpc.RpcError) else r.split(b" ", 1)[0] for r in results])
+    out["connections"] = len(addresses)
     print(json.dumps(out))
 
 
@@ -209,7 +240,8 @@ def main():
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--delay-ms", type=int, default=0)
     s.add_argument("--running-dir", default=None)
-    for c in ("who", "fail", "count", "unavailable", "drain"):
+    s.add_argument("--max-age-ms", type=int, default=0)
+    for c in ("who", "peers", "fail", "count", "unavailable", "drain"):
         sp = sub.add_parser(c)
         sp.add_argument("--target", required=True)
         sp.add_argument("--calls", type=int, default=300)
@@ -217,11 +249,12 @@ def main():
         sp.add_argument("--slow", type=int, default=12)
         sp.add_argument("--slow-ms", type=int, default=2000)
         sp.add_argument("--after", type=int, default=150)
+        sp.add_argument("--pace-ms", type=int, default=0)
         sp.add_argument("--ready")
         sp.add_argument("--go")
         sp.add_argument("--running-dir")
     args = p.parse_args()
-    {"serve": serve, "who": cmd_who, "fail": cmd_fail, "count": cmd_count,
+    {"serve": serve, "who": cmd_who, "peers": cmd_peers, "fail": cmd_fail, "count": cmd_count,
      "unavailable": cmd_unavailable, "drain": cmd_drain}[args.cmd](args)
 
 
