@@ -34,7 +34,7 @@ enum Kind {
     /// The proxy's own answer (an error), sent in one frame.
     Full(Option<Bytes>),
     /// The endpoint's answer over HTTP/1.1.
-    Upstream(Incoming),
+    Http1(Incoming),
     /// The endpoint's answer over h2: its stream; `data_done` once its
     /// data is over (the trailers may follow).
     H2 {
@@ -94,7 +94,7 @@ impl ProxyBody {
     /// The endpoint's body, streamed.
     pub fn upstream(body: UpstreamBody, done: Done) -> Self {
         let kind = match body {
-            UpstreamBody::Http1(b) => Kind::Upstream(b),
+            UpstreamBody::Http1(b) => Kind::Http1(b),
             UpstreamBody::H2(recv) => Kind::H2 {
                 recv,
                 data_done: false,
@@ -112,7 +112,7 @@ impl ProxyBody {
     fn kind_is_end(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Http1(b) => b.is_end_stream(),
             Kind::H2 { recv, .. } => recv.is_end_stream(),
         }
     }
@@ -133,7 +133,7 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(body) => {
+            Kind::Http1(body) => {
                 let polled = Pin::new(body).poll_frame(cx).map_err(BoxError::from);
                 this.after(&polled);
                 polled
@@ -154,7 +154,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(b) => b.size_hint(),
+            Kind::Http1(b) => b.size_hint(),
             // The stream's `content-length` passes on as a header.
             Kind::H2 { .. } => SizeHint::default(),
         }
