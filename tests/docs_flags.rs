@@ -45,6 +45,7 @@ const OTHER_TOOLS: &[(&str, &[&str])] = &[
             "--all-targets",
             "--no-default-features",
             "--nocapture",
+            "--target-dir",
         ],
     ),
     (
