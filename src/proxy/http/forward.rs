@@ -161,7 +161,7 @@ async fn send(conn: Conn, req: Request<Incoming>) -> Sent {
                 },
             }
         }
-        Conn::Http2 { send, stream } => match h2_upstream::send(send, req).await {
+        Conn::Http2 { send, stream } => match h2_upstream::send(send, req, &stream).await {
             H2Sent::Answered(resp) => {
                 Sent::Answered(resp.map(UpstreamBody::H2), None, Some(stream))
             }

@@ -10,10 +10,12 @@
 //! request body that is not over by the time the response comes is the
 //! one exception: its pipe then goes on in a task of its own).
 //!
-//! A request the endpoint refused (`REFUSED_STREAM`: RFC 9113 §8.7, the
-//! stream was not processed) comes back unsent, to be tried elsewhere,
-//! when it had no body; a request with a body may have had some of it
-//! read and is never sent twice.
+//! A request the endpoint did not process comes back unsent, to be tried
+//! elsewhere, when it had no body: its stream refused (`REFUSED_STREAM`,
+//! RFC 9113 §8.7), or above the last stream of the endpoint's GOAWAY
+//! (§6.8; h2 fails only those streams with the endpoint's GOAWAY, a
+//! stream cut by the connection's end gets an I/O error). A request with
+//! a body may have had some of it read and is never sent twice.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +27,7 @@ use http::{Request, Response};
 use http_body::Body;
 
 use super::body::BoxError;
+use super::pool::StreamGuard;
 
 /// How one request on an h2 connection went.
 pub enum H2Sent<B> {
@@ -39,7 +42,14 @@ pub enum H2Sent<B> {
 /// Sends `req` on `send` (a ready handle of a shared connection) and
 /// waits for the response head; the request's body is piped meanwhile,
 /// and after, in a task of its own, if it is not over by then.
-pub async fn send<B>(send: h2::client::SendRequest<Bytes>, req: Request<B>) -> H2Sent<B>
+///
+/// `stream` counts the stream on its connection; the pipe's task, if
+/// any, counts it too until the body is sent.
+pub async fn send<B>(
+    send: h2::client::SendRequest<Bytes>,
+    req: Request<B>,
+    stream: &StreamGuard,
+) -> H2Sent<B>
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
@@ -57,9 +67,13 @@ where
     let (response, tx) = match send.send_request(head, eos) {
         Ok(r) => r,
         Err(e) => {
+            // The connection went away or broke between `ready` and now:
+            // nothing was sent. Anything else is the request's own fault,
+            // the same at every endpoint.
+            let gone = e.is_go_away() || e.is_io();
             return match again {
-                Some(h) => H2Sent::Unsent(Request::from_parts(h, body)),
-                None => H2Sent::Failed(e.into()),
+                Some(h) if gone => H2Sent::Unsent(Request::from_parts(h, body)),
+                _ => H2Sent::Failed(e.into()),
             };
         }
     };
@@ -84,7 +98,9 @@ where
             if let Some(p) = pipe {
                 // Still streaming (a gRPC client stream, a large upload):
                 // on its own from here, while the response streams back.
+                let counted = stream.another();
                 tokio::spawn(async move {
+                    let _counted = counted;
                     if let Err(e) = p.await {
                         tracing::debug!(error = %e, "request body to the endpoint ended early");
                     }
@@ -92,7 +108,7 @@ where
             }
             H2Sent::Answered(resp)
         }
-        Err(e) if refused(&e) => match (again, ended) {
+        Err(e) if not_processed(&e) => match (again, ended) {
             (Some(h), Some(body)) => H2Sent::Unsent(Request::from_parts(h, body)),
             _ => H2Sent::Failed(e.into()),
         },
@@ -100,9 +116,10 @@ where
     }
 }
 
-/// The endpoint did not process the stream.
-fn refused(e: &h2::Error) -> bool {
-    e.is_remote() && e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM)
+/// The endpoint did not process the stream: it refused it, or its
+/// GOAWAY's last stream is below it.
+fn not_processed(e: &h2::Error) -> bool {
+    e.is_remote() && (e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM) && e.is_reset())
 }
 
 /// A copy of a request's head (its extensions stay behind: request mode
@@ -241,7 +258,16 @@ mod tests {
     use http_body::Frame;
     use http_body_util::{Empty, Full, StreamBody};
     use sha2::{Digest, Sha256};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+
+    fn counted() -> (Arc<AtomicUsize>, StreamGuard) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let guard = StreamGuard::on(&count);
+        (count, guard)
+    }
 
     /// An h2 endpoint on loopback serving every stream with `serve`, and a
     /// connection to it.
@@ -289,7 +315,8 @@ mod tests {
             .header("x-call", "1")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        match super::send(send.clone(), req).await {
+        let (_, stream) = counted();
+        match super::send(send.clone(), req, &stream).await {
             H2Sent::Unsent(r) => {
                 assert_eq!(r.uri(), "http://web/a?b");
                 assert_eq!(r.headers()["x-call"], "1");
@@ -301,7 +328,7 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"payload")))
             .unwrap();
         assert!(
-            matches!(super::send(send, req).await, H2Sent::Failed(_)),
+            matches!(super::send(send, req, &stream).await, H2Sent::Failed(_)),
             "a refused request with a body was given back for a retry"
         );
     }
@@ -317,6 +344,8 @@ mod tests {
             let mut tx = respond
                 .send_response(http::Response::new(()), false)
                 .unwrap();
+            // Not read for a while: the pipe waits for the window.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             let mut body = req.into_body();
             let mut hash = Sha256::new();
             while let Some(chunk) = body.data().await {
@@ -353,15 +382,23 @@ mod tests {
         let req = Request::post("http://web/upload")
             .body(StreamBody::new(Box::pin(frames)))
             .unwrap();
-        let resp =
-            match tokio::time::timeout(std::time::Duration::from_secs(20), super::send(send, req))
-                .await
-                .expect("no answer")
-            {
-                H2Sent::Answered(r) => r,
-                H2Sent::Unsent(_) => panic!("unsent"),
-                H2Sent::Failed(e) => panic!("failed: {e}"),
-            };
+        let (count, stream) = counted();
+        let resp = match tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            super::send(send, req, &stream),
+        )
+        .await
+        .expect("no answer")
+        {
+            H2Sent::Answered(r) => r,
+            H2Sent::Unsent(_) => panic!("unsent"),
+            H2Sent::Failed(e) => panic!("failed: {e}"),
+        };
+        // The answer came first: the body is still on its way (the
+        // endpoint reads none of it for 300 ms), and its pipe counts the
+        // stream as well.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2);
         let mut body = resp.into_body();
         let mut got = Vec::new();
         while let Some(c) = tokio::time::timeout(std::time::Duration::from_secs(20), body.data())
@@ -374,5 +411,61 @@ mod tests {
             String::from_utf8(got).unwrap(),
             format!("{:x} done", expect.finalize())
         );
+        // The body's pipe counted the stream until it was done: only the
+        // request's own count is left.
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        drop(stream);
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    /// An endpoint that answers a request's HEADERS with GOAWAY (last
+    /// stream 0: it processed none), written frame by frame: the request
+    /// without a body comes back unsent.
+    #[tokio::test]
+    async fn a_request_above_the_goaways_last_stream_comes_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // SETTINGS (empty), then SETTINGS ACK for the client's.
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
+            let mut preface = [0u8; 24];
+            s.read_exact(&mut preface).await.unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                if s.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                s.read_exact(&mut payload).await.unwrap();
+                if head[3] == 1 {
+                    // HEADERS: GOAWAY, last stream 0, NO_ERROR.
+                    let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    s.write_all(&goaway).await.unwrap();
+                }
+            }
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(stream).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://web/x")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let (_, counted) = counted();
+        let outcome = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            super::send(send, req, &counted),
+        )
+        .await
+        .expect("no outcome");
+        match outcome {
+            H2Sent::Unsent(r) => assert_eq!(r.uri(), "http://web/x"),
+            H2Sent::Answered(_) => panic!("answered"),
+            H2Sent::Failed(e) => {
+                panic!("a GET above the GOAWAY's last stream was not given back: {e}")
+            }
+        }
     }
 }

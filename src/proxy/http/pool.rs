@@ -45,7 +45,8 @@ pub const H2_STREAMS_PER_CONNECTION: usize = 100;
 /// hyper's defaults for its h2 client, kept: the windows a stream and a
 /// connection open to the endpoint (2 MiB and 5 MiB: bulk transfers are
 /// not held back by the 64 KiB of the protocol's default), and the most
-/// it buffers to send (1 MiB).
+/// it buffers to send (1 MiB). The endpoints' header blocks are held to
+/// the limit the clients' are (`max_header_bytes`).
 const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const H2_SEND_BUFFER: usize = 1024 * 1024;
@@ -75,6 +76,22 @@ pub enum Conn {
 /// One stream counted on an h2 connection.
 #[derive(Debug)]
 pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    /// Counts one more stream on the connection whose count `streams` is.
+    pub fn on(streams: &Arc<AtomicUsize>) -> StreamGuard {
+        streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(Arc::clone(streams))
+    }
+
+    /// The same stream counted once more, for a part of it that outlives
+    /// the response (a request body still being sent): counted twice for
+    /// a while rather than not at all, so that the connection is never
+    /// taken for having room it has not.
+    pub fn another(&self) -> StreamGuard {
+        StreamGuard::on(&self.0)
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -119,6 +136,8 @@ struct Entry {
 /// The upstream connections of one Service port's listener.
 pub struct Pool {
     idle_timeout: Duration,
+    /// The largest header block taken from an h2 endpoint.
+    max_header_bytes: u32,
     /// `SO_MARK` of the connections (see `connect_marked`).
     mark: u32,
     metrics: Arc<ServicePortMetrics>,
@@ -128,9 +147,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(idle_timeout: Duration, mark: u32, metrics: Arc<ServicePortMetrics>) -> Self {
+    pub fn new(
+        idle_timeout: Duration,
+        max_header_bytes: usize,
+        mark: u32,
+        metrics: Arc<ServicePortMetrics>,
+    ) -> Self {
         Pool {
             idle_timeout,
+            max_header_bytes: u32::try_from(max_header_bytes).unwrap_or(u32::MAX),
             mark,
             metrics,
             entries: Mutex::new(HashMap::new()),
@@ -198,15 +223,13 @@ impl Pool {
                 }
                 let stream = self.dial(endpoint, timeout).await?;
                 let send = self.start_http2(endpoint, stream).await?;
-                let streams = Arc::new(AtomicUsize::new(1));
+                let streams = Arc::new(AtomicUsize::new(0));
+                let stream = StreamGuard::on(&streams);
                 self.entries().entry(endpoint).or_default().h2.push(H2Conn {
                     send: send.clone(),
-                    streams: Arc::clone(&streams),
+                    streams,
                 });
-                Ok(Conn::Http2 {
-                    send,
-                    stream: StreamGuard(streams),
-                })
+                Ok(Conn::Http2 { send, stream })
             }
         }
     }
@@ -245,10 +268,9 @@ impl Pool {
         // Closed ones (GOAWAY, endpoint gone) leave the list.
         entry.h2.retain_mut(H2Conn::usable);
         let c = entry.h2.iter().find(|c| c.has_room())?;
-        c.streams.fetch_add(1, Ordering::Relaxed);
         Some(Conn::Http2 {
             send: c.send.clone(),
-            stream: StreamGuard(Arc::clone(&c.streams)),
+            stream: StreamGuard::on(&c.streams),
         })
     }
 
@@ -295,6 +317,7 @@ impl Pool {
             .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buffer_size(H2_SEND_BUFFER)
+            .max_header_list_size(self.max_header_bytes)
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(io::Error::other)?;
@@ -327,7 +350,7 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         let metrics = PortSeries::new(false).service_port(&name);
-        Pool::new(Duration::from_secs(4), 0, metrics)
+        Pool::new(Duration::from_secs(4), 64 * 1024, 0, metrics)
     }
 
     /// An h2 endpoint on loopback that allows `streams` at a time on a

@@ -39,6 +39,7 @@ impl HttpPort {
     ) -> Self {
         let pool = Arc::new(pool::Pool::new(
             config.http.upstream_idle_timeout,
+            config.http.max_header_bytes,
             config.upstream_mark,
             Arc::clone(&metrics),
         ));

@@ -21,8 +21,9 @@ pub enum RetryReason {
     /// The connection to the endpoint could not be opened.
     ConnectFailed,
     /// A kept-alive connection was found closed before a byte of the
-    /// request was written, or the endpoint refused the stream of a
-    /// request without a body (h2 `REFUSED_STREAM`).
+    /// request was written, or an h2 endpoint did not process the stream
+    /// of a request without a body (`REFUSED_STREAM`, above its GOAWAY's
+    /// last stream).
     NotSent,
 }
 
