@@ -61,9 +61,14 @@ where
     let (parts, body) = req.into_parts();
     let eos = body.is_end_stream();
     let head = Request::from_parts(parts, ());
-    // Kept only for a request without a body, the one kind that can go
-    // elsewhere whole after a refusal.
-    let again = eos.then(|| copy_head(&head));
+    // A request without a body, the one kind that can go elsewhere whole:
+    // a copy of its head and its (ended) body are kept for that; any
+    // other body is piped.
+    let (again, body) = if eos {
+        (Some((copy_head(&head), body)), None)
+    } else {
+        (None, Some(body))
+    };
     let (response, tx) = match send.send_request(head, eos) {
         Ok(r) => r,
         Err(e) => {
@@ -72,22 +77,16 @@ where
             // the same at every endpoint.
             let gone = e.is_go_away() || e.is_io();
             return match again {
-                Some(h) if gone => H2Sent::Unsent(Request::from_parts(h, body)),
+                Some((h, b)) if gone => H2Sent::Unsent(Request::from_parts(h, b)),
                 _ => H2Sent::Failed(e.into()),
             };
         }
     };
-    // A body that is over already stays here, for a retry.
-    let (mut pipe, ended) = if eos {
-        (None, Some(body))
-    } else {
-        let pipe = RequestPipe {
-            body,
-            tx,
-            held: None,
-        };
-        (Some(pipe), None)
-    };
+    let mut pipe = body.map(|body| RequestPipe {
+        body,
+        tx,
+        held: None,
+    });
     let result = Head {
         response,
         pipe: &mut pipe,
@@ -108,9 +107,9 @@ where
             }
             H2Sent::Answered(resp)
         }
-        Err(e) if not_processed(&e) => match (again, ended) {
-            (Some(h), Some(body)) => H2Sent::Unsent(Request::from_parts(h, body)),
-            _ => H2Sent::Failed(e.into()),
+        Err(e) if not_processed(&e) => match again {
+            Some((h, b)) => H2Sent::Unsent(Request::from_parts(h, b)),
+            None => H2Sent::Failed(e.into()),
         },
         Err(e) => H2Sent::Failed(e.into()),
     }
