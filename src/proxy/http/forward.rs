@@ -138,8 +138,10 @@ enum Sent {
         Option<hyper::client::conn::http1::SendRequest<Incoming>>,
         Option<super::pool::StreamGuard>,
     ),
-    /// The request never left: the connection was closed or the stream
-    /// refused before a byte of it was written. Safe to send elsewhere.
+    /// The request never left, or the endpoint did not process it: the
+    /// connection was closed before a byte of it was written, or (h2, a
+    /// request without a body) its stream was refused or above the
+    /// endpoint's GOAWAY. Safe to send elsewhere.
     Unsent(Request<Incoming>),
     /// Sent (maybe in part): never sent again.
     Failed(BoxError),

@@ -1,8 +1,8 @@
 //! The streams of one h2 connection, run inside that connection's own
 //! task instead of a task each.
 //!
-//! hyper hands an h2 connection's work to an executor: on the server side
-//! every request (stream). With tokio's executor, each is a task of its own: the
+//! hyper's h2 server hands each request (stream) of a connection to an
+//! executor. With tokio's executor, each is a task of its own: the
 //! work-stealing runtime moves them to whichever worker is idle, the
 //! streams of one connection then run on several threads at once and
 //! contend for the connection's shared state (h2 keeps its streams behind
